@@ -1,0 +1,136 @@
+"""GPU servers (nodes) and their GPUs, as last reported by each server's agent."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from portal import tokens
+
+
+class NodeStatus(models.TextChoices):
+    ACTIVE = "active", "active"
+    DRAINING = "draining", "draining (no new tasks)"
+    MAINTENANCE = "maintenance", "maintenance"
+    OFFLINE = "offline", "offline"
+
+
+class GPUHealth(models.TextChoices):
+    OK = "ok", "ok"
+    WARNING = "warning", "warning"
+    ERROR = "error", "error"
+
+
+class Node(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    hostname = models.CharField(max_length=255, blank=True)
+    labels = models.JSONField(default=dict, blank=True, help_text='Scheduling labels, e.g. {"zone": "a", "ib": "yes"}.')
+    status = models.CharField(max_length=12, choices=NodeStatus.choices, default=NodeStatus.OFFLINE)
+    status_reason = models.CharField(max_length=255, blank=True)
+    # Portal (database) time of the last heartbeat: agent clocks are never trusted.
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    agent_version = models.CharField(max_length=50, blank=True)
+    token_prefix = models.CharField(max_length=32, null=True, blank=True, unique=True, editable=False)
+    token_digest = models.CharField(max_length=64, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        indexes = [models.Index(fields=["status", "last_heartbeat_at"], name="node_status_heartbeat_idx")]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=NodeStatus.values), name="node_status_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def issue_token(self) -> str:
+        """Make a new node token, store its hash and return it (shown once)."""
+        new = tokens.make_token("node")
+        self.token_prefix, self.token_digest = new.prefix, new.digest
+        self.save(update_fields=["token_prefix", "token_digest", "updated_at"])
+        return new.token
+
+    def is_schedulable(self) -> bool:
+        return self.status == NodeStatus.ACTIVE
+
+    def heartbeat_age(self) -> timedelta | None:
+        return timezone.now() - self.last_heartbeat_at if self.last_heartbeat_at else None
+
+    @property
+    def heartbeat_overdue(self) -> bool:
+        age = self.heartbeat_age()
+        return age is None or age.total_seconds() > settings.SCHEDULER.heartbeat_timeout_s
+
+
+class GPU(models.Model):
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveSmallIntegerField()
+    uuid = models.CharField(max_length=64, unique=True)
+    model_name = models.CharField(max_length=100, help_text="e.g. NVIDIA H100 80GB HBM3")
+    memory_total_mb = models.PositiveIntegerField()
+    memory_used_mb = models.PositiveIntegerField(default=0, help_text="Live, as the agent last reported it.")
+    utilization_pct = models.PositiveSmallIntegerField(default=0)
+    temperature_c = models.PositiveSmallIntegerField(default=0)
+    power_w = models.PositiveIntegerField(default=0)
+    health = models.CharField(max_length=8, choices=GPUHealth.choices, default=GPUHealth.OK)
+    ecc_errors = models.PositiveBigIntegerField(default=0)
+    retired_pages = models.PositiveIntegerField(default=0)
+    cordoned = models.BooleanField(default=False, help_text="No new tasks; set automatically on GPU errors.")
+    cordon_reason = models.CharField(max_length=255, blank=True)
+    reserved = models.BooleanField(default=False, help_text="Kept out of scheduling (e.g. for debugging).")
+    # {"deepseek-7b": "2026-11-22T10:00:00+00:00", ...}: models recently loaded, with last use.
+    loaded_models = models.JSONField(default=dict, blank=True)
+    # When the GPU last became idle (no active allocation); feeds the idle-time score.
+    idle_since = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["node_id", "index"]
+        verbose_name = "GPU"
+        constraints = [
+            models.UniqueConstraint(fields=["node", "index"], name="gpu_unique_node_index"),
+            models.CheckConstraint(condition=Q(utilization_pct__lte=100), name="gpu_utilization_pct_range"),
+            models.CheckConstraint(condition=Q(memory_total_mb__gt=0), name="gpu_memory_total_positive"),
+            models.CheckConstraint(condition=Q(health__in=GPUHealth.values), name="gpu_health_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node.name}:{self.index}"
+
+    @property
+    def memory_free_mb(self) -> int:
+        return max(self.memory_total_mb - self.memory_used_mb, 0)
+
+    def cordon(self, reason: str) -> None:
+        self.cordoned, self.cordon_reason = True, reason[:255]
+        self.save(update_fields=["cordoned", "cordon_reason", "updated_at"])
+
+    def uncordon(self) -> None:
+        self.cordoned, self.cordon_reason = False, ""
+        self.save(update_fields=["cordoned", "cordon_reason", "updated_at"])
+
+
+class JoinToken(models.Model):
+    """Lets an agent enrol. Bound to one server (one-time, made in the admin) or
+    cluster-wide (``node`` empty: agents self-register until it expires)."""
+
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="join_tokens")
+    prefix = models.CharField(max_length=32, unique=True, editable=False)
+    digest = models.CharField(max_length=64, editable=False)
+    note = models.CharField(max_length=200, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    used_at = models.DateTimeField(null=True, blank=True)
+    revoked = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"join token {self.prefix}… ({self.node or 'cluster-wide'})"

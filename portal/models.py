@@ -1,0 +1,67 @@
+"""Control-plane state: which portal processes are alive, and operator alerts."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class ControlPlaneServer(models.Model):
+    """A web, scheduler or worker process of the portal, registered with a heartbeat.
+    Rows whose heartbeat is older than a few intervals are considered dead."""
+
+    class Role(models.TextChoices):
+        WEB = "web", "web"
+        SCHEDULER = "scheduler", "scheduler"
+        WORKER = "worker", "worker"
+
+    name = models.CharField(max_length=200, unique=True, help_text="host:pid:role")
+    role = models.CharField(max_length=10, choices=Role.choices)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    version = models.CharField(max_length=50, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    info = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["role", "name"]
+        indexes = [models.Index(fields=["last_seen_at"], name="cpserver_last_seen_idx")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Alert(models.Model):
+    class Kind(models.TextChoices):
+        SERVER_LOST = "server_lost", "server lost"
+        GPU_ERROR = "gpu_error", "GPU error / cordoned"
+        TASK_OOM = "task_oom", "task out of memory"
+        QUEUE_WAIT = "queue_wait", "queue wait high"
+
+    class Severity(models.TextChoices):
+        INFO = "info", "info"
+        WARNING = "warning", "warning"
+        CRITICAL = "critical", "critical"
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    severity = models.CharField(max_length=10, choices=Severity.choices, default=Severity.WARNING)
+    message = models.CharField(max_length=500)
+    node = models.ForeignKey("nodes.Node", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    gpu = models.ForeignKey("nodes.GPU", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    task = models.ForeignKey("scheduling.Task", null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="alerts")
+    created_at = models.DateTimeField(default=timezone.now)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["-created_at"], name="alert_open_idx", condition=Q(acknowledged_at__isnull=True)),
+        ]
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.message}"

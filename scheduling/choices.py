@@ -1,0 +1,57 @@
+"""Named constants for tasks, shared by models, the placement core, API and admin."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Priority(models.IntegerChoices):
+    # Higher value = scheduled first. Stored as integers so the queue index sorts them.
+    LOW = 0, "LOW"
+    NORMAL = 1, "NORMAL"
+    HIGH = 2, "HIGH"
+    CRITICAL = 3, "CRITICAL"
+
+    @classmethod
+    def from_name(cls, name: str) -> Priority:
+        return cls[name.strip().upper()]
+
+
+class WorkloadClass(models.TextChoices):
+    ONLINE = "online", "online (inference)"
+    BATCH = "batch", "batch"
+
+
+class TaskStatus(models.TextChoices):
+    PENDING = "pending", "pending"
+    ASSIGNED = "assigned", "assigned"
+    RUNNING = "running", "running"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+    CANCELLED = "cancelled", "cancelled"
+    TIMED_OUT = "timed_out", "timed out"
+
+
+ACTIVE_STATUSES = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+FINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT)
+
+# Which transitions the state machine allows (anything else is a bug).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    TaskStatus.PENDING: frozenset({TaskStatus.ASSIGNED, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    TaskStatus.ASSIGNED: frozenset(
+        {TaskStatus.RUNNING, TaskStatus.PENDING, TaskStatus.CANCELLED, TaskStatus.FAILED,
+         TaskStatus.SUCCEEDED, TaskStatus.TIMED_OUT}
+    ),
+    TaskStatus.RUNNING: frozenset(
+        {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT, TaskStatus.PENDING}
+    ),
+    TaskStatus.SUCCEEDED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+    TaskStatus.TIMED_OUT: frozenset(),
+}
+
+
+class ShareMode(models.TextChoices):
+    EXCLUSIVE = "exclusive", "exclusive (whole GPUs)"
+    SHARED = "shared", "shared (packs by memory)"

@@ -1,0 +1,286 @@
+"""Tasks, their GPU allocations and their history.
+
+A task's state and its allocations always change together, in one transaction,
+through the methods on ``Task`` below; the database enforces the invariants a
+Python bug must never break (see ``Allocation.Meta``).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.postgres.constraints import ExclusionConstraint
+from django.contrib.postgres.fields import RangeOperators
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import F, Q
+from django.utils import timezone
+
+from scheduling.choices import (
+    ACTIVE_STATUSES,
+    FINAL_STATUSES,
+    TRANSITIONS,
+    Priority,
+    ShareMode,
+    TaskStatus,
+    WorkloadClass,
+)
+
+
+class InvalidTransition(ValidationError):
+    pass
+
+
+def _default_max_retries() -> int:
+    return settings.SCHEDULER.default_max_retries
+
+
+class Task(models.Model):
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="tasks")
+    submitter = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
+    )
+    name = models.CharField(max_length=200)
+    command = models.TextField()
+    env = models.JSONField(default=dict, blank=True)
+    working_dir = models.CharField(max_length=1024, blank=True)
+
+    gpu_count = models.PositiveSmallIntegerField(default=1)
+    # Per GPU. Null: use the remembered estimate for model_name (raised after an OOM).
+    gpu_memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    share_mode = models.CharField(max_length=10, choices=ShareMode.choices, default=ShareMode.EXCLUSIVE)
+    model_name = models.CharField(max_length=200, blank=True)
+    priority = models.IntegerField(choices=Priority.choices, default=Priority.NORMAL)
+    workload_class = models.CharField(max_length=10, choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
+    timeout_s = models.PositiveIntegerField(default=3600)
+    node_selector = models.JSONField(default=dict, blank=True, help_text="Labels the server must carry.")
+    gpu_model = models.CharField(max_length=100, blank=True, help_text="GPU model the task needs, e.g. H100.")
+
+    status = models.CharField(max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
+    pending_reason = models.CharField(max_length=500, blank=True)
+    queue_position = models.PositiveIntegerField(null=True, blank=True)
+    node = models.ForeignKey(
+        "nodes.Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks",
+        help_text="Server of the current (or last) allocation.",
+    )
+    exit_code = models.IntegerField(null=True, blank=True)
+    failure_reason = models.CharField(max_length=500, blank=True)
+    oom = models.BooleanField(default=False)
+    attempt = models.PositiveIntegerField(default=0)
+    max_retries = models.PositiveIntegerField(default=_default_max_retries)
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=False)
+    assigned_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # The scheduler's queue scan: pending tasks in priority, then FIFO order.
+            models.Index(F("priority").desc(), "created_at", "id", name="task_pending_queue_idx",
+                         condition=Q(status="pending")),
+            models.Index(fields=["tenant", "status"], name="task_tenant_status_idx"),
+            models.Index(fields=["status", "node"], name="task_status_node_idx"),
+            models.Index(fields=["-created_at"], name="task_created_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(gpu_count__gte=1), name="task_gpu_count_positive"),
+            models.CheckConstraint(condition=Q(timeout_s__gte=1), name="task_timeout_positive"),
+            models.CheckConstraint(condition=Q(status__in=TaskStatus.values), name="task_status_valid"),
+            models.CheckConstraint(condition=Q(priority__gte=0) & Q(priority__lte=3), name="task_priority_valid"),
+            models.CheckConstraint(condition=Q(workload_class__in=WorkloadClass.values),
+                                   name="task_workload_class_valid"),
+            models.CheckConstraint(condition=Q(share_mode__in=ShareMode.values), name="task_share_mode_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.name}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATUSES
+
+    # --- the state machine ---------------------------------------------------------
+    # Callers hold the row lock (``Task.objects.select_for_update()``) inside
+    # ``transaction.atomic()``; each method writes the task, its allocations and an
+    # event together.
+
+    def transition(self, to: str, *, actor: str, reason: str = "", save_fields: tuple[str, ...] = ()) -> TaskEvent:
+        if to not in TRANSITIONS[self.status]:
+            raise InvalidTransition(f"task {self.pk}: {self.status} -> {to} is not allowed")
+        event = TaskEvent(task=self, from_status=self.status, to_status=to, actor=actor, reason=reason[:500])
+        self.status = to
+        now = timezone.now()
+        fields = {"status", "updated_at", *save_fields}
+        if to in FINAL_STATUSES:
+            self.finished_at = now
+            self.queue_position = None
+            self.pending_reason = ""
+            fields |= {"finished_at", "queue_position", "pending_reason"}
+        if to == TaskStatus.RUNNING:
+            self.started_at = now
+            fields.add("started_at")
+        self.save(update_fields=sorted(fields))
+        event.save()
+        return event
+
+    def release_allocations(self) -> int:
+        return self.allocations.filter(released_at__isnull=True).update(released_at=timezone.now())
+
+    def mark_running(self, *, actor: str) -> TaskEvent:
+        return self.transition(TaskStatus.RUNNING, actor=actor, reason="process started")
+
+    def finish(self, *, exit_code: int | None, actor: str, reason: str = "", oom: bool = False,
+               timed_out: bool = False) -> TaskEvent:
+        self.release_allocations()
+        self.exit_code, self.oom = exit_code, oom
+        if timed_out:
+            to = TaskStatus.TIMED_OUT
+            reason = reason or f"exceeded its timeout of {self.timeout_s} s"
+        elif exit_code == 0 and not oom:
+            to = TaskStatus.SUCCEEDED
+        else:
+            to = TaskStatus.FAILED
+            reason = reason or ("CUDA out of memory" if oom else f"exit code {exit_code}")
+        if to != TaskStatus.SUCCEEDED:
+            self.failure_reason = reason[:500]
+        return self.transition(to, actor=actor, reason=reason, save_fields=("exit_code", "oom", "failure_reason"))
+
+    def cancel(self, *, actor: str, reason: str = "cancelled") -> TaskEvent:
+        self.release_allocations()
+        return self.transition(TaskStatus.CANCELLED, actor=actor, reason=reason)
+
+    def requeue(self, *, actor: str, reason: str) -> TaskEvent:
+        """Back to pending with one more attempt, or failed once retries are spent."""
+        self.release_allocations()
+        if self.attempt >= self.max_retries:
+            self.failure_reason = f"{reason} (no retries left)"[:500]
+            return self.transition(TaskStatus.FAILED, actor=actor, reason=self.failure_reason,
+                                   save_fields=("failure_reason",))
+        self.attempt += 1
+        self.node = None
+        self.assigned_at = self.started_at = None
+        self.pending_reason = f"requeued: {reason}"[:500]
+        return self.transition(
+            TaskStatus.PENDING, actor=actor, reason=reason,
+            save_fields=("attempt", "node", "assigned_at", "started_at", "pending_reason"),
+        )
+
+    @classmethod
+    def locked(cls, pk: int) -> Task:
+        """The task with its row locked; call inside ``transaction.atomic()``."""
+        return cls.objects.select_for_update(of=("self",)).get(pk=pk)
+
+
+class Allocation(models.Model):
+    """A task's claim on one GPU. Active while ``released_at`` is null."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="allocations")
+    gpu = models.ForeignKey("nodes.GPU", on_delete=models.PROTECT, related_name="allocations")
+    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="allocations")
+    memory_mb = models.PositiveIntegerField()
+    exclusive = models.BooleanField(default=True)
+    allocated_at = models.DateTimeField(default=timezone.now)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["gpu"], name="allocation_active_gpu_idx", condition=Q(released_at__isnull=True)),
+            models.Index(fields=["node"], name="allocation_active_node_idx", condition=Q(released_at__isnull=True)),
+            models.Index(fields=["task"], name="allocation_task_idx"),
+        ]
+        constraints = [
+            # The last line of defence: one GPU, at most one active exclusive task.
+            models.UniqueConstraint(
+                fields=["gpu"], condition=Q(released_at__isnull=True, exclusive=True),
+                name="allocation_one_active_exclusive_per_gpu",
+            ),
+            # ...and never an exclusive task beside shared ones.
+            ExclusionConstraint(
+                name="allocation_no_exclusive_beside_shared",
+                expressions=[("gpu", RangeOperators.EQUAL), ("exclusive", RangeOperators.NOT_EQUAL)],
+                condition=Q(released_at__isnull=True),
+            ),
+            models.UniqueConstraint(
+                fields=["task", "gpu"], condition=Q(released_at__isnull=True),
+                name="allocation_one_active_per_task_gpu",
+            ),
+            models.CheckConstraint(
+                condition=Q(released_at__isnull=True) | Q(released_at__gte=F("allocated_at")),
+                name="allocation_released_after_allocated",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} on GPU {self.gpu_id}"
+
+    @property
+    def active(self) -> bool:
+        return self.released_at is None
+
+
+class TaskEvent(models.Model):
+    """One state change of a task: from, to, who or what did it, why, when."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    from_status = models.CharField(max_length=10, choices=TaskStatus.choices, blank=True)
+    to_status = models.CharField(max_length=10, choices=TaskStatus.choices)
+    actor = models.CharField(max_length=100, help_text='"scheduler", "user:alice", "agent:gpu-01", "sweep"...')
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["task", "created_at"], name="taskevent_task_time_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.task_id}: {self.from_status or '-'} -> {self.to_status}"
+
+
+class TaskLogChunk(models.Model):
+    """An increment of a task's stdout/stderr, shipped by its agent. ``offset`` is
+    the byte offset in the agent's log file, so a retried chunk is stored once."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="log_chunks")
+    attempt = models.PositiveIntegerField(default=0)
+    offset = models.PositiveBigIntegerField()
+    data = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["task", "attempt", "offset"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "attempt", "offset"], name="tasklogchunk_unique_offset"),
+        ]
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} attempt {self.attempt} @{self.offset}"
+
+
+class ModelMemoryEstimate(models.Model):
+    """Remembered GPU memory need per model, raised after an out-of-memory failure."""
+
+    model_name = models.CharField(max_length=200, unique=True)
+    memory_mb = models.PositiveIntegerField()
+    oom_count = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.model_name}: {self.memory_mb} MB"
+
+
+class SchedulerLock(models.Model):
+    """The cluster-wide scheduler lock: one row, locked with SELECT ... FOR UPDATE
+    for the length of a pass. The lock dies with the holder's connection."""
+
+    name = models.CharField(max_length=50, unique=True)
+    holder = models.CharField(max_length=200, blank=True)
+    acquired_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.postgres.forms import SimpleArrayField
+from django.db.models import Count, IntegerField, OuterRef, Subquery, Sum, Value
+from django.db.models.functions import Coalesce
+from django.utils.html import format_html_join
+
+from scheduling.choices import ACTIVE_STATUSES, WorkloadClass
+from tenants.models import ApiToken, Membership, Quota, Tenant
+
+
+class QuotaForm(forms.ModelForm):
+    allowed_classes = SimpleArrayField(
+        forms.CharField(max_length=10),
+        help_text="Comma-separated: online, batch.",
+        error_messages={"item_invalid": "Item %(nth)s: "},
+    )
+
+    class Meta:
+        model = Quota
+        fields = ["max_gpus", "max_gpu_memory_mb", "max_running_tasks", "max_pending_tasks",
+                  "max_priority", "allowed_classes"]
+
+    def clean_allowed_classes(self) -> list[str]:
+        values = [v.strip().lower() for v in self.cleaned_data["allowed_classes"]]
+        unknown = sorted(set(values) - set(WorkloadClass.values))
+        if unknown:
+            raise forms.ValidationError(f"Unknown workload class {', '.join(unknown)}: use online and/or batch.")
+        if len(set(values)) != len(values):
+            raise forms.ValidationError("List each workload class once.")
+        return values
+
+
+class QuotaInline(admin.StackedInline):
+    model = Quota
+    form = QuotaForm
+    can_delete = False
+    min_num = 1
+    max_num = 1
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+def _usage_subqueries():
+    from scheduling.models import Allocation, Task
+
+    active = Allocation.objects.filter(task__tenant=OuterRef("pk"), released_at__isnull=True)
+    gpus = active.values("task__tenant").annotate(n=Count("gpu_id", distinct=True)).values("n")
+    memory = active.values("task__tenant").annotate(m=Sum("memory_mb")).values("m")
+    running = (
+        Task.objects.filter(tenant=OuterRef("pk"), status__in=ACTIVE_STATUSES)
+        .values("tenant").annotate(n=Count("id")).values("n")
+    )
+    zero = Value(0, output_field=IntegerField())
+    return {
+        "used_gpus": Coalesce(Subquery(gpus, output_field=IntegerField()), zero),
+        "used_memory": Coalesce(Subquery(memory, output_field=IntegerField()), zero),
+        "used_running": Coalesce(Subquery(running, output_field=IntegerField()), zero),
+    }
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "gpus", "gpu_memory", "running_tasks", "members_count"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [QuotaInline, MembershipInline]
+    readonly_fields = ["usage_vs_limits"]
+    fields = ["name", "slug", "description", "usage_vs_limits"]
+
+    def get_queryset(self, request):
+        return (
+            super().get_queryset(request)
+            .select_related("quota")
+            .annotate(members_n=Count("memberships", distinct=True), **_usage_subqueries())
+        )
+
+    @staticmethod
+    def _of(used: int, limit: int | None, unit: str = "") -> str:
+        return f"{used}{unit} / {limit}{unit}" if limit is not None else f"{used}{unit} / no quota"
+
+    @admin.display(description="GPUs used / limit", ordering="used_gpus")
+    def gpus(self, obj: Tenant) -> str:
+        return self._of(obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None))
+
+    @admin.display(description="GPU memory used / limit", ordering="used_memory")
+    def gpu_memory(self, obj: Tenant) -> str:
+        return self._of(obj.used_memory, getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB")
+
+    @admin.display(description="running tasks / limit", ordering="used_running")
+    def running_tasks(self, obj: Tenant) -> str:
+        return self._of(obj.used_running, getattr(getattr(obj, "quota", None), "max_running_tasks", None))
+
+    @admin.display(description="members", ordering="members_n")
+    def members_count(self, obj: Tenant) -> int:
+        return obj.members_n
+
+    @admin.display(description="current usage beside each limit")
+    def usage_vs_limits(self, obj: Tenant):
+        if obj.pk is None:
+            return "—"
+        usage = obj.usage()
+        quota = getattr(obj, "quota", None)
+        rows = [
+            ("GPUs", usage.gpus, quota and quota.max_gpus),
+            ("GPU memory (MB)", usage.gpu_memory_mb, quota and quota.max_gpu_memory_mb),
+            ("running tasks", usage.running_tasks, quota and quota.max_running_tasks),
+            ("pending tasks", usage.pending_tasks, quota and quota.max_pending_tasks),
+        ]
+        return format_html_join(
+            "", '<div class="usage-row" data-limit="{}"><strong>{}</strong>: {} of {}</div>',
+            ((label, label, used, limit if limit is not None else "no quota") for label, used, limit in rows),
+        )
+
+    def save_related(self, request, form, formsets, change) -> None:
+        super().save_related(request, form, formsets, change)
+        tenant = form.instance
+        quota = Quota.objects.filter(tenant=tenant).first()
+        if quota is None:
+            return
+        over = quota.exceeded_by(tenant.usage())
+        if over:
+            messages.warning(
+                request,
+                f"Quota of {tenant.slug} saved below current usage ({'; '.join(over)}). Running tasks keep "
+                "running; no new task of this tenant is placed until usage falls below the limits.",
+            )
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "tenant", "role", "created_at"]
+    list_filter = ["role", "tenant"]
+    search_fields = ["user__username", "tenant__slug"]
+    autocomplete_fields = ["user", "tenant"]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "prefix", "enabled", "expires_at", "last_used_at", "created_at"]
+    list_filter = ["enabled"]
+    search_fields = ["name", "user__username", "prefix"]
+    readonly_fields = ["prefix", "last_used_at", "created_at"]
+    fields = ["user", "name", "enabled", "expires_at", "prefix", "last_used_at", "created_at"]
+
+    def has_add_permission(self, request) -> bool:
+        # Tokens are made by their users on the portal's tokens page, where the secret is shown once.
+        return False
+
+

@@ -1,0 +1,147 @@
+"""Tenants (teams, labs), who belongs to them, and what each may use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Count, Q, Sum
+
+from scheduling.choices import ACTIVE_STATUSES, Priority, WorkloadClass
+
+
+def default_classes() -> list[str]:
+    return [WorkloadClass.ONLINE.value, WorkloadClass.BATCH.value]
+
+
+@dataclass(frozen=True)
+class Usage:
+    gpus: int = 0
+    gpu_memory_mb: int = 0
+    running_tasks: int = 0
+    pending_tasks: int = 0
+
+
+class Tenant(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    slug = models.SlugField(max_length=50, unique=True, help_text="Short name used by the API and the CLI.")
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="tenants")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    def usage(self) -> Usage:
+        """Live usage: GPUs and memory held by active allocations, tasks by state."""
+        from scheduling.models import Allocation, Task
+
+        alloc = Allocation.objects.filter(task__tenant=self, released_at__isnull=True).aggregate(
+            gpus=Count("gpu_id", distinct=True), memory=Sum("memory_mb")
+        )
+        tasks = Task.objects.filter(tenant=self).aggregate(
+            running=Count("id", filter=Q(status__in=ACTIVE_STATUSES)),
+            pending=Count("id", filter=Q(status="pending")),
+        )
+        return Usage(
+            gpus=alloc["gpus"] or 0,
+            gpu_memory_mb=alloc["memory"] or 0,
+            running_tasks=tasks["running"],
+            pending_tasks=tasks["pending"],
+        )
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        MEMBER = "member", "member"
+        ADMIN = "admin", "tenant admin"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "tenant"], name="membership_unique_user_tenant"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.tenant} ({self.role})"
+
+
+class Quota(models.Model):
+    """What a tenant may use at once. Lowering a limit never kills running tasks:
+    it only stops new placements until usage falls below it."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="quota")
+    max_gpus = models.PositiveIntegerField(default=8, help_text="GPUs held at once.")
+    max_gpu_memory_mb = models.PositiveBigIntegerField(default=8 * 80_000, help_text="GPU memory held at once (MB).")
+    max_running_tasks = models.PositiveIntegerField(default=16, help_text="Assigned + running tasks at once.")
+    max_pending_tasks = models.PositiveIntegerField(default=1000, help_text="Tasks waiting in the queue at once.")
+    max_priority = models.IntegerField(
+        choices=Priority.choices, default=Priority.HIGH, help_text="Highest priority its tasks may ask for."
+    )
+    allowed_classes = ArrayField(
+        models.CharField(max_length=10),
+        default=default_classes,
+        help_text="Workload classes its tasks may use: online, batch.",
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(max_priority__gte=0) & Q(max_priority__lte=3),
+                                   name="quota_max_priority_valid"),
+            models.CheckConstraint(condition=Q(allowed_classes__contained_by=["online", "batch"]),
+                                   name="quota_allowed_classes_known"),
+        ]
+
+    def __str__(self) -> str:
+        return f"quota of {self.tenant}"
+
+    def clean(self) -> None:
+        unknown = sorted(set(self.allowed_classes or []) - set(WorkloadClass.values))
+        if unknown:
+            raise ValidationError(
+                {"allowed_classes": f"Unknown workload class {', '.join(unknown)}: use online and/or batch."}
+            )
+        if len(set(self.allowed_classes or [])) != len(self.allowed_classes or []):
+            raise ValidationError({"allowed_classes": "List each workload class once."})
+
+    def exceeded_by(self, usage: Usage) -> list[str]:
+        """The limits that current usage is already above (shown as warnings)."""
+        over = []
+        if usage.gpus > self.max_gpus:
+            over.append(f"GPUs {usage.gpus} > {self.max_gpus}")
+        if usage.gpu_memory_mb > self.max_gpu_memory_mb:
+            over.append(f"GPU memory {usage.gpu_memory_mb} MB > {self.max_gpu_memory_mb} MB")
+        if usage.running_tasks > self.max_running_tasks:
+            over.append(f"running tasks {usage.running_tasks} > {self.max_running_tasks}")
+        if usage.pending_tasks > self.max_pending_tasks:
+            over.append(f"pending tasks {usage.pending_tasks} > {self.max_pending_tasks}")
+        return over
+
+
+class ApiToken(models.Model):
+    """A user's API token (for the REST API and the CLI), stored as prefix + HMAC."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="What it is for, e.g. 'laptop CLI'.")
+    prefix = models.CharField(max_length=32, unique=True, editable=False)
+    digest = models.CharField(max_length=64, editable=False)
+    enabled = models.BooleanField(default=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

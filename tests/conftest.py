@@ -1,0 +1,95 @@
+"""Shared fixtures: tenant acme (alice, bob), tenant globex (carol), a staff
+operator, and two active servers with GPUs. All on real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import quote
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+
+from nodes.models import GPU, Node, NodeStatus
+from tenants.models import Membership, Quota, Tenant
+
+
+def database_url() -> str:
+    """A URL for the database the tests use (the test_ database), for subprocesses."""
+    s = connection.settings_dict
+    user = quote(s.get("USER") or "")
+    password = quote(s.get("PASSWORD") or "")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    host = s.get("HOST") or ""
+    if host.startswith("/"):
+        return f"postgresql://{auth}/{s['NAME']}?host={quote(host)}" + (f"&port={s['PORT']}" if s.get("PORT") else "")
+    port = f":{s['PORT']}" if s.get("PORT") else ""
+    return f"postgresql://{auth}{host}{port}/{s['NAME']}"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PORTAL_CONFIG"}
+    return {**env, "DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def staff(db):
+    return get_user_model().objects.create_user("operator", "op@example.com", "pw-operator", is_staff=True,
+                                                is_superuser=True)
+
+
+@pytest.fixture
+def acme(db) -> Tenant:
+    tenant = Tenant.objects.create(name="Acme Research", slug="acme")
+    Quota.objects.create(tenant=tenant, max_gpus=8, max_gpu_memory_mb=640_000, max_running_tasks=8)
+    return tenant
+
+
+@pytest.fixture
+def globex(db) -> Tenant:
+    tenant = Tenant.objects.create(name="Globex", slug="globex")
+    Quota.objects.create(tenant=tenant, max_gpus=4, max_gpu_memory_mb=320_000, max_running_tasks=4)
+    return tenant
+
+
+@pytest.fixture
+def alice(acme):
+    user = get_user_model().objects.create_user("alice", "alice@example.com", "pw-alice")
+    Membership.objects.create(user=user, tenant=acme, role=Membership.Role.ADMIN)
+    return user
+
+
+@pytest.fixture
+def bob(acme):
+    user = get_user_model().objects.create_user("bob", "bob@example.com", "pw-bob")
+    Membership.objects.create(user=user, tenant=acme, role=Membership.Role.MEMBER)
+    return user
+
+
+@pytest.fixture
+def carol(globex):
+    user = get_user_model().objects.create_user("carol", "carol@example.com", "pw-carol")
+    Membership.objects.create(user=user, tenant=globex, role=Membership.Role.MEMBER)
+    return user
+
+
+def make_server(name: str, gpus: int = 8, memory_mb: int = 81_559, model: str = "NVIDIA H100 80GB HBM3",
+                labels: dict | None = None, status: str = NodeStatus.ACTIVE) -> Node:
+    node = Node.objects.create(name=name, hostname=f"{name}.local", labels=labels or {}, status=status)
+    GPU.objects.bulk_create(
+        GPU(node=node, index=i, uuid=f"GPU-{name}-{i}", model_name=model, memory_total_mb=memory_mb)
+        for i in range(gpus)
+    )
+    return node
+
+
+@pytest.fixture
+def servers(db) -> list[Node]:
+    return [make_server("gpu-01"), make_server("gpu-02")]

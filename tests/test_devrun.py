@@ -1,0 +1,75 @@
+"""`make run`'s command starts a working admin, with a generated password shown once."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from nodes.models import Node
+from tenants.models import Tenant
+from tests.conftest import free_port, subprocess_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_until_ready(port: int) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "devrun", "--port", str(port)], cwd=ROOT, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if "portal ready" in line:
+            return proc, lines
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    pytest.fail("devrun did not become ready:\n" + "\n".join(lines))
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_devrun_serves_the_admin_and_prints_the_admin_password_once():
+    port = free_port()
+    proc, lines = _run_until_ready(port)
+    try:
+        passwords = [m.group(1) for line in lines if (m := re.search(r"admin / (\S+)", line))]
+        assert len(passwords) == 1
+        assert get_user_model().objects.get(username="admin").check_password(passwords[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=10) as response:
+            assert response.status == 200
+            assert b"GPU allocation portal" in response.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=10) as response:
+            assert response.status == 200
+        assert Tenant.objects.filter(slug="demo", quota__isnull=False).exists()
+        assert sorted(Node.objects.values_list("name", flat=True)) == ["demo-gpu-01", "demo-gpu-02"]
+        assert all(n.gpus.count() == 8 for n in Node.objects.all())
+    finally:
+        assert _stop(proc) == 0
+
+    # A second run reuses the data: no new password, no duplicate demo data.
+    proc, lines = _run_until_ready(free_port())
+    try:
+        assert not any(re.search(r"admin / ", line) for line in lines)
+        assert any("admin user exists" in line for line in lines)
+        assert Node.objects.count() == 2
+    finally:
+        assert _stop(proc) == 0
