@@ -1,12 +1,15 @@
 """The one place that pushes live updates to websockets and agents.
 
 Everything is sent after the surrounding transaction commits, so nobody sees a
-decision that was rolled back. Consumers join groups named by the helpers below.
+decision that was rolled back, and a batch of changes becomes one message per
+group (per node, per tenant), never one per row. Consumers join the groups
+named by the helpers below and receive high-level events to format themselves.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -19,10 +22,12 @@ STAFF_GROUP = "cluster"
 
 
 def node_group(node_id: int) -> str:
+    """The agent of one GPU server listens here."""
     return f"node-{node_id}"
 
 
 def tenant_group(tenant_id: int) -> str:
+    """Portal users of one tenant listen here."""
     return f"tenant-{tenant_id}"
 
 
@@ -41,3 +46,28 @@ def send_on_commit(group: str, event_type: str, payload: dict[str, Any]) -> None
     """Queue ``{"type": event_type, **payload}`` for ``group`` after commit."""
     message = {"type": event_type, **payload}
     transaction.on_commit(lambda: _send(group, message))
+
+
+def assignments_changed(node_ids: Iterable[int]) -> None:
+    """Tell agents their set of tasks changed (new placement, cancel, timeout)."""
+    for node_id in sorted(set(node_ids)):
+        send_on_commit(node_group(node_id), "assignments.changed", {"node_id": node_id})
+
+
+def tasks_changed(tasks: Iterable[tuple[int, int]]) -> None:
+    """``(tenant_id, task_id)`` pairs whose state changed: one message per tenant, plus staff."""
+    by_tenant: dict[int, set[int]] = {}
+    for tenant_id, task_id in tasks:
+        by_tenant.setdefault(tenant_id, set()).add(task_id)
+    for tenant_id, ids in by_tenant.items():
+        send_on_commit(tenant_group(tenant_id), "tasks.changed", {"task_ids": sorted(ids)})
+    if by_tenant:
+        all_ids = sorted(i for ids in by_tenant.values() for i in ids)
+        send_on_commit(STAFF_GROUP, "tasks.changed", {"task_ids": all_ids})
+
+
+def gpus_changed(node_ids: Iterable[int]) -> None:
+    """GPU metrics or state of these servers changed (heartbeat, cordon, allocation)."""
+    ids = sorted(set(node_ids))
+    if ids:
+        send_on_commit(STAFF_GROUP, "gpus.changed", {"node_ids": ids})

@@ -1,0 +1,97 @@
+"""What happens to a task when its agent, its user or an operator acts on it.
+
+Each function locks the task row, changes state, allocations and events in one
+transaction, and after commit tells whoever must know: the scheduler (GPUs were
+freed), the agent (a process must be killed), websocket viewers.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+
+from portal import live
+from scheduling import triggers
+from scheduling.choices import TaskStatus
+from scheduling.models import ModelMemoryEstimate, Task
+
+
+def _changed(task: Task, *, node_id: int | None) -> None:
+    live.tasks_changed([(task.tenant_id, task.pk)])
+    if node_id is not None:
+        live.assignments_changed([node_id])
+        live.gpus_changed([node_id])
+
+
+def report_started(task_id: int, *, node_id: int, actor: str) -> Task:
+    """The agent started the task's process. Idempotent: a repeat changes nothing."""
+    with transaction.atomic():
+        task = Task.locked(task_id)
+        if task.node_id != node_id:
+            raise PermissionError(f"task {task_id} is not assigned to this server")
+        if task.status == TaskStatus.ASSIGNED:
+            task.mark_running(actor=actor)
+            _changed(task, node_id=None)
+        return task
+
+
+def record_oom(task: Task) -> ModelMemoryEstimate | None:
+    """Raise the remembered memory estimate of the task's model by the OOM factor."""
+    if not task.model_name:
+        return None
+    factor = settings.SCHEDULER.oom_memory_factor
+    held = task.allocations.filter(released_at__isnull=True).values_list("memory_mb", flat=True)
+    current = max([task.gpu_memory_mb or 0, *held])
+    estimate, created = ModelMemoryEstimate.objects.select_for_update().get_or_create(
+        model_name=task.model_name, defaults={"memory_mb": max(int(current * factor), 1), "oom_count": 1}
+    )
+    if not created:
+        base = max(estimate.memory_mb, current)
+        estimate.memory_mb = int(base * factor)
+        estimate.oom_count = F("oom_count") + 1
+        estimate.save(update_fields=["memory_mb", "oom_count", "updated_at"])
+        estimate.refresh_from_db()
+    return estimate
+
+
+def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor: str, oom: bool = False,
+                    reason: str = "") -> Task:
+    """The agent saw the process exit. An OOM raises the model's estimate and retries
+    while retries remain. Idempotent: a report for a task already final changes nothing."""
+    with transaction.atomic():
+        task = Task.locked(task_id)
+        if task.node_id != node_id:
+            raise PermissionError(f"task {task_id} is not assigned to this server")
+        if task.is_final or task.status == TaskStatus.PENDING:
+            return task
+        if oom:
+            record_oom(task)
+            task.oom = True
+            if task.attempt < task.max_retries:
+                # The next try asks for the raised estimate instead of the size that failed.
+                if task.model_name:
+                    task.gpu_memory_mb = None
+                task.requeue(actor=actor, reason=reason or "CUDA out of memory")
+                task.save(update_fields=["oom", "gpu_memory_mb"])
+            else:
+                task.finish(exit_code=exit_code, oom=True, actor=actor, reason=reason or "CUDA out of memory")
+        else:
+            task.finish(exit_code=exit_code, actor=actor, reason=reason)
+        _changed(task, node_id=node_id)
+        triggers.request_pass(f"task {task_id} finished")
+        return task
+
+
+def cancel(task_id: int, *, actor: str, reason: str = "cancelled") -> Task:
+    """Cancel a task in any non-final state; a running process is killed by its agent."""
+    with transaction.atomic():
+        task = Task.locked(task_id)
+        if task.is_final:
+            return task
+        node_id = task.node_id if task.is_active else None
+        task.cancel(actor=actor, reason=reason)
+        _changed(task, node_id=node_id)
+        if node_id is not None:
+            triggers.request_pass(f"task {task_id} cancelled")
+        return task
