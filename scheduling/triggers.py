@@ -48,8 +48,10 @@ class _PendingWake:
 
     def __init__(self, reason: str) -> None:
         self.reasons = [reason]
+        self.sent = False
 
     def __call__(self) -> None:
+        self.sent = True
         reason = self.reasons[0] if len(self.reasons) == 1 else f"{self.reasons[0]} (+{len(self.reasons) - 1} more)"
         wake(reason)
 
@@ -85,7 +87,7 @@ def request_pass(reason: str) -> None:
     if connection.in_atomic_block:
         # Coalesce: one wake-up per transaction however many changes it made.
         for _sids, func, _robust in connection.run_on_commit:
-            if isinstance(func, _PendingWake):
+            if isinstance(func, _PendingWake) and not func.sent:
                 func.reasons.append(reason)
                 return
     # robust: the change is committed already; a failed wake-up is logged, and the
