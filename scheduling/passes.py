@@ -364,6 +364,18 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         triggers.request_pass("tasks preempted")
 
 
+def lock_scheduler() -> tuple[int, datetime]:
+    """Take the scheduler lock (inside the pass's transaction); return its id and DB time."""
+    locked = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
+              .annotate(db_now=Now()).values_list("pk", "db_now"))
+    try:
+        return locked.get()
+    except SchedulerLock.DoesNotExist:
+        # Migration 0001 creates the row; recreate it if it was deleted (e.g. a table flush).
+        SchedulerLock.objects.get_or_create(name=LOCK_NAME)
+        return locked.get()
+
+
 def _default_schedule() -> Schedule:
     from scheduling.core import schedule
 
@@ -383,8 +395,7 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
         triggers.clear_request()
     result = PassResult()
     with transaction.atomic():
-        _lock_id, now = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
-                         .annotate(db_now=Now()).values_list("pk", "db_now").get())
+        _lock_id, now = lock_scheduler()
         SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
         loaded = load_snapshot(now)
         core_started = time.perf_counter()

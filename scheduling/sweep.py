@@ -30,7 +30,8 @@ from portal import live
 from portal.models import Alert
 from scheduling import triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
-from scheduling.models import Allocation, SchedulerLock, Task
+from scheduling.models import Allocation, Task
+from scheduling.passes import lock_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
     nodes_told: set[int] = set()
     with transaction.atomic():
         # Serialise with passes: no placement onto a server being declared lost.
-        SchedulerLock.objects.select_for_update().filter(name="scheduler").order_by("pk").values_list("pk").get()
+        lock_scheduler()
 
         lost = list(Node.objects.select_for_update()
                     .exclude(status=NodeStatus.OFFLINE)

@@ -27,11 +27,14 @@ WAKE_CHANNEL = "scheduler_wake"
 WAKE_ROW = "wake"
 Q_TASK_FUNC = "scheduling.passes.run_requested_pass"
 
-# One statement: NOTIFY always, flip the flag if it was clear, report whether we flipped it.
+# One statement: NOTIFY always; set the flag if it was clear (or create the row if it
+# is missing) and report whether this request flipped it.
 _WAKE_SQL = """
 WITH flipped AS (
-    UPDATE scheduling_schedulerlock SET pass_requested = true, requested_at = now()
-    WHERE name = %s AND NOT pass_requested
+    INSERT INTO scheduling_schedulerlock (name, holder, pass_requested, requested_at)
+    VALUES (%s, '', true, now())
+    ON CONFLICT (name) DO UPDATE SET pass_requested = true, requested_at = now()
+    WHERE NOT scheduling_schedulerlock.pass_requested
     RETURNING 1
 )
 SELECT pg_notify(%s, %s), (SELECT count(*) FROM flipped)
