@@ -241,6 +241,7 @@ class _Pass:
         self.elig_cache: dict[tuple, dict[int, tuple[int, ...]]] = {}
         self.static_cache: dict[tuple, str] = {}
         self.nofit: set[tuple] = set()
+        self.novictims: set[tuple] = set()
         self.reservation: _Reservation | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -751,6 +752,7 @@ class _Pass:
         del self.running[victim.id]
         # More capacity than before: earlier "nothing fits" answers may be wrong now.
         self.nofit.clear()
+        self.novictims.clear()
 
     # ------------------------------------------------------------------ reclaim and preemption
 
@@ -784,6 +786,10 @@ class _Pass:
                       elig: dict[int, tuple[int, ...]], excluded: frozenset[int] | None,
                       eligible_victim: Callable[[RunningTask], bool], budget: int | None,
                       reason: str) -> tuple[int, tuple[int, ...]] | None:
+        key = (reason.split(" ", 1)[0], task.priority, task.workload_class, c, mem, mode, id(elig),
+               id(excluded) if excluded is not None else 0)
+        if key in self.novictims:
+            return None
         need = mem if mem is not None else 0
         by_node: dict[int, list[RunningTask]] = {}
         for r in self.running.values():
@@ -798,41 +804,51 @@ class _Pass:
         best_key: tuple[int, int, int] | None = None
         best_victims: list[RunningTask] = []
         for n, victims in by_node.items():
-            victims.sort(key=lambda r: -r.id)  # newest first
             gl = elig[n]
-            state = self._node_state(gl)
-            chosen: list[RunningTask] = []
-            freed = 0
-            ok = False
-            for v in victims:
-                if budget is not None and freed >= budget:
-                    break
-                chosen.append(v)
-                freed += len(v.gpu_ids)
-                self._sim_release(state, v)
-                if self._sim_count(state, gl, need, mode, excluded) >= c:
-                    ok = True
-                    break
-            if not ok:
-                continue
-            # Spare victims that turn out unnecessary (older ones may have been enough).
-            for v in list(chosen):
-                trial = [x for x in chosen if x is not v]
-                st = self._node_state(gl)
-                for x in trial:
-                    self._sim_release(st, x)
-                if self._sim_count(st, gl, need, mode, excluded) >= c:
-                    chosen = trial
-            key = (len(chosen), sum(len(v.gpu_ids) for v in chosen), n)
-            if best_key is None or key < best_key:
-                best_key, best_victims = key, chosen
+            # Newest first; and biggest first, which can need fewer victims. The better one wins.
+            for order in (sorted(victims, key=lambda r: -r.id),
+                          sorted(victims, key=lambda r: (-len(r.gpu_ids), -r.id))):
+                chosen = self._victims_on(gl, order, c, need, mode, excluded, budget)
+                if chosen is None:
+                    continue
+                key = (len(chosen), sum(len(v.gpu_ids) for v in chosen), n)
+                if best_key is None or key < best_key:
+                    best_key, best_victims = key, chosen
         if best_key is None:
+            # Victims only get fewer and GPUs only get taken until the next preemption.
+            self.novictims.add(key)
             return None
         n = best_key[2]
         for v in best_victims:
             self._release(v)
             self.plan.preemptions.append(Preemption(task_id=v.id, by_task_id=task.id, reason=reason))
         return self._search(task, c, mem, mode, (), elig, excluded, n)
+
+    def _victims_on(self, gl: tuple[int, ...], order: list[RunningTask], c: int, need: int, mode: str,
+                    excluded: frozenset[int] | None, budget: int | None) -> list[RunningTask] | None:
+        """Victims taken in ``order`` until the task fits on this server, minus those not needed."""
+        state = self._node_state(gl)
+        chosen: list[RunningTask] = []
+        freed = 0
+        for v in order:
+            if budget is not None and freed >= budget:
+                return None
+            chosen.append(v)
+            freed += len(v.gpu_ids)
+            self._sim_release(state, v)
+            if self._sim_count(state, gl, need, mode, excluded) >= c:
+                break
+        else:
+            return None
+        # Spare victims that turn out unnecessary (a later one may have been enough alone).
+        for v in list(chosen):
+            trial = [x for x in chosen if x is not v]
+            st = self._node_state(gl)
+            for x in trial:
+                self._sim_release(st, x)
+            if self._sim_count(st, gl, need, mode, excluded) >= c:
+                chosen = trial
+        return chosen
 
     def _node_state(self, gl: tuple[int, ...]) -> dict[int, list]:
         return {g: [self.g_claimed[g], self.g_live[g], self.g_excl[g], self.g_shared[g]] for g in gl}
