@@ -512,8 +512,8 @@ class _Pass:
         total = self.g_total
         best = max(sum(1 for g in gl if total[g] >= need) for gl in elig.values())
         if best < c:
-            what = f"{format_mb(mem)} + the {format_mb(self.margin)} safety margin" if mode != WHOLE else (
-                f"the {format_mb(self.margin)} safety margin")
+            margin = f" + the {format_mb(self.margin)} safety margin" if self.margin else ""
+            what = f"{format_mb(mem)}{margin}" if mode != WHOLE else f"room after the {format_mb(self.margin)} margin"
             return (f"no active server has {_plural(c, 'GPU')} with {what}{suffix}; "
                     f"the best has {best}")
         return ""
