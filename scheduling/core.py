@@ -74,7 +74,7 @@ k") are computed once per shape at the end of the pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from scheduling.core_types import (
@@ -95,6 +95,8 @@ LOW = 0
 # How many fitting servers of the first fitting level are compared by score before the
 # scan stops: enough for the load-balance score to matter, few enough to stay in microseconds.
 SCAN_LIMIT = 3
+# Servers holding the task's model examined before falling back to the plain scan.
+AFFINITY_SCAN_LIMIT = 12
 # Capacity-blocked tasks tried for the backfill reservation before giving up in a pass.
 MAX_RESERVE_ATTEMPTS = 8
 # Idle time beyond this counts as fully idle in the load-balance score.
@@ -209,12 +211,16 @@ class _Pass:
             if ok and self.n_gpus[n]:
                 self.buckets[self.n_free[n]][n] = None
 
-        # Servers by model loaded on one of their schedulable GPUs (affinity first).
-        self.model_nodes: dict[str, set[int]] = {}
+        # Servers by model loaded on their schedulable GPUs, bucketed like ``buckets`` so the
+        # affinity scan visits only holders with room: model_buckets[model][k] = {node: None}.
+        self.n_models: list[dict[str, int]] = [{} for _ in self.n_id]
+        self.model_buckets: dict[str, list[dict[int, None]]] = {}
         for n, gl in enumerate(self.n_gpus):
+            if not self.n_ok[n]:
+                continue
             for g in gl:
                 for model in self.g_models[g]:
-                    self.model_nodes.setdefault(model, set()).add(n)
+                    self._add_holder(n, model)
 
         # Tenant usage, updated as the plan places and preempts.
         self.t_usage: dict[int, list[int]] = {
@@ -241,6 +247,9 @@ class _Pass:
         self.elig_cache: dict[tuple, dict[int, tuple[int, ...]]] = {}
         self.static_cache: dict[tuple, str] = {}
         self.nofit: set[tuple] = set()
+        self.novictims: set[tuple] = set()
+        self.victim_pools: dict[str, dict[int, list[RunningTask]]] = {}
+        self.best_cache: dict[tuple, int] = {}
         self.reservation: _Reservation | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -264,6 +273,17 @@ class _Pass:
         if gpu.idle_since is not None:
             idle = min(max((now - gpu.idle_since).total_seconds(), 0.0), IDLE_SATURATION_S) / IDLE_SATURATION_S
         self.g_static.append(30.0 * (1.0 - util) + 20.0 * (1.0 - temp) + 10.0 * idle)
+
+    def _add_holder(self, n: int, model: str) -> None:
+        held = self.n_models[n]
+        if model in held:
+            held[model] += 1
+            return
+        held[model] = 1
+        levels = self.model_buckets.get(model)
+        if levels is None:
+            levels = self.model_buckets[model] = [{} for _ in range(self.max_k + 1)]
+        levels[self.n_free[n]][n] = None
 
     def _empty(self, g: int) -> bool:
         return not self.g_excl[g] and self.g_shared[g] == 0 and self.g_claimed[g] == 0
@@ -511,20 +531,45 @@ class _Pass:
         total = self.g_total
         best = max(sum(1 for g in gl if total[g] >= need) for gl in elig.values())
         if best < c:
-            what = f"{format_mb(mem)} + the {format_mb(self.margin)} safety margin" if mode != WHOLE else (
-                f"the {format_mb(self.margin)} safety margin")
+            margin = f" + the {format_mb(self.margin)} safety margin" if self.margin else ""
+            what = f"{format_mb(mem)}{margin}" if mode != WHOLE else f"room after the {format_mb(self.margin)} margin"
             return (f"no active server has {_plural(c, 'GPU')} with {what}{suffix}; "
                     f"the best has {best}")
         return ""
 
-    def _capacity_reason(self, shape: tuple) -> str:
-        c, mem, mode, ckey = shape
+    def _best_count(self, mem: int, mode: str, ckey: tuple) -> int:
+        """Most GPUs this request could get on one server now (memoised per request within the pass end)."""
+        key = (mem, mode, ckey)
+        best = self.best_cache.get(key)
+        if best is not None:
+            return best
         elig = self.elig_cache[ckey]
         best = 0
-        for gl in elig.values():
-            k = sum(1 for g in gl if self._fits(g, mem, mode))
-            if k > best:
-                best = k
+        if mode == SHARED:
+            for gl in elig.values():
+                k = len(self._qualifying(gl, mem, mode, None))
+                if k > best:
+                    best = k
+        else:
+            # Exclusive GPUs must be empty: a server with k empty GPUs offers at most k, so
+            # walk the buckets from the emptiest down and stop once no bucket can beat the best.
+            for k_free in range(self.max_k, 0, -1):
+                if k_free <= best:
+                    break
+                for n in self.buckets[k_free]:
+                    gl = elig.get(n)
+                    if gl is not None:
+                        k = len(self._qualifying(gl, mem, mode, None))
+                        if k > best:
+                            best = k
+                            if best >= k_free:
+                                break
+        self.best_cache[key] = best
+        return best
+
+    def _capacity_reason(self, shape: tuple) -> str:
+        c, mem, mode, ckey = shape
+        best = self._best_count(mem, mode, ckey)
         suffix = self._constraint_text(ckey)
         if mode == EXCLUSIVE:
             what = f"{_plural(c, 'free GPU')} with {format_mb(mem)}"
@@ -574,8 +619,8 @@ class _Pass:
         score = self._gpu_score
         if len(q) == c:
             return sum(score(g, model) for g in q), tuple(q)
-        ranked = sorted(q, key=lambda g: (-score(g, model), g))[:c]
-        return sum(score(g, model) for g in ranked), tuple(sorted(ranked))
+        ranked = sorted([(-score(g, model), g) for g in q])[:c]
+        return -sum(s for s, _ in ranked), tuple(sorted(g for _, g in ranked))
 
     def _qualifying(self, gl: tuple[int, ...], mem: int, mode: str, excluded: frozenset[int] | None) -> list[int]:
         g_excl = self.g_excl
@@ -619,31 +664,39 @@ class _Pass:
         if key in self.nofit:
             return None
 
-        # Affinity first: servers that already hold the task's model.
-        if model:
-            holders = self.model_nodes.get(model)
-            if holders:
-                best = None
-                best_key = None
-                for n in holders:
-                    gl = elig.get(n)
-                    if not gl:
-                        continue
-                    q = self._qualifying(gl, need, mode, excluded)
-                    if len(q) < c:
-                        continue
-                    s, gpus = self._pick(q, c, model)
-                    loaded = sum(1 for g in gpus if model in self.g_models[g])
-                    if not loaded:
-                        continue
-                    cand = (loaded, -self.n_free[n] if self.binpack else self.n_free[n], s, -n)
-                    if best_key is None or cand > best_key:
-                        best, best_key = (n, gpus), cand
-                if best is not None:
-                    return best
-
         lo = c if mode != SHARED else 0
         levels = range(lo, self.max_k + 1) if self.binpack else range(self.max_k, lo - 1, -1)
+
+        # Affinity first: servers that hold the task's model, in the same packing order.
+        if model:
+            holders = self.model_buckets.get(model)
+            if holders is not None:
+                g_models = self.g_models
+                budget = AFFINITY_SCAN_LIMIT
+                for k in levels:
+                    bucket = holders[k]
+                    if not bucket:
+                        continue
+                    best = None
+                    best_key = None
+                    for n in bucket:
+                        gl = elig.get(n)
+                        if gl is None or len(gl) < c:
+                            continue
+                        budget -= 1
+                        q = self._qualifying(gl, need, mode, excluded)
+                        if len(q) >= c:
+                            s, gpus = self._pick(q, c, model)
+                            loaded = sum(1 for g in gpus if model in g_models[g])
+                            if loaded and (best_key is None or (loaded, s) > best_key):
+                                best, best_key = (n, gpus), (loaded, s)
+                        if budget <= 0:
+                            break
+                    if best is not None:
+                        return best
+                    if budget <= 0:
+                        break
+
         buckets = self.buckets
         for k in levels:
             bucket = buckets[k]
@@ -680,6 +733,10 @@ class _Pass:
         if self.n_ok[n] and self.n_gpus[n]:
             del self.buckets[old][n]
             self.buckets[free][n] = None
+            for model in self.n_models[n]:
+                levels = self.model_buckets[model]
+                del levels[old][n]
+                levels[free][n] = None
 
     def _place(self, task: PendingTask, n: int, gpus: tuple[int, ...], per_gpu: int, mode: str) -> None:
         exclusive = mode != SHARED
@@ -703,7 +760,7 @@ class _Pass:
                     if len(models) > self.max_models and self.max_models > 0:
                         models.pop(next(iter(models)))
                     self.g_models[g] = models
-                    self.model_nodes.setdefault(model, set()).add(n)
+                    self._add_holder(n, model)
         if became_busy:
             self._set_free(n, self.n_free[n] - became_busy)
         usage = self.t_usage.get(task.tenant_id)
@@ -751,6 +808,11 @@ class _Pass:
         del self.running[victim.id]
         # More capacity than before: earlier "nothing fits" answers may be wrong now.
         self.nofit.clear()
+        self.novictims.clear()
+        for by_node in self.victim_pools.values():
+            for victims in by_node.values():
+                if victim in victims:
+                    victims.remove(victim)
 
     # ------------------------------------------------------------------ reclaim and preemption
 
@@ -763,76 +825,101 @@ class _Pass:
             borrowed = self.class_used[other] - self.class_cap[other]
             if borrowed > 0 and self.class_used[cls] + c <= self.class_cap[cls]:
                 found = self._with_victims(
-                    task, c, mem, mode, elig, excluded,
-                    lambda r: r.workload_class == other and r.priority <= task.priority,
-                    budget=borrowed,
-                    reason=f"borrowed {other} GPUs reclaimed for {cls} task #{task.id}",
+                    task, c, mem, mode, elig, excluded, pool=f"class:{other}", max_priority=task.priority,
+                    budget=borrowed, reason=f"borrowed {other} GPUs reclaimed for {cls} task #{task.id}",
                 )
                 if found is not None:
                     return found
-        if task.priority in self.preempt_allowed:
-            name = PRIORITY_NAMES[task.priority]
+        if task.priority in self.preempt_allowed and task.priority > LOW:
             return self._with_victims(
-                task, c, mem, mode, elig, excluded,
-                lambda r: r.priority == LOW and r.workload_class == "batch" and r.priority < task.priority,
-                budget=None,
-                reason=f"preempted by {name} task #{task.id}",
+                task, c, mem, mode, elig, excluded, pool="low-batch", max_priority=LOW, budget=None,
+                reason=f"preempted by {PRIORITY_NAMES[task.priority]} task #{task.id}",
             )
         return None
 
+    def _victim_pool(self, pool: str) -> dict[int, list[RunningTask]]:
+        """Running tasks that may be victims, by server (built once; preempted ones are removed)."""
+        by_node = self.victim_pools.get(pool)
+        if by_node is None:
+            by_node = self.victim_pools[pool] = {}
+            for r in self.running.values():
+                if pool == "low-batch":
+                    if r.priority != LOW or r.workload_class != "batch":
+                        continue
+                elif r.workload_class != pool.removeprefix("class:"):
+                    continue
+                g0 = self.gpu_index.get(r.gpu_ids[0]) if r.gpu_ids else None
+                if g0 is not None:
+                    by_node.setdefault(self.g_node[g0], []).append(r)
+        return by_node
+
     def _with_victims(self, task: PendingTask, c: int, mem: int | None, mode: str,
-                      elig: dict[int, tuple[int, ...]], excluded: frozenset[int] | None,
-                      eligible_victim: Callable[[RunningTask], bool], budget: int | None,
-                      reason: str) -> tuple[int, tuple[int, ...]] | None:
+                      elig: dict[int, tuple[int, ...]], excluded: frozenset[int] | None, *, pool: str,
+                      max_priority: int, budget: int | None, reason: str) -> tuple[int, tuple[int, ...]] | None:
+        memo = (pool, max_priority, c, mem, mode, id(elig), id(excluded) if excluded is not None else 0)
+        if memo in self.novictims:
+            return None
         need = mem if mem is not None else 0
-        by_node: dict[int, list[RunningTask]] = {}
-        for r in self.running.values():
-            if not eligible_victim(r):
-                continue
-            g0 = self.gpu_index.get(r.gpu_ids[0]) if r.gpu_ids else None
-            if g0 is None:
-                continue
-            n = self.g_node[g0]
-            if n in elig:
-                by_node.setdefault(n, []).append(r)
         best_key: tuple[int, int, int] | None = None
         best_victims: list[RunningTask] = []
-        for n, victims in by_node.items():
-            victims.sort(key=lambda r: -r.id)  # newest first
-            gl = elig[n]
-            state = self._node_state(gl)
-            chosen: list[RunningTask] = []
-            freed = 0
-            ok = False
-            for v in victims:
-                if budget is not None and freed >= budget:
-                    break
-                chosen.append(v)
-                freed += len(v.gpu_ids)
-                self._sim_release(state, v)
-                if self._sim_count(state, gl, need, mode, excluded) >= c:
-                    ok = True
-                    break
-            if not ok:
+        for n, candidates in self._victim_pool(pool).items():
+            gl = elig.get(n)
+            if gl is None:
                 continue
-            # Spare victims that turn out unnecessary (older ones may have been enough).
-            for v in list(chosen):
-                trial = [x for x in chosen if x is not v]
-                st = self._node_state(gl)
-                for x in trial:
-                    self._sim_release(st, x)
-                if self._sim_count(st, gl, need, mode, excluded) >= c:
-                    chosen = trial
-            key = (len(chosen), sum(len(v.gpu_ids) for v in chosen), n)
-            if best_key is None or key < best_key:
-                best_key, best_victims = key, chosen
+            victims = [r for r in candidates if r.priority <= max_priority]
+            if not victims:
+                continue
+            # Cheap bound first: usable GPUs plus every GPU the victims hold must reach the gang size.
+            held = {gid for r in victims for gid in r.gpu_ids}
+            usable = self._qualifying(gl, need, mode, excluded)
+            if len(usable) + sum(1 for g in gl if self.g_id[g] in held) < c:
+                continue
+            # Newest first; and biggest first, which can need fewer victims. The better one wins.
+            for order in (sorted(victims, key=lambda r: -r.id),
+                          sorted(victims, key=lambda r: (-len(r.gpu_ids), -r.id))):
+                chosen = self._victims_on(gl, order, c, need, mode, excluded, budget)
+                if chosen is None:
+                    continue
+                key = (len(chosen), sum(len(v.gpu_ids) for v in chosen), n)
+                if best_key is None or key < best_key:
+                    best_key, best_victims = key, chosen
+            if best_key is not None and best_key[0] == 1 and best_key[1] <= c:
+                break  # one victim freeing no more than the task needs: nothing can do better
         if best_key is None:
+            # Victims only get fewer and GPUs only get taken until the next preemption.
+            self.novictims.add(memo)
             return None
         n = best_key[2]
         for v in best_victims:
             self._release(v)
             self.plan.preemptions.append(Preemption(task_id=v.id, by_task_id=task.id, reason=reason))
         return self._search(task, c, mem, mode, (), elig, excluded, n)
+
+    def _victims_on(self, gl: tuple[int, ...], order: list[RunningTask], c: int, need: int, mode: str,
+                    excluded: frozenset[int] | None, budget: int | None) -> list[RunningTask] | None:
+        """Victims taken in ``order`` until the task fits on this server, minus those not needed."""
+        state = self._node_state(gl)
+        chosen: list[RunningTask] = []
+        freed = 0
+        for v in order:
+            if budget is not None and freed >= budget:
+                return None
+            chosen.append(v)
+            freed += len(v.gpu_ids)
+            self._sim_release(state, v)
+            if self._sim_count(state, gl, need, mode, excluded) >= c:
+                break
+        else:
+            return None
+        # Spare victims that turn out unnecessary (a later one may have been enough alone).
+        for v in list(chosen):
+            trial = [x for x in chosen if x is not v]
+            st = self._node_state(gl)
+            for x in trial:
+                self._sim_release(st, x)
+            if self._sim_count(st, gl, need, mode, excluded) >= c:
+                chosen = trial
+        return chosen
 
     def _node_state(self, gl: tuple[int, ...]) -> dict[int, list]:
         return {g: [self.g_claimed[g], self.g_live[g], self.g_excl[g], self.g_shared[g]] for g in gl}
