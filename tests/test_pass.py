@@ -201,3 +201,19 @@ def test_the_number_of_queries_of_a_pass_does_not_grow_with_the_cluster(acme, se
 
     assert result.placements == servers_count
     assert Allocation.objects.filter(released_at__isnull=True).count() == 3 * servers_count
+
+
+def test_after_an_oom_the_retry_is_placed_with_the_raised_model_estimate(acme, servers):
+    from scheduling import lifecycle
+
+    task = submit(acme, "infer", model_name="deepseek-7b", gpu_memory_mb=20_000, max_retries=2)
+    assert run_pass().placements == 1  # the real placement core
+    task.refresh_from_db()
+    lifecycle.report_started(task.pk, node_id=task.node_id, actor="agent")
+    lifecycle.report_finished(task.pk, node_id=task.node_id, exit_code=1, oom=True, actor="agent")
+
+    assert run_pass().placements == 1
+
+    task.refresh_from_db()
+    assert (task.status, task.attempt, task.gpu_memory_mb) == (TaskStatus.ASSIGNED, 1, None)
+    assert Allocation.objects.get(task=task, released_at__isnull=True).memory_mb == 24_000
