@@ -336,20 +336,18 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
             cursor.execute(_UPDATE_PLACED_SQL, [now, now, ids, [p.node_id for p in placements]])
             reasons = [f"placed on {len(p.gpu_ids)} GPU(s) of server {p.node_id}" for p in placements]
             cursor.execute(_INSERT_EVENTS_SQL, [actor, now, ids, reasons])
-            # The GPUs just taken are no longer idle.
-            taken = [g for g in a_gpu if g not in loaded.idle_since_null]
-            if taken:
-                cursor.execute(_SET_IDLE_SINCE_SQL, [None, taken])
             notify_nodes.update(p.node_id for p in placements)
             changed.extend((loaded.tenant_of[p.task_id], p.task_id) for p in placements)
             result.placed_task_ids = ids
         result.placements = len(placements)
 
-        # GPUs with no active allocation start their idle clock (feeds the idle-time score).
+        # A GPU never seen idle starts its idle clock here, once; afterwards releasing a GPU's
+        # last allocation restarts it (Task.release_allocations), and the snapshot shows busy
+        # GPUs as not idle, so placing never has to write GPU rows.
         placed_gpus = {g for p in placements for g in p.gpu_ids}
-        newly_idle = [g for g in loaded.idle_gpu_ids & loaded.idle_since_null if g not in placed_gpus]
-        if newly_idle:
-            cursor.execute(_SET_IDLE_SINCE_SQL, [now, newly_idle])
+        never_idle = [g for g in loaded.idle_gpu_ids & loaded.idle_since_null if g not in placed_gpus]
+        if never_idle:
+            cursor.execute(_SET_IDLE_SINCE_SQL, [now, never_idle])
 
         # Reasons and positions, written only where they changed.
         placed_ids = set(result.placed_task_ids)
