@@ -204,6 +204,13 @@ class _Pass:
             max_gpus = max(max_gpus, len(ok_gpus))
 
         self.schedulable_total = schedulable_total
+        # Active servers with at least one GPU hosting shared allocations: n -> count of such GPUs.
+        self.shared_nodes: dict[int, int] = {}
+        for n, gl in enumerate(self.n_gpus):
+            k = sum(1 for g in gl if self.g_shared[g] and not self.g_excl[g])
+            if k and self.n_ok[n]:
+                self.shared_nodes[n] = k
+        self.g_base: list[float] = [self._base_score(g) for g in range(len(self.g_id))]
         # buckets[k]: active servers with exactly k empty GPUs (dicts keep a stable order).
         self.max_k = max_gpus
         self.buckets: list[dict[int, None]] = [{} for _ in range(max_gpus + 1)]
@@ -250,6 +257,7 @@ class _Pass:
         self.novictims: set[tuple] = set()
         self.victim_pools: dict[str, dict[int, list[RunningTask]]] = {}
         self.best_cache: dict[tuple, int] = {}
+        self.sig_cache: dict[tuple, set[tuple[int, ...]]] = {}
         self.reservation: _Reservation | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -524,12 +532,17 @@ class _Pass:
                 return f"{where} has GPUs matching gpu_model '{model}'"
             return "no active server has schedulable GPUs"
         suffix = self._constraint_text(ckey)
-        largest = max(len(gl) for gl in elig.values())
+        # Servers reduced to their distinct GPU memory sizes (sorted, largest first): few per cluster.
+        sigs = self.sig_cache.get(ckey)
+        if sigs is None:
+            total = self.g_total
+            sigs = self.sig_cache[ckey] = {tuple(sorted((total[g] for g in gl), reverse=True))
+                                           for gl in elig.values()}
+        largest = max(len(sig) for sig in sigs)
         if largest < c:
             return f"no active server has {_plural(c, 'GPU')}{suffix}; the largest has {largest}"
         need = self.margin + (mem if mode != WHOLE else 0)
-        total = self.g_total
-        best = max(sum(1 for g in gl if total[g] >= need) for gl in elig.values())
+        best = max(sum(1 for t in sig if t >= need) for sig in sigs)
         if best < c:
             margin = f" + the {format_mb(self.margin)} safety margin" if self.margin else ""
             what = f"{format_mb(mem)}{margin}" if mode != WHOLE else f"room after the {format_mb(self.margin)} margin"
@@ -595,7 +608,8 @@ class _Pass:
             return False
         return self.g_live[g] + mem + self.margin <= self.g_total[g]
 
-    def _gpu_score(self, g: int, model: str) -> float:
+    def _base_score(self, g: int) -> float:
+        """Load-balance score of a GPU (0..100); binpack inverts the free-memory term."""
         total = self.g_total[g]
         claimed = self.g_claimed[g]
         live = self.g_live[g]
@@ -605,7 +619,10 @@ class _Pass:
             free_ratio = 0.0
         if self.binpack:
             free_ratio = 1.0 - free_ratio
-        score = 40.0 * free_ratio + self.g_static[g]
+        return 40.0 * free_ratio + self.g_static[g]
+
+    def _gpu_score(self, g: int, model: str) -> float:
+        score = self.g_base[g]
         if model:
             models = self.g_models[g]
             if model in models:
@@ -616,11 +633,17 @@ class _Pass:
 
     def _pick(self, q: list[int], c: int, model: str) -> tuple[float, tuple[int, ...]]:
         """The best ``c`` GPUs of ``q`` (all fit) and their summed score."""
+        if not model:
+            base = self.g_base
+            if len(q) == c:
+                return sum(map(base.__getitem__, q)), tuple(q)
+            ranked = sorted(q, key=lambda g: (-base[g], g))[:c]
+            return sum(map(base.__getitem__, ranked)), tuple(sorted(ranked))
         score = self._gpu_score
         if len(q) == c:
             return sum(score(g, model) for g in q), tuple(q)
-        ranked = sorted([(-score(g, model), g) for g in q])[:c]
-        return -sum(s for s, _ in ranked), tuple(sorted(g for _, g in ranked))
+        scored = sorted([(-score(g, model), g) for g in q])[:c]
+        return -sum(s for s, _ in scored), tuple(sorted(g for _, g in scored))
 
     def _qualifying(self, gl: tuple[int, ...], mem: int, mode: str, excluded: frozenset[int] | None) -> list[int]:
         g_excl = self.g_excl
@@ -697,17 +720,29 @@ class _Pass:
                     if budget <= 0:
                         break
 
-        buckets = self.buckets
-        for k in levels:
-            bucket = buckets[k]
-            if not bucket:
+        if mode == SHARED:
+            # Shared requests pack onto servers that already host shared work (binpack) or go to
+            # the emptiest servers first (spread); servers without shared work only offer their
+            # empty GPUs, so the buckets from ``c`` up cover them.
+            groups: list[Iterable[int]] = [self.shared_nodes]
+            empties = [self.buckets[k] for k in range(c, self.max_k + 1)]
+            groups = groups + empties if self.binpack else empties[::-1] + groups
+            skip_shared = True
+        else:
+            groups = [self.buckets[k] for k in levels]
+            skip_shared = False
+        shared_nodes = self.shared_nodes
+        for group in groups:
+            if not group:
                 continue
             best = None
             best_score = -1.0
             seen = 0
-            for n in bucket:
+            for n in group:
                 gl = elig.get(n)
                 if gl is None or len(gl) < c:
+                    continue
+                if skip_shared and group is not shared_nodes and n in shared_nodes:
                     continue
                 q = self._qualifying(gl, need, mode, excluded)
                 if len(q) < c:
@@ -750,7 +785,10 @@ class _Pass:
             if exclusive:
                 self.g_excl[g] = True
             else:
+                if not self.g_shared[g]:
+                    self.shared_nodes[n] = self.shared_nodes.get(n, 0) + 1
                 self.g_shared[g] += 1
+            self.g_base[g] = self._base_score(g)
             if model:
                 models = self.g_models[g]
                 if model not in models:
@@ -792,6 +830,12 @@ class _Pass:
                 self.g_excl[g] = False
             else:
                 self.g_shared[g] = max(0, self.g_shared[g] - 1)
+                n = self.g_node[g]
+                if not self.g_shared[g] and n in self.shared_nodes and g in self.n_gpus[n]:
+                    self.shared_nodes[n] -= 1
+                    if not self.shared_nodes[n]:
+                        del self.shared_nodes[n]
+            self.g_base[g] = self._base_score(g)
             n = self.g_node[g]
             if not was_empty and self._empty(g) and g in self.n_gpus[n]:
                 touched[n] = touched.get(n, 0) + 1
