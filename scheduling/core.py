@@ -12,38 +12,44 @@ Rules, in the order a task meets them
    FIFO by ``created_at``, then ``id``. Each task is decided once per pass, in that order;
    the pass keeps a working copy of GPU, tenant and class usage that every placement
    (and preemption) updates, so later tasks see what earlier ones took.
-2. **Tenant quota.** Running tasks + 1, GPUs held + ``gpu_count`` and GPU memory held +
-   ``gpu_count * memory_mb`` must stay within the tenant's limits. A tenant missing from
-   ``snapshot.tenants`` has no limits. A task blocked by its own tenant's quota does not
-   block anybody else.
-3. **Online/batch split.** Each class may hold ``round(share * schedulable GPUs)`` GPUs
-   (counted as the GPUs its tasks hold; a shared allocation counts its GPU). Strict by
-   default. With ``allow_borrowing`` a class may also use the other class's idle share
-   (its cap minus what it holds); GPUs held beyond a class's own cap are *borrowed*,
-   and when the owning class has a task within its own share that does not fit, the
-   borrowing class's running tasks (newest first, never of higher priority than the
-   task) are preempted to give the GPUs back, before any priority preemption is tried.
-4. **Constraints.** ``node_selector`` must be a subset of the server's labels;
+2. **Constraints.** ``node_selector`` must be a subset of the server's labels;
    ``gpu_model`` is a case-insensitive substring of the GPU's model name; only active
    servers and schedulable GPUs count. A task no active server could ever hold (too
-   many GPUs, too much memory, no such labels or model) is left pending with that
-   reason and blocks nobody.
+   many GPUs, too much memory, no such labels or model) waits with that reason
+   ("no active server has GPUs matching gpu_model 'A100'") and blocks nobody.
+3. **Tenant quota.** Running tasks + 1, GPUs held + ``gpu_count`` and GPU memory held +
+   ``gpu_count * memory_mb`` must stay within the tenant's limits ("tenant acme at its
+   GPU quota (8/8)"). A tenant missing from ``snapshot.tenants`` has no limits. A task
+   blocked by its own tenant's quota blocks nobody else.
+4. **Online/batch split.** Each class may hold ``round(share * schedulable GPUs)`` GPUs
+   (counted as the GPUs its tasks hold; a shared allocation counts its GPU), e.g.
+   "online share of the cluster full (70%): 7/7 GPUs in use". Strict by default; a share
+   covering the whole cluster is no limit. With ``allow_borrowing`` a class may also use
+   the other class's idle share (its cap minus what it holds); GPUs held beyond a
+   class's own cap are *borrowed*. When a task of the owning class, within its own
+   share, does not fit, running tasks of the borrowing class (never of higher priority
+   than the task; only while that class is still over its cap) are preempted to give
+   the GPUs back: reclaim comes before any priority preemption, and is expressed as
+   ``Preemption`` entries with the reason "borrowed batch GPUs reclaimed for online
+   task #N". A share-blocked task blocks nobody of the other class.
 5. **Fit.** Per GPU, ``used = max(memory_claimed_mb, memory_used_live_mb)``. An exclusive
    task needs GPUs with no allocation at all where ``used + memory + safety margin <=
    total``; a shared task packs onto GPUs without an exclusive allocation while the same
    sum fits; ``memory_mb = None`` needs whole, empty GPUs (recorded as exclusive
    allocations of the GPU's total memory). Gang: all ``gpu_count`` GPUs on ONE server,
-   or nothing.
+   or nothing ("no server has 4 free GPUs with 40 GB; best has 3").
 6. **Score.** GPU score = model affinity (+100 when the task's model is loaded on it,
    +50 when its LRU cache has room: fewer than ``max_models_per_gpu`` models) + the
    load-balance score (free memory 40, utilisation 30, temperature 20, idle time 10,
-   each normalised to 0..1; idle time saturates at one hour). Servers holding the
-   task's model are tried first and win when they fit. Otherwise servers are visited
-   by their count of empty GPUs: ``binpack`` starts from the fullest server that can
-   still hold the task (whole servers stay free for big gangs, and the free-memory
-   term is inverted so shared tasks pack onto the fullest GPU), ``spread`` from the
-   emptiest. Among the first few fitting servers of that level the one whose best
-   ``gpu_count`` GPUs score highest wins, and those GPUs are taken.
+   each normalised to 0..1; idle time saturates at one hour). Servers where the task's
+   model is loaded on a GPU it could use are tried first and win when they fit (the
+   most such GPUs, then packing order, then score). Otherwise servers are visited by
+   their count of empty GPUs: ``binpack`` starts from the fullest server that can
+   still hold the task (whole servers stay free for big gangs; the free-memory term is
+   inverted and shared tasks try servers already hosting shared work first, so they
+   pack), ``spread`` from the emptiest. Among the first few fitting servers of that
+   level the one whose best ``gpu_count`` GPUs score highest wins, and those GPUs are
+   taken.
 7. **Backfill (EASY).** The first task in queue order that is blocked by capacity (not
    by its quota, class share or constraints) and that could start once running tasks
    end gets a *reservation*: the earliest time T at which, replaying the running
@@ -57,18 +63,23 @@ Rules, in the order a task meets them
    nothing behind it starts in this pass ("waiting behind N higher-priority tasks").
 8. **Preemption** (off by default). When a task whose priority is listed in
    ``config.preemption`` is blocked by capacity, LOW batch running tasks on ONE server
-   may be preempted to make room: the server needing the fewest victims wins, newest
-   tasks are taken first and victims that turn out unnecessary are spared. The plan
-   lists a ``Preemption`` per victim and places the task on the freed GPUs.
+   may be preempted to make room: the server needing the fewest victims wins (then the
+   fewest GPUs freed), newest tasks are taken first, and victims that turn out
+   unnecessary are spared. The plan lists a ``Preemption`` per victim ("preempted by
+   CRITICAL task #N") and places the task on the freed GPUs. A preempted task's GPUs,
+   tenant usage and class usage are given back in the working state; its live memory
+   reading is assumed to drop by its claim.
 9. **Reasons.** Every task left pending gets a human-readable reason and its 1-based
-   position among the tasks still pending after the pass.
+   position among the tasks still pending after the pass, in queue order. Capacity
+   reasons are stated against the state at the end of the pass.
 
 Speed: servers sit in buckets by their count of empty GPUs, so an exclusive gang of
-``n`` GPUs only visits servers with at least ``n`` empty GPUs, and the scan stops after
-a few fitting servers. A "nothing fits this shape" answer (count, memory, mode,
-constraints, reservation) is remembered for the rest of the pass, since capacity only
-shrinks between preemptions (a preemption forgets them). Capacity reasons ("best has
-k") are computed once per shape at the end of the pass.
+``n`` GPUs only visits servers with at least ``n`` empty GPUs (and enough memory on
+one of them), and the scan stops after a few fitting servers. A "nothing fits this
+request" answer (count, memory, mode, constraints, reservation) is remembered for the
+rest of the pass, since capacity only shrinks between preemptions (a preemption
+forgets them); so is "no victims help". "best has k" is computed once per request
+kind at the end of the pass. ``bench/core.py`` measures the decision time per task.
 """
 
 from __future__ import annotations
@@ -211,6 +222,9 @@ class _Pass:
             if k and self.n_ok[n]:
                 self.shared_nodes[n] = k
         self.g_base: list[float] = [self._base_score(g) for g in range(len(self.g_id))]
+        # Per server, the most memory an exclusive request can get on one of its empty GPUs:
+        # lets the scan skip servers whose GPUs are too small without looking at each GPU.
+        self.n_room: list[int] = [self._room(n) for n in range(len(self.n_id))]
         # buckets[k]: active servers with exactly k empty GPUs (dicts keep a stable order).
         self.max_k = max_gpus
         self.buckets: list[dict[int, None]] = [{} for _ in range(max_gpus + 1)]
@@ -218,16 +232,19 @@ class _Pass:
             if ok and self.n_gpus[n]:
                 self.buckets[self.n_free[n]][n] = None
 
-        # Servers by model loaded on their schedulable GPUs, bucketed like ``buckets`` so the
-        # affinity scan visits only holders with room: model_buckets[model][k] = {node: None}.
-        self.n_models: list[dict[str, int]] = [{} for _ in self.n_id]
-        self.model_buckets: dict[str, list[dict[int, None]]] = {}
+        # Affinity indexes: model -> servers with a schedulable GPU holding it (shared requests),
+        # and model -> {server: empty GPUs holding it} (exclusive requests need an empty GPU).
+        self.model_nodes: dict[str, dict[int, None]] = {}
+        self.model_free: dict[str, dict[int, int]] = {}
         for n, gl in enumerate(self.n_gpus):
             if not self.n_ok[n]:
                 continue
             for g in gl:
+                empty = self._empty(g)
                 for model in self.g_models[g]:
-                    self._add_holder(n, model)
+                    self.model_nodes.setdefault(model, {})[n] = None
+                    if empty:
+                        self._count_free_holder(model, n, 1)
 
         # Tenant usage, updated as the plan places and preempts.
         self.t_usage: dict[int, list[int]] = {
@@ -282,16 +299,22 @@ class _Pass:
             idle = min(max((now - gpu.idle_since).total_seconds(), 0.0), IDLE_SATURATION_S) / IDLE_SATURATION_S
         self.g_static.append(30.0 * (1.0 - util) + 20.0 * (1.0 - temp) + 10.0 * idle)
 
-    def _add_holder(self, n: int, model: str) -> None:
-        held = self.n_models[n]
-        if model in held:
-            held[model] += 1
-            return
-        held[model] = 1
-        levels = self.model_buckets.get(model)
-        if levels is None:
-            levels = self.model_buckets[model] = [{} for _ in range(self.max_k + 1)]
-        levels[self.n_free[n]][n] = None
+    def _count_free_holder(self, model: str, n: int, delta: int) -> None:
+        counts = self.model_free.setdefault(model, {})
+        k = counts.get(n, 0) + delta
+        if k > 0:
+            counts[n] = k
+        else:
+            counts.pop(n, None)
+
+    def _room(self, n: int) -> int:
+        room = -1
+        for g in self.n_gpus[n]:
+            if not self.g_excl[g] and not self.g_shared[g] and not self.g_claimed[g]:
+                r = self.g_total[g] - self.g_live[g]
+                if r > room:
+                    room = r
+        return room
 
     def _empty(self, g: int) -> bool:
         return not self.g_excl[g] and self.g_shared[g] == 0 and self.g_claimed[g] == 0
@@ -690,35 +713,38 @@ class _Pass:
         lo = c if mode != SHARED else 0
         levels = range(lo, self.max_k + 1) if self.binpack else range(self.max_k, lo - 1, -1)
 
-        # Affinity first: servers that hold the task's model, in the same packing order.
+        # Affinity first: servers where the model is loaded on a GPU this request could use.
         if model:
-            holders = self.model_buckets.get(model)
-            if holders is not None:
+            holders = (self.model_nodes if mode == SHARED else self.model_free).get(model)
+            if holders:
                 g_models = self.g_models
+                n_free = self.n_free
+                n_room = self.n_room
+                room_needed = need + self.margin
                 budget = AFFINITY_SCAN_LIMIT
-                for k in levels:
-                    bucket = holders[k]
-                    if not bucket:
+                fits = 0
+                best = None
+                best_key = None
+                for n in holders:
+                    if mode != SHARED and (n_free[n] < c or n_room[n] < room_needed):
                         continue
-                    best = None
-                    best_key = None
-                    for n in bucket:
-                        gl = elig.get(n)
-                        if gl is None or len(gl) < c:
-                            continue
-                        budget -= 1
-                        q = self._qualifying(gl, need, mode, excluded)
-                        if len(q) >= c:
-                            s, gpus = self._pick(q, c, model)
-                            loaded = sum(1 for g in gpus if model in g_models[g])
-                            if loaded and (best_key is None or (loaded, s) > best_key):
-                                best, best_key = (n, gpus), (loaded, s)
-                        if budget <= 0:
-                            break
-                    if best is not None:
-                        return best
-                    if budget <= 0:
+                    gl = elig.get(n)
+                    if gl is None or len(gl) < c:
+                        continue
+                    budget -= 1
+                    q = self._qualifying(gl, need, mode, excluded)
+                    if len(q) >= c:
+                        s, gpus = self._pick(q, c, model)
+                        loaded = sum(1 for g in gpus if model in g_models[g])
+                        if loaded:
+                            fits += 1
+                            key = (loaded, -n_free[n] if self.binpack else n_free[n], s)
+                            if best_key is None or key > best_key:
+                                best, best_key = (n, gpus), key
+                    if budget <= 0 or fits >= SCAN_LIMIT:
                         break
+                if best is not None:
+                    return best
 
         if mode == SHARED:
             # Shared requests pack onto servers that already host shared work (binpack) or go to
@@ -732,6 +758,8 @@ class _Pass:
             groups = [self.buckets[k] for k in levels]
             skip_shared = False
         shared_nodes = self.shared_nodes
+        n_room = self.n_room
+        room_needed = need + self.margin
         for group in groups:
             if not group:
                 continue
@@ -742,7 +770,10 @@ class _Pass:
                 gl = elig.get(n)
                 if gl is None or len(gl) < c:
                     continue
-                if skip_shared and group is not shared_nodes and n in shared_nodes:
+                if skip_shared:
+                    if group is not shared_nodes and n in shared_nodes:
+                        continue
+                elif n_room[n] < room_needed:
                     continue
                 q = self._qualifying(gl, need, mode, excluded)
                 if len(q) < c:
@@ -768,10 +799,6 @@ class _Pass:
         if self.n_ok[n] and self.n_gpus[n]:
             del self.buckets[old][n]
             self.buckets[free][n] = None
-            for model in self.n_models[n]:
-                levels = self.model_buckets[model]
-                del levels[old][n]
-                levels[free][n] = None
 
     def _place(self, task: PendingTask, n: int, gpus: tuple[int, ...], per_gpu: int, mode: str) -> None:
         exclusive = mode != SHARED
@@ -781,6 +808,8 @@ class _Pass:
         for g in gpus:
             if self._empty(g):
                 became_busy += 1
+                for held in self.g_models[g]:
+                    self._count_free_holder(held, n, -1)
             self.g_claimed[g] += per_gpu
             if exclusive:
                 self.g_excl[g] = True
@@ -798,9 +827,10 @@ class _Pass:
                     if len(models) > self.max_models and self.max_models > 0:
                         models.pop(next(iter(models)))
                     self.g_models[g] = models
-                    self._add_holder(n, model)
+                    self.model_nodes.setdefault(model, {})[n] = None
         if became_busy:
             self._set_free(n, self.n_free[n] - became_busy)
+            self.n_room[n] = self._room(n)
         usage = self.t_usage.get(task.tenant_id)
         if usage is not None:
             usage[0] += len(gpus)
@@ -839,8 +869,12 @@ class _Pass:
             n = self.g_node[g]
             if not was_empty and self._empty(g) and g in self.n_gpus[n]:
                 touched[n] = touched.get(n, 0) + 1
+                for held in self.g_models[g]:
+                    self._count_free_holder(held, n, 1)
         for n, k in touched.items():
             self._set_free(n, self.n_free[n] + k)
+        for n in {self.g_node[g] for g in (self.gpu_index.get(x) for x in victim.gpu_ids) if g is not None}:
+            self.n_room[n] = self._room(n)
         usage = self.t_usage.get(victim.tenant_id)
         if usage is not None:
             usage[0] = max(0, usage[0] - len(victim.gpu_ids))
