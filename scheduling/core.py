@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from scheduling.core_types import (
     GpuState,
@@ -108,6 +108,8 @@ LOW = 0
 SCAN_LIMIT = 3
 # Servers holding the task's model examined before falling back to the plain scan.
 AFFINITY_SCAN_LIMIT = 12
+# Task.pending_reason holds 500 characters; a long label selector must not overflow it.
+MAX_REASON_CHARS = 500
 # Capacity-blocked tasks tried for the backfill reservation before giving up in a pass.
 MAX_RESERVE_ATTEMPTS = 8
 # Idle time beyond this counts as fully idle in the load-balance score.
@@ -372,8 +374,10 @@ class _Pass:
                 r = shape_reason[shape] = self._capacity_reason(shape)
             if self.reservation is not None and tid == self.reservation.task_id:
                 res = self.reservation
-                r += (f"; next to start: GPUs reserved on {self.n_name[res.node]} "
-                      f"from {res.time:%Y-%m-%d %H:%M} UTC at the latest")
+                # Running tasks may end sooner than their timeouts; T is the latest it should wait.
+                when = res.time.astimezone(UTC) if res.time.tzinfo else res.time
+                r += (f"; next in line: GPUs reserved on {self.n_name[res.node]}, "
+                      f"free by {when:%Y-%m-%d %H:%M} UTC at the latest")
             reasons[tid] = r
 
         position = 0
@@ -382,7 +386,7 @@ class _Pass:
             r = reasons.get(task.id)
             if r is not None:
                 position += 1
-                pending[task.id] = PendingInfo(reason=r, position=position)
+                pending[task.id] = PendingInfo(reason=r[:MAX_REASON_CHARS], position=position)
         return self.plan
 
     def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
