@@ -264,7 +264,7 @@ class _Pass:
             if r.workload_class in self.class_used:
                 self.class_used[r.workload_class] += len(r.gpu_ids)
         self.running: dict[int, RunningTask] = {r.id: r for r in snapshot.running}
-        # Ends of tasks placed in this pass: (end, node, gpus, memory, exclusive).
+        # Tasks placed in this pass: (timeout_s, node, gpus, memory, exclusive), for the reservation.
         self.placed_ends: list[tuple] = []
 
         self.preempt_allowed = {p for p, name in PRIORITY_NAMES.items() if name in set(cfg.preemption)}
@@ -394,6 +394,8 @@ class _Pass:
         """None when placed; ("reason", text), ("wait", text) or ("capacity", shape)."""
         c = task.gpu_count
         mem = task.memory_mb
+        if c < 1 or (mem is not None and mem < 0):
+            return ("reason", f"asks for {c} GPUs with {mem} MB each: nothing to place")
         if mem is None:
             mode = WHOLE
         elif task.exclusive:
@@ -808,44 +810,53 @@ class _Pass:
         exclusive = mode != SHARED
         model = task.model_name
         score = sum(self._gpu_score(g, model) for g in gpus)
+        g_claimed = self.g_claimed
+        g_excl = self.g_excl
+        g_shared = self.g_shared
+        g_models = self.g_models
+        g_base = self.g_base
+        base_score = self._base_score
         became_busy = 0
         for g in gpus:
-            if self._empty(g):
+            if not g_excl[g] and not g_shared[g] and not g_claimed[g]:
                 became_busy += 1
-                for held in self.g_models[g]:
+                for held in g_models[g]:
                     self._count_free_holder(held, n, -1)
-            self.g_claimed[g] += per_gpu
+            g_claimed[g] += per_gpu
             if exclusive:
-                self.g_excl[g] = True
+                g_excl[g] = True
             else:
-                if not self.g_shared[g]:
+                if not g_shared[g]:
                     self.shared_nodes[n] = self.shared_nodes.get(n, 0) + 1
-                self.g_shared[g] += 1
-            self.g_base[g] = self._base_score(g)
+                g_shared[g] += 1
+            g_base[g] = base_score(g)
             if model:
-                models = self.g_models[g]
+                models = g_models[g]
                 if model not in models:
                     # The agent loads the model there; keep the working copy's LRU view honest.
                     models = dict.fromkeys(models)
                     models[model] = None
-                    if len(models) > self.max_models and self.max_models > 0:
+                    if len(models) > self.max_models > 0:
                         models.pop(next(iter(models)))
-                    self.g_models[g] = models
+                    g_models[g] = models
                     self.model_nodes.setdefault(model, {})[n] = None
         if became_busy:
             self._set_free(n, self.n_free[n] - became_busy)
             self.n_room[n] = self._room(n)
+        count = len(gpus)
         usage = self.t_usage.get(task.tenant_id)
         if usage is not None:
-            usage[0] += len(gpus)
-            usage[1] += per_gpu * len(gpus)
+            usage[0] += count
+            usage[1] += per_gpu * count
             usage[2] += 1
-        if task.workload_class in self.class_used:
-            self.class_used[task.workload_class] += len(gpus)
-        self.placed_ends.append((self.now + timedelta(seconds=task.timeout_s), n, gpus, per_gpu, exclusive,
-                                 task.workload_class))
+        cls = task.workload_class
+        if cls in self.class_used:
+            self.class_used[cls] += count
+        # The end is turned into a time only if a backfill reservation needs it.
+        self.placed_ends.append((task.timeout_s, n, gpus, per_gpu, exclusive))
+        g_id = self.g_id
         self.plan.placements.append(Placement(
-            task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple(self.g_id[g] for g in gpus),
+            task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple([g_id[g] for g in gpus]),
             memory_mb=per_gpu, exclusive=exclusive, score=round(score, 3),
         ))
 
@@ -1059,8 +1070,9 @@ class _Pass:
             n = self.g_node[gids[0]]
             if n in elig:
                 events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive)))
-        for end, n, gpus, per_gpu, exclusive, _cls in self.placed_ends:
+        for timeout_s, n, gpus, per_gpu, exclusive in self.placed_ends:
             if n in elig:
+                end = self.now + timedelta(seconds=timeout_s)
                 events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive)))
         best: _Reservation | None = None
         for n, evs in events.items():
