@@ -151,3 +151,14 @@ def test_sigterm_lets_the_pass_in_progress_finish_before_exiting(acme, servers, 
     assert status_of(task) == TaskStatus.ASSIGNED
     assert Allocation.objects.filter(task=task, released_at__isnull=True).count() == 1
     assert "received SIGTERM" in sched.output()
+
+
+def test_unwoken_passes_over_a_stuck_queue_back_off_up_to_the_cap():
+    from scheduling.management.commands.runscheduler import next_idle_backoff
+
+    waits, current = [], 0.0
+    for _ in range(8):
+        current = next_idle_backoff(current, placed=False, poll_s=0.1, cap_s=5)
+        waits.append(current)
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5, 5]
+    assert next_idle_backoff(5, placed=True, poll_s=0.1, cap_s=5) == 0.0
