@@ -103,7 +103,8 @@ def test_a_submit_wakes_the_scheduler_at_once_without_waiting_for_its_poll(acme,
         task = submit(acme)
         wait_for(lambda: status_of(task) == TaskStatus.ASSIGNED, 15, "the task to be placed")
 
-        assert ControlPlaneServer.objects.filter(role="scheduler", pid=sched.proc.pid).exists()
+        registered = ControlPlaneServer.objects.get(role="scheduler", pid=sched.proc.pid)
+        assert registered.info["poll_interval_ms"] == 60000
         sched.proc.send_signal(signal.SIGTERM)
         assert sched.proc.wait(10) == 0
     assert "stopped after" in sched.output()

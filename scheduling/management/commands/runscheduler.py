@@ -69,6 +69,7 @@ class Command(BaseCommand):
         self.sweep_interval_s = sweep_interval_s
         self.name = f"{socket.gethostname()}:{os.getpid()}:scheduler"
         self.passes = 0
+        self.last_result: PassResult | None = None
         self.max_idle_pass_interval_s = max_idle_pass_interval_s
         self.idle_backoff_s = 0.0
         self.next_idle_pass = 0.0
@@ -129,6 +130,7 @@ class Command(BaseCommand):
             connection.close_if_unusable_or_obsolete()
             return False
         self.passes += 1
+        self.last_result = result
         self.log_pass(result)
         return result.placements > 0
 
@@ -146,7 +148,7 @@ class Command(BaseCommand):
             ControlPlaneServer.objects.update_or_create(
                 name=self.name,
                 defaults={"role": ControlPlaneServer.Role.SCHEDULER, "hostname": socket.gethostname(),
-                          "pid": os.getpid(), "last_seen_at": Now(), "info": {"passes": self.passes}},
+                          "pid": os.getpid(), "last_seen_at": Now(), "info": self.info()},
             )
         except Exception:
             log.exception("heartbeat failed")
@@ -189,6 +191,14 @@ class Command(BaseCommand):
         return False
 
     # --- helpers -----------------------------------------------------------------
+
+    def info(self) -> dict:
+        """What the cluster view shows about this scheduler."""
+        info: dict = {"passes": self.passes, "poll_interval_ms": round(self.poll_s * 1000)}
+        if self.last_result is not None:
+            info.update(last_pass_ms=round(self.last_result.duration_s * 1000, 1),
+                        last_placements=self.last_result.placements, pending=self.last_result.pending)
+        return info
 
     def listen(self) -> None:
         params = connection.get_connection_params()
