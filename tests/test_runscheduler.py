@@ -31,6 +31,13 @@ BASE_DIR = Path(settings.BASE_DIR)
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def queued_q_passes(monkeypatch):
+    """Submits here only queue their django-q pass: the runscheduler process must do the work
+    (and a synchronous q pass could wait on the lock a test holds)."""
+    monkeypatch.setattr(Conf, "SYNC", False)
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "condition") -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,8 +117,7 @@ def test_a_submit_wakes_the_scheduler_at_once_without_waiting_for_its_poll(acme,
     assert "stopped after" in sched.output()
 
 
-def test_a_task_submitted_during_a_pass_is_placed_by_the_next_pass(acme, servers, tmp_path, monkeypatch):
-    monkeypatch.setattr(Conf, "SYNC", False)  # the q pass is only queued: runscheduler must do it
+def test_a_task_submitted_during_a_pass_is_placed_by_the_next_pass(acme, servers, tmp_path):
     first = Task.objects.create(tenant=acme, name="first", command="true", gpu_memory_mb=10_000)
     gpu = servers[0].gpus.get(index=0)
     late: list[Task] = []
