@@ -1,7 +1,7 @@
 """``python manage.py runscheduler``: scheduling passes in a foreground loop.
 
-The loop reads like a story: heartbeat, sweep when due, run a pass when woken,
-then wait. A Postgres ``LISTEN scheduler_wake`` wakes it at once when a task is
+The loop reads like a story: run a pass when woken, heartbeat and sweep when
+due, then wait. A Postgres ``LISTEN scheduler_wake`` wakes it at once when a task is
 submitted, finishes or is cancelled (``scheduling.triggers.request_pass``);
 otherwise it wakes every ``poll_interval_ms`` and runs a pass only if tasks are
 waiting, backing off (doubling up to ``--max-idle-pass-interval-s``) while such
@@ -94,17 +94,11 @@ class Command(BaseCommand):
         next_heartbeat = next_sweep = 0.0
         woken = True  # a first pass at start catches up on anything missed while down
         while not self.stop_requested:
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                self.heartbeat_step()
-                next_heartbeat = now + settings.SCHEDULER.heartbeat_interval_s
-            if now >= next_sweep:
-                woken = self.sweep_step() or woken
-                next_sweep = now + self.sweep_interval_s
+            # The pass first: a wake-up is someone waiting for a placement.
             if woken:
                 self.idle_backoff_s, self.next_idle_pass = 0.0, 0.0
                 self.pass_step()
-            elif self.idle_pass_due(now) and self.work_waiting():
+            elif self.idle_pass_due(time.monotonic()) and self.work_waiting():
                 # Nobody woke us, yet tasks wait: GPUs may have freed up without an event
                 # (live memory reported by heartbeats, an operator's edit). Retry, backing
                 # off while such passes place nothing, so a stuck queue costs little.
@@ -114,6 +108,14 @@ class Command(BaseCommand):
                 self.next_idle_pass = time.monotonic() + self.idle_backoff_s
             if self.stop_requested:
                 break
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                self.heartbeat_step()
+                next_heartbeat = now + settings.SCHEDULER.heartbeat_interval_s
+            if now >= next_sweep:
+                # A sweep that changes something asks for a pass (NOTIFY): the wait below returns at once.
+                self.sweep_step()
+                next_sweep = now + self.sweep_interval_s
             woken = self.wait_step()
         if self.listener is not None:
             self.listener.close()
