@@ -93,3 +93,15 @@ def make_server(name: str, gpus: int = 8, memory_mb: int = 81_559, model: str = 
 @pytest.fixture
 def servers(db) -> list[Node]:
     return [make_server("gpu-01"), make_server("gpu-02")]
+
+
+@pytest.fixture
+def channel_layer_on_test_db(settings, django_db_setup):
+    """Point the Postgres channel layer at the test database, so pushes sent from
+    the test process (``portal.live``) reach subprocesses (daphne) running on it."""
+    layers = {name: {**conf, "CONFIG": dict(conf.get("CONFIG", {}))} for name, conf in settings.CHANNEL_LAYERS.items()}
+    for conf in layers.values():
+        if conf["BACKEND"].startswith("channels_postgres"):
+            conf["CONFIG"]["NAME"] = connection.settings_dict["NAME"]
+    settings.CHANNEL_LAYERS = layers
+    return layers
