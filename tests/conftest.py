@@ -104,4 +104,18 @@ def channel_layer_on_test_db(settings, django_db_setup):
         if conf["BACKEND"].startswith("channels_postgres"):
             conf["CONFIG"]["NAME"] = connection.settings_dict["NAME"]
     settings.CHANNEL_LAYERS = layers
-    return layers
+    _drop_channels_postgres_pool()  # its one pool per process may point at another database
+    yield layers
+    _drop_channels_postgres_pool()
+
+
+def _drop_channels_postgres_pool() -> None:
+    import asyncio
+    import contextlib
+
+    from channels_postgres import db as channels_db
+
+    pool, channels_db.connection_pool = channels_db.connection_pool, None
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            asyncio.run(pool.close(timeout=1))
