@@ -33,6 +33,7 @@ def _timings() -> dict[str, int]:
 
 
 class AgentView(APIView):
+    schema = None  # the agents' own API: documented in the README, kept out of the user API schema
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsAgent]
     throttle_classes = [AgentRateThrottle]
@@ -42,6 +43,7 @@ class AgentView(APIView):
 
 
 class RegisterView(APIView):
+    schema = None
     authentication_classes: list = []
     permission_classes = [AllowAny]
     throttle_classes = [RegisterRateThrottle]
