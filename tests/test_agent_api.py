@@ -187,3 +187,20 @@ def test_log_chunks_are_stored_once_per_offset(assigned_task, enrolled, servers)
     other = agent_client(make_server("gpu-09").issue_token()).post(url, chunks, format="json")
     assert other.status_code == 409
     assert TaskLogChunk.objects.count() == 2
+
+
+def test_a_task_the_agent_lost_goes_back_to_pending_and_an_oom_raises_an_alert(assigned_task, enrolled):
+    _, token = enrolled
+    client = agent_client(token)
+    url = f"{API}/tasks/{assigned_task.pk}/events"
+    client.post(url, {"event": "started", "attempt": 0}, format="json")
+    lost = client.post(url, {"event": "finished", "attempt": 0, "lost": True, "reason": "agent restarted"},
+                       format="json")
+    assert lost.json() == {"id": assigned_task.pk, "status": "pending", "attempt": 1}
+    assert assigned_task.events.filter(reason="agent restarted").exists()
+
+    Task.objects.filter(pk=assigned_task.pk).update(status=TaskStatus.RUNNING, node=enrolled[0])
+    oom = {"event": "finished", "attempt": 1, "exit_code": 1, "oom": True}
+    assert client.post(url, oom, format="json").json() == {"id": assigned_task.pk, "status": "pending", "attempt": 2}
+    assert client.post(url, oom, format="json").status_code == 409  # requeued: no longer on this server
+    assert Alert.objects.filter(kind=Alert.Kind.TASK_OOM, task=assigned_task).count() == 1
