@@ -42,10 +42,57 @@ def _send(group: str, message: dict[str, Any]) -> None:
         log.exception("push of %s to %s failed", message.get("type"), group)
 
 
+class _Batch:
+    """The messages one transaction queued; sent after commit in one event loop (one
+    ``async_to_sync`` per message costs a thread each: ~2 ms, 7x slower for a
+    pass that touches 200 servers)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+        self.sent = False
+
+    def __call__(self) -> None:
+        self.sent = True
+        _send_all(self.messages)
+
+
+def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    if len(messages) == 1:
+        _send(*messages[0])
+        return
+    layer = get_channel_layer()
+    if layer is None:
+        log.warning("no channel layer configured; dropped %d messages", len(messages))
+        return
+
+    async def send() -> None:
+        for group, message in messages:
+            try:
+                await layer.group_send(group, message)
+            except Exception:  # best effort, as in _send
+                log.exception("push of %s to %s failed", message.get("type"), group)
+
+    try:
+        async_to_sync(send)()
+    except Exception:
+        log.exception("push of %d messages failed", len(messages))
+
+
 def send_on_commit(group: str, event_type: str, payload: dict[str, Any]) -> None:
     """Queue ``{"type": event_type, **payload}`` for ``group`` after commit."""
     message = {"type": event_type, **payload}
-    transaction.on_commit(lambda: _send(group, message))
+    connection = transaction.get_connection()
+    if connection.in_atomic_block:
+        # Join the transaction's batch if it was opened at this same savepoint level
+        # (a rolled-back savepoint then drops its messages with it).
+        level = set(connection.savepoint_ids)
+        for sids, func, _robust in connection.run_on_commit:
+            if isinstance(func, _Batch) and not func.sent and sids == level:
+                func.messages.append((group, message))
+                return
+    batch = _Batch()
+    batch.messages.append((group, message))
+    transaction.on_commit(batch)
 
 
 def assignments_changed(node_ids: Iterable[int]) -> None:

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -64,6 +64,8 @@ class PassResult:
     core_s: float = 0.0
     # Placements dropped because their task left the queue (e.g. cancelled) during the pass.
     skipped: int = 0
+    # Seconds spent after commit telling agents and websockets (portal.live pushes).
+    notify_s: float = 0.0
     placed_task_ids: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -79,7 +81,8 @@ def holder_name(actor: str) -> str:
 
 _GPUS_SQL = """
 SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
-       g.utilization_pct, g.temperature_c, g.idle_since, g.loaded_models, g.cordoned, g.reserved, g.health,
+       g.utilization_pct, g.temperature_c, date_part('epoch', g.idle_since), g.loaded_models, g.cordoned,
+       g.reserved, g.health,
        coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0)
 FROM nodes_gpu g
 LEFT JOIN (
@@ -89,6 +92,8 @@ LEFT JOIN (
 ) a ON a.gpu_id = g.id
 ORDER BY g.node_id, g.index
 """
+
+# (idle_since comes as epoch seconds: parsing 8,000 timestamps from text costs more than the query.)
 
 # Tasks holding GPUs (assigned or running) with their active allocations. LEFT JOIN:
 # an active task without allocations still counts against its tenant's running limit.
@@ -180,7 +185,10 @@ def load_snapshot(now: datetime) -> _Loaded:
             node.gpus.append(GpuState(
                 id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
                 memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
-                shared_count=int(shared), utilization_pct=util, temperature_c=temp, idle_since=idle_since,
+                shared_count=int(shared), utilization_pct=util, temperature_c=temp,
+                # A GPU holding allocations is busy whatever the column still says.
+                idle_since=(datetime.fromtimestamp(idle_since, UTC)
+                            if idle_since is not None and not (exclusive or shared) else None),
                 loaded_models=_loaded_models(loaded),
                 schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
                                  or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
@@ -240,7 +248,7 @@ def load_snapshot(now: datetime) -> _Loaded:
 # --- applying -------------------------------------------------------------------------
 
 _LOCK_PLACED_SQL = """
-SELECT id FROM scheduling_task WHERE id = ANY(%s) AND status = 'pending' ORDER BY id FOR UPDATE
+SELECT id FROM scheduling_task WHERE id = ANY(%s::bigint[]) AND status = 'pending' ORDER BY id FOR UPDATE
 """
 
 _INSERT_ALLOCATIONS_SQL = """
@@ -269,6 +277,14 @@ UPDATE scheduling_task t
 SET pending_reason = v.reason, queue_position = v.position
 FROM unnest(%s::bigint[], %s::text[], %s::integer[]) AS v(id, reason, position)
 WHERE t.id = v.id AND t.status = 'pending'
+"""
+
+
+# GPU rows are also written by agent heartbeats: never wait for (or deadlock with) one.
+# A GPU skipped here gets its idle clock right in a later pass; it only feeds a score.
+_SET_IDLE_SINCE_SQL = """
+UPDATE nodes_gpu SET idle_since = %s
+WHERE id IN (SELECT id FROM nodes_gpu WHERE id = ANY(%s::bigint[]) ORDER BY id FOR UPDATE SKIP LOCKED)
 """
 
 
@@ -320,21 +336,18 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
             cursor.execute(_UPDATE_PLACED_SQL, [now, now, ids, [p.node_id for p in placements]])
             reasons = [f"placed on {len(p.gpu_ids)} GPU(s) of server {p.node_id}" for p in placements]
             cursor.execute(_INSERT_EVENTS_SQL, [actor, now, ids, reasons])
-            # The GPUs just taken are no longer idle.
-            taken = [g for g in a_gpu if g not in loaded.idle_since_null]
-            if taken:
-                cursor.execute("UPDATE nodes_gpu SET idle_since = NULL WHERE id = ANY(%s)", [taken])
             notify_nodes.update(p.node_id for p in placements)
             changed.extend((loaded.tenant_of[p.task_id], p.task_id) for p in placements)
             result.placed_task_ids = ids
         result.placements = len(placements)
 
-        # GPUs with no active allocation start their idle clock (feeds the idle-time score).
+        # A GPU never seen idle starts its idle clock here, once; afterwards releasing a GPU's
+        # last allocation restarts it (Task.release_allocations), and the snapshot shows busy
+        # GPUs as not idle, so placing never has to write GPU rows.
         placed_gpus = {g for p in placements for g in p.gpu_ids}
-        newly_idle = [g for g in loaded.idle_gpu_ids & loaded.idle_since_null if g not in placed_gpus]
-        if newly_idle:
-            cursor.execute("UPDATE nodes_gpu SET idle_since = %s WHERE id = ANY(%s) AND idle_since IS NULL",
-                           [now, newly_idle])
+        never_idle = [g for g in loaded.idle_gpu_ids & loaded.idle_since_null if g not in placed_gpus]
+        if never_idle:
+            cursor.execute(_SET_IDLE_SINCE_SQL, [now, never_idle])
 
         # Reasons and positions, written only where they changed.
         placed_ids = set(result.placed_task_ids)
@@ -394,7 +407,11 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
         # the flag again and gets its own pass; one made before it is in our snapshot.
         triggers.clear_request()
     result = PassResult()
+    committed: list[float] = []
     with transaction.atomic():
+        # First of the after-commit hooks: marks the commit, before the pushes to agents
+        # and websockets run (they are not part of the pass's duration; see notify_s).
+        transaction.on_commit(lambda: committed.append(time.perf_counter()))
         _lock_id, now = lock_scheduler()
         SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
         loaded = load_snapshot(now)
@@ -402,7 +419,11 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
         plan = decide(loaded.snapshot)
         result.core_s = time.perf_counter() - core_started
         _apply(loaded, plan, actor=actor, now=now, result=result)
-    result.duration_s = time.perf_counter() - started
+    ended = time.perf_counter()
+    # Inside an outer transaction (tests) nothing has committed yet: count it all.
+    done = committed[0] if committed else ended
+    result.duration_s = done - started
+    result.notify_s = ended - done
     return result
 
 

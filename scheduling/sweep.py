@@ -3,8 +3,9 @@
 - A server whose last heartbeat is older than ``heartbeat_timeout_s`` (database
   time; agent clocks are never trusted) goes offline: its allocations are
   released and its tasks return to pending with one more attempt while retries
-  remain, else fail with "server lost"; an operator alert is raised. Servers
-  that never sent a heartbeat are left alone (an operator set them up by hand).
+  remain, else fail with "server lost"; an operator alert is raised. Only
+  active and draining servers are swept: one in maintenance stays as the
+  operator set it, and one that never sent a heartbeat was set up by hand.
 - A task assigned but not started within ``assign_grace_s`` returns to pending.
 - A running task past its ``timeout_s`` becomes timed_out and its agent is told
   to kill it.
@@ -39,7 +40,7 @@ SWEEP_SCHEDULE_NAME = "scheduler sweep"
 
 _LOST_NODES = """
 SELECT id FROM nodes_node
-WHERE status <> 'offline' AND last_heartbeat_at < now() - make_interval(secs => %s)
+WHERE status IN ('active', 'draining') AND last_heartbeat_at < now() - make_interval(secs => %s)
 """
 _STALE_ASSIGNED = """
 SELECT id FROM scheduling_task
@@ -90,7 +91,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
         lock_scheduler()
 
         lost = list(Node.objects.select_for_update()
-                    .exclude(status=NodeStatus.OFFLINE)
+                    .filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING))
                     .filter(last_heartbeat_at__lt=Now() - timedelta(seconds=timeout)).order_by("pk"))
         for node in lost:
             reason = f"server {node.name} lost (no heartbeat for {timeout} s)"

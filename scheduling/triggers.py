@@ -88,9 +88,11 @@ def clear_request() -> bool:
 
 def request_pass(reason: str) -> None:
     if connection.in_atomic_block:
-        # Coalesce: one wake-up per transaction however many changes it made.
-        for _sids, func, _robust in connection.run_on_commit:
-            if isinstance(func, _PendingWake) and not func.sent:
+        # Coalesce: one wake-up per transaction however many changes it made (joined only
+        # at the same savepoint level, so a rolled-back savepoint takes its own along).
+        level = set(connection.savepoint_ids)
+        for sids, func, _robust in connection.run_on_commit:
+            if isinstance(func, _PendingWake) and not func.sent and sids == level:
                 func.reasons.append(reason)
                 return
     # robust: the change is committed already; a failed wake-up is logged, and the

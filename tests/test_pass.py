@@ -201,3 +201,51 @@ def test_the_number_of_queries_of_a_pass_does_not_grow_with_the_cluster(acme, se
 
     assert result.placements == servers_count
     assert Allocation.objects.filter(released_at__isnull=True).count() == 3 * servers_count
+
+
+def test_after_an_oom_the_retry_is_placed_with_the_raised_model_estimate(acme, servers):
+    from scheduling import lifecycle
+
+    task = submit(acme, "infer", model_name="deepseek-7b", gpu_memory_mb=20_000, max_retries=2)
+    assert run_pass().placements == 1  # the real placement core
+    task.refresh_from_db()
+    lifecycle.report_started(task.pk, node_id=task.node_id, actor="agent")
+    lifecycle.report_finished(task.pk, node_id=task.node_id, exit_code=1, oom=True, actor="agent")
+
+    assert run_pass().placements == 1
+
+    task.refresh_from_db()
+    assert (task.status, task.attempt, task.gpu_memory_mb) == (TaskStatus.ASSIGNED, 1, None)
+    assert Allocation.objects.get(task=task, released_at__isnull=True).memory_mb == 24_000
+
+
+def test_releasing_the_last_allocation_of_a_gpu_starts_its_idle_clock(acme, servers):
+    node = servers[0]
+    (g0,) = gpu_ids(node, 0)
+    first = submit(acme, "a", status=TaskStatus.RUNNING, node=node)
+    second = submit(acme, "b", status=TaskStatus.RUNNING, node=node)
+    for task in (first, second):
+        Allocation.objects.create(task=task, gpu_id=g0, node=node, memory_mb=1000, exclusive=False)
+
+    first.finish(exit_code=0, actor="agent")
+    assert GPU.objects.get(pk=g0).idle_since is None  # the second task still holds it
+    second.finish(exit_code=0, actor="agent")
+
+    assert GPU.objects.get(pk=g0).idle_since is not None
+    recorder = Recorder()
+    run_pass(schedule=recorder)
+    states = {g.id: g for n in recorder.snapshot.nodes for g in n.gpus}
+    assert states[g0].idle_since == GPU.objects.get(pk=g0).idle_since
+
+
+def test_a_busy_gpu_is_never_shown_as_idle(acme, servers):
+    node = servers[0]
+    (g0,) = gpu_ids(node, 0)
+    GPU.objects.filter(pk=g0).update(idle_since=timezone.now() - timedelta(hours=2))
+    task = submit(acme, status=TaskStatus.RUNNING, node=node)
+    Allocation.objects.create(task=task, gpu_id=g0, node=node, memory_mb=1000)
+    recorder = Recorder()
+
+    run_pass(schedule=recorder)
+
+    assert {g.id: g for n in recorder.snapshot.nodes for g in n.gpus}[g0].idle_since is None

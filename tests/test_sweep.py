@@ -103,3 +103,16 @@ def test_the_minute_sweep_schedule_is_registered_once(db):
     schedule = Schedule.objects.get(name=SWEEP_SCHEDULE_NAME)
     assert (schedule.func, schedule.schedule_type, schedule.minutes) == ("scheduling.sweep.sweep_task", "I", 1)
     assert Schedule.objects.filter(name=SWEEP_SCHEDULE_NAME).count() == 1
+
+
+def test_a_server_in_maintenance_is_left_as_the_operator_set_it(acme, servers):
+    node = servers[0]
+    node.status = NodeStatus.MAINTENANCE
+    node.save()
+    heard_from(node, 300)
+
+    assert not sweep()
+
+    node.refresh_from_db()
+    assert node.status == NodeStatus.MAINTENANCE
+    assert not Alert.objects.exists()
