@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F, Func
 from rest_framework import status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -126,10 +127,20 @@ class LogChunksView(AgentView):
             if task.node_id != request.auth.pk:
                 return Response({"detail": f"task {task_id} is not assigned to this server"},
                                 status=status.HTTP_409_CONFLICT)
+            chunks = serializer.validated_data["chunks"]
             # Retried chunks hit the (task, attempt, offset) unique constraint and are skipped.
             TaskLogChunk.objects.bulk_create(
                 [TaskLogChunk(task_id=task_id, attempt=c["attempt"], offset=c["offset"], data=c["data"])
-                 for c in serializer.validated_data["chunks"]],
+                 for c in chunks],
                 ignore_conflicts=True,
             )
-        return Response({"stored": len(serializer.validated_data["chunks"])})
+            # Where each stored chunk ends, in bytes of the agent's file: an agent that
+            # crashed after shipping a chunk but before noting it may resend from the same
+            # offset with more text, and must continue from the end of what is stored.
+            stored = (TaskLogChunk.objects
+                      .filter(task_id=task_id, attempt__in={c["attempt"] for c in chunks},
+                              offset__in={c["offset"] for c in chunks})
+                      .annotate(size=Func(F("data"), function="octet_length"))
+                      .values_list("attempt", "offset", "size"))
+            ends = {f"{attempt}:{offset}": offset + size for attempt, offset, size in stored}
+        return Response({"stored": len(chunks), "ends": ends})
