@@ -2,4 +2,10 @@
 
 from __future__ import annotations
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from nodes.consumers import AgentConsumer
+
+websocket_urlpatterns: list = [
+    path("ws/agent/v1/", AgentConsumer.as_asgi()),
+]

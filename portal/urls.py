@@ -12,6 +12,7 @@ admin.site.index_title = "Operations"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("api/agent/v1/", include("nodes.api.urls")),
     path("", include("django_prometheus.urls")),
 ]
 

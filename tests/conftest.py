@@ -93,3 +93,34 @@ def make_server(name: str, gpus: int = 8, memory_mb: int = 81_559, model: str = 
 @pytest.fixture
 def servers(db) -> list[Node]:
     return [make_server("gpu-01"), make_server("gpu-02")]
+
+
+@pytest.fixture
+def channel_layer_on_test_db(settings, django_db_setup):
+    """Point the Postgres channel layer at the test database, so pushes sent from
+    the test process (``portal.live``) reach subprocesses (daphne) running on it."""
+    layers = {name: {**conf, "CONFIG": dict(conf.get("CONFIG", {}))} for name, conf in settings.CHANNEL_LAYERS.items()}
+    for conf in layers.values():
+        if conf["BACKEND"].startswith("channels_postgres"):
+            conf["CONFIG"]["NAME"] = connection.settings_dict["NAME"]
+    settings.CHANNEL_LAYERS = layers
+    _drop_channels_postgres_pool()  # its one pool per process may point at another database
+    yield layers
+    _drop_channels_postgres_pool()
+
+
+def _drop_channels_postgres_pool() -> None:
+    import asyncio
+    import contextlib
+
+    from channels_postgres import db as channels_db
+
+    pool, channels_db.connection_pool = channels_db.connection_pool, None
+    if pool is not None:
+        # The pool belongs to an event loop async_to_sync has closed: hang up its idle
+        # connections at the libpq level, or they keep the test database busy.
+        for conn in list(getattr(pool, "_pool", [])):
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+        with contextlib.suppress(Exception):
+            asyncio.run(pool.close(timeout=1))
