@@ -1,9 +1,17 @@
 """The one place that pushes live updates to websockets and agents.
 
 Everything is sent after the surrounding transaction commits, so nobody sees a
-decision that was rolled back, and a batch of changes becomes one message per
-group (per node, per tenant), never one per row. Consumers join the groups
-named by the helpers below and receive high-level events to format themselves.
+decision that was rolled back. Pushes are coalesced at two levels:
+
+* here, per transaction: every call inside one transaction merges into one
+  outbox, which sends one message per (group, event type) after commit, with
+  the union of the ids (a scheduler pass that places 500 tasks sends one
+  ``tasks.changed`` per tenant, not 500);
+* in the consumers (``portal.consumers``), per viewer: events arriving closer
+  together than ``LIVE_MIN_INTERVAL_S`` are merged into one screen update.
+
+Consumers join the groups named by the helpers below and receive high-level
+events (ids of what changed) that they format themselves from the database.
 """
 
 from __future__ import annotations
@@ -42,10 +50,71 @@ def _send(group: str, message: dict[str, Any]) -> None:
         log.exception("push of %s to %s failed", message.get("type"), group)
 
 
+class _Outbox:
+    """What one transaction will push after it commits, merged by (group, type).
+
+    Registered once per transaction (and savepoint level) with ``on_commit``; it
+    lives in Django's list of commit hooks, so a rolled-back savepoint or
+    transaction discards it together with everything merged into it.
+    """
+
+    def __init__(self) -> None:
+        # (group, type) -> {"ids key": set of ids} or a plain payload (last one wins)
+        self.ids: dict[tuple[str, str], tuple[str, set[int]]] = {}
+        self.plain: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def add_ids(self, group: str, event_type: str, key: str, ids: Iterable[int]) -> None:
+        _, bucket = self.ids.setdefault((group, event_type), (key, set()))
+        bucket.update(ids)
+
+    def add_plain(self, group: str, event_type: str, payload: dict[str, Any]) -> None:
+        self.plain[(group, event_type)] = payload
+
+    def __call__(self) -> None:
+        for (group, event_type), (key, ids) in self.ids.items():
+            _send(group, {"type": event_type, key: sorted(ids)})
+        for (group, event_type), payload in self.plain.items():
+            _send(group, {"type": event_type, **payload})
+
+
+def _outbox() -> _Outbox | None:
+    """The current transaction's outbox (made on first use), or None in autocommit."""
+    conn = transaction.get_connection()
+    if not conn.in_atomic_block:
+        return None
+    # One outbox per savepoint level, so a rolled-back savepoint takes exactly its
+    # own changes with it (the common case, one level, is one outbox).
+    level = set(conn.savepoint_ids)
+    for sids, func, _robust in reversed(conn.run_on_commit):
+        if isinstance(func, _Outbox) and sids == level:
+            return func
+    box = _Outbox()
+    transaction.on_commit(box, robust=True)
+    return box
+
+
+def _push_ids(group: str, event_type: str, key: str, ids: Iterable[int]) -> None:
+    ids = sorted(set(ids))
+    if not ids:
+        return
+    box = _outbox()
+    if box is None:
+        _send(group, {"type": event_type, key: ids})
+    else:
+        box.add_ids(group, event_type, key, ids)
+
+
 def send_on_commit(group: str, event_type: str, payload: dict[str, Any]) -> None:
-    """Queue ``{"type": event_type, **payload}`` for ``group`` after commit."""
-    message = {"type": event_type, **payload}
-    transaction.on_commit(lambda: _send(group, message))
+    """Queue ``{"type": event_type, **payload}`` for ``group`` after commit.
+
+    Within one transaction a later payload for the same group and type replaces
+    an earlier one; use the helpers below for id lists, which are merged.
+    """
+    box = _outbox()
+    if box is None:
+        _send(group, {"type": event_type, **payload})
+    else:
+        box.add_plain(group, event_type, payload)
 
 
 def assignments_changed(node_ids: Iterable[int]) -> None:
@@ -60,14 +129,10 @@ def tasks_changed(tasks: Iterable[tuple[int, int]]) -> None:
     for tenant_id, task_id in tasks:
         by_tenant.setdefault(tenant_id, set()).add(task_id)
     for tenant_id, ids in by_tenant.items():
-        send_on_commit(tenant_group(tenant_id), "tasks.changed", {"task_ids": sorted(ids)})
-    if by_tenant:
-        all_ids = sorted(i for ids in by_tenant.values() for i in ids)
-        send_on_commit(STAFF_GROUP, "tasks.changed", {"task_ids": all_ids})
+        _push_ids(tenant_group(tenant_id), "tasks.changed", "task_ids", ids)
+    _push_ids(STAFF_GROUP, "tasks.changed", "task_ids", (i for ids in by_tenant.values() for i in ids))
 
 
 def gpus_changed(node_ids: Iterable[int]) -> None:
     """GPU metrics or state of these servers changed (heartbeat, cordon, allocation)."""
-    ids = sorted(set(node_ids))
-    if ids:
-        send_on_commit(STAFF_GROUP, "gpus.changed", {"node_ids": ids})
+    _push_ids(STAFF_GROUP, "gpus.changed", "node_ids", node_ids)

@@ -147,6 +147,9 @@ else:
         }
     }
 
+# Live pages: a viewer gets at most one frame per this many ms (bursts are merged).
+LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
+
 # --- django-q2 (ORM broker on the same PostgreSQL) --------------------------------
 Q_CLUSTER = {
     "name": "gpu-portal",
@@ -204,7 +207,11 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # It warns on every push to a group nobody is watching: normal here.
+        "channels_postgres": {"level": "ERROR"},
+    },
 }
 
 # --- Scheduler policy (PORTAL_CONFIG YAML, seeds' defaults) ---------------------------

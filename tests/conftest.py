@@ -93,3 +93,22 @@ def make_server(name: str, gpus: int = 8, memory_mb: int = 81_559, model: str = 
 @pytest.fixture
 def servers(db) -> list[Node]:
     return [make_server("gpu-01"), make_server("gpu-02")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _in_process_channel_layer():
+    """Inside the test process pushes go through an in-memory layer (consumer tests
+    run in this process); real layers (Postgres, Redis) are exercised by tests that
+    start daphne subprocesses, which build theirs from DATABASE_URL / REDIS_URL."""
+    from django.conf import settings
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    reset_channel_layer()
+    yield
+
+
+def reset_channel_layer() -> None:
+    """Forget the process's channel layer, so the next use builds a fresh one."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
