@@ -150,6 +150,9 @@ else:
 # Live pages: a viewer gets at most one frame per this many ms (bursts are merged).
 LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
 
+# Alerts (server lost, GPU error, task OOM) are also POSTed here as JSON, after commit.
+ALERT_WEBHOOK_URL = envstr("ALERT_WEBHOOK_URL")
+
 # --- django-q2 (ORM broker on the same PostgreSQL) --------------------------------
 Q_CLUSTER = {
     "name": "gpu-portal",
