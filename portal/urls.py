@@ -5,11 +5,14 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.static import serve
 
+from portal.admin_views import cluster_overview
+
 admin.site.site_header = "GPU allocation portal"
 admin.site.site_title = "GPU portal admin"
 admin.site.index_title = "Operations"
 
 urlpatterns = [
+    path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("django_prometheus.urls")),
