@@ -6,7 +6,7 @@ decision that was rolled back. Pushes are coalesced at two levels:
 * here, per transaction: every call inside one transaction merges into one
   outbox, which sends one message per (group, event type) after commit, with
   the union of the ids (a scheduler pass that places 500 tasks sends one
-  ``tasks.changed`` per tenant, not 500);
+  ``tasks.changed`` per tenant, not 500), all in one event loop;
 * in the consumers (``portal.consumers``), per viewer: events arriving closer
   together than ``LIVE_MIN_INTERVAL_S`` are merged into one screen update.
 
@@ -50,31 +50,62 @@ def _send(group: str, message: dict[str, Any]) -> None:
         log.exception("push of %s to %s failed", message.get("type"), group)
 
 
+def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Send several messages in one event loop (one ``async_to_sync`` per message
+    costs a thread each: ~2 ms, 7x slower for a pass that touches 200 servers)."""
+    if len(messages) == 1:
+        _send(*messages[0])
+        return
+    layer = get_channel_layer()
+    if layer is None:
+        log.warning("no channel layer configured; dropped %d messages", len(messages))
+        return
+
+    async def send() -> None:
+        for group, message in messages:
+            try:
+                await layer.group_send(group, message)
+            except Exception:  # best effort, as in _send
+                log.exception("push of %s to %s failed", message.get("type"), group)
+
+    try:
+        async_to_sync(send)()
+    except Exception:
+        log.exception("push of %d messages failed", len(messages))
+
+
 class _Outbox:
     """What one transaction will push after it commits, merged by (group, type).
 
     Registered once per transaction (and savepoint level) with ``on_commit``; it
     lives in Django's list of commit hooks, so a rolled-back savepoint or
-    transaction discards it together with everything merged into it.
+    transaction discards it together with everything merged into it. After
+    commit its messages leave together, in first-queued order.
     """
 
     def __init__(self) -> None:
-        # (group, type) -> {"ids key": set of ids} or a plain payload (last one wins)
-        self.ids: dict[tuple[str, str], tuple[str, set[int]]] = {}
-        self.plain: dict[tuple[str, str], dict[str, Any]] = {}
+        # (group, type) -> ("ids", key, set of ids) | ("plain", payload); dicts keep insertion order
+        self.entries: dict[tuple[str, str], tuple[str, Any, Any]] = {}
+        self.sent = False
 
     def add_ids(self, group: str, event_type: str, key: str, ids: Iterable[int]) -> None:
-        _, bucket = self.ids.setdefault((group, event_type), (key, set()))
-        bucket.update(ids)
+        entry = self.entries.get((group, event_type))
+        if entry is None or entry[0] != "ids":
+            entry = self.entries[(group, event_type)] = ("ids", key, set())
+        entry[2].update(ids)
 
     def add_plain(self, group: str, event_type: str, payload: dict[str, Any]) -> None:
-        self.plain[(group, event_type)] = payload
+        self.entries[(group, event_type)] = ("plain", payload, None)
+
+    def messages(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for (group, event_type), (kind, a, b) in self.entries.items():
+            out.append((group, {"type": event_type, a: sorted(b)} if kind == "ids" else {"type": event_type, **a}))
+        return out
 
     def __call__(self) -> None:
-        for (group, event_type), (key, ids) in self.ids.items():
-            _send(group, {"type": event_type, key: sorted(ids)})
-        for (group, event_type), payload in self.plain.items():
-            _send(group, {"type": event_type, **payload})
+        self.sent = True
+        _send_all(self.messages())
 
 
 def _outbox() -> _Outbox | None:
@@ -86,7 +117,7 @@ def _outbox() -> _Outbox | None:
     # own changes with it (the common case, one level, is one outbox).
     level = set(conn.savepoint_ids)
     for sids, func, _robust in reversed(conn.run_on_commit):
-        if isinstance(func, _Outbox) and sids == level:
+        if isinstance(func, _Outbox) and not func.sent and sids == level:
             return func
     box = _Outbox()
     transaction.on_commit(box, robust=True)
@@ -99,7 +130,7 @@ def _push_ids(group: str, event_type: str, key: str, ids: Iterable[int]) -> None
         return
     box = _outbox()
     if box is None:
-        _send(group, {"type": event_type, key: ids})
+        _send_all([(group, {"type": event_type, key: ids})])
     else:
         box.add_ids(group, event_type, key, ids)
 
@@ -112,7 +143,7 @@ def send_on_commit(group: str, event_type: str, payload: dict[str, Any]) -> None
     """
     box = _outbox()
     if box is None:
-        _send(group, {"type": event_type, **payload})
+        _send_all([(group, {"type": event_type, **payload})])
     else:
         box.add_plain(group, event_type, payload)
 

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.contrib.postgres.constraints import ExclusionConstraint
 from django.contrib.postgres.fields import RangeOperators
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import connection, models
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -28,6 +28,17 @@ from scheduling.choices import (
 
 class InvalidTransition(ValidationError):
     pass
+
+
+_START_IDLE_CLOCK_SQL = """
+UPDATE nodes_gpu SET idle_since = %s
+WHERE id IN (
+    SELECT g.id FROM nodes_gpu g
+    WHERE g.id = ANY(%s::bigint[])
+      AND NOT EXISTS (SELECT 1 FROM scheduling_allocation a WHERE a.gpu_id = g.id AND a.released_at IS NULL)
+    ORDER BY g.id FOR UPDATE SKIP LOCKED
+)
+"""
 
 
 def _default_max_retries() -> int:
@@ -130,7 +141,17 @@ class Task(models.Model):
         return event
 
     def release_allocations(self) -> int:
-        return self.allocations.filter(released_at__isnull=True).update(released_at=timezone.now())
+        now = timezone.now()
+        active = self.allocations.filter(released_at__isnull=True)
+        gpu_ids = list(active.values_list("gpu_id", flat=True))
+        released = active.update(released_at=now)
+        if gpu_ids:
+            # Start the idle clock (the idle-time score) of GPUs nobody holds any more, here
+            # rather than in the pass, to keep GPU row writes out of the scheduler lock.
+            # SKIP LOCKED: never wait for an agent heartbeat writing the same GPU row.
+            with connection.cursor() as cursor:
+                cursor.execute(_START_IDLE_CLOCK_SQL, [now, gpu_ids])
+        return released
 
     def mark_running(self, *, actor: str) -> TaskEvent:
         return self.transition(TaskStatus.RUNNING, actor=actor, reason="process started")
@@ -281,6 +302,12 @@ class SchedulerLock(models.Model):
     name = models.CharField(max_length=50, unique=True)
     holder = models.CharField(max_length=200, blank=True)
     acquired_at = models.DateTimeField(null=True, blank=True)
+    # Used on the separate "wake" row (never on the locked "scheduler" row, so that
+    # flipping it never waits for a running pass): set by the first request_pass
+    # after a pass started, cleared by the next pass as it starts. Only the request
+    # that flips it enqueues a django-q pass, so a burst of submits queues one pass.
+    pass_requested = models.BooleanField(default=False)
+    requested_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return self.name

@@ -51,7 +51,7 @@ def _wait_for(predicate, timeout: float = 10.0) -> None:
 def test_an_alert_is_stored_pushed_and_posted_to_the_webhook_after_commit(servers, webhook, monkeypatch,
                                                                          django_capture_on_commit_callbacks):
     pushed: list = []
-    monkeypatch.setattr(live, "_send", lambda group, message: pushed.append((group, message)))
+    monkeypatch.setattr(live, "_send_all", pushed.extend)
     with django_capture_on_commit_callbacks(execute=True):
         alert = raise_alert("server_lost", "gpu-01 missed 3 heartbeats", node=servers[0])
         assert webhook == [] and pushed == []  # nothing leaves before commit

@@ -14,6 +14,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from nodes.models import Node
+from portal.models import ControlPlaneServer
 from tenants.models import Tenant
 from tests.conftest import free_port, subprocess_env
 
@@ -62,6 +63,11 @@ def test_devrun_serves_the_admin_and_prints_the_admin_password_once():
         assert Tenant.objects.filter(slug="demo", quota__isnull=False).exists()
         assert sorted(Node.objects.values_list("name", flat=True)) == ["demo-gpu-01", "demo-gpu-02"]
         assert all(n.gpus.count() == 8 for n in Node.objects.all())
+        # The scheduler loop runs too: it registers itself with a heartbeat.
+        deadline = time.monotonic() + 30
+        while not ControlPlaneServer.objects.filter(role="scheduler").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ControlPlaneServer.objects.filter(role="scheduler").exists()
     finally:
         assert _stop(proc) == 0
 

@@ -15,7 +15,7 @@ from scheduling.models import Allocation, Task, TaskEvent
 @pytest.fixture
 def pushed(monkeypatch):
     sent: list[tuple[str, dict]] = []
-    monkeypatch.setattr(live, "_send", lambda group, message: sent.append((group, message)))
+    monkeypatch.setattr(live, "_send_all", sent.extend)
     return sent
 
 

@@ -221,7 +221,7 @@ def test_a_burst_of_changes_reaches_a_viewer_as_a_few_frames(staff, servers, set
 
 def test_commits_in_one_transaction_become_one_message_per_group(acme, globex, monkeypatch):
     sent: list[tuple[str, dict]] = []
-    monkeypatch.setattr(live, "_send", lambda group, message: sent.append((group, message)))
+    monkeypatch.setattr(live, "_send_all", sent.extend)
     with transaction.atomic():
         for i in range(50):
             live.tasks_changed([(acme.pk, i), (globex.pk, 1000 + i)])
@@ -237,7 +237,7 @@ def test_commits_in_one_transaction_become_one_message_per_group(acme, globex, m
 
 def test_a_rolled_back_transaction_pushes_nothing(acme, monkeypatch):
     sent: list = []
-    monkeypatch.setattr(live, "_send", lambda group, message: sent.append((group, message)))
+    monkeypatch.setattr(live, "_send_all", sent.extend)
     with pytest.raises(RuntimeError), transaction.atomic():
         live.tasks_changed([(acme.pk, 1)])
         raise RuntimeError("boom")
@@ -252,7 +252,7 @@ def test_a_rolled_back_transaction_pushes_nothing(acme, monkeypatch):
 
 def test_pushes_outside_a_transaction_go_at_once(acme, monkeypatch):
     sent: list = []
-    monkeypatch.setattr(live, "_send", lambda group, message: sent.append((group, message)))
+    monkeypatch.setattr(live, "_send_all", sent.extend)
     live.assignments_changed([3, 3])
     assert sent == [("node-3", {"type": "assignments.changed", "node_id": 3})]
 

@@ -2,7 +2,7 @@
 
 Migrates, makes sure an admin exists (a generated password, printed once),
 seeds the demo data, then starts and supervises the processes: the daphne web
-server (later: scheduler, q workers and simulated GPU agents). Ctrl-C or
+server, the scheduler (runscheduler), the django-q2 cluster (later: simulated GPU agents). Ctrl-C or
 SIGTERM stops them all, and the embedded PostgreSQL if this run started it.
 """
 
@@ -86,7 +86,12 @@ class Command(BaseCommand):
         ]
 
     def _extra_processes(self, python: str, manage: str, host: str, port: int) -> list[tuple[str, list[str]]]:
-        return []
+        return [
+            # Passes woken by LISTEN/NOTIFY, plus the every-second sweep.
+            ("scheduler", [python, manage, "runscheduler"]),
+            # django-q2 workers: event-triggered passes and the every-minute sweep schedule.
+            ("qcluster", [python, manage, "qcluster"]),
+        ]
 
     def _ensure_admin(self) -> None:
         User = get_user_model()

@@ -1,0 +1,182 @@
+"""Placement-core benchmark: per-task decision time of ``scheduling.core.schedule``.
+
+    .venv/bin/python bench/core.py [--quick] [--tasks N] [--strategy binpack|spread]
+
+Builds synthetic snapshots (200 x 8 = 1,600 GPUs and 1,000 x 8 = 8,000 GPUs; mixed GPU
+models, some servers labelled, a third of the GPUs already busy; pending tasks of 1/2/4/8
+GPUs, four priorities, several tenants, online and batch, some shared, some with a model
+or constraints), runs one pass and prints the decision time per task (median and p99,
+µs). No database: this measures the core alone; ``bench/scheduler.py`` measures passes
+end to end and reuses ``build_snapshot`` from here. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+
+from portal.config import SchedulerConfig
+from scheduling.core import schedule_timed
+from scheduling.core_types import (
+    GpuState,
+    NodeState,
+    PendingTask,
+    RunningTask,
+    Snapshot,
+    TenantState,
+)
+
+GPU_MODELS = (  # (name, memory MB, weight)
+    ("NVIDIA H100 80GB HBM3", 81_559, 6),
+    ("NVIDIA A100-SXM4-40GB", 40_960, 3),
+    ("NVIDIA L40S", 46_068, 1),
+)
+SIZES = (1, 1, 1, 1, 2, 2, 4, 8)
+MEMORIES = (None, 8_000, 8_000, 16_000, 16_000, 24_000, 30_000, 38_000, 70_000)
+LLM_MODELS = ("deepseek-7b", "llama-3-8b", "qwen2-7b", "mistral-7b")
+TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
+
+
+def build_snapshot(servers: int = 200, gpus_per_server: int = 8, tasks: int = 3000, *, seed: int = 1,
+                   busy_fraction: float = 0.3, config: SchedulerConfig | None = None,
+                   now: datetime | None = None) -> Snapshot:
+    """A synthetic cluster with some GPUs busy and a mixed pending queue; deterministic per seed."""
+    rnd = random.Random(seed)
+    now = now or datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    config = config or SchedulerConfig()
+    names = [m for m, _, w in GPU_MODELS for _ in range(w)]
+    memory_of = {m: mem for m, mem, _ in GPU_MODELS}
+    nodes: list[NodeState] = []
+    gid = 1
+    for n in range(1, servers + 1):
+        model = rnd.choice(names)
+        labels = {"zone": "abcd"[n % 4]}
+        if n % 5 == 0:
+            labels["ib"] = "true"
+        gpus = []
+        for i in range(gpus_per_server):
+            gpus.append(GpuState(
+                id=gid, node_id=n, index=i, uuid=f"GPU-{n:04d}-{i}", model_name=model,
+                memory_total_mb=memory_of[model], memory_used_live_mb=rnd.choice((0, 0, 0, 300)),
+                memory_claimed_mb=0, exclusive_taken=False, shared_count=0,
+                utilization_pct=rnd.randint(0, 30), temperature_c=rnd.randint(30, 60),
+                idle_since=now - timedelta(seconds=rnd.randint(0, 7200)),
+                loaded_models=({rnd.choice(LLM_MODELS): now} if rnd.random() < 0.3 else {}),
+                schedulable=rnd.random() > 0.01,
+            ))
+            gid += 1
+        nodes.append(NodeState(id=n, name=f"gpu-{n:04d}", labels=labels, schedulable=rnd.random() > 0.02,
+                               gpus=gpus))
+
+    tenants = {
+        t: TenantState(id=t, slug=slug, max_gpus=servers * gpus_per_server // 3,
+                       max_gpu_memory_mb=servers * gpus_per_server * 30_000, max_running_tasks=tasks,
+                       used_gpus=0, used_gpu_memory_mb=0, running_tasks=0)
+        for t, slug in enumerate(TENANTS, start=1)
+    }
+    # A third of the GPUs held by running tasks (whole-GPU and shared), ending over the next hours.
+    running: list[RunningTask] = []
+    rid = 10_000_000
+    for node in nodes:
+        i = 0
+        while i < gpus_per_server and rnd.random() < busy_fraction * 1.5:
+            size = min(rnd.choice((1, 1, 2, 4)), gpus_per_server - i)
+            held = node.gpus[i:i + size]
+            exclusive = rnd.random() < 0.8
+            mem = rnd.choice((8_000, 16_000)) if not exclusive else rnd.choice((16_000, 30_000))
+            for g in held:
+                g.memory_claimed_mb += mem
+                g.memory_used_live_mb += mem
+                g.exclusive_taken = g.exclusive_taken or exclusive
+                g.shared_count += 0 if exclusive else 1
+            t = rnd.randint(1, len(TENANTS))
+            running.append(RunningTask(
+                id=rid, tenant_id=t, priority=rnd.randint(0, 3), workload_class=rnd.choice(("online", "batch")),
+                node_id=node.id, gpu_ids=tuple(g.id for g in held), memory_mb=mem, exclusive=exclusive,
+                expected_end=now + timedelta(seconds=rnd.randint(60, 4 * 3600)),
+            ))
+            tenants[t].used_gpus += size
+            tenants[t].used_gpu_memory_mb += size * mem
+            tenants[t].running_tasks += 1
+            rid += 1
+            i += size
+
+    pending = []
+    for tid in range(1, tasks + 1):
+        pending.append(PendingTask(
+            id=tid, tenant_id=rnd.randint(1, len(TENANTS)), priority=rnd.choice((0, 1, 1, 1, 2, 2, 3)),
+            created_at=now - timedelta(seconds=rnd.randint(0, 3600), microseconds=tid),
+            gpu_count=rnd.choice(SIZES), memory_mb=rnd.choice(MEMORIES), exclusive=rnd.random() < 0.85,
+            workload_class=rnd.choice(("online", "batch", "batch")),
+            timeout_s=rnd.choice((600, 1800, 3600, 3600, 7200, 86_400)),
+            model_name=rnd.choice(LLM_MODELS) if rnd.random() < 0.3 else "",
+            node_selector={"zone": "abcd"[tid % 4]} if rnd.random() < 0.05 else {},
+            gpu_model=("H100" if rnd.random() < 0.5 else "A100") if rnd.random() < 0.05 else "",
+        ))
+    return Snapshot(now=now, config=config, nodes=nodes, tenants=tenants, running=running, pending=pending)
+
+
+def measure(servers: int, tasks: int, repeat: int, config: SchedulerConfig) -> dict:
+    per_task: list[float] = []
+    passes: list[float] = []
+    placed = 0
+    for r in range(repeat):
+        snap = build_snapshot(servers, 8, tasks, seed=r + 1, config=config)
+        t0 = time.perf_counter()
+        plan, timings = schedule_timed(snap)
+        passes.append(time.perf_counter() - t0)
+        per_task.extend(timings)
+        placed = len(plan.placements)
+    per_task.sort()
+    us = [t * 1e6 for t in per_task]
+    return {
+        "gpus": servers * 8,
+        "tasks": tasks,
+        "placed": placed,
+        "decision_us_median": round(statistics.median(us), 2),
+        "decision_us_p99": round(us[min(len(us) - 1, int(len(us) * 0.99))], 2),
+        "decision_us_mean": round(statistics.fmean(us), 2),
+        "core_pass_ms": round(statistics.median(passes) * 1e3, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one pass per size instead of three")
+    parser.add_argument("--tasks", type=int, default=0, help="pending tasks (default 3,000 and 10,000)")
+    parser.add_argument("--strategy", choices=("binpack", "spread"), default="binpack")
+    parser.add_argument("--no-backfill", action="store_true")
+    parser.add_argument("--preemption", action="store_true",
+                        help="also let CRITICAL preempt and classes borrow (both off by default)")
+    args = parser.parse_args()
+    config = dataclasses.replace(SchedulerConfig(), strategy=args.strategy, backfill=not args.no_backfill)
+    if args.preemption:
+        config = dataclasses.replace(config, preemption=("CRITICAL",), allow_borrowing=True)
+    repeat = 1 if args.quick else 3
+    results = []
+    for servers, tasks in ((200, args.tasks or 3000), (1000, args.tasks or 10_000)):
+        res = measure(servers, tasks, repeat, config)
+        results.append(res)
+        print(f"{res['gpus']:>5} GPUs, {res['tasks']:>6} pending: placed {res['placed']:>5}, "
+              f"decision median {res['decision_us_median']:>6.2f} µs, p99 {res['decision_us_p99']:>7.2f} µs, "
+              f"mean {res['decision_us_mean']:>6.2f} µs, core pass {res['core_pass_ms']:>8.2f} ms")
+    head = results[0]
+    print(json.dumps({
+        "decision_us_median": head["decision_us_median"], "decision_us_p99": head["decision_us_p99"],
+        "gpus": head["gpus"], "tasks": head["tasks"], "sizes": results,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Hypothesis properties of the placement core: whatever the cluster and the queue, the plan is safe."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scheduling.core import queue_order, schedule
+from scheduling.core_types import NodeState
+from tests.core_factory import gpu, occupy, snapshot, task, tenant
+
+MODELS = ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA L4")
+TOTALS = {MODELS[0]: 80_000, MODELS[1]: 40_000, MODELS[2]: 24_000}
+MEMORIES = (None, 0, 4_000, 4_000, 10_000, 10_000, 20_000, 38_000, 60_000)
+
+
+@st.composite
+def scenarios(draw):
+    nodes = []
+    for n in range(1, draw(st.integers(1, 4)) + 1):
+        model = draw(st.sampled_from(MODELS))
+        count = draw(st.sampled_from((1, 2, 4, 8, 8)))
+        labels = {"zone": draw(st.sampled_from("ab"))}
+        gpus = [gpu(n, i, total=TOTALS[model], model=model, util=draw(st.integers(0, 100)),
+                    temp=draw(st.integers(20, 90)), live=draw(st.sampled_from((0, 0, 500, 30_000))),
+                    loaded=tuple(draw(st.lists(st.sampled_from(("m1", "m2", "m3")), max_size=2, unique=True))),
+                    schedulable=draw(st.integers(0, 9)) > 0)
+                for i in range(count)]
+        nodes.append(NodeState(id=n, name=f"gpu-{n}", labels=labels, schedulable=draw(st.integers(0, 5)) > 0,
+                               gpus=gpus))
+    tenants = [tenant(t, f"t{t}", max_gpus=draw(st.sampled_from((0, 4, 12, 100))),
+                      max_mem=draw(st.sampled_from((50_000, 400_000, 10**7))),
+                      max_tasks=draw(st.sampled_from((1, 6, 100)))) for t in (1, 2, 3)]
+    running = []
+    rid = 500
+    for nd in nodes:
+        free = list(range(len(nd.gpus)))
+        while free and draw(st.booleans()):
+            k = draw(st.integers(1, len(free)))
+            idx, free = free[:k], free[k:]
+            exclusive = draw(st.booleans())
+            mem = draw(st.sampled_from((4_000, 10_000))) if not exclusive else TOTALS[nd.gpus[0].model_name] // 2
+            tid = draw(st.integers(1, 3))
+            r = occupy(nodes, rid, nd.id, idx, tenant_id=tid, priority=draw(st.integers(0, 3)),
+                       cls=draw(st.sampled_from(("online", "batch"))), memory=mem, exclusive=exclusive,
+                       ends_in_s=draw(st.integers(-100, 7200)))
+            running.append(r)
+            t = next(x for x in tenants if x.id == tid)
+            t.used_gpus += k
+            t.used_gpu_memory_mb += k * mem
+            t.running_tasks += 1
+            rid += 1
+    pending = [
+        task(i, tenant_id=draw(st.integers(1, 3)), priority=draw(st.integers(0, 3)),
+             gpus=draw(st.sampled_from((1, 1, 1, 2, 2, 4, 8))),
+             memory=draw(st.sampled_from(MEMORIES)), exclusive=draw(st.booleans()),
+             cls=draw(st.sampled_from(("online", "batch"))), timeout_s=draw(st.integers(60, 9000)),
+             age_s=draw(st.integers(0, 50)), model=draw(st.sampled_from(("", "m1", "m4"))),
+             selector=draw(st.sampled_from(({}, {}, {}, {"zone": "a"}))),
+             gpu_model=draw(st.sampled_from(("", "", "", "", "h100", "A100"))))
+        for i in range(1, draw(st.integers(0, 30)) + 1)
+    ]
+    shares = draw(st.sampled_from(((1.0, 1.0), (0.7, 0.3), (0.5, 0.5))))
+    config = {
+        "online_share": shares[0], "batch_share": shares[1],
+        "allow_borrowing": draw(st.booleans()),
+        "strategy": draw(st.sampled_from(("binpack", "spread"))),
+        "backfill": draw(st.booleans()),
+        "preemption": draw(st.sampled_from(((), ("CRITICAL",), ("HIGH", "CRITICAL")))),
+        "memory_safety_margin_mb": draw(st.sampled_from((0, 2000))),
+    }
+    return snapshot(nodes, pending, tenants=tenants, running=running, **config)
+
+
+def final_state(snap, plan):
+    """Per GPU id: [claimed, live, exclusive count, shared count] after victims leave and placements land."""
+    state = {g.id: [g.memory_claimed_mb, g.memory_used_live_mb, int(g.exclusive_taken), g.shared_count]
+             for n in snap.nodes for g in n.gpus}
+    running = {r.id: r for r in snap.running}
+    for p in plan.preemptions:
+        r = running[p.task_id]
+        for gid in r.gpu_ids:
+            s = state[gid]
+            s[0] -= r.memory_mb
+            s[1] = max(0, s[1] - r.memory_mb)
+            if r.exclusive:
+                s[2] -= 1
+            else:
+                s[3] -= 1
+    before = {gid: list(s) for gid, s in state.items()}
+    for p in plan.placements:
+        for gid in p.gpu_ids:
+            s = state[gid]
+            s[0] += p.memory_mb
+            if p.exclusive:
+                s[2] += 1
+            else:
+                s[3] += 1
+    return before, state
+
+
+def fits_on(snap, t, state, margin) -> bool:
+    """Independent fit check: could ``t`` get all its GPUs on one active server in ``state``?"""
+    for n in snap.nodes:
+        if not n.schedulable or any(n.labels.get(k) != v for k, v in t.node_selector.items()):
+            continue
+        ok = 0
+        for g in n.gpus:
+            if not g.schedulable or (t.gpu_model and t.gpu_model.lower() not in g.model_name.lower()):
+                continue
+            claimed, live, excl, shared = state[g.id]
+            if excl:
+                continue
+            if t.memory_mb is not None and not t.exclusive:
+                ok += max(claimed, live) + t.memory_mb + margin <= g.memory_total_mb
+            else:
+                ok += (not shared and claimed == 0
+                       and live + (t.memory_mb or 0) + margin <= g.memory_total_mb)
+        if ok >= t.gpu_count:
+            return True
+    return False
+
+
+common = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@common
+@given(scenarios())
+def test_no_gpu_is_ever_over_committed_in_memory_or_exclusivity(snap):
+    plan = schedule(snap)
+    margin = snap.config.memory_safety_margin_mb
+    before, after = final_state(snap, plan)
+    totals = {g.id: g.memory_total_mb for n in snap.nodes for g in n.gpus}
+    new_on = Counter(gid for p in plan.placements for gid in p.gpu_ids)
+    for p in plan.placements:
+        for gid in p.gpu_ids:
+            claimed, live, excl, shared = before[gid]
+            if p.exclusive:
+                # An exclusive allocation only ever lands on a GPU nobody holds, and nobody joins it.
+                assert (claimed, excl, shared) == (0, 0, 0) and new_on[gid] == 1
+                assert p.memory_mb == totals[gid] or live + p.memory_mb + margin <= totals[gid]
+            else:
+                assert excl == 0 and after[gid][2] == 0
+                assert after[gid][0] + margin <= totals[gid]
+                assert live + p.memory_mb + margin <= totals[gid]
+
+
+@common
+@given(scenarios())
+def test_no_tenant_quota_or_class_share_is_exceeded_by_the_plan(snap):
+    plan = schedule(snap)
+    pending = {t.id: t for t in snap.pending}
+    running = {r.id: r for r in snap.running}
+    usage = {tid: [t.used_gpus, t.used_gpu_memory_mb, t.running_tasks] for tid, t in snap.tenants.items()}
+    for pr in plan.preemptions:
+        r = running[pr.task_id]
+        u = usage[r.tenant_id]
+        u[0] -= len(r.gpu_ids)
+        u[1] -= len(r.gpu_ids) * r.memory_mb
+        u[2] -= 1
+    placed_by = Counter()
+    for p in plan.placements:
+        tid = pending[p.task_id].tenant_id
+        placed_by[tid] += 1
+        u = usage[tid]
+        u[0] += len(p.gpu_ids)
+        u[1] += len(p.gpu_ids) * p.memory_mb
+        u[2] += 1
+    for tid in placed_by:
+        t = snap.tenants[tid]
+        assert usage[tid][0] <= t.max_gpus
+        assert usage[tid][1] <= t.max_gpu_memory_mb
+        assert usage[tid][2] <= t.max_running_tasks
+    if not snap.config.allow_borrowing and snap.config.online_share < 1:
+        total = sum(1 for n in snap.nodes if n.schedulable for g in n.gpus if g.schedulable)
+        for cls, share in (("online", snap.config.online_share), ("batch", snap.config.batch_share)):
+            new = sum(len(p.gpu_ids) for p in plan.placements if pending[p.task_id].workload_class == cls)
+            held = sum(len(r.gpu_ids) for r in snap.running if r.workload_class == cls) - sum(
+                len(running[pr.task_id].gpu_ids) for pr in plan.preemptions
+                if running[pr.task_id].workload_class == cls)
+            if new:
+                assert held + new <= int(share * total + 0.5)
+
+
+@common
+@given(scenarios())
+def test_a_gang_gets_all_its_gpus_on_one_matching_server_or_nothing(snap):
+    plan = schedule(snap)
+    pending = {t.id: t for t in snap.pending}
+    gpus = {g.id: (n, g) for n in snap.nodes for g in n.gpus}
+    for p in plan.placements:
+        t = pending[p.task_id]
+        assert len(p.gpu_ids) == len(set(p.gpu_ids)) == t.gpu_count
+        for gid in p.gpu_ids:
+            n, g = gpus[gid]
+            assert n.id == p.node_id and n.schedulable and g.schedulable
+            assert all(n.labels.get(k) == v for k, v in t.node_selector.items())
+            assert t.gpu_model.lower() in g.model_name.lower()
+        if t.memory_mb is not None:
+            assert p.memory_mb == t.memory_mb
+
+
+@common
+@given(scenarios())
+def test_a_higher_priority_task_that_fits_is_never_left_behind_a_lower_priority_one(snap):
+    plan = schedule(snap)
+    if plan.preemptions:
+        return  # preemption moves capacity around mid-pass; its own tests cover it
+    margin = snap.config.memory_safety_margin_mb
+    order = queue_order(snap.pending)
+    rank = {t.id: i for i, t in enumerate(order)}
+    _, after = final_state(snap, plan)
+    for h in order:
+        info = plan.pending.get(h.id)
+        if info is None or not info.reason.startswith("no server has"):
+            continue  # placed, or waiting for its own quota/share/constraints
+        for p in plan.placements:
+            if rank[p.task_id] < rank[h.id]:
+                continue
+            state = {gid: list(s) for gid, s in after.items()}
+            for gid in p.gpu_ids:
+                s = state[gid]
+                s[0] -= p.memory_mb
+                s[2 if p.exclusive else 3] -= 1
+            assert not fits_on(snap, h, state, margin), (h, p)
+
+
+@common
+@given(scenarios())
+def test_every_task_is_placed_or_pending_with_a_reason_and_a_unique_position(snap):
+    plan = schedule(snap)
+    placed = {p.task_id for p in plan.placements}
+    assert len(placed) == len(plan.placements)
+    assert placed.isdisjoint(plan.pending)
+    assert placed | set(plan.pending) == {t.id for t in snap.pending}
+    assert all(info.reason for info in plan.pending.values())
+    assert sorted(info.position for info in plan.pending.values()) == list(range(1, len(plan.pending) + 1))
+    order = [t.id for t in queue_order(snap.pending) if t.id in plan.pending]
+    assert [plan.pending[i].position for i in order] == list(range(1, len(order) + 1))
+    victims = [p.task_id for p in plan.preemptions]
+    assert len(victims) == len(set(victims)) and set(victims) <= {r.id for r in snap.running}
+    running = {r.id: r for r in snap.running}
+    for p in plan.preemptions:
+        if p.reason.startswith("preempted"):
+            assert running[p.task_id].priority == 0 and running[p.task_id].workload_class == "batch"
+
+
+
+@common
+@given(scenarios())
+def test_a_task_said_to_wait_for_capacity_really_fits_nowhere(snap):
+    plan = schedule(snap)
+    if plan.preemptions:
+        return  # capacity freed by a preemption goes to the preemptor; covered by its own tests
+    _, after = final_state(snap, plan)
+    for t in snap.pending:
+        info = plan.pending.get(t.id)
+        if info is not None and info.reason.startswith("no server ha"):
+            assert not fits_on(snap, t, after, snap.config.memory_safety_margin_mb), info.reason
