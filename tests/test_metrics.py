@@ -134,3 +134,26 @@ def test_every_web_process_reports_the_same_figures(busy_cluster):
     strip2 = {k: [(s.name, s.labels, s.value) for s in v if "oldest" not in s.name and "age" not in s.name]
               for k, v in second.items()}
     assert strip == strip2
+
+
+def test_every_scheduler_pass_is_counted_in_the_metrics(client, servers):
+    from scheduling.passes import run_pass
+
+    run_pass()
+    run_pass()
+    f = _scrape(client)
+    assert _value(f, "scheduler_passes", "scheduler_passes_total") == 2
+    assert _value(f, "scheduler_pass_duration_seconds", "scheduler_pass_duration_seconds_count") == 2
+    assert _value(f, "scheduler_schedule_failures", "scheduler_schedule_failures_total") == 0
+
+
+def test_a_failing_pass_counts_as_a_schedule_failure(client, servers):
+    from scheduling.passes import run_pass
+
+    def broken(snapshot):
+        raise RuntimeError("core bug")
+
+    with pytest.raises(RuntimeError):
+        run_pass(schedule=broken)
+    f = _scrape(client)
+    assert _value(f, "scheduler_schedule_failures", "scheduler_schedule_failures_total") == 1
