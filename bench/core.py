@@ -5,9 +5,11 @@
 Builds synthetic snapshots (200 x 8 = 1,600 GPUs and 1,000 x 8 = 8,000 GPUs; mixed GPU
 models, some servers labelled, a third of the GPUs already busy; pending tasks of 1/2/4/8
 GPUs, four priorities, several tenants, online and batch, some shared, some with a model
-or constraints), runs one pass and prints the decision time per task (median and p99,
-µs). No database: this measures the core alone; ``bench/scheduler.py`` measures passes
-end to end and reuses ``build_snapshot`` from here. The last line is one JSON object.
+or constraints), runs the same pass a few times and prints each task's fastest decision
+time (median and p99, µs; the fastest of several runs filters out the noise of other
+processes on a shared machine), the same for the placed tasks alone, and the pass time.
+No database: this measures the core alone; ``bench/scheduler.py`` measures passes end to
+end and reuses ``build_snapshot`` from here. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 from portal.config import SchedulerConfig
-from scheduling.core import schedule_timed
+from scheduling.core import queue_order, schedule_timed
 from scheduling.core_types import (
     GpuState,
     NodeState,
@@ -118,7 +120,7 @@ def build_snapshot(servers: int = 200, gpus_per_server: int = 8, tasks: int = 30
             id=tid, tenant_id=rnd.randint(1, len(TENANTS)), priority=rnd.choice((0, 1, 1, 1, 2, 2, 3)),
             created_at=now - timedelta(seconds=rnd.randint(0, 3600), microseconds=tid),
             gpu_count=rnd.choice(SIZES), memory_mb=rnd.choice(MEMORIES), exclusive=rnd.random() < 0.85,
-            workload_class=rnd.choice(("online", "batch", "batch")),
+            workload_class=rnd.choice(("online", "online", "online", "batch", "batch")),
             timeout_s=rnd.choice((600, 1800, 3600, 3600, 7200, 86_400)),
             model_name=rnd.choice(LLM_MODELS) if rnd.random() < 0.3 else "",
             node_selector={"zone": "abcd"[tid % 4]} if rnd.random() < 0.05 else {},
@@ -127,33 +129,46 @@ def build_snapshot(servers: int = 200, gpus_per_server: int = 8, tasks: int = 30
     return Snapshot(now=now, config=config, nodes=nodes, tenants=tenants, running=running, pending=pending)
 
 
-def measure(servers: int, tasks: int, repeat: int, config: SchedulerConfig) -> dict:
-    per_task: list[float] = []
+def measure(servers: int, tasks: int, runs: int, config: SchedulerConfig) -> dict:
+    """Run the same pass ``runs`` times and keep each task's fastest decision.
+
+    The core is deterministic, so every run makes the same decisions; the minimum filters
+    out the time other processes on a shared machine steal from a run.
+    """
+    snap = build_snapshot(servers, 8, tasks, seed=1, config=config)
+    best: list[float] | None = None
     passes: list[float] = []
-    placed = 0
-    for r in range(repeat):
-        snap = build_snapshot(servers, 8, tasks, seed=r + 1, config=config)
+    plan = None
+    for _ in range(runs):
         t0 = time.perf_counter()
         plan, timings = schedule_timed(snap)
         passes.append(time.perf_counter() - t0)
-        per_task.extend(timings)
-        placed = len(plan.placements)
-    per_task.sort()
-    us = [t * 1e6 for t in per_task]
+        best = timings if best is None else [min(a, b) for a, b in zip(best, timings, strict=True)]
+    assert plan is not None and best is not None
+    done = {p.task_id for p in plan.placements}
+    us = sorted(t * 1e6 for t in best)
+    placed_us = sorted(t * 1e6 for t, task in zip(best, queue_order(snap.pending), strict=True)
+                       if task.id in done) or [0.0]
+
+    def p99(values: list[float]) -> float:
+        return round(values[min(len(values) - 1, int(len(values) * 0.99))], 2)
+
     return {
         "gpus": servers * 8,
         "tasks": tasks,
-        "placed": placed,
+        "placed": len(plan.placements),
         "decision_us_median": round(statistics.median(us), 2),
-        "decision_us_p99": round(us[min(len(us) - 1, int(len(us) * 0.99))], 2),
+        "decision_us_p99": p99(us),
         "decision_us_mean": round(statistics.fmean(us), 2),
-        "core_pass_ms": round(statistics.median(passes) * 1e3, 2),
+        "placed_decision_us_median": round(statistics.median(placed_us), 2),
+        "placed_decision_us_p99": p99(placed_us),
+        "core_pass_ms": round(min(passes) * 1e3, 2),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one pass per size instead of three")
+    parser.add_argument("--quick", action="store_true", help="3 runs per size instead of 7")
     parser.add_argument("--tasks", type=int, default=0, help="pending tasks (default 3,000 and 10,000)")
     parser.add_argument("--strategy", choices=("binpack", "spread"), default="binpack")
     parser.add_argument("--no-backfill", action="store_true")
@@ -163,14 +178,16 @@ def main() -> None:
     config = dataclasses.replace(SchedulerConfig(), strategy=args.strategy, backfill=not args.no_backfill)
     if args.preemption:
         config = dataclasses.replace(config, preemption=("CRITICAL",), allow_borrowing=True)
-    repeat = 1 if args.quick else 3
+    runs = 3 if args.quick else 7
     results = []
     for servers, tasks in ((200, args.tasks or 3000), (1000, args.tasks or 10_000)):
-        res = measure(servers, tasks, repeat, config)
+        res = measure(servers, tasks, runs, config)
         results.append(res)
         print(f"{res['gpus']:>5} GPUs, {res['tasks']:>6} pending: placed {res['placed']:>5}, "
               f"decision median {res['decision_us_median']:>6.2f} µs, p99 {res['decision_us_p99']:>7.2f} µs, "
-              f"mean {res['decision_us_mean']:>6.2f} µs, core pass {res['core_pass_ms']:>8.2f} ms")
+              f"mean {res['decision_us_mean']:>6.2f} µs; "
+              f"placed tasks median {res['placed_decision_us_median']:>6.2f} µs, "
+              f"p99 {res['placed_decision_us_p99']:>7.2f} µs; core pass {res['core_pass_ms']:>8.2f} ms")
     head = results[0]
     print(json.dumps({
         "decision_us_median": head["decision_us_median"], "decision_us_p99": head["decision_us_p99"],

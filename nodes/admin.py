@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils.html import format_html
 
+from nodes.enrolment import issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
 from portal import live
 from portal.livedata import gpu_state
@@ -34,7 +37,7 @@ class NodeAdmin(admin.ModelAdmin):
     fields = ["name", "hostname", "labels", "status", "status_reason", "last_heartbeat_at", "agent_version",
               "token_prefix", "created_at", "updated_at"]
     inlines = [GPUInline]
-    actions = ["drain", "resume", "maintenance"]
+    actions = ["drain", "resume", "maintenance", "make_join_token"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(
@@ -90,6 +93,17 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.action(description="Resume: accept tasks again")
     def resume(self, request, queryset) -> None:
         self._set_status(request, queryset, NodeStatus.ACTIVE, "resumed")
+
+    @admin.action(description="Make a one-time join token for the agent (shown once)")
+    def make_join_token(self, request, queryset) -> None:
+        for node in queryset.order_by("name"):
+            secret = issue_join_token(node, note=f"made by {request.user.username}", ttl=timedelta(days=1))
+            self.message_user(
+                request,
+                f"Join token for {node.name} (valid 24 h, once; shown only now): {secret}  -  on the server run: "
+                f"python -m nodes.agent --portal <URL> --name {node.name} --join-token {secret}",
+                messages.WARNING,
+            )
 
     @admin.action(description="Maintenance: take out of service")
     def maintenance(self, request, queryset) -> None:

@@ -15,6 +15,7 @@ urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("api/agent/v1/", include("nodes.api.urls")),
     path("", include("django_prometheus.urls")),
 ]
 

@@ -12,38 +12,44 @@ Rules, in the order a task meets them
    FIFO by ``created_at``, then ``id``. Each task is decided once per pass, in that order;
    the pass keeps a working copy of GPU, tenant and class usage that every placement
    (and preemption) updates, so later tasks see what earlier ones took.
-2. **Tenant quota.** Running tasks + 1, GPUs held + ``gpu_count`` and GPU memory held +
-   ``gpu_count * memory_mb`` must stay within the tenant's limits. A tenant missing from
-   ``snapshot.tenants`` has no limits. A task blocked by its own tenant's quota does not
-   block anybody else.
-3. **Online/batch split.** Each class may hold ``round(share * schedulable GPUs)`` GPUs
-   (counted as the GPUs its tasks hold; a shared allocation counts its GPU). Strict by
-   default. With ``allow_borrowing`` a class may also use the other class's idle share
-   (its cap minus what it holds); GPUs held beyond a class's own cap are *borrowed*,
-   and when the owning class has a task within its own share that does not fit, the
-   borrowing class's running tasks (newest first, never of higher priority than the
-   task) are preempted to give the GPUs back, before any priority preemption is tried.
-4. **Constraints.** ``node_selector`` must be a subset of the server's labels;
+2. **Constraints.** ``node_selector`` must be a subset of the server's labels;
    ``gpu_model`` is a case-insensitive substring of the GPU's model name; only active
    servers and schedulable GPUs count. A task no active server could ever hold (too
-   many GPUs, too much memory, no such labels or model) is left pending with that
-   reason and blocks nobody.
+   many GPUs, too much memory, no such labels or model) waits with that reason
+   ("no active server has GPUs matching gpu_model 'A100'") and blocks nobody.
+3. **Tenant quota.** Running tasks + 1, GPUs held + ``gpu_count`` and GPU memory held +
+   ``gpu_count * memory_mb`` must stay within the tenant's limits ("tenant acme at its
+   GPU quota (8/8)"). A tenant missing from ``snapshot.tenants`` has no limits. A task
+   blocked by its own tenant's quota blocks nobody else.
+4. **Online/batch split.** Each class may hold ``round(share * schedulable GPUs)`` GPUs
+   (counted as the GPUs its tasks hold; a shared allocation counts its GPU), e.g.
+   "online share of the cluster full (70%): 7/7 GPUs in use". Strict by default; a share
+   covering the whole cluster is no limit. With ``allow_borrowing`` a class may also use
+   the other class's idle share (its cap minus what it holds); GPUs held beyond a
+   class's own cap are *borrowed*. When a task of the owning class, within its own
+   share, does not fit, running tasks of the borrowing class (never of higher priority
+   than the task; only while that class is still over its cap) are preempted to give
+   the GPUs back: reclaim comes before any priority preemption, and is expressed as
+   ``Preemption`` entries with the reason "borrowed batch GPUs reclaimed for online
+   task #N". A share-blocked task blocks nobody of the other class.
 5. **Fit.** Per GPU, ``used = max(memory_claimed_mb, memory_used_live_mb)``. An exclusive
    task needs GPUs with no allocation at all where ``used + memory + safety margin <=
    total``; a shared task packs onto GPUs without an exclusive allocation while the same
    sum fits; ``memory_mb = None`` needs whole, empty GPUs (recorded as exclusive
    allocations of the GPU's total memory). Gang: all ``gpu_count`` GPUs on ONE server,
-   or nothing.
+   or nothing ("no server has 4 free GPUs with 40 GB; best has 3").
 6. **Score.** GPU score = model affinity (+100 when the task's model is loaded on it,
    +50 when its LRU cache has room: fewer than ``max_models_per_gpu`` models) + the
    load-balance score (free memory 40, utilisation 30, temperature 20, idle time 10,
-   each normalised to 0..1; idle time saturates at one hour). Servers holding the
-   task's model are tried first and win when they fit. Otherwise servers are visited
-   by their count of empty GPUs: ``binpack`` starts from the fullest server that can
-   still hold the task (whole servers stay free for big gangs, and the free-memory
-   term is inverted so shared tasks pack onto the fullest GPU), ``spread`` from the
-   emptiest. Among the first few fitting servers of that level the one whose best
-   ``gpu_count`` GPUs score highest wins, and those GPUs are taken.
+   each normalised to 0..1; idle time saturates at one hour). Servers where the task's
+   model is loaded on a GPU it could use are tried first and win when they fit (the
+   most such GPUs, then packing order, then score). Otherwise servers are visited by
+   their count of empty GPUs: ``binpack`` starts from the fullest server that can
+   still hold the task (whole servers stay free for big gangs; the free-memory term is
+   inverted and shared tasks try servers already hosting shared work first, so they
+   pack), ``spread`` from the emptiest. Among the first few fitting servers of that
+   level the one whose best ``gpu_count`` GPUs score highest wins, and those GPUs are
+   taken.
 7. **Backfill (EASY).** The first task in queue order that is blocked by capacity (not
    by its quota, class share or constraints) and that could start once running tasks
    end gets a *reservation*: the earliest time T at which, replaying the running
@@ -57,25 +63,30 @@ Rules, in the order a task meets them
    nothing behind it starts in this pass ("waiting behind N higher-priority tasks").
 8. **Preemption** (off by default). When a task whose priority is listed in
    ``config.preemption`` is blocked by capacity, LOW batch running tasks on ONE server
-   may be preempted to make room: the server needing the fewest victims wins, newest
-   tasks are taken first and victims that turn out unnecessary are spared. The plan
-   lists a ``Preemption`` per victim and places the task on the freed GPUs.
+   may be preempted to make room: the server needing the fewest victims wins (then the
+   fewest GPUs freed), newest tasks are taken first, and victims that turn out
+   unnecessary are spared. The plan lists a ``Preemption`` per victim ("preempted by
+   CRITICAL task #N") and places the task on the freed GPUs. A preempted task's GPUs,
+   tenant usage and class usage are given back in the working state; its live memory
+   reading is assumed to drop by its claim.
 9. **Reasons.** Every task left pending gets a human-readable reason and its 1-based
-   position among the tasks still pending after the pass.
+   position among the tasks still pending after the pass, in queue order. Capacity
+   reasons are stated against the state at the end of the pass.
 
 Speed: servers sit in buckets by their count of empty GPUs, so an exclusive gang of
-``n`` GPUs only visits servers with at least ``n`` empty GPUs, and the scan stops after
-a few fitting servers. A "nothing fits this shape" answer (count, memory, mode,
-constraints, reservation) is remembered for the rest of the pass, since capacity only
-shrinks between preemptions (a preemption forgets them). Capacity reasons ("best has
-k") are computed once per shape at the end of the pass.
+``n`` GPUs only visits servers with at least ``n`` empty GPUs (and enough memory on
+one of them), and the scan stops after a few fitting servers. A "nothing fits this
+request" answer (count, memory, mode, constraints, reservation) is remembered for the
+rest of the pass, since capacity only shrinks between preemptions (a preemption
+forgets them); so is "no victims help". "best has k" is computed once per request
+kind at the end of the pass. ``bench/core.py`` measures the decision time per task.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from scheduling.core_types import (
     GpuState,
@@ -97,6 +108,8 @@ LOW = 0
 SCAN_LIMIT = 3
 # Servers holding the task's model examined before falling back to the plain scan.
 AFFINITY_SCAN_LIMIT = 12
+# Task.pending_reason holds 500 characters; a long label selector must not overflow it.
+MAX_REASON_CHARS = 500
 # Capacity-blocked tasks tried for the backfill reservation before giving up in a pass.
 MAX_RESERVE_ATTEMPTS = 8
 # Idle time beyond this counts as fully idle in the load-balance score.
@@ -204,6 +217,16 @@ class _Pass:
             max_gpus = max(max_gpus, len(ok_gpus))
 
         self.schedulable_total = schedulable_total
+        # Active servers with at least one GPU hosting shared allocations: n -> count of such GPUs.
+        self.shared_nodes: dict[int, int] = {}
+        for n, gl in enumerate(self.n_gpus):
+            k = sum(1 for g in gl if self.g_shared[g] and not self.g_excl[g])
+            if k and self.n_ok[n]:
+                self.shared_nodes[n] = k
+        self.g_base: list[float] = [self._base_score(g) for g in range(len(self.g_id))]
+        # Per server, the most memory an exclusive request can get on one of its empty GPUs:
+        # lets the scan skip servers whose GPUs are too small without looking at each GPU.
+        self.n_room: list[int] = [self._room(n) for n in range(len(self.n_id))]
         # buckets[k]: active servers with exactly k empty GPUs (dicts keep a stable order).
         self.max_k = max_gpus
         self.buckets: list[dict[int, None]] = [{} for _ in range(max_gpus + 1)]
@@ -211,16 +234,19 @@ class _Pass:
             if ok and self.n_gpus[n]:
                 self.buckets[self.n_free[n]][n] = None
 
-        # Servers by model loaded on their schedulable GPUs, bucketed like ``buckets`` so the
-        # affinity scan visits only holders with room: model_buckets[model][k] = {node: None}.
-        self.n_models: list[dict[str, int]] = [{} for _ in self.n_id]
-        self.model_buckets: dict[str, list[dict[int, None]]] = {}
+        # Affinity indexes: model -> servers with a schedulable GPU holding it (shared requests),
+        # and model -> {server: empty GPUs holding it} (exclusive requests need an empty GPU).
+        self.model_nodes: dict[str, dict[int, None]] = {}
+        self.model_free: dict[str, dict[int, int]] = {}
         for n, gl in enumerate(self.n_gpus):
             if not self.n_ok[n]:
                 continue
             for g in gl:
+                empty = self._empty(g)
                 for model in self.g_models[g]:
-                    self._add_holder(n, model)
+                    self.model_nodes.setdefault(model, {})[n] = None
+                    if empty:
+                        self._count_free_holder(model, n, 1)
 
         # Tenant usage, updated as the plan places and preempts.
         self.t_usage: dict[int, list[int]] = {
@@ -250,6 +276,7 @@ class _Pass:
         self.novictims: set[tuple] = set()
         self.victim_pools: dict[str, dict[int, list[RunningTask]]] = {}
         self.best_cache: dict[tuple, int] = {}
+        self.sig_cache: dict[tuple, set[tuple[int, ...]]] = {}
         self.reservation: _Reservation | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -274,16 +301,22 @@ class _Pass:
             idle = min(max((now - gpu.idle_since).total_seconds(), 0.0), IDLE_SATURATION_S) / IDLE_SATURATION_S
         self.g_static.append(30.0 * (1.0 - util) + 20.0 * (1.0 - temp) + 10.0 * idle)
 
-    def _add_holder(self, n: int, model: str) -> None:
-        held = self.n_models[n]
-        if model in held:
-            held[model] += 1
-            return
-        held[model] = 1
-        levels = self.model_buckets.get(model)
-        if levels is None:
-            levels = self.model_buckets[model] = [{} for _ in range(self.max_k + 1)]
-        levels[self.n_free[n]][n] = None
+    def _count_free_holder(self, model: str, n: int, delta: int) -> None:
+        counts = self.model_free.setdefault(model, {})
+        k = counts.get(n, 0) + delta
+        if k > 0:
+            counts[n] = k
+        else:
+            counts.pop(n, None)
+
+    def _room(self, n: int) -> int:
+        room = -1
+        for g in self.n_gpus[n]:
+            if not self.g_excl[g] and not self.g_shared[g] and not self.g_claimed[g]:
+                r = self.g_total[g] - self.g_live[g]
+                if r > room:
+                    room = r
+        return room
 
     def _empty(self, g: int) -> bool:
         return not self.g_excl[g] and self.g_shared[g] == 0 and self.g_claimed[g] == 0
@@ -341,8 +374,10 @@ class _Pass:
                 r = shape_reason[shape] = self._capacity_reason(shape)
             if self.reservation is not None and tid == self.reservation.task_id:
                 res = self.reservation
-                r += (f"; next to start: GPUs reserved on {self.n_name[res.node]} "
-                      f"from {res.time:%Y-%m-%d %H:%M} UTC at the latest")
+                # Running tasks may end sooner than their timeouts; T is the latest it should wait.
+                when = res.time.astimezone(UTC) if res.time.tzinfo else res.time
+                r += (f"; next in line: GPUs reserved on {self.n_name[res.node]}, "
+                      f"free by {when:%Y-%m-%d %H:%M} UTC at the latest")
             reasons[tid] = r
 
         position = 0
@@ -351,7 +386,7 @@ class _Pass:
             r = reasons.get(task.id)
             if r is not None:
                 position += 1
-                pending[task.id] = PendingInfo(reason=r, position=position)
+                pending[task.id] = PendingInfo(reason=r[:MAX_REASON_CHARS], position=position)
         return self.plan
 
     def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
@@ -524,12 +559,17 @@ class _Pass:
                 return f"{where} has GPUs matching gpu_model '{model}'"
             return "no active server has schedulable GPUs"
         suffix = self._constraint_text(ckey)
-        largest = max(len(gl) for gl in elig.values())
+        # Servers reduced to their distinct GPU memory sizes (sorted, largest first): few per cluster.
+        sigs = self.sig_cache.get(ckey)
+        if sigs is None:
+            total = self.g_total
+            sigs = self.sig_cache[ckey] = {tuple(sorted((total[g] for g in gl), reverse=True))
+                                           for gl in elig.values()}
+        largest = max(len(sig) for sig in sigs)
         if largest < c:
             return f"no active server has {_plural(c, 'GPU')}{suffix}; the largest has {largest}"
         need = self.margin + (mem if mode != WHOLE else 0)
-        total = self.g_total
-        best = max(sum(1 for g in gl if total[g] >= need) for gl in elig.values())
+        best = max(sum(1 for t in sig if t >= need) for sig in sigs)
         if best < c:
             margin = f" + the {format_mb(self.margin)} safety margin" if self.margin else ""
             what = f"{format_mb(mem)}{margin}" if mode != WHOLE else f"room after the {format_mb(self.margin)} margin"
@@ -595,7 +635,8 @@ class _Pass:
             return False
         return self.g_live[g] + mem + self.margin <= self.g_total[g]
 
-    def _gpu_score(self, g: int, model: str) -> float:
+    def _base_score(self, g: int) -> float:
+        """Load-balance score of a GPU (0..100); binpack inverts the free-memory term."""
         total = self.g_total[g]
         claimed = self.g_claimed[g]
         live = self.g_live[g]
@@ -605,7 +646,10 @@ class _Pass:
             free_ratio = 0.0
         if self.binpack:
             free_ratio = 1.0 - free_ratio
-        score = 40.0 * free_ratio + self.g_static[g]
+        return 40.0 * free_ratio + self.g_static[g]
+
+    def _gpu_score(self, g: int, model: str) -> float:
+        score = self.g_base[g]
         if model:
             models = self.g_models[g]
             if model in models:
@@ -616,11 +660,17 @@ class _Pass:
 
     def _pick(self, q: list[int], c: int, model: str) -> tuple[float, tuple[int, ...]]:
         """The best ``c`` GPUs of ``q`` (all fit) and their summed score."""
+        if not model:
+            base = self.g_base
+            if len(q) == c:
+                return sum(map(base.__getitem__, q)), tuple(q)
+            ranked = sorted(q, key=lambda g: (-base[g], g))[:c]
+            return sum(map(base.__getitem__, ranked)), tuple(sorted(ranked))
         score = self._gpu_score
         if len(q) == c:
             return sum(score(g, model) for g in q), tuple(q)
-        ranked = sorted([(-score(g, model), g) for g in q])[:c]
-        return -sum(s for s, _ in ranked), tuple(sorted(g for _, g in ranked))
+        scored = sorted([(-score(g, model), g) for g in q])[:c]
+        return -sum(s for s, _ in scored), tuple(sorted(g for _, g in scored))
 
     def _qualifying(self, gl: tuple[int, ...], mem: int, mode: str, excluded: frozenset[int] | None) -> list[int]:
         g_excl = self.g_excl
@@ -667,47 +717,67 @@ class _Pass:
         lo = c if mode != SHARED else 0
         levels = range(lo, self.max_k + 1) if self.binpack else range(self.max_k, lo - 1, -1)
 
-        # Affinity first: servers that hold the task's model, in the same packing order.
+        # Affinity first: servers where the model is loaded on a GPU this request could use.
         if model:
-            holders = self.model_buckets.get(model)
-            if holders is not None:
+            holders = (self.model_nodes if mode == SHARED else self.model_free).get(model)
+            if holders:
                 g_models = self.g_models
+                n_free = self.n_free
+                n_room = self.n_room
+                room_needed = need + self.margin
                 budget = AFFINITY_SCAN_LIMIT
-                for k in levels:
-                    bucket = holders[k]
-                    if not bucket:
+                fits = 0
+                best = None
+                best_key = None
+                for n in holders:
+                    if mode != SHARED and (n_free[n] < c or n_room[n] < room_needed):
                         continue
-                    best = None
-                    best_key = None
-                    for n in bucket:
-                        gl = elig.get(n)
-                        if gl is None or len(gl) < c:
-                            continue
-                        budget -= 1
-                        q = self._qualifying(gl, need, mode, excluded)
-                        if len(q) >= c:
-                            s, gpus = self._pick(q, c, model)
-                            loaded = sum(1 for g in gpus if model in g_models[g])
-                            if loaded and (best_key is None or (loaded, s) > best_key):
-                                best, best_key = (n, gpus), (loaded, s)
-                        if budget <= 0:
-                            break
-                    if best is not None:
-                        return best
-                    if budget <= 0:
+                    gl = elig.get(n)
+                    if gl is None or len(gl) < c:
+                        continue
+                    budget -= 1
+                    q = self._qualifying(gl, need, mode, excluded)
+                    if len(q) >= c:
+                        s, gpus = self._pick(q, c, model)
+                        loaded = sum(1 for g in gpus if model in g_models[g])
+                        if loaded:
+                            fits += 1
+                            key = (loaded, -n_free[n] if self.binpack else n_free[n], s)
+                            if best_key is None or key > best_key:
+                                best, best_key = (n, gpus), key
+                    if budget <= 0 or fits >= SCAN_LIMIT:
                         break
+                if best is not None:
+                    return best
 
-        buckets = self.buckets
-        for k in levels:
-            bucket = buckets[k]
-            if not bucket:
+        if mode == SHARED:
+            # Shared requests pack onto servers that already host shared work (binpack) or go to
+            # the emptiest servers first (spread); servers without shared work only offer their
+            # empty GPUs, so the buckets from ``c`` up cover them.
+            groups: list[Iterable[int]] = [self.shared_nodes]
+            empties = [self.buckets[k] for k in range(c, self.max_k + 1)]
+            groups = groups + empties if self.binpack else empties[::-1] + groups
+            skip_shared = True
+        else:
+            groups = [self.buckets[k] for k in levels]
+            skip_shared = False
+        shared_nodes = self.shared_nodes
+        n_room = self.n_room
+        room_needed = need + self.margin
+        for group in groups:
+            if not group:
                 continue
             best = None
             best_score = -1.0
             seen = 0
-            for n in bucket:
+            for n in group:
                 gl = elig.get(n)
                 if gl is None or len(gl) < c:
+                    continue
+                if skip_shared:
+                    if group is not shared_nodes and n in shared_nodes:
+                        continue
+                elif n_room[n] < room_needed:
                     continue
                 q = self._qualifying(gl, need, mode, excluded)
                 if len(q) < c:
@@ -733,10 +803,6 @@ class _Pass:
         if self.n_ok[n] and self.n_gpus[n]:
             del self.buckets[old][n]
             self.buckets[free][n] = None
-            for model in self.n_models[n]:
-                levels = self.model_buckets[model]
-                del levels[old][n]
-                levels[free][n] = None
 
     def _place(self, task: PendingTask, n: int, gpus: tuple[int, ...], per_gpu: int, mode: str) -> None:
         exclusive = mode != SHARED
@@ -746,11 +812,16 @@ class _Pass:
         for g in gpus:
             if self._empty(g):
                 became_busy += 1
+                for held in self.g_models[g]:
+                    self._count_free_holder(held, n, -1)
             self.g_claimed[g] += per_gpu
             if exclusive:
                 self.g_excl[g] = True
             else:
+                if not self.g_shared[g]:
+                    self.shared_nodes[n] = self.shared_nodes.get(n, 0) + 1
                 self.g_shared[g] += 1
+            self.g_base[g] = self._base_score(g)
             if model:
                 models = self.g_models[g]
                 if model not in models:
@@ -760,9 +831,10 @@ class _Pass:
                     if len(models) > self.max_models and self.max_models > 0:
                         models.pop(next(iter(models)))
                     self.g_models[g] = models
-                    self._add_holder(n, model)
+                    self.model_nodes.setdefault(model, {})[n] = None
         if became_busy:
             self._set_free(n, self.n_free[n] - became_busy)
+            self.n_room[n] = self._room(n)
         usage = self.t_usage.get(task.tenant_id)
         if usage is not None:
             usage[0] += len(gpus)
@@ -792,11 +864,21 @@ class _Pass:
                 self.g_excl[g] = False
             else:
                 self.g_shared[g] = max(0, self.g_shared[g] - 1)
+                n = self.g_node[g]
+                if not self.g_shared[g] and n in self.shared_nodes and g in self.n_gpus[n]:
+                    self.shared_nodes[n] -= 1
+                    if not self.shared_nodes[n]:
+                        del self.shared_nodes[n]
+            self.g_base[g] = self._base_score(g)
             n = self.g_node[g]
             if not was_empty and self._empty(g) and g in self.n_gpus[n]:
                 touched[n] = touched.get(n, 0) + 1
+                for held in self.g_models[g]:
+                    self._count_free_holder(held, n, 1)
         for n, k in touched.items():
             self._set_free(n, self.n_free[n] + k)
+        for n in {self.g_node[g] for g in (self.gpu_index.get(x) for x in victim.gpu_ids) if g is not None}:
+            self.n_room[n] = self._room(n)
         usage = self.t_usage.get(victim.tenant_id)
         if usage is not None:
             usage[0] = max(0, usage[0] - len(victim.gpu_ids))

@@ -95,13 +95,19 @@ def servers(db) -> list[Node]:
     return [make_server("gpu-01"), make_server("gpu-02")]
 
 
+_REAL_CHANNEL_LAYERS: dict = {}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _in_process_channel_layer():
-    """Inside the test process pushes go through an in-memory layer (consumer tests
-    run in this process); real layers (Postgres, Redis) are exercised by tests that
-    start daphne subprocesses, which build theirs from DATABASE_URL / REDIS_URL."""
+    """Inside the test process pushes go through an in-memory layer by default
+    (consumer tests run in this process); tests that need the real layer (to reach
+    daphne subprocesses) ask for ``channel_layer_on_test_db``."""
+    import copy
+
     from django.conf import settings
 
+    _REAL_CHANNEL_LAYERS.update(copy.deepcopy(settings.CHANNEL_LAYERS))
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     reset_channel_layer()
     yield
@@ -112,3 +118,32 @@ def reset_channel_layer() -> None:
     from channels.layers import channel_layers
 
     channel_layers.backends.clear()
+
+
+@pytest.fixture
+def channel_layer_on_test_db(settings, django_db_setup):
+    """The real channel layer (Postgres, or Redis with REDIS_URL), pointed at the test
+    database, so pushes sent from the test process (``portal.live``) reach
+    subprocesses (daphne) running on it."""
+    layers = {name: {**conf, "CONFIG": dict(conf.get("CONFIG", {}))} for name, conf in _REAL_CHANNEL_LAYERS.items()}
+    for conf in layers.values():
+        if conf["BACKEND"].startswith("channels_postgres"):
+            conf["CONFIG"]["NAME"] = connection.settings_dict["NAME"]
+    settings.CHANNEL_LAYERS = layers
+    reset_channel_layer()
+    _drop_channels_postgres_pool()  # its one pool per process may point at another database
+    yield layers
+    _drop_channels_postgres_pool()
+    reset_channel_layer()
+
+
+def _drop_channels_postgres_pool() -> None:
+    import asyncio
+    import contextlib
+
+    from channels_postgres import db as channels_db
+
+    pool, channels_db.connection_pool = channels_db.connection_pool, None
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            asyncio.run(pool.close(timeout=1))

@@ -226,3 +226,44 @@ def test_the_input_snapshot_is_not_modified():
     schedule(snap)
     g = snap.nodes[0].gpus
     assert (g[0].memory_claimed_mb, g[0].exclusive_taken, g[0].loaded_models) == (0, False, {})
+
+
+# ---------------------------------------------------------------- reasons
+
+
+def test_a_request_bigger_than_any_gpu_names_the_memory_and_the_margin():
+    plan = schedule(snapshot([node(1, 8)], [task(1, memory=79_000)]))
+    assert plan.pending[1].reason == (
+        "no active server has 1 GPU with 79 GB + the 2 GB safety margin; the best has 0")
+
+
+def test_a_capacity_reason_names_the_constraints_it_was_searched_with():
+    nodes = [node(1, 2, labels={"zone": "a"})]
+    running = [occupy(nodes, 90, 1, [0, 1])]
+    plan = schedule(snapshot(nodes, [task(1, selector={"zone": "a"}, gpu_model="H100")], running=running))
+    assert plan.pending[1].reason == (
+        "no server has 1 free GPU with 10 GB (labels zone=a; gpu_model 'H100'); best has 0; "
+        "next in line: GPUs reserved on gpu-01, free by 2026-01-01 13:00 UTC at the latest")
+
+
+def test_a_whole_gpu_task_is_checked_against_the_memory_quota_at_the_gpu_size():
+    plan = schedule(snapshot([node(1, 2)], [task(1, memory=None)], tenants=[tenant(max_mem=50_000)]))
+    assert plan.placements == []
+    assert plan.pending[1].reason == (
+        "tenant acme near its GPU memory quota (0 MB/50 GB); this task needs 80 GB more")
+
+
+def test_a_task_of_a_tenant_without_a_quota_row_is_not_limited():
+    plan = schedule(snapshot([node(1, 2)], [task(1, tenant_id=99, gpus=2)]))
+    assert len(plan.placements) == 1
+
+
+def test_a_very_long_reason_is_cut_to_what_the_task_row_holds():
+    selector = {f"label{i}": "x" * 20 for i in range(40)}
+    plan = schedule(snapshot([node(1, 1)], [task(1, selector=selector)]))
+    assert 0 < len(plan.pending[1].reason) <= 500
+
+
+def test_placements_record_their_score():
+    plan = schedule(snapshot([node(1, 1)], [task(1, model="m")]))
+    assert plan.placements[0].score > 50  # +50 for the empty model cache, plus load balance
