@@ -93,3 +93,25 @@ def make_server(name: str, gpus: int = 8, memory_mb: int = 81_559, model: str = 
 @pytest.fixture
 def servers(db) -> list[Node]:
     return [make_server("gpu-01"), make_server("gpu-02")]
+
+
+# --- users' API (issue 5) --------------------------------------------------------
+
+
+def make_api_token(user, name: str = "test") -> str:
+    from portal.api.authentication import create_token
+
+    return create_token(user, name)[1]
+
+
+@pytest.fixture
+def api_client_for(db):
+    """``api_client_for(user)``: a DRF client authenticated with a fresh API token of ``user``."""
+    from rest_framework.test import APIClient
+
+    def make(user):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {make_api_token(user)}")
+        return client
+
+    return make

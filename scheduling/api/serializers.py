@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from scheduling import submission
+from scheduling.choices import Priority, ShareMode, WorkloadClass
+from scheduling.models import Task, TaskEvent
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    tenant = serializers.CharField(source="tenant.slug")
+    submitter = serializers.CharField(source="submitter.username", default=None)
+    priority = serializers.CharField(source="get_priority_display")
+    server = serializers.CharField(source="node.name", default=None)
+
+    class Meta:
+        model = Task
+        fields = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
+                  "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "model_name", "gpu_model",
+                  "node_selector", "timeout_s", "command", "env", "working_dir", "server", "exit_code",
+                  "failure_reason", "oom", "attempt", "max_retries", "created_at", "assigned_at", "started_at",
+                  "finished_at"]
+        read_only_fields = fields
+
+
+class TaskDetailSerializer(TaskSerializer):
+    gpus = serializers.SerializerMethodField()
+
+    class Meta(TaskSerializer.Meta):
+        fields = [*TaskSerializer.Meta.fields, "gpus"]
+        read_only_fields = fields
+
+    def get_gpus(self, task: Task) -> list[str]:
+        """The GPUs it holds now, as server:index."""
+        return [f"{a.node.name}:{a.gpu.index}" for a in
+                task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
+
+
+class TaskSubmitSerializer(serializers.Serializer):
+    """What a submit accepts (for the schema): checked by ``scheduling.submission.validate``."""
+
+    tenant = serializers.CharField(required=False, help_text="Tenant slug; optional when you belong to one only.")
+    name = serializers.CharField(required=False, max_length=submission.NAME_MAX_CHARS)
+    command = serializers.CharField(max_length=submission.COMMAND_MAX_CHARS,
+                                    help_text="Shell command line (a list of arguments is also accepted).")
+    env = serializers.DictField(child=serializers.CharField(), required=False,
+                                help_text=f"At most {submission.ENV_MAX_VARS} variables, "
+                                          f"{submission.ENV_MAX_BYTES} bytes in all.")
+    working_dir = serializers.CharField(required=False, max_length=submission.WORKING_DIR_MAX_CHARS)
+    gpu_count = serializers.IntegerField(required=False, default=1, min_value=1,
+                                         help_text="1 to the most GPUs any one server has.")
+    gpu_memory_mb = serializers.IntegerField(required=False, allow_null=True, min_value=1,
+                                             help_text="Per GPU; at most the largest GPU minus the safety margin.")
+    share_mode = serializers.ChoiceField(ShareMode.choices, required=False, default=ShareMode.EXCLUSIVE)
+    model_name = serializers.CharField(required=False, max_length=submission.MODEL_NAME_MAX_CHARS)
+    priority = serializers.ChoiceField(Priority.labels, required=False, default="NORMAL",
+                                       help_text="At most the tenant quota's max_priority.")
+    workload_class = serializers.ChoiceField(WorkloadClass.choices, required=False, default=WorkloadClass.BATCH,
+                                             help_text="One of the tenant quota's allowed_classes.")
+    timeout_s = serializers.IntegerField(required=False, min_value=1, help_text="Default 3600, at most the max.")
+    node_selector = serializers.DictField(child=serializers.CharField(), required=False)
+    gpu_model = serializers.CharField(required=False, max_length=submission.GPU_MODEL_MAX_CHARS)
+
+
+class BatchSubmitSerializer(serializers.Serializer):
+    tasks = TaskSubmitSerializer(many=True, help_text=f"1 to {submission.BATCH_MAX_TASKS} tasks, all or none.")
+
+
+class BatchResultSerializer(serializers.Serializer):
+    ids = serializers.ListField(child=serializers.IntegerField())
+    count = serializers.IntegerField()
+
+
+class TaskEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TaskEvent
+        fields = ["id", "from_status", "to_status", "actor", "reason", "created_at"]
+
+
+class TaskLogSerializer(serializers.Serializer):
+    task = serializers.IntegerField()
+    attempt = serializers.IntegerField()
+    offset = serializers.IntegerField(help_text="Byte offset of the first byte of data.")
+    next_offset = serializers.IntegerField(help_text="Ask from here for more.")
+    data = serializers.CharField()
+    final = serializers.BooleanField(help_text="The task has ended: no more output will come.")
