@@ -1,0 +1,927 @@
+"""The placement core: pure Python over plain objects, no ORM, no clock reads.
+
+Entry point: ``schedule(snapshot: Snapshot) -> Plan`` (types in ``scheduling.core_types``).
+The DB layer loads a ``Snapshot``, calls ``schedule`` and applies the ``Plan``:
+preemptions first (the victims return to pending), then placements (allocation rows
+record ``Placement.memory_mb`` and ``Placement.exclusive``), then the pending reasons and
+queue positions. The input snapshot is never mutated.
+
+Rules, in the order a task meets them
+-------------------------------------
+1. **Order.** Pending tasks are taken by priority (CRITICAL > HIGH > NORMAL > LOW), then
+   FIFO by ``created_at``, then ``id``. Each task is decided once per pass, in that order;
+   the pass keeps a working copy of GPU, tenant and class usage that every placement
+   (and preemption) updates, so later tasks see what earlier ones took.
+2. **Tenant quota.** Running tasks + 1, GPUs held + ``gpu_count`` and GPU memory held +
+   ``gpu_count * memory_mb`` must stay within the tenant's limits. A tenant missing from
+   ``snapshot.tenants`` has no limits. A task blocked by its own tenant's quota does not
+   block anybody else.
+3. **Online/batch split.** Each class may hold ``round(share * schedulable GPUs)`` GPUs
+   (counted as the GPUs its tasks hold; a shared allocation counts its GPU). Strict by
+   default. With ``allow_borrowing`` a class may also use the other class's idle share
+   (its cap minus what it holds); GPUs held beyond a class's own cap are *borrowed*,
+   and when the owning class has a task within its own share that does not fit, the
+   borrowing class's running tasks (newest first, never of higher priority than the
+   task) are preempted to give the GPUs back, before any priority preemption is tried.
+4. **Constraints.** ``node_selector`` must be a subset of the server's labels;
+   ``gpu_model`` is a case-insensitive substring of the GPU's model name; only active
+   servers and schedulable GPUs count. A task no active server could ever hold (too
+   many GPUs, too much memory, no such labels or model) is left pending with that
+   reason and blocks nobody.
+5. **Fit.** Per GPU, ``used = max(memory_claimed_mb, memory_used_live_mb)``. An exclusive
+   task needs GPUs with no allocation at all where ``used + memory + safety margin <=
+   total``; a shared task packs onto GPUs without an exclusive allocation while the same
+   sum fits; ``memory_mb = None`` needs whole, empty GPUs (recorded as exclusive
+   allocations of the GPU's total memory). Gang: all ``gpu_count`` GPUs on ONE server,
+   or nothing.
+6. **Score.** GPU score = model affinity (+100 when the task's model is loaded on it,
+   +50 when its LRU cache has room: fewer than ``max_models_per_gpu`` models) + the
+   load-balance score (free memory 40, utilisation 30, temperature 20, idle time 10,
+   each normalised to 0..1; idle time saturates at one hour). Servers holding the
+   task's model are tried first and win when they fit. Otherwise servers are visited
+   by their count of empty GPUs: ``binpack`` starts from the fullest server that can
+   still hold the task (whole servers stay free for big gangs, and the free-memory
+   term is inverted so shared tasks pack onto the fullest GPU), ``spread`` from the
+   emptiest. Among the first few fitting servers of that level the one whose best
+   ``gpu_count`` GPUs score highest wins, and those GPUs are taken.
+7. **Backfill (EASY).** The first task in queue order that is blocked by capacity (not
+   by its quota, class share or constraints) and that could start once running tasks
+   end gets a *reservation*: the earliest time T at which, replaying the running
+   tasks' ``expected_end`` (and the ends, ``now + timeout_s``, of tasks placed earlier
+   in this pass), it fits on one server, and the GPUs it would take there. A later
+   task may start now only if it cannot delay that reservation: it ends by T
+   (``now + timeout_s <= T``) or it uses none of the reserved GPUs. Otherwise it waits
+   with "reserved for backfill: would delay task #N". Only that one reservation is
+   kept (EASY backfill), so a big task at the head never starves and small tasks
+   still fill the holes. With ``backfill`` off, once a task is blocked by capacity
+   nothing behind it starts in this pass ("waiting behind N higher-priority tasks").
+8. **Preemption** (off by default). When a task whose priority is listed in
+   ``config.preemption`` is blocked by capacity, LOW batch running tasks on ONE server
+   may be preempted to make room: the server needing the fewest victims wins, newest
+   tasks are taken first and victims that turn out unnecessary are spared. The plan
+   lists a ``Preemption`` per victim and places the task on the freed GPUs.
+9. **Reasons.** Every task left pending gets a human-readable reason and its 1-based
+   position among the tasks still pending after the pass.
+
+Speed: servers sit in buckets by their count of empty GPUs, so an exclusive gang of
+``n`` GPUs only visits servers with at least ``n`` empty GPUs, and the scan stops after
+a few fitting servers. A "nothing fits this shape" answer (count, memory, mode,
+constraints, reservation) is remembered for the rest of the pass, since capacity only
+shrinks between preemptions (a preemption forgets them). Capacity reasons ("best has
+k") are computed once per shape at the end of the pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+
+from scheduling.core_types import (
+    GpuState,
+    PendingInfo,
+    PendingTask,
+    Placement,
+    Plan,
+    Preemption,
+    RunningTask,
+    Snapshot,
+)
+
+# Same values as scheduling.choices.Priority; repeated here so the core imports no Django models.
+PRIORITY_NAMES = {0: "LOW", 1: "NORMAL", 2: "HIGH", 3: "CRITICAL"}
+LOW = 0
+
+# How many fitting servers of the first fitting level are compared by score before the
+# scan stops: enough for the load-balance score to matter, few enough to stay in microseconds.
+SCAN_LIMIT = 3
+# Capacity-blocked tasks tried for the backfill reservation before giving up in a pass.
+MAX_RESERVE_ATTEMPTS = 8
+# Idle time beyond this counts as fully idle in the load-balance score.
+IDLE_SATURATION_S = 3600.0
+
+# Fit modes of a request.
+EXCLUSIVE = "x"
+SHARED = "s"
+WHOLE = "w"
+
+
+def schedule(snapshot: Snapshot) -> Plan:
+    """Decide placements, preemptions and pending reasons for one pass."""
+    return _Pass(snapshot).run()
+
+
+def schedule_timed(snapshot: Snapshot) -> tuple[Plan, list[float]]:
+    """``schedule`` plus the seconds spent deciding each pending task (for bench/core.py)."""
+    timings: list[float] = []
+    plan = _Pass(snapshot, timings).run()
+    return plan, timings
+
+
+def queue_order(tasks: Iterable[PendingTask]) -> list[PendingTask]:
+    """Priority first (higher first), then FIFO by creation time, then id."""
+    return sorted(tasks, key=lambda t: (-t.priority, t.created_at, t.id))
+
+
+def format_mb(mb: int) -> str:
+    if mb and mb % 1000 == 0:
+        return f"{mb // 1000} GB"
+    return f"{mb} MB"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+class _Reservation:
+    __slots__ = ("gpus", "node", "task_id", "time")
+
+    def __init__(self, task_id: int, when: datetime, node: int, gpus: frozenset[int]) -> None:
+        self.task_id = task_id
+        self.time = when
+        self.node = node
+        self.gpus = gpus
+
+
+class _Pass:
+    def __init__(self, snapshot: Snapshot, timings: list[float] | None = None) -> None:
+        self.snap = snapshot
+        self.timings = timings
+        cfg = snapshot.config
+        self.cfg = cfg
+        self.margin = cfg.memory_safety_margin_mb
+        self.max_models = cfg.max_models_per_gpu
+        self.binpack = cfg.strategy != "spread"
+        self.now = snapshot.now
+        self.plan = Plan()
+
+        # GPUs as parallel lists indexed by a dense internal index: attribute access on
+        # lists of ints is what keeps the inner loops fast.
+        self.g_id: list[int] = []
+        self.g_node: list[int] = []
+        self.g_total: list[int] = []
+        self.g_claimed: list[int] = []
+        self.g_live: list[int] = []
+        self.g_excl: list[bool] = []
+        self.g_shared: list[int] = []
+        self.g_models: list[Iterable[str]] = []
+        self.g_model_lower: list[str] = []
+        self.g_static: list[float] = []  # utilisation + temperature + idle part of the score
+        self.gpu_index: dict[int, int] = {}
+
+        self.n_id: list[int] = []
+        self.n_name: list[str] = []
+        self.n_labels: list[dict[str, str]] = []
+        self.n_ok: list[bool] = []
+        self.n_gpus: list[tuple[int, ...]] = []  # schedulable GPUs of an active server
+        self.n_free: list[int] = []  # empty schedulable GPUs
+        self.node_index: dict[int, int] = {}
+
+        now = snapshot.now
+        max_gpus = 0
+        schedulable_total = 0
+        for node in snapshot.nodes:
+            n = len(self.n_id)
+            self.node_index[node.id] = n
+            self.n_id.append(node.id)
+            self.n_name.append(node.name)
+            self.n_labels.append(node.labels or {})
+            self.n_ok.append(bool(node.schedulable))
+            ok_gpus: list[int] = []
+            free = 0
+            for gpu in node.gpus:
+                g = len(self.g_id)
+                self._add_gpu(gpu, n, now)
+                if node.schedulable and gpu.schedulable:
+                    ok_gpus.append(g)
+                    if self._empty(g):
+                        free += 1
+            self.n_gpus.append(tuple(ok_gpus))
+            self.n_free.append(free)
+            schedulable_total += len(ok_gpus)
+            max_gpus = max(max_gpus, len(ok_gpus))
+
+        self.schedulable_total = schedulable_total
+        # buckets[k]: active servers with exactly k empty GPUs (dicts keep a stable order).
+        self.max_k = max_gpus
+        self.buckets: list[dict[int, None]] = [{} for _ in range(max_gpus + 1)]
+        for n, ok in enumerate(self.n_ok):
+            if ok and self.n_gpus[n]:
+                self.buckets[self.n_free[n]][n] = None
+
+        # Servers by model loaded on one of their schedulable GPUs (affinity first).
+        self.model_nodes: dict[str, set[int]] = {}
+        for n, gl in enumerate(self.n_gpus):
+            for g in gl:
+                for model in self.g_models[g]:
+                    self.model_nodes.setdefault(model, set()).add(n)
+
+        # Tenant usage, updated as the plan places and preempts.
+        self.t_usage: dict[int, list[int]] = {
+            tid: [t.used_gpus, t.used_gpu_memory_mb, t.running_tasks] for tid, t in snapshot.tenants.items()
+        }
+
+        # Online/batch split.
+        self.class_cap = {
+            "online": int(cfg.online_share * schedulable_total + 0.5),
+            "batch": int(cfg.batch_share * schedulable_total + 0.5),
+        }
+        self.class_share = {"online": cfg.online_share, "batch": cfg.batch_share}
+        self.class_used = {"online": 0, "batch": 0}
+        for r in snapshot.running:
+            if r.workload_class in self.class_used:
+                self.class_used[r.workload_class] += len(r.gpu_ids)
+        self.running: dict[int, RunningTask] = {r.id: r for r in snapshot.running}
+        # Ends of tasks placed in this pass: (end, node, gpus, memory, exclusive).
+        self.placed_ends: list[tuple] = []
+
+        self.preempt_allowed = {p for p, name in PRIORITY_NAMES.items() if name in set(cfg.preemption)}
+
+        # Pass-level caches.
+        self.elig_cache: dict[tuple, dict[int, tuple[int, ...]]] = {}
+        self.static_cache: dict[tuple, str] = {}
+        self.nofit: set[tuple] = set()
+        self.novictims: set[tuple] = set()
+        self.reservation: _Reservation | None = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _add_gpu(self, gpu: GpuState, n: int, now) -> None:
+        g = len(self.g_id)
+        self.gpu_index[gpu.id] = g
+        self.g_id.append(gpu.id)
+        self.g_node.append(n)
+        self.g_total.append(gpu.memory_total_mb)
+        self.g_claimed.append(gpu.memory_claimed_mb)
+        self.g_live.append(gpu.memory_used_live_mb)
+        self.g_excl.append(bool(gpu.exclusive_taken))
+        self.g_shared.append(gpu.shared_count)
+        # Kept as the snapshot's dict until a placement adds a model (copy on write).
+        self.g_models.append(gpu.loaded_models or ())
+        self.g_model_lower.append((gpu.model_name or "").lower())
+        util = min(max(gpu.utilization_pct, 0), 100) / 100.0
+        temp = min(max(gpu.temperature_c, 0), 100) / 100.0
+        idle = 0.0
+        if gpu.idle_since is not None:
+            idle = min(max((now - gpu.idle_since).total_seconds(), 0.0), IDLE_SATURATION_S) / IDLE_SATURATION_S
+        self.g_static.append(30.0 * (1.0 - util) + 20.0 * (1.0 - temp) + 10.0 * idle)
+
+    def _empty(self, g: int) -> bool:
+        return not self.g_excl[g] and self.g_shared[g] == 0 and self.g_claimed[g] == 0
+
+    # ------------------------------------------------------------------ the pass
+
+    def run(self) -> Plan:
+        queue = queue_order(self.snap.pending)
+        timings = self.timings
+        blocked: dict[int, tuple] = {}  # task id -> shape, for capacity reasons at the end
+        reasons: dict[int, str] = {}
+        head: PendingTask | None = None  # first task blocked by capacity that can ever fit
+        waiting_higher = 0  # blocked tasks ahead, strictly higher priority than the current level
+        waiting_total = 0
+        level = None
+        waiting_before_level = 0
+        clock = time.perf_counter
+        reserve_attempts = 0
+        for task in queue:
+            t0 = clock() if timings is not None else 0.0
+            if task.priority != level:
+                level = task.priority
+                waiting_before_level = waiting_total
+            waiting_higher = waiting_before_level
+            outcome = self._decide(task, head, waiting_higher, waiting_total)
+            if outcome is not None:
+                kind, value = outcome
+                if kind == "reason":
+                    reasons[task.id] = value
+                elif kind == "wait":
+                    reasons[task.id] = value
+                    waiting_total += 1
+                else:  # "capacity": value is the shape
+                    blocked[task.id] = value
+                    waiting_total += 1
+                    if head is None:
+                        if self.cfg.backfill:
+                            # A task that cannot fit even once everything running ends gets no
+                            # reservation; try a few before giving up so this stays cheap.
+                            if self.reservation is None and reserve_attempts < MAX_RESERVE_ATTEMPTS:
+                                reserve_attempts += 1
+                                self.reservation = self._reserve(task, value)
+                                if self.reservation is not None:
+                                    head = task
+                        else:
+                            head = task
+            if timings is not None:
+                timings.append(clock() - t0)
+
+        # Capacity reasons against the final state, once per shape.
+        shape_reason: dict[tuple, str] = {}
+        for tid, shape in blocked.items():
+            r = shape_reason.get(shape)
+            if r is None:
+                r = shape_reason[shape] = self._capacity_reason(shape)
+            if self.reservation is not None and tid == self.reservation.task_id:
+                res = self.reservation
+                r += (f"; next to start: GPUs reserved on {self.n_name[res.node]} "
+                      f"from {res.time:%Y-%m-%d %H:%M} UTC at the latest")
+            reasons[tid] = r
+
+        position = 0
+        pending = self.plan.pending
+        for task in queue:
+            r = reasons.get(task.id)
+            if r is not None:
+                position += 1
+                pending[task.id] = PendingInfo(reason=r, position=position)
+        return self.plan
+
+    def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
+                waiting_total: int) -> tuple[str, object] | None:
+        """None when placed; ("reason", text), ("wait", text) or ("capacity", shape)."""
+        c = task.gpu_count
+        mem = task.memory_mb
+        if mem is None:
+            mode = WHOLE
+        elif task.exclusive:
+            mode = EXCLUSIVE
+        else:
+            mode = SHARED
+
+        sel = task.node_selector
+        ckey = (tuple(sorted((str(k), str(v)) for k, v in sel.items())) if sel else (),
+                task.gpu_model or "")
+        elig = self.elig_cache.get(ckey)
+        if elig is None:
+            elig = self.elig_cache[ckey] = self._eligible(ckey)
+        shape = (c, mem if mem is not None else 0, mode, ckey)
+        r = self.static_cache.get(shape)
+        if r is None:
+            r = self.static_cache[shape] = self._static_reason(shape, elig)
+        if r:
+            return ("reason", r)
+        r = self._quota_reason(task, c, mem)
+        if r is not None:
+            return ("reason", r)
+        r = self._share_reason(task, c)
+        if r is not None:
+            return ("reason", r)
+
+        if head is not None and not self.cfg.backfill:
+            if waiting_higher == waiting_total:
+                return ("wait", f"waiting behind {_plural(waiting_total, 'higher-priority task')}")
+            return ("wait", f"waiting behind {_plural(waiting_total, 'earlier task')} in the queue "
+                            f"({waiting_higher} of higher priority)")
+
+        excluded: frozenset[int] | None = None
+        res = self.reservation
+        if res is not None and self._ends_after(task, res):
+            excluded = res.gpus
+
+        found = self._search(task, c, mem, mode, shape, elig, excluded, None)
+        if (found is None and excluded is not None
+                and self._search(task, c, mem, mode, shape, elig, None, None) is not None):
+            return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
+        if found is None:
+            found = self._reclaim_or_preempt(task, c, mem, mode, shape, elig, excluded)
+        if found is None:
+            return ("capacity", shape)
+
+        n, gpus = found
+        if mode == WHOLE:
+            per_gpu = min(self.g_total[g] for g in gpus)
+            r = self._memory_quota_reason(task, c * per_gpu)
+            if r is not None:
+                return ("reason", r)
+        else:
+            per_gpu = mem
+        self._place(task, n, gpus, per_gpu, mode)
+        return None
+
+    def _ends_after(self, task: PendingTask, res: _Reservation) -> bool:
+        return self.now + timedelta(seconds=task.timeout_s) > res.time
+
+    # ------------------------------------------------------------------ quotas
+
+    def _quota_reason(self, task: PendingTask, c: int, mem: int | None) -> str | None:
+        tenant = self.snap.tenants.get(task.tenant_id)
+        if tenant is None:
+            return None
+        used_gpus, _used_mem, running = self.t_usage[task.tenant_id]
+        slug = tenant.slug
+        if running + 1 > tenant.max_running_tasks:
+            return f"tenant {slug} at its running-task quota ({running}/{tenant.max_running_tasks})"
+        if used_gpus + c > tenant.max_gpus:
+            if used_gpus >= tenant.max_gpus:
+                return f"tenant {slug} at its GPU quota ({used_gpus}/{tenant.max_gpus})"
+            return (f"tenant {slug} near its GPU quota ({used_gpus}/{tenant.max_gpus}); "
+                    f"this task needs {c} more")
+        if mem is not None:
+            return self._memory_quota_reason(task, c * mem)
+        return None
+
+    def _memory_quota_reason(self, task: PendingTask, need_mb: int) -> str | None:
+        tenant = self.snap.tenants.get(task.tenant_id)
+        if tenant is None:
+            return None
+        used_mem = self.t_usage[task.tenant_id][1]
+        if used_mem + need_mb <= tenant.max_gpu_memory_mb:
+            return None
+        if used_mem >= tenant.max_gpu_memory_mb:
+            return (f"tenant {tenant.slug} at its GPU memory quota "
+                    f"({format_mb(used_mem)}/{format_mb(tenant.max_gpu_memory_mb)})")
+        return (f"tenant {tenant.slug} near its GPU memory quota "
+                f"({format_mb(used_mem)}/{format_mb(tenant.max_gpu_memory_mb)}); "
+                f"this task needs {format_mb(need_mb)} more")
+
+    def _other(self, cls: str) -> str:
+        return "batch" if cls == "online" else "online"
+
+    def _share_limit(self, cls: str) -> int:
+        cap = self.class_cap[cls]
+        if self.cfg.allow_borrowing:
+            other = self._other(cls)
+            cap += max(0, self.class_cap[other] - self.class_used[other])
+        return cap
+
+    def _share_reason(self, task: PendingTask, c: int) -> str | None:
+        cls = task.workload_class
+        if cls not in self.class_cap:
+            return None
+        used = self.class_used[cls]
+        limit = self._share_limit(cls)
+        if used + c <= limit or limit >= self.schedulable_total:
+            # A share covering the whole cluster is no limit: capacity will say why it waits.
+            return None
+        pct = f"{self.class_share[cls] * 100:.0f}%"
+        r = f"{cls} share of the cluster full ({pct}): {used}/{self.class_cap[cls]} GPUs in use"
+        if used < self.class_cap[cls]:
+            r += f", this task needs {c}"
+        if self.cfg.allow_borrowing:
+            r += f", and the {self._other(cls)} share has no idle GPUs to lend"
+        return r
+
+    # ------------------------------------------------------------------ constraints
+
+    def _eligible(self, ckey: tuple) -> dict[int, tuple[int, ...]]:
+        """Active servers matching the labels, with their schedulable GPUs of the model."""
+        selector, model = ckey
+        out: dict[int, tuple[int, ...]] = {}
+        for n, gl in enumerate(self.n_gpus):
+            if not self.n_ok[n] or not gl:
+                continue
+            if selector:
+                labels = self.n_labels[n]
+                if any(str(labels.get(k)) != v or k not in labels for k, v in selector):
+                    continue
+            if model:
+                wanted = model.lower()
+                gl = tuple(g for g in gl if wanted in self.g_model_lower[g])
+                if not gl:
+                    continue
+            out[n] = gl
+        return out
+
+    def _constraint_text(self, ckey: tuple) -> str:
+        selector, model = ckey
+        parts = []
+        if selector:
+            parts.append("labels " + ", ".join(f"{k}={v}" for k, v in selector))
+        if model:
+            parts.append(f"gpu_model '{model}'")
+        return f" ({'; '.join(parts)})" if parts else ""
+
+    def _static_reason(self, shape: tuple, elig: dict[int, tuple[int, ...]]) -> str:
+        """Why no active server could ever hold this shape ("" when one could)."""
+        c, mem, mode, ckey = shape
+        selector, model = ckey
+        if not elig:
+            if selector and not self._eligible((selector, "")):
+                labels = ", ".join(f"{k}={v}" for k, v in selector)
+                return f"no active server has labels {labels}"
+            if model:
+                where = "no active server"
+                if selector:
+                    where += " with labels " + ", ".join(f"{k}={v}" for k, v in selector)
+                return f"{where} has GPUs matching gpu_model '{model}'"
+            return "no active server has schedulable GPUs"
+        suffix = self._constraint_text(ckey)
+        largest = max(len(gl) for gl in elig.values())
+        if largest < c:
+            return f"no active server has {_plural(c, 'GPU')}{suffix}; the largest has {largest}"
+        need = self.margin + (mem if mode != WHOLE else 0)
+        total = self.g_total
+        best = max(sum(1 for g in gl if total[g] >= need) for gl in elig.values())
+        if best < c:
+            what = f"{format_mb(mem)} + the {format_mb(self.margin)} safety margin" if mode != WHOLE else (
+                f"the {format_mb(self.margin)} safety margin")
+            return (f"no active server has {_plural(c, 'GPU')} with {what}{suffix}; "
+                    f"the best has {best}")
+        return ""
+
+    def _capacity_reason(self, shape: tuple) -> str:
+        c, mem, mode, ckey = shape
+        elig = self.elig_cache[ckey]
+        best = 0
+        for gl in elig.values():
+            k = sum(1 for g in gl if self._fits(g, mem, mode))
+            if k > best:
+                best = k
+        suffix = self._constraint_text(ckey)
+        if mode == EXCLUSIVE:
+            what = f"{_plural(c, 'free GPU')} with {format_mb(mem)}"
+        elif mode == WHOLE:
+            what = f"{_plural(c, 'empty GPU')}"
+        else:
+            what = f"{_plural(c, 'GPU')} with {format_mb(mem)} free to share"
+        if best >= c:
+            # Capacity came back later in the pass (a preemption): say what happened at its turn.
+            return f"no server had {what}{suffix} at its turn; capacity freed later went to other tasks"
+        return f"no server has {what}{suffix}; best has {best}"
+
+    # ------------------------------------------------------------------ fit and score
+
+    def _fits(self, g: int, mem: int, mode: str) -> bool:
+        if self.g_excl[g]:
+            return False
+        if mode == SHARED:
+            claimed = self.g_claimed[g]
+            live = self.g_live[g]
+            return (claimed if claimed > live else live) + mem + self.margin <= self.g_total[g]
+        if self.g_shared[g] or self.g_claimed[g]:
+            return False
+        return self.g_live[g] + mem + self.margin <= self.g_total[g]
+
+    def _gpu_score(self, g: int, model: str) -> float:
+        total = self.g_total[g]
+        claimed = self.g_claimed[g]
+        live = self.g_live[g]
+        used = claimed if claimed > live else live
+        free_ratio = (total - used) / total if total > 0 else 0.0
+        if free_ratio < 0:
+            free_ratio = 0.0
+        if self.binpack:
+            free_ratio = 1.0 - free_ratio
+        score = 40.0 * free_ratio + self.g_static[g]
+        if model:
+            models = self.g_models[g]
+            if model in models:
+                score += 100.0
+            elif len(models) < self.max_models:
+                score += 50.0
+        return score
+
+    def _pick(self, q: list[int], c: int, model: str) -> tuple[float, tuple[int, ...]]:
+        """The best ``c`` GPUs of ``q`` (all fit) and their summed score."""
+        score = self._gpu_score
+        if len(q) == c:
+            return sum(score(g, model) for g in q), tuple(q)
+        ranked = sorted(q, key=lambda g: (-score(g, model), g))[:c]
+        return sum(score(g, model) for g in ranked), tuple(sorted(ranked))
+
+    def _qualifying(self, gl: tuple[int, ...], mem: int, mode: str, excluded: frozenset[int] | None) -> list[int]:
+        g_excl = self.g_excl
+        g_total = self.g_total
+        g_live = self.g_live
+        g_claimed = self.g_claimed
+        margin = self.margin
+        out = []
+        if mode == SHARED:
+            for g in gl:
+                if g_excl[g] or (excluded is not None and g in excluded):
+                    continue
+                claimed = g_claimed[g]
+                live = g_live[g]
+                if (claimed if claimed > live else live) + mem + margin <= g_total[g]:
+                    out.append(g)
+        else:
+            g_shared = self.g_shared
+            for g in gl:
+                if g_excl[g] or g_shared[g] or g_claimed[g] or (excluded is not None and g in excluded):
+                    continue
+                if g_live[g] + mem + margin <= g_total[g]:
+                    out.append(g)
+        return out
+
+    def _search(self, task: PendingTask, c: int, mem: int | None, mode: str, shape: tuple,
+                elig: dict[int, tuple[int, ...]], excluded: frozenset[int] | None,
+                only_node: int | None) -> tuple[int, tuple[int, ...]] | None:
+        need = mem if mem is not None else 0
+        model = task.model_name
+        if only_node is not None:
+            gl = elig.get(only_node)
+            if not gl:
+                return None
+            q = self._qualifying(gl, need, mode, excluded)
+            if len(q) < c:
+                return None
+            return only_node, self._pick(q, c, model)[1]
+
+        key = (shape, id(excluded) if excluded is not None else 0)
+        if key in self.nofit:
+            return None
+
+        # Affinity first: servers that already hold the task's model.
+        if model:
+            holders = self.model_nodes.get(model)
+            if holders:
+                best = None
+                best_key = None
+                for n in holders:
+                    gl = elig.get(n)
+                    if not gl:
+                        continue
+                    q = self._qualifying(gl, need, mode, excluded)
+                    if len(q) < c:
+                        continue
+                    s, gpus = self._pick(q, c, model)
+                    loaded = sum(1 for g in gpus if model in self.g_models[g])
+                    if not loaded:
+                        continue
+                    cand = (loaded, -self.n_free[n] if self.binpack else self.n_free[n], s, -n)
+                    if best_key is None or cand > best_key:
+                        best, best_key = (n, gpus), cand
+                if best is not None:
+                    return best
+
+        lo = c if mode != SHARED else 0
+        levels = range(lo, self.max_k + 1) if self.binpack else range(self.max_k, lo - 1, -1)
+        buckets = self.buckets
+        for k in levels:
+            bucket = buckets[k]
+            if not bucket:
+                continue
+            best = None
+            best_score = -1.0
+            seen = 0
+            for n in bucket:
+                gl = elig.get(n)
+                if gl is None or len(gl) < c:
+                    continue
+                q = self._qualifying(gl, need, mode, excluded)
+                if len(q) < c:
+                    continue
+                s, gpus = self._pick(q, c, model)
+                if s > best_score:
+                    best, best_score = (n, gpus), s
+                seen += 1
+                if seen >= SCAN_LIMIT:
+                    break
+            if best is not None:
+                return best
+        self.nofit.add(key)
+        return None
+
+    # ------------------------------------------------------------------ state changes
+
+    def _set_free(self, n: int, free: int) -> None:
+        old = self.n_free[n]
+        if old == free:
+            return
+        self.n_free[n] = free
+        if self.n_ok[n] and self.n_gpus[n]:
+            del self.buckets[old][n]
+            self.buckets[free][n] = None
+
+    def _place(self, task: PendingTask, n: int, gpus: tuple[int, ...], per_gpu: int, mode: str) -> None:
+        exclusive = mode != SHARED
+        model = task.model_name
+        score = sum(self._gpu_score(g, model) for g in gpus)
+        became_busy = 0
+        for g in gpus:
+            if self._empty(g):
+                became_busy += 1
+            self.g_claimed[g] += per_gpu
+            if exclusive:
+                self.g_excl[g] = True
+            else:
+                self.g_shared[g] += 1
+            if model:
+                models = self.g_models[g]
+                if model not in models:
+                    # The agent loads the model there; keep the working copy's LRU view honest.
+                    models = dict.fromkeys(models)
+                    models[model] = None
+                    if len(models) > self.max_models and self.max_models > 0:
+                        models.pop(next(iter(models)))
+                    self.g_models[g] = models
+                    self.model_nodes.setdefault(model, set()).add(n)
+        if became_busy:
+            self._set_free(n, self.n_free[n] - became_busy)
+        usage = self.t_usage.get(task.tenant_id)
+        if usage is not None:
+            usage[0] += len(gpus)
+            usage[1] += per_gpu * len(gpus)
+            usage[2] += 1
+        if task.workload_class in self.class_used:
+            self.class_used[task.workload_class] += len(gpus)
+        self.placed_ends.append((self.now + timedelta(seconds=task.timeout_s), n, gpus, per_gpu, exclusive,
+                                 task.workload_class))
+        self.plan.placements.append(Placement(
+            task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple(self.g_id[g] for g in gpus),
+            memory_mb=per_gpu, exclusive=exclusive, score=round(score, 3),
+        ))
+
+    def _release(self, victim: RunningTask) -> None:
+        """Give a preempted task's GPUs back to the working state."""
+        touched: dict[int, int] = {}
+        for gid in victim.gpu_ids:
+            g = self.gpu_index.get(gid)
+            if g is None:
+                continue
+            was_empty = self._empty(g)
+            self.g_claimed[g] = max(0, self.g_claimed[g] - victim.memory_mb)
+            # Its process goes away too: the live reading will drop by about its claim.
+            self.g_live[g] = max(0, self.g_live[g] - victim.memory_mb)
+            if victim.exclusive:
+                self.g_excl[g] = False
+            else:
+                self.g_shared[g] = max(0, self.g_shared[g] - 1)
+            n = self.g_node[g]
+            if not was_empty and self._empty(g) and g in self.n_gpus[n]:
+                touched[n] = touched.get(n, 0) + 1
+        for n, k in touched.items():
+            self._set_free(n, self.n_free[n] + k)
+        usage = self.t_usage.get(victim.tenant_id)
+        if usage is not None:
+            usage[0] = max(0, usage[0] - len(victim.gpu_ids))
+            usage[1] = max(0, usage[1] - victim.memory_mb * len(victim.gpu_ids))
+            usage[2] = max(0, usage[2] - 1)
+        if victim.workload_class in self.class_used:
+            self.class_used[victim.workload_class] = max(0, self.class_used[victim.workload_class]
+                                                         - len(victim.gpu_ids))
+        del self.running[victim.id]
+        # More capacity than before: earlier "nothing fits" answers may be wrong now.
+        self.nofit.clear()
+        self.novictims.clear()
+
+    # ------------------------------------------------------------------ reclaim and preemption
+
+    def _reclaim_or_preempt(self, task: PendingTask, c: int, mem: int | None, mode: str, shape: tuple,
+                            elig: dict[int, tuple[int, ...]],
+                            excluded: frozenset[int] | None) -> tuple[int, tuple[int, ...]] | None:
+        cls = task.workload_class
+        if self.cfg.allow_borrowing and cls in self.class_cap:
+            other = self._other(cls)
+            borrowed = self.class_used[other] - self.class_cap[other]
+            if borrowed > 0 and self.class_used[cls] + c <= self.class_cap[cls]:
+                found = self._with_victims(
+                    task, c, mem, mode, elig, excluded,
+                    lambda r: r.workload_class == other and r.priority <= task.priority,
+                    budget=borrowed,
+                    reason=f"borrowed {other} GPUs reclaimed for {cls} task #{task.id}",
+                )
+                if found is not None:
+                    return found
+        if task.priority in self.preempt_allowed:
+            name = PRIORITY_NAMES[task.priority]
+            return self._with_victims(
+                task, c, mem, mode, elig, excluded,
+                lambda r: r.priority == LOW and r.workload_class == "batch" and r.priority < task.priority,
+                budget=None,
+                reason=f"preempted by {name} task #{task.id}",
+            )
+        return None
+
+    def _with_victims(self, task: PendingTask, c: int, mem: int | None, mode: str,
+                      elig: dict[int, tuple[int, ...]], excluded: frozenset[int] | None,
+                      eligible_victim: Callable[[RunningTask], bool], budget: int | None,
+                      reason: str) -> tuple[int, tuple[int, ...]] | None:
+        key = (reason.split(" ", 1)[0], task.priority, task.workload_class, c, mem, mode, id(elig),
+               id(excluded) if excluded is not None else 0)
+        if key in self.novictims:
+            return None
+        need = mem if mem is not None else 0
+        by_node: dict[int, list[RunningTask]] = {}
+        for r in self.running.values():
+            if not eligible_victim(r):
+                continue
+            g0 = self.gpu_index.get(r.gpu_ids[0]) if r.gpu_ids else None
+            if g0 is None:
+                continue
+            n = self.g_node[g0]
+            if n in elig:
+                by_node.setdefault(n, []).append(r)
+        best_key: tuple[int, int, int] | None = None
+        best_victims: list[RunningTask] = []
+        for n, victims in by_node.items():
+            gl = elig[n]
+            # Newest first; and biggest first, which can need fewer victims. The better one wins.
+            for order in (sorted(victims, key=lambda r: -r.id),
+                          sorted(victims, key=lambda r: (-len(r.gpu_ids), -r.id))):
+                chosen = self._victims_on(gl, order, c, need, mode, excluded, budget)
+                if chosen is None:
+                    continue
+                key = (len(chosen), sum(len(v.gpu_ids) for v in chosen), n)
+                if best_key is None or key < best_key:
+                    best_key, best_victims = key, chosen
+        if best_key is None:
+            # Victims only get fewer and GPUs only get taken until the next preemption.
+            self.novictims.add(key)
+            return None
+        n = best_key[2]
+        for v in best_victims:
+            self._release(v)
+            self.plan.preemptions.append(Preemption(task_id=v.id, by_task_id=task.id, reason=reason))
+        return self._search(task, c, mem, mode, (), elig, excluded, n)
+
+    def _victims_on(self, gl: tuple[int, ...], order: list[RunningTask], c: int, need: int, mode: str,
+                    excluded: frozenset[int] | None, budget: int | None) -> list[RunningTask] | None:
+        """Victims taken in ``order`` until the task fits on this server, minus those not needed."""
+        state = self._node_state(gl)
+        chosen: list[RunningTask] = []
+        freed = 0
+        for v in order:
+            if budget is not None and freed >= budget:
+                return None
+            chosen.append(v)
+            freed += len(v.gpu_ids)
+            self._sim_release(state, v)
+            if self._sim_count(state, gl, need, mode, excluded) >= c:
+                break
+        else:
+            return None
+        # Spare victims that turn out unnecessary (a later one may have been enough alone).
+        for v in list(chosen):
+            trial = [x for x in chosen if x is not v]
+            st = self._node_state(gl)
+            for x in trial:
+                self._sim_release(st, x)
+            if self._sim_count(st, gl, need, mode, excluded) >= c:
+                chosen = trial
+        return chosen
+
+    def _node_state(self, gl: tuple[int, ...]) -> dict[int, list]:
+        return {g: [self.g_claimed[g], self.g_live[g], self.g_excl[g], self.g_shared[g]] for g in gl}
+
+    def _sim_release(self, state: dict[int, list], r) -> None:
+        """Apply the end of a running task (RunningTask or placed tuple) to a simulated node."""
+        if isinstance(r, RunningTask):
+            gids = [self.gpu_index.get(x) for x in r.gpu_ids]
+            mem, exclusive = r.memory_mb, r.exclusive
+        else:
+            gids, mem, exclusive = r
+        for g in gids:
+            s = state.get(g)
+            if s is None:
+                continue
+            s[0] = max(0, s[0] - mem)
+            s[1] = max(0, s[1] - mem)
+            if exclusive:
+                s[2] = False
+            else:
+                s[3] = max(0, s[3] - 1)
+
+    def _sim_qualifying(self, state: dict[int, list], gl: tuple[int, ...], mem: int, mode: str,
+                        excluded: frozenset[int] | None) -> list[int]:
+        out = []
+        margin = self.margin
+        for g in gl:
+            if excluded is not None and g in excluded:
+                continue
+            claimed, live, excl, shared = state[g]
+            if excl:
+                continue
+            if mode == SHARED:
+                if max(claimed, live) + mem + margin <= self.g_total[g]:
+                    out.append(g)
+            elif not shared and not claimed and live + mem + margin <= self.g_total[g]:
+                out.append(g)
+        return out
+
+    def _sim_count(self, state, gl, mem, mode, excluded) -> int:
+        return len(self._sim_qualifying(state, gl, mem, mode, excluded))
+
+    # ------------------------------------------------------------------ backfill reservation
+
+    def _reserve(self, task: PendingTask, shape: tuple) -> _Reservation | None:
+        """Earliest time and GPUs at which ``task`` fits, replaying the ends of running tasks."""
+        c, mem, mode, ckey = shape
+        elig = self.elig_cache[ckey]
+        events: dict[int, list[tuple]] = {}
+        for r in self.running.values():
+            gids = [self.gpu_index.get(x) for x in r.gpu_ids]
+            gids = [g for g in gids if g is not None]
+            if not gids:
+                continue
+            n = self.g_node[gids[0]]
+            if n in elig:
+                events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive)))
+        for end, n, gpus, per_gpu, exclusive, _cls in self.placed_ends:
+            if n in elig:
+                events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive)))
+        best: _Reservation | None = None
+        for n, evs in events.items():
+            evs.sort(key=lambda e: e[0])
+            gl = elig[n]
+            if len(gl) < c:
+                continue
+            state = self._node_state(gl)
+            for when, change in evs:
+                if best is not None and when >= best.time:
+                    break
+                self._sim_release(state, change)
+                q = self._sim_qualifying(state, gl, mem, mode, None)
+                if len(q) >= c:
+                    best = _Reservation(task.id, when, n, frozenset(q[:c]))
+                    break
+        return best

@@ -1,0 +1,228 @@
+"""The placement core's rules, one behaviour per test (pure Python, no database)."""
+
+from __future__ import annotations
+
+from scheduling.core import schedule
+from tests.core_factory import NOW, gpu, node, occupy, snapshot, task, tenant
+
+CRITICAL, HIGH, NORMAL, LOW = 3, 2, 1, 0
+
+
+def placed(plan) -> dict[int, tuple[int, tuple[int, ...]]]:
+    return {p.task_id: (p.node_id, p.gpu_ids) for p in plan.placements}
+
+
+# ---------------------------------------------------------------- order
+
+
+def test_higher_priority_tasks_are_placed_first_whatever_the_submission_order():
+    nodes = [node(1, 1)]
+    plan = schedule(snapshot(nodes, [task(1, priority=LOW, age_s=100), task(2, priority=CRITICAL),
+                                     task(3, priority=NORMAL, age_s=50)], backfill=False))
+    assert list(placed(plan)) == [2]
+    assert plan.pending[3].position == 1 and plan.pending[1].position == 2
+
+
+def test_tasks_of_one_priority_are_placed_first_come_first_served():
+    nodes = [node(1, 1)]
+    plan = schedule(snapshot(nodes, [task(7, age_s=10), task(5, age_s=30), task(6, age_s=30)]))
+    assert list(placed(plan)) == [5]  # oldest; equal times fall back to the id
+    assert (plan.pending[6].position, plan.pending[7].position) == (1, 2)
+
+
+# ---------------------------------------------------------------- quotas
+
+
+def test_a_tenant_at_its_gpu_quota_waits_with_the_counts_in_the_reason():
+    plan = schedule(snapshot([node(1)], [task(1, gpus=2)], tenants=[tenant(max_gpus=8, used_gpus=8)]))
+    assert plan.placements == []
+    assert plan.pending[1].reason == "tenant acme at its GPU quota (8/8)"
+
+
+def test_a_tenant_at_its_running_task_quota_waits():
+    plan = schedule(snapshot([node(1)], [task(1)], tenants=[tenant(max_tasks=4, running=4)]))
+    assert plan.pending[1].reason == "tenant acme at its running-task quota (4/4)"
+
+
+def test_a_tenant_at_its_gpu_memory_quota_waits():
+    plan = schedule(snapshot([node(1)], [task(1, gpus=2, memory=30_000)],
+                             tenants=[tenant(max_mem=100_000, used_mem=50_000)]))
+    assert plan.pending[1].reason.startswith("tenant acme near its GPU memory quota (50 GB/100 GB)")
+
+
+def test_quota_usage_grows_with_each_placement_in_the_same_pass():
+    plan = schedule(snapshot([node(1), node(2)], [task(i, gpus=2, age_s=10 - i) for i in range(1, 6)],
+                             tenants=[tenant(max_gpus=6)]))
+    assert sorted(placed(plan)) == [1, 2, 3]
+    assert plan.pending[4].reason == "tenant acme at its GPU quota (6/6)"
+
+
+def test_a_task_blocked_by_its_own_tenant_quota_does_not_block_other_tenants():
+    tenants = [tenant(1, "acme", max_gpus=0), tenant(2, "globex")]
+    plan = schedule(snapshot([node(1, 2)], [task(1, tenant_id=1, priority=CRITICAL), task(2, tenant_id=2)],
+                             tenants=tenants, backfill=False))
+    assert list(placed(plan)) == [2]
+
+
+def test_the_online_share_caps_online_tasks_at_seventy_percent_of_the_cluster():
+    nodes = [node(1, 10, total=80_000)]
+    pending = [task(i, cls="online", age_s=100 - i) for i in range(1, 10)]
+    plan = schedule(snapshot(nodes, pending, online_share=0.7, batch_share=0.3))
+    assert len(plan.placements) == 7
+    assert plan.pending[8].reason.startswith("online share of the cluster full (70%): 7/7 GPUs in use")
+
+
+def test_the_split_is_strict_by_default_even_when_the_other_share_is_idle():
+    plan = schedule(snapshot([node(1, 10)], [task(i, cls="batch", age_s=10 - i) for i in range(1, 6)],
+                             online_share=0.7, batch_share=0.3))
+    assert len(plan.placements) == 3
+    assert plan.pending[4].reason.startswith("batch share of the cluster full (30%)")
+
+
+def test_with_borrowing_a_class_uses_the_other_class_idle_share():
+    plan = schedule(snapshot([node(1, 10)], [task(i, cls="batch", age_s=10 - i) for i in range(1, 6)],
+                             online_share=0.7, batch_share=0.3, allow_borrowing=True))
+    assert len(plan.placements) == 5
+
+
+# ---------------------------------------------------------------- fit
+
+
+def test_used_memory_is_the_larger_of_claimed_and_live():
+    nodes = [node(1, 1, total=80_000, claimed=10_000, live=50_000, exclusive_taken=False, shared=1)]
+    # 50 GB live + 30 GB + 2 GB margin > 80 GB, although claimed alone would leave room.
+    plan = schedule(snapshot(nodes, [task(1, memory=30_000, exclusive=False)]))
+    assert plan.placements == []
+    plan = schedule(snapshot(nodes, [task(1, memory=28_000, exclusive=False)]))
+    assert list(placed(plan)) == [1]
+
+
+def test_the_safety_margin_is_kept_free_on_every_gpu():
+    nodes = [node(1, 1, total=80_000)]
+    assert schedule(snapshot(nodes, [task(1, memory=78_001)])).placements == []
+    assert len(schedule(snapshot(nodes, [task(1, memory=78_000)])).placements) == 1
+
+
+def test_a_task_without_memory_needs_a_whole_empty_gpu_and_claims_all_of_it():
+    nodes = [node(1, 2, total=80_000)]
+    nodes[0].gpus[0].shared_count = 1
+    nodes[0].gpus[0].memory_claimed_mb = 1_000
+    plan = schedule(snapshot(nodes, [task(1, memory=None, exclusive=False)]))
+    (p,) = plan.placements
+    assert p.gpu_ids == (101,) and p.memory_mb == 80_000 and p.exclusive
+
+
+def test_node_selector_must_be_a_subset_of_the_server_labels():
+    nodes = [node(1, 2, labels={"zone": "a"}), node(2, 2, labels={"zone": "b", "ib": "yes"})]
+    plan = schedule(snapshot(nodes, [task(1, selector={"zone": "b", "ib": "yes"})]))
+    assert placed(plan)[1][0] == 2
+
+
+def test_gpu_model_matches_a_case_insensitive_substring_of_the_model_name():
+    nodes = [node(1, 2), node(2, 2, model="NVIDIA A100-SXM4-80GB")]
+    plan = schedule(snapshot(nodes, [task(1, gpu_model="a100")]))
+    assert placed(plan)[1][0] == 2
+
+
+def test_a_gpu_model_no_active_server_has_is_named_in_the_reason():
+    plan = schedule(snapshot([node(1, 2)], [task(1, gpu_model="A100")]))
+    assert plan.pending[1].reason == "no active server has GPUs matching gpu_model 'A100'"
+
+
+def test_labels_no_active_server_has_are_named_in_the_reason():
+    plan = schedule(snapshot([node(1, 2, labels={"zone": "a"})], [task(1, selector={"zone": "z"})]))
+    assert plan.pending[1].reason == "no active server has labels zone=z"
+
+
+def test_a_gang_gets_all_its_gpus_on_one_server_or_none():
+    nodes = [node(1, 4), node(2, 4)]
+    plan = schedule(snapshot(nodes, [task(1, gpus=6)]))
+    assert plan.placements == []
+    assert plan.pending[1].reason == "no active server has 6 GPUs; the largest has 4"
+
+
+def test_a_gang_waits_when_free_gpus_are_spread_over_servers():
+    nodes = [node(1, 4), node(2, 4)]
+    running = [occupy(nodes, 90, 1, [0]), occupy(nodes, 91, 2, [0])]
+    plan = schedule(snapshot(nodes, [task(1, gpus=4, memory=40_000)], running=running))
+    assert plan.placements == []
+    assert plan.pending[1].reason.startswith("no server has 4 free GPUs with 40 GB; best has 3")
+
+
+def test_unschedulable_gpus_and_servers_are_skipped():
+    nodes = [node(1, 2, schedulable=False), node(2, 2)]
+    nodes[1].gpus[0].schedulable = False
+    plan = schedule(snapshot(nodes, [task(1), task(2, age_s=-1)]))
+    assert placed(plan) == {1: (2, (201,))}
+    assert plan.pending[2].reason.startswith("no server has 1 free GPU with 10 GB; best has 0")
+
+
+def test_exclusive_tasks_never_land_on_a_gpu_with_any_allocation():
+    nodes = [node(1, 2)]
+    running = [occupy(nodes, 90, 1, [0], memory=1_000, exclusive=False)]
+    plan = schedule(snapshot(nodes, [task(1), task(2, age_s=-1)], running=running))
+    assert placed(plan) == {1: (1, (101,))}
+
+
+def test_shared_tasks_pack_onto_one_gpu_while_their_memory_fits():
+    nodes = [node(1, 2, total=80_000)]
+    pending = [task(i, memory=20_000, exclusive=False, age_s=10 - i) for i in range(1, 5)]
+    plan = schedule(snapshot(nodes, pending))
+    gpus = [p.gpu_ids for p in plan.placements]
+    # 3 x 20 GB + 2 GB margin fit on one 80 GB GPU (binpack fills it before the next).
+    assert gpus == [(100,), (100,), (100,), (101,)]
+    assert all(not p.exclusive for p in plan.placements)
+
+
+def test_shared_tasks_never_join_an_exclusive_allocation():
+    nodes = [node(1, 1)]
+    running = [occupy(nodes, 90, 1, [0], memory=1_000, exclusive=True)]
+    plan = schedule(snapshot(nodes, [task(1, memory=1_000, exclusive=False)], running=running))
+    assert plan.placements == []
+
+
+# ---------------------------------------------------------------- score
+
+
+def test_a_gpu_with_the_model_loaded_wins_over_an_emptier_server():
+    nodes = [node(1, 8), node(2, 8)]
+    nodes[1].gpus[5].loaded_models = {"deepseek-7b": NOW}
+    plan = schedule(snapshot(nodes, [task(1, model="deepseek-7b")]))
+    assert placed(plan)[1] == (2, (205,))
+
+
+def test_a_gpu_with_room_in_its_model_cache_beats_one_whose_cache_is_full():
+    n = node(1, 2)
+    n.gpus[0].loaded_models = {"a": NOW, "b": NOW}
+    plan = schedule(snapshot([n], [task(1, model="c")]))
+    assert placed(plan)[1] == (1, (101,))
+
+
+def test_binpack_fills_the_busiest_server_that_fits_and_keeps_whole_servers_free():
+    nodes = [node(1, 8), node(2, 8), node(3, 8)]
+    running = [occupy(nodes, 90, 2, [0, 1, 2, 3, 4])]
+    plan = schedule(snapshot(nodes, [task(1, gpus=2)], running=running, strategy="binpack"))
+    assert placed(plan)[1][0] == 2
+
+
+def test_spread_places_on_the_least_loaded_server():
+    nodes = [node(1, 8), node(2, 8), node(3, 8)]
+    running = [occupy(nodes, 90, 1, [0, 1]), occupy(nodes, 91, 3, [0])]
+    plan = schedule(snapshot(nodes, [task(1, gpus=2)], running=running, strategy="spread"))
+    assert placed(plan)[1][0] == 2
+
+
+def test_the_load_balance_score_prefers_cool_idle_gpus_within_a_server():
+    n = node(1, 2)
+    n.gpus[0] = gpu(1, 0, util=90, temp=85, idle_s=None)
+    n.gpus[1] = gpu(1, 1, util=0, temp=35, idle_s=3600)
+    plan = schedule(snapshot([n], [task(1)]))
+    assert placed(plan)[1] == (1, (101,))
+
+
+def test_the_input_snapshot_is_not_modified():
+    nodes = [node(1, 2)]
+    snap = snapshot(nodes, [task(1, model="m")])
+    schedule(snap)
+    g = snap.nodes[0].gpus
+    assert (g[0].memory_claimed_mb, g[0].exclusive_taken, g[0].loaded_models) == (0, False, {})
