@@ -1,5 +1,14 @@
+from __future__ import annotations
+
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class SchedulingConfig(AppConfig):
     name = "scheduling"
+
+    def ready(self) -> None:
+        from scheduling.sweep import register_schedule
+
+        # The every-minute sweep as a django-q2 Schedule, registered idempotently.
+        post_migrate.connect(register_schedule, sender=self, dispatch_uid="scheduling.register_sweep_schedule")

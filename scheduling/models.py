@@ -281,6 +281,12 @@ class SchedulerLock(models.Model):
     name = models.CharField(max_length=50, unique=True)
     holder = models.CharField(max_length=200, blank=True)
     acquired_at = models.DateTimeField(null=True, blank=True)
+    # Used on the separate "wake" row (never on the locked "scheduler" row, so that
+    # flipping it never waits for a running pass): set by the first request_pass
+    # after a pass started, cleared by the next pass as it starts. Only the request
+    # that flips it enqueues a django-q pass, so a burst of submits queues one pass.
+    pass_requested = models.BooleanField(default=False)
+    requested_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return self.name

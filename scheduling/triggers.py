@@ -2,21 +2,97 @@
 
 Call ``request_pass(reason)`` after anything that may free GPUs or need them:
 a submit, a finish, a cancel, a server joining or leaving. Wake-ups are sent
-after commit (nobody schedules from a rolled-back state): a Postgres NOTIFY on
-``scheduler_wake`` wakes ``runscheduler`` at once.
+after commit (nobody schedules from a rolled-back state), in one statement:
+
+- ``NOTIFY scheduler_wake`` wakes ``runscheduler`` at once;
+- the ``pass_requested`` flag on the ``SchedulerLock`` row named "wake" is set
+  with a conditional UPDATE, and only the request that flips it from false to
+  true enqueues a django-q2 task running a pass. Every pass clears the flag as
+  it starts, before it takes the lock and reads the queue, so a request that
+  finds the flag already set is covered by a pass that has not started yet:
+  a burst of 1,000 submits queues about one pass and no wake-up is lost.
+
+Many ``request_pass`` calls in one transaction send one wake-up.
 """
 
 from __future__ import annotations
 
+import logging
+
 from django.db import connection, transaction
 
+log = logging.getLogger(__name__)
+
 WAKE_CHANNEL = "scheduler_wake"
+WAKE_ROW = "wake"
+Q_TASK_FUNC = "scheduling.passes.run_requested_pass"
+
+# One statement: NOTIFY always; set the flag if it was clear (or create the row if it
+# is missing) and report whether this request flipped it.
+_WAKE_SQL = """
+WITH flipped AS (
+    INSERT INTO scheduling_schedulerlock (name, holder, pass_requested, requested_at)
+    VALUES (%s, '', true, now())
+    ON CONFLICT (name) DO UPDATE SET pass_requested = true, requested_at = now()
+    WHERE NOT scheduling_schedulerlock.pass_requested
+    RETURNING 1
+)
+SELECT pg_notify(%s, %s), (SELECT count(*) FROM flipped)
+"""
+
+_CLEAR_SQL = """
+UPDATE scheduling_schedulerlock SET pass_requested = false
+WHERE name = %s AND pass_requested
+"""
 
 
-def _notify(reason: str) -> None:
+class _PendingWake:
+    """The one after-commit wake-up of a transaction; later requests add their reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reasons = [reason]
+        self.sent = False
+
+    def __call__(self) -> None:
+        self.sent = True
+        reason = self.reasons[0] if len(self.reasons) == 1 else f"{self.reasons[0]} (+{len(self.reasons) - 1} more)"
+        wake(reason)
+
+
+def wake(reason: str) -> bool:
+    """Send the wake-up now (autocommit). True when this call enqueued a q pass."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [WAKE_CHANNEL, reason[:200]])
+        cursor.execute(_WAKE_SQL, [WAKE_ROW, WAKE_CHANNEL, reason[:200]])
+        (_, flipped) = cursor.fetchone()
+    if not flipped:
+        return False
+    from django_q.tasks import async_task
+
+    try:
+        async_task(Q_TASK_FUNC, reason[:200], task_name="scheduler pass")
+    except Exception:
+        # The NOTIFY above still wakes runscheduler; leave the flag clear so the next
+        # request retries the enqueue instead of trusting a pass that was never queued.
+        log.exception("could not enqueue a scheduler pass (%s)", reason)
+        clear_request()
+        return False
+    return True
+
+
+def clear_request() -> bool:
+    """Clear the flag; True if it was set. Called by every pass before it takes the lock."""
+    with connection.cursor() as cursor:
+        cursor.execute(_CLEAR_SQL, [WAKE_ROW])
+        return cursor.rowcount == 1
 
 
 def request_pass(reason: str) -> None:
-    transaction.on_commit(lambda: _notify(reason))
+    if connection.in_atomic_block:
+        # Coalesce: one wake-up per transaction however many changes it made.
+        for _sids, func, _robust in connection.run_on_commit:
+            if isinstance(func, _PendingWake) and not func.sent:
+                func.reasons.append(reason)
+                return
+    # robust: the change is committed already; a failed wake-up is logged, and the
+    # periodic passes and sweep still pick the change up.
+    transaction.on_commit(_PendingWake(reason), robust=True)

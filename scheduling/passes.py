@@ -1,0 +1,417 @@
+"""One scheduling pass: lock, load a snapshot, decide with the placement core, apply.
+
+``run_pass()`` is the only writer of new allocations. Passes anywhere in the
+cluster (runscheduler, django-q workers, several web nodes) serialise on the
+``SchedulerLock`` row named "scheduler", locked with ``SELECT ... FOR UPDATE``
+inside the pass's transaction: a holder that crashes loses the lock with its
+connection, and a pass commits all of its decisions or none.
+
+The snapshot is read in a fixed handful of queries whatever the cluster size
+(nodes, GPUs with their active allocations aggregated, holding tasks with their
+GPU ids, tenants with quotas, the pending queue with model memory estimates),
+and the plan is written with set-based statements (``unnest`` of arrays): one
+INSERT for allocations, one UPDATE for placed tasks, one INSERT for events, one
+UPDATE for changed pending reasons. Agents and websockets are told after commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models.functions import Now
+from django.utils.dateparse import parse_datetime
+
+from nodes.models import GPUHealth, NodeStatus
+from portal import live
+from scheduling import triggers
+from scheduling.choices import ShareMode, TaskStatus
+from scheduling.core_types import (
+    GpuState,
+    NodeState,
+    PendingTask,
+    Plan,
+    RunningTask,
+    Snapshot,
+    TenantState,
+)
+from scheduling.models import SchedulerLock, Task
+from tenants.models import Quota
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "scheduler"
+Schedule = Callable[[Snapshot], Plan]
+
+# Limits of a tenant that has no Quota row: the model's defaults.
+_DEFAULT_QUOTA = {f: Quota._meta.get_field(f).default for f in ("max_gpus", "max_gpu_memory_mb", "max_running_tasks")}
+
+
+@dataclass
+class PassResult:
+    placements: int = 0
+    preemptions: int = 0
+    pending: int = 0
+    duration_s: float = 0.0
+    core_s: float = 0.0
+    # Placements dropped because their task left the queue (e.g. cancelled) during the pass.
+    skipped: int = 0
+    placed_task_ids: list[int] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"placed {self.placements}, preempted {self.preemptions}, pending {self.pending}, "
+                f"{self.duration_s * 1000:.1f} ms (core {self.core_s * 1000:.1f} ms)")
+
+
+def holder_name(actor: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{actor}"[:200]
+
+
+# --- loading -------------------------------------------------------------------------
+
+_GPUS_SQL = """
+SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
+       g.utilization_pct, g.temperature_c, g.idle_since, g.loaded_models, g.cordoned, g.reserved, g.health,
+       coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0)
+FROM nodes_gpu g
+LEFT JOIN (
+    SELECT gpu_id, sum(memory_mb) AS claimed, bool_or(exclusive) AS exclusive,
+           count(*) FILTER (WHERE NOT exclusive) AS shared
+    FROM scheduling_allocation WHERE released_at IS NULL GROUP BY gpu_id
+) a ON a.gpu_id = g.id
+ORDER BY g.node_id, g.index
+"""
+
+# Tasks holding GPUs (assigned or running) with their active allocations. LEFT JOIN:
+# an active task without allocations still counts against its tenant's running limit.
+_HOLDING_SQL = """
+SELECT t.id, t.tenant_id, t.priority, t.workload_class, coalesce(t.started_at, t.assigned_at, t.created_at),
+       t.timeout_s, min(a.node_id), array_remove(array_agg(a.gpu_id ORDER BY a.gpu_id), NULL),
+       coalesce(max(a.memory_mb), 0), coalesce(bool_and(a.exclusive), true), coalesce(sum(a.memory_mb), 0)
+FROM scheduling_task t
+LEFT JOIN scheduling_allocation a ON a.task_id = t.id AND a.released_at IS NULL
+WHERE t.status IN ('assigned', 'running')
+GROUP BY t.id
+"""
+
+_TENANTS_SQL = """
+SELECT t.id, t.slug, q.max_gpus, q.max_gpu_memory_mb, q.max_running_tasks
+FROM tenants_tenant t LEFT JOIN tenants_quota q ON q.tenant_id = t.id
+"""
+
+# The queue in its index order (task_pending_queue_idx). A task that names a model but
+# no memory asks for the model's remembered estimate (raised x1.2 after each OOM).
+_PENDING_SQL = """
+SELECT t.id, t.tenant_id, t.priority, t.created_at, t.gpu_count, coalesce(t.gpu_memory_mb, e.memory_mb),
+       t.share_mode, t.workload_class, t.timeout_s, t.model_name, t.node_selector, t.gpu_model,
+       t.pending_reason, t.queue_position
+FROM scheduling_task t
+LEFT JOIN scheduling_modelmemoryestimate e
+       ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
+WHERE t.status = 'pending'
+ORDER BY t.priority DESC, t.created_at, t.id
+"""
+
+
+def _json(raw: str | dict | None) -> dict:
+    # Django's psycopg setup hands jsonb over as text (it decodes JSON itself).
+    if raw is None or raw == "{}":
+        return {}
+    value = json.loads(raw) if isinstance(raw, str) else raw
+    return value if isinstance(value, dict) else {}
+
+
+def _loaded_models(raw: str | dict | None) -> dict[str, datetime]:
+    out: dict[str, datetime] = {}
+    for name, when in _json(raw).items():
+        parsed = parse_datetime(when) if isinstance(when, str) else None
+        if parsed is not None:
+            out[name] = parsed
+    return out
+
+
+def _reserved(config_reserved: tuple[str, ...], node_names: dict[int, str], gpu_node: int, index: int,
+              uuid: str) -> bool:
+    return uuid in config_reserved or f"{node_names.get(gpu_node)}:{index}" in config_reserved
+
+
+@dataclass
+class _Loaded:
+    snapshot: Snapshot
+    # task id -> (pending_reason, queue_position) as stored, to write only what changed
+    stored_pending: dict[int, tuple[str, int | None]]
+    tenant_of: dict[int, int]
+    idle_since_null: set[int]
+    idle_gpu_ids: set[int]
+
+
+def load_snapshot(now: datetime) -> _Loaded:
+    config = settings.SCHEDULER
+    reserved = tuple(config.reserved_gpus)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id, name, labels, status FROM nodes_node ORDER BY id")
+        nodes: dict[int, NodeState] = {}
+        node_names: dict[int, str] = {}
+        for node_id, name, labels, status in cursor.fetchall():
+            nodes[node_id] = NodeState(id=node_id, name=name, labels=_json(labels),
+                                       schedulable=status == NodeStatus.ACTIVE, gpus=[])
+            node_names[node_id] = name
+
+        cursor.execute(_GPUS_SQL)
+        idle_since_null: set[int] = set()
+        idle_gpu_ids: set[int] = set()
+        for (gpu_id, node_id, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
+             flagged_reserved, health, claimed, exclusive, shared) in cursor.fetchall():
+            node = nodes.get(node_id)
+            if node is None:  # pragma: no cover - a GPU always has its node (FK)
+                continue
+            if idle_since is None:
+                idle_since_null.add(gpu_id)
+            if not exclusive and not shared:
+                idle_gpu_ids.add(gpu_id)
+            node.gpus.append(GpuState(
+                id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
+                memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
+                shared_count=int(shared), utilization_pct=util, temperature_c=temp, idle_since=idle_since,
+                loaded_models=_loaded_models(loaded),
+                schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
+                                 or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
+            ))
+
+        cursor.execute(_TENANTS_SQL)
+        tenants: dict[int, TenantState] = {}
+        for tenant_id, slug, max_gpus, max_mem, max_running in cursor.fetchall():
+            tenants[tenant_id] = TenantState(
+                id=tenant_id, slug=slug,
+                max_gpus=_DEFAULT_QUOTA["max_gpus"] if max_gpus is None else max_gpus,
+                max_gpu_memory_mb=_DEFAULT_QUOTA["max_gpu_memory_mb"] if max_mem is None else max_mem,
+                max_running_tasks=_DEFAULT_QUOTA["max_running_tasks"] if max_running is None else max_running,
+                used_gpus=0, used_gpu_memory_mb=0, running_tasks=0,
+            )
+
+        cursor.execute(_HOLDING_SQL)
+        running: list[RunningTask] = []
+        # Tenant usage counts distinct GPUs, like Tenant.usage().
+        tenant_gpus: dict[int, set[int]] = {}
+        for (task_id, tenant_id, priority, wclass, since, timeout_s, node_id, gpu_ids, mem, exclusive,
+             mem_total) in cursor.fetchall():
+            tenant = tenants.get(tenant_id)
+            if tenant is not None:
+                tenant.running_tasks += 1
+                tenant.used_gpu_memory_mb += int(mem_total)
+                tenant_gpus.setdefault(tenant_id, set()).update(gpu_ids)
+            if node_id is None:
+                continue
+            running.append(RunningTask(
+                id=task_id, tenant_id=tenant_id, priority=priority, workload_class=wclass, node_id=node_id,
+                gpu_ids=tuple(gpu_ids), memory_mb=mem, exclusive=exclusive,
+                expected_end=since + timedelta(seconds=timeout_s),
+            ))
+        for tenant_id, gpus in tenant_gpus.items():
+            tenants[tenant_id].used_gpus = len(gpus)
+
+        cursor.execute(_PENDING_SQL)
+        pending: list[PendingTask] = []
+        stored: dict[int, tuple[str, int | None]] = {}
+        tenant_of: dict[int, int] = {}
+        for (task_id, tenant_id, priority, created_at, gpu_count, memory_mb, share_mode, wclass, timeout_s,
+             model_name, selector, gpu_model, reason, position) in cursor.fetchall():
+            pending.append(PendingTask(
+                id=task_id, tenant_id=tenant_id, priority=priority, created_at=created_at, gpu_count=gpu_count,
+                memory_mb=memory_mb, exclusive=share_mode != ShareMode.SHARED, workload_class=wclass,
+                timeout_s=timeout_s, model_name=model_name, node_selector=_json(selector), gpu_model=gpu_model,
+            ))
+            stored[task_id] = (reason, position)
+            tenant_of[task_id] = tenant_id
+
+    snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
+                        pending=pending)
+    return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids)
+
+
+# --- applying -------------------------------------------------------------------------
+
+_LOCK_PLACED_SQL = """
+SELECT id FROM scheduling_task WHERE id = ANY(%s) AND status = 'pending' ORDER BY id FOR UPDATE
+"""
+
+_INSERT_ALLOCATIONS_SQL = """
+INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, allocated_at)
+SELECT task_id, gpu_id, node_id, memory_mb, exclusive, %s
+FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::integer[], %s::boolean[])
+     AS v(task_id, gpu_id, node_id, memory_mb, exclusive)
+"""
+
+_UPDATE_PLACED_SQL = """
+UPDATE scheduling_task t
+SET status = 'assigned', node_id = v.node_id, assigned_at = %s, updated_at = %s,
+    pending_reason = '', queue_position = NULL
+FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, node_id)
+WHERE t.id = v.id
+"""
+
+_INSERT_EVENTS_SQL = """
+INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
+SELECT task_id, 'pending', 'assigned', %s, reason, %s
+FROM unnest(%s::bigint[], %s::text[]) AS v(task_id, reason)
+"""
+
+_UPDATE_PENDING_SQL = """
+UPDATE scheduling_task t
+SET pending_reason = v.reason, queue_position = v.position
+FROM unnest(%s::bigint[], %s::text[], %s::integer[]) AS v(id, reason, position)
+WHERE t.id = v.id AND t.status = 'pending'
+"""
+
+
+def _apply_preemptions(plan: Plan, actor: str, notify_nodes: set[int], changed: list[tuple[int, int]]) -> int:
+    if not plan.preemptions:
+        return 0
+    by_victim = {p.task_id: p for p in plan.preemptions}
+    done = 0
+    victims = (Task.objects.select_for_update(of=("self",))
+               .filter(pk__in=list(by_victim), status__in=(TaskStatus.ASSIGNED, TaskStatus.RUNNING))
+               .order_by("pk"))
+    for victim in victims:
+        preemption = by_victim[victim.pk]
+        if victim.node_id is not None:
+            notify_nodes.add(victim.node_id)
+        reason = preemption.reason or f"preempted by task {preemption.by_task_id}"
+        victim.requeue(actor=actor, reason=reason)
+        changed.append((victim.tenant_id, victim.pk))
+        done += 1
+    return done
+
+
+def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: PassResult) -> None:
+    notify_nodes: set[int] = set()
+    changed: list[tuple[int, int]] = []
+    result.preemptions = _apply_preemptions(plan, actor, notify_nodes, changed)
+
+    with connection.cursor() as cursor:
+        placements = [p for p in plan.placements if p.task_id in loaded.stored_pending]
+        result.skipped = len(plan.placements) - len(placements)
+        if placements:
+            # Lock the tasks and keep only those still pending: a user may have cancelled
+            # one since the snapshot (lifecycle locks task rows, not the scheduler lock).
+            cursor.execute(_LOCK_PLACED_SQL, [[p.task_id for p in placements]])
+            still_pending = {row[0] for row in cursor.fetchall()}
+            result.skipped += len(placements) - len(still_pending)
+            placements = [p for p in placements if p.task_id in still_pending]
+        if placements:
+            a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
+            for p in placements:
+                for gpu_id in p.gpu_ids:
+                    a_task.append(p.task_id)
+                    a_gpu.append(gpu_id)
+                    a_node.append(p.node_id)
+                    a_mem.append(p.memory_mb)
+                    a_excl.append(p.exclusive)
+            cursor.execute(_INSERT_ALLOCATIONS_SQL, [now, a_task, a_gpu, a_node, a_mem, a_excl])
+            ids = [p.task_id for p in placements]
+            cursor.execute(_UPDATE_PLACED_SQL, [now, now, ids, [p.node_id for p in placements]])
+            reasons = [f"placed on {len(p.gpu_ids)} GPU(s) of server {p.node_id}" for p in placements]
+            cursor.execute(_INSERT_EVENTS_SQL, [actor, now, ids, reasons])
+            # The GPUs just taken are no longer idle.
+            taken = [g for g in a_gpu if g not in loaded.idle_since_null]
+            if taken:
+                cursor.execute("UPDATE nodes_gpu SET idle_since = NULL WHERE id = ANY(%s)", [taken])
+            notify_nodes.update(p.node_id for p in placements)
+            changed.extend((loaded.tenant_of[p.task_id], p.task_id) for p in placements)
+            result.placed_task_ids = ids
+        result.placements = len(placements)
+
+        # GPUs with no active allocation start their idle clock (feeds the idle-time score).
+        placed_gpus = {g for p in placements for g in p.gpu_ids}
+        newly_idle = [g for g in loaded.idle_gpu_ids & loaded.idle_since_null if g not in placed_gpus]
+        if newly_idle:
+            cursor.execute("UPDATE nodes_gpu SET idle_since = %s WHERE id = ANY(%s) AND idle_since IS NULL",
+                           [now, newly_idle])
+
+        # Reasons and positions, written only where they changed.
+        placed_ids = set(result.placed_task_ids)
+        u_id, u_reason, u_pos = [], [], []
+        for task_id, info in plan.pending.items():
+            stored = loaded.stored_pending.get(task_id)
+            if stored is None or task_id in placed_ids:
+                continue
+            reason = info.reason[:500]
+            if stored != (reason, info.position):
+                u_id.append(task_id)
+                u_reason.append(reason)
+                u_pos.append(info.position)
+                if stored[0] != reason:
+                    changed.append((loaded.tenant_of[task_id], task_id))
+        if u_id:
+            cursor.execute(_UPDATE_PENDING_SQL, [u_id, u_reason, u_pos])
+        result.pending = len(plan.pending)
+
+    if notify_nodes:
+        live.assignments_changed(notify_nodes)
+        live.gpus_changed(notify_nodes)
+    if changed:
+        live.tasks_changed(changed)
+    if result.preemptions:
+        # Victims are pending again and may fit elsewhere now.
+        triggers.request_pass("tasks preempted")
+
+
+def lock_scheduler() -> tuple[int, datetime]:
+    """Take the scheduler lock (inside the pass's transaction); return its id and DB time."""
+    locked = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
+              .annotate(db_now=Now()).values_list("pk", "db_now"))
+    try:
+        return locked.get()
+    except SchedulerLock.DoesNotExist:
+        # Migration 0001 creates the row; recreate it if it was deleted (e.g. a table flush).
+        SchedulerLock.objects.get_or_create(name=LOCK_NAME)
+        return locked.get()
+
+
+def _default_schedule() -> Schedule:
+    from scheduling.core import schedule
+
+    return schedule
+
+
+def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clear_request: bool = True) -> PassResult:
+    """Run one pass in its own transaction and return what it did.
+
+    ``schedule`` defaults to ``scheduling.core.schedule``; tests hand in others.
+    """
+    started = time.perf_counter()
+    decide = schedule or _default_schedule()
+    if clear_request:
+        # Before the lock, in its own statement: a request made after this point flips
+        # the flag again and gets its own pass; one made before it is in our snapshot.
+        triggers.clear_request()
+    result = PassResult()
+    with transaction.atomic():
+        _lock_id, now = lock_scheduler()
+        SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
+        loaded = load_snapshot(now)
+        core_started = time.perf_counter()
+        plan = decide(loaded.snapshot)
+        result.core_s = time.perf_counter() - core_started
+        _apply(loaded, plan, actor=actor, now=now, result=result)
+    result.duration_s = time.perf_counter() - started
+    return result
+
+
+def run_requested_pass(reason: str = "") -> str:
+    """The django-q task enqueued by ``triggers.request_pass``. Skips the pass when
+    another pass has started since the request (it cleared the flag and its snapshot
+    covers the request)."""
+    if not triggers.clear_request():
+        return "skipped: a pass already ran since the request"
+    result = run_pass(actor="scheduler:q", clear_request=False)
+    log.info("q pass (%s): %s", reason, result)
+    return str(result)

@@ -1,0 +1,159 @@
+"""The sweep: repairs what no event will repair on its own.
+
+- A server whose last heartbeat is older than ``heartbeat_timeout_s`` (database
+  time; agent clocks are never trusted) goes offline: its allocations are
+  released and its tasks return to pending with one more attempt while retries
+  remain, else fail with "server lost"; an operator alert is raised. Servers
+  that never sent a heartbeat are left alone (an operator set them up by hand).
+- A task assigned but not started within ``assign_grace_s`` returns to pending.
+- A running task past its ``timeout_s`` becomes timed_out and its agent is told
+  to kill it.
+
+``runscheduler`` sweeps every second; a django-q2 Schedule sweeps every minute
+as a safety net. A first cheap query decides whether there is anything to do; the
+repair itself holds the scheduler lock, so it never interleaves with a pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import DurationField, ExpressionWrapper, F
+from django.db.models.functions import Now
+
+from nodes.models import Node, NodeStatus
+from portal import live
+from portal.models import Alert
+from scheduling import triggers
+from scheduling.choices import ACTIVE_STATUSES, TaskStatus
+from scheduling.models import Allocation, Task
+from scheduling.passes import lock_scheduler
+
+log = logging.getLogger(__name__)
+
+SWEEP_SCHEDULE_NAME = "scheduler sweep"
+
+_LOST_NODES = """
+SELECT id FROM nodes_node
+WHERE status <> 'offline' AND last_heartbeat_at < now() - make_interval(secs => %s)
+"""
+_STALE_ASSIGNED = """
+SELECT id FROM scheduling_task
+WHERE status = 'assigned' AND assigned_at < now() - make_interval(secs => %s)
+"""
+_TIMED_OUT = """
+SELECT id FROM scheduling_task
+WHERE status = 'running' AND started_at + timeout_s * interval '1 second' < now()
+"""
+_ANYTHING = f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT})"
+
+
+@dataclass
+class SweepResult:
+    servers_lost: int = 0
+    requeued: int = 0
+    failed: int = 0
+    timed_out: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.servers_lost or self.requeued or self.failed or self.timed_out)
+
+    def __str__(self) -> str:
+        return (f"{self.servers_lost} server(s) lost, {self.requeued} task(s) requeued, "
+                f"{self.failed} failed, {self.timed_out} timed out")
+
+
+def _count(result: SweepResult, task: Task) -> None:
+    if task.status == TaskStatus.PENDING:
+        result.requeued += 1
+    else:
+        result.failed += 1
+
+
+def sweep(actor: str = "sweep") -> SweepResult:
+    config = settings.SCHEDULER
+    timeout, grace = config.heartbeat_timeout_s, config.assign_grace_s
+    result = SweepResult()
+    with connection.cursor() as cursor:
+        cursor.execute(_ANYTHING, [timeout, grace])
+        if not any(cursor.fetchone()):
+            return result
+
+    changed: list[tuple[int, int]] = []
+    nodes_told: set[int] = set()
+    with transaction.atomic():
+        # Serialise with passes: no placement onto a server being declared lost.
+        lock_scheduler()
+
+        lost = list(Node.objects.select_for_update()
+                    .exclude(status=NodeStatus.OFFLINE)
+                    .filter(last_heartbeat_at__lt=Now() - timedelta(seconds=timeout)).order_by("pk"))
+        for node in lost:
+            reason = f"server {node.name} lost (no heartbeat for {timeout} s)"
+            node.status, node.status_reason = NodeStatus.OFFLINE, reason[:255]
+            node.save(update_fields=["status", "status_reason", "updated_at"])
+            tasks = (Task.objects.select_for_update(of=("self",))
+                     .filter(node=node, status__in=ACTIVE_STATUSES).order_by("pk"))
+            for task in tasks:
+                task.requeue(actor=actor, reason=f"server {node.name} lost")
+                _count(result, task)
+                changed.append((task.tenant_id, task.pk))
+            # Whatever is still held there (nothing, normally) is released with the server.
+            Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=Now())
+            Alert.objects.create(kind=Alert.Kind.SERVER_LOST, severity=Alert.Severity.CRITICAL, node=node,
+                                 message=f"{reason}; its tasks were requeued or failed")
+            result.servers_lost += 1
+        if lost:
+            live.gpus_changed(n.pk for n in lost)
+
+        stale = (Task.objects.select_for_update(of=("self",))
+                 .filter(status=TaskStatus.ASSIGNED, assigned_at__lt=Now() - timedelta(seconds=grace))
+                 .order_by("pk"))
+        for task in stale:
+            if task.node_id is not None:
+                nodes_told.add(task.node_id)
+            task.requeue(actor=actor, reason=f"not started within {grace} s of assignment")
+            _count(result, task)
+            changed.append((task.tenant_id, task.pk))
+
+        timeout_of = ExpressionWrapper(F("timeout_s") * timedelta(seconds=1), output_field=DurationField())
+        expired = (Task.objects.select_for_update(of=("self",))
+                   .filter(status=TaskStatus.RUNNING, started_at__lt=Now() - timeout_of).order_by("pk"))
+        for task in expired:
+            if task.node_id is not None:
+                nodes_told.add(task.node_id)
+            task.finish(exit_code=None, timed_out=True, actor=actor)
+            result.timed_out += 1
+            changed.append((task.tenant_id, task.pk))
+
+        if nodes_told:
+            # The agents drop (kill) what is no longer assigned to them.
+            live.assignments_changed(nodes_told)
+            live.gpus_changed(nodes_told)
+        if changed:
+            live.tasks_changed(changed)
+        if result:
+            triggers.request_pass(f"sweep: {result}")
+    if result:
+        log.info("sweep: %s", result)
+    return result
+
+
+def sweep_task() -> str:
+    """The django-q2 scheduled safety net (every minute)."""
+    return str(sweep(actor="sweep:q"))
+
+
+def register_schedule(**kwargs) -> None:
+    """Register the every-minute sweep Schedule; idempotent (post_migrate)."""
+    from django_q.models import Schedule
+
+    Schedule.objects.update_or_create(
+        name=SWEEP_SCHEDULE_NAME,
+        defaults={"func": "scheduling.sweep.sweep_task", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                  "repeats": -1},
+    )

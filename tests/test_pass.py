@@ -1,0 +1,203 @@
+"""A scheduling pass against real PostgreSQL, with hand-made plans standing in for the core:
+what it loads, what it writes, and how many queries that takes."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+from django.db import IntegrityError, connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from nodes.models import GPU, GPUHealth, NodeStatus
+from scheduling.choices import Priority, ShareMode, TaskStatus
+from scheduling.core_types import PendingInfo, Placement, Plan, Preemption, Snapshot
+from scheduling.models import Allocation, ModelMemoryEstimate, SchedulerLock, Task, TaskEvent
+from scheduling.passes import run_pass
+from tests.conftest import make_server
+
+
+def submit(tenant, name: str = "job", **fields) -> Task:
+    return Task.objects.create(tenant=tenant, name=name, command="python train.py", **fields)
+
+
+class Recorder:
+    """A stand-in for scheduling.core.schedule that returns a given plan and keeps the snapshot."""
+
+    def __init__(self, plan: Plan | None = None) -> None:
+        self.plan = plan or Plan()
+        self.snapshot: Snapshot | None = None
+
+    def __call__(self, snapshot: Snapshot) -> Plan:
+        self.snapshot = snapshot
+        return self.plan
+
+
+def gpu_ids(node, *indexes: int) -> tuple[int, ...]:
+    by_index = dict(node.gpus.values_list("index", "id"))
+    return tuple(by_index[i] for i in indexes)
+
+
+def test_a_placement_becomes_allocations_an_assigned_task_and_an_event(acme, servers):
+    task = submit(acme, gpu_count=2, gpu_memory_mb=30_000)
+    gpus = gpu_ids(servers[0], 0, 1)
+    plan = Plan(placements=[Placement(task.pk, servers[0].pk, gpus, 30_000, True)])
+
+    result = run_pass(schedule=Recorder(plan))
+
+    task.refresh_from_db()
+    assert (task.status, task.node_id, task.pending_reason, task.queue_position) == (
+        TaskStatus.ASSIGNED, servers[0].pk, "", None)
+    assert task.assigned_at is not None
+    allocations = Allocation.objects.filter(task=task, released_at__isnull=True)
+    assert sorted(a.gpu_id for a in allocations) == sorted(gpus)
+    assert {(a.memory_mb, a.exclusive, a.node_id) for a in allocations} == {(30_000, True, servers[0].pk)}
+    event = TaskEvent.objects.get(task=task)
+    assert (event.from_status, event.to_status, event.actor) == ("pending", "assigned", "scheduler")
+    assert result.placements == 1
+    assert GPU.objects.get(pk=gpus[0]).idle_since is None
+
+
+def test_pending_tasks_get_the_reason_and_position_from_the_plan(acme, servers):
+    first, second = submit(acme, "a"), submit(acme, "b")
+    plan = Plan(pending={first.pk: PendingInfo("tenant acme at its GPU quota (8/8)", 1),
+                         second.pk: PendingInfo("waiting behind 1 higher-priority task", 2)})
+
+    result = run_pass(schedule=Recorder(plan))
+
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.pending_reason, first.queue_position) == ("tenant acme at its GPU quota (8/8)", 1)
+    assert (second.pending_reason, second.queue_position) == ("waiting behind 1 higher-priority task", 2)
+    assert result.pending == 2
+
+
+def test_unchanged_pending_reasons_are_not_written_again(acme, servers):
+    task = submit(acme)
+    plan = Plan(pending={task.pk: PendingInfo("no server has 1 free GPU", 1)})
+    run_pass(schedule=Recorder(plan))
+
+    with CaptureQueriesContext(connection) as queries:
+        run_pass(schedule=Recorder(plan))
+
+    assert not [q for q in queries.captured_queries if "pending_reason = v.reason" in q["sql"]]
+
+
+def test_the_snapshot_shows_claimed_memory_usage_and_what_is_not_schedulable(acme, globex, servers, settings):
+    node, other = servers
+    running = submit(acme, "running", status=TaskStatus.RUNNING, node=node, gpu_memory_mb=20_000,
+                     started_at=timezone.now())
+    g0, g1, g2, g3 = gpu_ids(node, 0, 1, 2, 3)
+    Allocation.objects.create(task=running, gpu_id=g0, node=node, memory_mb=20_000, exclusive=False)
+    GPU.objects.filter(pk=g1).update(cordoned=True)
+    GPU.objects.filter(pk=g2).update(health=GPUHealth.ERROR)
+    GPU.objects.filter(pk=g3).update(reserved=True)
+    other.status = NodeStatus.DRAINING
+    other.save()
+    settings.SCHEDULER = dataclasses.replace(settings.SCHEDULER, reserved_gpus=("GPU-gpu-01-5", "gpu-01:6"))
+    ModelMemoryEstimate.objects.create(model_name="deepseek-7b", memory_mb=24_000)
+    low = submit(globex, "low", priority=Priority.LOW)
+    by_model = submit(acme, "by-model", model_name="deepseek-7b", share_mode=ShareMode.SHARED)
+    explicit = submit(acme, "explicit", model_name="deepseek-7b", gpu_memory_mb=10_000)
+    recorder = Recorder()
+
+    run_pass(schedule=recorder)
+
+    snap = recorder.snapshot
+    gpus = {g.id: g for n in snap.nodes for g in n.gpus}
+    assert len(gpus) == 16
+    assert (gpus[g0].memory_claimed_mb, gpus[g0].shared_count, gpus[g0].exclusive_taken) == (20_000, 1, False)
+    unschedulable = {g.index for g in gpus.values() if g.node_id == node.pk and not g.schedulable}
+    assert unschedulable == {1, 2, 3, 5, 6}
+    assert {n.name: n.schedulable for n in snap.nodes} == {"gpu-01": True, "gpu-02": False}
+    acme_state = snap.tenants[acme.pk]
+    assert (acme_state.used_gpus, acme_state.used_gpu_memory_mb, acme_state.running_tasks) == (1, 20_000, 1)
+    assert (acme_state.max_gpus, acme_state.max_running_tasks) == (8, 8)
+    assert [r.id for r in snap.running] == [running.pk]
+    assert snap.running[0].gpu_ids == (g0,)
+    assert snap.running[0].expected_end == running.started_at + timedelta(seconds=running.timeout_s)
+    pending = {p.id: p for p in snap.pending}
+    assert [p.id for p in snap.pending] == [by_model.pk, explicit.pk, low.pk]  # priority, then FIFO
+    assert pending[by_model.pk].memory_mb == 24_000  # the model's remembered estimate
+    assert pending[by_model.pk].exclusive is False
+    assert pending[explicit.pk].memory_mb == 10_000  # an explicit size wins
+    assert pending[low.pk].memory_mb is None
+
+
+def test_a_preempted_task_returns_to_pending_with_an_event(acme, globex, servers, settings):
+    node = servers[0]
+    victim = submit(globex, "batch", status=TaskStatus.RUNNING, node=node, priority=Priority.LOW)
+    (g0,) = gpu_ids(node, 0)
+    Allocation.objects.create(task=victim, gpu_id=g0, node=node, memory_mb=80_000)
+    urgent = submit(acme, "urgent", priority=Priority.CRITICAL)
+    plan = Plan(placements=[Placement(urgent.pk, node.pk, (g0,), 80_000, True)],
+                preemptions=[Preemption(victim.pk, urgent.pk, "preempted by CRITICAL task")])
+
+    result = run_pass(schedule=Recorder(plan))
+
+    victim.refresh_from_db()
+    assert (victim.status, victim.attempt, victim.node_id) == (TaskStatus.PENDING, 1, None)
+    assert victim.events.last().reason == "preempted by CRITICAL task"
+    assert Allocation.objects.get(gpu_id=g0, released_at__isnull=True).task_id == urgent.pk
+    assert (result.placements, result.preemptions) == (1, 1)
+
+
+def test_a_task_that_left_the_queue_during_the_pass_is_not_placed(acme, servers):
+    task = submit(acme)
+    plan = Plan(placements=[Placement(task.pk, servers[0].pk, gpu_ids(servers[0], 0), 10_000, True)])
+
+    def cancel_meanwhile(snapshot: Snapshot) -> Plan:
+        Task.objects.filter(pk=task.pk).update(status=TaskStatus.CANCELLED)
+        return plan
+
+    result = run_pass(schedule=cancel_meanwhile)
+
+    assert (result.placements, result.skipped) == (0, 1)
+    assert not Allocation.objects.exists()
+
+
+def test_the_database_refuses_a_plan_that_gives_one_gpu_to_two_tasks(acme, servers):
+    a, b = submit(acme, "a"), submit(acme, "b")
+    gpu = gpu_ids(servers[0], 0)
+    plan = Plan(placements=[Placement(a.pk, servers[0].pk, gpu, 1000, True),
+                            Placement(b.pk, servers[0].pk, gpu, 1000, True)])
+
+    with pytest.raises(IntegrityError):
+        run_pass(schedule=Recorder(plan))
+
+    assert not Allocation.objects.exists()
+    assert set(Task.objects.values_list("status", flat=True)) == {TaskStatus.PENDING}
+
+
+def test_the_pass_records_who_holds_the_lock(acme, servers):
+    run_pass(actor="scheduler:test", schedule=Recorder())
+    lock = SchedulerLock.objects.get(name="scheduler")
+    assert lock.holder.endswith(":scheduler:test")
+    assert lock.acquired_at is not None
+
+
+def _cluster_with_work(tenant, servers: int, prefix: str) -> Plan:
+    nodes = [make_server(f"{prefix}-{i:03d}") for i in range(servers)]
+    plan = Plan()
+    for i, node in enumerate(nodes):
+        placed = submit(tenant, f"placed-{i}")
+        waiting = submit(tenant, f"waiting-{i}")
+        plan.placements.append(Placement(placed.pk, node.pk, gpu_ids(node, 0, 1), 1000, True))
+        plan.pending[waiting.pk] = PendingInfo(f"waiting {i}", i + 1)
+        running = submit(tenant, f"running-{i}", status=TaskStatus.RUNNING, node=node)
+        Allocation.objects.create(task=running, gpu_id=gpu_ids(node, 7)[0], node=node, memory_mb=1000)
+    return plan
+
+
+@pytest.mark.parametrize("servers_count", [2, 40])
+def test_the_number_of_queries_of_a_pass_does_not_grow_with_the_cluster(acme, servers_count,
+                                                                        django_assert_max_num_queries):
+    plan = _cluster_with_work(acme, servers_count, f"n{servers_count}")
+
+    with django_assert_max_num_queries(16):
+        result = run_pass(schedule=Recorder(plan))
+
+    assert result.placements == servers_count
+    assert Allocation.objects.filter(released_at__isnull=True).count() == 3 * servers_count

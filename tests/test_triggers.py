@@ -1,0 +1,87 @@
+"""Wake-ups for the scheduler: coalesced into few django-q passes, never lost."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import transaction
+from django_q.conf import Conf
+from django_q.models import OrmQ
+
+from scheduling import passes, triggers
+from scheduling.choices import TaskStatus
+from scheduling.core_types import Placement, Plan, Snapshot
+from scheduling.models import SchedulerLock, Task
+from scheduling.passes import run_pass, run_requested_pass
+
+
+@pytest.fixture
+def queued_mode(monkeypatch):
+    """async_task puts the pass on the ORM queue (what the q cluster reads)."""
+    monkeypatch.setattr(Conf, "SYNC", False)
+
+
+def wake_flag() -> bool:
+    return SchedulerLock.objects.get(name=triggers.WAKE_ROW).pass_requested
+
+
+def test_a_thousand_requests_in_one_transaction_queue_one_pass(db, queued_mode, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True) as callbacks, transaction.atomic():
+        for i in range(1000):
+            triggers.request_pass(f"task {i} submitted")
+
+    assert len(callbacks) == 1
+    assert OrmQ.objects.count() == 1
+    assert wake_flag()
+
+
+def test_a_burst_of_separate_requests_queues_one_pass_until_a_pass_starts(db, queued_mode,
+                                                                         django_capture_on_commit_callbacks):
+    for i in range(200):
+        with django_capture_on_commit_callbacks(execute=True):
+            triggers.request_pass(f"task {i} submitted")
+    assert OrmQ.objects.count() == 1
+
+    run_pass(schedule=lambda snapshot: Plan())  # clears the flag as it starts
+    assert not wake_flag()
+    with django_capture_on_commit_callbacks(execute=True):
+        triggers.request_pass("one more")
+    assert OrmQ.objects.count() == 2
+
+
+def test_a_rolled_back_change_sends_no_wake_up(db, queued_mode, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        try:
+            with transaction.atomic():
+                triggers.request_pass("submitted, then rolled back")
+                raise RuntimeError
+        except RuntimeError:
+            pass
+    assert OrmQ.objects.count() == 0
+    assert not wake_flag()
+
+
+def test_a_queued_pass_is_skipped_when_a_pass_ran_since_the_request(db, queued_mode,
+                                                                    django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        triggers.request_pass("submitted")
+    run_pass(schedule=lambda snapshot: Plan())
+
+    assert run_requested_pass("submitted").startswith("skipped")
+
+
+def test_with_a_synchronous_q_cluster_a_submit_is_placed_through_django_q(acme, servers, monkeypatch,
+                                                                         django_capture_on_commit_callbacks):
+    monkeypatch.setattr(Conf, "SYNC", True)
+    gpu = servers[0].gpus.get(index=0)
+
+    def place_everything(snapshot: Snapshot) -> Plan:
+        return Plan(placements=[Placement(p.id, servers[0].pk, (gpu.pk,), 1000, True) for p in snapshot.pending])
+
+    monkeypatch.setattr(passes, "_default_schedule", lambda: place_everything)
+    with django_capture_on_commit_callbacks(execute=True):
+        task = Task.objects.create(tenant=acme, name="job", command="true")
+        triggers.request_pass(f"task {task.pk} submitted")
+
+    task.refresh_from_db()
+    assert task.status == TaskStatus.ASSIGNED
+    assert not wake_flag()
