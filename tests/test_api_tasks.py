@@ -227,3 +227,11 @@ def test_bad_log_parameters_are_a_400(as_alice, logged):
     assert "tail" in as_alice.get(f"/api/v1/tasks/{logged.pk}/logs?tail=0").json()
     assert "offset" in as_alice.get(f"/api/v1/tasks/{logged.pk}/logs?offset=-1").json()
     assert "tail" in as_alice.get(f"/api/v1/tasks/{logged.pk}/logs?tail=3&offset=2").json()
+
+
+def test_the_task_representation_has_exactly_the_declared_fields(as_alice):
+    from scheduling.api.serializers import TaskDetailSerializer, TaskSerializer
+
+    task = Task.objects.get(pk=submit(as_alice).json()["id"])
+    assert set(TaskSerializer(task).data) == set(TaskSerializer().fields)
+    assert set(TaskDetailSerializer(task).data) == set(TaskDetailSerializer().fields)

@@ -22,6 +22,26 @@ class TaskSerializer(serializers.ModelSerializer):
                   "finished_at"]
         read_only_fields = fields
 
+    def to_representation(self, task: Task) -> dict:
+        # Hand-built: the same fields as declared above, without DRF's per-field
+        # machinery (a submit's response and a 500-row page are on hot paths).
+        def iso(value):
+            return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+        return {
+            "id": task.pk, "name": task.name, "tenant": task.tenant.slug,
+            "submitter": task.submitter.username if task.submitter_id else None,
+            "status": task.status, "pending_reason": task.pending_reason, "queue_position": task.queue_position,
+            "priority": Priority(task.priority).label, "workload_class": task.workload_class,
+            "gpu_count": task.gpu_count, "gpu_memory_mb": task.gpu_memory_mb, "share_mode": task.share_mode,
+            "model_name": task.model_name, "gpu_model": task.gpu_model, "node_selector": task.node_selector,
+            "timeout_s": task.timeout_s, "command": task.command, "env": task.env, "working_dir": task.working_dir,
+            "server": task.node.name if task.node_id else None, "exit_code": task.exit_code,
+            "failure_reason": task.failure_reason, "oom": task.oom, "attempt": task.attempt,
+            "max_retries": task.max_retries, "created_at": iso(task.created_at), "assigned_at": iso(task.assigned_at),
+            "started_at": iso(task.started_at), "finished_at": iso(task.finished_at),
+        }
+
 
 class TaskDetailSerializer(TaskSerializer):
     gpus = serializers.SerializerMethodField()
@@ -29,6 +49,9 @@ class TaskDetailSerializer(TaskSerializer):
     class Meta(TaskSerializer.Meta):
         fields = [*TaskSerializer.Meta.fields, "gpus"]
         read_only_fields = fields
+
+    def to_representation(self, task: Task) -> dict:
+        return {**super().to_representation(task), "gpus": self.get_gpus(task)}
 
     def get_gpus(self, task: Task) -> list[str]:
         """The GPUs it holds now, as server:index."""
