@@ -46,3 +46,13 @@ def test_silent_processes_are_dead_then_pruned():
 def test_an_unknown_role_is_refused():
     with pytest.raises(ValueError, match="unknown control-plane role"):
         registry.register("janitor")
+
+
+def test_the_admin_lists_control_plane_servers_with_liveness(client, staff):
+    registry.register("web")
+    ControlPlaneServer.objects.create(name="h:9:scheduler", role="scheduler", hostname="h", pid=9,
+                                      last_seen_at=timezone.now() - timedelta(seconds=300))
+    client.force_login(staff)
+    page = client.get("/admin/portal/controlplaneserver/").content.decode()
+    assert registry.server_name("web") in page and "h:9:scheduler" in page
+    assert page.count('alt="True"') == 1 and page.count('alt="False"') == 1
