@@ -225,6 +225,13 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
         body["env"] = dict(args.env)
     if args.shared:
         body["share_mode"] = "shared"
+    if args.dry_run:
+        preview = client.post("tasks/preview", body)
+        if args.json:
+            emit_json(preview)
+        else:
+            print(preview["message"])
+        return 0
     task = client.post("tasks", body)
     if args.json:
         emit_json(task)
@@ -361,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (memory estimate and GPU affinity)")
     p.add_argument("--gpu-model", help="GPU model substring, e.g. H100")
     p.add_argument("--shared", action="store_true", help="share GPUs with other tasks (needs --mem)")
+    p.add_argument("--dry-run", action="store_true", help="submit nothing: say whether it would start now, or why not")
     p.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command to run")
 
     p = sub.add_parser("queue", parents=[common, listing], help="pending and running tasks (like squeue)")

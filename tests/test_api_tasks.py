@@ -235,3 +235,20 @@ def test_the_task_representation_has_exactly_the_declared_fields(as_alice):
     task = Task.objects.get(pk=submit(as_alice).json()["id"])
     assert set(TaskSerializer(task).data) == set(TaskSerializer().fields)
     assert set(TaskDetailSerializer(task).data) == set(TaskDetailSerializer().fields)
+
+
+def test_the_preview_says_where_it_would_start_and_creates_nothing(as_alice):
+    r = as_alice.post("/api/v1/tasks/preview", {"command": "x", "gpu_count": 4}, format="json")
+    assert r.status_code == 200, r.content
+    body = r.json()
+    assert body["fits"] is True, body
+    assert body["server"] in ("gpu-01", "gpu-02") and len(body["gpus"]) == 4
+    assert not Task.objects.exists()
+
+
+def test_the_preview_says_why_not_and_validates_like_a_submit(as_alice, acme):
+    Quota.objects.filter(tenant=acme).update(max_gpus=1)
+    body = as_alice.post("/api/v1/tasks/preview", {"command": "x", "gpu_count": 2}, format="json").json()
+    assert body["fits"] is False and "quota" in body["message"].lower()
+    assert "gpu_count" in as_alice.post("/api/v1/tasks/preview", {"command": "x", "gpu_count": 99},
+                                        format="json").json()

@@ -106,6 +106,8 @@ def test_gpus_and_quota_list_as_tables_and_json(gpuctl):
     quota = json.loads(gpuctl("quota", "--json").stdout)
     assert quota[0]["tenant"] == "acme"
     assert gpuctl("quota").stdout.splitlines()[1].split()[:2] == ["acme", "0/8"]
+    assert gpuctl("submit", "--dry-run", "--gpus", "4", "--", "true").stdout.startswith("Would start now on gpu-0")
+    assert not Task.objects.exists()
 
 
 def test_the_live_web_process_registers_itself_in_the_cluster_view(gpuctl, live_daphne, alice):

@@ -107,3 +107,11 @@ class TaskLogSerializer(serializers.Serializer):
     next_offset = serializers.IntegerField(help_text="Ask from here for more.")
     data = serializers.CharField()
     final = serializers.BooleanField(help_text="The task has ended: no more output will come.")
+
+
+class PreviewSerializer(serializers.Serializer):
+    fits = serializers.BooleanField()
+    message = serializers.CharField()
+    server = serializers.CharField(allow_null=True)
+    gpus = serializers.ListField(child=serializers.CharField())
+    queue_position = serializers.IntegerField(allow_null=True)

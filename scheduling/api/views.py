@@ -16,6 +16,7 @@ from scheduling import access, lifecycle, logs, submission
 from scheduling.api.serializers import (
     BatchResultSerializer,
     BatchSubmitSerializer,
+    PreviewSerializer,
     TaskDetailSerializer,
     TaskEventSerializer,
     TaskLogSerializer,
@@ -127,6 +128,18 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         except submission.SubmitError as exc:
             raise ValidationError(exc.errors) from None
         return Response({"ids": [t.pk for t in tasks], "count": len(tasks)}, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=TaskSubmitSerializer, responses={200: PreviewSerializer})
+    @action(detail=False, methods=["post"])
+    def preview(self, request):
+        """Would this task start now, and where, or why not? Validates like a submit; creates nothing."""
+        from scheduling.preview import would_fit
+
+        ctx = submission.SubmitContext.load(request.user)
+        spec, errors = submission.validate(request.data, ctx)
+        if errors:
+            raise ValidationError(errors)
+        return Response(asdict(would_fit(spec)))
 
     @extend_schema(request=None, responses={200: TaskSerializer})
     @action(detail=True, methods=["post"])
