@@ -207,6 +207,21 @@ def drive(port: int, tokens: list[tuple[str, str]], make_body, path: str, second
     return latencies, sum(e for _, e in results), seconds
 
 
+def cpu_seconds(procs: list[subprocess.Popen]) -> float:
+    """CPU time (user + system) the web processes have used so far: a figure that
+    does not depend on how busy the rest of the machine is."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = psutil.Process(p.pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -242,11 +257,14 @@ def main() -> None:
 
         single = lambda slug: json.dumps({"tenant": slug, "name": "bench", "command": "python train.py --epochs 1",  # noqa: E731
                                           "gpu_count": 1, "gpu_memory_mb": 20_000, "priority": "NORMAL"}).encode()
+        cpu0 = cpu_seconds(web)
         lat, errors, secs = drive(port, tokens[: args.connections], single, "/api/v1/tasks", seconds)
+        submit_cpu_ms = (cpu_seconds(web) - cpu0) * 1000 / max(len(lat), 1)
         submits_per_s = len(lat) / secs
         print(f"single submits: {len(lat)} in {secs:.0f} s = {submits_per_s:.0f}/s over {args.connections} "
               f"connections, {args.web} web processes; latency p50 {pct(lat, 50) * 1000:.1f} ms, "
-              f"p95 {pct(lat, 95) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms; errors {errors}", flush=True)
+              f"p95 {pct(lat, 95) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms; errors {errors}; "
+              f"web CPU {submit_cpu_ms:.1f} ms per submit; load average {os.getloadavg()[0]:.1f}", flush=True)
         delete_tasks()
         connection.close()
 
@@ -273,6 +291,8 @@ def main() -> None:
         "submit_p95_ms": round(pct(lat, 95) * 1000, 2),
         "submit_p50_ms": round(pct(lat, 50) * 1000, 2),
         "submit_errors": errors,
+        "submit_web_cpu_ms": round(submit_cpu_ms, 2),
+        "load_average": round(os.getloadavg()[0], 2),
         "batch_tasks_per_s": round(batch_tasks_per_s, 1),
         "batch_size": args.batch_size,
         "web_processes": args.web,

@@ -132,4 +132,6 @@ def test_requests_beyond_the_tokens_rate_are_throttled_per_token(api_client_for,
     client = api_client_for(alice)
     codes = [client.get("/api/v1/quota").status_code for _ in range(5)]
     assert codes[:3] == [200, 200, 200] and 429 in codes[3:]
+    throttled = client.get("/api/v1/quota")
+    assert throttled.status_code == 429 and int(throttled["Retry-After"]) >= 1
     assert api_client_for(bob).get("/api/v1/quota").status_code == 200  # another token, another bucket

@@ -93,3 +93,12 @@ def test_the_openapi_schema_and_docs_are_served(client, alice):
     schema = client.get("/api/schema/")
     assert schema.status_code == 200 and b"/api/v1/tasks/{id}/cancel" in schema.content
     assert client.get("/api/docs/").status_code == 200
+
+
+def test_health_counts_a_recent_scheduling_pass_as_a_live_scheduler(client, db):
+    from scheduling.models import SchedulerLock
+
+    SchedulerLock.objects.update_or_create(name="scheduler", defaults={"acquired_at": timezone.now()})
+    assert client.get("/api/v1/health").json()["status"] == "ok"
+    SchedulerLock.objects.filter(name="scheduler").update(acquired_at=timezone.now() - timedelta(minutes=5))
+    assert client.get("/api/v1/health").json()["status"] == "degraded"

@@ -17,7 +17,7 @@ from nodes.models import NodeStatus
 from portal import registry
 from portal.models import ControlPlaneServer
 from scheduling.choices import Priority, TaskStatus
-from scheduling.models import Task
+from scheduling.models import SchedulerLock, Task
 
 
 def cluster_summary() -> dict:
@@ -80,8 +80,14 @@ class HealthView(APIView):
         except Exception as exc:  # report, don't crash: this is what a load balancer polls
             return Response({"status": "down", "database": False, "error": type(exc).__name__,
                              "time": timezone.now()}, status=503)
-        last = (ControlPlaneServer.objects.filter(role=ControlPlaneServer.Role.SCHEDULER)
-                .order_by("-last_seen_at").values_list("last_seen_at", flat=True).first())
+        # A scheduler shows itself by its registry heartbeat, or by having just run a pass
+        # (django-q workers run passes without a loop of their own).
+        beats = [
+            ControlPlaneServer.objects.filter(role=ControlPlaneServer.Role.SCHEDULER)
+            .order_by("-last_seen_at").values_list("last_seen_at", flat=True).first(),
+            SchedulerLock.objects.filter(name="scheduler").values_list("acquired_at", flat=True).first(),
+        ]
+        last = max((b for b in beats if b is not None), default=None)
         seen = last is not None and (timezone.now() - last).total_seconds() <= registry.dead_after_s()
         return Response({
             "status": "ok" if seen else "degraded",
