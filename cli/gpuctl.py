@@ -285,7 +285,12 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
         was_final = page["final"]
         if not page["data"]:
             time.sleep(args.interval)
-        page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"], attempt=page["attempt"])
+        attempt = page["attempt"]
+        # No attempt pinned: a requeued task's new attempt starts a new log from offset 0.
+        page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"])
+        if page["attempt"] != attempt:
+            sys.stdout.write(f"--- attempt {page['attempt']} ---\n")
+            page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"])
         sys.stdout.write(page["data"])
         sys.stdout.flush()
         if was_final and not page["data"]:
