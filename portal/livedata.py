@@ -16,7 +16,7 @@ from django.utils import timezone
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
 from scheduling.choices import ACTIVE_STATUSES, Priority
 from scheduling.models import Allocation, Task
-from tenants.models import Quota
+from tenants.models import Quota, Tenant
 
 GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
 
@@ -129,12 +129,13 @@ def tenant_usage_rows(tenant_ids: Iterable[int]) -> list[dict[str, Any]]:
         )
     }
     quotas = {q.tenant_id: q for q in Quota.objects.filter(tenant_id__in=ids)}
+    slugs = dict(Tenant.objects.filter(pk__in=ids).values_list("pk", "slug"))
     rows = []
     for tid in ids:
         q = quotas.get(tid)
         a, t = alloc.get(tid, {}), tasks.get(tid, {})
         rows.append({
-            "id": tid,
+            "id": tid, "slug": slugs.get(tid, ""),
             "used": {"gpus": a.get("gpus") or 0, "gpu_memory_mb": a.get("memory") or 0,
                      "running_tasks": t.get("running") or 0, "pending_tasks": t.get("pending") or 0},
             "limits": None if q is None else {

@@ -41,7 +41,7 @@ def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                            ("Pending tasks", "pending_tasks", "max_pending_tasks")):
             limit = lim.get(limit_key)
             pct = min(100, round(100 * use[used_key] / limit)) if limit else (100 if use[used_key] else 0)
-            bars.append({"label": label, "used": use[used_key], "limit": limit, "pct": pct})
+            bars.append({"label": label, "key": used_key, "used": use[used_key], "limit": limit, "pct": pct})
         out.append({**row, "bars": bars})
     return out
 

@@ -171,3 +171,46 @@ def test_an_operator_sees_a_gpu_change_on_the_admin_pages_without_a_reload(tmp_p
             browser.close()
     finally:
         stop(proc)
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                    reason="Chromium not installed: apt-get install -y chromium (.ci/run does it)")
+def test_a_portal_user_sees_their_task_and_quota_change_without_a_reload(tmp_path, static_root, acme, alice):
+    from playwright.sync_api import sync_playwright
+
+    from scheduling.models import Task
+
+    task = Task.objects.create(tenant=acme, submitter=alice, name="watch-me", command="sleep 1000")
+    host, proc = _daphne(tmp_path, "portal", static_root=static_root)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            context = browser.new_context()
+            page = context.new_page()
+            page.goto(f"http://{host}/accounts/login/?next=/tasks/")
+            page.fill("#id_username", "alice")
+            page.fill("#id_password", "pw-alice")
+            page.click("button[type=submit]")
+            page.wait_for_url("**/tasks/")
+            status = page.locator(f'[data-task="{task.pk}"][data-field="status"]')
+            assert status.inner_text() == "pending"
+            page.wait_for_function("document.documentElement.getAttribute('data-live') === 'open'", timeout=20_000)
+
+            dashboard = context.new_page()
+            dashboard.goto(f"http://{host}/")
+            dashboard.wait_for_function("document.documentElement.getAttribute('data-live') === 'open'",
+                                        timeout=20_000)
+            assert "Pending tasks: 1 / " in dashboard.inner_text("body")
+
+            # In another tab the user cancels it; the list and the dashboard follow.
+            other = context.new_page()
+            other.goto(f"http://{host}/tasks/{task.pk}/")
+            other.click("button.danger")
+            page.wait_for_function(
+                f"document.querySelector('[data-task=\"{task.pk}\"][data-field=\"status\"]').textContent"
+                " === 'cancelled'", timeout=20_000)
+            dashboard.wait_for_function("document.body.innerText.includes('Pending tasks: 0 / ')", timeout=20_000)
+            assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+            browser.close()
+    finally:
+        stop(proc)
