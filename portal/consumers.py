@@ -13,6 +13,7 @@ what changed) and format the current rows themselves, at most once per
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -125,12 +126,25 @@ class CoalescingConsumer(AsyncJsonWebsocketConsumer):
             for frame in await self.render(dirty, not_before):
                 await self.send_json(frame)
 
+    def duplicate(self, event: dict[str, Any]) -> bool:
+        """True for a second copy of a message already handled (same ``mid``)."""
+        mid = event.get("mid")
+        if mid is None:
+            return False
+        seen = self.__dict__.setdefault("_seen_mids", collections.deque(maxlen=256))
+        if mid in seen:
+            return True
+        seen.append(mid)
+        return False
+
     # --- events from portal.live -----------------------------------------------------------
     async def gpus_changed(self, event: dict[str, Any]) -> None:
-        self.mark("nodes", event.get("node_ids", []))
+        if not self.duplicate(event):
+            self.mark("nodes", event.get("node_ids", []))
 
     async def tasks_changed(self, event: dict[str, Any]) -> None:
-        self.mark("tasks", event.get("task_ids", []))
+        if not self.duplicate(event):
+            self.mark("tasks", event.get("task_ids", []))
 
     async def alert_raised(self, event: dict[str, Any]) -> None:
         pass
@@ -185,7 +199,8 @@ class ClusterConsumer(CoalescingConsumer):
         return frames
 
     async def alert_raised(self, event: dict[str, Any]) -> None:
-        await self.send_json({"type": "alert", "alert": event.get("alert", {})})
+        if not self.duplicate(event):
+            await self.send_json({"type": "alert", "alert": event.get("alert", {})})
 
 
 class TenantTasksConsumer(CoalescingConsumer):

@@ -17,6 +17,7 @@ events (ids of what changed) that they format themselves from the database.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,7 +40,14 @@ def tenant_group(tenant_id: int) -> str:
     return f"tenant-{tenant_id}"
 
 
+def _stamp(message: dict[str, Any]) -> dict[str, Any]:
+    """A message id, so a consumer can drop a copy delivered twice (channels_postgres
+    can run two LISTEN connections in one process for a moment and deliver both)."""
+    return {**message, "mid": uuid.uuid4().hex[:16]}
+
+
 def _send(group: str, message: dict[str, Any]) -> None:
+    message = _stamp(message)
     layer = get_channel_layer()
     if layer is None:
         log.warning("no channel layer configured; dropped %s to %s", message.get("type"), group)
@@ -62,7 +70,7 @@ def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
         return
 
     async def send() -> None:
-        for group, message in messages:
+        for group, message in ((g, _stamp(m)) for g, m in messages):
             try:
                 await layer.group_send(group, message)
             except Exception:  # best effort, as in _send
