@@ -18,6 +18,7 @@ from django.db import IntegrityError, connection, transaction
 
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
 from portal import live
+from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
 
@@ -55,24 +56,45 @@ RETURNING o.status
 
 # Live GPU views are refreshed at most once a second per web process, for all the
 # servers heard from meanwhile: 1,000 servers must not mean 200 pushes a second.
-# A server joining, a new GPU or a cordon is pushed at once.
+# A server joining, a new GPU or a cordon is pushed at once. A server heard from
+# during the quiet second is pushed at its end (a timer), never left waiting for
+# the next heartbeat; ids join the pending set only after their commit.
 PUSH_EVERY_S = 1.0
 _push_lock = threading.Lock()
 _push_pending: set[int] = set()
 _push_last = 0.0
+_push_timer: threading.Timer | None = None
 
 
 def _gpus_changed(node_id: int, *, urgent: bool) -> None:
-    global _push_last
+    transaction.on_commit(lambda: _queue_push(node_id, urgent=urgent))
+
+
+def _queue_push(node_id: int, *, urgent: bool) -> None:
+    global _push_timer
     with _push_lock:
         _push_pending.add(node_id)
-        now = time.monotonic()
-        if not urgent and now - _push_last < PUSH_EVERY_S:
+        wait = PUSH_EVERY_S - (time.monotonic() - _push_last)
+        if not urgent and wait > 0:
+            if _push_timer is None:
+                _push_timer = threading.Timer(wait, _flush_pushes)
+                _push_timer.daemon = True
+                _push_timer.start()
             return
+    _flush_pushes()
+
+
+def _flush_pushes() -> None:
+    global _push_last, _push_timer
+    with _push_lock:
         ids = sorted(_push_pending)
         _push_pending.clear()
-        _push_last = now
-    live.gpus_changed(ids)
+        _push_last = time.monotonic()
+        if _push_timer is not None:
+            _push_timer.cancel()
+            _push_timer = None
+    if ids:
+        live.gpus_changed(ids)
 
 
 def _update_metrics(gpus: list[GPU]) -> None:
@@ -159,8 +181,8 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
                 GPU.objects.bulk_create(to_create)
             for gpu, reason in errored:
                 gpu.cordon(f"auto: {reason}")
-                Alert.objects.create(kind=Alert.Kind.GPU_ERROR, severity=Alert.Severity.CRITICAL, node_id=node.pk,
-                                     gpu=gpu, message=f"{node.name}:{gpu.index} cordoned: {reason}"[:500])
+                raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,
+                            gpu=gpu)
                 result.cordoned.append(f"{gpu.index}")
             result.created_gpus, result.updated_gpus = len(to_create), len(to_update)
             _gpus_changed(node.pk, urgent=bool(result.came_online or errored or to_create))

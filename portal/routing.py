@@ -5,7 +5,11 @@ from __future__ import annotations
 from django.urls import path
 
 from nodes.consumers import AgentConsumer
+from portal import consumers
 
 websocket_urlpatterns: list = [
     path("ws/agent/v1/", AgentConsumer.as_asgi()),
+    path("ws/cluster/", consumers.ClusterConsumer.as_asgi()),
+    path("ws/tasks/", consumers.TenantTasksConsumer.as_asgi()),
+    path("ws/tasks/<slug:tenant>/", consumers.TenantTasksConsumer.as_asgi()),
 ]

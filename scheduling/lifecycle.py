@@ -58,6 +58,16 @@ def record_oom(task: Task) -> ModelMemoryEstimate | None:
     return estimate
 
 
+def _alert_oom(task: Task, *, node_id: int, estimate: ModelMemoryEstimate | None) -> None:
+    from portal.alerts import raise_alert
+
+    retry = (f"requeued (retry {task.attempt + 1} of {task.max_retries})" if task.attempt < task.max_retries
+             else "failed: no retries left")
+    raised = f"; {task.model_name} now needs {estimate.memory_mb} MB" if estimate else ""
+    raise_alert("task_oom", f"task #{task.pk} {task.name} ran out of GPU memory{raised}; {retry}",
+                node=node_id, task=task)
+
+
 def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor: str, oom: bool = False,
                     reason: str = "", timed_out: bool = False, attempt: int | None = None) -> Task:
     """The agent saw the process exit. An OOM raises the model's estimate and retries
@@ -73,8 +83,9 @@ def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor:
         if attempt is not None and attempt != task.attempt:
             return task
         if oom:
-            record_oom(task)
+            estimate = record_oom(task)
             task.oom = True
+            _alert_oom(task, node_id=node_id, estimate=estimate)
             if task.attempt < task.max_retries:
                 # The next try asks for the raised estimate instead of the size that failed.
                 if task.model_name:
