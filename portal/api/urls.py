@@ -11,7 +11,7 @@ app_name = "api"
 urlpatterns = [
     path("", views.ApiRootView.as_view(), name="root"),
     path("", include("scheduling.api.urls")),
-    path("", include("nodes.api.urls")),
+    path("", include("nodes.api.inventory_urls")),
     path("", include("tenants.api.urls")),
     path("cluster", views.ClusterView.as_view(), name="cluster"),
     path("health", views.HealthView.as_view(), name="health"),

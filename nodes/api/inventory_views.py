@@ -8,7 +8,7 @@ from rest_framework import viewsets
 from rest_framework.exceptions import ValidationError
 
 from nodes import inventory
-from nodes.api.serializers import GPUSerializer, ServerSerializer
+from nodes.api.inventory_serializers import GPUSerializer, ServerSerializer
 from nodes.models import NodeStatus
 
 
