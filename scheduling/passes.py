@@ -427,6 +427,31 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
         triggers.clear_request()
     result = PassResult()
     committed: list[float] = []
+    try:
+        _run_pass_transaction(decide, actor, result, committed)
+    except Exception:
+        _record_pass(time.perf_counter() - started, ok=False)
+        raise
+    ended = time.perf_counter()
+    # Inside an outer transaction (tests) nothing has committed yet: count it all.
+    done = committed[0] if committed else ended
+    result.duration_s = done - started
+    result.notify_s = ended - done
+    _record_pass(result.duration_s, ok=True)
+    return result
+
+
+def _record_pass(duration_s: float, *, ok: bool) -> None:
+    """Feed /metrics (pass count, duration histogram, failures); never fails the pass."""
+    from portal import metrics
+
+    try:
+        metrics.record_pass(duration_s, ok=ok)
+    except Exception:
+        log.exception("could not record pass metrics")
+
+
+def _run_pass_transaction(decide, actor: str, result: PassResult, committed: list[float]) -> None:
     with transaction.atomic():
         # First of the after-commit hooks: marks the commit, before the pushes to agents
         # and websockets run (they are not part of the pass's duration; see notify_s).
@@ -438,12 +463,6 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
         plan = decide(loaded.snapshot)
         result.core_s = time.perf_counter() - core_started
         _apply(loaded, plan, actor=actor, now=now, result=result)
-    ended = time.perf_counter()
-    # Inside an outer transaction (tests) nothing has committed yet: count it all.
-    done = committed[0] if committed else ended
-    result.duration_s = done - started
-    result.notify_s = ended - done
-    return result
 
 
 def run_requested_pass(reason: str = "") -> str:
