@@ -511,8 +511,8 @@ class _Pass:
             return None
         used = self.class_used[cls]
         limit = self._share_limit(cls)
-        if used + c <= limit or limit >= self.schedulable_total:
-            # A share covering the whole cluster is no limit: capacity will say why it waits.
+        if used + c <= limit or self.class_share[cls] >= 1.0:
+            # A share of the whole cluster is no limit: capacity will say why it waits.
             return None
         pct = f"{self.class_share[cls] * 100:.0f}%"
         r = f"{cls} share of the cluster full ({pct}): {used}/{self.class_cap[cls]} GPUs in use"
@@ -1054,18 +1054,21 @@ class _Pass:
         return {g: [self.g_claimed[g], self.g_live[g], self.g_excl[g], self.g_shared[g]] for g in gl}
 
     def _sim_release(self, state: dict[int, list], r) -> None:
-        """Apply the end of a running task (RunningTask or placed tuple) to a simulated node."""
+        """Apply the end of a task to a simulated node: a RunningTask, or a
+        ``(gpus, memory, exclusive, in_live)`` tuple; ``in_live`` says whether the agent's live
+        reading includes its memory (not yet for a task placed in this pass)."""
         if isinstance(r, RunningTask):
             gids = [self.gpu_index.get(x) for x in r.gpu_ids]
-            mem, exclusive = r.memory_mb, r.exclusive
+            mem, exclusive, in_live = r.memory_mb, r.exclusive, True
         else:
-            gids, mem, exclusive = r
+            gids, mem, exclusive, in_live = r
         for g in gids:
             s = state.get(g)
             if s is None:
                 continue
             s[0] = max(0, s[0] - mem)
-            s[1] = max(0, s[1] - mem)
+            if in_live:
+                s[1] = max(0, s[1] - mem)
             if exclusive:
                 s[2] = False
             else:
@@ -1105,11 +1108,11 @@ class _Pass:
                 continue
             n = self.g_node[gids[0]]
             if n in elig:
-                events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive)))
+                events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive, True)))
         for timeout_s, n, gpus, per_gpu, exclusive in self.placed_ends:
             if n in elig:
                 end = self.now + timedelta(seconds=timeout_s)
-                events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive)))
+                events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive, False)))
         best: _Reservation | None = None
         for n, evs in events.items():
             evs.sort(key=lambda e: e[0])

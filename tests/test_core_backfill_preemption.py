@@ -162,3 +162,13 @@ def test_a_class_within_its_own_share_is_not_reclaimed_from():
                              allow_borrowing=True))
     assert plan.preemptions == []
     assert plan.pending[1].reason.startswith("online share of the cluster full (50%): 2/2 GPUs in use")
+
+
+def test_the_reservation_does_not_count_on_memory_held_by_processes_it_does_not_know():
+    # GPU 0 carries 30 GB of memory no task claims (a stray process): a task placed on it in this
+    # pass will free only its own 10 GB, so a 60 GB head can never start there and reserves nothing.
+    nodes = [node(1, 1, live=30_000)]
+    pending = [task(1, memory=10_000, exclusive=False, timeout_s=60), task(2, memory=60_000, exclusive=False)]
+    plan = schedule(snapshot(nodes, pending, memory_safety_margin_mb=0))
+    assert list(placed(plan)) == [1]
+    assert "reserved" not in plan.pending[2].reason
