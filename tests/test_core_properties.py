@@ -98,8 +98,37 @@ def backfill_scenarios(draw):
     return snapshot(nodes, pending, running=running, strategy=draw(st.sampled_from(("binpack", "spread"))))
 
 
+@st.composite
+def preemption_scenarios(draw):
+    """A cluster full of running work, some of it LOW batch or borrowed, and urgent tasks waiting."""
+    nodes = [NodeState(id=n, name=f"gpu-{n}", labels={}, schedulable=True, gpus=[gpu(n, i) for i in range(4)])
+             for n in range(1, draw(st.integers(1, 3)) + 1)]
+    running = []
+    rid = 500
+    for nd in nodes:
+        i = 0
+        while i < 4:
+            k = min(draw(st.sampled_from((1, 1, 2, 4))), 4 - i)
+            exclusive = draw(st.booleans())
+            running.append(occupy(nodes, rid, nd.id, list(range(i, i + k)), priority=draw(st.integers(0, 3)),
+                                  cls=draw(st.sampled_from(("online", "batch", "batch"))), exclusive=exclusive,
+                                  memory=draw(st.sampled_from((10_000, 30_000))) if not exclusive else 40_000,
+                                  ends_in_s=draw(st.integers(60, 7200))))
+            rid += 1
+            i += k
+    pending = [task(i, priority=draw(st.integers(1, 3)), gpus=draw(st.sampled_from((1, 2, 4))),
+                    memory=draw(st.sampled_from((None, 10_000, 30_000))), exclusive=draw(st.booleans()),
+                    cls=draw(st.sampled_from(("online", "batch"))), timeout_s=draw(st.integers(60, 7200)),
+                    age_s=draw(st.integers(0, 50)))
+               for i in range(1, draw(st.integers(1, 10)) + 1)]
+    shares = draw(st.sampled_from(((1.0, 1.0), (0.5, 0.5), (0.7, 0.3))))
+    return snapshot(nodes, pending, running=running, online_share=shares[0], batch_share=shares[1],
+                    allow_borrowing=draw(st.booleans()), backfill=draw(st.booleans()),
+                    preemption=draw(st.sampled_from((("CRITICAL",), ("HIGH", "CRITICAL")))))
+
+
 def clusters():
-    return st.one_of(scenarios(), backfill_scenarios())
+    return st.one_of(scenarios(), backfill_scenarios(), preemption_scenarios())
 
 
 def final_state(snap, plan):
@@ -325,3 +354,22 @@ def test_no_backfilled_task_delays_the_reserved_start_of_the_blocked_head(snap):
     only_promised = dataclasses.replace(node, gpus=[g for g in node.gpus if g.id in promised])
     reduced = dataclasses.replace(snap, nodes=[only_promised])
     assert fits_on(reduced, head, state, snap.config.memory_safety_margin_mb)
+
+
+@common
+@given(clusters())
+def test_every_preemption_makes_room_for_a_task_placed_on_the_victims_server(snap):
+    plan = schedule(snap)
+    placements = {p.task_id: p for p in plan.placements}
+    running = {r.id: r for r in snap.running}
+    pending = {t.id: t for t in snap.pending}
+    for pr in plan.preemptions:
+        victim = running[pr.task_id]
+        by = pending[pr.by_task_id]
+        assert pr.by_task_id in placements, "a task preempted for must be placed in the same plan"
+        assert placements[pr.by_task_id].node_id == victim.node_id
+        assert victim.priority <= by.priority
+        if pr.reason.startswith("preempted"):
+            assert by.priority > 0 and victim.priority == 0 and victim.workload_class == "batch"
+        else:
+            assert pr.reason.startswith("borrowed") and victim.workload_class != by.workload_class
