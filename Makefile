@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GPUCTL := $(BIN)/gpuctl
 
 .PHONY: run test lint venv db-stop clean-db bench
 
@@ -14,12 +15,17 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-venv: $(STAMP)
+# The gpuctl CLI (one stdlib-only file) as a command in the venv: .venv/bin/gpuctl
+$(GPUCTL): $(STAMP) cli/gpuctl.py
+	printf '#!/bin/sh\nexec "%s/$(BIN)/python" "%s/cli/gpuctl.py" "$$@"\n' "$(CURDIR)" "$(CURDIR)" > $@
+	chmod +x $@
 
-run: $(STAMP)
+venv: $(STAMP) $(GPUCTL)
+
+run: $(STAMP) $(GPUCTL)
 	$(BIN)/python manage.py devrun
 
-test: $(STAMP)
+test: $(STAMP) $(GPUCTL)
 	$(BIN)/ruff check .
 	$(BIN)/python manage.py makemigrations --check --dry-run > /dev/null || (echo "missing migrations: run manage.py makemigrations"; exit 1)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.contrib import admin, messages
-from django.db.models import Count, Q
+from django.db import transaction
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils.html import format_html
 
-from nodes.models import GPU, JoinToken, Node
+from nodes.enrolment import issue_join_token
+from nodes.models import GPU, JoinToken, Node, NodeStatus
+from portal import live
+from portal.livedata import gpu_state
 
 
 class GPUInline(admin.TabularInline):
@@ -16,16 +22,22 @@ class GPUInline(admin.TabularInline):
     show_change_link = True
 
 
+def _live(kind: str, pk: int, field: str, value, css: str = ""):
+    """A cell that portal/static/portal/live.js keeps current."""
+    return format_html('<span data-{}="{}" data-field="{}" class="{}">{}</span>', kind, pk, field, css, value)
+
+
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["name", "hostname", "status", "heartbeat", "gpu_count", "gpus_busy", "agent_version", "labels"]
+    list_display = ["name", "hostname", "live_status", "heartbeat", "gpu_count", "gpus_busy", "agent_version",
+                    "labels"]
     list_filter = ["status"]
     search_fields = ["name", "hostname"]
     readonly_fields = ["last_heartbeat_at", "agent_version", "token_prefix", "created_at", "updated_at"]
     fields = ["name", "hostname", "labels", "status", "status_reason", "last_heartbeat_at", "agent_version",
               "token_prefix", "created_at", "updated_at"]
     inlines = [GPUInline]
-    actions = ["drain", "resume", "maintenance"]
+    actions = ["drain", "resume", "maintenance", "make_join_token"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(
@@ -33,43 +45,75 @@ class NodeAdmin(admin.ModelAdmin):
             busy_n=Count("allocations__gpu", filter=Q(allocations__released_at__isnull=True), distinct=True),
         )
 
+    @admin.display(description="status", ordering="status")
+    def live_status(self, obj: Node):
+        return _live("node", obj.pk, "status", obj.status, f"node-status status-{obj.status}")
+
     @admin.display(description="GPUs", ordering="gpu_n")
-    def gpu_count(self, obj: Node) -> int:
-        return obj.gpu_n
+    def gpu_count(self, obj: Node):
+        return _live("node", obj.pk, "gpus", obj.gpu_n)
 
     @admin.display(description="GPUs busy", ordering="busy_n")
-    def gpus_busy(self, obj: Node) -> int:
-        return obj.busy_n
+    def gpus_busy(self, obj: Node):
+        return _live("node", obj.pk, "gpus_busy", obj.busy_n)
 
     @admin.display(description="last heartbeat", ordering="last_heartbeat_at")
     def heartbeat(self, obj: Node):
-        if obj.last_heartbeat_at is None:
-            return "never"
-        age = int(obj.heartbeat_age().total_seconds())
+        age = obj.heartbeat_age()
+        text = "never" if age is None else f"{int(age.total_seconds())} s ago"
         colour = "#c00" if obj.heartbeat_overdue else "inherit"
-        return format_html('<span style="color:{}">{} s ago</span>', colour, age)
+        return format_html('<span data-node="{}" data-field="heartbeat" style="color:{}">{}</span>',
+                           obj.pk, colour, text)
 
     def _set_status(self, request, queryset, status: str, verb: str) -> None:
-        n = queryset.update(status=status, status_reason=f"{verb} by {request.user.username}")
-        self.message_user(request, f"{n} server(s) {verb}.", messages.SUCCESS)
+        """Change each server's status under its row lock, audit it (admin history,
+        LogEntry) and tell live pages and the scheduler after commit."""
+        from scheduling import triggers
+
+        changed = []
+        ids = list(queryset.values_list("pk", flat=True))  # the list's queryset is annotated (GROUP BY)
+        with transaction.atomic():
+            for node in Node.objects.filter(pk__in=ids).select_for_update().order_by("pk"):
+                if node.status == status:
+                    continue
+                before = node.status
+                node.status, node.status_reason = status, f"{verb} by {request.user.username}"
+                node.save(update_fields=["status", "status_reason", "updated_at"])
+                self.log_change(request, node, f"{verb}: status {before} -> {status}")
+                changed.append(node.pk)
+            live.gpus_changed(changed)
+            if changed:
+                triggers.request_pass(f"{len(changed)} server(s) {verb} by {request.user.username}")
+        self.message_user(request, f"{len(changed)} server(s) {verb}.", messages.SUCCESS)
 
     @admin.action(description="Drain: finish running tasks, take no new ones")
     def drain(self, request, queryset) -> None:
-        self._set_status(request, queryset, "draining", "drained")
+        self._set_status(request, queryset, NodeStatus.DRAINING, "drained")
 
     @admin.action(description="Resume: accept tasks again")
     def resume(self, request, queryset) -> None:
-        self._set_status(request, queryset, "active", "resumed")
+        self._set_status(request, queryset, NodeStatus.ACTIVE, "resumed")
+
+    @admin.action(description="Make a one-time join token for the agent (shown once)")
+    def make_join_token(self, request, queryset) -> None:
+        for node in queryset.order_by("name"):
+            secret = issue_join_token(node, note=f"made by {request.user.username}", ttl=timedelta(days=1))
+            self.message_user(
+                request,
+                f"Join token for {node.name} (valid 24 h, once; shown only now): {secret}  -  on the server run: "
+                f"python -m nodes.agent --portal <URL> --name {node.name} --join-token {secret}",
+                messages.WARNING,
+            )
 
     @admin.action(description="Maintenance: take out of service")
     def maintenance(self, request, queryset) -> None:
-        self._set_status(request, queryset, "maintenance", "put in maintenance")
+        self._set_status(request, queryset, NodeStatus.MAINTENANCE, "put in maintenance")
 
 
 @admin.register(GPU)
 class GPUAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "model_name", "memory", "utilization_pct", "temperature_c", "power_w", "health",
-                    "cordoned", "cordon_reason", "reserved"]
+    list_display = ["__str__", "model_name", "live_state", "utilization", "memory", "temperature", "current_task",
+                    "tenant", "health", "cordoned", "cordon_reason", "reserved"]
     list_filter = ["health", "cordoned", "reserved", "model_name", "node"]
     search_fields = ["uuid", "node__name", "model_name"]
     list_select_related = ["node"]
@@ -78,18 +122,81 @@ class GPUAdmin(admin.ModelAdmin):
                        "loaded_models", "idle_since", "updated_at"]
     actions = ["cordon", "uncordon"]
 
-    @admin.display(description="memory used / total (MB)")
-    def memory(self, obj: GPU) -> str:
-        return f"{obj.memory_used_mb} / {obj.memory_total_mb}"
+    def get_queryset(self, request):
+        from scheduling.models import Allocation
+
+        # The first task holding each GPU, in the same query (a shared GPU shows its oldest task).
+        active = Allocation.objects.filter(gpu=OuterRef("pk"), released_at__isnull=True).order_by("allocated_at", "id")
+        return super().get_queryset(request).annotate(
+            task_now=Subquery(active.values("task_id")[:1]),
+            task_name_now=Subquery(active.values("task__name")[:1]),
+            tenant_now=Subquery(active.values("task__tenant__slug")[:1]),
+        )
+
+    @admin.display(description="state")
+    def live_state(self, obj: GPU):
+        state = gpu_state(obj, obj.node, getattr(obj, "task_now", None) is not None)
+        return _live("gpu", obj.pk, "state", state, f"gpu-state state-{state}")
+
+    @admin.display(description="util %", ordering="utilization_pct")
+    def utilization(self, obj: GPU):
+        return _live("gpu", obj.pk, "utilization_pct", obj.utilization_pct)
+
+    @admin.display(description="temp °C", ordering="temperature_c")
+    def temperature(self, obj: GPU):
+        return _live("gpu", obj.pk, "temperature_c", obj.temperature_c)
+
+    @admin.display(description="memory used / total", ordering="memory_used_mb")
+    def memory(self, obj: GPU):
+        pct = round(100 * obj.memory_used_mb / obj.memory_total_mb) if obj.memory_total_mb else 0
+        return format_html(
+            '<div class="membar" data-gpu="{}" data-field="memory"><div class="membar-fill" style="width:{}%"></div>'
+            '<span class="membar-label">{} MB / {} MB</span></div>',
+            obj.pk, pct, obj.memory_used_mb, obj.memory_total_mb,
+        )
+
+    @admin.display(description="task")
+    def current_task(self, obj: GPU):
+        task = getattr(obj, "task_now", None)
+        return _live("gpu", obj.pk, "task", f"#{task} {obj.task_name_now}" if task else "")
+
+    @admin.display(description="tenant")
+    def tenant(self, obj: GPU):
+        return _live("gpu", obj.pk, "tenant", getattr(obj, "tenant_now", None) or "")
+
+    def _set_cordon(self, request, queryset, cordon: bool) -> int:
+        from portal.alerts import raise_alert
+        from scheduling import triggers
+
+        changed: list[GPU] = []
+        ids = list(queryset.values_list("pk", flat=True))
+        with transaction.atomic():
+            for gpu in GPU.objects.filter(pk__in=ids).select_related("node").select_for_update(of=("self",)) \
+                    .order_by("pk"):
+                if gpu.cordoned == cordon:
+                    continue
+                if cordon:
+                    gpu.cordon(f"cordoned by {request.user.username}")
+                    self.log_change(request, gpu, f"cordoned by {request.user.username}")
+                    raise_alert("gpu_error", f"GPU {gpu} cordoned by {request.user.username}", node=gpu.node_id,
+                                gpu=gpu, severity="info")
+                else:
+                    gpu.uncordon()
+                    self.log_change(request, gpu, f"uncordoned by {request.user.username}")
+                changed.append(gpu)
+            live.gpus_changed(g.node_id for g in changed)
+            if changed and not cordon:
+                triggers.request_pass(f"{len(changed)} GPU(s) uncordoned")
+        return len(changed)
 
     @admin.action(description="Cordon: take no new tasks")
     def cordon(self, request, queryset) -> None:
-        n = queryset.update(cordoned=True, cordon_reason=f"cordoned by {request.user.username}")
+        n = self._set_cordon(request, queryset, True)
         self.message_user(request, f"{n} GPU(s) cordoned.", messages.SUCCESS)
 
     @admin.action(description="Uncordon: accept tasks again")
     def uncordon(self, request, queryset) -> None:
-        n = queryset.update(cordoned=False, cordon_reason="")
+        n = self._set_cordon(request, queryset, False)
         self.message_user(request, f"{n} GPU(s) uncordoned.", messages.SUCCESS)
 
 

@@ -8,12 +8,18 @@ from portal.models import Alert, ControlPlaneServer
 
 @admin.register(ControlPlaneServer)
 class ControlPlaneServerAdmin(admin.ModelAdmin):
-    list_display = ["name", "role", "hostname", "pid", "version", "started_at", "last_seen_at"]
+    list_display = ["name", "role", "hostname", "pid", "version", "started_at", "last_seen_at", "alive"]
     list_filter = ["role"]
     readonly_fields = ["name", "role", "hostname", "pid", "version", "started_at", "last_seen_at", "info"]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    @admin.display(boolean=True, description="alive")
+    def alive(self, obj: ControlPlaneServer) -> bool:
+        from portal import registry
+
+        return registry.is_alive(obj)
 
 
 @admin.register(Alert)

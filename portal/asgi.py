@@ -15,9 +15,31 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from portal.routing import websocket_urlpatterns  # noqa: E402
 
+
+class RegisterOnFirstRequest:
+    """Registers this web process in the control-plane registry (with a heartbeat
+    thread) when the first HTTP request arrives: only real servers (daphne) go
+    through here, so importing the app in tests or commands registers nothing."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.started = False
+
+    async def __call__(self, scope, receive, send):
+        if not self.started and scope["type"] == "http":
+            self.started = True
+            from django.conf import settings
+
+            if settings.REGISTRY_ENABLED:
+                from portal import registry
+
+                registry.start_background("web")
+        return await self.app(scope, receive, send)
+
+
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": RegisterOnFirstRequest(django_asgi_app),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -1,14 +1,23 @@
 """The one place that pushes live updates to websockets and agents.
 
 Everything is sent after the surrounding transaction commits, so nobody sees a
-decision that was rolled back, and a batch of changes becomes one message per
-group (per node, per tenant), never one per row. Consumers join the groups
-named by the helpers below and receive high-level events to format themselves.
+decision that was rolled back. Pushes are coalesced at two levels:
+
+* here, per transaction: every call inside one transaction merges into one
+  outbox, which sends one message per (group, event type) after commit, with
+  the union of the ids (a scheduler pass that places 500 tasks sends one
+  ``tasks.changed`` per tenant, not 500), all in one event loop;
+* in the consumers (``portal.consumers``), per viewer: events arriving closer
+  together than ``LIVE_MIN_INTERVAL_S`` are merged into one screen update.
+
+Consumers join the groups named by the helpers below and receive high-level
+events (ids of what changed) that they format themselves from the database.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,7 +40,14 @@ def tenant_group(tenant_id: int) -> str:
     return f"tenant-{tenant_id}"
 
 
+def _stamp(message: dict[str, Any]) -> dict[str, Any]:
+    """A message id, so a consumer can drop a copy delivered twice (channels_postgres
+    can run two LISTEN connections in one process for a moment and deliver both)."""
+    return {**message, "mid": uuid.uuid4().hex[:16]}
+
+
 def _send(group: str, message: dict[str, Any]) -> None:
+    message = _stamp(message)
     layer = get_channel_layer()
     if layer is None:
         log.warning("no channel layer configured; dropped %s to %s", message.get("type"), group)
@@ -42,21 +58,9 @@ def _send(group: str, message: dict[str, Any]) -> None:
         log.exception("push of %s to %s failed", message.get("type"), group)
 
 
-class _Batch:
-    """The messages one transaction queued; sent after commit in one event loop (one
-    ``async_to_sync`` per message costs a thread each: ~2 ms, 7x slower for a
-    pass that touches 200 servers)."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, dict[str, Any]]] = []
-        self.sent = False
-
-    def __call__(self) -> None:
-        self.sent = True
-        _send_all(self.messages)
-
-
 def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Send several messages in one event loop (one ``async_to_sync`` per message
+    costs a thread each: ~2 ms, 7x slower for a pass that touches 200 servers)."""
     if len(messages) == 1:
         _send(*messages[0])
         return
@@ -66,7 +70,7 @@ def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
         return
 
     async def send() -> None:
-        for group, message in messages:
+        for group, message in ((g, _stamp(m)) for g, m in messages):
             try:
                 await layer.group_send(group, message)
             except Exception:  # best effort, as in _send
@@ -78,21 +82,78 @@ def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
         log.exception("push of %d messages failed", len(messages))
 
 
+class _Outbox:
+    """What one transaction will push after it commits, merged by (group, type).
+
+    Registered once per transaction (and savepoint level) with ``on_commit``; it
+    lives in Django's list of commit hooks, so a rolled-back savepoint or
+    transaction discards it together with everything merged into it. After
+    commit its messages leave together, in first-queued order.
+    """
+
+    def __init__(self) -> None:
+        # (group, type) -> ("ids", key, set of ids) | ("plain", payload); dicts keep insertion order
+        self.entries: dict[tuple[str, str], tuple[str, Any, Any]] = {}
+        self.sent = False
+
+    def add_ids(self, group: str, event_type: str, key: str, ids: Iterable[int]) -> None:
+        entry = self.entries.get((group, event_type))
+        if entry is None or entry[0] != "ids":
+            entry = self.entries[(group, event_type)] = ("ids", key, set())
+        entry[2].update(ids)
+
+    def add_plain(self, group: str, event_type: str, payload: dict[str, Any]) -> None:
+        self.entries[(group, event_type)] = ("plain", payload, None)
+
+    def messages(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for (group, event_type), (kind, a, b) in self.entries.items():
+            out.append((group, {"type": event_type, a: sorted(b)} if kind == "ids" else {"type": event_type, **a}))
+        return out
+
+    def __call__(self) -> None:
+        self.sent = True
+        _send_all(self.messages())
+
+
+def _outbox() -> _Outbox | None:
+    """The current transaction's outbox (made on first use), or None in autocommit."""
+    conn = transaction.get_connection()
+    if not conn.in_atomic_block:
+        return None
+    # One outbox per savepoint level, so a rolled-back savepoint takes exactly its
+    # own changes with it (the common case, one level, is one outbox).
+    level = set(conn.savepoint_ids)
+    for sids, func, _robust in reversed(conn.run_on_commit):
+        if isinstance(func, _Outbox) and not func.sent and sids == level:
+            return func
+    box = _Outbox()
+    transaction.on_commit(box, robust=True)
+    return box
+
+
+def _push_ids(group: str, event_type: str, key: str, ids: Iterable[int]) -> None:
+    ids = sorted(set(ids))
+    if not ids:
+        return
+    box = _outbox()
+    if box is None:
+        _send_all([(group, {"type": event_type, key: ids})])
+    else:
+        box.add_ids(group, event_type, key, ids)
+
+
 def send_on_commit(group: str, event_type: str, payload: dict[str, Any]) -> None:
-    """Queue ``{"type": event_type, **payload}`` for ``group`` after commit."""
-    message = {"type": event_type, **payload}
-    connection = transaction.get_connection()
-    if connection.in_atomic_block:
-        # Join the transaction's batch if it was opened at this same savepoint level
-        # (a rolled-back savepoint then drops its messages with it).
-        level = set(connection.savepoint_ids)
-        for sids, func, _robust in connection.run_on_commit:
-            if isinstance(func, _Batch) and not func.sent and sids == level:
-                func.messages.append((group, message))
-                return
-    batch = _Batch()
-    batch.messages.append((group, message))
-    transaction.on_commit(batch)
+    """Queue ``{"type": event_type, **payload}`` for ``group`` after commit.
+
+    Within one transaction a later payload for the same group and type replaces
+    an earlier one; use the helpers below for id lists, which are merged.
+    """
+    box = _outbox()
+    if box is None:
+        _send_all([(group, {"type": event_type, **payload})])
+    else:
+        box.add_plain(group, event_type, payload)
 
 
 def assignments_changed(node_ids: Iterable[int]) -> None:
@@ -107,14 +168,10 @@ def tasks_changed(tasks: Iterable[tuple[int, int]]) -> None:
     for tenant_id, task_id in tasks:
         by_tenant.setdefault(tenant_id, set()).add(task_id)
     for tenant_id, ids in by_tenant.items():
-        send_on_commit(tenant_group(tenant_id), "tasks.changed", {"task_ids": sorted(ids)})
-    if by_tenant:
-        all_ids = sorted(i for ids in by_tenant.values() for i in ids)
-        send_on_commit(STAFF_GROUP, "tasks.changed", {"task_ids": all_ids})
+        _push_ids(tenant_group(tenant_id), "tasks.changed", "task_ids", ids)
+    _push_ids(STAFF_GROUP, "tasks.changed", "task_ids", (i for ids in by_tenant.values() for i in ids))
 
 
 def gpus_changed(node_ids: Iterable[int]) -> None:
     """GPU metrics or state of these servers changed (heartbeat, cordon, allocation)."""
-    ids = sorted(set(node_ids))
-    if ids:
-        send_on_commit(STAFF_GROUP, "gpus.changed", {"node_ids": ids})
+    _push_ids(STAFF_GROUP, "gpus.changed", "node_ids", node_ids)

@@ -65,3 +65,19 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.message}"
+
+
+class MetricCounter(models.Model):
+    """A monotonic counter shared by every process (scheduler passes on any node add
+    to the same row), read by the /metrics collector of every web process."""
+
+    name = models.CharField(max_length=100)
+    labels = models.CharField(max_length=200, blank=True, help_text='e.g. le="0.1"')
+    value = models.FloatField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["name", "labels"], name="metriccounter_unique_name_labels")]
+
+    def __str__(self) -> str:
+        return f"{self.name}{{{self.labels}}} = {self.value}"

@@ -2,4 +2,14 @@
 
 from __future__ import annotations
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from nodes.consumers import AgentConsumer
+from portal import consumers
+
+websocket_urlpatterns: list = [
+    path("ws/agent/v1/", AgentConsumer.as_asgi()),
+    path("ws/cluster/", consumers.ClusterConsumer.as_asgi()),
+    path("ws/tasks/", consumers.TenantTasksConsumer.as_asgi()),
+    path("ws/tasks/<slug:tenant>/", consumers.TenantTasksConsumer.as_asgi()),
+]

@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.postgres",
     "rest_framework",
+    "drf_spectacular",
     "django_q",
     "django_prometheus",
     "channels",
@@ -147,6 +148,12 @@ else:
         }
     }
 
+# Live pages: a viewer gets at most one frame per this many ms (bursts are merged).
+LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
+
+# Alerts (server lost, GPU error, task OOM) are also POSTed here as JSON, after commit.
+ALERT_WEBHOOK_URL = envstr("ALERT_WEBHOOK_URL")
+
 # --- django-q2 (ORM broker on the same PostgreSQL) --------------------------------
 Q_CLUSTER = {
     "name": "gpu-portal",
@@ -171,6 +178,7 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
@@ -193,10 +201,29 @@ X_FRAME_OPTIONS = "DENY"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        "portal.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": ["portal.api.throttling.TokenBucketThrottle"],
+    "DEFAULT_PAGINATION_CLASS": "portal.api.pagination.Pagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
+SPECTACULAR_SETTINGS = {
+    "TITLE": "GPU allocation portal API",
+    "DESCRIPTION": "Submit and follow GPU tasks; see quotas, GPUs and the cluster. Auth: `Token api_...`.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {
+        "TaskStatusEnum": "scheduling.choices.TaskStatus",
+        "ServerStatusEnum": "nodes.models.NodeStatus",
+    },
+}
+# Users' API rate limit per token (token bucket, per web process): refill per second, and burst.
+API_RATE_LIMIT = envint("API_RATE_LIMIT", 50, minimum=0)
+API_RATE_BURST = envint("API_RATE_BURST", 200, minimum=1)
+# Web processes register in the control-plane registry on their first request (portal.asgi).
+REGISTRY_ENABLED = envbool("PORTAL_REGISTRY", True)
 
 LOGGING = {
     "version": 1,
@@ -204,7 +231,11 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # It warns on every push to a group nobody is watching: normal here.
+        "channels_postgres": {"level": "ERROR"},
+    },
 }
 
 # --- Scheduler policy (PORTAL_CONFIG YAML, seeds' defaults) ---------------------------

@@ -4,15 +4,24 @@ from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.static import serve
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from portal.admin_views import cluster_overview
 
 admin.site.site_header = "GPU allocation portal"
 admin.site.site_title = "GPU portal admin"
 admin.site.index_title = "Operations"
 
 urlpatterns = [
+    path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("api/agent/v1/", include("nodes.api.urls")),
+    path("api/v1/", include("portal.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("", include("django_prometheus.urls")),
+    path("", include("portal.page_urls")),
 ]
 
 if settings.SERVE_STATIC:

@@ -1,8 +1,22 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.db import transaction
+from django.utils.html import format_html
 
+from portal import live
+from scheduling import lifecycle, triggers
+from scheduling.choices import Priority
 from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk
+
+
+class TaskActionForm(ActionForm):
+    """The action bar of the task list, with the new priority for "Change priority"."""
+
+    priority = forms.TypedChoiceField(choices=[("", "priority…"), *Priority.choices], coerce=int, required=False,
+                                      empty_value=None)
 
 
 class ReadOnlyMixin:
@@ -32,8 +46,10 @@ class AllocationInline(ReadOnlyMixin, admin.TabularInline):
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "tenant", "status", "priority", "workload_class", "gpu_count", "gpu_memory_mb",
-                    "node", "queue_position", "pending_reason", "created_at"]
+    list_display = ["id", "name", "tenant", "live_status", "live_priority", "workload_class", "gpu_count",
+                    "gpu_memory_mb", "live_node", "live_queue_position", "live_pending_reason", "created_at"]
+    actions = ["cancel_tasks", "requeue_tasks", "change_priority"]
+    action_form = TaskActionForm
     list_filter = ["status", "tenant", "priority", "workload_class", "node", "share_mode"]
     search_fields = ["name", "command", "model_name", "tenant__slug", "submitter__username"]
     list_select_related = ["tenant", "node"]
@@ -51,6 +67,90 @@ class TaskAdmin(admin.ModelAdmin):
     ]
     inlines = [AllocationInline, TaskEventInline]
     autocomplete_fields = ["tenant", "submitter"]
+
+    @admin.display(description="status", ordering="status")
+    def live_status(self, obj: Task):
+        return format_html('<span data-task="{}" data-field="status" class="task-status status-{}">{}</span>',
+                           obj.pk, obj.status, obj.get_status_display())
+
+    @admin.display(description="priority", ordering="priority")
+    def live_priority(self, obj: Task):
+        return format_html('<span data-task="{}" data-field="priority_label">{}</span>', obj.pk,
+                           Priority(obj.priority).label)
+
+    @admin.display(description="node", ordering="node__name")
+    def live_node(self, obj: Task):
+        return format_html('<span data-task="{}" data-field="node">{}</span>', obj.pk, obj.node or "")
+
+    @admin.display(description="queue position", ordering="queue_position")
+    def live_queue_position(self, obj: Task):
+        return format_html('<span data-task="{}" data-field="queue_position">{}</span>', obj.pk,
+                           "" if obj.queue_position is None else obj.queue_position)
+
+    @admin.display(description="pending reason")
+    def live_pending_reason(self, obj: Task):
+        return format_html('<span data-task="{}" data-field="pending_reason">{}</span>', obj.pk, obj.pending_reason)
+
+    # --- operator actions: each one a TaskEvent with the operator as actor ----------------
+    @admin.action(description="Cancel (kills a running process)")
+    def cancel_tasks(self, request, queryset) -> None:
+        actor = f"admin:{request.user.username}"
+        done = 0
+        for pk in queryset.filter(status__in=["pending", "assigned", "running"]).order_by("pk") \
+                .values_list("pk", flat=True):
+            task = lifecycle.cancel(pk, actor=actor, reason=f"cancelled by operator {request.user.username}")
+            done += task.status == "cancelled"
+        self.message_user(request, f"{done} task(s) cancelled.", messages.SUCCESS)
+
+    @admin.action(description="Requeue (back to pending; counts as a retry)")
+    def requeue_tasks(self, request, queryset) -> None:
+        actor = f"admin:{request.user.username}"
+        requeued, skipped = 0, 0
+        for pk in queryset.order_by("pk").values_list("pk", flat=True):
+            with transaction.atomic():
+                task = Task.locked(pk)
+                if not task.is_active:  # pending is already queued; final tasks are history
+                    skipped += 1
+                    continue
+                node_id = task.node_id
+                # An operator's requeue always returns the task to the queue, even with retries spent.
+                if task.attempt >= task.max_retries:
+                    task.max_retries = task.attempt + 1
+                    task.save(update_fields=["max_retries"])
+                task.requeue(actor=actor, reason=f"requeued by operator {request.user.username}")
+                live.tasks_changed([(task.tenant_id, task.pk)])
+                live.assignments_changed([node_id])
+                live.gpus_changed([node_id])
+                triggers.request_pass(f"task {pk} requeued by operator")
+                requeued += 1
+        level = messages.SUCCESS if requeued else messages.WARNING
+        note = f" ({skipped} not assigned or running, left as they were)" if skipped else ""
+        self.message_user(request, f"{requeued} task(s) requeued{note}.", level)
+
+    @admin.action(description="Change priority to the one chosen beside the action")
+    def change_priority(self, request, queryset) -> None:
+        try:
+            new = Priority(int(request.POST.get("priority", "")))
+        except ValueError:
+            self.message_user(request, "Choose a priority in the list beside the action first.", messages.ERROR)
+            return
+        actor = f"admin:{request.user.username}"
+        changed = 0
+        for pk in queryset.order_by("pk").values_list("pk", flat=True):
+            with transaction.atomic():
+                task = Task.locked(pk)
+                if task.is_final or task.priority == new:
+                    continue
+                before = Priority(task.priority).label
+                task.priority = new
+                task.save(update_fields=["priority", "updated_at"])
+                TaskEvent.objects.create(task=task, from_status=task.status, to_status=task.status, actor=actor,
+                                         reason=f"priority {before} -> {new.label}")
+                live.tasks_changed([(task.tenant_id, task.pk)])
+                if task.status == "pending":
+                    triggers.request_pass(f"task {pk} priority changed")
+                changed += 1
+        self.message_user(request, f"{changed} task(s) now {new.label}.", messages.SUCCESS)
 
     @admin.display(description="log (last 200 lines)")
     def log_tail(self, obj: Task):

@@ -24,12 +24,15 @@ def _changed(task: Task, *, node_id: int | None) -> None:
         live.gpus_changed([node_id])
 
 
-def report_started(task_id: int, *, node_id: int, actor: str) -> Task:
-    """The agent started the task's process. Idempotent: a repeat changes nothing."""
+def report_started(task_id: int, *, node_id: int, actor: str, attempt: int | None = None) -> Task:
+    """The agent started the task's process. Idempotent: a repeat changes nothing,
+    and so does a report about an earlier ``attempt`` than the task's current one."""
     with transaction.atomic():
         task = Task.locked(task_id)
         if task.node_id != node_id:
             raise PermissionError(f"task {task_id} is not assigned to this server")
+        if attempt is not None and attempt != task.attempt:
+            return task
         if task.status == TaskStatus.ASSIGNED:
             task.mark_running(actor=actor)
             _changed(task, node_id=None)
@@ -55,19 +58,34 @@ def record_oom(task: Task) -> ModelMemoryEstimate | None:
     return estimate
 
 
+def _alert_oom(task: Task, *, node_id: int, estimate: ModelMemoryEstimate | None) -> None:
+    from portal.alerts import raise_alert
+
+    retry = (f"requeued (retry {task.attempt + 1} of {task.max_retries})" if task.attempt < task.max_retries
+             else "failed: no retries left")
+    raised = f"; {task.model_name} now needs {estimate.memory_mb} MB" if estimate else ""
+    raise_alert("task_oom", f"task #{task.pk} {task.name} ran out of GPU memory{raised}; {retry}",
+                node=node_id, task=task)
+
+
 def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor: str, oom: bool = False,
-                    reason: str = "") -> Task:
+                    reason: str = "", timed_out: bool = False, attempt: int | None = None) -> Task:
     """The agent saw the process exit. An OOM raises the model's estimate and retries
-    while retries remain. Idempotent: a report for a task already final changes nothing."""
+    while retries remain; ``timed_out`` means the agent killed it at its timeout.
+    Idempotent: a report for a task already final, or for an earlier ``attempt``
+    (the task was requeued meanwhile), changes nothing."""
     with transaction.atomic():
         task = Task.locked(task_id)
         if task.node_id != node_id:
             raise PermissionError(f"task {task_id} is not assigned to this server")
         if task.is_final or task.status == TaskStatus.PENDING:
             return task
+        if attempt is not None and attempt != task.attempt:
+            return task
         if oom:
-            record_oom(task)
+            estimate = record_oom(task)
             task.oom = True
+            _alert_oom(task, node_id=node_id, estimate=estimate)
             if task.attempt < task.max_retries:
                 # The next try asks for the raised estimate instead of the size that failed.
                 if task.model_name:
@@ -77,7 +95,7 @@ def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor:
             else:
                 task.finish(exit_code=exit_code, oom=True, actor=actor, reason=reason or "CUDA out of memory")
         else:
-            task.finish(exit_code=exit_code, actor=actor, reason=reason)
+            task.finish(exit_code=exit_code, actor=actor, reason=reason, timed_out=timed_out)
         _changed(task, node_id=node_id)
         triggers.request_pass(f"task {task_id} finished")
         return task
@@ -94,4 +112,19 @@ def cancel(task_id: int, *, actor: str, reason: str = "cancelled") -> Task:
         _changed(task, node_id=node_id)
         if node_id is not None:
             triggers.request_pass(f"task {task_id} cancelled")
+        return task
+
+
+def report_lost(task_id: int, *, node_id: int, actor: str, reason: str, attempt: int | None = None) -> Task:
+    """The agent no longer knows the task's process (it restarted without it): the
+    task goes back to pending while it has retries left, like a lost server's."""
+    with transaction.atomic():
+        task = Task.locked(task_id)
+        if task.node_id != node_id:
+            raise PermissionError(f"task {task_id} is not assigned to this server")
+        if not task.is_active or (attempt is not None and attempt != task.attempt):
+            return task
+        task.requeue(actor=actor, reason=reason)
+        _changed(task, node_id=node_id)
+        triggers.request_pass(f"task {task_id} lost")
         return task

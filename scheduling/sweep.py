@@ -28,6 +28,7 @@ from django.db.models.functions import Now
 
 from nodes.models import Node, NodeStatus
 from portal import live
+from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
@@ -105,8 +106,8 @@ def sweep(actor: str = "sweep") -> SweepResult:
                 changed.append((task.tenant_id, task.pk))
             # Whatever is still held there (nothing, normally) is released with the server.
             Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=Now())
-            Alert.objects.create(kind=Alert.Kind.SERVER_LOST, severity=Alert.Severity.CRITICAL, node=node,
-                                 message=f"{reason}; its tasks were requeued or failed")
+            # Row now; live banner and webhook after commit.
+            raise_alert(Alert.Kind.SERVER_LOST, f"{reason}; its tasks were requeued or failed", node=node)
             result.servers_lost += 1
         if lost:
             live.gpus_changed(n.pk for n in lost)

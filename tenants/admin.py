@@ -5,7 +5,7 @@ from django.contrib import admin, messages
 from django.contrib.postgres.forms import SimpleArrayField
 from django.db.models import Count, IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
-from django.utils.html import format_html_join
+from django.utils.html import format_html, format_html_join
 
 from scheduling.choices import ACTIVE_STATUSES, WorkloadClass
 from tenants.models import ApiToken, Membership, Quota, Tenant
@@ -82,20 +82,25 @@ class TenantAdmin(admin.ModelAdmin):
         )
 
     @staticmethod
-    def _of(used: int, limit: int | None, unit: str = "") -> str:
-        return f"{used}{unit} / {limit}{unit}" if limit is not None else f"{used}{unit} / no quota"
+    def _of(obj: Tenant, key: str, used: int, limit: int | None, unit: str = ""):
+        """Usage beside its limit; the used part is kept current by portal/static/portal/live.js."""
+        suffix = " / " + (f"{limit}{unit}" if limit is not None else "no quota")
+        return format_html('<span data-tenant="{}" data-usage="{}" data-unit="{}" data-suffix="{}">{}{}{}</span>',
+                           obj.pk, key, unit, suffix, used, unit, suffix)
 
     @admin.display(description="GPUs used / limit", ordering="used_gpus")
-    def gpus(self, obj: Tenant) -> str:
-        return self._of(obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None))
+    def gpus(self, obj: Tenant):
+        return self._of(obj, "gpus", obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None))
 
     @admin.display(description="GPU memory used / limit", ordering="used_memory")
-    def gpu_memory(self, obj: Tenant) -> str:
-        return self._of(obj.used_memory, getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB")
+    def gpu_memory(self, obj: Tenant):
+        return self._of(obj, "gpu_memory_mb", obj.used_memory,
+                        getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB")
 
     @admin.display(description="running tasks / limit", ordering="used_running")
-    def running_tasks(self, obj: Tenant) -> str:
-        return self._of(obj.used_running, getattr(getattr(obj, "quota", None), "max_running_tasks", None))
+    def running_tasks(self, obj: Tenant):
+        return self._of(obj, "running_tasks", obj.used_running,
+                        getattr(getattr(obj, "quota", None), "max_running_tasks", None))
 
     @admin.display(description="members", ordering="members_n")
     def members_count(self, obj: Tenant) -> int:
@@ -108,14 +113,16 @@ class TenantAdmin(admin.ModelAdmin):
         usage = obj.usage()
         quota = getattr(obj, "quota", None)
         rows = [
-            ("GPUs", usage.gpus, quota and quota.max_gpus),
-            ("GPU memory (MB)", usage.gpu_memory_mb, quota and quota.max_gpu_memory_mb),
-            ("running tasks", usage.running_tasks, quota and quota.max_running_tasks),
-            ("pending tasks", usage.pending_tasks, quota and quota.max_pending_tasks),
+            ("GPUs", "gpus", usage.gpus, quota and quota.max_gpus),
+            ("GPU memory (MB)", "gpu_memory_mb", usage.gpu_memory_mb, quota and quota.max_gpu_memory_mb),
+            ("running tasks", "running_tasks", usage.running_tasks, quota and quota.max_running_tasks),
+            ("pending tasks", "pending_tasks", usage.pending_tasks, quota and quota.max_pending_tasks),
         ]
         return format_html_join(
-            "", '<div class="usage-row" data-limit="{}"><strong>{}</strong>: {} of {}</div>',
-            ((label, label, used, limit if limit is not None else "no quota") for label, used, limit in rows),
+            "", '<div class="usage-row" data-limit="{}"><strong>{}</strong>: '
+                '<span data-tenant="{}" data-usage="{}">{}</span> of {}</div>',
+            ((label, label, obj.pk, key, used, limit if limit is not None else "no quota")
+             for label, key, used, limit in rows),
         )
 
     def save_related(self, request, form, formsets, change) -> None:

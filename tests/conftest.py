@@ -93,3 +93,121 @@ def make_server(name: str, gpus: int = 8, memory_mb: int = 81_559, model: str = 
 @pytest.fixture
 def servers(db) -> list[Node]:
     return [make_server("gpu-01"), make_server("gpu-02")]
+
+
+_REAL_CHANNEL_LAYERS: dict = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _in_process_channel_layer():
+    """Inside the test process pushes go through an in-memory layer by default
+    (consumer tests run in this process); tests that need the real layer (to reach
+    daphne subprocesses) ask for ``channel_layer_on_test_db``."""
+    import copy
+
+    from django.conf import settings
+
+    _REAL_CHANNEL_LAYERS.update(copy.deepcopy(settings.CHANNEL_LAYERS))
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    reset_channel_layer()
+    yield
+
+
+def reset_channel_layer() -> None:
+    """Forget the process's channel layer, so the next use builds a fresh one."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+
+
+@pytest.fixture
+def channel_layer_on_test_db(settings, django_db_setup):
+    """The real channel layer (Postgres, or Redis with REDIS_URL), pointed at the test
+    database, so pushes sent from the test process (``portal.live``) reach
+    subprocesses (daphne) running on it."""
+    layers = {name: {**conf, "CONFIG": dict(conf.get("CONFIG", {}))} for name, conf in _REAL_CHANNEL_LAYERS.items()}
+    for conf in layers.values():
+        if conf["BACKEND"].startswith("channels_postgres"):
+            conf["CONFIG"]["NAME"] = connection.settings_dict["NAME"]
+    settings.CHANNEL_LAYERS = layers
+    reset_channel_layer()
+    _drop_channels_postgres_pool()  # its one pool per process may point at another database
+    yield layers
+    _drop_channels_postgres_pool()
+    reset_channel_layer()
+
+
+def _drop_channels_postgres_pool() -> None:
+    import asyncio
+    import contextlib
+
+    from channels_postgres import db as channels_db
+
+    pool, channels_db.connection_pool = channels_db.connection_pool, None
+    if pool is not None:
+        # The pool belongs to an event loop async_to_sync has closed: hang up its idle
+        # connections at the libpq level, or they keep the test database busy.
+        for conn in list(getattr(pool, "_pool", [])):
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+        with contextlib.suppress(Exception):
+            asyncio.run(pool.close(timeout=1))
+
+
+# --- users' API (issue 5) --------------------------------------------------------
+
+
+def make_api_token(user, name: str = "test") -> str:
+    from portal.api.authentication import create_token
+
+    return create_token(user, name)[1]
+
+
+@pytest.fixture
+def api_client_for(db):
+    """``api_client_for(user)``: a DRF client authenticated with a fresh API token of ``user``."""
+    from rest_framework.test import APIClient
+
+    def make(user):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {make_api_token(user)}")
+        return client
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def live_daphne(django_db_setup, django_db_blocker):
+    """A real daphne on a free port against the test database, for the module's tests
+    (which use ``django_db(transaction=True)`` so what they write is visible to it)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with django_db_blocker.unblock():
+        env = subprocess_env(API_RATE_LIMIT="0")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"daphne did not start: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -38,6 +38,19 @@ def _run_until_ready(port: int) -> tuple[subprocess.Popen, list[str]]:
     pytest.fail("devrun did not become ready:\n" + "\n".join(lines))
 
 
+def _demo_servers_up() -> bool:
+    nodes = list(Node.objects.order_by("name"))
+    return [n.name for n in nodes] == ["demo-gpu-01", "demo-gpu-02"] and all(
+        n.status == "active" and n.gpus.count() == 8 and n.last_heartbeat_at for n in nodes)
+
+
+def _wait_for_demo_servers() -> None:
+    deadline = time.monotonic() + 30
+    while not _demo_servers_up() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _demo_servers_up(), list(Node.objects.values_list("name", "status"))
+
+
 def _stop(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -61,8 +74,8 @@ def test_devrun_serves_the_admin_and_prints_the_admin_password_once():
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=10) as response:
             assert response.status == 200
         assert Tenant.objects.filter(slug="demo", quota__isnull=False).exists()
-        assert sorted(Node.objects.values_list("name", flat=True)) == ["demo-gpu-01", "demo-gpu-02"]
-        assert all(n.gpus.count() == 8 for n in Node.objects.all())
+        # The demo servers are the two simulated agents, enrolled with seed_demo's join token.
+        _wait_for_demo_servers()
         # The scheduler loop runs too: it registers itself with a heartbeat.
         deadline = time.monotonic() + 30
         while not ControlPlaneServer.objects.filter(role="scheduler").exists() and time.monotonic() < deadline:
@@ -76,6 +89,7 @@ def test_devrun_serves_the_admin_and_prints_the_admin_password_once():
     try:
         assert not any(re.search(r"admin / ", line) for line in lines)
         assert any("admin user exists" in line for line in lines)
+        _wait_for_demo_servers()
         assert Node.objects.count() == 2
     finally:
         assert _stop(proc) == 0

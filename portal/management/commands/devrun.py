@@ -60,6 +60,7 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         self.stdout.write("database migrated")
         self._ensure_admin()
+        self.no_seed = no_seed
         if not no_seed:
             call_command("seed_demo", stdout=self.stdout)
         call_command("collectstatic", interactive=False, verbosity=0)
@@ -91,6 +92,22 @@ class Command(BaseCommand):
             ("scheduler", [python, manage, "runscheduler"]),
             # django-q2 workers: event-triggered passes and the every-minute sweep schedule.
             ("qcluster", [python, manage, "qcluster"]),
+            *self._demo_agents(python, host, port),
+        ]
+
+    def _demo_agents(self, python: str, host: str, port: int) -> list[tuple[str, list[str]]]:
+        """Two simulated 8-GPU servers, enrolled with seed_demo's cluster join token."""
+        from portal.management.commands.seed_demo import DEMO_GPU_SPEC, DEMO_SERVERS, demo_agents_dir
+
+        base = demo_agents_dir()
+        if getattr(self, "no_seed", False) or not (base / "join-token").exists():
+            return []  # --no-seed: no demo servers
+        portal = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        return [
+            (name, [python, "-m", "nodes.agent", "--portal", portal, "--name", name, "--simulate", DEMO_GPU_SPEC,
+                    "--state-dir", str(base / name), "--join-token-file", str(base / "join-token"),
+                    "--grace-period", "3", "--kill-tasks-on-exit"])
+            for name in DEMO_SERVERS
         ]
 
     def _ensure_admin(self) -> None:

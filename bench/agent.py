@@ -1,0 +1,319 @@
+"""Agent benchmarks: submit-to-process-started latency and heartbeat ingestion.
+
+    .venv/bin/python bench/agent.py [--quick]
+
+Runs against DATABASE_URL (or the embedded PostgreSQL), with real processes:
+daphne, ``manage.py runscheduler`` and simulated-GPU agents.
+
+1. Start latency on an idle simulated cluster (2 agents x 8 GPUs): a task is
+   submitted (committed as pending, scheduler woken), placed by the scheduler,
+   pushed to its agent over the websocket and started; the task's command writes
+   the time it started. Also measured: allocation commit -> process start, with
+   the allocation written directly (the agent's share of the path).
+2. Heartbeat ingestion: 1,000 servers x 8 GPUs with real node tokens; a load
+   generator posts heartbeats over HTTP as fast as the web processes take them
+   while scheduling passes run beside them (pass time compared with and without
+   the load).
+
+Everything the bench creates (tenant "bench", servers "bench-*") is removed at the end.
+The last line printed is one JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+import logging  # noqa: E402
+
+import httpx  # noqa: E402
+from django.db import transaction  # noqa: E402
+from django.utils import timezone  # noqa: E402
+
+from nodes.enrolment import issue_join_token  # noqa: E402
+from nodes.models import GPU, JoinToken, Node  # noqa: E402
+from portal import live  # noqa: E402
+from scheduling import triggers  # noqa: E402
+from scheduling.models import Allocation, Task  # noqa: E402
+from scheduling.passes import run_pass  # noqa: E402
+from tenants.models import Quota, Tenant  # noqa: E402
+
+PY = sys.executable
+logging.getLogger("httpx").setLevel(logging.WARNING)
+LABELS = {"bench": "yes"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Processes:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def web(self, port: int, config: Path) -> None:
+        self.start(f"web-{port}", [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
+                   PORTAL_CONFIG=str(config), PORTAL_PROCESS_NAME="bench-web", LOG_LEVEL="WARNING",
+                   # Under ASGI every request runs in its own thread: persistent connections
+                   # would pile up (one per thread) until Postgres refuses clients.
+                   DB_CONN_MAX_AGE="0")
+
+        def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(up, 30, f"web process on port {port}")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def cleanup() -> None:
+    Task.objects.filter(tenant__slug="bench").delete()
+    Node.objects.filter(name__startswith="bench-").delete()
+    JoinToken.objects.filter(note="bench").delete()
+    Tenant.objects.filter(slug="bench").delete()
+
+
+def bench_tenant() -> Tenant:
+    tenant = Tenant.objects.create(name="Bench", slug="bench")
+    Quota.objects.create(tenant=tenant, max_gpus=10_000, max_gpu_memory_mb=10**9, max_running_tasks=10_000,
+                         max_pending_tasks=100_000, max_priority=3)
+    return tenant
+
+
+def start_latency(procs: Processes, tmp: Path, url: str, config: Path, tenant: Tenant, n: int) -> dict:
+    token_file = tmp / "join-token"
+    token_file.write_text(issue_join_token(note="bench"))
+    for name in ("bench-gpu-01", "bench-gpu-02"):
+        procs.start(name, [PY, "-m", "nodes.agent", "--portal", url, "--name", name, "--simulate", "8xH100-80GB",
+                           "--state-dir", str(tmp / name), "--join-token-file", str(token_file),
+                           "--kill-tasks-on-exit", "--log-level", "WARNING"])
+    wait_for(lambda: Node.objects.filter(name__startswith="bench-gpu-", status="active").count() == 2
+             and GPU.objects.filter(node__name__startswith="bench-gpu-").count() == 16, 30, "the bench agents")
+    Node.objects.filter(name__startswith="bench-gpu-").update(labels=LABELS)
+    procs.start("scheduler", [PY, "manage.py", "runscheduler"], PORTAL_CONFIG=str(config),
+                PORTAL_PROCESS_NAME="bench-scheduler", LOG_LEVEL="WARNING")
+    time.sleep(2)  # let the scheduler and both websockets settle before timing anything
+    marks = tmp / "marks"
+    marks.mkdir()
+
+    def started_at(task_id: int) -> float | None:
+        try:
+            return int((marks / str(task_id)).read_text()) / 1e9
+        except (OSError, ValueError):
+            return None
+
+    def run_one(submit) -> float:
+        t0 = time.time()
+        task = submit()
+        t1 = wait_for(lambda: started_at(task.pk), 30, f"task {task.pk} to start")
+        wait_for(lambda: Task.objects.filter(pk=task.pk, status="succeeded").exists(), 30, "the task to end")
+        return (t1 - t0) * 1000
+
+    command = f"date +%s%N > {marks}/$TASK_ID"
+
+    def submit_pending() -> Task:
+        with transaction.atomic():
+            task = Task.objects.create(tenant=tenant, name="bench", command=command, gpu_count=1,
+                                       gpu_memory_mb=1_000, node_selector=LABELS)
+            triggers.request_pass("bench submit")
+        return task
+
+    nodes = list(Node.objects.filter(name__startswith="bench-gpu-").order_by("name"))
+
+    def submit_assigned(i: int) -> Task:
+        node = nodes[i % 2]
+        gpu = node.gpus.get(index=i % 8)
+        with transaction.atomic():
+            task = Task.objects.create(tenant=tenant, name="bench", command=command, status="assigned", node=node,
+                                       assigned_at=timezone.now(), gpu_count=1, gpu_memory_mb=1_000)
+            Allocation.objects.create(task=task, gpu=gpu, node=node, memory_mb=1_000)
+            live.assignments_changed([node.pk])
+        return task
+
+    submit = [run_one(submit_pending) for _ in range(n)]
+    commit = [run_one(lambda i=i: submit_assigned(i)) for i in range(n)]
+    return {
+        "start_latency_ms_p50": round(statistics.median(submit), 1),
+        "start_latency_ms_p99": round(pct(submit, 0.99), 1),
+        "allocation_commit_to_start_ms_p50": round(statistics.median(commit), 1),
+        "allocation_commit_to_start_ms_p99": round(pct(commit, 0.99), 1),
+        "start_latency_tasks": n,
+    }
+
+
+def heartbeat_payload(node: Node, tick: int) -> dict:
+    return {"name": node.name, "agent_version": "bench", "gpus": [
+        {"index": i, "uuid": f"GPU-{node.name}-{i}", "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81_559,
+         "memory_used_mb": (tick * 997 + i * 131) % 80_000, "utilization_pct": (tick + i) % 100,
+         "temperature_c": 40 + i, "power_w": 300 + i, "ecc_errors": 0, "retired_pages": 0}
+        for i in range(8)]}
+
+
+async def hammer(urls: list[str], servers: list[tuple[Node, str]], seconds: float, concurrency: int) -> tuple[int, int]:
+    ok = failed = 0
+    statuses: dict[int, int] = {}
+    deadline = time.monotonic() + seconds
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(servers)):
+        queue.put_nowait(i)
+
+    async def worker(w: int) -> None:
+        nonlocal ok, failed
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            tick = 0
+            while time.monotonic() < deadline:
+                i = await queue.get()
+                node, token = servers[i]
+                tick += 1
+                base = urls[(w + i) % len(urls)]
+                response = await client.post(f"{base}/api/agent/v1/heartbeat", json=heartbeat_payload(node, tick),
+                                             headers={"Authorization": f"Node {token}"})
+                if response.status_code == 200:
+                    ok += 1
+                else:
+                    failed += 1
+                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                queue.put_nowait(i)
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    if statuses:
+        print(f"heartbeat failures by HTTP status: {statuses}", file=sys.stderr)
+    return ok, failed
+
+
+def pass_times(seconds: float) -> list[float]:
+    times = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        t0 = time.perf_counter()
+        run_pass(actor="bench")
+        times.append((time.perf_counter() - t0) * 1000)
+        time.sleep(0.05)
+    return times
+
+
+def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: int, seconds: float,
+                   web_n: int) -> dict:
+    nodes = Node.objects.bulk_create(Node(name=f"bench-hb-{i:04d}", status="active", labels=LABELS)
+                                     for i in range(servers_n))
+    servers = [(node, node.issue_token()) for node in nodes]
+    GPU.objects.bulk_create(GPU(node=node, index=i, uuid=f"GPU-{node.name}-{i}", model_name="NVIDIA H100 80GB HBM3",
+                                memory_total_mb=81_559) for node in nodes for i in range(8))
+    # Work for the passes: tasks no server can take (a GPU model nobody has), so each pass scans them all.
+    Task.objects.bulk_create(Task(tenant=tenant, name="unplaceable", command="true", gpu_model="B999",
+                                  node_selector=LABELS) for _ in range(200))
+    ports = [free_port() for _ in range(web_n)]
+    for port in ports:
+        procs.web(port, config)
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    idle = pass_times(min(seconds, 5))
+    # Warm up connections and the GPU rows, then measure.
+    asyncio.run(hammer(urls, servers, 2, 12))
+    loop_result: dict = {}
+
+    def load() -> None:
+        loop_result["counts"] = asyncio.run(hammer(urls, servers, seconds, 12))
+
+    import threading
+
+    thread = threading.Thread(target=load)
+    t0 = time.monotonic()
+    thread.start()
+    busy = pass_times(seconds - 1)
+    thread.join()
+    elapsed = time.monotonic() - t0
+    ok, failed = loop_result["counts"]
+    return {
+        "heartbeat_gpu_rows_per_s": round(ok * 8 / elapsed),
+        "heartbeats_per_s": round(ok / elapsed, 1),
+        "heartbeat_failures": failed,
+        "heartbeat_servers": servers_n,
+        "heartbeat_web_processes": web_n,
+        "pass_ms_p50_idle": round(statistics.median(idle), 1),
+        "pass_ms_p50_under_heartbeats": round(statistics.median(busy), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (under 3 minutes)")
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--servers", type=int, default=1000)
+    parser.add_argument("--web", type=int, default=2, help="web processes taking heartbeats (default 2)")
+    args = parser.parse_args()
+    seconds = 15 if args.quick else 60
+    cleanup()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    config = tmp / "portal.yaml"
+    config.write_text("scheduler:\n  heartbeat_interval_s: 5\n  heartbeat_timeout_s: 600\n")
+    procs = Processes(tmp)
+    results: dict = {}
+    try:
+        tenant = bench_tenant()
+        port = free_port()
+        procs.web(port, config)
+        results.update(start_latency(procs, tmp, f"http://127.0.0.1:{port}", config, tenant, args.tasks))
+        print(json.dumps(results), flush=True)
+        procs.stop_all()
+        procs.procs.clear()
+        results.update(heartbeat_rate(procs, config, tenant, args.servers, seconds, args.web))
+    finally:
+        procs.stop_all()
+        cleanup()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

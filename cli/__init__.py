@@ -1,0 +1,1 @@
+"""gpuctl: the command-line client of the GPU portal (HTTP only, standard library only)."""

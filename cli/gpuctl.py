@@ -1,0 +1,431 @@
+#!/usr/bin/env python3
+"""gpuctl: submit and follow GPU tasks on the portal, like sbatch/squeue.
+
+Talks only HTTP to the portal's /api/v1 and needs only the Python standard
+library, so this one file can be copied to any machine with Python 3.10+.
+
+    gpuctl login --url http://portal:8000            # asks for an API token (portal → Tokens)
+    gpuctl submit --gpus 2 --mem 40G --priority high --tenant acme -- python train.py
+    gpuctl queue                                      # your tenants' pending and running tasks
+    gpuctl show 42 ; gpuctl logs -f 42 ; gpuctl cancel 42
+    gpuctl gpus ; gpuctl quota                        # --json on every listing
+
+Configuration: $GPUCTL_CONFIG or ~/.config/gpuctl/config.json (mode 0600), holding
+{"url": ..., "token": ...}; $GPUCTL_URL and $GPUCTL_TOKEN (or --url/--token) override it.
+Errors print one line on stderr and exit non-zero (1: the portal said no or is unreachable,
+2: bad command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+USER_AGENT = "gpuctl/1"
+ACTIVE = "pending,assigned,running"
+
+
+class CliError(Exception):
+    """One line for the user; exit status 1."""
+
+
+# --- configuration -------------------------------------------------------------------
+
+
+def config_path() -> Path:
+    env = os.environ.get("GPUCTL_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "gpuctl" / "config.json"
+
+
+def load_config() -> dict[str, str]:
+    path = config_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def save_config(data: dict[str, str]) -> Path:
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Created 0600 from the start: the token never sits in a world-readable file.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.chmod(path, 0o600)
+    return path
+
+
+# --- HTTP ----------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        url = f"{self.url}/api/v1/{path.lstrip('/')}"
+        if params:
+            query = {k: v for k, v in params.items() if v not in (None, "")}
+            if query:
+                url += "?" + urllib.parse.urlencode(query)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json", "User-Agent": USER_AGENT}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 (URL is the user's)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise CliError(describe_error(exc.code, exc.read())) from None
+        except urllib.error.URLError as exc:
+            raise CliError(f"cannot reach the portal at {self.url}: {exc.reason}") from None
+        except (TimeoutError, ConnectionError) as exc:
+            raise CliError(f"cannot reach the portal at {self.url}: {exc}") from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body=body)
+
+
+def _flatten(errors: Any, prefix: str = "") -> list[str]:
+    if isinstance(errors, dict):
+        out = []
+        for key, value in errors.items():
+            name = "" if key in ("detail", "non_field_errors") else str(key)
+            out += _flatten(value, f"{prefix}{name}" if not prefix or not name else f"{prefix}.{name}")
+        return out
+    if isinstance(errors, list):
+        if all(isinstance(e, str) for e in errors):
+            return [f"{prefix}: {' '.join(errors)}" if prefix else " ".join(errors)]
+        out = []
+        for i, item in enumerate(errors):
+            if item:
+                out += _flatten(item, f"{prefix}[{i}]")
+        return out
+    return [f"{prefix}: {errors}" if prefix else str(errors)]
+
+
+def describe_error(status: int, raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if body is None:
+        return f"the portal answered HTTP {status}"
+    text = "; ".join(_flatten(body)) or f"HTTP {status}"
+    if status == 401:
+        return f"not logged in or bad token ({text}); run: gpuctl login"
+    if status == 404:
+        return "no such task (or it belongs to a tenant you are not in)"
+    return text
+
+
+# --- parsing helpers -------------------------------------------------------------------
+
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int:
+    """'40G' / '40GiB' / '40GB' -> 40960 MB; '512M' or a bare number -> MB."""
+    m = _MEM.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad memory size {text!r} (e.g. 40G, 24000M)")
+    value, unit = float(m.group(1)), m.group(2).upper()
+    mb = value * {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+    if mb < 1:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} is under 1 MB")
+    return int(mb)
+
+
+def parse_duration(text: str) -> int:
+    """'3600' / '90m' / '2h' / '1d' -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 3600, 90m, 2h)")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2).lower()]
+
+
+def parse_env(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"bad --env {text!r} (expected KEY=VALUE)")
+    return key, value
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    url = args.url or os.environ.get("GPUCTL_URL") or load_config().get("url")
+    if not url:
+        raise CliError("give the portal's address: gpuctl login --url http://HOST:PORT")
+    token = args.token or os.environ.get("GPUCTL_TOKEN")
+    if not token:
+        if not sys.stdin.isatty():
+            token = sys.stdin.readline().strip()
+        else:
+            token = getpass.getpass("API token (create one on the portal's Tokens page): ").strip()
+    if not token:
+        raise CliError("no token given")
+    quotas = Client(url, token).get("quota")  # proves the URL and the token work
+    path = save_config({"url": url.rstrip("/"), "token": token})
+    tenants = ", ".join(q["tenant"] for q in quotas) or "no tenant yet"
+    print(f"logged in to {url} (tenants: {tenants}); saved to {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, client: Client) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CliError("no command given: gpuctl submit [options] -- COMMAND [ARGS...]")
+    body: dict[str, Any] = {"command": command, "gpu_count": args.gpus}
+    optional = {"tenant": args.tenant, "name": args.name, "priority": args.priority, "gpu_memory_mb": args.mem,
+                "workload_class": args.workload_class, "timeout_s": args.timeout, "working_dir": args.workdir,
+                "model_name": args.model, "gpu_model": args.gpu_model}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if args.env:
+        body["env"] = dict(args.env)
+    if args.shared:
+        body["share_mode"] = "shared"
+    if args.dry_run:
+        preview = client.post("tasks/preview", body)
+        if args.json:
+            emit_json(preview)
+        else:
+            print(preview["message"])
+        return 0
+    task = client.post("tasks", body)
+    if args.json:
+        emit_json(task)
+    else:
+        print(task["id"])
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace, client: Client) -> int:
+    status = args.status or (None if args.all else ACTIVE)
+    page = client.get("tasks", status=status, tenant=args.tenant, mine="true" if args.mine else None,
+                      ordering="queue" if not args.all else "-created_at", limit=args.limit)
+    tasks = page["results"]
+    if args.json:
+        emit_json(tasks)
+        return 0
+    rows = [[t["id"], t["name"][:24], t["tenant"], t["status"], t["priority"], t["gpu_count"],
+             t["queue_position"], t["pending_reason"] or t["server"] or t["failure_reason"] or ""] for t in tasks]
+    print(table(rows, ["ID", "NAME", "TENANT", "STATE", "PRIORITY", "GPUS", "POS", "REASON/SERVER"]))
+    if page.get("count", 0) > len(tasks):
+        print(f"({len(tasks)} of {page['count']} shown; --limit to see more)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, client: Client) -> int:
+    task = client.get(f"tasks/{args.id}")
+    if args.json:
+        task["events"] = client.get(f"tasks/{args.id}/events")
+        emit_json(task)
+        return 0
+    keys = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
+            "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "server", "gpus", "command", "timeout_s",
+            "exit_code", "failure_reason", "attempt", "created_at", "started_at", "finished_at"]
+    for key in keys:
+        value = task.get(key)
+        if value not in (None, "", []):
+            print(f"{key + ':':17}{', '.join(value) if isinstance(value, list) else value}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace, client: Client) -> int:
+    if args.follow and args.tail is None:
+        page = client.get(f"tasks/{args.id}/logs", offset=0)
+    else:
+        page = client.get(f"tasks/{args.id}/logs", tail=args.tail or 100)
+    sys.stdout.write(page["data"])
+    sys.stdout.flush()
+    while args.follow:
+        if page["final"] and not page["data"]:
+            break
+        was_final = page["final"]
+        if not page["data"]:
+            time.sleep(args.interval)
+        attempt = page["attempt"]
+        # No attempt pinned: a requeued task's new attempt starts a new log from offset 0.
+        page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"])
+        if page["attempt"] != attempt:
+            sys.stdout.write(f"--- attempt {page['attempt']} ---\n")
+            page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"])
+        sys.stdout.write(page["data"])
+        sys.stdout.flush()
+        if was_final and not page["data"]:
+            break
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
+    failed = 0
+    for task_id in args.ids:
+        try:
+            task = client.post(f"tasks/{task_id}/cancel")
+            print(f"{task['id']} {task['status']}")
+        except CliError as exc:
+            print(f"gpuctl: error: task {task_id}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_gpus(args: argparse.Namespace, client: Client) -> int:
+    gpus = client.get("gpus", state=args.state, server=args.server)
+    if args.json:
+        emit_json(gpus)
+        return 0
+    rows = [[f"{g['server']}:{g['index']}", g["model_name"], g["state"],
+             f"{g['memory_used_mb']}/{g['memory_total_mb']}", f"{g['utilization_pct']}%", f"{g['temperature_c']}C"]
+            for g in gpus]
+    print(table(rows, ["GPU", "MODEL", "STATE", "MEM USED/TOTAL MB", "UTIL", "TEMP"]))
+    return 0
+
+
+def cmd_quota(args: argparse.Namespace, client: Client) -> int:
+    quotas = client.get("quota")
+    if args.json:
+        emit_json(quotas)
+        return 0
+    rows = []
+    for q in quotas:
+        lim, use = q["limits"] or {}, q["usage"]
+        rows.append([q["tenant"], f"{use['gpus']}/{lim.get('max_gpus', '-')}",
+                     f"{use['gpu_memory_mb']}/{lim.get('max_gpu_memory_mb', '-')}",
+                     f"{use['running_tasks']}/{lim.get('max_running_tasks', '-')}",
+                     f"{use['pending_tasks']}/{lim.get('max_pending_tasks', '-')}",
+                     lim.get("max_priority", "-"), ",".join(lim.get("allowed_classes", []))])
+    print(table(rows, ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES"]))
+    return 0
+
+
+# --- argument parsing --------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's usual status)
+        self.exit(2, f"gpuctl: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="portal address (default: from the config file or $GPUCTL_URL)")
+    common.add_argument("--token", help="API token (default: from the config file or $GPUCTL_TOKEN)")
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    parser = Parser(prog="gpuctl", description="Submit and follow GPU tasks on the portal.")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser, metavar="COMMAND")
+
+    sub.add_parser("login", parents=[common], help="save the portal address and an API token (0600 file)")
+
+    p = sub.add_parser("submit", parents=[common, listing], help="submit a task; prints its id",
+                       usage="gpuctl submit [options] -- COMMAND [ARGS...]")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (all on one server), default 1")
+    p.add_argument("--mem", type=parse_memory, help="GPU memory per GPU, e.g. 40G (default: whole GPUs)")
+    p.add_argument("--priority", type=str.upper, choices=["LOW", "NORMAL", "HIGH", "CRITICAL"])
+    p.add_argument("--tenant", help="tenant short name (needed if you belong to several)")
+    p.add_argument("--name", help="task name (default: the program's name)")
+    p.add_argument("--class", dest="workload_class", choices=["batch", "online"], help="workload class (batch)")
+    p.add_argument("--timeout", type=parse_duration, help="e.g. 3600, 90m, 2h (default 1h)")
+    p.add_argument("--env", type=parse_env, action="append", metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--workdir", help="working directory on the GPU server")
+    p.add_argument("--model", help="model name (memory estimate and GPU affinity)")
+    p.add_argument("--gpu-model", help="GPU model substring, e.g. H100")
+    p.add_argument("--shared", action="store_true", help="share GPUs with other tasks (needs --mem)")
+    p.add_argument("--dry-run", action="store_true", help="submit nothing: say whether it would start now, or why not")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command to run")
+
+    p = sub.add_parser("queue", parents=[common, listing], help="pending and running tasks (like squeue)")
+    p.add_argument("--all", action="store_true", help="every state, newest first")
+    p.add_argument("--status", help="comma-separated states")
+    p.add_argument("--tenant", help="comma-separated tenants")
+    p.add_argument("--mine", action="store_true", help="only tasks I submitted")
+    p.add_argument("--limit", type=int, default=100)
+
+    p = sub.add_parser("show", parents=[common, listing], help="one task in detail")
+    p.add_argument("id", type=int)
+
+    p = sub.add_parser("logs", parents=[common], help="a task's output")
+    p.add_argument("id", type=int)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
+    p.add_argument("--tail", type=int, help="last N lines (default 100; with -f: from the start)")
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel tasks")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+
+    p = sub.add_parser("gpus", parents=[common, listing], help="GPUs and their state")
+    p.add_argument("--state", help="free, allocated, cordoned, reserved, error, unavailable")
+    p.add_argument("--server")
+
+    sub.add_parser("quota", parents=[common, listing], help="my tenants' limits and usage")
+    return parser
+
+
+COMMANDS = {"submit": cmd_submit, "queue": cmd_queue, "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel,
+            "gpus": cmd_gpus, "quota": cmd_quota}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "login":
+            return cmd_login(args)
+        config = load_config()
+        url = args.url or os.environ.get("GPUCTL_URL") or config.get("url")
+        token = args.token or os.environ.get("GPUCTL_TOKEN") or config.get("token")
+        if not url or not token:
+            raise CliError("not logged in: run gpuctl login --url http://HOST:PORT")
+        return COMMANDS[args.cmd](args, Client(url, token))
+    except CliError as exc:
+        print(f"gpuctl: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The agent API (``/api/agent/v1/``): register, heartbeat, task events, log chunks.
+
+Every view but ``register`` authenticates a node token and acts only for that
+server. Bad payloads get a 400 naming the fields, and change nothing.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Func
+from rest_framework import status
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from nodes import assignments, heartbeat
+from nodes.api.auth import AgentRateThrottle, IsAgent, NodeTokenAuthentication, RegisterRateThrottle
+from nodes.api.serializers import (
+    HeartbeatSerializer,
+    LogChunksSerializer,
+    RegisterSerializer,
+    TaskEventSerializer,
+)
+from nodes.enrolment import EnrolmentError, redeem
+from scheduling import lifecycle
+from scheduling.models import Task, TaskLogChunk
+
+
+def _timings() -> dict[str, int]:
+    return {"heartbeat_interval_s": settings.SCHEDULER.heartbeat_interval_s,
+            "heartbeat_timeout_s": settings.SCHEDULER.heartbeat_timeout_s}
+
+
+class AgentView(APIView):
+    schema = None  # the agents' own API: documented in the README, kept out of the user API schema
+    authentication_classes = [NodeTokenAuthentication]
+    permission_classes = [IsAgent]
+    throttle_classes = [AgentRateThrottle]
+
+    def actor(self, request: Request) -> str:
+        return f"agent:{request.auth.name}"
+
+
+class RegisterView(APIView):
+    schema = None
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes = [RegisterRateThrottle]
+
+    def post(self, request: Request) -> Response:
+        serializer = RegisterSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            enrolled = redeem(data["join_token"], name=data["name"], hostname=data["hostname"],
+                              agent_version=data["agent_version"])
+        except EnrolmentError as exc:
+            return Response({"join_token": [str(exc)]}, status=status.HTTP_403_FORBIDDEN)
+        return Response(
+            {"node_id": enrolled.node.pk, "name": enrolled.node.name, "node_token": enrolled.node_token,
+             "created": enrolled.created, **_timings()},
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class HeartbeatView(AgentView):
+    def post(self, request: Request) -> Response:
+        serializer = HeartbeatSerializer(data=request.data, context={"node": request.auth})
+        serializer.is_valid(raise_exception=True)
+        try:
+            result = heartbeat.ingest(request.auth, serializer.validated_data)
+        except heartbeat.HeartbeatRejected as exc:
+            return Response(exc.field_errors, status=status.HTTP_400_BAD_REQUEST)
+        return Response({
+            **_timings(),
+            "assignments_etag": assignments.current_etag(request.auth.pk),
+            "cordoned": result.cordoned,
+        })
+
+
+class TaskEventView(AgentView):
+    def post(self, request: Request, task_id: int) -> Response:
+        serializer = TaskEventSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        node, actor = request.auth, self.actor(request)
+        kwargs = {"node_id": node.pk, "actor": actor, "attempt": data["attempt"]}
+        try:
+            if data["event"] == "started":
+                task = lifecycle.report_started(task_id, **kwargs)
+            elif data["lost"]:
+                task = lifecycle.report_lost(task_id, reason=data["reason"] or f"lost by the agent on {node.name}",
+                                             **kwargs)
+            else:
+                reason = data["reason"]
+                if data["duration_s"] is not None and not reason and data["exit_code"] not in (0, None):
+                    reason = f"exit code {data['exit_code']} after {data['duration_s']:.1f} s"
+                # The OOM alert (one per attempt) is raised by lifecycle.report_finished.
+                task = lifecycle.report_finished(task_id, exit_code=data["exit_code"], oom=data["oom"],
+                                                 timed_out=data["timed_out"], reason=reason, **kwargs)
+        except Task.DoesNotExist:
+            return Response({"detail": f"no task {task_id}"}, status=status.HTTP_404_NOT_FOUND)
+        except PermissionError as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response({"id": task.pk, "status": task.status, "attempt": task.attempt})
+
+
+class LogChunksView(AgentView):
+    def post(self, request: Request, task_id: int) -> Response:
+        serializer = LogChunksSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        with transaction.atomic():
+            task = Task.objects.filter(pk=task_id).only("node_id").first()
+            if task is None:
+                return Response({"detail": f"no task {task_id}"}, status=status.HTTP_404_NOT_FOUND)
+            if task.node_id != request.auth.pk:
+                return Response({"detail": f"task {task_id} is not assigned to this server"},
+                                status=status.HTTP_409_CONFLICT)
+            chunks = serializer.validated_data["chunks"]
+            # Retried chunks hit the (task, attempt, offset) unique constraint and are skipped.
+            TaskLogChunk.objects.bulk_create(
+                [TaskLogChunk(task_id=task_id, attempt=c["attempt"], offset=c["offset"], data=c["data"])
+                 for c in chunks],
+                ignore_conflicts=True,
+            )
+            # Where each stored chunk ends, in bytes of the agent's file: an agent that
+            # crashed after shipping a chunk but before noting it may resend from the same
+            # offset with more text, and must continue from the end of what is stored.
+            stored = (TaskLogChunk.objects
+                      .filter(task_id=task_id, attempt__in={c["attempt"] for c in chunks},
+                              offset__in={c["offset"] for c in chunks})
+                      .annotate(size=Func(F("data"), function="octet_length"))
+                      .values_list("attempt", "offset", "size"))
+            ends = {f"{attempt}:{offset}": offset + size for attempt, offset, size in stored}
+        return Response({"stored": len(chunks), "ends": ends})

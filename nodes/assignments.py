@@ -1,0 +1,63 @@
+"""What a server's agent should be running: its desired state.
+
+The agent reconciles against this snapshot (start what is new, kill what is
+gone), so a repeated or reordered delivery is harmless. ``as_of`` is database
+time taken *before* the query: a task the agent started from a snapshot as of T
+is visible in every snapshot taken after T, so an agent only kills a task when a
+later snapshot lacks it, never because of a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from django.db import connection
+from django.db.models import Prefetch
+
+from scheduling.choices import ACTIVE_STATUSES
+from scheduling.models import Allocation, Task
+
+
+def _db_now() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT clock_timestamp()")
+        return cursor.fetchone()[0].isoformat()
+
+
+def etag_of(tasks: list[dict[str, Any]]) -> str:
+    key = ",".join(f"{t['id']}.{t['attempt']}" for t in tasks)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def desired_state(node_id: int) -> dict[str, Any]:
+    as_of = _db_now()
+    active = Allocation.objects.filter(released_at__isnull=True).select_related("gpu").order_by("gpu__index")
+    rows = (
+        Task.objects.filter(node_id=node_id, status__in=ACTIVE_STATUSES)
+        .select_related("tenant")
+        .prefetch_related(Prefetch("allocations", queryset=active, to_attr="active_allocations"))
+        .order_by("id")
+    )
+    tasks = [
+        {
+            "id": t.pk,
+            "attempt": t.attempt,
+            "name": t.name,
+            "status": t.status,
+            "command": t.command,
+            "env": t.env or {},
+            "working_dir": t.working_dir,
+            "timeout_s": t.timeout_s,
+            "tenant": t.tenant.slug,
+            "gpu_indices": [a.gpu.index for a in t.active_allocations],
+            "gpu_uuids": [a.gpu.uuid for a in t.active_allocations],
+        }
+        for t in rows
+    ]
+    return {"node_id": node_id, "as_of": as_of, "etag": etag_of(tasks), "tasks": tasks}
+
+
+def current_etag(node_id: int) -> str:
+    pairs = Task.objects.filter(node_id=node_id, status__in=ACTIVE_STATUSES).order_by("id").values("id", "attempt")
+    return etag_of(list(pairs))

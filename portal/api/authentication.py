@@ -1,0 +1,78 @@
+"""API token authentication for the users' REST API.
+
+``Authorization: Token api_...`` (or ``Bearer api_...``). Tokens are looked up
+by their prefix and checked against the stored HMAC (``portal.tokens``); a
+disabled, expired or unknown token is refused with 401. Agents' node tokens
+(``node_...``) belong to the agent API only and are refused here.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework import authentication, exceptions
+
+from portal import tokens
+from tenants.models import ApiToken
+
+KEYWORDS = (b"token", b"bearer")
+# last_used_at is written at most this often per token: a busy client must not
+# turn every request into an UPDATE.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+class ApiTokenAuthentication(authentication.BaseAuthentication):
+    keyword = "Token"
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request).split()
+        if not header or header[0].lower() not in KEYWORDS:
+            return None
+        if len(header) != 2:
+            raise exceptions.AuthenticationFailed("Malformed Authorization header: expected 'Token <api token>'.")
+        try:
+            token = header[1].decode()
+        except UnicodeError:
+            raise exceptions.AuthenticationFailed("Malformed token.") from None
+        kind = token.partition("_")[0]
+        if kind != "api":
+            if kind in ("node", "join"):
+                raise exceptions.AuthenticationFailed("Agent tokens cannot use the users' API.")
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        row = ApiToken.objects.select_related("user").filter(prefix=tokens.prefix_of(token)).first()
+        if row is None or not tokens.matches(token, row.digest):
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        now = timezone.now()
+        if not row.enabled:
+            raise exceptions.AuthenticationFailed("This token was revoked.")
+        if row.expires_at is not None and row.expires_at <= now:
+            raise exceptions.AuthenticationFailed("This token has expired.")
+        if not row.user.is_active:
+            raise exceptions.AuthenticationFailed("This user is disabled.")
+        if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+            ApiToken.objects.filter(pk=row.pk).filter(
+                Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+            ).update(last_used_at=now)
+        return row.user, row
+
+    def authenticate_header(self, request) -> str:
+        return self.keyword
+
+
+class ApiTokenScheme(OpenApiAuthenticationExtension):
+    target_class = "portal.api.authentication.ApiTokenAuthentication"
+    name = "apiToken"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "apiKey", "in": "header", "name": "Authorization",
+                "description": "`Token api_...` (create one on the portal's Tokens page)"}
+
+
+def create_token(user, name: str, expires_at=None) -> tuple[ApiToken, str]:
+    """Make a token for ``user``; returns the row and the secret (shown once)."""
+    new = tokens.make_token("api")
+    row = ApiToken.objects.create(user=user, name=name, prefix=new.prefix, digest=new.digest, expires_at=expires_at)
+    return row, new.token

@@ -1,0 +1,222 @@
+"""Scheduler, GPU and tenant metrics on /metrics, computed from the database at
+scrape time.
+
+Every web process registers ``PortalCollector``; whichever process Prometheus
+scrapes reads the same rows, so several web nodes behind a load balancer report
+the same truth (no per-process counters that reset or disagree). Counters come
+from durable rows: placements from task events, GPU task counts from
+allocations, pass figures from ``MetricCounter`` rows that ``record_pass`` adds to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.utils import timezone
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import REGISTRY, Collector
+from prometheus_client.utils import floatToGoString
+
+from scheduling.choices import Priority
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+QUEUE_WAIT_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def record_pass(duration_s: float, *, placed: int = 0, ok: bool = True) -> None:
+    """Count one scheduler pass (call it after the pass, committed or not).
+
+    One statement, adding to shared rows, so passes on any node are summed.
+    ``placed`` tasks are not counted here: placements come from task events.
+    """
+    rows: list[tuple[str, str, float]] = [
+        ("scheduler_passes", "", 1.0),
+        ("scheduler_pass_duration_seconds_sum", "", float(duration_s)),
+    ]
+    rows += [("scheduler_pass_duration_seconds_bucket", f'le="{b}"', 1.0) for b in PASS_BUCKETS if duration_s <= b]
+    if not ok:
+        rows.append(("scheduler_schedule_failures", "", 1.0))
+    _add(rows)
+
+
+def _add(rows: Iterable[tuple[str, str, float]]) -> None:
+    rows = list(rows)
+    values = ", ".join(["(%s, %s, %s, now())"] * len(rows))
+    params = [p for row in rows for p in row]
+    with connection.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO portal_metriccounter (name, labels, value, updated_at) VALUES {values} "  # noqa: S608
+            "ON CONFLICT (name, labels) DO UPDATE SET value = portal_metriccounter.value + EXCLUDED.value, "
+            "updated_at = EXCLUDED.updated_at",
+            params,
+        )
+
+
+def _families() -> dict[str, Metric]:
+    gpu_labels = ["node", "gpu", "uuid", "model"]
+    return {
+        "queue_size": GaugeMetricFamily("scheduler_queue_size", "Tasks waiting in the queue.", labels=["priority"]),
+        "queue_oldest": GaugeMetricFamily(
+            "scheduler_queue_oldest_wait_seconds", "Age of the oldest pending task (0 when the queue is empty)."),
+        "queue_wait": HistogramMetricFamily(
+            "scheduler_queue_wait_seconds", "Time from submission to (latest) assignment of placed tasks."),
+        "schedule": CounterMetricFamily("scheduler_schedule", "Tasks placed on GPUs by the scheduler."),
+        "failures": CounterMetricFamily("scheduler_schedule_failures", "Scheduler passes that failed."),
+        "passes": CounterMetricFamily("scheduler_passes", "Scheduler passes run."),
+        "pass_duration": HistogramMetricFamily("scheduler_pass_duration_seconds", "Duration of scheduler passes."),
+        "mem_used": GaugeMetricFamily("gpu_memory_used_bytes", "GPU memory in use.", labels=gpu_labels),
+        "mem_total": GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory in total.", labels=gpu_labels),
+        "util": GaugeMetricFamily("gpu_utilization_percent", "GPU utilisation.", labels=gpu_labels),
+        "temp": GaugeMetricFamily("gpu_temperature_celsius", "GPU temperature.", labels=gpu_labels),
+        "gpu_tasks": CounterMetricFamily("gpu_tasks", "Tasks ever allocated to the GPU.", labels=gpu_labels),
+        "gpu_busy": GaugeMetricFamily("gpu_allocated_tasks", "Tasks holding the GPU now.", labels=gpu_labels),
+        "gpu_error": GaugeMetricFamily("gpu_health_error", "1 when the GPU reports an error.", labels=gpu_labels),
+        "gpu_cordoned": GaugeMetricFamily("gpu_cordoned", "1 when the GPU takes no new tasks.", labels=gpu_labels),
+        "node_up": GaugeMetricFamily(
+            "node_up", "1 when the server is in service and heartbeating in time.", labels=["node", "status"]),
+        "node_age": GaugeMetricFamily(
+            "node_heartbeat_age_seconds", "Seconds since the server's last heartbeat.", labels=["node"]),
+        "quota_used": GaugeMetricFamily(
+            "tenant_quota_used", "Tenant usage counted against its quota.", labels=["tenant", "resource"]),
+        "quota_limit": GaugeMetricFamily("tenant_quota_limit", "Tenant quota limit.", labels=["tenant", "resource"]),
+        "alerts": GaugeMetricFamily("portal_alerts_open", "Unacknowledged alerts.", labels=["kind"]),
+        "scrape": GaugeMetricFamily("portal_metrics_scrape_seconds", "Time spent reading these metrics."),
+    }
+
+
+def _query(sql: str, params: Iterable = ()) -> list[tuple]:
+    with connection.cursor() as cur:
+        cur.execute(sql, list(params))
+        return cur.fetchall()
+
+
+def _histogram(buckets: Iterable[float], counts: list[float], total: float,
+               count: float) -> tuple[list[tuple[str, float]], float]:
+    out = [(floatToGoString(b), c) for b, c in zip(buckets, counts, strict=True)]
+    return [*out, ("+Inf", count)], total
+
+
+def collect_families() -> list[Metric]:
+    started = time.monotonic()
+    f = _families()
+    now = timezone.now()
+
+    by_priority = dict(_query("SELECT priority, count(*) FROM scheduling_task WHERE status = 'pending' GROUP BY 1"))
+    for p in Priority:
+        f["queue_size"].add_metric([p.label], by_priority.get(p.value, 0))
+    (oldest,) = _query("SELECT min(created_at) FROM scheduling_task WHERE status = 'pending'")[0]
+    f["queue_oldest"].add_metric([], max((now - oldest).total_seconds(), 0) if oldest else 0)
+
+    filters = ", ".join(f"count(*) FILTER (WHERE w <= {float(b)})" for b in QUEUE_WAIT_BUCKETS)
+    row = _query(
+        f"SELECT {filters}, count(*), coalesce(sum(w), 0) FROM ("  # noqa: S608 (constants only)
+        " SELECT greatest(extract(epoch FROM assigned_at - created_at), 0)::float8 AS w"
+        " FROM scheduling_task WHERE assigned_at IS NOT NULL) q"
+    )[0]
+    n = len(QUEUE_WAIT_BUCKETS)
+    buckets, total = _histogram(QUEUE_WAIT_BUCKETS, list(row[:n]), row[n + 1], row[n])
+    f["queue_wait"].add_metric([], buckets, total)
+
+    (placed,) = _query("SELECT count(*) FROM scheduling_taskevent WHERE to_status = 'assigned'")[0]
+    f["schedule"].add_metric([], placed)
+
+    counters = {(name, labels): value for name, labels, value in _query(
+        "SELECT name, labels, value FROM portal_metriccounter")}
+    f["failures"].add_metric([], counters.get(("scheduler_schedule_failures", ""), 0))
+    passes = counters.get(("scheduler_passes", ""), 0)
+    f["passes"].add_metric([], passes)
+    pass_counts = [counters.get(("scheduler_pass_duration_seconds_bucket", f'le="{b}"'), 0) for b in PASS_BUCKETS]
+    buckets, total = _histogram(PASS_BUCKETS, pass_counts,
+                                counters.get(("scheduler_pass_duration_seconds_sum", ""), 0), passes)
+    f["pass_duration"].add_metric([], buckets, total)
+
+    gpus = _query(
+        "SELECT n.name, g.index, g.uuid, g.model_name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct,"
+        " g.temperature_c, g.health, g.cordoned,"
+        " (SELECT count(DISTINCT a.task_id) FROM scheduling_allocation a WHERE a.gpu_id = g.id),"
+        " (SELECT count(*) FROM scheduling_allocation a WHERE a.gpu_id = g.id AND a.released_at IS NULL)"
+        " FROM nodes_gpu g JOIN nodes_node n ON n.id = g.node_id ORDER BY n.name, g.index"
+    )
+    for node, index, uuid, model, used, total_mb, util, temp, health, cordoned, ever, now_n in gpus:
+        labels = [node, str(index), uuid, model]
+        f["mem_used"].add_metric(labels, used * MB)
+        f["mem_total"].add_metric(labels, total_mb * MB)
+        f["util"].add_metric(labels, util)
+        f["temp"].add_metric(labels, temp)
+        f["gpu_tasks"].add_metric(labels, ever)
+        f["gpu_busy"].add_metric(labels, now_n)
+        f["gpu_error"].add_metric(labels, 1 if health == "error" else 0)
+        f["gpu_cordoned"].add_metric(labels, 1 if cordoned else 0)
+
+    timeout = settings.SCHEDULER.heartbeat_timeout_s
+    for name, status, seen in _query("SELECT name, status, last_heartbeat_at FROM nodes_node ORDER BY name"):
+        age = (now - seen).total_seconds() if seen else None
+        up = status in ("active", "draining") and age is not None and age <= timeout
+        f["node_up"].add_metric([name, status], 1 if up else 0)
+        if age is not None:
+            f["node_age"].add_metric([name], max(age, 0))
+
+    usage = _query(
+        "SELECT t.slug,"
+        " (SELECT count(DISTINCT a.gpu_id) FROM scheduling_allocation a JOIN scheduling_task k ON k.id = a.task_id"
+        "   WHERE k.tenant_id = t.id AND a.released_at IS NULL),"
+        " (SELECT coalesce(sum(a.memory_mb), 0) FROM scheduling_allocation a"
+        "   JOIN scheduling_task k ON k.id = a.task_id WHERE k.tenant_id = t.id AND a.released_at IS NULL),"
+        " (SELECT count(*) FROM scheduling_task k WHERE k.tenant_id = t.id AND k.status IN ('assigned', 'running')),"
+        " (SELECT count(*) FROM scheduling_task k WHERE k.tenant_id = t.id AND k.status = 'pending'),"
+        " q.max_gpus, q.max_gpu_memory_mb, q.max_running_tasks, q.max_pending_tasks"
+        " FROM tenants_tenant t LEFT JOIN tenants_quota q ON q.tenant_id = t.id ORDER BY t.slug"
+    )
+    resources = ("gpus", "gpu_memory_mb", "running_tasks", "pending_tasks")
+    for slug, *values in usage:
+        for resource, used in zip(resources, values[:4], strict=True):
+            f["quota_used"].add_metric([slug, resource], used)
+        for resource, limit in zip(resources, values[4:], strict=True):
+            if limit is not None:
+                f["quota_limit"].add_metric([slug, resource], limit)
+
+    open_alerts = dict(_query("SELECT kind, count(*) FROM portal_alert WHERE acknowledged_at IS NULL GROUP BY 1"))
+    from portal.models import Alert
+
+    for kind in Alert.Kind.values:
+        f["alerts"].add_metric([kind], open_alerts.get(kind, 0))
+
+    f["scrape"].add_metric([], time.monotonic() - started)
+    return list(f.values())
+
+
+class PortalCollector(Collector):
+    def describe(self) -> Iterator[Metric]:
+        # Names only, so registering never touches the database.
+        return iter(_families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            return iter(collect_families())
+        except DatabaseError:
+            # Keep the request/process metrics flowing when the database is away;
+            # the scrape shows the gap (and alerts on absent series) instead of a 500.
+            log.exception("could not read portal metrics from the database")
+            return iter(())
+
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if not _registered:
+        REGISTRY.register(PortalCollector())
+        _registered = True

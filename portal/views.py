@@ -1,0 +1,181 @@
+"""The users' web portal: dashboard, submit form (with a fit preview), task list
+and detail, API tokens. Server-rendered; every page needs a login. Scoping comes
+from ``scheduling.access``, validation from ``scheduling.submission`` (the same
+path as the API), so the two can never disagree."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from nodes import inventory
+from portal.api.authentication import create_token
+from scheduling import access, lifecycle, logs, submission
+from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
+from tenants.models import ApiToken
+from tenants.quotas import quota_report
+
+ACTIVE_OR_PENDING = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+FORM_FIELDS = ("tenant", "name", "command", "gpu_count", "gpu_memory_mb", "share_mode", "priority", "workload_class",
+               "timeout_s", "env", "working_dir", "model_name", "gpu_model", "node_selector")
+
+
+def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Quota report rows with (label, used, limit, percent) bars for the template."""
+    out = []
+    for row in report:
+        lim, use = row["limits"] or {}, row["usage"]
+        bars = []
+        for label, used_key, limit_key in (("GPUs", "gpus", "max_gpus"),
+                                           ("GPU memory (MB)", "gpu_memory_mb", "max_gpu_memory_mb"),
+                                           ("Running tasks", "running_tasks", "max_running_tasks"),
+                                           ("Pending tasks", "pending_tasks", "max_pending_tasks")):
+            limit = lim.get(limit_key)
+            pct = min(100, round(100 * use[used_key] / limit)) if limit else (100 if use[used_key] else 0)
+            bars.append({"label": label, "key": used_key, "used": use[used_key], "limit": limit, "pct": pct})
+        out.append({**row, "bars": bars})
+    return out
+
+
+@login_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    mine = (access.tasks_for(request.user).filter(submitter=request.user, status__in=ACTIVE_OR_PENDING)
+            .select_related("tenant", "node").order_by("status", "queue_position", "-created_at")[:50])
+    return render(request, "portal/dashboard.html", {
+        "quotas": _bars(quota_report(request.user)),
+        "tasks": mine,
+        "gpus": inventory.gpu_totals(),
+    })
+
+
+def _form_data(post) -> dict[str, Any]:
+    return {k: post.get(k, "").strip() if k not in ("command", "env", "node_selector") else post.get(k, "")
+            for k in FORM_FIELDS if post.get(k, "").strip() != ""}
+
+
+@login_required
+def submit(request: HttpRequest) -> HttpResponse:
+    ctx = submission.SubmitContext.load(request.user)
+    values: dict[str, Any] = {}
+    errors: dict[str, list[str]] = {}
+    preview = None
+    if request.method == "POST":
+        values = _form_data(request.POST)
+        spec, errors = submission.validate(values, ctx)
+        if not errors and request.POST.get("action") == "preview":
+            from scheduling.preview import would_fit
+
+            preview = would_fit(spec)
+        elif not errors:
+            try:
+                task = submission.create_tasks(ctx, [spec])[0]
+            except submission.SubmitError as exc:
+                errors = exc.errors
+            else:
+                messages.success(request, f"Task {task.pk} submitted.")
+                return redirect("portal:task", pk=task.pk)
+    tenants = sorted(access.tenants_for(request.user).values_list("slug", flat=True))
+    if not values.get("tenant") and len(tenants) == 1:
+        values["tenant"] = tenants[0]
+    return render(request, "portal/submit.html", {
+        "values": values, "errors": errors, "preview": preview, "tenants": tenants,
+        "priorities": Priority.labels, "classes": WorkloadClass.values, "share_modes": ShareMode.values,
+        "limits": ctx.limits, "max_timeout": settings.SCHEDULER.max_task_timeout_s,
+        "default_timeout": settings.SCHEDULER.default_task_timeout_s,
+    }, status=400 if errors else 200)
+
+
+@login_required
+def task_list(request: HttpRequest) -> HttpResponse:
+    qs = access.tasks_for(request.user).select_related("tenant", "submitter", "node")
+    status = request.GET.get("status", "")
+    tenant = request.GET.get("tenant", "")
+    if status == "active":
+        qs = qs.filter(status__in=ACTIVE_OR_PENDING)
+    elif status in TaskStatus.values:
+        qs = qs.filter(status=status)
+    if tenant:
+        qs = qs.filter(tenant__slug=tenant)
+    if request.GET.get("mine"):
+        qs = qs.filter(submitter=request.user)
+    page = Paginator(qs.order_by("-created_at", "-id"), 50).get_page(request.GET.get("page"))
+    return render(request, "portal/task_list.html", {
+        "page": page, "status": status, "tenant": tenant, "mine": bool(request.GET.get("mine")),
+        "statuses": ["active", *TaskStatus.values], "tenants": list(access.tenants_for(request.user)
+                                                                   .values_list("slug", flat=True)),
+    })
+
+
+@login_required
+def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    task = get_object_or_404(access.tasks_for(request.user).select_related("tenant", "submitter", "node"), pk=pk)
+    gpus = [f"{a.node.name}:{a.gpu.index}" for a in
+            task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
+    return render(request, "portal/task_detail.html", {
+        "task": task, "gpus": gpus, "events": task.events.order_by("created_at", "id"),
+        "log": logs.tail(task, 200), "can_cancel": not task.is_final and access.can_cancel(request.user, task),
+    })
+
+
+@login_required
+@require_POST
+def task_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    task = get_object_or_404(access.tasks_for(request.user), pk=pk)
+    if not access.can_cancel(request.user, task):
+        messages.error(request, "Only the submitter, a tenant admin or an operator may cancel this task.")
+    elif task.status in FINAL_STATUSES:
+        messages.info(request, f"Task {task.pk} already ended ({task.status}).")
+    else:
+        lifecycle.cancel(task.pk, actor=f"user:{request.user.get_username()}")
+        messages.success(request, f"Task {task.pk} cancelled.")
+    return redirect("portal:task", pk=task.pk)
+
+
+TOKEN_NAME_MAX = ApiToken._meta.get_field("name").max_length
+TOKEN_MAX_DAYS = 3650
+
+
+@login_required
+def tokens(request: HttpRequest) -> HttpResponse:
+    new_secret = None
+    errors: dict[str, str] = {}
+    if request.method == "POST":
+        name = request.POST.get("name", "").strip()
+        days_raw = request.POST.get("expires_days", "").strip()
+        days = None
+        if not name:
+            errors["name"] = "Give the token a name (what it is for)."
+        elif len(name) > TOKEN_NAME_MAX:
+            errors["name"] = f"At most {TOKEN_NAME_MAX} characters."
+        if days_raw:
+            if not days_raw.isdigit() or not 1 <= int(days_raw) <= TOKEN_MAX_DAYS:
+                errors["expires_days"] = f"A whole number of days from 1 to {TOKEN_MAX_DAYS}, or empty for never."
+            else:
+                days = int(days_raw)
+        if not errors:
+            expires = timezone.now() + timedelta(days=days) if days else None
+            _, new_secret = create_token(request.user, name, expires)
+    return render(request, "portal/tokens.html", {
+        "tokens": ApiToken.objects.filter(user=request.user).order_by("-created_at"),
+        "new_secret": new_secret, "errors": errors, "now": timezone.now(),
+        "api_url": request.build_absolute_uri("/").rstrip("/"),
+    }, status=400 if errors else 200)
+
+
+@login_required
+@require_POST
+def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+    updated = ApiToken.objects.filter(pk=pk, user=request.user).update(enabled=False)
+    if not updated:
+        raise Http404
+    messages.success(request, "Token revoked.")
+    return redirect("portal:tokens")

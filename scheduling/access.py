@@ -1,0 +1,49 @@
+"""Who may see and touch which tasks: the ONE place tenant isolation is decided.
+
+Every user-facing view (REST API, portal pages, CLI through the API) gets its
+tasks from ``tasks_for(user)`` and asks ``can_cancel(user, task)`` before a
+cancel. A task outside ``tasks_for(user)`` does not exist for that user (404),
+so nobody learns which ids belong to other tenants.
+
+- staff see and may cancel every task;
+- a member of a tenant sees all of that tenant's tasks and cancels their own;
+- a tenant admin (``Membership.Role.ADMIN``) also cancels anyone's task in that tenant.
+"""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from scheduling.models import Task
+from tenants.models import Membership, Tenant
+
+
+def tenants_for(user) -> QuerySet[Tenant]:
+    """Tenants whose tasks ``user`` sees (all of them for staff)."""
+    if not user.is_authenticated:
+        return Tenant.objects.none()
+    if user.is_staff:
+        return Tenant.objects.all()
+    return Tenant.objects.filter(memberships__user=user)
+
+
+def tasks_for(user) -> QuerySet[Task]:
+    """Tasks ``user`` sees. Start every task query of a user-facing view here."""
+    if not user.is_authenticated:
+        return Task.objects.none()
+    if user.is_staff:
+        return Task.objects.all()
+    return Task.objects.filter(tenant__memberships__user=user)
+
+
+def admin_tenant_ids(user) -> set[int]:
+    return set(
+        Membership.objects.filter(user=user, role=Membership.Role.ADMIN).values_list("tenant_id", flat=True)
+    )
+
+
+def can_cancel(user, task: Task) -> bool:
+    """Assumes ``task`` came from ``tasks_for(user)`` (i.e. the user already sees it)."""
+    if user.is_staff or task.submitter_id == user.pk:
+        return True
+    return task.tenant_id in admin_tenant_ids(user)

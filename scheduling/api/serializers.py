@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from scheduling import submission
+from scheduling.choices import Priority, ShareMode, WorkloadClass
+from scheduling.models import Task, TaskEvent
+
+
+class TaskSerializer(serializers.ModelSerializer):
+    tenant = serializers.CharField(source="tenant.slug")
+    submitter = serializers.CharField(source="submitter.username", default=None)
+    priority = serializers.CharField(source="get_priority_display")
+    server = serializers.CharField(source="node.name", default=None)
+
+    class Meta:
+        model = Task
+        fields = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
+                  "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "model_name", "gpu_model",
+                  "node_selector", "timeout_s", "command", "env", "working_dir", "server", "exit_code",
+                  "failure_reason", "oom", "attempt", "max_retries", "created_at", "assigned_at", "started_at",
+                  "finished_at"]
+        read_only_fields = fields
+
+    def to_representation(self, task: Task) -> dict:
+        # Hand-built: the same fields as declared above, without DRF's per-field
+        # machinery (a submit's response and a 500-row page are on hot paths).
+        def iso(value):
+            return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+        return {
+            "id": task.pk, "name": task.name, "tenant": task.tenant.slug,
+            "submitter": task.submitter.username if task.submitter_id else None,
+            "status": task.status, "pending_reason": task.pending_reason, "queue_position": task.queue_position,
+            "priority": Priority(task.priority).label, "workload_class": task.workload_class,
+            "gpu_count": task.gpu_count, "gpu_memory_mb": task.gpu_memory_mb, "share_mode": task.share_mode,
+            "model_name": task.model_name, "gpu_model": task.gpu_model, "node_selector": task.node_selector,
+            "timeout_s": task.timeout_s, "command": task.command, "env": task.env, "working_dir": task.working_dir,
+            "server": task.node.name if task.node_id else None, "exit_code": task.exit_code,
+            "failure_reason": task.failure_reason, "oom": task.oom, "attempt": task.attempt,
+            "max_retries": task.max_retries, "created_at": iso(task.created_at), "assigned_at": iso(task.assigned_at),
+            "started_at": iso(task.started_at), "finished_at": iso(task.finished_at),
+        }
+
+
+class TaskDetailSerializer(TaskSerializer):
+    gpus = serializers.SerializerMethodField()
+
+    class Meta(TaskSerializer.Meta):
+        fields = [*TaskSerializer.Meta.fields, "gpus"]
+        read_only_fields = fields
+
+    def to_representation(self, task: Task) -> dict:
+        return {**super().to_representation(task), "gpus": self.get_gpus(task)}
+
+    def get_gpus(self, task: Task) -> list[str]:
+        """The GPUs it holds now, as server:index."""
+        return [f"{a.node.name}:{a.gpu.index}" for a in
+                task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
+
+
+class TaskSubmitSerializer(serializers.Serializer):
+    """What a submit accepts (for the schema): checked by ``scheduling.submission.validate``."""
+
+    tenant = serializers.CharField(required=False, help_text="Tenant slug; optional when you belong to one only.")
+    name = serializers.CharField(required=False, max_length=submission.NAME_MAX_CHARS)
+    command = serializers.CharField(max_length=submission.COMMAND_MAX_CHARS,
+                                    help_text="Shell command line (a list of arguments is also accepted).")
+    env = serializers.DictField(child=serializers.CharField(), required=False,
+                                help_text=f"At most {submission.ENV_MAX_VARS} variables, "
+                                          f"{submission.ENV_MAX_BYTES} bytes in all.")
+    working_dir = serializers.CharField(required=False, max_length=submission.WORKING_DIR_MAX_CHARS)
+    gpu_count = serializers.IntegerField(required=False, default=1, min_value=1,
+                                         help_text="1 to the most GPUs any one server has.")
+    gpu_memory_mb = serializers.IntegerField(required=False, allow_null=True, min_value=1,
+                                             help_text="Per GPU; at most the largest GPU minus the safety margin.")
+    share_mode = serializers.ChoiceField(ShareMode.choices, required=False, default=ShareMode.EXCLUSIVE)
+    model_name = serializers.CharField(required=False, max_length=submission.MODEL_NAME_MAX_CHARS)
+    priority = serializers.ChoiceField(Priority.labels, required=False, default="NORMAL",
+                                       help_text="At most the tenant quota's max_priority.")
+    workload_class = serializers.ChoiceField(WorkloadClass.choices, required=False, default=WorkloadClass.BATCH,
+                                             help_text="One of the tenant quota's allowed_classes.")
+    timeout_s = serializers.IntegerField(required=False, min_value=1, help_text="Default 3600, at most the max.")
+    node_selector = serializers.DictField(child=serializers.CharField(), required=False)
+    gpu_model = serializers.CharField(required=False, max_length=submission.GPU_MODEL_MAX_CHARS)
+
+
+class BatchSubmitSerializer(serializers.Serializer):
+    tasks = TaskSubmitSerializer(many=True, help_text=f"1 to {submission.BATCH_MAX_TASKS} tasks, all or none.")
+
+
+class BatchResultSerializer(serializers.Serializer):
+    ids = serializers.ListField(child=serializers.IntegerField())
+    count = serializers.IntegerField()
+
+
+class TaskEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = TaskEvent
+        fields = ["id", "from_status", "to_status", "actor", "reason", "created_at"]
+
+
+class TaskLogSerializer(serializers.Serializer):
+    task = serializers.IntegerField()
+    attempt = serializers.IntegerField()
+    offset = serializers.IntegerField(help_text="Byte offset of the first byte of data.")
+    next_offset = serializers.IntegerField(help_text="Ask from here for more.")
+    data = serializers.CharField()
+    final = serializers.BooleanField(help_text="The task has ended: no more output will come.")
+
+
+class PreviewSerializer(serializers.Serializer):
+    fits = serializers.BooleanField()
+    message = serializers.CharField()
+    server = serializers.CharField(allow_null=True)
+    gpus = serializers.ListField(child=serializers.CharField())
+    queue_position = serializers.IntegerField(allow_null=True)

@@ -1,0 +1,183 @@
+"""Users' task API. Thin: scoping comes from ``scheduling.access``, validation
+and writes from ``scheduling.submission``, cancels from ``scheduling.lifecycle``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from django.db.models import Case, IntegerField, Value, When
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.response import Response
+
+from scheduling import access, lifecycle, logs, submission
+from scheduling.api.serializers import (
+    BatchResultSerializer,
+    BatchSubmitSerializer,
+    PreviewSerializer,
+    TaskDetailSerializer,
+    TaskEventSerializer,
+    TaskLogSerializer,
+    TaskSerializer,
+    TaskSubmitSerializer,
+)
+from scheduling.choices import Priority, TaskStatus
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError({name: ["Must be a whole number."]}) from None
+    if not lo <= value <= hi:
+        raise ValidationError({name: [f"Must be between {lo} and {hi}."]})
+    return value
+
+
+@extend_schema(parameters=[
+    OpenApiParameter("status", str, description="comma-separated states, e.g. pending,running"),
+    OpenApiParameter("tenant", str, description="comma-separated tenant slugs"),
+    OpenApiParameter("priority", str, description="comma-separated: LOW, NORMAL, HIGH, CRITICAL"),
+    OpenApiParameter("mine", bool, description="only tasks I submitted"),
+    OpenApiParameter("ordering", str, description="'-created_at' (default) or 'queue' (running, then pending in "
+                                                  "queue order)"),
+])
+class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = TaskSerializer
+    lookup_value_regex = r"\d+"
+
+    def get_serializer_class(self):
+        return TaskDetailSerializer if self.action == "retrieve" else TaskSerializer
+
+    def get_queryset(self):
+        qs = access.tasks_for(self.request.user).select_related("tenant", "submitter", "node")
+        if self.action != "list":
+            return qs
+        params = self.request.query_params
+        states = _csv(params.get("status"))
+        unknown = sorted(set(states) - set(TaskStatus.values))
+        if unknown:
+            raise ValidationError({"status": [f"Unknown state {unknown[0]!r}: use {', '.join(TaskStatus.values)}."]})
+        if states:
+            qs = qs.filter(status__in=states)
+        tenants = _csv(params.get("tenant"))
+        if tenants:
+            qs = qs.filter(tenant__slug__in=tenants)
+        priorities = []
+        for name in _csv(params.get("priority")):
+            try:
+                priorities.append(Priority.from_name(name))
+            except KeyError:
+                raise ValidationError({"priority": [f"Unknown priority {name!r}: use "
+                                                    f"{', '.join(Priority.labels)}."]}) from None
+        if priorities:
+            qs = qs.filter(priority__in=priorities)
+        if params.get("mine", "").lower() in ("1", "true", "yes"):
+            qs = qs.filter(submitter=self.request.user)
+        ordering = params.get("ordering", "-created_at")
+        if ordering == "queue":
+            rank = Case(When(status=TaskStatus.RUNNING, then=Value(0)), When(status=TaskStatus.ASSIGNED, then=Value(1)),
+                        When(status=TaskStatus.PENDING, then=Value(2)), default=Value(3), output_field=IntegerField())
+            return qs.annotate(rank=rank).order_by("rank", "queue_position", "-priority", "created_at", "id")
+        if ordering != "-created_at":
+            raise ValidationError({"ordering": ["Use '-created_at' or 'queue'."]})
+        return qs.order_by("-created_at", "-id")
+
+    @extend_schema(request=TaskSubmitSerializer, responses={201: TaskSerializer})
+    def create(self, request):
+        ctx = submission.SubmitContext.load(request.user)
+        try:
+            task = submission.submit(ctx, request.data)
+        except submission.SubmitError as exc:
+            raise ValidationError(exc.errors) from None
+        return Response(TaskSerializer(task).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=BatchSubmitSerializer, responses={201: BatchResultSerializer})
+    @action(detail=False, methods=["post"])
+    def batch(self, request):
+        """Submit up to 1000 tasks in one request: all are created, or none (errors by index)."""
+        items = request.data.get("tasks") if isinstance(request.data, dict) else None
+        extra = sorted(set(request.data) - {"tasks"}) if isinstance(request.data, dict) else []
+        if extra:
+            raise ValidationError({extra[0]: ["Unknown field. A batch is {\"tasks\": [...]}."]})
+        if not isinstance(items, list) or not items:
+            raise ValidationError({"tasks": ["Required: a non-empty list of tasks."]})
+        if len(items) > submission.BATCH_MAX_TASKS:
+            raise ValidationError({"tasks": [f"At most {submission.BATCH_MAX_TASKS} tasks per batch "
+                                             f"(got {len(items)})."]})
+        ctx = submission.SubmitContext.load(request.user)
+        specs, errors, bad = [], [], False
+        for item in items:
+            spec, err = submission.validate(item, ctx)
+            specs.append(spec)
+            errors.append(err)
+            bad = bad or bool(err)
+        if bad:
+            raise ValidationError({"tasks": errors})
+        try:
+            tasks = submission.create_tasks(ctx, specs)
+        except submission.SubmitError as exc:
+            raise ValidationError(exc.errors) from None
+        return Response({"ids": [t.pk for t in tasks], "count": len(tasks)}, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=TaskSubmitSerializer, responses={200: PreviewSerializer})
+    @action(detail=False, methods=["post"])
+    def preview(self, request):
+        """Would this task start now, and where, or why not? Validates like a submit; creates nothing."""
+        from scheduling.preview import would_fit
+
+        ctx = submission.SubmitContext.load(request.user)
+        spec, errors = submission.validate(request.data, ctx)
+        if errors:
+            raise ValidationError(errors)
+        return Response(asdict(would_fit(spec)))
+
+    @extend_schema(request=None, responses={200: TaskSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel a pending, assigned or running task (yours, or any of your tenant's as its admin)."""
+        task = self.get_object()
+        if not access.can_cancel(request.user, task):
+            raise PermissionDenied("Only the submitter, a tenant admin or an operator may cancel this task.")
+        if task.is_final:
+            return Response({"detail": f"Task {task.pk} already ended ({task.status})."},
+                            status=status.HTTP_409_CONFLICT)
+        task = lifecycle.cancel(task.pk, actor=f"user:{request.user.get_username()}")
+        task = self.get_queryset().get(pk=task.pk)
+        return Response(TaskSerializer(task).data)
+
+    @extend_schema(responses={200: TaskEventSerializer(many=True)})
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def events(self, request, pk=None):
+        task = self.get_object()
+        return Response(TaskEventSerializer(task.events.order_by("created_at", "id"), many=True).data)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("offset", int, description="byte offset to read from (follow with next_offset)"),
+            OpenApiParameter("tail", int, description=f"the last N lines instead (1..{logs.TAIL_MAX_LINES})"),
+            OpenApiParameter("attempt", int, description="which attempt (default: the current one)"),
+        ],
+        responses={200: TaskLogSerializer},
+    )
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def logs(self, request, pk=None):
+        task = self.get_object()
+        attempt = _int_param(request, "attempt", None, 0, 10_000)
+        lines = _int_param(request, "tail", None, 1, logs.TAIL_MAX_LINES)
+        if lines is not None:
+            if "offset" in request.query_params:
+                raise ValidationError({"tail": ["Give either tail or offset, not both."]})
+            page = logs.tail(task, lines, attempt)
+        else:
+            page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt)
+        return Response(asdict(page))

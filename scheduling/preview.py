@@ -1,0 +1,58 @@
+""""Would it fit now, or why not": a dry run of the placement core for one task.
+
+Loads the same snapshot a scheduling pass reads (``scheduling.passes.load_snapshot``;
+no lock, nothing written), adds the candidate at the back of its priority level as
+if submitted now, and runs ``scheduling.core.schedule`` on it. Tasks already queued
+ahead of it take their GPUs first, exactly as in a real pass, so the answer is what
+the next pass would decide if nothing else changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from django.utils import timezone
+
+from scheduling.choices import ShareMode
+from scheduling.core import schedule
+from scheduling.core_types import PendingTask
+from scheduling.models import ModelMemoryEstimate
+from scheduling.passes import load_snapshot
+from scheduling.submission import TaskSpec
+
+CANDIDATE_ID = -1  # real task ids are positive
+
+
+@dataclass(frozen=True)
+class Preview:
+    fits: bool
+    message: str
+    server: str | None = None
+    gpus: list[str] = field(default_factory=list)
+    queue_position: int | None = None
+
+
+def would_fit(spec: TaskSpec) -> Preview:
+    v = spec.values
+    memory = v["gpu_memory_mb"]
+    if memory is None and v["model_name"]:
+        memory = (ModelMemoryEstimate.objects.filter(model_name=v["model_name"])
+                  .values_list("memory_mb", flat=True).first())
+    now = timezone.now()
+    snapshot = load_snapshot(now).snapshot
+    snapshot.pending.append(PendingTask(
+        id=CANDIDATE_ID, tenant_id=spec.tenant.pk, priority=int(v["priority"]), created_at=now,
+        gpu_count=v["gpu_count"], memory_mb=memory, exclusive=v["share_mode"] != ShareMode.SHARED,
+        workload_class=v["workload_class"], timeout_s=v["timeout_s"], model_name=v["model_name"],
+        node_selector=v["node_selector"], gpu_model=v["gpu_model"],
+    ))
+    plan = schedule(snapshot)
+    placement = next((p for p in plan.placements if p.task_id == CANDIDATE_ID), None)
+    if placement is not None:
+        node = next(n for n in snapshot.nodes if n.id == placement.node_id)
+        index = {g.id: g.index for g in node.gpus}
+        gpus = [f"{node.name}:{index[g]}" for g in placement.gpu_ids]
+        return Preview(True, f"Would start now on {node.name} (GPUs {', '.join(gpus)}).", node.name, gpus)
+    info = plan.pending.get(CANDIDATE_ID)
+    reason = info.reason if info is not None else "the scheduler would not place it now"
+    return Preview(False, f"Would wait: {reason}.".replace("..", "."), queue_position=info.position if info else None)

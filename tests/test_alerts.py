@@ -1,0 +1,108 @@
+"""In-app alerts: rows in the admin, a live push, and a webhook POSTed after commit."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.db import transaction
+
+from portal import live
+from portal.alerts import raise_alert
+from portal.models import Alert
+from scheduling import lifecycle
+from scheduling.models import Allocation, Task
+
+
+@pytest.fixture
+def webhook(settings):
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    settings.ALERT_WEBHOOK_URL = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    yield received
+    server.shutdown()
+    server.server_close()
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        time.sleep(0.02)
+
+
+def test_an_alert_is_stored_pushed_and_posted_to_the_webhook_after_commit(servers, webhook, monkeypatch,
+                                                                         django_capture_on_commit_callbacks):
+    pushed: list = []
+    monkeypatch.setattr(live, "_send_all", pushed.extend)
+    with django_capture_on_commit_callbacks(execute=True):
+        alert = raise_alert("server_lost", "gpu-01 missed 3 heartbeats", node=servers[0])
+        assert webhook == [] and pushed == []  # nothing leaves before commit
+    _wait_for(lambda: len(webhook) == 1)
+    assert webhook[0]["alert"]["kind"] == "server_lost" and webhook[0]["alert"]["node_id"] == servers[0].pk
+    assert webhook[0]["alert"]["severity"] == "critical"
+    assert pushed == [("cluster", {"type": "alert.raised", "alert": webhook[0]["alert"]})]
+    assert Alert.objects.get() == alert
+
+
+def test_a_rolled_back_alert_is_neither_stored_nor_posted(servers, webhook, django_capture_on_commit_callbacks):
+    with (django_capture_on_commit_callbacks(execute=True) as callbacks, pytest.raises(RuntimeError),
+          transaction.atomic()):
+        raise_alert("gpu_error", "xid 79", gpu=servers[0].gpus.first())
+        raise RuntimeError("rolled back")
+    assert callbacks == []
+    assert not Alert.objects.exists()
+    assert webhook == []
+
+
+def test_an_open_alert_for_the_same_thing_is_not_raised_twice(servers, django_capture_on_commit_callbacks):
+    first = raise_alert("server_lost", "lost", node=servers[0].pk)
+    again = raise_alert("server_lost", "still lost", node=servers[0])
+    other = raise_alert("server_lost", "lost", node=servers[1])
+    assert again == first and other != first
+    Alert.objects.filter(pk=first.pk).update(acknowledged_at="2026-01-01T00:00:00Z")
+    assert raise_alert("server_lost", "lost again", node=servers[0]) != first
+
+
+def test_an_unknown_alert_kind_is_refused(db):
+    with pytest.raises(ValueError, match="unknown alert kind 'disk_full'"):
+        raise_alert("disk_full", "no")
+
+
+def test_a_task_out_of_memory_raises_an_alert_naming_the_task(acme, servers, webhook,
+                                                               django_capture_on_commit_callbacks):
+    gpu = servers[0].gpus.first()
+    task = Task.objects.create(tenant=acme, name="llm", command="x", status="running", node=servers[0],
+                               model_name="deepseek-7b", gpu_memory_mb=20_000, max_retries=2)
+    Allocation.objects.create(task=task, gpu=gpu, node=servers[0], memory_mb=20_000)
+    with django_capture_on_commit_callbacks(execute=True):
+        lifecycle.report_finished(task.pk, node_id=servers[0].pk, exit_code=1, oom=True, actor="agent:gpu-01")
+    alert = Alert.objects.get(kind="task_oom")
+    assert alert.task_id == task.pk and alert.node_id == servers[0].pk
+    assert "deepseek-7b now needs 24000 MB" in alert.message and "requeued" in alert.message
+    _wait_for(lambda: len(webhook) == 1)
+    assert webhook[0]["alert"]["task_id"] == task.pk
+
+
+def test_a_dead_webhook_does_not_break_the_caller(servers, settings, django_capture_on_commit_callbacks):
+    settings.ALERT_WEBHOOK_URL = "http://127.0.0.1:9/nothing-listens-here"
+    with django_capture_on_commit_callbacks(execute=True):
+        raise_alert("gpu_error", "xid 48", gpu=servers[0].gpus.first())
+    assert Alert.objects.filter(kind="gpu_error").count() == 1

@@ -1,0 +1,151 @@
+"""The admin as a live console: live cells, the cluster overview, audited actions."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.urls import reverse
+
+from nodes.models import GPU, Node
+from portal import live
+from portal.models import Alert
+from scheduling.models import Allocation, Task, TaskEvent
+
+
+@pytest.fixture
+def pushed(monkeypatch):
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(live, "_send_all", sent.extend)
+    return sent
+
+
+@pytest.fixture
+def running(acme, alice, servers):
+    gpu = servers[0].gpus.get(index=1)
+    task = Task.objects.create(tenant=acme, submitter=alice, name="train", command="x", status="running",
+                               node=servers[0])
+    Allocation.objects.create(task=task, gpu=gpu, node=servers[0], memory_mb=40_000)
+    GPU.objects.filter(pk=gpu.pk).update(memory_used_mb=40_000, utilization_pct=93, temperature_c=70)
+    return task
+
+
+def _act(client, model: str, action: str, ids: list[int], **extra):
+    url = reverse(f"admin:{model}_changelist")
+    return client.post(url, {"action": action, "_selected_action": ids, **extra}, follow=True)
+
+
+def test_the_gpu_list_draws_live_cells_for_each_gpu(client, staff, running):
+    client.force_login(staff)
+    page = client.get(reverse("admin:nodes_gpu_changelist")).content.decode()
+    gpu = running.allocations.get().gpu
+    assert f'data-gpu="{gpu.pk}" data-field="utilization_pct"' in page
+    assert f'data-gpu="{gpu.pk}" data-field="memory"' in page and "width:49%" in page
+    assert f'>#{running.pk} train<' in page and ">acme<" in page
+    assert "state-busy" in page and "portal/live.js" in page
+
+
+def test_the_cluster_overview_is_linked_from_the_index_and_draws_every_gpu(client, staff, running, servers):
+    client.force_login(staff)
+    index = client.get(reverse("admin:index")).content.decode()
+    assert reverse("admin-cluster") in index
+    page = client.get(reverse("admin-cluster")).content.decode()
+    assert page.count('class="gpu-cell') == 16
+    assert "2 servers (2 active), 16 GPUs: 1 busy, 15 idle" in page
+    assert 'id="cluster-grid"' in page
+
+
+def test_the_cluster_overview_is_refused_to_non_staff(client, alice):
+    client.force_login(alice)
+    response = client.get(reverse("admin-cluster"))
+    assert response.status_code == 302 and response.url.startswith(reverse("admin:login"))
+
+
+def test_draining_a_server_is_audited_and_pushed_after_commit(client, staff, servers, pushed,
+                                                              django_capture_on_commit_callbacks):
+    client.force_login(staff)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = _act(client, "nodes_node", "drain", [servers[0].pk])
+    assert "1 server(s) drained." in response.content.decode()
+    node = Node.objects.get(pk=servers[0].pk)
+    assert node.status == "draining" and node.status_reason == "drained by operator"
+    entry = LogEntry.objects.get(object_id=str(node.pk))
+    assert entry.user == staff and "active -> draining" in entry.get_change_message()
+    assert ("cluster", {"type": "gpus.changed", "node_ids": [node.pk]}) in pushed
+
+
+def test_maintenance_and_resume_are_audited_too(client, staff, servers):
+    client.force_login(staff)
+    _act(client, "nodes_node", "maintenance", [servers[1].pk])
+    _act(client, "nodes_node", "resume", [servers[1].pk])
+    messages = [e.get_change_message() for e in LogEntry.objects.order_by("pk")]
+    assert messages == ["put in maintenance: status active -> maintenance", "resumed: status maintenance -> active"]
+
+
+def test_cordoning_a_gpu_is_audited_raises_an_alert_and_uncordon_undoes_it(client, staff, servers, pushed,
+                                                                           django_capture_on_commit_callbacks):
+    client.force_login(staff)
+    gpu = servers[0].gpus.get(index=4)
+    with django_capture_on_commit_callbacks(execute=True):
+        _act(client, "nodes_gpu", "cordon", [gpu.pk])
+    gpu.refresh_from_db()
+    assert gpu.cordoned and gpu.cordon_reason == "cordoned by operator"
+    alert = Alert.objects.get(gpu=gpu)
+    assert alert.kind == "gpu_error" and alert.severity == "info"
+    assert ("cluster", {"type": "gpus.changed", "node_ids": [servers[0].pk]}) in pushed
+    _act(client, "nodes_gpu", "uncordon", [gpu.pk])
+    gpu.refresh_from_db()
+    assert not gpu.cordoned
+    assert [e.get_change_message() for e in LogEntry.objects.order_by("pk")] == [
+        "cordoned by operator", "uncordoned by operator"]
+
+
+def test_cancelling_a_task_from_the_admin_is_a_task_event_by_the_operator(client, staff, running, pushed,
+                                                                          django_capture_on_commit_callbacks):
+    client.force_login(staff)
+    with django_capture_on_commit_callbacks(execute=True):
+        _act(client, "scheduling_task", "cancel_tasks", [running.pk])
+    running.refresh_from_db()
+    assert running.status == "cancelled" and not running.allocations.filter(released_at__isnull=True).exists()
+    event = running.events.get()
+    assert event.actor == "admin:operator" and event.to_status == "cancelled"
+    assert (f"node-{running.node_id}", {"type": "assignments.changed", "node_id": running.node_id}) in pushed
+
+
+def test_requeueing_a_running_task_returns_it_to_the_queue_even_with_no_retries_left(client, staff, running):
+    Task.objects.filter(pk=running.pk).update(max_retries=0)
+    client.force_login(staff)
+    response = _act(client, "scheduling_task", "requeue_tasks", [running.pk])
+    assert "1 task(s) requeued." in response.content.decode()
+    running.refresh_from_db()
+    assert running.status == "pending" and running.node is None and running.attempt == 1
+    assert running.events.get().actor == "admin:operator"
+
+
+def test_requeue_leaves_finished_tasks_alone_and_says_so(client, staff, acme):
+    done = Task.objects.create(tenant=acme, name="done", command="x", status="succeeded")
+    client.force_login(staff)
+    response = _act(client, "scheduling_task", "requeue_tasks", [done.pk])
+    assert "0 task(s) requeued (1 not assigned or running, left as they were)." in response.content.decode()
+    assert Task.objects.get(pk=done.pk).status == "succeeded"
+
+
+def test_changing_priority_writes_an_event_and_needs_a_chosen_priority(client, staff, acme):
+    task = Task.objects.create(tenant=acme, name="p", command="x", priority=1)
+    client.force_login(staff)
+    response = _act(client, "scheduling_task", "change_priority", [task.pk])
+    assert "Choose a priority" in response.content.decode()
+    assert Task.objects.get(pk=task.pk).priority == 1
+    response = _act(client, "scheduling_task", "change_priority", [task.pk], priority="3")
+    assert "1 task(s) now CRITICAL." in response.content.decode()
+    event = TaskEvent.objects.get(task=task)
+    assert (event.from_status, event.to_status, event.actor, event.reason) == (
+        "pending", "pending", "admin:operator", "priority NORMAL -> CRITICAL")
+    assert Task.objects.get(pk=task.pk).priority == 3
+
+
+def test_the_tenant_pages_show_live_usage_beside_limits(client, staff, running, acme):
+    client.force_login(staff)
+    listing = client.get(reverse("admin:tenants_tenant_changelist")).content.decode()
+    assert f'<span data-tenant="{acme.pk}" data-usage="gpus" data-unit="" data-suffix=" / 8">1 / 8</span>' in listing
+    page = client.get(reverse("admin:tenants_tenant_change", args=[acme.pk])).content.decode()
+    assert f'<span data-tenant="{acme.pk}" data-usage="running_tasks">1</span> of 8' in page
