@@ -279,6 +279,7 @@ class _Pass:
         self.victim_pools: dict[str, dict[int, list[RunningTask]]] = {}
         self.best_cache: dict[tuple, int] = {}
         self.sig_cache: dict[tuple, set[tuple[int, ...]]] = {}
+        self.smallest_cache: dict[tuple, int] = {}
         self.reservation: _Reservation | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -422,6 +423,14 @@ class _Pass:
         if r:
             return ("reason", r)
         r = self._quota_reason(task, c, mem)
+        if r is None and mode == WHOLE:
+            # A whole GPU claims its total memory: check the smallest it could get before any
+            # search (or preemption) is spent on it; the GPUs actually chosen are checked below.
+            smallest = self.smallest_cache.get(ckey)
+            if smallest is None:
+                total = self.g_total
+                smallest = self.smallest_cache[ckey] = min(total[g] for gl in elig.values() for g in gl)
+            r = self._memory_quota_reason(task, c * smallest)
         if r is not None:
             return ("reason", r)
         r = self._share_reason(task, c)
