@@ -449,12 +449,12 @@ class _Pass:
             excluded = res.gpus
 
         found = self._search(task, c, mem, mode, shape, elig, excluded, None)
-        if (found is None and excluded is not None
-                and self._search(task, c, mem, mode, shape, elig, None, None) is not None):
-            return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
         if found is None:
+            # Reclaim and preemption keep off the reserved GPUs too.
             found = self._reclaim_or_preempt(task, c, mem, mode, shape, elig, excluded)
         if found is None:
+            if excluded is not None and self._search(task, c, mem, mode, shape, elig, None, None) is not None:
+                return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
             return ("capacity", shape)
 
         n, gpus = found

@@ -276,3 +276,17 @@ def test_a_class_share_counts_every_task_on_a_shared_gpu():
     plan = schedule(snapshot([node(1, 1)], pending, online_share=0.7, batch_share=0.3))
     assert list(placed(plan)) == [1]
     assert plan.pending[2].reason.startswith("online share of the cluster full (70%): 1/1 GPUs in use")
+
+
+def test_spread_puts_a_shared_task_on_the_emptiest_server():
+    nodes = [node(1, 2), node(2, 2)]
+    running = [occupy(nodes, 90, 1, [0], memory=10_000, exclusive=False)]
+    plan = schedule(snapshot(nodes, [task(1, memory=10_000, exclusive=False)], running=running, strategy="spread"))
+    assert placed(plan)[1][0] == 2
+
+
+def test_binpack_puts_a_shared_task_beside_existing_shared_work():
+    nodes = [node(1, 2), node(2, 2)]
+    running = [occupy(nodes, 90, 2, [1], memory=10_000, exclusive=False)]
+    plan = schedule(snapshot(nodes, [task(1, memory=10_000, exclusive=False)], running=running))
+    assert placed(plan)[1] == (2, (201,))
