@@ -56,8 +56,9 @@ Rules, in the order a task meets them
    tasks' ``expected_end`` (and the ends, ``now + timeout_s``, of tasks placed earlier
    in this pass), it fits on one server, and the GPUs it would take there. A later
    task may start now only if it cannot delay that reservation: it ends by T
-   (``now + timeout_s <= T``) or it uses none of the reserved GPUs. Otherwise it waits
-   with "reserved for backfill: would delay task #N". Only that one reservation is
+   (``now + timeout_s <= T``) or it uses none of the reserved GPUs (reclaim and
+   preemption keep off them too). Otherwise it waits with "reserved for backfill: would
+   delay task #N". Only that one reservation is
    kept (EASY backfill), so a big task at the head never starves and small tasks
    still fill the holes. With ``backfill`` off, once a task is blocked by capacity
    nothing behind it starts in this pass ("waiting behind N higher-priority tasks").
