@@ -191,14 +191,12 @@ class _Pass:
         self.n_ok: list[bool] = []
         self.n_gpus: list[tuple[int, ...]] = []  # schedulable GPUs of an active server
         self.n_free: list[int] = []  # empty schedulable GPUs
-        self.node_index: dict[int, int] = {}
 
         now = snapshot.now
         max_gpus = 0
         schedulable_total = 0
         for node in snapshot.nodes:
             n = len(self.n_id)
-            self.node_index[node.id] = n
             self.n_id.append(node.id)
             self.n_name.append(node.name)
             self.n_labels.append(node.labels or {})
@@ -641,17 +639,6 @@ class _Pass:
         return f"no server has {what}{suffix}; best has {best}"
 
     # ------------------------------------------------------------------ fit and score
-
-    def _fits(self, g: int, mem: int, mode: str) -> bool:
-        if self.g_excl[g]:
-            return False
-        if mode == SHARED:
-            claimed = self.g_claimed[g]
-            live = self.g_live[g]
-            return (claimed if claimed > live else live) + mem + self.margin <= self.g_total[g]
-        if self.g_shared[g] or self.g_claimed[g]:
-            return False
-        return self.g_live[g] + mem + self.margin <= self.g_total[g]
 
     def _base_score(self, g: int) -> float:
         """Load-balance score of a GPU (0..100); binpack inverts the free-memory term."""
