@@ -669,7 +669,14 @@ class _Pass:
         Ties go to the lower index: ``max`` keeps the first maximum and the sorts are stable.
         """
         if model:
-            scores = {g: self._gpu_score(g, model) for g in q}
+            # _gpu_score inlined: this runs for every server compared for a task with a model.
+            base = self.g_base
+            g_models = self.g_models
+            room = self.max_models
+            scores = {}
+            for g in q:
+                models = g_models[g]
+                scores[g] = base[g] + (100.0 if model in models else 50.0 if len(models) < room else 0.0)
             key = scores.__getitem__
         else:
             scores = self.g_base
