@@ -172,23 +172,26 @@ def _client(port: int, token: str, body: bytes, path: str, seconds: float, start
     while time.time() < start_at:
         time.sleep(0.001)
     end = time.perf_counter() + seconds
-    latencies, errors = [], 0
+    latencies, errors, first_error = [], 0, ""
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         try:
             conn.request("POST", path, body=body, headers=headers)
             resp = conn.getresponse()
-            resp.read()
+            answer = resp.read()
             ok = resp.status == 201
-        except (OSError, http.client.HTTPException):
+            if not ok and not first_error:
+                first_error = f"HTTP {resp.status} {answer[:160]!r}"
+        except (OSError, http.client.HTTPException) as exc:
             ok = False
+            first_error = first_error or repr(exc)
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         if ok:
             latencies.append(time.perf_counter() - t0)
         else:
             errors += 1
-    out.put((latencies, errors))
+    out.put((latencies, errors, first_error))
 
 
 def drive(port: int, tokens: list[tuple[str, str]], make_body, path: str, seconds: float) -> tuple[list[float], int,
@@ -203,8 +206,11 @@ def drive(port: int, tokens: list[tuple[str, str]], make_body, path: str, second
     results = [out.get() for _ in procs]
     for p in procs:
         p.join()
-    latencies = [x for lat, _ in results for x in lat]
-    return latencies, sum(e for _, e in results), seconds
+    latencies = [x for lat, _, _ in results for x in lat]
+    first = next((f for _, _, f in results if f), "")
+    if first:
+        print(f"  first error: {first}", flush=True)
+    return latencies, sum(e for _, e, _ in results), seconds
 
 
 def cpu_seconds(procs: list[subprocess.Popen]) -> float:
