@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_q",
     "django_prometheus",
     "channels",
@@ -220,6 +221,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Submit and follow GPU tasks; see quotas, GPUs and the cluster. Auth: `Token api_...`.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from the installed sidecar package, not a CDN (portals often run offline).
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "ENUM_NAME_OVERRIDES": {
         "TaskStatusEnum": "scheduling.choices.TaskStatus",
         "ServerStatusEnum": "nodes.models.NodeStatus",

@@ -92,7 +92,10 @@ def test_health_needs_no_login_and_reports_a_missing_scheduler(client, db):
 def test_the_openapi_schema_and_docs_are_served(client, alice):
     schema = client.get("/api/schema/")
     assert schema.status_code == 200 and b"/api/v1/tasks/{id}/cancel" in schema.content
-    assert client.get("/api/docs/").status_code == 200
+    docs = client.get("/api/docs/")
+    assert docs.status_code == 200
+    # The interactive docs load Swagger UI from this server (the sidecar package), never a CDN.
+    assert b"cdn.jsdelivr" not in docs.content and b"/static/drf-spectacular-sidecar/" in docs.content
 
 
 def test_health_counts_a_recent_scheduling_pass_as_a_live_scheduler(client, db):
