@@ -95,7 +95,7 @@ def test_the_openapi_schema_and_docs_are_served(client, alice):
     docs = client.get("/api/docs/")
     assert docs.status_code == 200
     # The interactive docs load Swagger UI from this server (the sidecar package), never a CDN.
-    assert b"cdn.jsdelivr" not in docs.content and b"/static/drf-spectacular-sidecar/" in docs.content
+    assert b"cdn.jsdelivr" not in docs.content and b"/static/drf_spectacular_sidecar/swagger-ui-dist/" in docs.content
 
 
 def test_health_counts_a_recent_scheduling_pass_as_a_live_scheduler(client, db):
