@@ -83,7 +83,7 @@ def submit(request: HttpRequest) -> HttpResponse:
             else:
                 messages.success(request, f"Task {task.pk} submitted.")
                 return redirect("portal:task", pk=task.pk)
-    tenants = sorted(ctx.memberships)
+    tenants = sorted(access.tenants_for(request.user).values_list("slug", flat=True))
     if not values.get("tenant") and len(tenants) == 1:
         values["tenant"] = tenants[0]
     return render(request, "portal/submit.html", {

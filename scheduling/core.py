@@ -227,6 +227,8 @@ class _Pass:
         # Per server, the most memory an exclusive request can get on one of its empty GPUs:
         # lets the scan skip servers whose GPUs are too small without looking at each GPU.
         self.n_room: list[int] = [self._room(n) for n in range(len(self.n_id))]
+        # Per server, its empty schedulable GPUs best score first (exclusive requests without a model).
+        self.n_sorted: list[list[int]] = [self._sorted_empty(n) for n in range(len(self.n_id))]
         # buckets[k]: active servers with exactly k empty GPUs (dicts keep a stable order).
         self.max_k = max_gpus
         self.buckets: list[dict[int, None]] = [{} for _ in range(max_gpus + 1)]
@@ -264,7 +266,7 @@ class _Pass:
             if r.workload_class in self.class_used:
                 self.class_used[r.workload_class] += len(r.gpu_ids)
         self.running: dict[int, RunningTask] = {r.id: r for r in snapshot.running}
-        # Ends of tasks placed in this pass: (end, node, gpus, memory, exclusive).
+        # Tasks placed in this pass: (timeout_s, node, gpus, memory, exclusive), for the reservation.
         self.placed_ends: list[tuple] = []
 
         self.preempt_allowed = {p for p, name in PRIORITY_NAMES.items() if name in set(cfg.preemption)}
@@ -308,6 +310,10 @@ class _Pass:
             counts[n] = k
         else:
             counts.pop(n, None)
+
+    def _sorted_empty(self, n: int) -> list[int]:
+        base = self.g_base
+        return sorted((g for g in self.n_gpus[n] if self._empty(g)), key=lambda g: (-base[g], g))
 
     def _room(self, n: int) -> int:
         room = -1
@@ -394,6 +400,8 @@ class _Pass:
         """None when placed; ("reason", text), ("wait", text) or ("capacity", shape)."""
         c = task.gpu_count
         mem = task.memory_mb
+        if c < 1 or (mem is not None and mem < 0):
+            return ("reason", f"asks for {c} GPUs with {mem} MB each: nothing to place")
         if mem is None:
             mode = WHOLE
         elif task.exclusive:
@@ -659,18 +667,23 @@ class _Pass:
         return score
 
     def _pick(self, q: list[int], c: int, model: str) -> tuple[float, tuple[int, ...]]:
-        """The best ``c`` GPUs of ``q`` (all fit) and their summed score."""
-        if not model:
-            base = self.g_base
-            if len(q) == c:
-                return sum(map(base.__getitem__, q)), tuple(q)
-            ranked = sorted(q, key=lambda g: (-base[g], g))[:c]
-            return sum(map(base.__getitem__, ranked)), tuple(sorted(ranked))
-        score = self._gpu_score
+        """The best ``c`` GPUs of ``q`` (all fit, in index order) and their summed score.
+
+        Ties go to the lower index: ``max`` keeps the first maximum and the sorts are stable.
+        """
+        if model:
+            scores = {g: self._gpu_score(g, model) for g in q}
+            key = scores.__getitem__
+        else:
+            scores = self.g_base
+            key = scores.__getitem__
         if len(q) == c:
-            return sum(score(g, model) for g in q), tuple(q)
-        scored = sorted([(-score(g, model), g) for g in q])[:c]
-        return -sum(s for s, _ in scored), tuple(sorted(g for _, g in scored))
+            return sum(map(key, q)), tuple(q)
+        if c == 1:
+            g = max(q, key=key)
+            return key(g), (g,)
+        ranked = sorted(q, key=key, reverse=True)[:c]
+        return sum(map(key, ranked)), tuple(sorted(ranked))
 
     def _qualifying(self, gl: tuple[int, ...], mem: int, mode: str, excluded: frozenset[int] | None) -> list[int]:
         g_excl = self.g_excl
@@ -764,6 +777,12 @@ class _Pass:
         shared_nodes = self.shared_nodes
         n_room = self.n_room
         room_needed = need + self.margin
+        # No model to weigh and no gpu_model filter: scores are the per-GPU load-balance scores.
+        fast = mode != SHARED and not model and not shape[3][1]
+        n_sorted = self.n_sorted
+        g_live = self.g_live
+        g_total = self.g_total
+        g_base = self.g_base
         for group in groups:
             if not group:
                 continue
@@ -779,10 +798,23 @@ class _Pass:
                         continue
                 elif n_room[n] < room_needed:
                     continue
-                q = self._qualifying(gl, need, mode, excluded)
-                if len(q) < c:
-                    continue
-                s, gpus = self._pick(q, c, model)
+                if fast:
+                    # Empty GPUs already sorted by score: the first c that fit are the best c.
+                    picked = []
+                    for g in n_sorted[n]:
+                        if (excluded is None or g not in excluded) and g_live[g] + room_needed <= g_total[g]:
+                            picked.append(g)
+                            if len(picked) == c:
+                                break
+                    if len(picked) < c:
+                        continue
+                    s = sum(map(g_base.__getitem__, picked))
+                    gpus = tuple(sorted(picked))
+                else:
+                    q = self._qualifying(gl, need, mode, excluded)
+                    if len(q) < c:
+                        continue
+                    s, gpus = self._pick(q, c, model)
                 if s > best_score:
                     best, best_score = (n, gpus), s
                 seen += 1
@@ -808,44 +840,58 @@ class _Pass:
         exclusive = mode != SHARED
         model = task.model_name
         score = sum(self._gpu_score(g, model) for g in gpus)
+        g_claimed = self.g_claimed
+        g_excl = self.g_excl
+        g_shared = self.g_shared
+        g_models = self.g_models
+        g_base = self.g_base
+        base_score = self._base_score
         became_busy = 0
         for g in gpus:
-            if self._empty(g):
+            if not g_excl[g] and not g_shared[g] and not g_claimed[g]:
                 became_busy += 1
-                for held in self.g_models[g]:
+                for held in g_models[g]:
                     self._count_free_holder(held, n, -1)
-            self.g_claimed[g] += per_gpu
+            g_claimed[g] += per_gpu
             if exclusive:
-                self.g_excl[g] = True
+                g_excl[g] = True
             else:
-                if not self.g_shared[g]:
+                if not g_shared[g]:
                     self.shared_nodes[n] = self.shared_nodes.get(n, 0) + 1
-                self.g_shared[g] += 1
-            self.g_base[g] = self._base_score(g)
+                g_shared[g] += 1
+            g_base[g] = base_score(g)
             if model:
-                models = self.g_models[g]
+                models = g_models[g]
                 if model not in models:
                     # The agent loads the model there; keep the working copy's LRU view honest.
                     models = dict.fromkeys(models)
                     models[model] = None
-                    if len(models) > self.max_models and self.max_models > 0:
+                    if len(models) > self.max_models > 0:
                         models.pop(next(iter(models)))
-                    self.g_models[g] = models
+                    g_models[g] = models
                     self.model_nodes.setdefault(model, {})[n] = None
         if became_busy:
             self._set_free(n, self.n_free[n] - became_busy)
-            self.n_room[n] = self._room(n)
+            # The GPUs just taken leave the server's empty list; the rest keep their order.
+            remaining = [g for g in self.n_sorted[n] if g not in gpus]
+            self.n_sorted[n] = remaining
+            g_total = self.g_total
+            g_live = self.g_live
+            self.n_room[n] = max([g_total[g] - g_live[g] for g in remaining], default=-1)
+        count = len(gpus)
         usage = self.t_usage.get(task.tenant_id)
         if usage is not None:
-            usage[0] += len(gpus)
-            usage[1] += per_gpu * len(gpus)
+            usage[0] += count
+            usage[1] += per_gpu * count
             usage[2] += 1
-        if task.workload_class in self.class_used:
-            self.class_used[task.workload_class] += len(gpus)
-        self.placed_ends.append((self.now + timedelta(seconds=task.timeout_s), n, gpus, per_gpu, exclusive,
-                                 task.workload_class))
+        cls = task.workload_class
+        if cls in self.class_used:
+            self.class_used[cls] += count
+        # The end is turned into a time only if a backfill reservation needs it.
+        self.placed_ends.append((task.timeout_s, n, gpus, per_gpu, exclusive))
+        g_id = self.g_id
         self.plan.placements.append(Placement(
-            task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple(self.g_id[g] for g in gpus),
+            task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple([g_id[g] for g in gpus]),
             memory_mb=per_gpu, exclusive=exclusive, score=round(score, 3),
         ))
 
@@ -879,6 +925,7 @@ class _Pass:
             self._set_free(n, self.n_free[n] + k)
         for n in {self.g_node[g] for g in (self.gpu_index.get(x) for x in victim.gpu_ids) if g is not None}:
             self.n_room[n] = self._room(n)
+            self.n_sorted[n] = self._sorted_empty(n)
         usage = self.t_usage.get(victim.tenant_id)
         if usage is not None:
             usage[0] = max(0, usage[0] - len(victim.gpu_ids))
@@ -1059,8 +1106,9 @@ class _Pass:
             n = self.g_node[gids[0]]
             if n in elig:
                 events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive)))
-        for end, n, gpus, per_gpu, exclusive, _cls in self.placed_ends:
+        for timeout_s, n, gpus, per_gpu, exclusive in self.placed_ends:
             if n in elig:
+                end = self.now + timedelta(seconds=timeout_s)
                 events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive)))
         best: _Reservation | None = None
         for n, evs in events.items():

@@ -38,6 +38,7 @@ from scheduling.core_types import (
     GpuState,
     NodeState,
     PendingTask,
+    Placement,
     Plan,
     RunningTask,
     Snapshot,
@@ -78,6 +79,8 @@ def holder_name(actor: str) -> str:
 
 
 # --- loading -------------------------------------------------------------------------
+
+_NODES_SQL = "SELECT id, name, labels, status FROM nodes_node ORDER BY id"
 
 _GPUS_SQL = """
 SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
@@ -156,13 +159,28 @@ class _Loaded:
     tenant_of: dict[int, int]
     idle_since_null: set[int]
     idle_gpu_ids: set[int]
+    node_names: dict[int, str]
+    gpu_index: dict[int, int]
+
+    def placement_reason(self, placement: Placement) -> str:
+        indexes = ",".join(str(self.gpu_index.get(g, "?")) for g in placement.gpu_ids)
+        mode = "exclusive" if placement.exclusive else "shared"
+        node = self.node_names.get(placement.node_id, placement.node_id)
+        return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
+
+
+def _next_result(cursor) -> None:
+    if not cursor.nextset():  # pragma: no cover - needs a server-side-binding cursor, which we never configure
+        raise RuntimeError("the snapshot reads need a client-side cursor (multiple statements per query)")
 
 
 def load_snapshot(now: datetime) -> _Loaded:
     config = settings.SCHEDULER
     reserved = tuple(config.reserved_gpus)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id, name, labels, status FROM nodes_node ORDER BY id")
+        # One round trip for the five reads (a client-side cursor sends them as one simple
+        # query; they all run in the pass's transaction, after the lock).
+        cursor.execute(";\n".join((_NODES_SQL, _GPUS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL)))
         nodes: dict[int, NodeState] = {}
         node_names: dict[int, str] = {}
         for node_id, name, labels, status in cursor.fetchall():
@@ -170,7 +188,7 @@ def load_snapshot(now: datetime) -> _Loaded:
                                        schedulable=status == NodeStatus.ACTIVE, gpus=[])
             node_names[node_id] = name
 
-        cursor.execute(_GPUS_SQL)
+        _next_result(cursor)
         idle_since_null: set[int] = set()
         idle_gpu_ids: set[int] = set()
         for (gpu_id, node_id, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
@@ -194,7 +212,7 @@ def load_snapshot(now: datetime) -> _Loaded:
                                  or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
             ))
 
-        cursor.execute(_TENANTS_SQL)
+        _next_result(cursor)
         tenants: dict[int, TenantState] = {}
         for tenant_id, slug, max_gpus, max_mem, max_running in cursor.fetchall():
             tenants[tenant_id] = TenantState(
@@ -205,7 +223,7 @@ def load_snapshot(now: datetime) -> _Loaded:
                 used_gpus=0, used_gpu_memory_mb=0, running_tasks=0,
             )
 
-        cursor.execute(_HOLDING_SQL)
+        _next_result(cursor)
         running: list[RunningTask] = []
         # Tenant usage counts distinct GPUs, like Tenant.usage().
         tenant_gpus: dict[int, set[int]] = {}
@@ -226,7 +244,7 @@ def load_snapshot(now: datetime) -> _Loaded:
         for tenant_id, gpus in tenant_gpus.items():
             tenants[tenant_id].used_gpus = len(gpus)
 
-        cursor.execute(_PENDING_SQL)
+        _next_result(cursor)
         pending: list[PendingTask] = []
         stored: dict[int, tuple[str, int | None]] = {}
         tenant_of: dict[int, int] = {}
@@ -242,34 +260,38 @@ def load_snapshot(now: datetime) -> _Loaded:
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
                         pending=pending)
-    return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids)
+    gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
+    return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
 
 
 # --- applying -------------------------------------------------------------------------
 
-_LOCK_PLACED_SQL = """
-SELECT id FROM scheduling_task WHERE id = ANY(%s::bigint[]) AND status = 'pending' ORDER BY id FOR UPDATE
-"""
-
-_INSERT_ALLOCATIONS_SQL = """
-INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, allocated_at)
-SELECT task_id, gpu_id, node_id, memory_mb, exclusive, %s
-FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::integer[], %s::boolean[])
-     AS v(task_id, gpu_id, node_id, memory_mb, exclusive)
-"""
-
-_UPDATE_PLACED_SQL = """
-UPDATE scheduling_task t
-SET status = 'assigned', node_id = v.node_id, assigned_at = %s, updated_at = %s,
-    pending_reason = '', queue_position = NULL
-FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, node_id)
-WHERE t.id = v.id
-"""
-
-_INSERT_EVENTS_SQL = """
-INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
-SELECT task_id, 'pending', 'assigned', %s, reason, %s
-FROM unnest(%s::bigint[], %s::text[]) AS v(task_id, reason)
+# All of a plan's placements in one statement. The UPDATE is the check: it only takes
+# tasks still pending (a user may have cancelled one since the snapshot; lifecycle locks
+# task rows, not the scheduler lock), and allocations and events are written for the
+# tasks it took. Passes serialise on the scheduler lock, so locking these task rows in
+# any order cannot deadlock with another pass.
+_PLACE_SQL = """
+WITH placed AS (
+    UPDATE scheduling_task t
+    SET status = 'assigned', node_id = v.node_id, assigned_at = %(now)s, updated_at = %(now)s,
+        pending_reason = '', queue_position = NULL
+    FROM unnest(%(task)s::bigint[], %(task_node)s::bigint[]) AS v(id, node_id)
+    WHERE t.id = v.id AND t.status = 'pending'
+    RETURNING t.id
+), events AS (
+    INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
+    SELECT e.task_id, 'pending', 'assigned', %(actor)s, e.reason, %(now)s
+    FROM unnest(%(task)s::bigint[], %(reason)s::text[]) AS e(task_id, reason)
+    WHERE e.task_id IN (SELECT id FROM placed)
+), allocations AS (
+    INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, allocated_at)
+    SELECT a.task_id, a.gpu_id, a.node_id, a.memory_mb, a.exclusive, %(now)s
+    FROM unnest(%(a_task)s::bigint[], %(a_gpu)s::bigint[], %(a_node)s::bigint[], %(a_mem)s::integer[],
+                %(a_excl)s::boolean[]) AS a(task_id, gpu_id, node_id, memory_mb, exclusive)
+    WHERE a.task_id IN (SELECT id FROM placed)
+)
+SELECT id FROM placed
 """
 
 _UPDATE_PENDING_SQL = """
@@ -316,13 +338,6 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         placements = [p for p in plan.placements if p.task_id in loaded.stored_pending]
         result.skipped = len(plan.placements) - len(placements)
         if placements:
-            # Lock the tasks and keep only those still pending: a user may have cancelled
-            # one since the snapshot (lifecycle locks task rows, not the scheduler lock).
-            cursor.execute(_LOCK_PLACED_SQL, [[p.task_id for p in placements]])
-            still_pending = {row[0] for row in cursor.fetchall()}
-            result.skipped += len(placements) - len(still_pending)
-            placements = [p for p in placements if p.task_id in still_pending]
-        if placements:
             a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
             for p in placements:
                 for gpu_id in p.gpu_ids:
@@ -331,14 +346,18 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
                     a_node.append(p.node_id)
                     a_mem.append(p.memory_mb)
                     a_excl.append(p.exclusive)
-            cursor.execute(_INSERT_ALLOCATIONS_SQL, [now, a_task, a_gpu, a_node, a_mem, a_excl])
-            ids = [p.task_id for p in placements]
-            cursor.execute(_UPDATE_PLACED_SQL, [now, now, ids, [p.node_id for p in placements]])
-            reasons = [f"placed on {len(p.gpu_ids)} GPU(s) of server {p.node_id}" for p in placements]
-            cursor.execute(_INSERT_EVENTS_SQL, [actor, now, ids, reasons])
+            cursor.execute(_PLACE_SQL, {
+                "now": now, "actor": actor,
+                "task": [p.task_id for p in placements], "task_node": [p.node_id for p in placements],
+                "reason": [loaded.placement_reason(p) for p in placements],
+                "a_task": a_task, "a_gpu": a_gpu, "a_node": a_node, "a_mem": a_mem, "a_excl": a_excl,
+            })
+            taken = {row[0] for row in cursor.fetchall()}
+            result.skipped += len(placements) - len(taken)
+            placements = [p for p in placements if p.task_id in taken]
             notify_nodes.update(p.node_id for p in placements)
             changed.extend((loaded.tenant_of[p.task_id], p.task_id) for p in placements)
-            result.placed_task_ids = ids
+            result.placed_task_ids = [p.task_id for p in placements]
         result.placements = len(placements)
 
         # A GPU never seen idle starts its idle clock here, once; afterwards releasing a GPU's

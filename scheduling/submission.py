@@ -178,7 +178,9 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     tenant: Tenant | None = None
     slug = data.get("tenant")
     if slug in (None, ""):
-        if len(ctx.memberships) == 1:
+        if ctx.user.is_staff and len(ctx.memberships) != 1:
+            errors["tenant"] = ["Required: name the tenant (staff may submit for any tenant)."]
+        elif len(ctx.memberships) == 1:
             tenant = next(iter(ctx.memberships.values()))
         elif not ctx.memberships:
             errors["tenant"] = ["You belong to no tenant; ask an operator to add you to one."]

@@ -6,8 +6,9 @@ after commit (nobody schedules from a rolled-back state), in one statement:
 
 - ``NOTIFY scheduler_wake`` wakes ``runscheduler`` at once;
 - the ``pass_requested`` flag on the ``SchedulerLock`` row named "wake" is set
-  with a conditional UPDATE, and only the request that flips it from false to
-  true enqueues a django-q2 task running a pass. Every pass clears the flag as
+  with a conditional upsert, and only the request that flips it from false to
+  true enqueues a django-q2 task running a pass. (A separate row from the
+  "scheduler" lock row, so that flipping it never waits for a running pass.) Every pass clears the flag as
   it starts, before it takes the lock and reads the queue, so a request that
   finds the flag already set is covered by a pass that has not started yet:
   a burst of 1,000 submits queues about one pass and no wake-up is lost.

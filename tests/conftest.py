@@ -145,6 +145,11 @@ def _drop_channels_postgres_pool() -> None:
 
     pool, channels_db.connection_pool = channels_db.connection_pool, None
     if pool is not None:
+        # The pool belongs to an event loop async_to_sync has closed: hang up its idle
+        # connections at the libpq level, or they keep the test database busy.
+        for conn in list(getattr(pool, "_pool", [])):
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
         with contextlib.suppress(Exception):
             asyncio.run(pool.close(timeout=1))
 

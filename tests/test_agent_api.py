@@ -182,6 +182,11 @@ def test_log_chunks_are_stored_once_per_offset(assigned_task, enrolled, servers)
     for _ in range(2):
         assert agent_client(token).post(url, chunks, format="json").status_code == 200
     assert list(TaskLogChunk.objects.values_list("offset", "data")) == [(0, "hello\n"), (6, "x\n")]
+    # Resent from offset 0 with more text (the agent crashed before noting what it sent):
+    # the answer says where the stored chunk ends, so the agent resends only the rest.
+    again = agent_client(token).post(url, {"chunks": [{"attempt": 0, "offset": 6, "data": "x\ny\n"}]},
+                                     format="json")
+    assert again.json()["ends"] == {"0:6": 8}
     bad = agent_client(token).post(url, {"chunks": [{"attempt": 0, "offset": -1, "data": "x"}]}, format="json")
     assert bad.status_code == 400 and "chunks" in bad.json()
     other = agent_client(make_server("gpu-09").issue_token()).post(url, chunks, format="json")

@@ -76,6 +76,13 @@ def test_an_agent_node_token_cannot_use_user_endpoints(servers, acme_task, path)
     assert r.json()["detail"] == "Agent tokens cannot use the users' API."
 
 
+@pytest.mark.parametrize("path", USER_ENDPOINTS)
+def test_a_node_token_in_the_agents_header_form_is_not_a_user_login(servers, path):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Node {servers[0].issue_token()}")
+    assert client.get(path).status_code == 401
+
+
 def test_an_agent_node_token_cannot_submit_or_cancel(servers, acme_task):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {servers[0].issue_token()}")

@@ -102,3 +102,11 @@ def test_health_counts_a_recent_scheduling_pass_as_a_live_scheduler(client, db):
     assert client.get("/api/v1/health").json()["status"] == "ok"
     SchedulerLock.objects.filter(name="scheduler").update(acquired_at=timezone.now() - timedelta(minutes=5))
     assert client.get("/api/v1/health").json()["status"] == "degraded"
+
+
+def test_the_openapi_schema_is_valid_and_warning_free(tmp_path):
+    from django.core.management import call_command
+
+    out = tmp_path / "schema.yaml"
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(out))
+    assert "/api/v1/tasks/batch" in out.read_text()

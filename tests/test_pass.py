@@ -56,6 +56,7 @@ def test_a_placement_becomes_allocations_an_assigned_task_and_an_event(acme, ser
     assert {(a.memory_mb, a.exclusive, a.node_id) for a in allocations} == {(30_000, True, servers[0].pk)}
     event = TaskEvent.objects.get(task=task)
     assert (event.from_status, event.to_status, event.actor) == ("pending", "assigned", "scheduler")
+    assert event.reason == "placed on gpu-01, GPU 0,1 (30000 MB each, exclusive)"
     assert result.placements == 1
     assert GPU.objects.get(pk=gpus[0]).idle_since is None
 

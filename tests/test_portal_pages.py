@@ -162,3 +162,13 @@ def test_nobody_revokes_another_users_token(client, carol, alice):
     client.force_login(carol)
     assert client.post(f"/tokens/{row.pk}/revoke/").status_code == 404
     assert ApiToken.objects.get(pk=row.pk).enabled
+
+
+def test_staff_pick_any_tenant_in_the_form_and_must_name_one(client, staff, acme, globex, servers):
+    client.force_login(staff)
+    page = client.get("/submit/").content.decode()
+    assert 'value="acme"' in page and 'value="globex"' in page
+    r = client.post("/submit/", {"command": "x", "action": "submit"})
+    assert r.status_code == 400 and "staff may submit for any tenant" in r.content.decode()
+    r = client.post("/submit/", {"tenant": "globex", "command": "x", "action": "submit"})
+    assert r.status_code == 302 and Task.objects.get().tenant == globex

@@ -31,6 +31,13 @@ BASE_DIR = Path(settings.BASE_DIR)
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def queued_q_passes(monkeypatch):
+    """Submits here only queue their django-q pass: the runscheduler process must do the work
+    (and a synchronous q pass could wait on the lock a test holds)."""
+    monkeypatch.setattr(Conf, "SYNC", False)
+
+
 def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "condition") -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,14 +110,14 @@ def test_a_submit_wakes_the_scheduler_at_once_without_waiting_for_its_poll(acme,
         task = submit(acme)
         wait_for(lambda: status_of(task) == TaskStatus.ASSIGNED, 15, "the task to be placed")
 
-        assert ControlPlaneServer.objects.filter(role="scheduler", pid=sched.proc.pid).exists()
+        registered = ControlPlaneServer.objects.get(role="scheduler", pid=sched.proc.pid)
+        assert registered.info["poll_interval_ms"] == 60000
         sched.proc.send_signal(signal.SIGTERM)
         assert sched.proc.wait(10) == 0
     assert "stopped after" in sched.output()
 
 
-def test_a_task_submitted_during_a_pass_is_placed_by_the_next_pass(acme, servers, tmp_path, monkeypatch):
-    monkeypatch.setattr(Conf, "SYNC", False)  # the q pass is only queued: runscheduler must do it
+def test_a_task_submitted_during_a_pass_is_placed_by_the_next_pass(acme, servers, tmp_path):
     first = Task.objects.create(tenant=acme, name="first", command="true", gpu_memory_mb=10_000)
     gpu = servers[0].gpus.get(index=0)
     late: list[Task] = []
@@ -151,3 +158,14 @@ def test_sigterm_lets_the_pass_in_progress_finish_before_exiting(acme, servers, 
     assert status_of(task) == TaskStatus.ASSIGNED
     assert Allocation.objects.filter(task=task, released_at__isnull=True).count() == 1
     assert "received SIGTERM" in sched.output()
+
+
+def test_unwoken_passes_over_a_stuck_queue_back_off_up_to_the_cap():
+    from scheduling.management.commands.runscheduler import next_idle_backoff
+
+    waits, current = [], 0.0
+    for _ in range(8):
+        current = next_idle_backoff(current, placed=False, poll_s=0.1, cap_s=5)
+        waits.append(current)
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5, 5]
+    assert next_idle_backoff(5, placed=True, poll_s=0.1, cap_s=5) == 0.0

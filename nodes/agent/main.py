@@ -304,9 +304,14 @@ class Agent:
                 "chunks": [{"attempt": task.attempt, "offset": offset, "data": text}]})
             if response.status_code in (429,) or response.status_code >= 500:
                 raise PortalUnreachable(f"HTTP {response.status_code}")
-            if response.status_code >= 400 and response.status_code not in (404, 409):
+            end = offset + size
+            if response.status_code == 200:
+                # The portal may already hold a shorter chunk at this offset (we crashed
+                # after sending it): continue from its end, so nothing is lost.
+                end = response.json().get("ends", {}).get(f"{task.attempt}:{offset}", end)
+            elif response.status_code not in (404, 409):
                 log.warning("task %s: log chunk refused: %s", task.id, self._detail(response))
-            task.shipped_offset = offset + size
+            task.shipped_offset = end
             self.runner.save(task)
 
     # --- main --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F, Func
 from rest_framework import status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -23,6 +24,7 @@ from nodes.api.serializers import (
     TaskEventSerializer,
 )
 from nodes.enrolment import EnrolmentError, redeem
+from portal.models import Alert
 from scheduling import lifecycle
 from scheduling.models import Task, TaskLogChunk
 
@@ -96,10 +98,17 @@ class TaskEventView(AgentView):
                 reason = data["reason"]
                 if data["duration_s"] is not None and not reason and data["exit_code"] not in (0, None):
                     reason = f"exit code {data['exit_code']} after {data['duration_s']:.1f} s"
-                # An OOM raises its alert inside report_finished (portal.alerts, once per report
-                # that changes the task; a repeated report changes nothing).
-                task = lifecycle.report_finished(task_id, exit_code=data["exit_code"], oom=data["oom"],
-                                                 timed_out=data["timed_out"], reason=reason, **kwargs)
+                with transaction.atomic():
+                    task = lifecycle.report_finished(task_id, exit_code=data["exit_code"], oom=data["oom"],
+                                                     timed_out=data["timed_out"], reason=reason, **kwargs)
+                    message = (f"task {task.pk} ({task.name}) attempt {data['attempt']} ran out of GPU memory "
+                               f"on {node.name}; now {task.status}")[:500]
+                    # One alert per attempt: a repeated report must not raise another.
+                    if data["oom"] and task.oom and not Alert.objects.filter(
+                            kind=Alert.Kind.TASK_OOM, task=task,
+                            message__startswith=f"task {task.pk} ({task.name}) attempt {data['attempt']} ").exists():
+                        Alert.objects.create(kind=Alert.Kind.TASK_OOM, severity=Alert.Severity.WARNING, node=node,
+                                             task=task, message=message)
         except Task.DoesNotExist:
             return Response({"detail": f"no task {task_id}"}, status=status.HTTP_404_NOT_FOUND)
         except PermissionError as exc:
@@ -118,10 +127,20 @@ class LogChunksView(AgentView):
             if task.node_id != request.auth.pk:
                 return Response({"detail": f"task {task_id} is not assigned to this server"},
                                 status=status.HTTP_409_CONFLICT)
+            chunks = serializer.validated_data["chunks"]
             # Retried chunks hit the (task, attempt, offset) unique constraint and are skipped.
             TaskLogChunk.objects.bulk_create(
                 [TaskLogChunk(task_id=task_id, attempt=c["attempt"], offset=c["offset"], data=c["data"])
-                 for c in serializer.validated_data["chunks"]],
+                 for c in chunks],
                 ignore_conflicts=True,
             )
-        return Response({"stored": len(serializer.validated_data["chunks"])})
+            # Where each stored chunk ends, in bytes of the agent's file: an agent that
+            # crashed after shipping a chunk but before noting it may resend from the same
+            # offset with more text, and must continue from the end of what is stored.
+            stored = (TaskLogChunk.objects
+                      .filter(task_id=task_id, attempt__in={c["attempt"] for c in chunks},
+                              offset__in={c["offset"] for c in chunks})
+                      .annotate(size=Func(F("data"), function="octet_length"))
+                      .values_list("attempt", "offset", "size"))
+            ends = {f"{attempt}:{offset}": offset + size for attempt, offset, size in stored}
+        return Response({"stored": len(chunks), "ends": ends})

@@ -1,10 +1,11 @@
 """``python manage.py runscheduler``: scheduling passes in a foreground loop.
 
-The loop reads like a story: heartbeat, sweep when due, run a pass when woken,
-then wait. A Postgres ``LISTEN scheduler_wake`` wakes it at once when a task is
+The loop reads like a story: run a pass when woken, heartbeat and sweep when
+due, then wait. A Postgres ``LISTEN scheduler_wake`` wakes it at once when a task is
 submitted, finishes or is cancelled (``scheduling.triggers.request_pass``);
 otherwise it wakes every ``poll_interval_ms`` and runs a pass only if tasks are
-waiting. SIGTERM (or Ctrl-C) lets the current pass finish, then exits 0.
+waiting, backing off (doubling up to ``--max-idle-pass-interval-s``) while such
+passes place nothing. SIGTERM (or Ctrl-C) lets the current pass finish, then exits 0.
 Several runschedulers (and django-q workers) may run at once: their passes
 serialise on the scheduler row lock.
 """
@@ -37,6 +38,14 @@ log = logging.getLogger("scheduling.runscheduler")
 _WAIT_SLICE_S = 0.25
 
 
+def next_idle_backoff(current_s: float, *, placed: bool, poll_s: float, cap_s: float) -> float:
+    """Seconds until the next un-woken pass: none after a pass that placed something, else
+    doubling from the poll interval up to the cap."""
+    if placed:
+        return 0.0
+    return min(max(current_s * 2, poll_s), cap_s)
+
+
 class Command(BaseCommand):
     help = "Run scheduling passes in a foreground loop, woken by LISTEN/NOTIFY (SIGTERM finishes the pass, exits)."
 
@@ -45,18 +54,25 @@ class Command(BaseCommand):
         parser.add_argument("--poll-interval-ms", type=int, default=None,
                             help="idle wait between checks (default: scheduler.poll_interval_ms)")
         parser.add_argument("--sweep-interval-s", type=float, default=1.0, help="how often to sweep (default 1)")
+        parser.add_argument("--max-idle-pass-interval-s", type=float, default=5.0,
+                            help="with tasks waiting and no wake-up, retry passes at least this often (default 5)")
 
     def on_signal(self, signum, frame) -> None:
         if not self.stop_requested:
             log.info("received %s, finishing the current pass", signal.Signals(signum).name)
         self.stop_requested = True
 
-    def handle(self, *args, once: bool, poll_interval_ms: int | None, sweep_interval_s: float, **options) -> None:
+    def handle(self, *args, once: bool, poll_interval_ms: int | None, sweep_interval_s: float,
+               max_idle_pass_interval_s: float, **options) -> None:
         self.stop_requested = False
         self.poll_s = (poll_interval_ms or settings.SCHEDULER.poll_interval_ms) / 1000
         self.sweep_interval_s = sweep_interval_s
         self.name = f"{socket.gethostname()}:{os.getpid()}:scheduler"
         self.passes = 0
+        self.last_result: PassResult | None = None
+        self.max_idle_pass_interval_s = max_idle_pass_interval_s
+        self.idle_backoff_s = 0.0
+        self.next_idle_pass = 0.0
         self.last_logged: tuple[int, int, int] | None = None
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
@@ -78,17 +94,28 @@ class Command(BaseCommand):
         next_heartbeat = next_sweep = 0.0
         woken = True  # a first pass at start catches up on anything missed while down
         while not self.stop_requested:
+            # The pass first: a wake-up is someone waiting for a placement.
+            if woken:
+                self.idle_backoff_s, self.next_idle_pass = 0.0, 0.0
+                self.pass_step()
+            elif self.idle_pass_due(time.monotonic()) and self.work_waiting():
+                # Nobody woke us, yet tasks wait: GPUs may have freed up without an event
+                # (live memory reported by heartbeats, an operator's edit). Retry, backing
+                # off while such passes place nothing, so a stuck queue costs little.
+                placed = self.pass_step()
+                self.idle_backoff_s = next_idle_backoff(self.idle_backoff_s, placed=placed, poll_s=self.poll_s,
+                                                        cap_s=self.max_idle_pass_interval_s)
+                self.next_idle_pass = time.monotonic() + self.idle_backoff_s
+            if self.stop_requested:
+                break
             now = time.monotonic()
             if now >= next_heartbeat:
                 self.heartbeat_step()
                 next_heartbeat = now + settings.SCHEDULER.heartbeat_interval_s
             if now >= next_sweep:
-                woken = self.sweep_step() or woken
+                # A sweep that changes something asks for a pass (NOTIFY): the wait below returns at once.
+                self.sweep_step()
                 next_sweep = now + self.sweep_interval_s
-            if woken or self.work_waiting():
-                self.pass_step()
-            if self.stop_requested:
-                break
             woken = self.wait_step()
         if self.listener is not None:
             self.listener.close()
@@ -105,6 +132,7 @@ class Command(BaseCommand):
             connection.close_if_unusable_or_obsolete()
             return False
         self.passes += 1
+        self.last_result = result
         self.log_pass(result)
         return result.placements > 0
 
@@ -122,12 +150,15 @@ class Command(BaseCommand):
             ControlPlaneServer.objects.update_or_create(
                 name=self.name,
                 defaults={"role": ControlPlaneServer.Role.SCHEDULER, "hostname": socket.gethostname(),
-                          "pid": os.getpid(), "last_seen_at": Now(), "info": {"passes": self.passes}},
+                          "pid": os.getpid(), "last_seen_at": Now(), "info": self.info()},
             )
         except Exception:
             log.exception("heartbeat failed")
             connection.close_if_unusable_or_obsolete()
         return False
+
+    def idle_pass_due(self, now: float) -> bool:
+        return now >= self.next_idle_pass
 
     def work_waiting(self) -> bool:
         """Without a wake-up, run a pass only if tasks are waiting (GPUs may have freed up)."""
@@ -162,6 +193,14 @@ class Command(BaseCommand):
         return False
 
     # --- helpers -----------------------------------------------------------------
+
+    def info(self) -> dict:
+        """What the cluster view shows about this scheduler."""
+        info: dict = {"passes": self.passes, "poll_interval_ms": round(self.poll_s * 1000)}
+        if self.last_result is not None:
+            info.update(last_pass_ms=round(self.last_result.duration_s * 1000, 1),
+                        last_placements=self.last_result.placements, pending=self.last_result.pending)
+        return info
 
     def listen(self) -> None:
         params = connection.get_connection_params()
