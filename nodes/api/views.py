@@ -24,7 +24,6 @@ from nodes.api.serializers import (
     TaskEventSerializer,
 )
 from nodes.enrolment import EnrolmentError, redeem
-from portal.models import Alert
 from scheduling import lifecycle
 from scheduling.models import Task, TaskLogChunk
 
@@ -98,17 +97,10 @@ class TaskEventView(AgentView):
                 reason = data["reason"]
                 if data["duration_s"] is not None and not reason and data["exit_code"] not in (0, None):
                     reason = f"exit code {data['exit_code']} after {data['duration_s']:.1f} s"
-                with transaction.atomic():
-                    task = lifecycle.report_finished(task_id, exit_code=data["exit_code"], oom=data["oom"],
-                                                     timed_out=data["timed_out"], reason=reason, **kwargs)
-                    message = (f"task {task.pk} ({task.name}) attempt {data['attempt']} ran out of GPU memory "
-                               f"on {node.name}; now {task.status}")[:500]
-                    # One alert per attempt: a repeated report must not raise another.
-                    if data["oom"] and task.oom and not Alert.objects.filter(
-                            kind=Alert.Kind.TASK_OOM, task=task,
-                            message__startswith=f"task {task.pk} ({task.name}) attempt {data['attempt']} ").exists():
-                        Alert.objects.create(kind=Alert.Kind.TASK_OOM, severity=Alert.Severity.WARNING, node=node,
-                                             task=task, message=message)
+                # An OOM raises its alert inside report_finished (portal.alerts, once per report
+                # that changes the task; a repeated report changes nothing).
+                task = lifecycle.report_finished(task_id, exit_code=data["exit_code"], oom=data["oom"],
+                                                 timed_out=data["timed_out"], reason=reason, **kwargs)
         except Task.DoesNotExist:
             return Response({"detail": f"no task {task_id}"}, status=status.HTTP_404_NOT_FOUND)
         except PermissionError as exc:
