@@ -219,7 +219,11 @@ def test_a_portal_user_sees_their_task_and_quota_change_without_a_reload(tmp_pat
                                         timeout=20_000)
             assert "Pending tasks: 1 / " in dashboard.inner_text("body")
 
-            # In another tab the user cancels it; the list and the dashboard follow.
+            detail = context.new_page()
+            detail.goto(f"http://{host}/tasks/{task.pk}/")
+            detail.wait_for_function("document.documentElement.getAttribute('data-live') === 'open'", timeout=20_000)
+
+            # In another tab the user cancels it; the list, the dashboard and the detail page follow.
             other = context.new_page()
             other.goto(f"http://{host}/tasks/{task.pk}/")
             other.click("button.danger")
@@ -227,6 +231,9 @@ def test_a_portal_user_sees_their_task_and_quota_change_without_a_reload(tmp_pat
                 f"document.querySelector('[data-task=\"{task.pk}\"][data-field=\"status\"]').textContent"
                 " === 'cancelled'", timeout=20_000)
             dashboard.wait_for_function("document.body.innerText.includes('Pending tasks: 0 / ')", timeout=20_000)
+            detail.wait_for_function("document.getElementById('task-events').innerText.includes('cancelled')",
+                                     timeout=20_000)
+            assert detail.evaluate("performance.getEntriesByType('navigation').length") == 1
             assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
             browser.close()
     finally:
