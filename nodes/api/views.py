@@ -97,8 +97,7 @@ class TaskEventView(AgentView):
                 reason = data["reason"]
                 if data["duration_s"] is not None and not reason and data["exit_code"] not in (0, None):
                     reason = f"exit code {data['exit_code']} after {data['duration_s']:.1f} s"
-                # An OOM raises its alert inside report_finished (portal.alerts, once per report
-                # that changes the task; a repeated report changes nothing).
+                # The OOM alert (one per attempt) is raised by lifecycle.report_finished.
                 task = lifecycle.report_finished(task_id, exit_code=data["exit_code"], oom=data["oom"],
                                                  timed_out=data["timed_out"], reason=reason, **kwargs)
         except Task.DoesNotExist:
