@@ -314,3 +314,33 @@ def test_a_server_heard_during_the_quiet_second_is_pushed_at_its_end(monkeypatch
         time.sleep(0.01)
     assert [ids for _, ids in pushed] == [[1, 2]]
     assert 0.2 <= pushed[0][0] - started < 2
+
+
+def test_staff_receive_every_tenants_task_changes_usage_and_alerts(staff, acme, globex, servers):
+    from portal.alerts import raise_alert
+
+    mine = Task.objects.create(tenant=acme, name="a", command="x")
+    theirs = Task.objects.create(tenant=globex, name="g", command="x")
+    session = _cookie(staff)
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        comm = _communicator("/ws/cluster/", session)
+        assert (await comm.connect(timeout=10))[0]
+        await comm.receive_json_from(timeout=10)  # the full picture
+        await sync_to_async(live.tasks_changed)([(acme.pk, mine.pk), (globex.pk, theirs.pk)])
+        tasks = await _receive_until(comm, lambda f: f["type"] == "tasks")
+        usage = await _receive_until(comm, lambda f: f["type"] == "usage")
+
+        def alert() -> None:
+            with transaction.atomic():
+                raise_alert("server_lost", "gpu-01 lost", node=servers[0])
+
+        await sync_to_async(alert)()
+        banner = await _receive_until(comm, lambda f: f["type"] == "alert")
+        await comm.disconnect()
+        return tasks, usage, banner
+
+    tasks, usage, banner = async_to_sync(scenario)()
+    assert sorted(t["id"] for t in tasks["tasks"]) == sorted([mine.pk, theirs.pk])
+    assert sorted(u["id"] for u in usage["tenants"]) == sorted([acme.pk, globex.pk])
+    assert banner["alert"]["kind"] == "server_lost" and banner["alert"]["message"] == "gpu-01 lost"
