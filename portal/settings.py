@@ -101,7 +101,9 @@ if not DATABASE_URL:
 if not DATABASE_URL.startswith(("postgres://", "postgresql://")):
     raise ImproperlyConfigured("DATABASE_URL must be a postgresql:// URL (SQLite is not supported)")
 
-_db = dj_database_url.parse(DATABASE_URL, conn_max_age=envint("DB_CONN_MAX_AGE", 60, minimum=0))
+# 0 by default: under ASGI (daphne) each request may run in its own thread, and
+# persistent per-thread connections pile up until PostgreSQL refuses clients.
+_db = dj_database_url.parse(DATABASE_URL, conn_max_age=envint("DB_CONN_MAX_AGE", 0, minimum=0))
 _db["CONN_HEALTH_CHECKS"] = True
 # A unix-socket URL (`?host=/path`) arrives as an option; make it the HOST so every
 # consumer of these settings (channel layer, subprocess URLs) sees the same place.
@@ -147,6 +149,10 @@ else:
             "CONFIG": _layer_db,
         }
     }
+    # The layer removes a disconnected channel from its groups through the ORM with
+    # `using("channels_postgres")`: without this alias every disconnect fails and the
+    # dead channel stays in its group. In tests it mirrors the test database.
+    DATABASES["channels_postgres"] = {**_layer_db, "TEST": {"MIRROR": "default"}}
 
 # Live pages: a viewer gets at most one frame per this many ms (bursts are merged).
 LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)

@@ -56,8 +56,9 @@ Rules, in the order a task meets them
    tasks' ``expected_end`` (and the ends, ``now + timeout_s``, of tasks placed earlier
    in this pass), it fits on one server, and the GPUs it would take there. A later
    task may start now only if it cannot delay that reservation: it ends by T
-   (``now + timeout_s <= T``) or it uses none of the reserved GPUs. Otherwise it waits
-   with "reserved for backfill: would delay task #N". Only that one reservation is
+   (``now + timeout_s <= T``) or it uses none of the reserved GPUs (reclaim and
+   preemption keep off them too). Otherwise it waits with "reserved for backfill: would
+   delay task #N". Only that one reservation is
    kept (EASY backfill), so a big task at the head never starves and small tasks
    still fill the holes. With ``backfill`` off, once a task is blocked by capacity
    nothing behind it starts in this pass ("waiting behind N higher-priority tasks").
@@ -190,14 +191,12 @@ class _Pass:
         self.n_ok: list[bool] = []
         self.n_gpus: list[tuple[int, ...]] = []  # schedulable GPUs of an active server
         self.n_free: list[int] = []  # empty schedulable GPUs
-        self.node_index: dict[int, int] = {}
 
         now = snapshot.now
         max_gpus = 0
         schedulable_total = 0
         for node in snapshot.nodes:
             n = len(self.n_id)
-            self.node_index[node.id] = n
             self.n_id.append(node.id)
             self.n_name.append(node.name)
             self.n_labels.append(node.labels or {})
@@ -279,6 +278,7 @@ class _Pass:
         self.victim_pools: dict[str, dict[int, list[RunningTask]]] = {}
         self.best_cache: dict[tuple, int] = {}
         self.sig_cache: dict[tuple, set[tuple[int, ...]]] = {}
+        self.smallest_cache: dict[tuple, int] = {}
         self.reservation: _Reservation | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -422,6 +422,14 @@ class _Pass:
         if r:
             return ("reason", r)
         r = self._quota_reason(task, c, mem)
+        if r is None and mode == WHOLE:
+            # A whole GPU claims its total memory: check the smallest it could get before any
+            # search (or preemption) is spent on it; the GPUs actually chosen are checked below.
+            smallest = self.smallest_cache.get(ckey)
+            if smallest is None:
+                total = self.g_total
+                smallest = self.smallest_cache[ckey] = min(total[g] for gl in elig.values() for g in gl)
+            r = self._memory_quota_reason(task, c * smallest)
         if r is not None:
             return ("reason", r)
         r = self._share_reason(task, c)
@@ -440,12 +448,12 @@ class _Pass:
             excluded = res.gpus
 
         found = self._search(task, c, mem, mode, shape, elig, excluded, None)
-        if (found is None and excluded is not None
-                and self._search(task, c, mem, mode, shape, elig, None, None) is not None):
-            return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
         if found is None:
+            # Reclaim and preemption keep off the reserved GPUs too.
             found = self._reclaim_or_preempt(task, c, mem, mode, shape, elig, excluded)
         if found is None:
+            if excluded is not None and self._search(task, c, mem, mode, shape, elig, None, None) is not None:
+                return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
             return ("capacity", shape)
 
         n, gpus = found
@@ -511,8 +519,8 @@ class _Pass:
             return None
         used = self.class_used[cls]
         limit = self._share_limit(cls)
-        if used + c <= limit or limit >= self.schedulable_total:
-            # A share covering the whole cluster is no limit: capacity will say why it waits.
+        if used + c <= limit or self.class_share[cls] >= 1.0:
+            # A share of the whole cluster is no limit: capacity will say why it waits.
             return None
         pct = f"{self.class_share[cls] * 100:.0f}%"
         r = f"{cls} share of the cluster full ({pct}): {used}/{self.class_cap[cls]} GPUs in use"
@@ -632,17 +640,6 @@ class _Pass:
 
     # ------------------------------------------------------------------ fit and score
 
-    def _fits(self, g: int, mem: int, mode: str) -> bool:
-        if self.g_excl[g]:
-            return False
-        if mode == SHARED:
-            claimed = self.g_claimed[g]
-            live = self.g_live[g]
-            return (claimed if claimed > live else live) + mem + self.margin <= self.g_total[g]
-        if self.g_shared[g] or self.g_claimed[g]:
-            return False
-        return self.g_live[g] + mem + self.margin <= self.g_total[g]
-
     def _base_score(self, g: int) -> float:
         """Load-balance score of a GPU (0..100); binpack inverts the free-memory term."""
         total = self.g_total[g]
@@ -672,7 +669,14 @@ class _Pass:
         Ties go to the lower index: ``max`` keeps the first maximum and the sorts are stable.
         """
         if model:
-            scores = {g: self._gpu_score(g, model) for g in q}
+            # _gpu_score inlined: this runs for every server compared for a task with a model.
+            base = self.g_base
+            g_models = self.g_models
+            room = self.max_models
+            scores = {}
+            for g in q:
+                models = g_models[g]
+                scores[g] = base[g] + (100.0 if model in models else 50.0 if len(models) < room else 0.0)
             key = scores.__getitem__
         else:
             scores = self.g_base
@@ -1054,18 +1058,21 @@ class _Pass:
         return {g: [self.g_claimed[g], self.g_live[g], self.g_excl[g], self.g_shared[g]] for g in gl}
 
     def _sim_release(self, state: dict[int, list], r) -> None:
-        """Apply the end of a running task (RunningTask or placed tuple) to a simulated node."""
+        """Apply the end of a task to a simulated node: a RunningTask, or a
+        ``(gpus, memory, exclusive, in_live)`` tuple; ``in_live`` says whether the agent's live
+        reading includes its memory (not yet for a task placed in this pass)."""
         if isinstance(r, RunningTask):
             gids = [self.gpu_index.get(x) for x in r.gpu_ids]
-            mem, exclusive = r.memory_mb, r.exclusive
+            mem, exclusive, in_live = r.memory_mb, r.exclusive, True
         else:
-            gids, mem, exclusive = r
+            gids, mem, exclusive, in_live = r
         for g in gids:
             s = state.get(g)
             if s is None:
                 continue
             s[0] = max(0, s[0] - mem)
-            s[1] = max(0, s[1] - mem)
+            if in_live:
+                s[1] = max(0, s[1] - mem)
             if exclusive:
                 s[2] = False
             else:
@@ -1105,11 +1112,11 @@ class _Pass:
                 continue
             n = self.g_node[gids[0]]
             if n in elig:
-                events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive)))
+                events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive, True)))
         for timeout_s, n, gpus, per_gpu, exclusive in self.placed_ends:
             if n in elig:
                 end = self.now + timedelta(seconds=timeout_s)
-                events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive)))
+                events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive, False)))
         best: _Reservation | None = None
         for n, evs in events.items():
             evs.sort(key=lambda e: e[0])

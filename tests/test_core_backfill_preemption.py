@@ -162,3 +162,41 @@ def test_a_class_within_its_own_share_is_not_reclaimed_from():
                              allow_borrowing=True))
     assert plan.preemptions == []
     assert plan.pending[1].reason.startswith("online share of the cluster full (50%): 2/2 GPUs in use")
+
+
+def test_the_reservation_does_not_count_on_memory_held_by_processes_it_does_not_know():
+    # GPU 0 carries 30 GB of memory no task claims (a stray process): a task placed on it in this
+    # pass will free only its own 10 GB, so a 60 GB head can never start there and reserves nothing.
+    nodes = [node(1, 1, live=30_000)]
+    pending = [task(1, memory=10_000, exclusive=False, timeout_s=60), task(2, memory=60_000, exclusive=False)]
+    plan = schedule(snapshot(nodes, pending, memory_safety_margin_mb=0))
+    assert list(placed(plan)) == [1]
+    assert "reserved" not in plan.pending[2].reason
+
+
+def test_waiting_counts_only_tasks_blocked_by_capacity_ahead():
+    nodes, running = half_busy_server()
+    tenants = [tenant(1, "acme"), tenant(2, "globex", max_gpus=0)]
+    pending = [task(12, gpus=8, priority=HIGH), task(13, priority=HIGH, tenant_id=2, age_s=-1),
+               task(14, timeout_s=60)]
+    plan = schedule(snapshot(nodes, pending, running=running, tenants=tenants, backfill=False))
+    assert plan.pending[13].reason == "tenant globex at its GPU quota (0/0)"
+    assert plan.pending[14].reason == "waiting behind 1 higher-priority task"
+    assert [plan.pending[i].position for i in (12, 13, 14)] == [1, 2, 3]
+
+
+def test_preemption_does_not_take_gpus_promised_to_the_backfill_head():
+    # Server 1 is promised to the 8-GPU head in two hours; a later CRITICAL task that would outlive
+    # that may still preempt LOW batch work, but only on server 2.
+    nodes = [node(1, 8), node(2, 2)]
+    running = [occupy(nodes, 90, 1, [0, 1, 2, 3], priority=NORMAL, ends_in_s=3600),
+               occupy(nodes, 91, 1, [4], priority=LOW, ends_in_s=7200),
+               occupy(nodes, 92, 2, [0, 1], priority=LOW, ends_in_s=7200)]
+    pending = [task(12, gpus=4, priority=CRITICAL, age_s=10, gpu_model="nothing-like-it"),  # never fits
+               task(13, gpus=8, priority=CRITICAL, age_s=5, tenant_id=1),
+               task(14, priority=CRITICAL, timeout_s=9000)]
+    plan = schedule(snapshot(nodes, pending, running=running, preemption=("CRITICAL",)))
+    # Task 13 needs all of server 1: preempting LOW task 91 is not enough (90 is NORMAL), so it reserves.
+    assert "next in line" in plan.pending[13].reason
+    assert [(p.task_id, p.by_task_id) for p in plan.preemptions] == [(92, 14)]
+    assert placed(plan)[14][0] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from hypothesis import HealthCheck, given, settings
@@ -74,6 +75,62 @@ def scenarios(draw):
     return snapshot(nodes, pending, tenants=tenants, running=running, **config)
 
 
+@st.composite
+def backfill_scenarios(draw):
+    """Busy servers, a big task at the head and small tasks of mixed lengths behind it."""
+    nodes = [NodeState(id=n, name=f"gpu-{n}", labels={}, schedulable=True, gpus=[gpu(n, i) for i in range(8)])
+             for n in range(1, draw(st.integers(1, 3)) + 1)]
+    running = []
+    rid = 500
+    for nd in nodes:
+        i = 0
+        while i < 8 and draw(st.integers(0, 4)) > 0:
+            k = min(draw(st.sampled_from((1, 2, 4))), 8 - i)
+            running.append(occupy(nodes, rid, nd.id, list(range(i, i + k)), memory=20_000,
+                                  ends_in_s=draw(st.integers(60, 7200))))
+            rid += 1
+            i += k
+    pending = [task(1, priority=3, gpus=draw(st.sampled_from((4, 8))), memory=draw(st.sampled_from((None, 20_000))))]
+    pending += [task(i, priority=draw(st.integers(0, 2)), gpus=draw(st.sampled_from((1, 1, 2, 4))),
+                     memory=draw(st.sampled_from((None, 10_000, 20_000))), exclusive=draw(st.booleans()),
+                     timeout_s=draw(st.integers(60, 7200)), age_s=draw(st.integers(0, 50)))
+                for i in range(2, draw(st.integers(2, 20)) + 1)]
+    return snapshot(nodes, pending, running=running, strategy=draw(st.sampled_from(("binpack", "spread"))))
+
+
+@st.composite
+def preemption_scenarios(draw):
+    """A cluster full of running work, some of it LOW batch or borrowed, and urgent tasks waiting."""
+    nodes = [NodeState(id=n, name=f"gpu-{n}", labels={}, schedulable=True, gpus=[gpu(n, i) for i in range(4)])
+             for n in range(1, draw(st.integers(1, 3)) + 1)]
+    running = []
+    rid = 500
+    for nd in nodes:
+        i = 0
+        while i < 4:
+            k = min(draw(st.sampled_from((1, 1, 2, 4))), 4 - i)
+            exclusive = draw(st.booleans())
+            running.append(occupy(nodes, rid, nd.id, list(range(i, i + k)), priority=draw(st.integers(0, 3)),
+                                  cls=draw(st.sampled_from(("online", "batch", "batch"))), exclusive=exclusive,
+                                  memory=draw(st.sampled_from((10_000, 30_000))) if not exclusive else 40_000,
+                                  ends_in_s=draw(st.integers(60, 7200))))
+            rid += 1
+            i += k
+    pending = [task(i, priority=draw(st.integers(1, 3)), gpus=draw(st.sampled_from((1, 2, 4))),
+                    memory=draw(st.sampled_from((None, 10_000, 30_000))), exclusive=draw(st.booleans()),
+                    cls=draw(st.sampled_from(("online", "batch"))), timeout_s=draw(st.integers(60, 7200)),
+                    age_s=draw(st.integers(0, 50)))
+               for i in range(1, draw(st.integers(1, 10)) + 1)]
+    shares = draw(st.sampled_from(((1.0, 1.0), (0.5, 0.5), (0.7, 0.3))))
+    return snapshot(nodes, pending, running=running, online_share=shares[0], batch_share=shares[1],
+                    allow_borrowing=draw(st.booleans()), backfill=draw(st.booleans()),
+                    preemption=draw(st.sampled_from((("CRITICAL",), ("HIGH", "CRITICAL")))))
+
+
+def clusters():
+    return st.one_of(scenarios(), backfill_scenarios(), preemption_scenarios())
+
+
 def final_state(snap, plan):
     """Per GPU id: [claimed, live, exclusive count, shared count] after victims leave and placements land."""
     state = {g.id: [g.memory_claimed_mb, g.memory_used_live_mb, int(g.exclusive_taken), g.shared_count]
@@ -127,7 +184,7 @@ common = settings(max_examples=120, deadline=None, suppress_health_check=[Health
 
 
 @common
-@given(scenarios())
+@given(clusters())
 def test_no_gpu_is_ever_over_committed_in_memory_or_exclusivity(snap):
     plan = schedule(snap)
     margin = snap.config.memory_safety_margin_mb
@@ -148,7 +205,7 @@ def test_no_gpu_is_ever_over_committed_in_memory_or_exclusivity(snap):
 
 
 @common
-@given(scenarios())
+@given(clusters())
 def test_no_tenant_quota_or_class_share_is_exceeded_by_the_plan(snap):
     plan = schedule(snap)
     pending = {t.id: t for t in snap.pending}
@@ -185,7 +242,7 @@ def test_no_tenant_quota_or_class_share_is_exceeded_by_the_plan(snap):
 
 
 @common
-@given(scenarios())
+@given(clusters())
 def test_a_gang_gets_all_its_gpus_on_one_matching_server_or_nothing(snap):
     plan = schedule(snap)
     pending = {t.id: t for t in snap.pending}
@@ -203,7 +260,7 @@ def test_a_gang_gets_all_its_gpus_on_one_matching_server_or_nothing(snap):
 
 
 @common
-@given(scenarios())
+@given(clusters())
 def test_a_higher_priority_task_that_fits_is_never_left_behind_a_lower_priority_one(snap):
     plan = schedule(snap)
     if plan.preemptions:
@@ -228,7 +285,7 @@ def test_a_higher_priority_task_that_fits_is_never_left_behind_a_lower_priority_
 
 
 @common
-@given(scenarios())
+@given(clusters())
 def test_every_task_is_placed_or_pending_with_a_reason_and_a_unique_position(snap):
     plan = schedule(snap)
     placed = {p.task_id for p in plan.placements}
@@ -249,7 +306,7 @@ def test_every_task_is_placed_or_pending_with_a_reason_and_a_unique_position(sna
 
 
 @common
-@given(scenarios())
+@given(clusters())
 def test_a_task_said_to_wait_for_capacity_really_fits_nowhere(snap):
     plan = schedule(snap)
     if plan.preemptions:
@@ -259,3 +316,60 @@ def test_a_task_said_to_wait_for_capacity_really_fits_nowhere(snap):
         info = plan.pending.get(t.id)
         if info is not None and info.reason.startswith("no server ha"):
             assert not fits_on(snap, t, after, snap.config.memory_safety_margin_mb), info.reason
+
+
+@common
+@given(clusters())
+def test_no_backfilled_task_delays_the_reserved_start_of_the_blocked_head(snap):
+    from datetime import timedelta
+
+    from scheduling.core import _Pass
+
+    run = _Pass(snap)
+    plan = run.run()
+    res = run.reservation
+    if res is None or plan.preemptions:
+        return
+    head = next(t for t in snap.pending if t.id == res.task_id)
+    # The cluster at the reserved time T: running tasks that end by T are gone, placements that
+    # outlive T are still there. The head must still fit on the GPUs it was promised.
+    state = {g.id: [g.memory_claimed_mb, g.memory_used_live_mb, int(g.exclusive_taken), g.shared_count]
+             for n in snap.nodes for g in n.gpus}
+    for r in snap.running:
+        if r.expected_end <= res.time:
+            for gid in r.gpu_ids:
+                s = state[gid]
+                s[0] -= r.memory_mb
+                s[1] = max(0, s[1] - r.memory_mb)
+                s[2 if r.exclusive else 3] -= 1
+    pending = {t.id: t for t in snap.pending}
+    for p in plan.placements:
+        if snap.now + timedelta(seconds=pending[p.task_id].timeout_s) > res.time:
+            for gid in p.gpu_ids:
+                s = state[gid]
+                s[0] += p.memory_mb
+                s[2 if p.exclusive else 3] += 1
+    promised = {run.g_id[g] for g in res.gpus}
+    node = next(n for n in snap.nodes if n.id == run.n_id[res.node])
+    only_promised = dataclasses.replace(node, gpus=[g for g in node.gpus if g.id in promised])
+    reduced = dataclasses.replace(snap, nodes=[only_promised])
+    assert fits_on(reduced, head, state, snap.config.memory_safety_margin_mb)
+
+
+@common
+@given(clusters())
+def test_every_preemption_makes_room_for_a_task_placed_on_the_victims_server(snap):
+    plan = schedule(snap)
+    placements = {p.task_id: p for p in plan.placements}
+    running = {r.id: r for r in snap.running}
+    pending = {t.id: t for t in snap.pending}
+    for pr in plan.preemptions:
+        victim = running[pr.task_id]
+        by = pending[pr.by_task_id]
+        assert pr.by_task_id in placements, "a task preempted for must be placed in the same plan"
+        assert placements[pr.by_task_id].node_id == victim.node_id
+        assert victim.priority <= by.priority
+        if pr.reason.startswith("preempted"):
+            assert by.priority > 0 and victim.priority == 0 and victim.workload_class == "batch"
+        else:
+            assert pr.reason.startswith("borrowed") and victim.workload_class != by.workload_class

@@ -267,3 +267,26 @@ def test_a_very_long_reason_is_cut_to_what_the_task_row_holds():
 def test_placements_record_their_score():
     plan = schedule(snapshot([node(1, 1)], [task(1, model="m")]))
     assert plan.placements[0].score > 50  # +50 for the empty model cache, plus load balance
+
+
+def test_a_class_share_counts_every_task_on_a_shared_gpu():
+    # One GPU: the online share (70%) rounds to 1 GPU, and two shared tasks on it count as 2.
+    pending = [task(1, cls="online", exclusive=False, memory=1_000), task(2, cls="online", exclusive=False,
+                                                                          memory=1_000, age_s=-1)]
+    plan = schedule(snapshot([node(1, 1)], pending, online_share=0.7, batch_share=0.3))
+    assert list(placed(plan)) == [1]
+    assert plan.pending[2].reason.startswith("online share of the cluster full (70%): 1/1 GPUs in use")
+
+
+def test_spread_puts_a_shared_task_on_the_emptiest_server():
+    nodes = [node(1, 2), node(2, 2)]
+    running = [occupy(nodes, 90, 1, [0], memory=10_000, exclusive=False)]
+    plan = schedule(snapshot(nodes, [task(1, memory=10_000, exclusive=False)], running=running, strategy="spread"))
+    assert placed(plan)[1][0] == 2
+
+
+def test_binpack_puts_a_shared_task_beside_existing_shared_work():
+    nodes = [node(1, 2), node(2, 2)]
+    running = [occupy(nodes, 90, 2, [1], memory=10_000, exclusive=False)]
+    plan = schedule(snapshot(nodes, [task(1, memory=10_000, exclusive=False)], running=running))
+    assert placed(plan)[1] == (2, (201,))
