@@ -102,3 +102,28 @@ class _Webhook:
 
 _webhook = _Webhook()
 atexit.register(_webhook.drain)
+
+
+def check_queue_wait(now=None) -> Alert | None:
+    """Raise a ``queue_wait`` alert when the oldest pending task has waited longer than
+    ``ALERT_QUEUE_WAIT_S`` (0 turns it off). Run every minute by the sweep schedule;
+    one open alert at a time (acknowledge it to be told again)."""
+    from django.utils import timezone
+
+    from scheduling.models import Task
+
+    limit = settings.ALERT_QUEUE_WAIT_S
+    if not limit:
+        return None
+    oldest = (Task.objects.filter(status="pending").order_by("created_at")
+              .values_list("pk", "name", "created_at").first())
+    if oldest is None:
+        return None
+    pk, name, created = oldest
+    waited = ((now or timezone.now()) - created).total_seconds()
+    if waited <= limit:
+        return None
+    pending = Task.objects.filter(status="pending").count()
+    return raise_alert(Alert.Kind.QUEUE_WAIT,
+                       f"{pending} task(s) pending; the oldest (#{pk} {name}) has waited {int(waited // 60)} min "
+                       f"(alert threshold {limit} s)")

@@ -60,6 +60,22 @@ class _SharedQueries:
 
 shared = _SharedQueries()
 
+# When this process first received each message (by ``mid``): the message was sent
+# after its commit, so any query started after that moment sees the commit. Viewers
+# that receive the same message a little later can then share the first one's query.
+_first_seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+
+def _seen_at(event: dict[str, Any]) -> float:
+    now = time.monotonic()
+    mid = event.get("mid")
+    if mid is None:
+        return now
+    at = _first_seen.setdefault(mid, now)
+    if len(_first_seen) > 4096:
+        _first_seen.popitem(last=False)
+    return at
+
 
 class CoalescingConsumer(AsyncJsonWebsocketConsumer):
     """Collects ids from events and flushes them as one frame per interval."""
@@ -105,9 +121,9 @@ class CoalescingConsumer(AsyncJsonWebsocketConsumer):
         raise NotImplementedError
 
     # --- coalescing -------------------------------------------------------------------
-    def mark(self, kind: str, ids: list[int]) -> None:
+    def mark(self, kind: str, ids: list[int], seen_at: float | None = None) -> None:
         self._dirty.setdefault(kind, set()).update(ids)
-        self._last_event = time.monotonic()
+        self._last_event = max(self._last_event, time.monotonic() if seen_at is None else seen_at)
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.create_task(self._flush_soon())
 
@@ -118,7 +134,7 @@ class CoalescingConsumer(AsyncJsonWebsocketConsumer):
             await asyncio.sleep(wait)
         async with self._flush_lock:
             dirty, self._dirty = self._dirty, {}
-            not_before = self._last_event
+            not_before, self._last_event = self._last_event, 0.0
             self._flush_task = None  # events from now on schedule the next frame
             self._last_flush = time.monotonic()
             if not dirty:
@@ -140,11 +156,11 @@ class CoalescingConsumer(AsyncJsonWebsocketConsumer):
     # --- events from portal.live -----------------------------------------------------------
     async def gpus_changed(self, event: dict[str, Any]) -> None:
         if not self.duplicate(event):
-            self.mark("nodes", event.get("node_ids", []))
+            self.mark("nodes", event.get("node_ids", []), _seen_at(event))
 
     async def tasks_changed(self, event: dict[str, Any]) -> None:
         if not self.duplicate(event):
-            self.mark("tasks", event.get("task_ids", []))
+            self.mark("tasks", event.get("task_ids", []), _seen_at(event))
 
     async def alert_raised(self, event: dict[str, Any]) -> None:
         pass

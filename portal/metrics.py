@@ -142,12 +142,15 @@ def collect_families() -> list[Metric]:
                                 counters.get(("scheduler_pass_duration_seconds_sum", ""), 0), passes)
     f["pass_duration"].add_metric([], buckets, total)
 
+    # One aggregate pass over allocations (not a subquery per GPU): 8,000 GPUs stay cheap.
     gpus = _query(
         "SELECT n.name, g.index, g.uuid, g.model_name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct,"
-        " g.temperature_c, g.health, g.cordoned,"
-        " (SELECT count(DISTINCT a.task_id) FROM scheduling_allocation a WHERE a.gpu_id = g.id),"
-        " (SELECT count(*) FROM scheduling_allocation a WHERE a.gpu_id = g.id AND a.released_at IS NULL)"
-        " FROM nodes_gpu g JOIN nodes_node n ON n.id = g.node_id ORDER BY n.name, g.index"
+        " g.temperature_c, g.health, g.cordoned, coalesce(a.ever, 0), coalesce(a.now_n, 0)"
+        " FROM nodes_gpu g JOIN nodes_node n ON n.id = g.node_id"
+        " LEFT JOIN (SELECT gpu_id, count(DISTINCT task_id) AS ever,"
+        "            count(*) FILTER (WHERE released_at IS NULL) AS now_n"
+        "            FROM scheduling_allocation GROUP BY gpu_id) a ON a.gpu_id = g.id"
+        " ORDER BY n.name, g.index"
     )
     for node, index, uuid, model, used, total_mb, util, temp, health, cordoned, ever, now_n in gpus:
         labels = [node, str(index), uuid, model]
@@ -169,15 +172,17 @@ def collect_families() -> list[Metric]:
             f["node_age"].add_metric([name], max(age, 0))
 
     usage = _query(
-        "SELECT t.slug,"
-        " (SELECT count(DISTINCT a.gpu_id) FROM scheduling_allocation a JOIN scheduling_task k ON k.id = a.task_id"
-        "   WHERE k.tenant_id = t.id AND a.released_at IS NULL),"
-        " (SELECT coalesce(sum(a.memory_mb), 0) FROM scheduling_allocation a"
-        "   JOIN scheduling_task k ON k.id = a.task_id WHERE k.tenant_id = t.id AND a.released_at IS NULL),"
-        " (SELECT count(*) FROM scheduling_task k WHERE k.tenant_id = t.id AND k.status IN ('assigned', 'running')),"
-        " (SELECT count(*) FROM scheduling_task k WHERE k.tenant_id = t.id AND k.status = 'pending'),"
+        "SELECT t.slug, coalesce(a.gpus, 0), coalesce(a.memory, 0), coalesce(k.running, 0), coalesce(k.pending, 0),"
         " q.max_gpus, q.max_gpu_memory_mb, q.max_running_tasks, q.max_pending_tasks"
-        " FROM tenants_tenant t LEFT JOIN tenants_quota q ON q.tenant_id = t.id ORDER BY t.slug"
+        " FROM tenants_tenant t LEFT JOIN tenants_quota q ON q.tenant_id = t.id"
+        " LEFT JOIN (SELECT k.tenant_id, count(DISTINCT a.gpu_id) AS gpus, sum(a.memory_mb) AS memory"
+        "            FROM scheduling_allocation a JOIN scheduling_task k ON k.id = a.task_id"
+        "            WHERE a.released_at IS NULL GROUP BY k.tenant_id) a ON a.tenant_id = t.id"
+        " LEFT JOIN (SELECT tenant_id, count(*) FILTER (WHERE status IN ('assigned', 'running')) AS running,"
+        "            count(*) FILTER (WHERE status = 'pending') AS pending"
+        "            FROM scheduling_task WHERE status IN ('pending', 'assigned', 'running') GROUP BY tenant_id) k"
+        "   ON k.tenant_id = t.id"
+        " ORDER BY t.slug"
     )
     resources = ("gpus", "gpu_memory_mb", "running_tasks", "pending_tasks")
     for slug, *values in usage:

@@ -160,6 +160,8 @@ LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
 
 # Alerts (server lost, GPU error, task OOM) are also POSTed here as JSON, after commit.
 ALERT_WEBHOOK_URL = envstr("ALERT_WEBHOOK_URL")
+# A pending task older than this raises a queue_wait alert (checked every minute; 0 = off).
+ALERT_QUEUE_WAIT_S = envint("ALERT_QUEUE_WAIT_S", 900, minimum=0)
 
 # --- django-q2 (ORM broker on the same PostgreSQL) --------------------------------
 Q_CLUSTER = {

@@ -146,8 +146,12 @@ def sweep(actor: str = "sweep") -> SweepResult:
 
 
 def sweep_task() -> str:
-    """The django-q2 scheduled safety net (every minute)."""
-    return str(sweep(actor="sweep:q"))
+    """The django-q2 scheduled safety net (every minute); also the queue-wait alert check."""
+    from portal.alerts import check_queue_wait
+
+    result = sweep(actor="sweep:q")
+    check_queue_wait()
+    return str(result)
 
 
 def register_schedule(**kwargs) -> None:

@@ -106,3 +106,24 @@ def test_a_dead_webhook_does_not_break_the_caller(servers, settings, django_capt
     with django_capture_on_commit_callbacks(execute=True):
         raise_alert("gpu_error", "xid 48", gpu=servers[0].gpus.first())
     assert Alert.objects.filter(kind="gpu_error").count() == 1
+
+
+def test_a_long_queue_wait_raises_one_alert_until_acknowledged(acme, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portal.alerts import check_queue_wait
+    from scheduling.sweep import sweep_task
+
+    settings.ALERT_QUEUE_WAIT_S = 600
+    Task.objects.create(tenant=acme, name="fresh", command="x")
+    assert check_queue_wait() is None
+    old = Task.objects.create(tenant=acme, name="stuck", command="x", created_at=timezone.now() - timedelta(hours=1))
+    sweep_task()
+    alert = Alert.objects.get(kind="queue_wait")
+    assert f"#{old.pk} stuck" in alert.message and "2 task(s) pending" in alert.message
+    assert check_queue_wait() == alert  # still open: not raised again
+    settings.ALERT_QUEUE_WAIT_S = 0
+    Alert.objects.update(acknowledged_at=timezone.now())
+    assert check_queue_wait() is None

@@ -275,3 +275,72 @@ def test_a_failed_shared_query_is_raised_to_every_viewer_waiting_on_it():
 
     results = async_to_sync(scenario)()
     assert all(isinstance(r, ValueError) for r in results)
+
+
+def test_a_message_delivered_twice_reaches_the_viewer_once(staff, servers):
+    from channels.layers import get_channel_layer
+
+    session = _cookie(staff)
+
+    async def scenario() -> bool:
+        comm = _communicator("/ws/cluster/", session)
+        assert (await comm.connect(timeout=10))[0]
+        await comm.receive_json_from(timeout=10)  # the full picture
+        message = {"type": "gpus.changed", "node_ids": [servers[0].pk], "mid": "same-id"}
+        layer = get_channel_layer()
+        await layer.group_send("cluster", message)
+        await layer.group_send("cluster", message)
+        await _receive_until(comm, lambda f: f["type"] == "gpus")
+        quiet = await comm.receive_nothing(timeout=0.6)
+        await comm.disconnect()
+        return quiet
+
+    assert async_to_sync(scenario)()
+
+
+def test_a_server_heard_during_the_quiet_second_is_pushed_at_its_end(monkeypatch):
+    from nodes import heartbeat
+
+    pushed: list[tuple[float, list[int]]] = []
+    monkeypatch.setattr(heartbeat, "PUSH_EVERY_S", 0.3)
+    monkeypatch.setattr(heartbeat.live, "gpus_changed", lambda ids: pushed.append((time.monotonic(), list(ids))))
+    heartbeat._flush_pushes()  # start a quiet period now
+    pushed.clear()
+    started = time.monotonic()
+    heartbeat._queue_push(1, urgent=False)
+    heartbeat._queue_push(2, urgent=False)
+    deadline = time.monotonic() + 5
+    while not pushed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [ids for _, ids in pushed] == [[1, 2]]
+    assert 0.2 <= pushed[0][0] - started < 2
+
+
+def test_staff_receive_every_tenants_task_changes_usage_and_alerts(staff, acme, globex, servers):
+    from portal.alerts import raise_alert
+
+    mine = Task.objects.create(tenant=acme, name="a", command="x")
+    theirs = Task.objects.create(tenant=globex, name="g", command="x")
+    session = _cookie(staff)
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        comm = _communicator("/ws/cluster/", session)
+        assert (await comm.connect(timeout=10))[0]
+        await comm.receive_json_from(timeout=10)  # the full picture
+        await sync_to_async(live.tasks_changed)([(acme.pk, mine.pk), (globex.pk, theirs.pk)])
+        tasks = await _receive_until(comm, lambda f: f["type"] == "tasks")
+        usage = await _receive_until(comm, lambda f: f["type"] == "usage")
+
+        def alert() -> None:
+            with transaction.atomic():
+                raise_alert("server_lost", "gpu-01 lost", node=servers[0])
+
+        await sync_to_async(alert)()
+        banner = await _receive_until(comm, lambda f: f["type"] == "alert")
+        await comm.disconnect()
+        return tasks, usage, banner
+
+    tasks, usage, banner = async_to_sync(scenario)()
+    assert sorted(t["id"] for t in tasks["tasks"]) == sorted([mine.pk, theirs.pk])
+    assert sorted(u["id"] for u in usage["tenants"]) == sorted([acme.pk, globex.pk])
+    assert banner["alert"]["kind"] == "server_lost" and banner["alert"]["message"] == "gpu-01 lost"

@@ -72,6 +72,17 @@ def _heartbeat(host: str, node, token: str, utilization: list[int]) -> None:
     assert response.status_code == 200, response.text
 
 
+def _portal_samples(text: str) -> dict:
+    """The portal's own samples (not per-process ones, nor ones that move with the clock)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    moving = ("scrape_seconds", "heartbeat_age", "oldest_wait")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            if f.name.startswith(("gpu_", "scheduler_", "tenant_", "node_up", "portal_alerts"))
+            for s in f.samples if not any(m in s.name for m in moving)}
+
+
 def _layers() -> list:
     redis = pytest.param("redis", marks=pytest.mark.skipif(
         not os.environ.get("REDIS_URL"), reason="REDIS_URL not set (CI sets it; e.g. redis://127.0.0.1:6379/0)"))
@@ -99,6 +110,12 @@ def test_a_heartbeat_posted_to_one_web_process_reaches_a_viewer_on_another(layer
                 if row and row["utilization_pct"] == 64:
                     break
             assert row["memory_used_mb"] == 1000 and row["node_status"] == "active"
+
+        # Both web processes report the same database-derived metrics.
+        scrapes = [_portal_samples(httpx.get(f"http://{host}/metrics", timeout=10).text) for host in (a, b)]
+        assert scrapes[0] == scrapes[1]
+        assert scrapes[0][("gpu_utilization_percent", (("gpu", "0"), ("model", gpu0.model_name),
+                                                       ("node", "live-01"), ("uuid", gpu0.uuid)))] == 64
     finally:
         stop(proc_a)
         stop(proc_b)
@@ -202,7 +219,11 @@ def test_a_portal_user_sees_their_task_and_quota_change_without_a_reload(tmp_pat
                                         timeout=20_000)
             assert "Pending tasks: 1 / " in dashboard.inner_text("body")
 
-            # In another tab the user cancels it; the list and the dashboard follow.
+            detail = context.new_page()
+            detail.goto(f"http://{host}/tasks/{task.pk}/")
+            detail.wait_for_function("document.documentElement.getAttribute('data-live') === 'open'", timeout=20_000)
+
+            # In another tab the user cancels it; the list, the dashboard and the detail page follow.
             other = context.new_page()
             other.goto(f"http://{host}/tasks/{task.pk}/")
             other.click("button.danger")
@@ -210,6 +231,9 @@ def test_a_portal_user_sees_their_task_and_quota_change_without_a_reload(tmp_pat
                 f"document.querySelector('[data-task=\"{task.pk}\"][data-field=\"status\"]').textContent"
                 " === 'cancelled'", timeout=20_000)
             dashboard.wait_for_function("document.body.innerText.includes('Pending tasks: 0 / ')", timeout=20_000)
+            detail.wait_for_function("document.getElementById('task-events').innerText.includes('cancelled')",
+                                     timeout=20_000)
+            assert detail.evaluate("performance.getEntriesByType('navigation').length") == 1
             assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
             browser.close()
     finally:

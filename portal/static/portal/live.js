@@ -152,6 +152,12 @@
     };
   }
 
-  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", connect);
-  else connect();
+  function start() {
+    // Only pages with something live (and the admin index, for alert banners) hold a socket.
+    if (document.querySelector("[data-gpu],[data-node],[data-task],[data-tenant],#cluster-grid,#live-console")) {
+      connect();
+    }
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
 })();

@@ -13,8 +13,32 @@
     return t.failure_reason;
   }
 
+  function refreshEvents(taskId) {
+    var body = document.getElementById("task-events");
+    var detail = document.querySelector('[data-task-detail="' + taskId + '"]');
+    if (!body || !detail) return;
+    fetch(body.getAttribute("data-events-url"), {credentials: "same-origin", headers: {Accept: "application/json"}})
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (events) {
+        if (!events) return;
+        body.innerHTML = "";
+        events.forEach(function (e) {
+          var tr = document.createElement("tr");
+          [new Date(e.created_at).toLocaleString(), (e.from_status || "—") + " → " + e.to_status, e.actor, e.reason]
+            .forEach(function (text, i) {
+              var td = document.createElement("td");
+              if (i === 0) td.className = "muted";
+              td.textContent = text;
+              tr.appendChild(td);
+            });
+          body.appendChild(tr);
+        });
+      });
+  }
+
   function onTask(t) {
     var found = false;
+    refreshEvents(t.id);
     $all('[data-task="' + t.id + '"]').forEach(function (el) {
       found = true;
       var field = el.getAttribute("data-field");
