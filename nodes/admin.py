@@ -11,6 +11,7 @@ from nodes.enrolment import issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
 from portal import live
 from portal.livedata import gpu_state
+from scheduling import triggers
 
 
 class GPUInline(admin.TabularInline):
@@ -38,6 +39,11 @@ class NodeAdmin(admin.ModelAdmin):
               "token_prefix", "created_at", "updated_at"]
     inlines = [GPUInline]
     actions = ["drain", "resume", "maintenance", "make_join_token"]
+
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        # Status, labels, cordon or reserved flags edited on the form change what can be placed.
+        triggers.request_pass(f"{obj} edited by {request.user.username}")
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(
@@ -68,7 +74,6 @@ class NodeAdmin(admin.ModelAdmin):
     def _set_status(self, request, queryset, status: str, verb: str) -> None:
         """Change each server's status under its row lock, audit it (admin history,
         LogEntry) and tell live pages and the scheduler after commit."""
-        from scheduling import triggers
 
         changed = []
         ids = list(queryset.values_list("pk", flat=True))  # the list's queryset is annotated (GROUP BY)
@@ -122,6 +127,12 @@ class GPUAdmin(admin.ModelAdmin):
                        "loaded_models", "idle_since", "updated_at"]
     actions = ["cordon", "uncordon"]
 
+
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        # Status, labels, cordon or reserved flags edited on the form change what can be placed.
+        triggers.request_pass(f"{obj} edited by {request.user.username}")
+
     def get_queryset(self, request):
         from scheduling.models import Allocation
 
@@ -166,7 +177,6 @@ class GPUAdmin(admin.ModelAdmin):
 
     def _set_cordon(self, request, queryset, cordon: bool) -> int:
         from portal.alerts import raise_alert
-        from scheduling import triggers
 
         changed: list[GPU] = []
         ids = list(queryset.values_list("pk", flat=True))

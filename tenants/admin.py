@@ -7,6 +7,7 @@ from django.db.models import Count, IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils.html import format_html, format_html_join
 
+from scheduling import triggers
 from scheduling.choices import ACTIVE_STATUSES, WorkloadClass
 from tenants.models import ApiToken, Membership, Quota, Tenant
 
@@ -128,6 +129,8 @@ class TenantAdmin(admin.ModelAdmin):
     def save_related(self, request, form, formsets, change) -> None:
         super().save_related(request, form, formsets, change)
         tenant = form.instance
+        # A raised limit may let waiting tasks start now, not at the next periodic pass.
+        triggers.request_pass(f"quota of {tenant.slug} changed by {request.user.username}")
         quota = Quota.objects.filter(tenant=tenant).first()
         if quota is None:
             return

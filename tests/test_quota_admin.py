@@ -61,3 +61,24 @@ def test_a_limit_below_current_usage_is_saved_with_a_warning_and_kills_nothing(c
     warnings = [str(m) for m in response.context["messages"]]
     assert any("saved below current usage (GPUs 3 > 2)" in m for m in warnings), warnings
     assert Task.objects.filter(tenant=acme, status="running").count() == 3
+
+
+def test_raising_a_quota_in_the_admin_places_a_waiting_task_at_once(client, staff, acme, servers, monkeypatch,
+                                                                     django_capture_on_commit_callbacks):
+    from django_q.conf import Conf
+
+    from scheduling.passes import run_pass
+
+    Quota.objects.filter(tenant=acme).update(max_gpus=0)
+    task = Task.objects.create(tenant=acme, name="waits", command="true", gpu_memory_mb=1000)
+    run_pass()
+    task.refresh_from_db()
+    assert task.status == "pending"
+    assert "GPU quota" in task.pending_reason
+
+    monkeypatch.setattr(Conf, "SYNC", True)  # the queued pass runs in this process, as a q worker would
+    client.force_login(staff)
+    with django_capture_on_commit_callbacks(execute=True):
+        _post(client, acme, max_gpus="4")
+    task.refresh_from_db()
+    assert task.status == "assigned"
