@@ -53,6 +53,9 @@ class _PendingWake:
     def __init__(self, reason: str) -> None:
         self.reasons = [reason]
         self.sent = False
+        # Django names a failed robust on_commit callback by its __qualname__ when it logs
+        # the error; an instance has none of its own, and the logging itself would crash.
+        self.__qualname__ = "scheduling.triggers.request_pass"
 
     def __call__(self) -> None:
         self.sent = True

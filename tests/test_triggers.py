@@ -85,3 +85,15 @@ def test_with_a_synchronous_q_cluster_a_submit_is_placed_through_django_q(acme, 
     task.refresh_from_db()
     assert task.status == TaskStatus.ASSIGNED
     assert not wake_flag()
+
+
+def test_a_failed_wake_up_after_commit_is_logged_not_raised(db, monkeypatch, caplog,
+                                                            django_capture_on_commit_callbacks):
+    def broken(reason: str) -> bool:
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(triggers, "wake", broken)
+    with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+        triggers.request_pass("task submitted")
+    assert "Error calling scheduling.triggers.request_pass in on_commit()" in caplog.text
+    assert "database went away" in caplog.text
