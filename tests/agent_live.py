@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,19 +16,9 @@ from django.utils import timezone
 from nodes.models import Node
 from portal import live
 from scheduling.models import Allocation, Task
-from tests.conftest import free_port, subprocess_env
+from tests.conftest import free_port, subprocess_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:

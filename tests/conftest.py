@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
@@ -31,6 +33,17 @@ def database_url() -> str:
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PORTAL_CONFIG"}
     return {**env, "DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def free_port() -> int:

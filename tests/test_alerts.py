@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,6 +14,7 @@ from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import lifecycle
 from scheduling.models import Allocation, Task
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -40,14 +40,6 @@ def webhook(settings):
     server.server_close()
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.02)
-
-
 def test_an_alert_is_stored_pushed_and_posted_to_the_webhook_after_commit(servers, webhook, monkeypatch,
                                                                          django_capture_on_commit_callbacks):
     pushed: list = []
@@ -55,7 +47,7 @@ def test_an_alert_is_stored_pushed_and_posted_to_the_webhook_after_commit(server
     with django_capture_on_commit_callbacks(execute=True):
         alert = raise_alert("server_lost", "gpu-01 missed 3 heartbeats", node=servers[0])
         assert webhook == [] and pushed == []  # nothing leaves before commit
-    _wait_for(lambda: len(webhook) == 1)
+    wait_for(lambda: len(webhook) == 1)
     assert webhook[0]["alert"]["kind"] == "server_lost" and webhook[0]["alert"]["node_id"] == servers[0].pk
     assert webhook[0]["alert"]["severity"] == "critical"
     assert pushed == [("cluster", {"type": "alert.raised", "alert": webhook[0]["alert"]})]
@@ -97,7 +89,7 @@ def test_a_task_out_of_memory_raises_an_alert_naming_the_task(acme, servers, web
     alert = Alert.objects.get(kind="task_oom")
     assert alert.task_id == task.pk and alert.node_id == servers[0].pk
     assert "deepseek-7b now needs 24000 MB" in alert.message and "requeued" in alert.message
-    _wait_for(lambda: len(webhook) == 1)
+    wait_for(lambda: len(webhook) == 1)
     assert webhook[0]["alert"]["task_id"] == task.pk
 
 

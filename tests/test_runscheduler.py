@@ -7,9 +7,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from scheduling.choices import TaskStatus
 from scheduling.core_types import Placement, Plan, Snapshot
 from scheduling.models import Allocation, Task
 from scheduling.passes import run_pass
-from tests.conftest import database_url, subprocess_env
+from tests.conftest import database_url, subprocess_env, wait_for
 
 BASE_DIR = Path(settings.BASE_DIR)
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -36,16 +35,6 @@ def queued_q_passes(monkeypatch):
     """Submits here only queue their django-q pass: the runscheduler process must do the work
     (and a synchronous q pass could wait on the lock a test holds)."""
     monkeypatch.setattr(Conf, "SYNC", False)
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Scheduler:
