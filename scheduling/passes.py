@@ -169,6 +169,11 @@ class _Loaded:
         return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
 
 
+# Transaction-local (like SET LOCAL), so nothing leaks past the pass's transaction.
+_NESTLOOP_OFF = "SELECT set_config('enable_nestloop', 'off', true)"
+_NESTLOOP_ON = "SELECT set_config('enable_nestloop', 'on', true)"
+
+
 def _next_result(cursor) -> None:
     if not cursor.nextset():  # pragma: no cover - needs a server-side-binding cursor, which we never configure
         raise RuntimeError("the snapshot reads need a client-side cursor (multiple statements per query)")
@@ -179,8 +184,14 @@ def load_snapshot(now: datetime) -> _Loaded:
     reserved = tuple(config.reserved_gpus)
     with connection.cursor() as cursor:
         # One round trip for the five reads (a client-side cursor sends them as one simple
-        # query; they all run in the pass's transaction, after the lock).
-        cursor.execute(";\n".join((_NODES_SQL, _GPUS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL)))
+        # query; they all run in the pass's transaction, after the lock). Nested loops are
+        # off for them alone: each read is a bulk scan, and right after a burst of placements
+        # the planner's statistics still say the allocation table is nearly empty, so it
+        # picked nested loops that went quadratic (8,000 GPUs: 3 s instead of 0.1 s).
+        cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPUS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
+                                    _NESTLOOP_ON)))
+        cursor.fetchall()
+        _next_result(cursor)
         nodes: dict[int, NodeState] = {}
         node_names: dict[int, str] = {}
         for node_id, name, labels, status in cursor.fetchall():

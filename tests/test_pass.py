@@ -251,3 +251,16 @@ def test_a_busy_gpu_is_never_shown_as_idle(acme, servers):
     run_pass(schedule=recorder)
 
     assert {g.id: g for n in recorder.snapshot.nodes for g in n.gpus}[g0].idle_since is None
+
+
+def test_the_snapshot_reads_leave_the_planner_settings_as_they_found_them(acme, servers):
+    """The reads turn nested loops off for themselves only (stale statistics after a burst
+    made the planner pick quadratic nested loops); the pass's writes plan normally."""
+    from django.db import connection, transaction
+
+    from scheduling.passes import load_snapshot
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        load_snapshot(timezone.now())
+        cursor.execute("SELECT current_setting('enable_nestloop')")
+        assert cursor.fetchone() == ("on",)
