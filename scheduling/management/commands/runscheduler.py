@@ -16,15 +16,14 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 
 import psycopg
 from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import connection
-from django.db.models.functions import Now
 
+from portal import registry
 from portal.models import ControlPlaneServer
 from scheduling import triggers
 from scheduling.choices import TaskStatus
@@ -67,7 +66,7 @@ class Command(BaseCommand):
         self.stop_requested = False
         self.poll_s = (poll_interval_ms or settings.SCHEDULER.poll_interval_ms) / 1000
         self.sweep_interval_s = sweep_interval_s
-        self.name = f"{socket.gethostname()}:{os.getpid()}:scheduler"
+        self.name = registry.server_name(ControlPlaneServer.Role.SCHEDULER)
         self.passes = 0
         self.last_result: PassResult | None = None
         self.max_idle_pass_interval_s = max_idle_pass_interval_s
@@ -147,11 +146,7 @@ class Command(BaseCommand):
 
     def heartbeat_step(self) -> bool:
         try:
-            ControlPlaneServer.objects.update_or_create(
-                name=self.name,
-                defaults={"role": ControlPlaneServer.Role.SCHEDULER, "hostname": socket.gethostname(),
-                          "pid": os.getpid(), "last_seen_at": Now(), "info": self.info()},
-            )
+            registry.heartbeat(ControlPlaneServer.Role.SCHEDULER, info=self.info())
         except Exception:
             log.exception("heartbeat failed")
             connection.close_if_unusable_or_obsolete()
