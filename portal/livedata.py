@@ -7,16 +7,17 @@ Plain functions over the ORM (sync); consumers call them through
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
-from scheduling.choices import ACTIVE_STATUSES, Priority
+from scheduling.choices import Priority
 from scheduling.models import Allocation, Task
-from tenants.models import Quota, Tenant
+from tenants.models import Quota, Tenant, usage_of
 
 GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
 
@@ -116,28 +117,15 @@ def task_rows(task_ids: Iterable[int]) -> list[dict[str, Any]]:
 def tenant_usage_rows(tenant_ids: Iterable[int]) -> list[dict[str, Any]]:
     """Usage beside limits, for the quota pages."""
     ids = sorted(set(tenant_ids))
-    alloc = {
-        r["task__tenant_id"]: r
-        for r in Allocation.objects.filter(task__tenant_id__in=ids, released_at__isnull=True)
-        .values("task__tenant_id").annotate(gpus=Count("gpu_id", distinct=True), memory=Sum("memory_mb"))
-    }
-    tasks = {
-        r["tenant_id"]: r
-        for r in Task.objects.filter(tenant_id__in=ids).values("tenant_id").annotate(
-            running=Count("id", filter=Q(status__in=ACTIVE_STATUSES)),
-            pending=Count("id", filter=Q(status="pending")),
-        )
-    }
+    usages = usage_of(ids)
     quotas = {q.tenant_id: q for q in Quota.objects.filter(tenant_id__in=ids)}
     slugs = dict(Tenant.objects.filter(pk__in=ids).values_list("pk", "slug"))
     rows = []
     for tid in ids:
         q = quotas.get(tid)
-        a, t = alloc.get(tid, {}), tasks.get(tid, {})
         rows.append({
             "id": tid, "slug": slugs.get(tid, ""),
-            "used": {"gpus": a.get("gpus") or 0, "gpu_memory_mb": a.get("memory") or 0,
-                     "running_tasks": t.get("running") or 0, "pending_tasks": t.get("pending") or 0},
+            "used": dataclasses.asdict(usages[tid]),
             "limits": None if q is None else {
                 "gpus": q.max_gpus, "gpu_memory_mb": q.max_gpu_memory_mb,
                 "running_tasks": q.max_running_tasks, "pending_tasks": q.max_pending_tasks,

@@ -7,14 +7,16 @@ from typing import Any
 
 from scheduling import access
 from scheduling.choices import Priority
-from tenants.models import Membership, Quota
+from tenants.models import Membership, Quota, usage_of
 
 
 def quota_report(user) -> list[dict[str, Any]]:
     roles = dict(Membership.objects.filter(user=user).values_list("tenant_id", "role"))
     report = []
-    for tenant in access.tenants_for(user).select_related("quota").order_by("slug"):
-        usage = tenant.usage()
+    tenants = list(access.tenants_for(user).select_related("quota").order_by("slug"))
+    usages = usage_of(t.pk for t in tenants)
+    for tenant in tenants:
+        usage = usages[tenant.pk]
         try:
             quota: Quota | None = tenant.quota
         except Quota.DoesNotExist:
