@@ -24,9 +24,14 @@ def nodes_with_gpus() -> QuerySet[Node]:
     return Node.objects.prefetch_related(Prefetch("gpus", queryset=gpus_with_usage().order_by("index")))
 
 
-def is_reserved(gpu: GPU) -> bool:
+def is_reserved_by_config(gpu: GPU, node: Node) -> bool:
+    """Listed in the scheduler's ``reserved_gpus`` (by UUID or ``server:index``)."""
     reserved = settings.SCHEDULER.reserved_gpus
-    return gpu.reserved or gpu.uuid in reserved or f"{gpu.node.name}:{gpu.index}" in reserved
+    return bool(reserved) and (gpu.uuid in reserved or f"{node.name}:{gpu.index}" in reserved)
+
+
+def is_reserved(gpu: GPU) -> bool:
+    return gpu.reserved or is_reserved_by_config(gpu, gpu.node)
 
 
 def gpu_state(gpu: GPU) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from django.db.models import Count, Q
 from django.utils import timezone
 
+from nodes.inventory import is_reserved_by_config
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
 from scheduling.choices import Priority
 from scheduling.models import Allocation, Task
@@ -32,7 +33,7 @@ def gpu_state(gpu: GPU, node: Node, busy: bool) -> str:
         return "cordoned"
     if busy:
         return "busy"
-    if gpu.reserved:
+    if gpu.reserved or is_reserved_by_config(gpu, node):
         return "reserved"
     return "idle"
 

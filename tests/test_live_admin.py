@@ -149,3 +149,14 @@ def test_the_tenant_pages_show_live_usage_beside_limits(client, staff, running, 
     assert f'<span data-tenant="{acme.pk}" data-usage="gpus" data-unit="" data-suffix=" / 8">1 / 8</span>' in listing
     page = client.get(reverse("admin:tenants_tenant_change", args=[acme.pk])).content.decode()
     assert f'<span data-tenant="{acme.pk}" data-usage="running_tasks">1</span> of 8' in page
+
+
+def test_a_gpu_reserved_in_the_config_shows_as_reserved_on_the_live_grid(servers, settings):
+    import dataclasses
+
+    from portal import livedata
+
+    settings.SCHEDULER = dataclasses.replace(settings.SCHEDULER, reserved_gpus=("gpu-01:3",))
+    states = {(row["node"], row["index"]): row["state"] for row in livedata.gpu_rows()}
+    assert states[("gpu-01", 3)] == "reserved"
+    assert states[("gpu-01", 2)] == "idle"
