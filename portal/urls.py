@@ -12,6 +12,8 @@ admin.site.site_header = "GPU allocation portal"
 admin.site.site_title = "GPU portal admin"
 admin.site.index_title = "Operations"
 
+handler500 = "portal.middleware.server_error"  # a database outage is a 503, not a 500
+
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
     path("admin/", admin.site.urls),

@@ -85,7 +85,7 @@ class HeartbeatSerializer(serializers.Serializer):
 
 class TaskEventSerializer(serializers.Serializer):
     event = serializers.ChoiceField(choices=["started", "finished"])
-    attempt = serializers.IntegerField(min_value=0)
+    attempt = serializers.IntegerField(min_value=0, max_value=INT32_MAX)
     exit_code = serializers.IntegerField(required=False, allow_null=True, default=None,
                                          min_value=-(2**31), max_value=2**31 - 1)
     oom = serializers.BooleanField(required=False, default=False)
@@ -96,8 +96,8 @@ class TaskEventSerializer(serializers.Serializer):
 
 
 class LogChunkSerializer(serializers.Serializer):
-    attempt = serializers.IntegerField(min_value=0)
-    offset = serializers.IntegerField(min_value=0)
+    attempt = serializers.IntegerField(min_value=0, max_value=INT32_MAX)
+    offset = serializers.IntegerField(min_value=0, max_value=INT64_MAX - 4 * MAX_LOG_CHUNK_CHARS)
     data = serializers.CharField(max_length=MAX_LOG_CHUNK_CHARS, trim_whitespace=False)
 
 

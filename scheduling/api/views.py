@@ -3,6 +3,7 @@ and writes from ``scheduling.submission``, cancels from ``scheduling.lifecycle``
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 from django.db.models import Case, IntegerField, Value, When
@@ -25,6 +26,8 @@ from scheduling.api.serializers import (
 )
 from scheduling.choices import Priority, TaskStatus
 
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,19}")
+
 
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
@@ -34,10 +37,9 @@ def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int
     raw = request.query_params.get(name)
     if raw in (None, ""):
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationError({name: ["Must be a whole number."]}) from None
+    if not _WHOLE_NUMBER.fullmatch(raw):  # int() would also take " 1", "1_0" and "١٢"
+        raise ValidationError({name: ["Must be a whole number."]})
+    value = int(raw)
     if not lo <= value <= hi:
         raise ValidationError({name: [f"Must be between {lo} and {hi}."]})
     return value
