@@ -10,13 +10,21 @@ from rest_framework.exceptions import ValidationError
 from nodes import inventory
 from nodes.api.inventory_serializers import GPUSerializer, ServerSerializer
 from nodes.models import NodeStatus
+from scheduling.access import model_names_for
+
+
+class HidesOtherTenantsModels:
+    """GPUs list only the cached models the caller's tenants use (staff: all)."""
+
+    def get_serializer_context(self):
+        return {**super().get_serializer_context(), "visible_models": model_names_for(self.request.user)}
 
 
 @extend_schema(parameters=[
     OpenApiParameter("server", str, description="only this server's GPUs"),
     OpenApiParameter("state", str, description=f"one of {', '.join(inventory.GPU_STATES)}"),
 ])
-class GPUViewSet(viewsets.ReadOnlyModelViewSet):
+class GPUViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
     serializer_class = GPUSerializer
     pagination_class = None
 
@@ -37,7 +45,7 @@ class GPUViewSet(viewsets.ReadOnlyModelViewSet):
 
 
 @extend_schema(parameters=[OpenApiParameter("status", str, description="active, draining, maintenance, offline")])
-class ServerViewSet(viewsets.ReadOnlyModelViewSet):
+class ServerViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
     serializer_class = ServerSerializer
     pagination_class = None
 

@@ -19,6 +19,8 @@ from portal.models import ControlPlaneServer
 from scheduling.choices import Priority, TaskStatus
 from scheduling.models import SchedulerLock, Task
 
+STAFF_ONLY_SERVER_FIELDS = ("hostname", "pid")
+
 
 def cluster_summary() -> dict:
     servers = [
@@ -59,7 +61,12 @@ class ClusterView(APIView):
 
     @extend_schema(responses={200: dict})
     def get(self, request):
-        return Response(cluster_summary())
+        summary = cluster_summary()
+        if not request.user.is_staff:
+            # Where the control plane runs (hosts, pids) is for operators, not tenants.
+            summary["servers"] = [{k: v for k, v in s.items() if k not in STAFF_ONLY_SERVER_FIELDS}
+                                  for s in summary["servers"]]
+        return Response(summary)
 
 
 class HealthView(APIView):
