@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import sys
 
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 
 RETRY_AFTER_S = 5
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -46,7 +48,10 @@ class RefuseUnstorableParameters:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         sources = [request.GET]
         if request.method == "POST" and request.content_type in FORM_TYPES:
-            sources.append(request.POST)
+            try:
+                sources.append(request.POST)
+            except (MultiPartParserError, RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent):
+                return bad_request(request, "non_field_errors", "The form body is malformed or too large.")
         for params in sources:
             for key, values in params.lists():
                 if "\x00" in key or any("\x00" in v for v in values):
@@ -66,6 +71,15 @@ class DatabaseUnavailable:
         if isinstance(exception, (OperationalError, InterfaceError)):
             return unavailable(request)
         return None
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """``handler404``: under ``/api/`` a JSON body, as the schema documents."""
+    if _wants_json(request):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception)
 
 
 def server_error(request: HttpRequest) -> HttpResponse:

@@ -14,6 +14,7 @@ admin.site.site_title = "GPU portal admin"
 admin.site.index_title = "Operations"
 
 handler500 = "portal.middleware.server_error"  # a database outage is a 503, not a 500
+handler404 = "portal.middleware.not_found"  # JSON under /api/
 
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import viewsets
 from rest_framework.exceptions import ValidationError
 
@@ -20,10 +20,11 @@ class HidesOtherTenantsModels:
         return {**super().get_serializer_context(), "visible_models": model_names_for(self.request.user)}
 
 
-@extend_schema(parameters=[
+@extend_schema_view(list=extend_schema(parameters=[
     OpenApiParameter("server", str, description="only this server's GPUs"),
-    OpenApiParameter("state", str, description=f"one of {', '.join(inventory.GPU_STATES)}"),
-])
+    OpenApiParameter("state", str, enum=list(inventory.GPU_STATES),
+                     description=f"one of {', '.join(inventory.GPU_STATES)}"),
+]))
 class GPUViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
     serializer_class = GPUSerializer
     pagination_class = None
@@ -44,7 +45,9 @@ class GPUViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
         return [g for g in queryset if inventory.gpu_state(g) == state]
 
 
-@extend_schema(parameters=[OpenApiParameter("status", str, description="active, draining, maintenance, offline")])
+@extend_schema_view(list=extend_schema(parameters=[
+    OpenApiParameter("status", str, enum=list(NodeStatus.values),
+                     description="active, draining, maintenance, offline")]))
 class ServerViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
     serializer_class = ServerSerializer
     pagination_class = None
