@@ -286,6 +286,7 @@ AXES_FAILURE_LIMIT = envint("LOGIN_FAILURE_LIMIT", 5, minimum=1)
 AXES_COOLOFF_TIME = timedelta(minutes=envint("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False  # no banner on every process start (management commands print to users)
 
 # --- Scheduler policy (PORTAL_CONFIG YAML, seeds' defaults) ---------------------------
 SCHEDULER = load_config(envstr("PORTAL_CONFIG"))
