@@ -31,8 +31,9 @@ SECRET_KEY = envsecret("SECRET_KEY")
 if envbool("PORTAL_PRODUCTION", False) and (
         not SECRET_KEY or len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5
         or SECRET_KEY.startswith("django-insecure-")):
-    raise ImproperlyConfigured("PORTAL_PRODUCTION=true needs a real SECRET_KEY (or SECRET_KEY_FILE): at least 50 "
-                               "random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'")
+    raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set to a real key when PORTAL_PRODUCTION="
+                               "true: at least 50 random characters, e.g. python -c 'import secrets; "
+                               "print(secrets.token_urlsafe(50))'")
 if not SECRET_KEY:
     # Development: a key kept in var/ so sessions survive restarts without ever
     # committing a secret.
