@@ -106,7 +106,7 @@ class NodeAdmin(admin.ModelAdmin):
             self.message_user(
                 request,
                 f"Join token for {node.name} (valid 24 h, once; shown only now): {secret}  -  on the server run: "
-                f"python -m nodes.agent --portal <URL> --name {node.name} --join-token {secret}",
+                f"GPU_AGENT_JOIN_TOKEN={secret} python -m nodes.agent --portal <URL> --name {node.name}",
                 messages.WARNING,
             )
 

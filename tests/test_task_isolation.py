@@ -152,3 +152,14 @@ def test_an_agent_refuses_to_start_tasks_where_it_cannot_switch_accounts(tmp_pat
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--single-user-host" in lines[0] and "root" in lines[0]
+
+
+def test_an_agent_started_as_root_refuses_a_join_token_on_its_command_line(tmp_path):
+    # /proc/<pid>/cmdline is readable by every task: the token would enrol servers for them.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "agent_guard.py"), "--portal", "http://127.0.0.1:9", "--simulate",
+         "1xH100-80GB", "--state-dir", str(tmp_path / "state"), "--join-token", "join_secret"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GPU_AGENT_JOIN_TOKEN" in lines[0] and "--join-token-file" in lines[0]

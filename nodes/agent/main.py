@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=socket.gethostname(), help="server name to register (default: hostname)")
     p.add_argument("--state-dir", default=os.environ.get("GPU_AGENT_STATE_DIR", "/var/lib/gpu-agent"),
                    help="node token, task logs and task state (default /var/lib/gpu-agent)")
-    p.add_argument("--join-token", default=os.environ.get("GPU_AGENT_JOIN_TOKEN"),
-                   help="join token for the first start (or GPU_AGENT_JOIN_TOKEN)")
+    p.add_argument("--join-token", help="join token for the first start (or GPU_AGENT_JOIN_TOKEN); on a shared "
+                                        "host prefer the variable or --join-token-file: ps shows arguments to all")
     p.add_argument("--join-token-file", help="read the join token from this file")
     p.add_argument("--simulate", metavar="SPEC", help="simulated GPUs instead of NVML, e.g. 8xH100-80GB")
     p.add_argument("--heartbeat-interval", type=float, default=None,
@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="for an agent that is not root on a host serving only its account: tasks run as that "
                           "account (without it such an agent refuses to start)")
     args = p.parse_args(argv)
+    args.join_token_in_argv = args.join_token is not None
+    if args.join_token is None:
+        args.join_token = os.environ.get("GPU_AGENT_JOIN_TOKEN")
     try:
         args.tenant_account.format(tenant="t")
     except (KeyError, IndexError, ValueError):
@@ -177,7 +180,8 @@ class Agent:
         log.warning("the portal rejected the node token")
         self.portal.token = None
         if not self.join_token():
-            raise Fatal("the portal rejected this server's node token; re-enrol with a new --join-token")
+            raise Fatal("the portal rejected this server's node token; re-enrol with a new join token "
+                        "(--join-token-file or GPU_AGENT_JOIN_TOKEN)")
         await self.enrol()
 
     @staticmethod
@@ -356,6 +360,10 @@ class Agent:
         refusal = self.accounts.check_agent(os.geteuid())
         if refusal:
             raise Fatal(refusal)
+        if self.args.join_token_in_argv and self.accounts.switches_accounts:
+            # /proc/<pid>/cmdline is world-readable: every task could enrol servers with it.
+            raise Fatal("--join-token on the command line is readable by every local user (ps); give it in "
+                        "GPU_AGENT_JOIN_TOKEN or a --join-token-file instead")
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # node token, task env and logs: the agent's alone
         work_root = Path(self.args.work_root).resolve()
