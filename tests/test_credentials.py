@@ -90,4 +90,7 @@ def test_assignments_carry_only_what_the_agent_needs_and_only_its_own_tasks(acme
     assert client.post(f"{url}/events", {"event": "started", "attempt": 0}, format="json").status_code == 409
     logs = client.post(f"{url}/logs", {"chunks": [{"attempt": 0, "offset": 0, "data": "forged"}]}, format="json")
     assert logs.status_code == 409
+    ahead = client.post(f"{API}/tasks/{tasks[0].pk}/logs", {"chunks": [{"attempt": 1, "offset": 0, "data": "x"}]},
+                        format="json")
+    assert ahead.status_code == 409  # an attempt that has not started, on any server
     assert not TaskLogChunk.objects.exists() and not TaskEvent.objects.filter(task=tasks[1]).exists()

@@ -123,13 +123,17 @@ class LogChunksView(AgentView):
         serializer = LogChunksSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         with transaction.atomic():
-            task = Task.objects.filter(pk=task_id).only("node_id").first()
+            task = Task.objects.filter(pk=task_id).only("node_id", "attempt").first()
             if task is None:
                 return Response({"detail": f"no task {task_id}"}, status=status.HTTP_404_NOT_FOUND)
             if task.node_id != request.auth.pk:
                 return Response({"detail": f"task {task_id} is not assigned to this server"},
                                 status=status.HTTP_409_CONFLICT)
             chunks = serializer.validated_data["chunks"]
+            if any(c["attempt"] > task.attempt for c in chunks):
+                # Never logs for an attempt that has not started (it may run elsewhere).
+                return Response({"detail": f"task {task_id} is at attempt {task.attempt}"},
+                                status=status.HTTP_409_CONFLICT)
             # Retried chunks hit the (task, attempt, offset) unique constraint and are skipped.
             TaskLogChunk.objects.bulk_create(
                 [TaskLogChunk(task_id=task_id, attempt=c["attempt"], offset=c["offset"], data=c["data"])
