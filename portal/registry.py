@@ -31,6 +31,7 @@ from django.db import close_old_connections, connection
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from portal import hearing
 from portal.models import ControlPlaneServer
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,10 @@ def _loop(role: str, stop: threading.Event) -> None:
     while True:
         try:
             heartbeat(role)
+            if role == ControlPlaneServer.Role.WEB:
+                # A live web node on a reachable database can hear agents: evidence the
+                # sweep needs before it judges any server (portal.hearing).
+                hearing.heard()
             prune()
         except Exception:  # the database may be briefly away; the next beat retries
             log.warning("control-plane heartbeat for %s failed", role, exc_info=True)
