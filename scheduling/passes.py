@@ -296,8 +296,10 @@ WITH placed AS (
     FROM unnest(%(task)s::bigint[], %(reason)s::text[]) AS e(task_id, reason)
     WHERE e.task_id IN (SELECT id FROM placed)
 ), allocations AS (
+    -- clock_timestamp(), not the pass's start: a GPU released while this pass waited for
+    -- the lock must not get an interval that begins before that release.
     INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, allocated_at)
-    SELECT a.task_id, a.gpu_id, a.node_id, a.memory_mb, a.exclusive, %(now)s
+    SELECT a.task_id, a.gpu_id, a.node_id, a.memory_mb, a.exclusive, clock_timestamp()
     FROM unnest(%(a_task)s::bigint[], %(a_gpu)s::bigint[], %(a_node)s::bigint[], %(a_mem)s::integer[],
                 %(a_excl)s::boolean[]) AS a(task_id, gpu_id, node_id, memory_mb, exclusive)
     WHERE a.task_id IN (SELECT id FROM placed)

@@ -38,7 +38,7 @@ from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
-from scheduling.models import Allocation, Task
+from scheduling.models import Allocation, ClockTimestamp, Task
 from scheduling.passes import lock_scheduler
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
                 _count(result, task)
                 changed.append((task.tenant_id, task.pk))
             # Whatever is still held there (nothing, normally) is released with the server.
-            Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=Now())
+            Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=ClockTimestamp())
             # Row now; live banner and webhook after commit.
             raise_alert(Alert.Kind.SERVER_LOST, f"{reason}; its tasks were requeued or failed", node=node)
             result.servers_lost += 1
