@@ -146,7 +146,8 @@ else:
     }
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_postgres.core.PostgresChannelLayer",
+            # channels_postgres, reconnecting after a database restart (see the module).
+            "BACKEND": "portal.channel_layer.PostgresChannelLayer",
             "CONFIG": _layer_db,
         }
     }
