@@ -409,16 +409,26 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         triggers.request_pass("tasks preempted")
 
 
+# The scheduler lock's holder, made visible in pg_locks (advisory, transaction-scoped):
+# taken right after the row lock, so it is never contended, and released with it at
+# commit, rollback or a dead connection. Operators read who holds it, and since when,
+# from PostgreSQL itself (portal.control_plane), not from a row the holder writes.
+SCHEDULER_ADVISORY_KEY = 0x5C4ED
+
+
 def lock_scheduler() -> tuple[int, datetime]:
     """Take the scheduler lock (inside the pass's transaction); return its id and DB time."""
     locked = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
               .annotate(db_now=Now()).values_list("pk", "db_now"))
     try:
-        return locked.get()
+        held = locked.get()
     except SchedulerLock.DoesNotExist:
         # Migration 0001 creates the row; recreate it if it was deleted (e.g. a table flush).
         SchedulerLock.objects.get_or_create(name=LOCK_NAME)
-        return locked.get()
+        held = locked.get()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULER_ADVISORY_KEY])
+    return held
 
 
 def _default_schedule() -> Schedule:
