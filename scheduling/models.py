@@ -248,17 +248,12 @@ class Allocation(models.Model):
                 expressions=[("gpu", RangeOperators.EQUAL), ("exclusive", RangeOperators.NOT_EQUAL)],
                 condition=Q(released_at__isnull=True),
             ),
-            # History too: no two intervals of one GPU overlap when either is exclusive.
+            # History too: no two exclusive intervals of one GPU overlap (what usage sums).
             ExclusionConstraint(
                 name="allocation_exclusive_intervals_never_overlap",
                 expressions=[("gpu", RangeOperators.EQUAL),
                              (AllocationInterval("allocated_at", "released_at"), RangeOperators.OVERLAPS)],
                 condition=Q(exclusive=True),
-            ),
-            ExclusionConstraint(
-                name="allocation_exclusive_and_shared_intervals_never_overlap",
-                expressions=[("gpu", RangeOperators.EQUAL), ("exclusive", RangeOperators.NOT_EQUAL),
-                             (AllocationInterval("allocated_at", "released_at"), RangeOperators.OVERLAPS)],
             ),
             models.UniqueConstraint(
                 fields=["task", "gpu"], condition=Q(released_at__isnull=True),

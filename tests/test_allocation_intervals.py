@@ -11,7 +11,7 @@ import pytest
 from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.utils import timezone
 
-from scheduling.choices import ShareMode, TaskStatus
+from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, Task
 from scheduling.passes import lock_scheduler, run_pass
 from tests.conftest import make_server
@@ -33,18 +33,6 @@ def test_the_database_refuses_an_exclusive_interval_overlapping_history(acme, se
     # Back to back is fine: intervals are half-open.
     Allocation.objects.create(task=_task(acme, "third"), gpu=gpu, node=gpu.node, memory_mb=1,
                               allocated_at=t0 + timedelta(seconds=10), released_at=t0 + timedelta(seconds=20))
-
-
-def test_a_shared_interval_may_not_overlap_an_exclusive_one_in_history(acme, servers):
-    gpu = servers[0].gpus.get(index=1)
-    t0 = timezone.now() - timedelta(minutes=10)
-    Allocation.objects.create(task=_task(acme, "x"), gpu=gpu, node=gpu.node, memory_mb=1, allocated_at=t0,
-                              released_at=t0 + timedelta(seconds=10))
-    with pytest.raises(IntegrityError, match="allocation_exclusive_and_shared_intervals_never_overlap"), \
-            transaction.atomic():
-        Allocation.objects.create(task=_task(acme, "s", share_mode=ShareMode.SHARED), gpu=gpu, node=gpu.node,
-                                  memory_mb=1, exclusive=False, allocated_at=t0 + timedelta(seconds=5),
-                                  released_at=t0 + timedelta(seconds=15))
 
 
 @pytest.mark.django_db(transaction=True)

@@ -11,7 +11,7 @@ FROM (
     SELECT a1.id, min(a2.allocated_at) AS next_start
     FROM scheduling_allocation a1
     JOIN scheduling_allocation a2
-      ON a2.gpu_id = a1.gpu_id AND a2.id <> a1.id AND (a1.exclusive OR a2.exclusive)
+      ON a2.gpu_id = a1.gpu_id AND a2.id <> a1.id AND a1.exclusive AND a2.exclusive
      AND (a2.allocated_at > a1.allocated_at OR (a2.allocated_at = a1.allocated_at AND a2.id > a1.id))
      AND a2.allocated_at < a1.released_at
     WHERE a1.released_at IS NOT NULL
@@ -35,9 +35,5 @@ class Migration(migrations.Migration):
         migrations.AddConstraint(
             model_name='allocation',
             constraint=django.contrib.postgres.constraints.ExclusionConstraint(condition=models.Q(('exclusive', True)), expressions=[('gpu', '='), (scheduling.models.AllocationInterval('allocated_at', 'released_at'), '&&')], name='allocation_exclusive_intervals_never_overlap'),
-        ),
-        migrations.AddConstraint(
-            model_name='allocation',
-            constraint=django.contrib.postgres.constraints.ExclusionConstraint(expressions=[('gpu', '='), ('exclusive', '<>'), (scheduling.models.AllocationInterval('allocated_at', 'released_at'), '&&')], name='allocation_exclusive_and_shared_intervals_never_overlap'),
         ),
     ]
