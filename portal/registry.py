@@ -81,6 +81,11 @@ def heartbeat(role: str, *, info: dict[str, Any] | None = None) -> None:
         register(role, info=info)
 
 
+def load_info() -> dict[str, Any]:
+    """The host's load, for the control-plane view."""
+    return {"load1": round(os.getloadavg()[0], 2)}
+
+
 def unregister(role: str) -> None:
     ControlPlaneServer.objects.filter(name=server_name(role)).delete()
 
@@ -103,7 +108,7 @@ def is_alive(server: ControlPlaneServer) -> bool:
 def _loop(role: str, stop: threading.Event) -> None:
     while True:
         try:
-            heartbeat(role)
+            heartbeat(role, info=load_info())
             if role == ControlPlaneServer.Role.WEB:
                 # A live web node on a reachable database can hear agents: evidence the
                 # sweep needs before it judges any server (portal.hearing).

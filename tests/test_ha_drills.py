@@ -87,7 +87,7 @@ def test_killing_the_scheduler_holding_the_lock_hands_over_to_the_other(fresh):
                 "WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted", (0x5C4ED,))
 
         name = wait_for(holder, 30, "a scheduler to hold the lock")
-        victim = name.removeprefix("drill-")
+        victim = name.split()[0].removeprefix("drill-")  # "drill-sched1 host:pid:scheduler"
         assert victim in ("sched1", "sched2")
         os.killpg(cluster.procs[victim].pid, signal.SIGKILL)
         killed_at = time.monotonic()

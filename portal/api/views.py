@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 
 from nodes import inventory
 from nodes.models import NodeStatus
-from portal import registry
+from portal import control_plane, registry
 from portal.models import ControlPlaneServer
 from scheduling.choices import Priority, TaskStatus
 from scheduling.models import SchedulerLock, Task
@@ -59,7 +59,12 @@ class ClusterView(APIView):
 
     @extend_schema(responses={200: dict})
     def get(self, request):
-        return Response(cluster_summary())
+        data = cluster_summary()
+        if request.user.is_staff:
+            # Operators also see who holds the scheduler lock (from pg_locks), every
+            # process's role, last pass and load, and the q cluster's workers.
+            data["control_plane"] = control_plane.snapshot()
+        return Response(data)
 
 
 class HealthView(APIView):

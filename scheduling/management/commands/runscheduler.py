@@ -25,8 +25,9 @@ import psycopg
 from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import InterfaceError, OperationalError, connection
+from django.utils import timezone
 
-from portal import registry
+from portal import control_plane, registry
 from portal.models import ControlPlaneServer
 from scheduling import triggers
 from scheduling.choices import TaskStatus
@@ -97,7 +98,9 @@ class Command(BaseCommand):
         # Name our database sessions so operators can tell them apart in pg_stat_activity.
         connection.close()
         options_ = connection.settings_dict.setdefault("OPTIONS", {})
-        options_["application_name"] = os.environ.get("PORTAL_PROCESS_NAME") or "gpu-portal-scheduler"
+        # "<name> host:pid:scheduler": the control-plane view maps the lock holder to this process.
+        options_["application_name"] = control_plane.application_name(
+            os.environ.get("PORTAL_PROCESS_NAME") or "gpu-portal-scheduler", ControlPlaneServer.Role.SCHEDULER)
 
         if once:
             self.sweep_step()
@@ -153,6 +156,7 @@ class Command(BaseCommand):
             return False
         self.passes += 1
         self.last_result = result
+        self.last_pass_at = timezone.now().isoformat()
         self.log_pass(result)
         return result.placements > 0
 
@@ -251,9 +255,9 @@ class Command(BaseCommand):
 
     def info(self) -> dict:
         """What the cluster view shows about this scheduler."""
-        info: dict = {"passes": self.passes, "poll_interval_ms": round(self.poll_s * 1000)}
+        info: dict = {"passes": self.passes, "poll_interval_ms": round(self.poll_s * 1000), **registry.load_info()}
         if self.last_result is not None:
-            info.update(last_pass_ms=round(self.last_result.duration_s * 1000, 1),
+            info.update(last_pass_at=self.last_pass_at, last_pass_ms=round(self.last_result.duration_s * 1000, 1),
                         last_placements=self.last_result.placements, pending=self.last_result.pending)
         return info
 
