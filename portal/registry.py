@@ -106,6 +106,7 @@ def is_alive(server: ControlPlaneServer) -> bool:
 
 
 def _loop(role: str, stop: threading.Event) -> None:
+    failing = False
     while True:
         try:
             heartbeat(role, info=load_info())
@@ -114,8 +115,14 @@ def _loop(role: str, stop: threading.Event) -> None:
                 # sweep needs before it judges any server (portal.hearing).
                 hearing.heard()
             prune()
+            if failing:
+                log.info("control-plane heartbeat for %s works again", role)
+            failing = False
         except Exception:  # the database may be briefly away; the next beat retries
-            log.warning("control-plane heartbeat for %s failed", role, exc_info=True)
+            if not failing:  # once per outage, not once per beat
+                log.warning("control-plane heartbeat for %s failed; retrying every %s s", role, interval_s(),
+                            exc_info=True)
+            failing = True
         finally:
             # This thread's connection must not outlive a DB restart or leak.
             connection.close()

