@@ -81,9 +81,9 @@ class NodeAdmin(admin.ModelAdmin):
             for node in Node.objects.filter(pk__in=ids).select_for_update().order_by("pk"):
                 if node.intent == status and node.status in (status, NodeStatus.OFFLINE):
                     continue
-                before = node.intent
+                before = node.status
                 node.set_intent(status, f"{verb} by {request.user.username}")
-                self.log_change(request, node, f"{verb}: intent {before} -> {status}")
+                self.log_change(request, node, f"{verb}: status {before} -> {status}")
                 changed.append(node.pk)
             live.gpus_changed(changed)
             if changed:

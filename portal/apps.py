@@ -16,7 +16,11 @@ class PortalConfig(AppConfig):
 
 
 def _q_worker_spawned(sender, proc_name: str = "", **kwargs) -> None:
+    import multiprocessing
     import os
+
+    if multiprocessing.parent_process() is None:
+        return  # a synchronous q cluster (Q_SYNC, tests) runs the worker in this very process
 
     from django.db import connection
 

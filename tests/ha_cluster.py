@@ -274,13 +274,19 @@ class Cluster:
             shutil.rmtree(self.pgdata, ignore_errors=True)
 
     # --- the API, as users and operators use it -----------------------------------
-    def submit(self, command: str, **fields) -> int:
+    def submit(self, command: str, *, attempts: int = 1, **fields) -> int:
+        """Submit through HAProxy. ``attempts`` > 1 retries a 502/503/504 as a client would
+        (a request in flight on a node that was just killed gets one)."""
         import httpx
 
-        response = httpx.post(f"{self.portal_url}/api/v1/tasks", timeout=10, trust_env=False,
-                              headers={"Authorization": f"Token {self.secrets['api_token']}"},
-                              json={"tenant": "acme", "command": command, "gpu_count": 1, "gpu_memory_mb": 1000,
-                                    "env": {"DRILL": "1"}, **fields})
+        for attempt in range(attempts):
+            response = httpx.post(f"{self.portal_url}/api/v1/tasks", timeout=10, trust_env=False,
+                                  headers={"Authorization": f"Token {self.secrets['api_token']}"},
+                                  json={"tenant": "acme", "command": command, "gpu_count": 1,
+                                        "gpu_memory_mb": 1000, "env": {"DRILL": "1"}, **fields})
+            if response.status_code not in (502, 503, 504) or attempt == attempts - 1:
+                break
+            time.sleep(0.5)
         response.raise_for_status()
         return response.json()["id"]
 

@@ -72,6 +72,9 @@ def test_a_process_named_by_application_name_maps_to_its_registry_row(db):
 def test_q_cluster_workers_register_in_the_control_plane(db, monkeypatch):
     started: list[str] = []
     monkeypatch.setattr("portal.registry.start_background", lambda role: started.append(role) or True)
+    _q_worker_spawned(sender="django_q", proc_name="MainProcess")
+    assert started == []  # a synchronous q cluster runs its worker here: not a worker process
+    monkeypatch.setattr("multiprocessing.parent_process", lambda: object())  # as in a spawned worker
     _q_worker_spawned(sender="django_q", proc_name="Worker-1")
     assert started == [ControlPlaneServer.Role.WORKER]
     from portal import registry

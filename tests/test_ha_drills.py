@@ -114,16 +114,26 @@ def test_killing_a_web_node_moves_agents_and_viewers_and_disturbs_no_task(fresh)
     viewer = Viewer(cluster)
     try:
         wait_for(lambda: viewer.connects, 20, "the operator's page to connect")
-        os.killpg(cluster.procs["web1"].pid, signal.SIGKILL)
-        os.killpg(cluster.procs["web2"].pid, 0)  # still there
-        killed_at = time.monotonic()
-        # Agents keep being heard (through HAProxy, by web2) and the page gets pushes again.
-        wait_for(lambda: cluster.scalar("SELECT count(*) FROM nodes_node WHERE status = 'active' AND "
-                                        "last_heartbeat_at > now() - interval '2 seconds'") == 3, 20,
-                 "the agents to heartbeat through the other web node")
-        pushed = cluster.submit("true", name="pushed")
-        wait_for(lambda: viewer.pushes_after(killed_at), 20, "a push to the operator's page after the kill")
-        wait_for(lambda: cluster.task(pushed)[0] == "succeeded", 20, "a new task to run through web2")
+        # Kill one web node, then (once it is back) the other: whichever node the page and
+        # each agent were on, they are moved at least once.
+        for victim in ("web1", "web2"):
+            other = "web2" if victim == "web1" else "web1"
+            os.killpg(cluster.procs[victim].pid, signal.SIGKILL)
+            cluster.procs[victim].wait(10)
+            killed_at = time.monotonic()
+            wait_for(lambda: cluster.scalar("SELECT count(*) FROM nodes_node WHERE status = 'active' AND "
+                                            "last_heartbeat_at > now() - interval '2 seconds'") == 3, 20,
+                     f"the agents to heartbeat through {other}")
+            pushed = cluster.submit("true", name=f"pushed while {victim} is down", attempts=5)
+            wait_for(lambda since=killed_at: viewer.pushes_after(since), 20,
+                     f"a push to the operator's page through {other}")
+            wait_for(lambda task=pushed: cluster.task(task)[0] == "succeeded", 20, f"a new task to run via {other}")
+            cluster.start_web(victim)
+            # Back in HAProxy's pool: its health checks are its first requests (it registers then).
+            wait_for(lambda v=victim: cluster.scalar(
+                "SELECT count(*) FROM portal_controlplaneserver WHERE role = 'web' AND pid = %s",
+                (cluster.procs[v].pid,)), 30, f"HAProxy to check {victim} again")
+        assert len(viewer.connects) >= 2, "the page never had to move"
     finally:
         viewer.close()
     assert {task: cluster.task(task) for task in before} == before  # same status, attempt, server
@@ -232,6 +242,10 @@ def test_restarting_postgresql_under_submit_load_loses_no_accepted_task_and_rest
     # claimed come back after django-q's retry period, beyond this drill).
     wait_for(lambda: cluster.scalar("SELECT count(*) FROM django_q_task WHERE started > pg_postmaster_start_time()"),
              60, "the q cluster to run tasks again after the restart")
+    # ...and its worker keeps beating in the control-plane registry.
+    wait_for(lambda: cluster.scalar("SELECT count(*) FROM portal_controlplaneserver WHERE role = 'worker' "
+                                    "AND last_seen_at > pg_postmaster_start_time()"), 30,
+             "the q cluster's worker to beat in the registry after the restart")
 
 
 def _pids(task_id: int) -> set[int]:
