@@ -30,12 +30,12 @@ def _live(kind: str, pk: int, field: str, value, css: str = ""):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["name", "hostname", "live_status", "heartbeat", "gpu_count", "gpus_busy", "agent_version",
+    list_display = ["name", "hostname", "live_status", "intent", "heartbeat", "gpu_count", "gpus_busy", "agent_version",
                     "labels"]
-    list_filter = ["status"]
+    list_filter = ["status", "intent"]
     search_fields = ["name", "hostname"]
-    readonly_fields = ["last_heartbeat_at", "agent_version", "token_prefix", "created_at", "updated_at"]
-    fields = ["name", "hostname", "labels", "status", "status_reason", "last_heartbeat_at", "agent_version",
+    readonly_fields = ["intent", "last_heartbeat_at", "agent_version", "token_prefix", "created_at", "updated_at"]
+    fields = ["name", "hostname", "labels", "status", "intent", "status_reason", "last_heartbeat_at", "agent_version",
               "token_prefix", "created_at", "updated_at"]
     inlines = [GPUInline]
     actions = ["drain", "resume", "maintenance", "make_join_token", "allow_reenrolment"]
@@ -79,11 +79,10 @@ class NodeAdmin(admin.ModelAdmin):
         ids = list(queryset.values_list("pk", flat=True))  # the list's queryset is annotated (GROUP BY)
         with transaction.atomic():
             for node in Node.objects.filter(pk__in=ids).select_for_update().order_by("pk"):
-                if node.status == status:
+                if node.intent == status and node.status in (status, NodeStatus.OFFLINE):
                     continue
                 before = node.status
-                node.status, node.status_reason = status, f"{verb} by {request.user.username}"
-                node.save(update_fields=["status", "status_reason", "updated_at"])
+                node.set_intent(status, f"{verb} by {request.user.username}")
                 self.log_change(request, node, f"{verb}: status {before} -> {status}")
                 changed.append(node.pk)
             live.gpus_changed(changed)

@@ -20,7 +20,7 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
-from portal import live
+from portal import hearing, live
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
@@ -50,7 +50,7 @@ UPDATE nodes_node AS n SET
     last_heartbeat_at = statement_timestamp(), updated_at = statement_timestamp(),
     agent_version = COALESCE(NULLIF(%s, ''), n.agent_version),
     hostname = COALESCE(NULLIF(%s, ''), n.hostname),
-    status = CASE WHEN o.status = 'offline' THEN 'active' ELSE n.status END,
+    status = CASE WHEN o.status = 'offline' THEN n.intent ELSE n.status END,
     status_reason = CASE WHEN o.status = 'offline' THEN 'heartbeat received' ELSE n.status_reason END
 FROM (SELECT id, status FROM nodes_node WHERE id = %s FOR UPDATE) AS o
 WHERE n.id = o.id
@@ -223,4 +223,6 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
         # heartbeat is rolled back and the agent's next one tries again.
         detail = f"conflicts with the stored GPU layout ({exc.__class__.__name__})"
         raise HeartbeatRejected({"gpus": [detail]}) from None
+    # Evidence that the portal hears agents (after commit: never a lock held with it).
+    hearing.heard()
     return result

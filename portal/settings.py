@@ -124,6 +124,12 @@ for _key in ("host", "port"):
 _db.setdefault("OPTIONS", {})["application_name"] = envstr("PORTAL_PROCESS_NAME", "gpu-portal")
 # Keep the scheduler lock and the hot paths from waiting forever on a stuck peer.
 _db["OPTIONS"].setdefault("options", "-c lock_timeout=30000")
+# A network cut to PostgreSQL must surface as an error within seconds (then every process
+# reconnects by itself), not as a query hung for the kernel's 15-minute TCP timeout.
+_TCP_CUT_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+                    "tcp_user_timeout": 20_000}
+for _key, _value in _TCP_CUT_OPTIONS.items():
+    _db["OPTIONS"].setdefault(_key, _value)
 DATABASES = {"default": _db}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -146,7 +152,7 @@ else:
         "PASSWORD": _db.get("PASSWORD", ""),
         "HOST": _db.get("HOST", ""),
         "PORT": _db.get("PORT", ""),
-        "OPTIONS": {},
+        "OPTIONS": dict(_TCP_CUT_OPTIONS),
         "TIME_ZONE": None,
         "CONN_MAX_AGE": 0,
         "CONN_HEALTH_CHECKS": False,
@@ -156,7 +162,8 @@ else:
     }
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_postgres.core.PostgresChannelLayer",
+            # channels_postgres, reconnecting after a database restart (see the module).
+            "BACKEND": "portal.channel_layer.PostgresChannelLayer",
             "CONFIG": _layer_db,
         }
     }

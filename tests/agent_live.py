@@ -33,12 +33,12 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     wait_for(up, timeout, f"port {port}")
 
 
-def start_portal(tmp: Path, *, heartbeat_interval_s: int = 1,
-                 heartbeat_timeout_s: int = 3) -> tuple[str, subprocess.Popen]:
+def start_portal(tmp: Path, *, heartbeat_interval_s: int = 1, heartbeat_timeout_s: int = 3,
+                 port: int | None = None, extra_config: str = "") -> tuple[str, subprocess.Popen]:
     config = tmp / "portal.yaml"
     config.write_text(f"scheduler:\n  heartbeat_interval_s: {heartbeat_interval_s}\n"
-                      f"  heartbeat_timeout_s: {heartbeat_timeout_s}\n")
-    port = free_port()
+                      f"  heartbeat_timeout_s: {heartbeat_timeout_s}\n{extra_config}")
+    port = port or free_port()
     log = open(tmp / f"daphne-{port}.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],

@@ -6,6 +6,12 @@ Three loops share one asyncio event loop:
   long poll while it is down; every snapshot is reconciled by the runner;
 - supervise: reap exits, enforce timeouts and kill grace periods, ship log
   increments, and send start/finish reports until the portal acknowledges them.
+
+At most one copy of a task runs: every heartbeat answer carries the etag of the
+tasks the portal assigns here, and a mismatch fetches the list at once, so a copy
+the portal requeued elsewhere is killed as soon as this agent is heard from. An
+agent cut off from every portal URL for longer than its lease (``agent_lease_s``,
+well above the portal's server-lost timeout) stops its tasks by itself.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from nodes.agent.runner import LocalTask, Runner
 log = logging.getLogger("gpu-agent")
 
 LONG_POLL_S = 20
+# Until a portal says otherwise (scheduler.agent_lease_s in every heartbeat answer).
+DEFAULT_LEASE_S = 900.0
 
 
 class Fatal(Exception):
@@ -57,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="remove finished tasks' logs after this many hours (default 24)")
     p.add_argument("--kill-tasks-on-exit", action="store_true",
                    help="stop running tasks when the agent stops (default: leave them; a restart reattaches)")
+    p.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                   help="stop all tasks after this long without a successful heartbeat to any portal "
+                        "(default: what the portal says, 900 s before the first answer)")
     p.add_argument("--log-level", default="INFO")
     iso = p.add_argument_group("task accounts (see the README's security model)")
     iso.add_argument("--work-root", default=os.environ.get("GPU_AGENT_WORK_ROOT", "/var/lib/gpu-agent-tasks"),
@@ -86,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--portal {url!r}: must start with http:// or https://")
     if args.heartbeat_interval is not None and args.heartbeat_interval <= 0:
         p.error("--heartbeat-interval must be positive")
+    if args.lease is not None and args.lease <= 0:
+        p.error("--lease must be positive")
     return args
 
 
@@ -106,6 +119,9 @@ class Agent:
                                       single_user_host=args.single_user_host)
         self.etag = ""
         self.ws_connected = False
+        self.lease_s = args.lease or DEFAULT_LEASE_S
+        self.last_heard = time.monotonic()  # last heartbeat a portal accepted (start counts)
+        self.fenced = False
 
     # --- enrolment -----------------------------------------------------------------
     @property
@@ -203,7 +219,21 @@ class Agent:
                 await self.heartbeat()
             except PortalUnreachable as exc:
                 log.warning("heartbeat: no portal answered (%s)", exc)
+            self.check_lease()
             await self.sleep(max(self.interval - (time.monotonic() - started), 0.05))
+
+    def check_lease(self) -> None:
+        """Cut off from every portal for longer than the lease: the portal has declared
+        this server lost long ago and may run its tasks elsewhere, so stop them."""
+        silent = time.monotonic() - self.last_heard
+        if silent <= self.lease_s or self.fenced or self.runner is None:
+            return
+        self.fenced = True
+        stopped = self.runner.fence(f"the agent on {self.name} heard no portal for {silent:.0f} s "
+                                    f"(lease {self.lease_s:.0f} s)")
+        log.error("no portal accepted a heartbeat for %.0f s (lease %.0f s): stopping %d task(s)", silent,
+                  self.lease_s, len(stopped))
+        self.wake_supervisor.set()
 
     async def heartbeat(self) -> None:
         gpus = self.gpus.sample()
@@ -216,6 +246,12 @@ class Agent:
             log.error("heartbeat refused (HTTP %s): %s", response.status_code, self._detail(response))
             return
         answer = response.json()
+        self.last_heard = time.monotonic()
+        if self.fenced:
+            log.info("a portal accepts heartbeats again: the lease is renewed")
+            self.fenced = False
+        if self.args.lease is None and answer.get("agent_lease_s"):
+            self.lease_s = float(answer["agent_lease_s"])
         if self.args.heartbeat_interval is None:
             self.interval = float(answer["heartbeat_interval_s"])
         if answer.get("cordoned"):

@@ -76,6 +76,7 @@ class LocalTask:
     oom: bool = False
     timed_out: bool = False
     removed: bool = False  # the portal no longer wants it (cancelled, timed out, requeued)
+    fenced: bool = False  # stopped because the agent's lease ran out: its copy may run elsewhere
     lost: bool = False
     reason: str = ""
     kill_sent_at: float = 0.0
@@ -334,7 +335,9 @@ class Runner:
             self._signal(task, signal.SIGKILL)
             file_code = self._read_exit_file(task)
             task.exit_code = file_code if file_code is not None else code
-            if task.exit_code is None:
+            if task.fenced:
+                task.lost = True  # not the task's fault: reported as lost, so it is retried
+            elif task.exit_code is None:
                 task.lost = not (task.removed or task.timed_out)
                 task.reason = task.reason or "the task's process ended without an exit status"
             task.state, task.ended_at = "exited", time.time()
@@ -344,6 +347,18 @@ class Runner:
                      task.ended_at - task.started_at, " (OOM)" if task.oom else "")
             ended.append(task)
         return ended
+
+    def fence(self, reason: str) -> list[LocalTask]:
+        """Stop every running task: the portal may have given them to another server.
+        Returns the tasks told to stop (SIGTERM now, SIGKILL after the grace period)."""
+        fenced = []
+        for task in self.tasks.values():
+            if task.state == "running" and not task.removed and not task.fenced:
+                task.fenced = True
+                task.reason = reason
+                self.kill(task, reason)
+                fenced.append(task)
+        return fenced
 
     def group_alive(self, task: LocalTask) -> bool:
         return bool(task.pid) and _group_alive(task.pid)

@@ -32,7 +32,8 @@ from scheduling.models import Task, TaskLogChunk
 
 def _timings() -> dict[str, int]:
     return {"heartbeat_interval_s": settings.SCHEDULER.heartbeat_interval_s,
-            "heartbeat_timeout_s": settings.SCHEDULER.heartbeat_timeout_s}
+            "heartbeat_timeout_s": settings.SCHEDULER.heartbeat_timeout_s,
+            "agent_lease_s": settings.SCHEDULER.agent_lease_s}
 
 
 class AgentView(APIView):

@@ -2,12 +2,19 @@
 
 Migrates, makes sure an admin exists (a generated password, printed once),
 seeds the demo data, then starts and supervises the processes: the daphne web
-server, the scheduler (runscheduler), the django-q2 cluster (later: simulated GPU agents). Ctrl-C or
+server, the scheduler (runscheduler), the django-q2 cluster and the simulated GPU agents. Ctrl-C or
 SIGTERM stops them all, and the embedded PostgreSQL if this run started it.
+
+The children stay in this command's process group, and each is told by the kernel
+(``PR_SET_PDEATHSIG``) to stop when this command dies: however ``make run`` is
+stopped (Ctrl-C, SIGTERM to its process group then SIGKILL, or a SIGKILL of this
+process alone), nothing it started (the q cluster's workers included) outlives it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -45,6 +52,19 @@ def _wait_for_port(host: str, port: int, timeout: float) -> bool:
                 return True
         time.sleep(0.2)
     return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux), even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the shared process group still covers make's stop
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Command(BaseCommand):
@@ -141,7 +161,10 @@ class Command(BaseCommand):
     def _start(self, name: str, argv: list[str]) -> None:
         env = {**os.environ, "PORTAL_PROCESS_NAME": f"gpu-portal-{name}",
                "SERVE_STATIC": os.environ.get("SERVE_STATIC", "true")}
-        proc = subprocess.Popen(argv, cwd=BASE_DIR, env=env, start_new_session=True)
+        parent = os.getpid()
+        # Same process group (a stop of `make run` reaches every descendant), and
+        # stopped by the kernel should this process die first.
+        proc = subprocess.Popen(argv, cwd=BASE_DIR, env=env, preexec_fn=lambda: _die_with_parent(parent))
         self.children.append((name, proc))
         self.stdout.write(f"started {name} (pid {proc.pid})")
 
@@ -160,12 +183,23 @@ class Command(BaseCommand):
             self.stdout.write("stopping...")
 
     def _stop_all(self) -> None:
+        import psutil
+
         for _, proc in self.children:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.terminate()
         deadline = time.monotonic() + 10
-        for _, proc in self.children:
+        for name, proc in self.children:
             try:
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                # Its whole tree (a q cluster's workers too): they share our process group.
+                self.stdout.write(f"{name} did not stop within 10 s; killing it")
+                try:
+                    tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+                except psutil.NoSuchProcess:
+                    continue
+                for p in tree:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
+                proc.wait(5)
