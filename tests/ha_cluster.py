@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,9 @@ class Cluster:
     net: Network = field(default_factory=Network)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     secrets: dict = field(default_factory=dict)
+    # Agents run as root map tasks to unprivileged accounts, which cannot enter pytest's
+    # 0700 tmp dirs: the tasks' working directories live under /tmp.
+    work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ha-agent-work-")))
 
     # --- hosts and processes ------------------------------------------------------
     def start(self) -> None:
@@ -258,10 +262,15 @@ class Cluster:
 
     def start_agent(self, name: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
+        # Each host holds its own copy of the join token: its agent deletes it once spent.
+        own_token = self.tmp / f"join-token-{name}"
+        if not own_token.exists() and not (self.tmp / "state" / name / "node_token").exists():
+            shutil.copyfile(self.tmp / "join-token", own_token)
         self.spawn(name, name, [
             sys.executable, str(ROOT / "tests" / "agent_guard.py"), "--portal", self.portal_url, "--name", name,
             "--state-dir", str(self.tmp / "state" / name), "--simulate", "2xH100-80GB",
-            "--join-token-file", str(self.tmp / "join-token"), "--grace-period", "1", "--kill-tasks-on-exit",
+            "--join-token-file", str(own_token), "--work-root", str(self.work_root), "--grace-period", "1",
+            "--kill-tasks-on-exit",
         ], {**env, "PYTHONUNBUFFERED": "1"})
 
     def stop(self) -> None:
@@ -270,6 +279,7 @@ class Cluster:
         for key in order:
             self.kill(key, signal.SIGTERM if key.startswith("agent") or key == "postgres" else signal.SIGKILL)
         self.net.remove()
+        shutil.rmtree(self.work_root, ignore_errors=True)
         if hasattr(self, "pgdata"):
             shutil.rmtree(self.pgdata, ignore_errors=True)
 
