@@ -115,6 +115,7 @@ class Cluster:
     net: Network = field(default_factory=Network)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     secrets: dict = field(default_factory=dict)
+    with_qcluster: bool = True
 
     # --- hosts and processes ------------------------------------------------------
     def start(self) -> None:
@@ -134,7 +135,8 @@ class Cluster:
         self.start_lb()
         for name in ("sched1", "sched2"):
             self.start_scheduler(name)
-        self.start_qcluster()
+        if self.with_qcluster:
+            self.start_qcluster()
         for name in ("agent1", "agent2", "agent3"):
             self.start_agent(name)
         wait_for(lambda: self.scalar("SELECT count(*) FROM nodes_node WHERE status = 'active'") == 3, 60,
