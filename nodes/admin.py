@@ -7,7 +7,7 @@ from django.db import transaction
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils.html import format_html
 
-from nodes.enrolment import issue_join_token
+from nodes.enrolment import allow_reenrolment, issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
 from portal import live
 from portal.livedata import gpu_state
@@ -38,7 +38,7 @@ class NodeAdmin(admin.ModelAdmin):
     fields = ["name", "hostname", "labels", "status", "intent", "status_reason", "last_heartbeat_at", "agent_version",
               "token_prefix", "created_at", "updated_at"]
     inlines = [GPUInline]
-    actions = ["drain", "resume", "maintenance", "make_join_token"]
+    actions = ["drain", "resume", "maintenance", "make_join_token", "allow_reenrolment"]
 
     def save_model(self, request, obj, form, change) -> None:
         super().save_model(request, obj, form, change)
@@ -110,6 +110,13 @@ class NodeAdmin(admin.ModelAdmin):
             )
 
     @admin.action(description="Maintenance: take out of service")
+    @admin.action(description="Revoke the node token; the server may enrol again by name once")
+    def allow_reenrolment(self, request, queryset) -> None:
+        for node in queryset:
+            allow_reenrolment(node)
+        self.message_user(request, f"{queryset.count()} server(s): node token revoked; the next agent to enrol "
+                                   "with a cluster join token under that name takes the server over.")
+
     def maintenance(self, request, queryset) -> None:
         self._set_status(request, queryset, NodeStatus.MAINTENANCE, "put in maintenance")
 

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,12 +124,30 @@ class Command(BaseCommand):
         if getattr(self, "no_seed", False) or not (base / "join-token").exists():
             return []  # --no-seed: no demo servers
         portal = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        return [
-            (name, [python, "-m", "nodes.agent", "--portal", portal, "--name", name, "--simulate", DEMO_GPU_SPEC,
-                    "--state-dir", str(base / name), "--join-token-file", str(base / "join-token"),
-                    "--grace-period", "3", "--kill-tasks-on-exit"])
-            for name in DEMO_SERVERS
-        ]
+        # As root, demo tasks run as mapped accounts (nobody here); a developer's own
+        # account is the host's one user.
+        accounts = ["--single-user-host"] if os.geteuid() != 0 else []
+        from nodes.enrolment import allow_reenrolment
+        from nodes.models import Node
+
+        enrolled = {n.name: n for n in Node.objects.filter(name__in=DEMO_SERVERS, token_prefix__isnull=False)}
+        agents = []
+        for name in DEMO_SERVERS:
+            # Each server holds its own copy of the join token: its agent removes it once spent.
+            # A node token left from an earlier database is dropped; a demo server whose agent
+            # lost its token is allowed to enrol again (what an operator does in the admin).
+            token, saved = base / f"join-token-{name}", base / name / "node_token"
+            if name not in enrolled:
+                saved.unlink(missing_ok=True)
+            elif not saved.exists():
+                allow_reenrolment(enrolled[name])
+            if not saved.exists():
+                shutil.copyfile(base / "join-token", token)
+            agents.append((name, [python, "-m", "nodes.agent", "--portal", portal, "--name", name,
+                                  "--simulate", DEMO_GPU_SPEC, "--state-dir", str(base / name),
+                                  "--work-root", str(base / "task-work"), "--join-token-file", str(token),
+                                  "--grace-period", "3", "--kill-tasks-on-exit", *accounts]))
+        return agents
 
     def _ensure_admin(self) -> None:
         User = get_user_model()
