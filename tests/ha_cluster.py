@@ -260,11 +260,22 @@ class Cluster:
 
     def start_agent(self, name: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
+        # Each host holds its own copy of the join token (the agent removes it once spent), and
+        # task directories outside pytest's 0700 tmp (tasks run as unprivileged accounts).
+        own_token = self.tmp / f"join-token-{name}"
+        if not own_token.exists() and not (self.tmp / "state" / name / "node_token").exists():
+            shutil.copyfile(self.tmp / "join-token", own_token)
+        self.work_root.mkdir(mode=0o755, exist_ok=True)
         self.spawn(name, name, [
             sys.executable, str(ROOT / "tests" / "agent_guard.py"), "--portal", self.portal_url, "--name", name,
             "--state-dir", str(self.tmp / "state" / name), "--simulate", "2xH100-80GB",
-            "--join-token-file", str(self.tmp / "join-token"), "--grace-period", "1", "--kill-tasks-on-exit",
+            "--join-token-file", str(own_token), "--grace-period", "1", "--kill-tasks-on-exit",
+            "--work-root", str(self.work_root / name),
         ], {**env, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def work_root(self) -> Path:
+        return Path(f"/tmp/{self.net.tag}-work")
 
     def stop(self) -> None:
         # Agents first (they stop their tasks), then everything else, PostgreSQL last.
@@ -274,6 +285,7 @@ class Cluster:
         self.net.remove()
         if hasattr(self, "pgdata"):
             shutil.rmtree(self.pgdata, ignore_errors=True)
+        shutil.rmtree(self.work_root, ignore_errors=True)
 
     # --- the API, as users and operators use it -----------------------------------
     def submit(self, command: str, *, attempts: int = 1, **fields) -> int:
