@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,9 +115,7 @@ class Cluster:
     net: Network = field(default_factory=Network)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     secrets: dict = field(default_factory=dict)
-    # Agents run as root map tasks to unprivileged accounts, which cannot enter pytest's
-    # 0700 tmp dirs: the tasks' working directories live under /tmp.
-    work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ha-agent-work-")))
+    with_qcluster: bool = True
 
     # --- hosts and processes ------------------------------------------------------
     def start(self) -> None:
@@ -138,7 +135,8 @@ class Cluster:
         self.start_lb()
         for name in ("sched1", "sched2"):
             self.start_scheduler(name)
-        self.start_qcluster()
+        if self.with_qcluster:
+            self.start_qcluster()
         for name in ("agent1", "agent2", "agent3"):
             self.start_agent(name)
         wait_for(lambda: self.scalar("SELECT count(*) FROM nodes_node WHERE status = 'active'") == 3, 60,
@@ -262,16 +260,22 @@ class Cluster:
 
     def start_agent(self, name: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
-        # Each host holds its own copy of the join token: its agent deletes it once spent.
+        # Each host holds its own copy of the join token (the agent removes it once spent), and
+        # task directories outside pytest's 0700 tmp (tasks run as unprivileged accounts).
         own_token = self.tmp / f"join-token-{name}"
         if not own_token.exists() and not (self.tmp / "state" / name / "node_token").exists():
             shutil.copyfile(self.tmp / "join-token", own_token)
+        self.work_root.mkdir(mode=0o755, exist_ok=True)
         self.spawn(name, name, [
             sys.executable, str(ROOT / "tests" / "agent_guard.py"), "--portal", self.portal_url, "--name", name,
             "--state-dir", str(self.tmp / "state" / name), "--simulate", "2xH100-80GB",
-            "--join-token-file", str(own_token), "--work-root", str(self.work_root), "--grace-period", "1",
-            "--kill-tasks-on-exit",
+            "--join-token-file", str(own_token), "--grace-period", "1", "--kill-tasks-on-exit",
+            "--work-root", str(self.work_root / name),
         ], {**env, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def work_root(self) -> Path:
+        return Path(f"/tmp/{self.net.tag}-work")
 
     def stop(self) -> None:
         # Agents first (they stop their tasks), then everything else, PostgreSQL last.
@@ -279,9 +283,9 @@ class Cluster:
         for key in order:
             self.kill(key, signal.SIGTERM if key.startswith("agent") or key == "postgres" else signal.SIGKILL)
         self.net.remove()
-        shutil.rmtree(self.work_root, ignore_errors=True)
         if hasattr(self, "pgdata"):
             shutil.rmtree(self.pgdata, ignore_errors=True)
+        shutil.rmtree(self.work_root, ignore_errors=True)
 
     # --- the API, as users and operators use it -----------------------------------
     def submit(self, command: str, *, attempts: int = 1, **fields) -> int:
