@@ -13,7 +13,9 @@ then drives them from separate load-generator processes over keep-alive HTTP:
 
 The per-token throttle stays in the path with a high limit. Everything the bench
 created is deleted at the end. Last line: one JSON object with submits_per_s,
-submit_p95_ms, batch_tasks_per_s (and details).
+submit_p95_ms, batch_tasks_per_s (and details), with the raw ceiling measured
+in the same run (``bench.ceilings``: one-row INSERT + COMMIT from as many
+connections as the clients) and the ratios to it (keys ending ``_ratio``).
 """
 
 from __future__ import annotations
@@ -249,6 +251,8 @@ def main() -> None:
     seconds = args.seconds or (8.0 if args.quick else 30.0)
 
     setup_django()
+    from bench import ceilings
+
     tokens, _ = make_fixtures(max(args.connections, args.batch_connections))
     from django.db import connection
 
@@ -292,8 +296,13 @@ def main() -> None:
             redis[1].wait()
         connection.close()
         cleanup()
+    raw_commits = ceilings.single_commits_per_s(ceilings.database_url(), args.connections)
+    print(f"raw ceiling: {raw_commits:,.0f} one-row commits/s over {args.connections} connections "
+          f"(submits at {submits_per_s / raw_commits:.1%} of it)", flush=True)
     print(json.dumps({
         "submits_per_s": round(submits_per_s, 1),
+        "raw_single_commits_per_s": round(raw_commits, 1),
+        "submits_per_s_ratio": ceilings.ratio(submits_per_s, raw_commits),
         "submit_p95_ms": round(pct(lat, 95) * 1000, 2),
         "submit_p50_ms": round(pct(lat, 50) * 1000, 2),
         "submit_errors": errors,

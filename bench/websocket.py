@@ -10,6 +10,10 @@ process and announces it through ``portal.live.gpus_changed`` (as a heartbeat
 or a scheduler pass on another node would). Each viewer notes when a frame with
 the new value reaches it; the latency is that moment minus the commit.
 
+Beside the figures: the raw ceiling measured in the same run, a commit + NOTIFY
+answered by a LISTENing connection's committed row (``bench.ceilings``), and the
+ratio of the p50 to it (``commit_to_screen_ms_p50_ratio``).
+
 Everything the bench creates (server "bench-ws", user "bench-ws-operator") is
 removed at the end. The last line printed is one JSON object of the figures.
 """
@@ -44,6 +48,7 @@ from django.db import transaction  # noqa: E402
 from django.test import Client  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
+from bench import ceilings  # noqa: E402
 from nodes.models import GPU, Node, NodeStatus  # noqa: E402
 from portal import live  # noqa: E402
 
@@ -202,6 +207,10 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         cleanup()
+    raw = ceilings.notify_round_trip_ms(ceilings.database_url(), 50)
+    result["raw_notify_round_trip_ms_p50"] = raw["p50_ms"]
+    result["commit_to_screen_ms_p50_ratio"] = ceilings.ratio(result["commit_to_screen_ms_p50"], raw["p50_ms"])
+    print(f"raw ceiling: commit + NOTIFY -> a listener's committed answer, p50 {raw['p50_ms']} ms")
     print(f"{result['viewers']} viewers, {result['rounds']} commits, {result['layer']} layer: "
           f"p50 {result['commit_to_screen_ms_p50']} ms, p95 {result['commit_to_screen_ms_p95']} ms, "
           f"missed {result['updates_missed']}")
