@@ -114,6 +114,13 @@ for _key in ("host", "port"):
 _db.setdefault("OPTIONS", {})["application_name"] = envstr("PORTAL_PROCESS_NAME", "gpu-portal")
 # Keep the scheduler lock and the hot paths from waiting forever on a stuck peer.
 _db["OPTIONS"].setdefault("options", "-c lock_timeout=30000")
+# Web servers set DB_POOL_MAX_SIZE: a per-process pool of connections (Django's,
+# psycopg_pool). Under ASGI each request runs in a thread of its own, so without a
+# pool every request connects afresh (and PostgreSQL forks a backend for it).
+_pool_max = envint("DB_POOL_MAX_SIZE", 0, minimum=0)
+if _pool_max:
+    _db["OPTIONS"]["pool"] = {"min_size": min(2, _pool_max), "max_size": _pool_max, "timeout": 30}
+    _db["CONN_MAX_AGE"] = 0  # Django's pool refuses any other value
 DATABASES = {"default": _db}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -157,6 +164,9 @@ else:
 
 # Live pages: a viewer gets at most one frame per this many ms (bursts are merged).
 LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
+# After-commit pushes leave from a background publisher thread, not the request
+# thread (portal.live); off only in the test process's in-memory channel layer.
+LIVE_PUBLISH_IN_BACKGROUND = envbool("LIVE_PUBLISH_IN_BACKGROUND", True)
 
 # Alerts (server lost, GPU error, task OOM) are also POSTed here as JSON, after commit.
 ALERT_WEBHOOK_URL = envstr("ALERT_WEBHOOK_URL")
