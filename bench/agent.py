@@ -3,7 +3,7 @@
     .venv/bin/python bench/agent.py [--quick]
 
 Runs against DATABASE_URL (or the embedded PostgreSQL), with real processes:
-daphne, ``manage.py runscheduler`` and simulated-GPU agents.
+the web node (``portal.webserver``), ``manage.py runscheduler`` and simulated-GPU agents.
 
 1. Start latency on an idle simulated cluster (2 agents x 8 GPUs): a task is
    submitted (committed as pending, scheduler woken), placed by the scheduler,
@@ -57,7 +57,7 @@ from django.utils import timezone  # noqa: E402
 from bench import ceilings  # noqa: E402
 from nodes.enrolment import issue_join_token  # noqa: E402
 from nodes.models import GPU, JoinToken, Node  # noqa: E402
-from portal import live  # noqa: E402
+from portal import live, webserver  # noqa: E402
 from scheduling import triggers  # noqa: E402
 from scheduling.models import Allocation, Task  # noqa: E402
 from scheduling.passes import run_pass  # noqa: E402
@@ -102,11 +102,10 @@ class Processes:
         return proc
 
     def web(self, port: int, config: Path) -> None:
-        self.start(f"web-{port}", [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
+        # The web node as `make run` starts it (portal.webserver), one worker per port.
+        self.start(f"web-{port}", webserver.argv("127.0.0.1", port, workers=1, python=PY),
                    PORTAL_CONFIG=str(config), PORTAL_PROCESS_NAME="bench-web", LOG_LEVEL="WARNING",
-                   # Under ASGI every request runs in its own thread: persistent connections
-                   # would pile up (one per thread) until Postgres refuses clients.
-                   DB_CONN_MAX_AGE="0")
+                   DB_POOL_MAX_SIZE=str(webserver.POOL_PER_WORKER))
 
         def up() -> bool:
             with socket.socket() as s:

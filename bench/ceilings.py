@@ -155,7 +155,8 @@ def notify_round_trip_ms(url: str, samples: int = 50, *, spawn: bool = False) ->
             while not stop.is_set():
                 if not select.select([conn.fileno()], [], [], 0.2)[0]:
                     continue
-                for note in conn.notifies(timeout=0, stop_after=100):
+                # Collected first: the connection cannot run a statement while it yields notifies.
+                for note in list(conn.notifies(timeout=0, stop_after=100)):
                     if spawn:
                         subprocess.Popen(["sh", "-c", f"date +%s%N > {marks}/{note.payload}"])
                     else:

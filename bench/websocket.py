@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/websocket.py [--quick] [--viewers 100] [--rounds N] [--redis]
 
-Runs against DATABASE_URL (or the embedded PostgreSQL). Starts one daphne web
-process (channel layer: PostgreSQL, or Redis with --redis / REDIS_URL), opens
-``--viewers`` staff websockets to /ws/cluster/ (the admin console's feed) and
+Runs against DATABASE_URL (or the embedded PostgreSQL). Starts one web
+process as ``make run`` does (``portal.webserver``; channel layer: PostgreSQL,
+or Redis with --redis / REDIS_URL), opens ``--viewers`` staff websockets to /ws/cluster/ (the admin console's feed) and
 then, round after round, commits a new utilisation for one GPU from this
 process and announces it through ``portal.live.gpus_changed`` (as a heartbeat
 or a scheduler pass on another node would). Each viewer notes when a frame with
@@ -50,7 +50,7 @@ from websockets.asyncio.client import connect  # noqa: E402
 
 from bench import ceilings  # noqa: E402
 from nodes.models import GPU, Node, NodeStatus  # noqa: E402
-from portal import live  # noqa: E402
+from portal import live, webserver  # noqa: E402
 
 NODE, USER = "bench-ws", "bench-ws-operator"
 
@@ -61,14 +61,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daphne(port: int, redis_url: str | None, log_path: Path) -> subprocess.Popen:
+def start_web(port: int, redis_url: str | None, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PORTAL_PROCESS_NAME": "bench-ws-web"}
     env.pop("REDIS_URL", None)
     if redis_url:
         env["REDIS_URL"] = redis_url
+    # The web node as `make run` starts it (portal.webserver), with one worker: one
+    # process holds every viewer, as with the single daphne this bench used before.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
-        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        webserver.argv("127.0.0.1", port, workers=1), cwd=ROOT, env=webserver.env(env), stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -76,9 +78,9 @@ def start_daphne(port: int, redis_url: str | None, log_path: Path) -> subprocess
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc
         if proc.poll() is not None:
-            raise SystemExit(f"daphne exited with code {proc.returncode}; see {log_path}")
+            raise SystemExit(f"the web server exited with code {proc.returncode}; see {log_path}")
         time.sleep(0.1)
-    raise SystemExit(f"daphne did not listen on {port} within 60 s; see {log_path}")
+    raise SystemExit(f"the web server did not listen on {port} within 60 s; see {log_path}")
 
 
 def setup() -> tuple[Node, GPU, str]:
@@ -197,7 +199,7 @@ def main() -> None:
     node, gpu, session = setup()
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"bench-websocket-{port}.log"
-    proc = start_daphne(port, args.redis_url, log_path)
+    proc = start_web(port, args.redis_url, log_path)
     try:
         result = asyncio.run(measure(args, f"127.0.0.1:{port}", session, node, gpu))
     finally:

@@ -1,8 +1,9 @@
 """``make run``: the whole system on one machine, in the foreground.
 
 Migrates, makes sure an admin exists (a generated password, printed once),
-seeds the demo data, then starts and supervises the processes: the daphne web
-server, the scheduler (runscheduler), the django-q2 cluster (later: simulated GPU agents). Ctrl-C or
+seeds the demo data, then starts and supervises the processes: the web server
+(``portal.webserver``: granian, HTTP and websockets on one port), the scheduler
+(runscheduler), the django-q2 cluster and simulated GPU agents. Ctrl-C or
 SIGTERM stops them all, and the embedded PostgreSQL if this run started it.
 """
 
@@ -21,6 +22,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+
+from portal import webserver
 
 BASE_DIR = Path(settings.BASE_DIR)
 
@@ -82,7 +85,7 @@ class Command(BaseCommand):
         python = sys.executable
         manage = str(BASE_DIR / "manage.py")
         return [
-            ("web", [python, "-m", "daphne", "-b", host, "-p", str(port), "portal.asgi:application"]),
+            ("web", webserver.argv(host, port, python=python)),
             *self._extra_processes(python, manage, host, port),
         ]
 
@@ -122,6 +125,8 @@ class Command(BaseCommand):
     def _start(self, name: str, argv: list[str]) -> None:
         env = {**os.environ, "PORTAL_PROCESS_NAME": f"gpu-portal-{name}",
                "SERVE_STATIC": os.environ.get("SERVE_STATIC", "true")}
+        if name == "web":
+            env = webserver.env(env)
         proc = subprocess.Popen(argv, cwd=BASE_DIR, env=env, start_new_session=True)
         self.children.append((name, proc))
         self.stdout.write(f"started {name} (pid {proc.pid})")
