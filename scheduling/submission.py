@@ -5,9 +5,9 @@ batch), the portal's submit form and, through the API, the CLI.
 user's tenants with their quotas, the largest server and GPU). ``validate``
 checks one task description and returns either a clean ``TaskSpec`` or field
 errors; it never writes. ``create_tasks`` writes a batch atomically: the
-tenants' quota rows are locked (stable order) while the pending-task limit is
-checked, then tasks and their "submitted" events go in with two bulk inserts,
-and the scheduler is woken after commit.
+tenants' quota rows are locked (stable order), then one statement inserts the
+tasks and their "submitted" events and counts the pending tasks the limit is
+checked against; the scheduler is woken after commit.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models.expressions import RawSQL
+from django.db.models.sql import InsertQuery
+from django.utils import timezone
 
 from portal import live
 from scheduling import triggers
 from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
-from scheduling.models import Task, TaskEvent
+from scheduling.models import Task
 from tenants.models import Membership, Quota, Tenant
 
 # Limits a user can hit (documented in the README, "Limits a user can hit").
@@ -64,14 +67,19 @@ class ClusterLimits:
     def max_task_memory_mb(self) -> int:
         return max(self.largest_gpu_mb - self.safety_margin_mb, 0)
 
+    # Both figures as one array, so the membership query can carry them (SubmitContext.load).
+    SQL = ("SELECT ARRAY[COALESCE(MAX(n), 0), COALESCE(MAX(m), 0)] FROM "
+           "(SELECT COUNT(*) AS n, MAX(memory_total_mb) AS m FROM nodes_gpu GROUP BY node_id) AS per_server")
+
     @classmethod
     def load(cls) -> ClusterLimits:
         with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT COALESCE(MAX(n), 0), COALESCE(MAX(m), 0) FROM "
-                "(SELECT COUNT(*) AS n, MAX(memory_total_mb) AS m FROM nodes_gpu GROUP BY node_id) AS per_server"
-            )
-            n, m = cursor.fetchone()
+            cursor.execute(cls.SQL)
+            return cls.from_array(cursor.fetchone()[0])
+
+    @classmethod
+    def from_array(cls, figures: list[int]) -> ClusterLimits:
+        n, m = figures
         return cls(int(n), int(m), settings.SCHEDULER.memory_safety_margin_mb)
 
 
@@ -91,11 +99,12 @@ class SubmitContext:
 
     @classmethod
     def load(cls, user) -> SubmitContext:
-        tenants = {
-            m.tenant.slug: m.tenant
-            for m in Membership.objects.filter(user=user).select_related("tenant", "tenant__quota")
-        }
-        return cls(user=user, limits=ClusterLimits.load(), memberships=tenants)
+        # One query: the memberships with their tenants and quotas, each row carrying
+        # the cluster limits too (an uncorrelated subquery, computed once).
+        rows = list(Membership.objects.filter(user=user).select_related("tenant", "tenant__quota")
+                    .annotate(cluster_limits=RawSQL(ClusterLimits.SQL, ())))  # noqa: S611 - a constant
+        limits = ClusterLimits.from_array(rows[0].cluster_limits) if rows else ClusterLimits.load()
+        return cls(user=user, limits=limits, memberships={m.tenant.slug: m.tenant for m in rows})
 
     def tenant(self, slug: str) -> Tenant | None:
         if slug in self.memberships:
@@ -319,29 +328,67 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
     with transaction.atomic():
         # The quota rows serialise concurrent submitters of one tenant, so the
         # pending limit holds exactly; other tenants are not held up.
-        quotas = list(Quota.objects.select_for_update().filter(tenant_id__in=wanted).order_by("tenant_id"))
-        for quota in quotas:
-            limit = quota.max_pending_tasks
-            # Bounded count: never scans more than the limit's worth of index entries.
-            pending = Task.objects.filter(tenant_id=quota.tenant_id, status=TaskStatus.PENDING)[: limit + 1].count()
-            if pending + wanted[quota.tenant_id] > limit:
-                slug = next(s.tenant.slug for s in specs if s.tenant.pk == quota.tenant_id)
-                raise SubmitError({"tenant": [
-                    f"Tenant {slug} would have more than {limit} pending tasks (it has {pending}, "
-                    f"this adds {wanted[quota.tenant_id]}); wait for some to start or cancel some."
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = ANY(%s::bigint[]) "
+                           "ORDER BY tenant_id FOR UPDATE", [sorted(wanted)])
+            limits = dict(cursor.fetchall())
+        tasks = [Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
+                      pending_reason="waiting for the scheduler", **spec.values) for spec in specs]
+        # Counted by the same statement that inserts, which starts after the lock above
+        # is held: it sees every task committed by an earlier holder, and not its own.
+        pending = _insert_with_events(tasks, actor, limits)
+        for tenant_id, limit in sorted(limits.items()):
+            if pending[tenant_id] + wanted[tenant_id] > limit:
+                slug = next(s.tenant.slug for s in specs if s.tenant.pk == tenant_id)
+                raise SubmitError({"tenant": [  # raised inside atomic(): the insert is rolled back
+                    f"Tenant {slug} would have more than {limit} pending tasks (it has {pending[tenant_id]}, "
+                    f"this adds {wanted[tenant_id]}); wait for some to start or cancel some."
                 ]})
-        tasks = Task.objects.bulk_create(
-            Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
-                 pending_reason="waiting for the scheduler", **spec.values)
-            for spec in specs
-        )
-        TaskEvent.objects.bulk_create(
-            TaskEvent(task=task, from_status="", to_status=TaskStatus.PENDING, actor=actor, reason="submitted")
-            for task in tasks
-        )
         live.tasks_changed((task.tenant_id, task.pk) for task in tasks)
         triggers.request_pass("submit")
     return tasks
+
+
+# The tasks' INSERT (compiled by Django from the model, so every field and default
+# is the ORM's), their "submitted" events and each tenant's bounded pending count,
+# in one statement: one round trip for any number of tasks.
+_INSERT_WITH_EVENTS = """
+WITH new_task AS ({insert} RETURNING id),
+event AS (
+    INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
+    SELECT id, '', %s, %s, 'submitted', %s FROM new_task
+),
+pending AS (
+    SELECT q.tenant_id, (SELECT count(*) FROM (
+        SELECT 1 FROM scheduling_task t WHERE t.tenant_id = q.tenant_id AND t.status = %s LIMIT q.lim + 1
+    ) AS bounded) AS n
+    FROM unnest(%s::bigint[], %s::bigint[]) AS q(tenant_id, lim)
+)
+SELECT id, NULL, NULL FROM new_task
+UNION ALL
+SELECT NULL, tenant_id, n FROM pending
+"""
+
+
+def _insert_with_events(tasks: list[Task], actor: str, limits: dict[int, int]) -> dict[int, int]:
+    """Insert ``tasks`` (setting their ids) with their events; returns the tenants'
+    pending-task counts from before the insert, each counted up to its limit + 1."""
+    fields = [f for f in Task._meta.concrete_fields if not f.primary_key and not f.generated]
+    query = InsertQuery(Task)
+    query.insert_values(fields, tasks)
+    (insert, params), = query.get_compiler(connection=connection).as_sql()
+    tenant_ids = sorted(limits)
+    with connection.cursor() as cursor:
+        cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
+            *params, TaskStatus.PENDING, actor, timezone.now(),
+            TaskStatus.PENDING, tenant_ids, [limits[t] for t in tenant_ids],
+        ])
+        rows = cursor.fetchall()
+    ids = [task_id for task_id, _, _ in rows if task_id is not None]
+    for task, task_id in zip(tasks, ids, strict=True):
+        task.pk = task_id
+        task._state.adding, task._state.db = False, connection.alias
+    return {tenant_id: n for task_id, tenant_id, n in rows if task_id is None}
 
 
 def submit(ctx: SubmitContext, data: Any) -> Task:

@@ -48,7 +48,7 @@ def test_a_token_revoked_here_is_refused_by_another_web_process_on_its_next_requ
         assert web.get("/api/v1/quota").status_code == 401
 
         # A user disabled from a shell counts the same.
-        other, secret2 = create_token(alice, "ci")
+        _, secret2 = create_token(alice, "ci")
         web.headers["Authorization"] = f"Token {secret2}"
         assert web.get("/api/v1/quota").status_code == 200
         get_user_model().objects.filter(pk=alice.pk).update(is_active=False)
