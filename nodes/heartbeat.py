@@ -1,6 +1,8 @@
-"""Heartbeat ingestion: one agent report becomes a handful of statements.
+"""Heartbeat ingestion: one agent report becomes two statements in the usual case.
 
-GPU rows are updated with one UPDATE statement per report (created on first
+The GPUs are read, then the server's row and every GPU's metrics are written by
+one statement (its own transaction); a report that adds GPUs or cordons one takes
+the longer path, in one transaction. GPU rows are updated set-based (created on first
 report), the server's ``last_heartbeat_at`` is the *database* clock (agent
 clocks may be wrong), and a GPU that reports new uncorrected ECC errors or a
 critical Xid error is cordoned with the reason and raises an Alert. Pushes and
@@ -53,6 +55,11 @@ FROM (SELECT id, status FROM nodes_node WHERE id = %s FOR UPDATE) AS o
 WHERE n.id = o.id
 RETURNING o.status
 """
+
+# Both in one statement (each a data-modifying CTE): the usual heartbeat's one round trip.
+_TOUCH_AND_UPDATE_METRICS = (
+    f"WITH touched AS ({_TOUCH_NODE}), metrics AS ({_UPDATE_METRICS}) SELECT status FROM touched"  # noqa: S608
+)
 
 # Live GPU views are refreshed at most once a second per web process, for all the
 # servers heard from meanwhile: 1,000 servers must not mean 200 pushes a second.
@@ -128,6 +135,51 @@ def _error_reason(gpu: GPU, report: dict[str, Any]) -> str:
     return "; ".join(reasons)
 
 
+def _apply_reports(node: Node, existing: dict[int, GPU], reports: list[dict[str, Any]],
+                   ) -> tuple[list[GPU], list[GPU], list[tuple[GPU, str]]]:
+    """The reported values set on the GPU objects: (to update, to create, to cordon with why)."""
+    to_update: list[GPU] = []
+    to_create: list[GPU] = []
+    errored: list[tuple[GPU, str]] = []
+    for report in reports:
+        gpu = existing.get(report["index"])
+        new = gpu is None
+        if new:
+            gpu = GPU(node_id=node.pk, index=report["index"])
+            gpu.ecc_errors = 0
+        reason = _error_reason(gpu, report)
+        gpu.uuid = report["uuid"]
+        gpu.model_name = report["name"][:100]
+        gpu.memory_total_mb = report["memory_total_mb"]
+        gpu.memory_used_mb = report["memory_used_mb"]
+        gpu.utilization_pct = report["utilization_pct"]
+        gpu.temperature_c = report["temperature_c"]
+        gpu.power_w = report["power_w"]
+        gpu.ecc_errors = report["ecc_errors"]
+        gpu.retired_pages = report["retired_pages"]
+        if reason:
+            gpu.health = GPUHealth.ERROR
+        elif gpu.health != GPUHealth.ERROR:
+            gpu.health = GPUHealth.WARNING if report.get("retired_pages_pending") else GPUHealth.OK
+        (to_create if new else to_update).append(gpu)
+        if reason:
+            errored.append((gpu, reason))
+    return to_update, to_create, errored
+
+
+def _touch_params(node: Node, data: dict[str, Any]) -> list[Any]:
+    return [(data.get("agent_version") or "")[:50], (data.get("hostname") or "")[:255], node.pk]
+
+
+def _touch_and_update_metrics(node: Node, data: dict[str, Any], gpus: list[GPU]) -> str:
+    """``_TOUCH_NODE`` and ``_UPDATE_METRICS`` as one statement (one round trip); the old status."""
+    with connection.cursor() as cursor:
+        cursor.execute(_TOUCH_AND_UPDATE_METRICS,
+                       [*_touch_params(node, data), *[[getattr(g, c) for g in gpus] for c in _METRIC_COLUMNS]])
+        (old_status,) = cursor.fetchone()
+    return old_status
+
+
 def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
     result = HeartbeatResult()
     reports = data["gpus"]
@@ -141,44 +193,28 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
             errors = {f"gpus[{i}].uuid": [f"{g['uuid']} belongs to server {taken[g['uuid']]}"]
                       for i, g in enumerate(reports) if g["uuid"] in taken}
             raise HeartbeatRejected(errors)
+    to_update, to_create, errored = _apply_reports(node, existing, reports)
     try:
+        if not to_create and not errored:
+            # The usual report: the server's row and its GPUs' metrics in one statement,
+            # its own transaction (no BEGIN/COMMIT round trips); pushes and the wake-up
+            # below then run at once, after that commit.
+            old_status = _touch_and_update_metrics(node, data, to_update)
+            result.came_online = old_status == NodeStatus.OFFLINE
+            result.updated_gpus = len(to_update)
+            _gpus_changed(node.pk, urgent=result.came_online)
+            if result.came_online:
+                triggers.request_pass(f"server {node.name} online")
+            return result
         with transaction.atomic():
             with connection.cursor() as cursor:
-                cursor.execute(_TOUCH_NODE, [(data.get("agent_version") or "")[:50],
-                                             (data.get("hostname") or "")[:255], node.pk])
+                cursor.execute(_TOUCH_NODE, _touch_params(node, data))
                 (old_status,) = cursor.fetchone()
-            result.came_online = old_status == NodeStatus.OFFLINE
-
-            to_update: list[GPU] = []
-            to_create: list[GPU] = []
-            errored: list[tuple[GPU, str]] = []
-            for report in reports:
-                gpu = existing.get(report["index"])
-                new = gpu is None
-                if new:
-                    gpu = GPU(node_id=node.pk, index=report["index"])
-                    gpu.ecc_errors = 0
-                reason = _error_reason(gpu, report)
-                gpu.uuid = report["uuid"]
-                gpu.model_name = report["name"][:100]
-                gpu.memory_total_mb = report["memory_total_mb"]
-                gpu.memory_used_mb = report["memory_used_mb"]
-                gpu.utilization_pct = report["utilization_pct"]
-                gpu.temperature_c = report["temperature_c"]
-                gpu.power_w = report["power_w"]
-                gpu.ecc_errors = report["ecc_errors"]
-                gpu.retired_pages = report["retired_pages"]
-                if reason:
-                    gpu.health = GPUHealth.ERROR
-                elif gpu.health != GPUHealth.ERROR:
-                    gpu.health = GPUHealth.WARNING if report.get("retired_pages_pending") else GPUHealth.OK
-                (to_create if new else to_update).append(gpu)
-                if reason:
-                    errored.append((gpu, reason))
             if to_update:
                 _update_metrics(to_update)
             if to_create:
                 GPU.objects.bulk_create(to_create)
+            result.came_online = old_status == NodeStatus.OFFLINE
             for gpu, reason in errored:
                 gpu.cordon(f"auto: {reason}")
                 raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,
