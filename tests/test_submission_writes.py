@@ -50,3 +50,22 @@ def test_a_batch_over_the_pending_limit_leaves_neither_tasks_nor_events(alice, a
     assert "it has 3, this adds 2" in refused.value.errors["tenant"][0]
     assert Task.objects.filter(tenant=acme).count() == 3
     assert TaskEvent.objects.filter(task__tenant=acme).count() == 3
+
+
+def test_the_submit_context_is_one_query_with_tenants_quotas_and_cluster_limits(alice, carol, globex, staff, servers):
+    from tenants.models import Membership
+
+    Membership.objects.create(user=alice, tenant=globex)
+    Quota.objects.filter(tenant=globex).delete()
+    with CaptureQueriesContext(connection) as queries:
+        ctx = submission.SubmitContext.load(alice)
+    assert len(queries.captured_queries) == 1
+    assert sorted(ctx.memberships) == ["acme", "globex"]
+    acme = ctx.memberships["acme"]
+    assert acme.quota == Quota.objects.get(tenant=acme) and acme.quota.max_priority == Quota.objects.get(
+        tenant=acme).max_priority
+    assert submission._quota(ctx.memberships["globex"]) is None  # no quota: refused by validate, as before
+    assert (ctx.limits.max_gpus_per_server, ctx.limits.largest_gpu_mb) == (8, 81_559)
+
+    nobody = submission.SubmitContext.load(staff)  # staff, member of no tenant: the limits all the same
+    assert nobody.memberships == {} and nobody.limits == ctx.limits
