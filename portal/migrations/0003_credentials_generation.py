@@ -1,7 +1,7 @@
 """A credentials generation: a number that changes, in the same transaction, whenever
 anything that decides whether a token is accepted changes (a token revoked, expired,
 deleted or re-issued; a user disabled, demoted or deleted; a server renamed, deleted
-or given a new token). Web processes cache verified tokens only for as long as this
+or given a new token or another status). Web processes cache verified tokens only for as long as this
 number is unchanged, so a revocation refuses the very next request in every process
 (``portal.tokens.VerifiedTokens``).
 
@@ -43,9 +43,10 @@ CREATE TRIGGER user_credentials_changed AFTER UPDATE ON auth_user FOR EACH ROW
 CREATE TRIGGER user_credentials_removed AFTER DELETE OR TRUNCATE ON auth_user FOR EACH STATEMENT
     EXECUTE FUNCTION portal_bump_credentials_generation();
 
--- Servers: heartbeats update their row all the time; only the token and the name count.
+-- Servers: any change but what every heartbeat writes (a status change counts).
 CREATE TRIGGER node_credentials_changed AFTER UPDATE ON nodes_node FOR EACH ROW
-    WHEN ((OLD.token_prefix, OLD.token_digest, OLD.name) IS DISTINCT FROM (NEW.token_prefix, NEW.token_digest, NEW.name))
+    WHEN (to_jsonb(OLD) - '{last_heartbeat_at,updated_at,agent_version,hostname}'::text[]
+          IS DISTINCT FROM to_jsonb(NEW) - '{last_heartbeat_at,updated_at,agent_version,hostname}'::text[])
     EXECUTE FUNCTION portal_bump_credentials_generation();
 CREATE TRIGGER node_credentials_removed AFTER DELETE OR TRUNCATE ON nodes_node FOR EACH STATEMENT
     EXECUTE FUNCTION portal_bump_credentials_generation();
