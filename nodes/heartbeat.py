@@ -5,8 +5,11 @@ one statement (its own transaction); a report that adds GPUs or cordons one take
 the longer path, in one transaction. GPU rows are updated set-based (created on first
 report), the server's ``last_heartbeat_at`` is the *database* clock (agent
 clocks may be wrong), and a GPU that reports new uncorrected ECC errors or a
-critical Xid error is cordoned with the reason and raises an Alert. Pushes and
-the scheduler wake-up go out after commit.
+critical Xid error is cordoned with the reason and raises an Alert. The
+inventory is checked against what the portal knows: a GPU the agent stops
+reporting, or whose UUID changes at its index, is cordoned at once with the
+reason and an Alert (never silently given to a task or accepted). Pushes and the
+scheduler wake-up go out after commit.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
-from portal import live
+from portal import hearing, live
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
@@ -49,7 +52,7 @@ UPDATE nodes_node AS n SET
     last_heartbeat_at = statement_timestamp(), updated_at = statement_timestamp(),
     agent_version = COALESCE(NULLIF(%s, ''), n.agent_version),
     hostname = COALESCE(NULLIF(%s, ''), n.hostname),
-    status = CASE WHEN o.status = 'offline' THEN 'active' ELSE n.status END,
+    status = CASE WHEN o.status = 'offline' THEN n.intent ELSE n.status END,
     status_reason = CASE WHEN o.status = 'offline' THEN 'heartbeat received' ELSE n.status_reason END
 FROM (SELECT id, status FROM nodes_node WHERE id = %s FOR UPDATE) AS o
 WHERE n.id = o.id
@@ -182,7 +185,8 @@ def _touch_and_update_metrics(node: Node, data: dict[str, Any], gpus: list[GPU])
 
 # In the model's field order, as Model.from_db expects of a partial row.
 _KNOWN_COLUMNS = tuple(f.attname for f in GPU._meta.concrete_fields
-                       if f.attname in {"id", "index", "uuid", "ecc_errors", "health", "node_id"})
+                       if f.attname in {"id", "index", "uuid", "ecc_errors", "health", "node_id", "cordoned",
+                                        "cordon_reason"})
 _KNOWN_GPUS = f"SELECT {', '.join(_KNOWN_COLUMNS)} FROM nodes_gpu WHERE node_id = %s"  # noqa: S608 - constants
 _INDEX_AT = _KNOWN_COLUMNS.index("index")
 
@@ -196,10 +200,28 @@ def _known_gpus(node_id: int) -> dict[int, GPU]:
         return {row[_INDEX_AT]: GPU.from_db(connection.alias, _KNOWN_COLUMNS, row) for row in cursor.fetchall()}
 
 
+def _inventory_changes(existing: dict[int, GPU], reports: list[dict[str, Any]]) -> list[tuple[GPU, str]]:
+    """GPUs the report contradicts: gone from it, or another UUID at their index."""
+    reported = {r["index"]: r["uuid"] for r in reports}
+    changes = []
+    for index, gpu in sorted(existing.items()):
+        if index not in reported:
+            if not (gpu.cordoned and gpu.cordon_reason.startswith(VANISHED)):
+                changes.append((gpu, f"{VANISHED} (was {gpu.uuid}); uncordon it once it is back"))
+        elif reported[index] != gpu.uuid:
+            changes.append((gpu, f"UUID changed at index {index} from {gpu.uuid} to {reported[index]}: another "
+                                 "card or a remapped index; check the server before uncordoning"))
+    return changes
+
+
+VANISHED = "auto: no longer reported by the agent"
+
+
 def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
     result = HeartbeatResult()
     reports = data["gpus"]
     existing = _known_gpus(node.pk)
+    inventory = _inventory_changes(existing, reports)
     # Only a GPU new to this server (or whose UUID changed) can collide with another server's.
     fresh = [g["uuid"] for g in reports if g["index"] not in existing or existing[g["index"]].uuid != g["uuid"]]
     if fresh:
@@ -210,7 +232,7 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
             raise HeartbeatRejected(errors)
     to_update, to_create, errored = _apply_reports(node, existing, reports)
     try:
-        if not to_create and not errored:
+        if not to_create and not errored and not inventory:
             # The usual report: the server's row and its GPUs' metrics in one statement,
             # its own transaction (no BEGIN/COMMIT round trips); pushes and the wake-up
             # below then run at once, after that commit.
@@ -220,30 +242,46 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
             _gpus_changed(node.pk, urgent=result.came_online)
             if result.came_online:
                 triggers.request_pass(f"server {node.name} online")
-            return result
-        with transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute(_TOUCH_NODE, _touch_params(node, data))
-                (old_status,) = cursor.fetchone()
-            if to_update:
-                _update_metrics(to_update)
-            if to_create:
-                GPU.objects.bulk_create(to_create)
-            result.came_online = old_status == NodeStatus.OFFLINE
-            for gpu, reason in errored:
-                gpu.cordon(f"auto: {reason}")
-                raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,
-                            gpu=gpu)
-                result.cordoned.append(f"{gpu.index}")
-            result.created_gpus, result.updated_gpus = len(to_create), len(to_update)
-            _gpus_changed(node.pk, urgent=bool(result.came_online or errored or to_create))
-            if result.came_online:
-                triggers.request_pass(f"server {node.name} online")
-            elif errored:
-                triggers.request_pass(f"server {node.name}: GPU cordoned")
+        else:
+            _ingest_in_transaction(node, data, result, to_update, to_create, errored, inventory)
     except IntegrityError as exc:
         # Two GPUs swapped UUIDs between reports, or a concurrent report: the whole
         # heartbeat is rolled back and the agent's next one tries again.
         detail = f"conflicts with the stored GPU layout ({exc.__class__.__name__})"
         raise HeartbeatRejected({"gpus": [detail]}) from None
+    # Evidence that the portal hears agents (after commit: never a lock held with it).
+    hearing.heard()
     return result
+
+
+def _ingest_in_transaction(node: Node, data: dict[str, Any], result: HeartbeatResult, to_update: list[GPU],
+                           to_create: list[GPU], errored: list[tuple[GPU, str]],
+                           inventory: list[tuple[GPU, str]]) -> None:
+    """A report that adds GPUs or cordons some: one transaction, several statements."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(_TOUCH_NODE, _touch_params(node, data))
+            (old_status,) = cursor.fetchone()
+        if to_update:
+            _update_metrics(to_update)
+        if to_create:
+            GPU.objects.bulk_create(to_create)
+        result.came_online = old_status == NodeStatus.OFFLINE
+        for gpu, reason in errored:
+            gpu.cordon(f"auto: {reason}")
+            raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,
+                        gpu=gpu)
+            result.cordoned.append(f"{gpu.index}")
+        for gpu, reason in inventory:
+            gpu.cordon(reason if reason.startswith(VANISHED) else f"auto: {reason}")
+            raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,
+                        gpu=gpu)
+            if str(gpu.index) not in result.cordoned:
+                result.cordoned.append(f"{gpu.index}")
+        errored = errored + inventory
+        result.created_gpus, result.updated_gpus = len(to_create), len(to_update)
+        _gpus_changed(node.pk, urgent=bool(result.came_online or errored or to_create))
+        if result.came_online:
+            triggers.request_pass(f"server {node.name} online")
+        elif errored:
+            triggers.request_pass(f"server {node.name}: GPU cordoned")

@@ -50,7 +50,7 @@ def matches(token: str, stored_digest: str) -> bool:
 
 
 def credentials_generation() -> int | None:
-    """The current credentials generation (migration ``portal.0003``), or None if unknown.
+    """The current credentials generation (migration ``portal.0004``), or None if unknown.
 
     Read in the caller's transaction, so a revocation it made itself counts at once.
     """

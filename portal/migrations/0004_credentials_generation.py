@@ -68,7 +68,7 @@ DROP SEQUENCE IF EXISTS portal_credentials_generation_seq;
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('portal', '0002_metric_counter'),
+        ('portal', '0003_hearing_and_mass_silence_alert'),
         ('tenants', '0001_initial'),
         ('nodes', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
