@@ -3,7 +3,7 @@
     .venv/bin/python bench/agent.py [--quick]
 
 Runs against DATABASE_URL (or the embedded PostgreSQL), with real processes:
-daphne, ``manage.py runscheduler`` and simulated-GPU agents.
+the web node (``portal.webserver``), ``manage.py runscheduler`` and simulated-GPU agents.
 
 1. Start latency on an idle simulated cluster (2 agents x 8 GPUs): a task is
    submitted (committed as pending, scheduler woken), placed by the scheduler,
@@ -14,6 +14,11 @@ daphne, ``manage.py runscheduler`` and simulated-GPU agents.
    generator posts heartbeats over HTTP as fast as the web processes take them
    while scheduling passes run beside them (pass time compared with and without
    the load).
+
+Beside the figures, the raw ceilings measured in the same run (``bench.ceilings``)
+and the ratios to them (keys ending ``_ratio``): for the start latency, a commit +
+NOTIFY answered by a listener that starts a process; for heartbeats, one set-based
+UPDATE of 8 GPU rows + COMMIT per round trip.
 
 Everything the bench creates (tenant "bench", servers "bench-*") is removed at the end.
 The last line printed is one JSON object of the figures.
@@ -46,12 +51,14 @@ django.setup()
 import logging  # noqa: E402
 
 import httpx  # noqa: E402
+from django.core.management import call_command  # noqa: E402
 from django.db import transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
+from bench import ceilings  # noqa: E402
 from nodes.enrolment import issue_join_token  # noqa: E402
 from nodes.models import GPU, JoinToken, Node  # noqa: E402
-from portal import live  # noqa: E402
+from portal import live, webserver  # noqa: E402
 from scheduling import triggers  # noqa: E402
 from scheduling.models import Allocation, Task  # noqa: E402
 from scheduling.passes import run_pass  # noqa: E402
@@ -96,11 +103,10 @@ class Processes:
         return proc
 
     def web(self, port: int, config: Path) -> None:
-        self.start(f"web-{port}", [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
+        # The web node as `make run` starts it (portal.webserver), one worker per port.
+        self.start(f"web-{port}", webserver.argv("127.0.0.1", port, workers=1, python=PY),
                    PORTAL_CONFIG=str(config), PORTAL_PROCESS_NAME="bench-web", LOG_LEVEL="WARNING",
-                   # Under ASGI every request runs in its own thread: persistent connections
-                   # would pile up (one per thread) until Postgres refuses clients.
-                   DB_CONN_MAX_AGE="0")
+                   DB_POOL_MAX_SIZE=str(webserver.POOL_PER_WORKER))
 
         def up() -> bool:
             with socket.socket() as s:
@@ -297,6 +303,8 @@ def main() -> None:
     parser.add_argument("--web", type=int, default=2, help="web processes taking heartbeats (default 2)")
     args = parser.parse_args()
     seconds = 15 if args.quick else 60
+    # A clean clone's database has no tables yet: bring it to the current schema first.
+    call_command("migrate", interactive=False, verbosity=0)
     cleanup()
     tmp = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     work_root = Path(tempfile.mkdtemp(prefix="bench-agent-work-"))  # enterable by the tasks' accounts
@@ -318,6 +326,17 @@ def main() -> None:
         procs.stop_all()
         cleanup()
         shutil.rmtree(work_root, ignore_errors=True)
+    url = ceilings.database_url()
+    raw_start = ceilings.notify_round_trip_ms(url, 50, spawn=True)
+    raw_rows = ceilings.heartbeat_rows_per_s(url, 4, args.servers)
+    print(f"raw ceilings: commit+NOTIFY -> process started p50 {raw_start['p50_ms']} ms; "
+          f"set-based 8-row UPDATE+COMMIT {raw_rows:,.0f} GPU rows/s over 4 connections", flush=True)
+    results.update({
+        "raw_notify_to_process_ms_p50": raw_start["p50_ms"],
+        "start_latency_ms_p50_ratio": ceilings.ratio(results["start_latency_ms_p50"], raw_start["p50_ms"]),
+        "raw_heartbeat_gpu_rows_per_s": round(raw_rows),
+        "heartbeat_gpu_rows_per_s_ratio": ceilings.ratio(results["heartbeat_gpu_rows_per_s"], raw_rows),
+    })
     print(json.dumps(results))
 
 

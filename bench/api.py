@@ -1,9 +1,10 @@
-"""Submit throughput and latency of the users' API, through real daphne processes.
+"""Submit throughput and latency of the users' API, through real web processes.
 
-    .venv/bin/python bench/api.py [--quick] [--web N] [--connections C] [--seconds S]
+    .venv/bin/python bench/api.py [--quick] [--web N] [--connections C] [--seconds S] [--server daphne]
 
-Starts N daphne processes sharing one listening socket on loopback (the way
-several web nodes sit behind a load balancer), against DATABASE_URL (or the
+Starts the web node as ``make run`` does (``portal.webserver``: granian with N
+worker processes on one port; ``--server daphne``: N daphne processes sharing one
+listening socket, for comparison) on loopback, against DATABASE_URL (or the
 embedded PostgreSQL), creates bench tenants/users/tokens and one 8-GPU server,
 then drives them from separate load-generator processes over keep-alive HTTP:
 
@@ -13,7 +14,9 @@ then drives them from separate load-generator processes over keep-alive HTTP:
 
 The per-token throttle stays in the path with a high limit. Everything the bench
 created is deleted at the end. Last line: one JSON object with submits_per_s,
-submit_p95_ms, batch_tasks_per_s (and details).
+submit_p95_ms, batch_tasks_per_s (and details), with the raw ceiling measured
+in the same run (``bench.ceilings``: one-row INSERT + COMMIT from as many
+connections as the clients) and the ratios to it (keys ending ``_ratio``).
 """
 
 from __future__ import annotations
@@ -119,16 +122,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_web(n: int, redis_url: str | None = None) -> tuple[int, list[subprocess.Popen], socket.socket]:
+def start_web(n: int, redis_url: str | None = None, server: str = "granian",
+              ) -> tuple[int, list[subprocess.Popen], socket.socket | None]:
+    """``n`` web processes on one port: the web node as ``make run`` starts it
+    (``portal.webserver``, granian with n workers), or n daphne processes sharing one
+    listening socket (``--server daphne``, for comparison)."""
+    from portal import webserver
+
+    env = {**os.environ, "API_RATE_LIMIT": "1000000", "API_RATE_BURST": "1000000",
+           "PORTAL_PROCESS_NAME": "gpu-portal-bench-web", "LOG_LEVEL": "WARNING"}
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    env = webserver.env(env)  # the same connection pool for both servers
+    if server == "granian":
+        port = _free_port()
+        proc = subprocess.Popen(webserver.argv("127.0.0.1", port, n), cwd=ROOT, env=env, start_new_session=True)
+        return port, [proc], None
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
-    env = {**os.environ, "API_RATE_LIMIT": "1000000", "API_RATE_BURST": "1000000",
-           "PORTAL_PROCESS_NAME": "gpu-portal-bench-web"}
-    if redis_url:
-        env["REDIS_URL"] = redis_url
     procs = [
         subprocess.Popen([sys.executable, "-m", "daphne", "-v", "0", "--fd", str(sock.fileno()),
                           "portal.asgi:application"], cwd=ROOT, env=env, pass_fds=[sock.fileno()],
@@ -221,8 +235,10 @@ def cpu_seconds(procs: list[subprocess.Popen]) -> float:
     total = 0.0
     for p in procs:
         try:
-            t = psutil.Process(p.pid).cpu_times()
-            total += t.user + t.system
+            parent = psutil.Process(p.pid)
+            for proc in (parent, *parent.children(recursive=True)):  # a server's worker processes too
+                t = proc.cpu_times()
+                total += t.user + t.system
         except psutil.NoSuchProcess:
             pass
     return total
@@ -238,23 +254,27 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short phases (well under 3 minutes)")
-    parser.add_argument("--web", type=int, default=max(2, os.cpu_count() or 2), help="daphne processes")
+    parser.add_argument("--web", type=int, default=max(2, os.cpu_count() or 2), help="web processes")
     parser.add_argument("--connections", type=int, default=8, help="concurrent single-submit connections")
     parser.add_argument("--seconds", type=float, help="length of each phase")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--batch-connections", type=int, default=2)
+    parser.add_argument("--server", choices=("granian", "daphne"), default="granian",
+                        help="granian: the web node of make run (default); daphne: the ASGI server it replaced")
     parser.add_argument("--redis", action="store_true",
                         help="run the Channels layer on a local redis-server instead of PostgreSQL")
     args = parser.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 30.0)
 
     setup_django()
+    from bench import ceilings
+
     tokens, _ = make_fixtures(max(args.connections, args.batch_connections))
     from django.db import connection
 
     connection.close()  # no DB connection is inherited by the forked load generators
     redis = start_redis() if args.redis else None
-    port, web, sock = start_web(args.web, redis[0] if redis else None)
+    port, web, sock = start_web(args.web, redis[0] if redis else None, args.server)
     try:
         wait_ready(port, tokens[0][0])
         # Warm every web process (connections, imports) before measuring.
@@ -286,14 +306,20 @@ def main() -> None:
               f"p95 {pct(blat, 95) * 1000:.0f} ms; errors {berrors}", flush=True)
     finally:
         stop_web(web)
-        sock.close()
+        if sock is not None:
+            sock.close()
         if redis:
             redis[1].terminate()
             redis[1].wait()
         connection.close()
         cleanup()
+    raw_commits = ceilings.single_commits_per_s(ceilings.database_url(), args.connections)
+    print(f"raw ceiling: {raw_commits:,.0f} one-row commits/s over {args.connections} connections "
+          f"(submits at {submits_per_s / raw_commits:.1%} of it)", flush=True)
     print(json.dumps({
         "submits_per_s": round(submits_per_s, 1),
+        "raw_single_commits_per_s": round(raw_commits, 1),
+        "submits_per_s_ratio": ceilings.ratio(submits_per_s, raw_commits),
         "submit_p95_ms": round(pct(lat, 95) * 1000, 2),
         "submit_p50_ms": round(pct(lat, 50) * 1000, 2),
         "submit_errors": errors,
@@ -302,6 +328,7 @@ def main() -> None:
         "batch_tasks_per_s": round(batch_tasks_per_s, 1),
         "batch_size": args.batch_size,
         "web_processes": args.web,
+        "server": args.server,
         "connections": args.connections,
         "cpus": os.cpu_count(),
         "channel_layer": "redis" if args.redis else "postgres",

@@ -9,7 +9,11 @@ or constraints), runs the same pass a few times and prints each task's fastest d
 time (median and p99, µs; the fastest of several runs filters out the noise of other
 processes on a shared machine), the same for the placed tasks alone, and the pass time.
 No database: this measures the core alone; ``bench/scheduler.py`` measures passes end to
-end and reuses ``build_snapshot`` from here. The last line is one JSON object.
+end and reuses ``build_snapshot`` from here. Beside the figures: the raw ceiling
+measured in the same run, a naive first-fit over the same snapshot in plain Python
+(queue order, servers bucketed by free GPUs, no quota, fit, score or backfill), and
+the ratio of the core's mean decision time to its mean (``decision_us_mean_ratio``). The
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -129,6 +133,28 @@ def build_snapshot(servers: int = 200, gpus_per_server: int = 8, tasks: int = 30
     return Snapshot(now=now, config=config, nodes=nodes, tenants=tenants, running=running, pending=pending)
 
 
+def first_fit_us(snap: Snapshot, runs: int) -> float:
+    """Mean µs per task (fastest run) of the simplest placement there is, the floor under
+    any real policy: servers kept in buckets by free GPU count, each task takes the
+    first server of the smallest bucket that fits (at most 9 bucket looks per task)."""
+    best = float("inf")
+    ordered = queue_order(snap.pending)
+    most = max((len(n.gpus) for n in snap.nodes), default=0)
+    for _ in range(runs):
+        buckets: list[list[int]] = [[] for _ in range(most + 1)]
+        for n in snap.nodes:
+            if n.schedulable:
+                buckets[sum(1 for g in n.gpus if g.schedulable and not g.exclusive_taken)].append(n.id)
+        t0 = time.perf_counter()
+        for task in ordered:
+            for free in range(task.gpu_count, most + 1):
+                if buckets[free]:
+                    buckets[free - task.gpu_count].append(buckets[free].pop())
+                    break
+        best = min(best, (time.perf_counter() - t0) / len(ordered))
+    return best * 1e6
+
+
 def measure(servers: int, tasks: int, runs: int, config: SchedulerConfig) -> dict:
     """Run the same pass ``runs`` times and keep each task's fastest decision.
 
@@ -163,6 +189,7 @@ def measure(servers: int, tasks: int, runs: int, config: SchedulerConfig) -> dic
         "placed_decision_us_median": round(statistics.median(placed_us), 2),
         "placed_decision_us_p99": p99(placed_us),
         "core_pass_ms": round(min(passes) * 1e3, 2),
+        "raw_first_fit_us": round(first_fit_us(snap, runs), 2),
     }
 
 
@@ -187,10 +214,14 @@ def main() -> None:
               f"decision median {res['decision_us_median']:>6.2f} µs, p99 {res['decision_us_p99']:>7.2f} µs, "
               f"mean {res['decision_us_mean']:>6.2f} µs; "
               f"placed tasks median {res['placed_decision_us_median']:>6.2f} µs, "
-              f"p99 {res['placed_decision_us_p99']:>7.2f} µs; core pass {res['core_pass_ms']:>8.2f} ms")
+              f"p99 {res['placed_decision_us_p99']:>7.2f} µs; core pass {res['core_pass_ms']:>8.2f} ms; "
+              f"raw ceiling (naive first-fit) {res['raw_first_fit_us']:.2f} µs per task")
     head = results[0]
     print(json.dumps({
         "decision_us_median": head["decision_us_median"], "decision_us_p99": head["decision_us_p99"],
+        "raw_first_fit_us": head["raw_first_fit_us"],
+        "decision_us_mean": head["decision_us_mean"],
+        "decision_us_mean_ratio": round(head["decision_us_mean"] / head["raw_first_fit_us"], 2),
         "gpus": head["gpus"], "tasks": head["tasks"], "sizes": results,
     }))
 

@@ -15,6 +15,12 @@ four priorities, online and batch, a fifth of them shared), then measures:
 - submit-to-allocated latency for one task on an idle cluster, through a real
   ``manage.py runscheduler`` process woken by NOTIFY (p50, p99).
 
+Beside them, the raw ceilings measured in the same run, and the ratios to them
+(keys ending ``_ratio``): the same placements the pass made, written by three
+set-based statements (tasks, allocations, events: every constraint in place) and
+one commit; and a commit + NOTIFY answered by a listener's committed row
+(``bench.ceilings``), the floor under submit -> allocated.
+
 The last line printed is one JSON object with the figures of the 1,600-GPU case.
 """
 
@@ -170,6 +176,41 @@ def throughput(runs: int) -> dict:
     }
 
 
+def raw_bulk_placements(runs: int) -> float:
+    """Placements/s when the placements the last pass made are written by plain set-based SQL.
+
+    Same tables, same constraints (the exclusion constraint included), same rows; no
+    snapshot, no core, no ORM. Leaves the cluster as the pass left it.
+    """
+    from django.db import connection, transaction
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT task_id, gpu_id, node_id, memory_mb, exclusive FROM scheduling_allocation "
+                       "WHERE released_at IS NULL ORDER BY id")
+        allocations = cursor.fetchall()
+        cursor.execute("SELECT id, node_id FROM scheduling_task WHERE status = 'assigned' ORDER BY id")
+        tasks = cursor.fetchall()
+    columns = [list(c) for c in zip(*allocations, strict=True)]
+    task_ids, node_ids = [t for t, _ in tasks], [n for _, n in tasks]
+    rates = []
+    for _ in range(runs):
+        reset_to_pending()
+        t0 = time.perf_counter()
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("UPDATE scheduling_task AS t SET status = 'assigned', node_id = v.node_id, "
+                           "assigned_at = now(), pending_reason = '' "
+                           "FROM unnest(%s::bigint[], %s::bigint[]) AS v(id, node_id) WHERE t.id = v.id",
+                           [task_ids, node_ids])
+            cursor.execute("INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, "
+                           "allocated_at) SELECT *, now() FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], "
+                           "%s::int[], %s::bool[])", columns)
+            cursor.execute("INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, "
+                           "created_at) SELECT id, 'pending', 'assigned', 'bench', 'raw', now() "
+                           "FROM unnest(%s::bigint[]) AS id", [task_ids])
+        rates.append(len(task_ids) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
 def latency(samples: int, db_url: str) -> dict:
     """Submit one task at a time to an idle cluster; time until its allocation is committed."""
     import psycopg
@@ -241,6 +282,8 @@ def main() -> None:
 
     from django.core.management import call_command
 
+    from bench import ceilings
+
     logging.getLogger("django-q").setLevel(logging.WARNING)
     logging.getLogger("channels_postgres").setLevel(logging.ERROR)  # "group does not exist": nobody listens here
 
@@ -260,12 +303,19 @@ def main() -> None:
               f"then {t['notify_ms']:.1f} ms of after-commit pushes to agents/websockets", flush=True)
         print(f"pass on a full cluster ({tasks - t['placements']} left pending): {t['full_pass_ms']:.1f} ms",
               flush=True)
+        raw = raw_bulk_placements(runs)
+        t["raw_bulk_placements_per_s"] = raw
+        print(f"raw ceiling: the same placements by three set-based statements = {raw:,.0f} placements/s "
+              f"(the pass at {t['placements_per_s'] / raw:.1%} of it)", flush=True)
         print(f"core decision per task: median {t['decision_us_median']:.1f} us, p99 {t['decision_us_p99']:.1f} us",
               flush=True)
         lat = latency(samples, db_url)
         print(f"submit-to-allocated through runscheduler ({samples} samples): p50 {lat['p50_ms']:.1f} ms, "
               f"p99 {lat['p99_ms']:.1f} ms", flush=True)
-        figures[gpus] = {**t, **lat}
+        raw_lat = ceilings.notify_round_trip_ms(db_url, 50)
+        print(f"raw ceiling: commit + NOTIFY -> listener's committed answer, p50 {raw_lat['p50_ms']} ms, "
+              f"p99 {raw_lat['p99_ms']} ms", flush=True)
+        figures[gpus] = {**t, **lat, "raw_p50_ms": raw_lat["p50_ms"], "raw_p99_ms": raw_lat["p99_ms"]}
 
     if len(figures) > 1:
         small, big = figures[1600], figures[8000]
@@ -284,6 +334,12 @@ def main() -> None:
         "pass_ms": round(f["pass_ms"], 1),
         "full_pass_ms": round(f["full_pass_ms"], 1),
         "notify_ms": round(f["notify_ms"], 1),
+        "raw_bulk_placements_per_s": round(f["raw_bulk_placements_per_s"]),
+        "placements_per_s_ratio": ceilings.ratio(f["placements_per_s"], f["raw_bulk_placements_per_s"]),
+        "raw_notify_round_trip_ms_p50": f["raw_p50_ms"],
+        "raw_notify_round_trip_ms_p99": f["raw_p99_ms"],
+        "submit_to_allocated_ms_p50_ratio": ceilings.ratio(f["p50_ms"], f["raw_p50_ms"]),
+        "submit_to_allocated_ms_p99_ratio": ceilings.ratio(f["p99_ms"], f["raw_p99_ms"]),
     }
     if 8000 in figures:
         big = figures[8000]

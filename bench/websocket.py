@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/websocket.py [--quick] [--viewers 100] [--rounds N] [--redis]
 
-Runs against DATABASE_URL (or the embedded PostgreSQL). Starts one daphne web
-process (channel layer: PostgreSQL, or Redis with --redis / REDIS_URL), opens
-``--viewers`` staff websockets to /ws/cluster/ (the admin console's feed) and
+Runs against DATABASE_URL (or the embedded PostgreSQL). Starts one web
+process as ``make run`` does (``portal.webserver``; channel layer: PostgreSQL,
+or Redis with --redis / REDIS_URL), opens ``--viewers`` staff websockets to /ws/cluster/ (the admin console's feed) and
 then, round after round, commits a new utilisation for one GPU from this
 process and announces it through ``portal.live.gpus_changed`` (as a heartbeat
 or a scheduler pass on another node would). Each viewer notes when a frame with
 the new value reaches it; the latency is that moment minus the commit.
+
+Beside the figures: the raw ceiling measured in the same run, a commit + NOTIFY
+answered by a LISTENing connection's committed row (``bench.ceilings``), and the
+ratio of the p50 to it (``commit_to_screen_ms_p50_ratio``).
 
 Everything the bench creates (server "bench-ws", user "bench-ws-operator") is
 removed at the end. The last line printed is one JSON object of the figures.
@@ -44,8 +48,9 @@ from django.db import transaction  # noqa: E402
 from django.test import Client  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
+from bench import ceilings  # noqa: E402
 from nodes.models import GPU, Node, NodeStatus  # noqa: E402
-from portal import live  # noqa: E402
+from portal import live, webserver  # noqa: E402
 
 NODE, USER = "bench-ws", "bench-ws-operator"
 
@@ -56,14 +61,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daphne(port: int, redis_url: str | None, log_path: Path) -> subprocess.Popen:
+def start_web(port: int, redis_url: str | None, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PORTAL_PROCESS_NAME": "bench-ws-web"}
     env.pop("REDIS_URL", None)
     if redis_url:
         env["REDIS_URL"] = redis_url
+    # The web node as `make run` starts it (portal.webserver), with one worker: one
+    # process holds every viewer, as with the single daphne this bench used before.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
-        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        webserver.argv("127.0.0.1", port, workers=1), cwd=ROOT, env=webserver.env(env), stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -71,9 +78,9 @@ def start_daphne(port: int, redis_url: str | None, log_path: Path) -> subprocess
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc
         if proc.poll() is not None:
-            raise SystemExit(f"daphne exited with code {proc.returncode}; see {log_path}")
+            raise SystemExit(f"the web server exited with code {proc.returncode}; see {log_path}")
         time.sleep(0.1)
-    raise SystemExit(f"daphne did not listen on {port} within 60 s; see {log_path}")
+    raise SystemExit(f"the web server did not listen on {port} within 60 s; see {log_path}")
 
 
 def setup() -> tuple[Node, GPU, str]:
@@ -192,7 +199,7 @@ def main() -> None:
     node, gpu, session = setup()
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"bench-websocket-{port}.log"
-    proc = start_daphne(port, args.redis_url, log_path)
+    proc = start_web(port, args.redis_url, log_path)
     try:
         result = asyncio.run(measure(args, f"127.0.0.1:{port}", session, node, gpu))
     finally:
@@ -202,6 +209,10 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         cleanup()
+    raw = ceilings.notify_round_trip_ms(ceilings.database_url(), 50)
+    result["raw_notify_round_trip_ms_p50"] = raw["p50_ms"]
+    result["commit_to_screen_ms_p50_ratio"] = ceilings.ratio(result["commit_to_screen_ms_p50"], raw["p50_ms"])
+    print(f"raw ceiling: commit + NOTIFY -> a listener's committed answer, p50 {raw['p50_ms']} ms")
     print(f"{result['viewers']} viewers, {result['rounds']} commits, {result['layer']} layer: "
           f"p50 {result['commit_to_screen_ms_p50']} ms, p95 {result['commit_to_screen_ms_p95']} ms, "
           f"missed {result['updates_missed']}")

@@ -10,19 +10,33 @@ decision that was rolled back. Pushes are coalesced at two levels:
 * in the consumers (``portal.consumers``), per viewer: events arriving closer
   together than ``LIVE_MIN_INTERVAL_S`` are merged into one screen update.
 
+In server processes (``LIVE_PUBLISH_IN_BACKGROUND``, on by default) a committed
+outbox is handed to this process's publisher thread instead of being sent from
+the request thread: the request answers without waiting for the channel layer,
+and outboxes committed while the publisher is busy are merged into one batch
+(id lists united per group and type), sent in one long-lived event loop (so the
+layer's connections are reused). An outbox reaches the publisher only from its
+commit hook, so a rolled-back change is never published. Pending pushes are
+flushed when the process exits.
+
 Consumers join the groups named by the helpers below and receive high-level
 events (ids of what changed) that they format themselves from the database.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import os
+import threading
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 
 log = logging.getLogger(__name__)
@@ -69,17 +83,18 @@ def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
         log.warning("no channel layer configured; dropped %d messages", len(messages))
         return
 
-    async def send() -> None:
-        for group, message in ((g, _stamp(m)) for g, m in messages):
-            try:
-                await layer.group_send(group, message)
-            except Exception:  # best effort, as in _send
-                log.exception("push of %s to %s failed", message.get("type"), group)
-
     try:
-        async_to_sync(send)()
+        async_to_sync(_send_messages)(layer, messages)
     except Exception:
         log.exception("push of %d messages failed", len(messages))
+
+
+async def _send_messages(layer, messages: list[tuple[str, dict[str, Any]]]) -> None:
+    for group, message in ((g, _stamp(m)) for g, m in messages):
+        try:
+            await layer.group_send(group, message)
+        except Exception:  # best effort, as in _send
+            log.exception("push of %s to %s failed", message.get("type"), group)
 
 
 class _Outbox:
@@ -105,15 +120,82 @@ class _Outbox:
     def add_plain(self, group: str, event_type: str, payload: dict[str, Any]) -> None:
         self.entries[(group, event_type)] = ("plain", payload, None)
 
+    def merge(self, other: _Outbox) -> None:
+        """Take in another (committed) outbox: id lists are united; a plain payload
+        (e.g. an alert) is kept as its own message, never overwritten by another
+        transaction's."""
+        for (group, event_type), (kind, a, b) in other.entries.items():
+            if kind == "ids":
+                self.add_ids(group, event_type, a, b)
+            else:
+                self.entries[(group, event_type, len(self.entries))] = (kind, a, b)
+
     def messages(self) -> list[tuple[str, dict[str, Any]]]:
         out = []
-        for (group, event_type), (kind, a, b) in self.entries.items():
+        for (group, event_type, *_), (kind, a, b) in self.entries.items():
             out.append((group, {"type": event_type, a: sorted(b)} if kind == "ids" else {"type": event_type, **a}))
         return out
 
     def __call__(self) -> None:
         self.sent = True
-        _send_all(self.messages())
+        if settings.LIVE_PUBLISH_IN_BACKGROUND:
+            publisher.publish(self)
+        else:
+            _send_all(self.messages())
+
+
+class _Publisher:
+    """This process's one sender of committed outboxes (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: _Outbox | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def publish(self, box: _Outbox) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                # First use in this process (or a forked child, which has no thread).
+                self._pending, self._busy, self._pid = None, False, os.getpid()
+                self._thread = threading.Thread(target=self._run, name="live-publisher", daemon=True)
+                self._thread.start()
+            if self._pending is None:
+                self._pending = _Outbox()
+            self._pending.merge(box)
+            self._wake.notify_all()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything handed over so far has been sent; False on timeout."""
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():
+                return True
+            return self._wake.wait_for(lambda: self._pending is None and not self._busy, timeout)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()  # lives as long as the thread: the layer's connections stay open
+        while True:
+            with self._lock:
+                self._wake.wait_for(lambda: self._pending is not None)
+                box, self._pending, self._busy = self._pending, None, True
+            try:
+                layer = get_channel_layer()
+                if layer is None:
+                    log.warning("no channel layer configured; dropped %d messages", len(box.entries))
+                else:
+                    loop.run_until_complete(_send_messages(layer, box.messages()))
+            except Exception:
+                log.exception("push of %d messages failed", len(box.entries))
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._wake.notify_all()
+
+
+publisher = _Publisher()
+atexit.register(publisher.flush)
 
 
 def _outbox() -> _Outbox | None:
@@ -138,7 +220,9 @@ def _push_ids(group: str, event_type: str, key: str, ids: Iterable[int]) -> None
         return
     box = _outbox()
     if box is None:
-        _send_all([(group, {"type": event_type, key: ids})])
+        box = _Outbox()
+        box.add_ids(group, event_type, key, ids)
+        box()
     else:
         box.add_ids(group, event_type, key, ids)
 
@@ -151,7 +235,9 @@ def send_on_commit(group: str, event_type: str, payload: dict[str, Any]) -> None
     """
     box = _outbox()
     if box is None:
-        _send_all([(group, {"type": event_type, **payload})])
+        box = _Outbox()
+        box.add_plain(group, event_type, payload)
+        box()
     else:
         box.add_plain(group, event_type, payload)
 

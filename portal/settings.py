@@ -130,6 +130,13 @@ _TCP_CUT_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval
                     "tcp_user_timeout": 20_000}
 for _key, _value in _TCP_CUT_OPTIONS.items():
     _db["OPTIONS"].setdefault(_key, _value)
+# Web servers set DB_POOL_MAX_SIZE: a per-process pool of connections (Django's,
+# psycopg_pool). Under ASGI each request runs in a thread of its own, so without a
+# pool every request connects afresh (and PostgreSQL forks a backend for it).
+_pool_max = envint("DB_POOL_MAX_SIZE", 0, minimum=0)
+if _pool_max:
+    _db["OPTIONS"]["pool"] = {"min_size": min(2, _pool_max), "max_size": _pool_max, "timeout": 30}
+    _db["CONN_MAX_AGE"] = 0  # Django's pool refuses any other value
 DATABASES = {"default": _db}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -174,6 +181,9 @@ else:
 
 # Live pages: a viewer gets at most one frame per this many ms (bursts are merged).
 LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
+# After-commit pushes leave from a background publisher thread, not the request
+# thread (portal.live); off only in the test process's in-memory channel layer.
+LIVE_PUBLISH_IN_BACKGROUND = envbool("LIVE_PUBLISH_IN_BACKGROUND", True)
 
 # Alerts (server lost, GPU error, task OOM) are also POSTed here as JSON, after commit.
 ALERT_WEBHOOK_URL = envstr("ALERT_WEBHOOK_URL")

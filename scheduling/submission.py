@@ -5,9 +5,9 @@ batch), the portal's submit form and, through the API, the CLI.
 user's tenants with their quotas, the largest server and GPU). ``validate``
 checks one task description and returns either a clean ``TaskSpec`` or field
 errors; it never writes. ``create_tasks`` writes a batch atomically: the
-tenants' quota rows are locked (stable order) while the pending-task limit is
-checked, then tasks and their "submitted" events go in with two bulk inserts,
-and the scheduler is woken after commit.
+tenants' quota rows are locked (stable order), then one statement inserts the
+tasks and their "submitted" events and counts the pending tasks the limit is
+checked against; the scheduler is woken after commit.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models.sql import InsertQuery
+from django.utils import timezone
 
 from portal import live
 from scheduling import triggers
 from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
-from scheduling.models import Task, TaskEvent
-from tenants.models import Membership, Quota, Tenant
+from scheduling.models import Task
+from tenants.models import Quota, Tenant
 
 # Limits a user can hit (documented in the README, "Limits a user can hit").
 NAME_MAX_CHARS = 200
@@ -68,14 +70,19 @@ class ClusterLimits:
     def max_task_memory_mb(self) -> int:
         return max(self.largest_gpu_mb - self.safety_margin_mb, 0)
 
+    # Both figures as one array, so the membership query can carry them (SubmitContext.load).
+    SQL = ("SELECT ARRAY[COALESCE(MAX(n), 0), COALESCE(MAX(m), 0)] FROM "
+           "(SELECT COUNT(*) AS n, MAX(memory_total_mb) AS m FROM nodes_gpu GROUP BY node_id) AS per_server")
+
     @classmethod
     def load(cls) -> ClusterLimits:
         with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT COALESCE(MAX(n), 0), COALESCE(MAX(m), 0) FROM "
-                "(SELECT COUNT(*) AS n, MAX(memory_total_mb) AS m FROM nodes_gpu GROUP BY node_id) AS per_server"
-            )
-            n, m = cursor.fetchone()
+            cursor.execute(cls.SQL)
+            return cls.from_array(cursor.fetchone()[0])
+
+    @classmethod
+    def from_array(cls, figures: list[int]) -> ClusterLimits:
+        n, m = figures
         return cls(int(n), int(m), settings.SCHEDULER.memory_safety_margin_mb)
 
 
@@ -95,11 +102,8 @@ class SubmitContext:
 
     @classmethod
     def load(cls, user) -> SubmitContext:
-        tenants = {
-            m.tenant.slug: m.tenant
-            for m in Membership.objects.filter(user=user).select_related("tenant", "tenant__quota")
-        }
-        return cls(user=user, limits=ClusterLimits.load(), memberships=tenants)
+        limits, tenants = _load_memberships(user.pk)
+        return cls(user=user, limits=limits, memberships={t.slug: t for t in tenants})
 
     def tenant(self, slug: str) -> Tenant | None:
         if slug in self.memberships:
@@ -110,6 +114,64 @@ class SubmitContext:
                 self.memberships[slug] = tenant
             return tenant
         return None
+
+
+class _Columns:
+    """A model's columns for a hand-written SELECT, and the rows turned back into
+    instances exactly as the ORM would (its converters applied): every request
+    loads tenants and quotas, and building that join through the ORM costs more
+    CPU than the rest of the query."""
+
+    def __init__(self, model, alias: str) -> None:
+        self.model = model
+        self.fields = list(model._meta.concrete_fields)
+        self.sql = ", ".join(f'{alias}."{f.column}"' for f in self.fields)
+        self.attnames = [f.attname for f in self.fields]
+        self._converters: list | None = None
+
+    def instance(self, values: tuple):
+        if self._converters is None:  # built on first use: needs the connection's backend
+            self._converters = []
+            for f in self.fields:
+                col = f.get_col(self.model._meta.db_table)
+                converters = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+                self._converters.append((col, converters))
+        converted = []
+        for value, (col, converters) in zip(values, self._converters, strict=True):
+            for convert in converters:
+                value = convert(value, col, connection)
+            converted.append(value)
+        return self.model.from_db(connection.alias, self.attnames, converted)
+
+
+_TENANT = _Columns(Tenant, "t")
+_QUOTA = _Columns(Quota, "q")
+
+
+def _load_memberships(user_id: int) -> tuple[ClusterLimits, list[Tenant]]:
+    """The cluster limits and the user's tenants (each with its quota, or none), in one
+    query; the limits' row comes back even for a user of no tenant."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT ({ClusterLimits.SQL}), {_TENANT.sql}, {_QUOTA.sql} "  # noqa: S608 - column names only
+            "FROM (SELECT 1) AS one LEFT JOIN (tenants_membership m JOIN tenants_tenant t ON t.id = m.tenant_id "
+            "LEFT JOIN tenants_quota q ON q.tenant_id = t.id) ON m.user_id = %s ORDER BY t.id",
+            [user_id],
+        )
+        rows = cursor.fetchall()
+    limits = ClusterLimits.from_array(rows[0][0])
+    quota_rel = Tenant._meta.get_field("quota")
+    tenants = []
+    n = len(_TENANT.fields)
+    for row in rows:
+        if row[1] is None:  # no membership: only the limits
+            continue
+        tenant = _TENANT.instance(row[1:1 + n])
+        quota_values = row[1 + n:]
+        quota = None if quota_values[0] is None else _QUOTA.instance(quota_values)
+        quota_rel.set_cached_value(tenant, quota)  # tenant.quota without a query (None: DoesNotExist)
+        tenants.append(tenant)
+    return limits, tenants
 
 
 def _quota(tenant: Tenant) -> Quota | None:
@@ -342,29 +404,67 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
     with transaction.atomic():
         # The quota rows serialise concurrent submitters of one tenant, so the
         # pending limit holds exactly; other tenants are not held up.
-        quotas = list(Quota.objects.select_for_update().filter(tenant_id__in=wanted).order_by("tenant_id"))
-        for quota in quotas:
-            limit = quota.max_pending_tasks
-            # Bounded count: never scans more than the limit's worth of index entries.
-            pending = Task.objects.filter(tenant_id=quota.tenant_id, status=TaskStatus.PENDING)[: limit + 1].count()
-            if pending + wanted[quota.tenant_id] > limit:
-                slug = next(s.tenant.slug for s in specs if s.tenant.pk == quota.tenant_id)
-                raise SubmitError({"tenant": [
-                    f"Tenant {slug} would have more than {limit} pending tasks (it has {pending}, "
-                    f"this adds {wanted[quota.tenant_id]}); wait for some to start or cancel some."
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = ANY(%s::bigint[]) "
+                           "ORDER BY tenant_id FOR UPDATE", [sorted(wanted)])
+            limits = dict(cursor.fetchall())
+        tasks = [Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
+                      pending_reason="waiting for the scheduler", **spec.values) for spec in specs]
+        # Counted by the same statement that inserts, which starts after the lock above
+        # is held: it sees every task committed by an earlier holder, and not its own.
+        pending = _insert_with_events(tasks, actor, limits)
+        for tenant_id, limit in sorted(limits.items()):
+            if pending[tenant_id] + wanted[tenant_id] > limit:
+                slug = next(s.tenant.slug for s in specs if s.tenant.pk == tenant_id)
+                raise SubmitError({"tenant": [  # raised inside atomic(): the insert is rolled back
+                    f"Tenant {slug} would have more than {limit} pending tasks (it has {pending[tenant_id]}, "
+                    f"this adds {wanted[tenant_id]}); wait for some to start or cancel some."
                 ]})
-        tasks = Task.objects.bulk_create(
-            Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
-                 pending_reason="waiting for the scheduler", **spec.values)
-            for spec in specs
-        )
-        TaskEvent.objects.bulk_create(
-            TaskEvent(task=task, from_status="", to_status=TaskStatus.PENDING, actor=actor, reason="submitted")
-            for task in tasks
-        )
         live.tasks_changed((task.tenant_id, task.pk) for task in tasks)
         triggers.request_pass("submit")
     return tasks
+
+
+# The tasks' INSERT (compiled by Django from the model, so every field and default
+# is the ORM's), their "submitted" events and each tenant's bounded pending count,
+# in one statement: one round trip for any number of tasks.
+_INSERT_WITH_EVENTS = """
+WITH new_task AS ({insert} RETURNING id),
+event AS (
+    INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
+    SELECT id, '', %s, %s, 'submitted', %s FROM new_task
+),
+pending AS (
+    SELECT q.tenant_id, (SELECT count(*) FROM (
+        SELECT 1 FROM scheduling_task t WHERE t.tenant_id = q.tenant_id AND t.status = %s LIMIT q.lim + 1
+    ) AS bounded) AS n
+    FROM unnest(%s::bigint[], %s::bigint[]) AS q(tenant_id, lim)
+)
+SELECT id, NULL, NULL FROM new_task
+UNION ALL
+SELECT NULL, tenant_id, n FROM pending
+"""
+
+
+def _insert_with_events(tasks: list[Task], actor: str, limits: dict[int, int]) -> dict[int, int]:
+    """Insert ``tasks`` (setting their ids) with their events; returns the tenants'
+    pending-task counts from before the insert, each counted up to its limit + 1."""
+    fields = [f for f in Task._meta.concrete_fields if not f.primary_key and not f.generated]
+    query = InsertQuery(Task)
+    query.insert_values(fields, tasks)
+    (insert, params), = query.get_compiler(connection=connection).as_sql()
+    tenant_ids = sorted(limits)
+    with connection.cursor() as cursor:
+        cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
+            *params, TaskStatus.PENDING, actor, timezone.now(),
+            TaskStatus.PENDING, tenant_ids, [limits[t] for t in tenant_ids],
+        ])
+        rows = cursor.fetchall()
+    ids = [task_id for task_id, _, _ in rows if task_id is not None]
+    for task, task_id in zip(tasks, ids, strict=True):
+        task.pk = task_id
+        task._state.adding, task._state.db = False, connection.alias
+    return {tenant_id: n for task_id, tenant_id, n in rows if task_id is None}
 
 
 def submit(ctx: SubmitContext, data: Any) -> Task:

@@ -122,6 +122,9 @@ def _in_process_channel_layer():
 
     _REAL_CHANNEL_LAYERS.update(copy.deepcopy(settings.CHANNEL_LAYERS))
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # The in-memory layer lives in the test's own event loop: send from the committing
+    # thread there (tests/test_live_publisher.py covers the background publisher).
+    settings.LIVE_PUBLISH_IN_BACKGROUND = False
     reset_channel_layer()
     yield
 

@@ -15,8 +15,11 @@ from rest_framework import authentication, exceptions, permissions, throttling
 
 from nodes.enrolment import node_for_token
 from nodes.models import Node
+from portal import tokens
 
 KEYWORD = "Node"
+# Node tokens verified by this process, valid until the server's token or name changes (portal.tokens).
+verified = tokens.VerifiedTokens()
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,16 @@ class NodeTokenAuthentication(authentication.BaseAuthentication):
         if not header or not header.startswith(KEYWORD + " "):
             return None
         token = token_from_header(header)
-        node = node_for_token(token) if token else None
-        if node is None:
+        if not token:
             raise exceptions.AuthenticationFailed("invalid node token")
+        generation = tokens.credentials_generation()  # read before the row: see VerifiedTokens
+        token_digest = tokens.digest(token)
+        node = verified.get(token_digest, generation)
+        if node is None:
+            node = node_for_token(token)
+            if node is None:
+                raise exceptions.AuthenticationFailed("invalid node token")
+            verified.put(token_digest, generation, node)
         return AgentPrincipal(node_id=node.pk, name=node.name), node
 
     def authenticate_header(self, request) -> str:

@@ -8,8 +8,10 @@ disabled, expired or unknown token is refused with 401. Agents' node tokens
 
 from __future__ import annotations
 
+import hmac
 from datetime import timedelta
 
+from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
@@ -22,6 +24,17 @@ KEYWORDS = (b"token", b"bearer")
 # last_used_at is written at most this often per token: a busy client must not
 # turn every request into an UPDATE.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# Tokens verified by this process, valid until anything about them changes (portal.tokens).
+verified = tokens.VerifiedTokens()
+
+
+def _current_state(token_pk: int) -> tuple[int | None, object]:
+    """The credentials generation and the token's stored last_used_at, in one statement."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT g.value, t.last_used_at FROM portal_credentials_generation g "
+                       "LEFT JOIN tenants_apitoken t ON t.id = %s WHERE g.id = 1", [token_pk])
+        found = cursor.fetchone()
+    return (found[0], found[1]) if found else (None, None)
 
 
 class ApiTokenAuthentication(authentication.BaseAuthentication):
@@ -42,9 +55,24 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
             if kind in ("node", "join"):
                 raise exceptions.AuthenticationFailed("Agent tokens cannot use the users' API.")
             raise exceptions.AuthenticationFailed("Invalid token.")
-        row = ApiToken.objects.select_related("user").filter(prefix=tokens.prefix_of(token)).first()
-        if row is None or not tokens.matches(token, row.digest):
-            raise exceptions.AuthenticationFailed("Invalid token.")
+        token_digest = tokens.digest(token)
+        row = verified.peek(token_digest)
+        if row is not None:
+            # One read: is the cached row still current, and when was it last used (written
+            # by any process)?
+            generation, row_last_used = _current_state(row.pk)
+            if verified.get(token_digest, generation) is row:
+                row.last_used_at = row_last_used
+            else:
+                row = None
+        else:
+            generation = tokens.credentials_generation()  # read before the row: see VerifiedTokens
+        if row is None:
+            row = ApiToken.objects.select_related("user").filter(prefix=tokens.prefix_of(token)).first()
+            if row is None or not hmac.compare_digest(token_digest, row.digest):
+                raise exceptions.AuthenticationFailed("Invalid token.")
+            if row.enabled and row.user.is_active:
+                verified.put(token_digest, generation, row)
         now = timezone.now()
         if not row.enabled:
             raise exceptions.AuthenticationFailed("This token was revoked.")

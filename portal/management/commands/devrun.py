@@ -2,7 +2,8 @@
 
 Migrates, makes sure an admin exists (a generated password, printed once),
 seeds the demo data, then starts and supervises the processes: the daphne web
-server, the scheduler (runscheduler), the django-q2 cluster and the simulated GPU agents. Ctrl-C or
+server (with ``portal.webserver``'s connection pool), the scheduler (runscheduler),
+the django-q2 cluster and the simulated GPU agents. Ctrl-C or
 SIGTERM stops them all, and the embedded PostgreSQL if this run started it.
 
 The children stay in this command's process group, and each is told by the kernel
@@ -29,6 +30,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+
+from portal import webserver
 
 BASE_DIR = Path(settings.BASE_DIR)
 
@@ -103,6 +106,8 @@ class Command(BaseCommand):
         python = sys.executable
         manage = str(BASE_DIR / "manage.py")
         return [
+            # daphne, not portal.webserver's granian: granian's main process did not stop its
+            # workers on SIGTERM, and make run must leave nothing behind when it is killed.
             ("web", [python, "-m", "daphne", "-b", host, "-p", str(port), "portal.asgi:application"]),
             *self._extra_processes(python, manage, host, port),
         ]
@@ -161,6 +166,8 @@ class Command(BaseCommand):
     def _start(self, name: str, argv: list[str]) -> None:
         env = {**os.environ, "PORTAL_PROCESS_NAME": f"gpu-portal-{name}",
                "SERVE_STATIC": os.environ.get("SERVE_STATIC", "true")}
+        if name == "web":
+            env = webserver.env(env)
         parent = os.getpid()
         # Same process group (a stop of `make run` reaches every descendant), and
         # stopped by the kernel should this process die first.

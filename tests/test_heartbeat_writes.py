@@ -1,0 +1,58 @@
+"""The usual heartbeat is written by one set-based statement that stores exactly the
+reported values, as the transaction path does."""
+
+from __future__ import annotations
+
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from nodes import heartbeat
+from nodes.models import GPU, GPUHealth, Node, NodeStatus
+from tests.conftest import make_server
+
+FIELDS = ("uuid", "model_name", "memory_total_mb", "memory_used_mb", "utilization_pct", "temperature_c", "power_w",
+          "ecc_errors", "retired_pages")
+
+
+def report(node: Node, gpus: int) -> dict:
+    return {"name": node.name, "agent_version": "9.9", "hostname": f"{node.name}.example", "gpus": [
+        {"index": i, "uuid": f"GPU-{node.name}-{i}", "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81_559,
+         "memory_used_mb": 1_000 * (i + 1), "utilization_pct": 10 + i, "temperature_c": 50 + i, "power_w": 200 + i,
+         "ecc_errors": 0, "retired_pages": i, "retired_pages_pending": i == 1} for i in range(gpus)]}
+
+
+def test_the_usual_heartbeat_is_one_write_statement_storing_every_reported_value(db):
+    node = make_server("hb-01", gpus=4)
+    GPU.objects.filter(node=node, index=3).update(health=GPUHealth.ERROR)  # an error stays until an operator clears it
+    Node.objects.filter(pk=node.pk).update(status=NodeStatus.OFFLINE)
+    data = report(node, 4)
+    with CaptureQueriesContext(connection) as queries:
+        result = heartbeat.ingest(node, data)
+
+    writes = [q["sql"] for q in queries.captured_queries
+              if ("UPDATE" in q["sql"] or "INSERT" in q["sql"]) and "nodes_" in q["sql"]]  # not the hearing stamp
+    assert len(writes) == 1 and "UPDATE nodes_node" in writes[0] and "UPDATE nodes_gpu" in writes[0]
+    rows = list(GPU.objects.filter(node=node).order_by("index"))
+    assert [tuple(getattr(g, f) for f in FIELDS) for g in rows] == [
+        (g["uuid"], g["name"], g["memory_total_mb"], g["memory_used_mb"], g["utilization_pct"], g["temperature_c"],
+         g["power_w"], g["ecc_errors"], g["retired_pages"]) for g in data["gpus"]]
+    assert [g.health for g in rows] == [GPUHealth.OK, GPUHealth.WARNING, GPUHealth.OK, GPUHealth.ERROR]
+    assert (result.came_online, result.updated_gpus, result.created_gpus) == (True, 4, 0)
+    node.refresh_from_db()
+    assert (node.status, node.agent_version, node.hostname) == (NodeStatus.ACTIVE, "9.9", "hb-01.example")
+
+
+def test_a_report_that_adds_a_gpu_takes_the_transaction_path_and_stores_the_same_way(db):
+    node = make_server("hb-02", gpus=2)
+    data = report(node, 3)
+    with CaptureQueriesContext(connection) as queries:
+        result = heartbeat.ingest(node, data)
+
+    writes = [q["sql"] for q in queries.captured_queries
+              if ("UPDATE" in q["sql"] or "INSERT" in q["sql"]) and "nodes_" in q["sql"]]
+    assert len(writes) == 3  # the server's row, the known GPUs, the new one
+    rows = list(GPU.objects.filter(node=node).order_by("index"))
+    assert [(g.uuid, g.memory_used_mb, g.health) for g in rows] == [
+        ("GPU-hb-02-0", 1_000, GPUHealth.OK), ("GPU-hb-02-1", 2_000, GPUHealth.WARNING),
+        ("GPU-hb-02-2", 3_000, GPUHealth.OK)]
+    assert (result.updated_gpus, result.created_gpus) == (2, 1)

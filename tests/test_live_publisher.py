@@ -1,0 +1,77 @@
+"""The background publisher: committed pushes leave from one thread per process,
+merged while it is busy, and a rolled-back change is never published."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import transaction
+
+from portal import live
+from tests.conftest import wait_for
+
+
+@pytest.fixture
+def published(settings, monkeypatch):
+    """Batches as the publisher thread sends them; ``gate`` holds the thread inside a send."""
+    settings.LIVE_PUBLISH_IN_BACKGROUND = True
+    batches: list[list[tuple[str, dict]]] = []
+    gate = threading.Event()
+    gate.set()
+    senders: list[str] = []
+
+    async def record(layer, messages):
+        senders.append(threading.current_thread().name)
+        batches.append(list(messages))
+        gate.wait(10)
+
+    monkeypatch.setattr(live, "_send_messages", record)
+    yield batches, gate, senders
+    gate.set()
+    assert live.publisher.flush(10)
+
+
+def test_a_committed_change_is_pushed_from_the_publisher_thread_after_commit(transactional_db, published):
+    batches, _, senders = published
+    with transaction.atomic():
+        live.tasks_changed([(7, 70)])
+        assert live.publisher.flush(5)
+        assert batches == []  # not before the commit
+
+    wait_for(lambda: batches, 10, "the push")
+    assert [[(g, m["type"], m.get("task_ids")) for g, m in b] for b in batches] == [
+        [("tenant-7", "tasks.changed", [70]), ("cluster", "tasks.changed", [70])]]
+    assert senders == ["live-publisher"]
+
+
+def test_a_rolled_back_change_is_never_pushed(transactional_db, published):
+    batches, _, _ = published
+    with pytest.raises(RuntimeError), transaction.atomic():
+        live.assignments_changed([1])
+        raise RuntimeError
+    with transaction.atomic():
+        live.assignments_changed([2])
+
+    assert live.publisher.flush(10)
+    assert [[g for g, _ in b] for b in batches] == [["node-2"]]
+
+
+def test_changes_committed_while_the_publisher_is_busy_leave_as_one_merged_batch(transactional_db, published):
+    batches, gate, _ = published
+    gate.clear()  # the first send blocks until released
+    with transaction.atomic():
+        live.gpus_changed([1])
+    wait_for(lambda: batches, 10, "the first send")
+    for node_ids in ([2, 3], [3, 4]):
+        with transaction.atomic():
+            live.gpus_changed(node_ids)
+    live.send_on_commit(live.STAFF_GROUP, "alert.raised", {"alert": {"id": 1}})
+    live.send_on_commit(live.STAFF_GROUP, "alert.raised", {"alert": {"id": 2}})
+    gate.set()
+
+    assert live.publisher.flush(10)
+    assert len(batches) == 2
+    assert batches[1] == [("cluster", {"type": "gpus.changed", "node_ids": [2, 3, 4]}),
+                          ("cluster", {"type": "alert.raised", "alert": {"id": 1}}),
+                          ("cluster", {"type": "alert.raised", "alert": {"id": 2}})]

@@ -1,0 +1,71 @@
+"""A submit's writes: the quota lock, then one statement for the tasks, their events
+and the pending count; the same rows as the ORM would write, and all or nothing."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from scheduling import submission
+from scheduling.models import Task, TaskEvent
+from tenants.models import Quota
+
+
+def specs(ctx, n: int) -> list[submission.TaskSpec]:
+    out = []
+    for i in range(n):
+        spec, errors = submission.validate({"tenant": "acme", "name": f"t{i}", "command": "python train.py",
+                                            "env": {"SEED": str(i)}, "node_selector": {"zone": "a"}}, ctx)
+        assert not errors
+        out.append(spec)
+    return out
+
+
+def test_a_batch_is_written_by_one_statement_after_the_quota_lock(alice, servers):
+    ctx = submission.SubmitContext.load(alice)
+    with CaptureQueriesContext(connection) as queries:
+        tasks = submission.create_tasks(ctx, specs(ctx, 3))
+
+    writes = [q["sql"] for q in queries.captured_queries if "INSERT" in q["sql"] and "scheduling_task" in q["sql"]]
+    assert len(writes) == 1
+    stored = {t.pk: t for t in Task.objects.filter(pk__in=[t.pk for t in tasks])}
+    for i, task in enumerate(tasks):
+        row = stored[task.pk]
+        assert (row.name, row.env, row.node_selector, row.status, row.submitter_id) == \
+            (f"t{i}", {"SEED": str(i)}, {"zone": "a"}, "pending", alice.pk)
+        assert row.created_at == task.created_at and row.updated_at is not None
+        event = TaskEvent.objects.get(task=task)
+        assert (event.from_status, event.to_status, event.actor, event.reason) == \
+            ("", "pending", "user:alice", "submitted")
+
+
+def test_a_batch_over_the_pending_limit_leaves_neither_tasks_nor_events(alice, acme, servers):
+    Quota.objects.filter(tenant=acme).update(max_pending_tasks=4)
+    ctx = submission.SubmitContext.load(alice)
+    submission.create_tasks(ctx, specs(ctx, 3))
+    with pytest.raises(submission.SubmitError) as refused:
+        submission.create_tasks(ctx, specs(ctx, 2))
+
+    assert "it has 3, this adds 2" in refused.value.errors["tenant"][0]
+    assert Task.objects.filter(tenant=acme).count() == 3
+    assert TaskEvent.objects.filter(task__tenant=acme).count() == 3
+
+
+def test_the_submit_context_is_one_query_with_tenants_quotas_and_cluster_limits(alice, carol, globex, staff, servers):
+    from tenants.models import Membership
+
+    Membership.objects.create(user=alice, tenant=globex)
+    Quota.objects.filter(tenant=globex).delete()
+    with CaptureQueriesContext(connection) as queries:
+        ctx = submission.SubmitContext.load(alice)
+    assert len(queries.captured_queries) == 1
+    assert sorted(ctx.memberships) == ["acme", "globex"]
+    acme = ctx.memberships["acme"]
+    assert acme.quota == Quota.objects.get(tenant=acme) and acme.quota.max_priority == Quota.objects.get(
+        tenant=acme).max_priority
+    assert submission._quota(ctx.memberships["globex"]) is None  # no quota: refused by validate, as before
+    assert (ctx.limits.max_gpus_per_server, ctx.limits.largest_gpu_mb) == (8, 81_559)
+
+    nobody = submission.SubmitContext.load(staff)  # staff, member of no tenant: the limits all the same
+    assert nobody.memberships == {} and nobody.limits == ctx.limits
