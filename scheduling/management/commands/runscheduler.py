@@ -25,7 +25,7 @@ from django.db import connection
 
 from portal import registry
 from portal.models import ControlPlaneServer
-from scheduling import triggers
+from scheduling import triggers, usage
 from scheduling.choices import TaskStatus
 from scheduling.models import Task
 from scheduling.passes import PassResult, run_pass
@@ -35,6 +35,8 @@ log = logging.getLogger("scheduling.runscheduler")
 
 # Waits are cut into slices this long so SIGTERM is noticed even with a long poll interval.
 _WAIT_SLICE_S = 0.25
+# The usage ledger's upkeep (one utilisation sample per GPU, the roll-up) once a minute.
+USAGE_INTERVAL_S = 60.0
 
 
 def next_idle_backoff(current_s: float, *, placed: bool, poll_s: float, cap_s: float) -> float:
@@ -90,7 +92,7 @@ class Command(BaseCommand):
         self.listen()
         log.info("runscheduler %s ready (poll %d ms, sweep every %.1f s)", self.name, self.poll_s * 1000,
                  self.sweep_interval_s)
-        next_heartbeat = next_sweep = 0.0
+        next_heartbeat = next_sweep = next_usage = 0.0
         woken = True  # a first pass at start catches up on anything missed while down
         while not self.stop_requested:
             # The pass first: a wake-up is someone waiting for a placement.
@@ -115,6 +117,9 @@ class Command(BaseCommand):
                 # A sweep that changes something asks for a pass (NOTIFY): the wait below returns at once.
                 self.sweep_step()
                 next_sweep = now + self.sweep_interval_s
+            if now >= next_usage:
+                self.usage_step()
+                next_usage = now + USAGE_INTERVAL_S
             woken = self.wait_step()
         if self.listener is not None:
             self.listener.close()
@@ -143,6 +148,15 @@ class Command(BaseCommand):
             connection.close_if_unusable_or_obsolete()
             return False
         return bool(result)
+
+    def usage_step(self) -> bool:
+        """The usage ledger's upkeep: sample GPU utilisation, roll closed intervals up."""
+        try:
+            usage.maintain()
+        except Exception:
+            log.exception("usage roll-up failed")
+            connection.close_if_unusable_or_obsolete()
+        return False
 
     def heartbeat_step(self) -> bool:
         try:
