@@ -6,7 +6,7 @@ from django.urls import include, path, re_path
 from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from portal.admin_views import cluster_overview
+from portal.admin_views import cluster_overview, usage_report
 
 admin.site.site_header = "GPU allocation portal"
 admin.site.site_title = "GPU portal admin"
@@ -14,6 +14,7 @@ admin.site.index_title = "Operations"
 
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
+    path("admin/usage/", admin.site.admin_view(usage_report), name="admin-usage"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/agent/v1/", include("nodes.api.urls")),

@@ -353,3 +353,33 @@ def maintain(now: datetime | None = None) -> datetime:
     now = now or timezone.now()
     sample_utilisation(now)
     return roll_up(now)
+
+
+def month_of(text: str | None, today: date) -> date:
+    """'2026-10' -> date(2026, 10, 1); empty -> this month. ReportError on anything else."""
+    if not text:
+        return today.replace(day=1)
+    try:
+        year, month = (int(x) for x in text.split("-"))
+        return date(year, month, 1)
+    except (ValueError, TypeError):
+        raise ReportError(f"bad month {text!r}: use YYYY-MM") from None
+
+
+def add_months(month: date, n: int) -> date:
+    index = month.year * 12 + month.month - 1 + n
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def series(periods: list[tuple[datetime, datetime]], key: str, rows_for) -> dict:
+    """GPU-hours per period per value of ``key``, for a stacked chart.
+
+    ``rows_for(start, end)`` returns report rows grouped by ``key`` (already scoped to the
+    viewer): one statement per period, each served by the roll-up.
+    """
+    values: dict[str, list[float]] = {}
+    for i, (start, end) in enumerate(periods):
+        for row in rows_for(start, end):
+            name = str(getattr(row, key))
+            values.setdefault(name, [0.0] * len(periods))[i] = round(row.gpu_hours, 2)
+    return {"datasets": [{"label": k, "data": v} for k, v in sorted(values.items())]}
