@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import pghistory
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
@@ -160,3 +161,17 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+# --- the audit: old -> new values of governance rows, recorded by database triggers
+# (django-pghistory), whoever makes the change; who and through what is in portal.audit.
+def _audit_events() -> tuple:
+    # Fresh trackers per model: pghistory binds a tracker to the model it tracks.
+    return pghistory.InsertEvent(), pghistory.UpdateEvent(), pghistory.DeleteEvent()
+
+
+pghistory.track(*_audit_events())(Tenant)
+pghistory.track(*_audit_events())(Membership)
+pghistory.track(*_audit_events())(Quota)
+# Never the digest; and last use is bookkeeping, not a change anyone made.
+pghistory.track(*_audit_events(), exclude=["digest", "last_used_at"])(ApiToken)
