@@ -20,7 +20,14 @@ Rules, in the order a task meets them
 3. **Tenant quota.** Running tasks + 1, GPUs held + ``gpu_count`` and GPU memory held +
    ``gpu_count * memory_mb`` must stay within the tenant's limits ("tenant acme at its
    GPU quota (8/8)"). A tenant missing from ``snapshot.tenants`` has no limits. A task
-   blocked by its own tenant's quota blocks nobody else.
+   blocked by its own tenant's quota blocks nobody else's tasks, but it is protected from
+   its own tenant's later (narrower) tasks the way backfill protects a capacity-blocked
+   task: the first quota-blocked task of a tenant that its quota could ever hold gets a
+   *quota hold*, the earliest time T at which the ends of the tenant's running tasks
+   (``expected_end``, and ``now + timeout_s`` of those placed earlier in the pass) free
+   enough quota for it, and the headroom left beside it at T. A later task of that tenant
+   may start only if it ends by T or fits in that headroom (which it then uses up);
+   otherwise it waits with "held for task #N of the same tenant: it waits for quota...".
 4. **Online/batch split.** Each class may hold ``round(share * schedulable GPUs)`` GPUs
    (counted as the GPUs its tasks hold; a shared allocation counts its GPU), e.g.
    "online share of the cluster full (70%): 7/7 GPUs in use". Strict by default; a share
@@ -159,6 +166,23 @@ class _Reservation:
         self.gpus = gpus
 
 
+class _QuotaHold:
+    """A quota-blocked task's claim on its tenant's future headroom (rule 3).
+
+    ``time``: the earliest moment the tenant's running tasks (and those placed earlier in the
+    pass) will have freed enough quota for it; ``spare``: what the tenant may still hold at
+    that moment beside it (GPUs, memory, running tasks). A later task of the tenant that
+    would still run at ``time`` must fit in ``spare`` and uses it up.
+    """
+
+    __slots__ = ("spare", "task_id", "time")
+
+    def __init__(self, task_id: int, when: datetime, spare: list[int]) -> None:
+        self.task_id = task_id
+        self.time = when
+        self.spare = spare
+
+
 class _Pass:
     def __init__(self, snapshot: Snapshot, timings: list[float] | None = None) -> None:
         self.snap = snapshot
@@ -280,6 +304,10 @@ class _Pass:
         self.sig_cache: dict[tuple, set[tuple[int, ...]]] = {}
         self.smallest_cache: dict[tuple, int] = {}
         self.reservation: _Reservation | None = None
+        # Quota holds (rule 3): tenant id -> the hold of its first quota-blocked task.
+        self.quota_holds: dict[int, _QuotaHold | None] = {}
+        # Per tenant, tasks placed in this pass: (timeout_s, gpus, memory): their ends, for quota holds.
+        self.placed_by_tenant: dict[int, list[tuple[int, int, int]]] = {}
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -431,7 +459,13 @@ class _Pass:
                 smallest = self.smallest_cache[ckey] = min(total[g] for gl in elig.values() for g in gl)
             r = self._memory_quota_reason(task, c * smallest)
         if r is not None:
+            if task.tenant_id not in self.quota_holds:
+                self.quota_holds[task.tenant_id] = self._quota_hold(task, c, mem, ckey)
             return ("reason", r)
+        hold = self.quota_holds.get(task.tenant_id)
+        if hold is not None and not self._fits_hold(task, c, mem, hold, ckey):
+            return ("reason", f"held for task #{hold.task_id} of the same tenant: it waits for quota, "
+                              f"and this task would still hold it at {self._hhmm(hold.time)} UTC")
         r = self._share_reason(task, c)
         if r is not None:
             return ("reason", r)
@@ -464,7 +498,51 @@ class _Pass:
                 return ("reason", r)
         else:
             per_gpu = mem
+        if hold is not None and not self._ends_by(task, hold.time):
+            hold.spare[0] -= c
+            hold.spare[1] -= c * per_gpu
+            hold.spare[2] -= 1
         self._place(task, n, gpus, per_gpu, mode)
+        return None
+
+    def _ends_by(self, task: PendingTask, when: datetime) -> bool:
+        return self.now + timedelta(seconds=task.timeout_s) <= when
+
+    @staticmethod
+    def _hhmm(when: datetime) -> str:
+        return f"{(when.astimezone(UTC) if when.tzinfo else when):%Y-%m-%d %H:%M}"
+
+    def _need_mb(self, c: int, mem: int | None, ckey: tuple) -> int:
+        # A whole-GPU request claims at least the smallest GPU it could get.
+        return c * (mem if mem is not None else self.smallest_cache.get(ckey, 0))
+
+    def _fits_hold(self, task: PendingTask, c: int, mem: int | None, hold: _QuotaHold, ckey: tuple) -> bool:
+        if self._ends_by(task, hold.time):
+            return True
+        spare = hold.spare
+        return c <= spare[0] and self._need_mb(c, mem, ckey) <= spare[1] and spare[2] >= 1
+
+    def _quota_hold(self, task: PendingTask, c: int, mem: int | None, ckey: tuple) -> _QuotaHold | None:
+        """When ``task``'s tenant will have freed enough quota for it, replaying the ends of its
+        running tasks; None when its quota could never hold it (then it protects nothing)."""
+        tenant = self.snap.tenants.get(task.tenant_id)
+        if tenant is None:
+            return None
+        need = (c, self._need_mb(c, mem, ckey), 1)
+        limits = (tenant.max_gpus, tenant.max_gpu_memory_mb, tenant.max_running_tasks)
+        if any(n > lim for n, lim in zip(need, limits, strict=True)):
+            return None
+        used = list(self.t_usage[task.tenant_id])
+        ends = [(r.expected_end, len(r.gpu_ids), r.memory_mb * len(r.gpu_ids))
+                for r in self.running.values() if r.tenant_id == task.tenant_id]
+        ends += [(self.now + timedelta(seconds=t), k, m) for t, k, m in self.placed_by_tenant.get(task.tenant_id, ())]
+        ends.sort(key=lambda e: e[0])
+        for when, gpus, memory in ends:
+            used[0] -= gpus
+            used[1] -= memory
+            used[2] -= 1
+            if all(u + n <= lim for u, n, lim in zip(used, need, limits, strict=True)):
+                return _QuotaHold(task.id, when, [lim - u - n for u, n, lim in zip(used, need, limits, strict=True)])
         return None
 
     def _ends_after(self, task: PendingTask, res: _Reservation) -> bool:
@@ -888,6 +966,7 @@ class _Pass:
             usage[0] += count
             usage[1] += per_gpu * count
             usage[2] += 1
+            self.placed_by_tenant.setdefault(task.tenant_id, []).append((task.timeout_s, count, per_gpu * count))
         cls = task.workload_class
         if cls in self.class_used:
             self.class_used[cls] += count
