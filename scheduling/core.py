@@ -9,7 +9,11 @@ queue positions. The input snapshot is never mutated.
 Rules, in the order a task meets them
 -------------------------------------
 1. **Order.** Pending tasks are taken by priority (CRITICAL > HIGH > NORMAL > LOW), then
-   FIFO by ``created_at``, then ``id``. Each task is decided once per pass, in that order;
+   (with ``config.fair_share``) by their tenant's fair-share factor, higher first
+   (``TenantState.fair_share``, 2^(-usage/share) computed by the DB layer), then FIFO by
+   ``created_at``, then ``id``. A task left waiting for capacity while a task of a tenant
+   with a higher factor, submitted after it at the same priority, was placed says so in
+   its reason ("fair share: ..."). Each task is decided once per pass, in that order;
    the pass keeps a working copy of GPU, tenant and class usage that every placement
    (and preemption) updates, so later tasks see what earlier ones took.
 2. **Constraints.** ``node_selector`` must be a subset of the server's labels;
@@ -92,6 +96,7 @@ kind at the end of the pass. ``bench/core.py`` measures the decision time per ta
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -141,9 +146,24 @@ def schedule_timed(snapshot: Snapshot) -> tuple[Plan, list[float]]:
     return plan, timings
 
 
-def queue_order(tasks: Iterable[PendingTask]) -> list[PendingTask]:
-    """Priority first (higher first), then FIFO by creation time, then id."""
-    return sorted(tasks, key=lambda t: (-t.priority, t.created_at, t.id))
+def queue_order(tasks: Iterable[PendingTask], factors: dict[int, float] | None = None) -> list[PendingTask]:
+    """Priority first (higher first), then the tenant's fair-share factor (higher first) when
+    ``factors`` is given, then FIFO by creation time, then id."""
+    if not factors:
+        return sorted(tasks, key=lambda t: (-t.priority, t.created_at, t.id))
+    return sorted(tasks, key=lambda t: (-t.priority, -factors.get(t.tenant_id, 1.0), t.created_at, t.id))
+
+
+def fair_share_factors(snapshot: Snapshot) -> dict[int, float] | None:
+    """Tenant id -> fair-share factor when the policy is on, else None."""
+    if not snapshot.config.fair_share:
+        return None
+    return {tid: t.fair_share for tid, t in snapshot.tenants.items()}
+
+
+def snapshot_order(snapshot: Snapshot) -> list[PendingTask]:
+    """The order a pass takes the snapshot's pending tasks in."""
+    return queue_order(snapshot.pending, fair_share_factors(snapshot))
 
 
 def format_mb(mb: int) -> str:
@@ -358,7 +378,8 @@ class _Pass:
     # ------------------------------------------------------------------ the pass
 
     def run(self) -> Plan:
-        queue = queue_order(self.snap.pending)
+        factors = fair_share_factors(self.snap)
+        queue = queue_order(self.snap.pending, factors)
         timings = self.timings
         blocked: dict[int, tuple] = {}  # task id -> shape, for capacity reasons at the end
         reasons: dict[int, str] = {}
@@ -413,6 +434,8 @@ class _Pass:
                 r += (f"; next in line: GPUs reserved on {self.n_name[res.node]}, "
                       f"free by {when:%Y-%m-%d %H:%M} UTC at the latest")
             reasons[tid] = r
+        if factors:
+            self._explain_fair_share(queue, factors, reasons, set(blocked))
 
         position = 0
         pending = self.plan.pending
@@ -422,6 +445,38 @@ class _Pass:
                 position += 1
                 pending[task.id] = PendingInfo(reason=r[:MAX_REASON_CHARS], position=position)
         return self.plan
+
+    def _explain_fair_share(self, queue: list[PendingTask], factors: dict[int, float], reasons: dict[int, str],
+                            blocked: set[int]) -> None:
+        """Say so when fair share let a later task of a tenant with a higher factor go first."""
+        placed_ids = {p.task_id for p in self.plan.placements}
+        # Per priority: placed tasks by factor (highest first) with the latest (created_at, id)
+        # among those of at least that factor, so each waiting task is one bisect.
+        levels: dict[int, list[tuple[float, tuple]]] = {}
+        for t in queue:
+            if t.id in placed_ids:
+                levels.setdefault(t.priority, []).append((factors.get(t.tenant_id, 1.0), (t.created_at, t.id)))
+        latest: dict[int, tuple[list[float], list[tuple]]] = {}
+        for prio, items in levels.items():
+            items.sort(key=lambda x: -x[0])
+            keys, running_max, best = [], [], None
+            for factor, when in items:
+                best = when if best is None or when > best else best
+                keys.append(-factor)
+                running_max.append(best)
+            latest[prio] = (keys, running_max)
+        for t in queue:
+            r = reasons.get(t.id)
+            if r is None or t.priority not in latest or not (t.id in blocked or r.startswith("reserved for backfill")):
+                continue
+            keys, running_max = latest[t.priority]
+            own = factors.get(t.tenant_id, 1.0)
+            k = bisect.bisect_left(keys, -own)  # placed tasks with a strictly higher factor
+            if k and running_max[k - 1] > (t.created_at, t.id):
+                tenant = self.snap.tenants.get(t.tenant_id)
+                name = tenant.slug if tenant is not None else f"#{t.tenant_id}"
+                reasons[t.id] = (f"{r}; fair share: tasks of tenants with a higher factor went first "
+                                 f"(tenant {name}: {own:.2f})")
 
     def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
                 waiting_total: int) -> tuple[str, object] | None:

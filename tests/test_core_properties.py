@@ -461,3 +461,41 @@ def test_a_tenants_later_tasks_never_delay_the_quota_start_of_its_first_quota_bl
             continue
         after = _tenant_quota_start(snap, tenant_state, running, placed, ahead + behind, need, limits)
         assert after is not None and after <= at_its_turn, (head.id, [t.id for t in behind])
+
+
+# ---------------------------------------------------------------- fair share
+
+
+@st.composite
+def fair_share_scenarios(draw):
+    snap = draw(st.one_of(scenarios(), quota_scenarios()))
+    for t in snap.tenants.values():
+        t.fair_share = draw(st.sampled_from((0.05, 0.3, 0.49, 0.51, 0.8, 1.0)))
+    return dataclasses.replace(snap, config=dataclasses.replace(snap.config, fair_share=True))
+
+
+@common
+@given(fair_share_scenarios())
+def test_with_fair_share_no_tenant_below_its_share_waits_behind_one_above_it(snap):
+    """Below its share: factor > 1/2 (usage < share). Whatever tasks of tenants above their share
+    (factor < 1/2) wait at the same or a lower priority, a below-share task's outcome is the
+    same as if they were not there: they never take what it would have got."""
+    plan = schedule(snap)
+    placed = {p.task_id: (p.node_id, p.gpu_ids) for p in plan.placements}
+    above = {tid for tid, t in snap.tenants.items() if t.fair_share < 0.5}
+    for level in sorted({t.priority for t in snap.pending}):
+        without = [t for t in snap.pending if not (t.tenant_id in above and t.priority <= level)]
+        if len(without) == len(snap.pending):
+            continue
+        alone = {p.task_id: (p.node_id, p.gpu_ids) for p in schedule(dataclasses.replace(snap, pending=without))
+                 .placements}
+        for t in snap.pending:
+            if t.priority == level and t.tenant_id not in above and snap.tenants.get(t.tenant_id) is not None:
+                assert placed.get(t.id) == alone.get(t.id), t.id
+
+
+@common
+@given(fair_share_scenarios())
+def test_fair_share_keeps_the_backfill_and_priority_guarantees(snap):
+    test_no_backfilled_task_delays_the_reserved_start_of_the_blocked_head.hypothesis.inner_test(snap)
+    test_no_tenant_quota_or_class_share_is_exceeded_by_the_plan.hypothesis.inner_test(snap)
