@@ -337,8 +337,9 @@ def cmd_quota(args: argparse.Namespace, client: Client) -> int:
                      f"{use['gpu_memory_mb']}/{lim.get('max_gpu_memory_mb', '-')}",
                      f"{use['running_tasks']}/{lim.get('max_running_tasks', '-')}",
                      f"{use['pending_tasks']}/{lim.get('max_pending_tasks', '-')}",
-                     lim.get("max_priority", "-"), ",".join(lim.get("allowed_classes", []))])
-    print(table(rows, ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES"]))
+                     lim.get("max_priority", "-"), ",".join(lim.get("allowed_classes", [])),
+                     f"{q['fair_share']['factor']:.2f}" if q.get("fair_share") else "-"])
+    print(table(rows, ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES", "FAIR SHARE"]))
     return 0
 
 

@@ -349,10 +349,95 @@ def month_bounds(month: date) -> tuple[datetime, datetime]:
 
 
 def maintain(now: datetime | None = None) -> datetime:
-    """The every-minute upkeep: sample utilisation, roll closed intervals up."""
+    """The every-minute upkeep: sample utilisation, roll closed intervals up, refresh fair share."""
     now = now or timezone.now()
     sample_utilisation(now)
-    return roll_up(now)
+    watermark = roll_up(now)
+    refresh_fair_share(now)
+    return watermark
+
+
+# --- fair share -------------------------------------------------------------------------
+
+# Usage older than this many half-lives weighs under 1/1000: left out.
+FAIR_SHARE_HORIZON_HALF_LIVES = 10
+
+# Decayed GPU-seconds per tenant: day rows decay from their midday; intervals not rolled up
+# yet get the exact integral of 2^(-age/H) over their seconds, H/ln2 * (2^(-age_end/H) - 2^(-age_start/H)).
+_DECAYED_SQL = f"""
+WITH params AS (
+    SELECT %(now)s::timestamptz AS now, %(half_life_s)s::float8 AS h, %(since)s::timestamptz AS since,
+           coalesce((SELECT watermark FROM scheduling_usagerollup WHERE name = '{ROLLUP_NAME}'),
+                    '-infinity'::timestamptz) AS watermark
+), raw AS (
+    SELECT a.id FROM params p CROSS JOIN scheduling_allocation a WHERE a.released_at IS NULL
+    UNION ALL
+    SELECT a.id FROM params p CROSS JOIN scheduling_allocation a
+    WHERE a.released_at > p.watermark AND a.released_at > p.since
+), pieces AS (
+    SELECT u.tenant_id,
+           u.gpu_seconds * power(2.0, -extract(epoch FROM p.now - (u.day + interval '12 hours')) / p.h) AS w
+    FROM params p CROSS JOIN scheduling_usageday u
+    WHERE u.day >= (p.since AT TIME ZONE 'UTC')::date
+    UNION ALL
+    SELECT t.tenant_id,
+           {_FRACTION} * p.h / ln(2.0) * (power(2.0, -extract(epoch FROM p.now - b.s1) / p.h)
+                                          - power(2.0, -extract(epoch FROM p.now - b.s0) / p.h))
+    FROM params p CROSS JOIN raw
+    JOIN scheduling_allocation a ON a.id = raw.id
+    JOIN scheduling_task t ON t.id = a.task_id
+    JOIN nodes_gpu g ON g.id = a.gpu_id
+    CROSS JOIN LATERAL (
+        SELECT greatest(a.allocated_at, p.since) AS s0, least(coalesce(a.released_at, p.now), p.now) AS s1
+    ) b
+    WHERE b.s1 > b.s0
+)
+SELECT tenant_id, sum(w) FROM pieces GROUP BY tenant_id
+"""  # noqa: S608 (constants only)
+
+
+def fair_share_factor(usage: float, share: float) -> float:
+    """Slurm's classic 2^(-usage/share), both as fractions of the whole; in [0, 1]."""
+    if usage <= 0:
+        return 1.0
+    if share <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 2.0 ** (-usage / share)))
+
+
+def refresh_fair_share(now: datetime | None = None, half_life_h: float | None = None) -> dict[int, float]:
+    """Recompute every tenant's fair-share standing (``tenants.FairShare``); return tenant -> factor.
+
+    Share: the quota's ``fair_share_weight``, else its ``max_gpus`` (a tenant without a quota
+    row: the default max_gpus), over the sum of all tenants'. Usage: its decayed GPU-seconds
+    over the sum of all tenants'.
+    """
+    from django.conf import settings
+
+    from tenants.models import FairShare, Quota, Tenant
+
+    now = now or timezone.now()
+    half_life_s = (half_life_h or settings.SCHEDULER.fair_share_half_life_h) * 3600.0
+    since = now - timedelta(seconds=half_life_s * FAIR_SHARE_HORIZON_HALF_LIVES)
+    with connection.cursor() as cursor:
+        cursor.execute(_DECAYED_SQL, {"now": now, "half_life_s": half_life_s, "since": since})
+        decayed = {tid: float(w or 0.0) for tid, w in cursor.fetchall()}
+    default_weight = Quota._meta.get_field("max_gpus").default
+    weights = {
+        tid: (weight if weight is not None else max_gpus) if max_gpus is not None else default_weight
+        for tid, weight, max_gpus in Tenant.objects.values_list("id", "quota__fair_share_weight", "quota__max_gpus")
+    }
+    total_w = sum(weights.values()) or 1
+    total_u = sum(max(0.0, decayed.get(tid, 0.0)) for tid in weights) or 1.0
+    rows = []
+    for tid, weight in weights.items():
+        used = max(0.0, decayed.get(tid, 0.0))
+        usage, share = used / total_u, weight / total_w
+        rows.append(FairShare(tenant_id=tid, decayed_gpu_seconds=used, usage=usage, share=share,
+                              factor=fair_share_factor(usage, share), computed_at=now))
+    FairShare.objects.bulk_create(rows, update_conflicts=True, unique_fields=["tenant"],
+                                  update_fields=["decayed_gpu_seconds", "usage", "share", "factor", "computed_at"])
+    return {r.tenant_id: r.factor for r in rows}
 
 
 def month_of(text: str | None, today: date) -> date:

@@ -109,6 +109,10 @@ class Quota(models.Model):
         default=default_classes,
         help_text="Workload classes its tasks may use: online, batch.",
     )
+    fair_share_weight = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="Fair-share weight; empty: max GPUs. Its share is its weight over all tenants' weights.",
+    )
 
     class Meta:
         constraints = [
@@ -142,6 +146,30 @@ class Quota(models.Model):
         if usage.pending_tasks > self.max_pending_tasks:
             over.append(f"pending tasks {usage.pending_tasks} > {self.max_pending_tasks}")
         return over
+
+
+class FairShare(models.Model):
+    """A tenant's fair-share standing, refreshed once a minute (``scheduling.usage.refresh_fair_share``).
+
+    ``factor = 2 ** (-usage / share)`` in [0, 1]: ``usage`` is the tenant's fraction of all
+    tenants' GPU-seconds decayed with the configured half-life, ``share`` its fraction of all
+    tenants' fair-share weights. 1: used nothing; 0.5: used exactly its share; towards 0: far over.
+    """
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, primary_key=True, related_name="fair_share")
+    decayed_gpu_seconds = models.FloatField(default=0)
+    usage = models.FloatField(default=0)
+    share = models.FloatField(default=0)
+    factor = models.FloatField(default=1)
+    computed_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(factor__gte=0) & Q(factor__lte=1), name="fairshare_factor_range"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant}: {self.factor:.2f}"
 
 
 class ApiToken(models.Model):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from portal.api.authentication import create_token
+from scheduling.usage import refresh_fair_share
 from tests.usage_history import make_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +110,14 @@ def test_gpuctl_usage_prints_an_sreport_like_table_and_csv(live_daphne, history,
 
     as_json = json.loads(gpuctl("--from", "2026-10-01", "--to", "2026-11-01", "--json").stdout)
     assert as_json["rows"][0]["user"] == "alice"
+
+    # The fair-share factor beside the quota (acme used all of the recent usage: below 1).
+    refresh_fair_share()
+    quota = subprocess.run([sys.executable, "-m", "cli.gpuctl", "quota"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+    header, acme_line = quota.stdout.splitlines()[:2]
+    assert header.split()[-2:] == ["FAIR", "SHARE"]
+    assert acme_line.split()[0] == "acme" and float(acme_line.split()[-1]) < 1.0
 
     bad = gpuctl("--from", "someday")
     assert bad.returncode == 1
