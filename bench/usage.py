@@ -17,7 +17,7 @@ report without the roll-up has to read at least). The pass figures (taken
 first, on an empty database) build ``bench/scheduler.py``'s 1,600-GPU cluster and backlog,
 give the tenants spread-out fair-share factors, and time passes from an empty cluster with
 the policy off and on, alternately, keeping each one's fastest run. The history is loaded
-with foreign-key triggers off and the two big tables unlogged (the bench's own database;
+with foreign-key triggers off and the intervals table unlogged (the bench's own database;
 this speeds up writing them, not reading them).
 The last line is one JSON object.
 """
@@ -114,9 +114,8 @@ def build_history(allocations: int, now: datetime) -> dict:
         # A bulk load into the bench's own database: foreign-key and audit triggers off for it
         # (the rows are consistent by construction), as pg_restore would do.
         cursor.execute("SET session_replication_role = replica")
-        # ...and no WAL for the two big tables: this changes how fast they are written, not read.
+        # ...and no WAL for the intervals table: this changes how fast it is written, not read.
         cursor.execute("ALTER TABLE scheduling_allocation SET UNLOGGED")
-        cursor.execute("ALTER TABLE scheduling_task SET UNLOGGED")
         cursor.execute(copy_of_template("scheduling_task", template.pk, {
             "id": f"{template.pk} + 1 + j",
             "tenant_id": f"{tenant0} + j %% {TENANTS}",
