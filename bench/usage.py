@@ -216,6 +216,30 @@ def pass_figures(runs: int) -> dict:
             "placements_off": off[0]["placements"], "placements_on": on[0]["placements"]}
 
 
+def core_figures(runs: int) -> dict:
+    """The placement core alone on bench/core.py's 1,600-GPU snapshot, fair share off vs on (no
+    database, fastest of ``runs``): the steadier comparison on a shared machine."""
+    import random
+
+    from bench.core import build_snapshot
+    from scheduling.core import schedule
+
+    snap = build_snapshot(SERVERS, 8, 3000, seed=1)
+    rnd = random.Random(3)
+    for t in snap.tenants.values():
+        t.fair_share = rnd.random()
+    out = {}
+    for on in (False, True):
+        s = dataclasses.replace(snap, config=dataclasses.replace(snap.config, fair_share=on))
+        samples = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            schedule(s)
+            samples.append(time.perf_counter() - t0)
+        out["on" if on else "off"] = min(samples) * 1000
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 3 minutes)")
@@ -247,6 +271,10 @@ def main() -> None:
           f"on {p['pass_ms_fair_share_on']:.1f} ms (core {p['core_ms_fair_share_on']:.1f} ms, "
           f"{p['placements_on']} placed): {overhead:+.1f} %", flush=True)
 
+    c = core_figures(7)
+    print(f"placement core alone, 1,600 GPUs and 3,000 pending (fastest of 7): fair share off {c['off']:.1f} ms, "
+          f"on {c['on']:.1f} ms ({(c['on'] / c['off'] - 1) * 100:+.1f} %)", flush=True)
+
     now = datetime.now(UTC)
     shape = build_history(args.allocations, now)
     print(f"history: {shape['allocations']:,} allocation intervals of {shape['tasks']:,} tasks on "
@@ -275,6 +303,8 @@ def main() -> None:
         "allocations": shape["allocations"],
         "pass_ms_fair_share_on": round(p["pass_ms_fair_share_on"], 1),
         "pass_ms_fair_share_off": round(p["pass_ms_fair_share_off"], 1),
+        "core_ms_fair_share_on": round(c["on"], 1),
+        "core_ms_fair_share_off": round(c["off"], 1),
         "raw_scan_ms": round(r["raw_scan_ms"], 1),
         "rollup_s": round(rollup_s, 1),
         "usage_day_rows": day_rows,
