@@ -65,7 +65,8 @@ def test_memberships_tokens_servers_and_gpus_are_audited(acme, bob, servers, api
     node = servers[0]
     node.status = "draining"
     node.save()
-    assert events_of(node)[-1].pgh_diff == {"status": ["active", "draining"]}
+    # The status and the operator's intent (kept apart from observed health) change together.
+    assert events_of(node)[-1].pgh_diff == {"status": ["active", "draining"], "intent": ["active", "draining"]}
 
     gpu = GPU.objects.filter(node=node).first()
     gpu.cordon("ECC errors")
