@@ -19,7 +19,11 @@ def main() -> None:
     except ImproperlyConfigured as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    execute_from_command_line(sys.argv)
+    from portal.audit import command_context
+
+    # Audited changes made by a command (a quota edited in `manage.py shell`) say so.
+    with command_context(sys.argv):
+        execute_from_command_line(sys.argv)
 
 
 if __name__ == "__main__":

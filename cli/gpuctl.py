@@ -81,14 +81,15 @@ class Client:
         self.token = token
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
+                accept: str = "application/json") -> Any:
         url = f"{self.url}/api/v1/{path.lstrip('/')}"
         if params:
             query = {k: v for k, v in params.items() if v not in (None, "")}
             if query:
                 url += "?" + urllib.parse.urlencode(query)
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json", "User-Agent": USER_AGENT}
+        headers = {"Authorization": f"Token {self.token}", "Accept": accept, "User-Agent": USER_AGENT}
         if data is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 (URL is the user's)
@@ -101,6 +102,8 @@ class Client:
             raise CliError(f"cannot reach the portal at {self.url}: {exc.reason}") from None
         except (TimeoutError, ConnectionError) as exc:
             raise CliError(f"cannot reach the portal at {self.url}: {exc}") from None
+        if accept != "application/json":
+            return raw.decode()
         return json.loads(raw) if raw else None
 
     def get(self, path: str, **params: Any) -> Any:
@@ -334,8 +337,34 @@ def cmd_quota(args: argparse.Namespace, client: Client) -> int:
                      f"{use['gpu_memory_mb']}/{lim.get('max_gpu_memory_mb', '-')}",
                      f"{use['running_tasks']}/{lim.get('max_running_tasks', '-')}",
                      f"{use['pending_tasks']}/{lim.get('max_pending_tasks', '-')}",
-                     lim.get("max_priority", "-"), ",".join(lim.get("allowed_classes", []))])
-    print(table(rows, ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES"]))
+                     lim.get("max_priority", "-"), ",".join(lim.get("allowed_classes", [])),
+                     f"{q['fair_share']['factor']:.2f}" if q.get("fair_share") else "-"])
+    print(table(rows, ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES", "FAIR SHARE"]))
+    return 0
+
+
+def _hours(value: float) -> str:
+    return f"{value:,.2f}"
+
+
+def cmd_usage(args: argparse.Namespace, client: Client) -> int:
+    params = {"from": args.start, "to": args.end, "group_by": args.group_by}
+    if args.csv:
+        sys.stdout.write(client.request("GET", "usage", params=params, accept="text/csv"))
+        return 0
+    report = client.get("usage", **params)
+    if args.json:
+        emit_json(report)
+        return 0
+    keys = report["group_by"]
+    # sreport-like: a header saying what and when, a rule, then one line per group.
+    print(f"GPU usage {report['from']} - {report['to']} (GPU-hours; utilisation: mean reported by the agents)")
+    print("-" * 80)
+    rows = [[*(r[k] for k in keys), _hours(r["gpu_hours"]), _hours(r["gpu_memory_gb_hours"]),
+             "-" if r["utilization_pct"] is None else f"{r['utilization_pct']:.0f}%"] for r in report["rows"]]
+    total = sum(r["gpu_hours"] for r in report["rows"])
+    print(table(rows, [*(k.upper().replace("_", " ") for k in keys), "GPU-HOURS", "GPU-MEM GB-H", "UTIL"]))
+    print(f"total: {_hours(total)} GPU-hours")
     return 0
 
 
@@ -400,11 +429,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server")
 
     sub.add_parser("quota", parents=[common, listing], help="my tenants' limits and usage")
+
+    p = sub.add_parser("usage", parents=[common, listing], help="GPU-hours used over a period (like sreport)")
+    p.add_argument("--from", dest="start", help="start: YYYY-MM-DD or ISO 8601 (default: first of this month)")
+    p.add_argument("--to", dest="end", help="end, exclusive (default: now)")
+    p.add_argument("--group-by", default="tenant,user",
+                   help="comma-separated: tenant, user, server, gpu_model, workload_class, task (default tenant,user)")
+    p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     return parser
 
 
 COMMANDS = {"submit": cmd_submit, "queue": cmd_queue, "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel,
-            "gpus": cmd_gpus, "quota": cmd_quota}
+            "gpus": cmd_gpus, "quota": cmd_quota, "usage": cmd_usage}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pghistory
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -163,3 +164,19 @@ class JoinToken(models.Model):
 
     def __str__(self) -> str:
         return f"join token {self.prefix}… ({self.node or 'cluster-wide'})"
+
+
+# --- the audit (see tenants.models and portal.audit): operator state of servers and GPUs.
+# Only these fields: live readings (heartbeats) change the rows every few seconds and
+# fire no event, as an update event fires only when a tracked field changes.
+def _audit_events() -> tuple:
+    # Fresh trackers per model: pghistory binds a tracker to the model it tracks.
+    return pghistory.InsertEvent(), pghistory.UpdateEvent(), pghistory.DeleteEvent()
+
+
+# Named: pghistory would otherwise name the event model after the field list.
+pghistory.track(*_audit_events(), fields=["name", "status", "intent", "status_reason", "labels", "token_prefix"],
+                model_name="NodeEvent")(Node)
+pghistory.track(*_audit_events(), fields=["node", "index", "cordoned", "cordon_reason", "reserved"],
+                model_name="GPUEvent")(GPU)
+pghistory.track(*_audit_events(), exclude=["digest"])(JoinToken)

@@ -33,3 +33,50 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
     context = {**admin.site.each_context(request), "title": "Cluster overview", "nodes": nodes, "summary": summary,
                "control": control_plane.snapshot()}
     return TemplateResponse(request, "admin/cluster.html", context)
+
+
+def usage_report(request: HttpRequest) -> HttpResponse:
+    """The operators' usage report: every tenant per month (a year of months charted),
+    drilling down into one tenant's users, GPU models and days."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portal.views import usage_table
+    from scheduling import usage
+    from tenants.models import Tenant
+
+    now = timezone.now()
+    try:
+        month = usage.month_of(request.GET.get("month"), now.date())
+    except usage.ReportError:
+        month = now.date().replace(day=1)
+    tenant = Tenant.objects.filter(slug=request.GET.get("tenant") or "").first()
+    scope = {"tenant_ids": [tenant.pk]} if tenant else {}
+    start, end = usage.month_bounds(month)
+    context = {**admin.site.each_context(request), "title": "GPU usage", "month": month, "tenant": tenant,
+               "prev": usage.add_months(month, -1), "next": usage.add_months(month, 1)}
+
+    def rows(key: str) -> list:
+        if start >= now:
+            return []
+        return usage_table(usage.report(start, end, [key], **scope), key)
+
+    if tenant is None:
+        months = [usage.month_bounds(usage.add_months(month, -i)) for i in range(11, -1, -1)]
+        months = [(s, e) for s, e in months if s < now]
+        chart = usage.series(months, "tenant", lambda s, e: usage.report(s, e, ["tenant"]))
+        chart["labels"] = [s.strftime("%Y-%m") for s, _ in months]
+        chart["title"] = "GPU-hours per month, by tenant"
+        context.update(chart=chart, tenants=rows("tenant"), models=rows("gpu_model"))
+    else:
+        days = []
+        day = start
+        while day < min(end, now):
+            days.append((day, day + timedelta(days=1)))
+            day += timedelta(days=1)
+        chart = usage.series(days, "user", lambda s, e: usage.report(s, e, ["user"], **scope))
+        chart["labels"] = [d.strftime("%d") for d, _ in days]
+        chart["title"] = f"GPU-hours per day of {tenant.slug}, by user"
+        context.update(chart=chart, users=rows("user"), models=rows("gpu_model"), classes=rows("workload_class"))
+    return TemplateResponse(request, "admin/usage.html", context)

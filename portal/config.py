@@ -49,6 +49,10 @@ class SchedulerConfig:
     default_max_retries: int = 2
     # Factor applied to a model's remembered memory estimate after an OOM.
     oom_memory_factor: float = 1.2
+    # Fair share: within a priority level, tenants that used less than their share of the
+    # cluster go first (factor 2^(-usage/share) from usage decayed with this half-life).
+    fair_share: bool = False
+    fair_share_half_life_h: float = 168.0
     # When more than this share of the servers (and at least two) fall silent at once,
     # the sweep reads it as a control-plane or network fault and declares no one lost.
     lost_guard_fraction: float = 0.5
@@ -83,6 +87,10 @@ def _check(key: str, value: Any, expected: Any) -> Any:
     if key in ("online_share", "batch_share"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ConfigError(f"{where} must be a number between 0 and 1, got {value!r}")
+        return float(value)
+    if key == "fair_share_half_life_h":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 8760:
+            raise ConfigError(f"{where} must be a number of hours between 1 and 8760, got {value!r}")
         return float(value)
     if key == "lost_guard_fraction":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:

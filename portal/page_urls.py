@@ -15,5 +15,6 @@ urlpatterns = [
     path("tasks/<int:pk>/", views.task_detail, name="task"),
     path("tasks/<int:pk>/cancel/", views.task_cancel, name="task-cancel"),
     path("tokens/", views.tokens, name="tokens"),
+    path("usage/", views.usage_page, name="usage"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),
 ]

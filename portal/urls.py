@@ -6,7 +6,7 @@ from django.urls import include, path, re_path
 from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from portal.admin_views import cluster_overview
+from portal.admin_views import cluster_overview, usage_report
 from portal.metrics_access import metrics_view
 
 admin.site.site_header = "GPU allocation portal"
@@ -18,6 +18,7 @@ handler404 = "portal.middleware.not_found"  # JSON under /api/
 
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
+    path("admin/usage/", admin.site.admin_view(usage_report), name="admin-usage"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/agent/v1/", include("nodes.api.urls")),

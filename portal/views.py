@@ -180,3 +180,44 @@ def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
         raise Http404
     messages.success(request, "Token revoked.")
     return redirect("portal:tokens")
+
+
+def usage_table(rows, key: str) -> list[dict[str, Any]]:
+    """Report rows as the usage tables show them (shared by the admin's usage report)."""
+    return [{"name": getattr(r, key), "gpu_hours": r.gpu_hours, "gpu_memory_gb_hours": r.gpu_memory_gb_hours,
+             "utilization_pct": r.utilization_pct} for r in rows]
+
+
+@login_required
+def usage_page(request: HttpRequest) -> HttpResponse:
+    """A month of the viewer's tenants' GPU-hours: by tenant, by user, by GPU model, and per day.
+
+    Scoped by ``scheduling.access.usage_for``: tenant admins see every member, plain
+    members their tenant's totals and their own per-user line.
+    """
+    from scheduling import usage
+
+    now = timezone.now()
+    try:
+        month = usage.month_of(request.GET.get("month"), now.date())
+    except usage.ReportError as exc:
+        messages.error(request, str(exc))
+        return redirect("portal:usage")
+    start, end = usage.month_bounds(month)
+    if start >= now:
+        rows_by = {"tenant": [], "user": [], "gpu_model": []}
+    else:
+        rows_by = {key: usage_table(access.usage_for(request.user, start, end, [key]), key)
+                   for key in ("tenant", "user", "gpu_model")}
+    days = []
+    day = start
+    while day < min(end, now):
+        days.append((day, day + timedelta(days=1)))
+        day += timedelta(days=1)
+    chart = usage.series(days, "tenant", lambda s, e: access.usage_for(request.user, s, e, ["tenant"]))
+    chart["labels"] = [d.strftime("%d") for d, _ in days]
+    chart["title"] = "GPU-hours per day"
+    return render(request, "portal/usage.html", {
+        "month": month, "prev": usage.add_months(month, -1), "next": usage.add_months(month, 1),
+        "rows": rows_by, "chart": chart, "is_tenant_admin": bool(access.admin_tenant_ids(request.user)),
+    })

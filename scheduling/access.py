@@ -55,3 +55,29 @@ def can_cancel(user, task: Task) -> bool:
     if user.is_staff or task.submitter_id == user.pk:
         return True
     return task.tenant_id in admin_tenant_ids(user)
+
+
+def usage_for(user, start, end, group_by: list[str]):
+    """The usage report ``user`` may see (``scheduling.usage.report`` rows).
+
+    Staff see every tenant. A tenant admin sees every member of that tenant. A plain
+    member sees the tenant's totals, but broken down by user or task only their own
+    rows: what colleagues ran stays between them and the tenant's admins.
+    """
+    from scheduling import usage
+
+    if not user.is_authenticated:
+        return []
+    if user.is_staff:
+        return usage.report(start, end, group_by)
+    member_of = set(Membership.objects.filter(user=user).values_list("tenant_id", flat=True))
+    admin_of = admin_tenant_ids(user)
+    plain = member_of - admin_of
+    personal = bool({"user", "task"} & set(group_by))
+    if not personal or not plain:
+        return usage.report(start, end, group_by, tenant_ids=member_of)
+    rows = usage.report(start, end, group_by, tenant_ids=plain, user_ids=[user.pk])
+    if admin_of:
+        rows += usage.report(start, end, group_by, tenant_ids=admin_of)
+        rows.sort(key=lambda r: -r.gpu_seconds)
+    return rows

@@ -9,7 +9,11 @@ queue positions. The input snapshot is never mutated.
 Rules, in the order a task meets them
 -------------------------------------
 1. **Order.** Pending tasks are taken by priority (CRITICAL > HIGH > NORMAL > LOW), then
-   FIFO by ``created_at``, then ``id``. Each task is decided once per pass, in that order;
+   (with ``config.fair_share``) by their tenant's fair-share factor, higher first
+   (``TenantState.fair_share``, 2^(-usage/share) computed by the DB layer), then FIFO by
+   ``created_at``, then ``id``. A task left waiting for capacity while a task of a tenant
+   with a higher factor, submitted after it at the same priority, was placed says so in
+   its reason ("fair share: ..."). Each task is decided once per pass, in that order;
    the pass keeps a working copy of GPU, tenant and class usage that every placement
    (and preemption) updates, so later tasks see what earlier ones took.
 2. **Constraints.** ``node_selector`` must be a subset of the server's labels;
@@ -20,7 +24,14 @@ Rules, in the order a task meets them
 3. **Tenant quota.** Running tasks + 1, GPUs held + ``gpu_count`` and GPU memory held +
    ``gpu_count * memory_mb`` must stay within the tenant's limits ("tenant acme at its
    GPU quota (8/8)"). A tenant missing from ``snapshot.tenants`` has no limits. A task
-   blocked by its own tenant's quota blocks nobody else.
+   blocked by its own tenant's quota blocks nobody else's tasks, but it is protected from
+   its own tenant's later (narrower) tasks the way backfill protects a capacity-blocked
+   task: the first quota-blocked task of a tenant that its quota could ever hold gets a
+   *quota hold*, the earliest time T at which the ends of the tenant's running tasks
+   (``expected_end``, and ``now + timeout_s`` of those placed earlier in the pass) free
+   enough quota for it, and the headroom left beside it at T. A later task of that tenant
+   may start only if it ends by T or fits in that headroom (which it then uses up);
+   otherwise it waits with "held for task #N of the same tenant: it waits for quota...".
 4. **Online/batch split.** Each class may hold ``round(share * schedulable GPUs)`` GPUs
    (counted as the GPUs its tasks hold; a shared allocation counts its GPU), e.g.
    "online share of the cluster full (70%): 7/7 GPUs in use". Strict by default; a share
@@ -85,6 +96,7 @@ kind at the end of the pass. ``bench/core.py`` measures the decision time per ta
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -134,9 +146,24 @@ def schedule_timed(snapshot: Snapshot) -> tuple[Plan, list[float]]:
     return plan, timings
 
 
-def queue_order(tasks: Iterable[PendingTask]) -> list[PendingTask]:
-    """Priority first (higher first), then FIFO by creation time, then id."""
-    return sorted(tasks, key=lambda t: (-t.priority, t.created_at, t.id))
+def queue_order(tasks: Iterable[PendingTask], factors: dict[int, float] | None = None) -> list[PendingTask]:
+    """Priority first (higher first), then the tenant's fair-share factor (higher first) when
+    ``factors`` is given, then FIFO by creation time, then id."""
+    if not factors:
+        return sorted(tasks, key=lambda t: (-t.priority, t.created_at, t.id))
+    return sorted(tasks, key=lambda t: (-t.priority, -factors.get(t.tenant_id, 1.0), t.created_at, t.id))
+
+
+def fair_share_factors(snapshot: Snapshot) -> dict[int, float] | None:
+    """Tenant id -> fair-share factor when the policy is on, else None."""
+    if not snapshot.config.fair_share:
+        return None
+    return {tid: t.fair_share for tid, t in snapshot.tenants.items()}
+
+
+def snapshot_order(snapshot: Snapshot) -> list[PendingTask]:
+    """The order a pass takes the snapshot's pending tasks in."""
+    return queue_order(snapshot.pending, fair_share_factors(snapshot))
 
 
 def format_mb(mb: int) -> str:
@@ -157,6 +184,23 @@ class _Reservation:
         self.time = when
         self.node = node
         self.gpus = gpus
+
+
+class _QuotaHold:
+    """A quota-blocked task's claim on its tenant's future headroom (rule 3).
+
+    ``time``: the earliest moment the tenant's running tasks (and those placed earlier in the
+    pass) will have freed enough quota for it; ``spare``: what the tenant may still hold at
+    that moment beside it (GPUs, memory, running tasks). A later task of the tenant that
+    would still run at ``time`` must fit in ``spare`` and uses it up.
+    """
+
+    __slots__ = ("spare", "task_id", "time")
+
+    def __init__(self, task_id: int, when: datetime, spare: list[int]) -> None:
+        self.task_id = task_id
+        self.time = when
+        self.spare = spare
 
 
 class _Pass:
@@ -280,6 +324,10 @@ class _Pass:
         self.sig_cache: dict[tuple, set[tuple[int, ...]]] = {}
         self.smallest_cache: dict[tuple, int] = {}
         self.reservation: _Reservation | None = None
+        # Quota holds (rule 3): tenant id -> the hold of its first quota-blocked task.
+        self.quota_holds: dict[int, _QuotaHold | None] = {}
+        # Per tenant, tasks placed in this pass: (timeout_s, gpus, memory): their ends, for quota holds.
+        self.placed_by_tenant: dict[int, list[tuple[int, int, int]]] = {}
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -330,7 +378,8 @@ class _Pass:
     # ------------------------------------------------------------------ the pass
 
     def run(self) -> Plan:
-        queue = queue_order(self.snap.pending)
+        factors = fair_share_factors(self.snap)
+        queue = queue_order(self.snap.pending, factors)
         timings = self.timings
         blocked: dict[int, tuple] = {}  # task id -> shape, for capacity reasons at the end
         reasons: dict[int, str] = {}
@@ -385,6 +434,8 @@ class _Pass:
                 r += (f"; next in line: GPUs reserved on {self.n_name[res.node]}, "
                       f"free by {when:%Y-%m-%d %H:%M} UTC at the latest")
             reasons[tid] = r
+        if factors:
+            self._explain_fair_share(queue, factors, reasons, set(blocked))
 
         position = 0
         pending = self.plan.pending
@@ -394,6 +445,38 @@ class _Pass:
                 position += 1
                 pending[task.id] = PendingInfo(reason=r[:MAX_REASON_CHARS], position=position)
         return self.plan
+
+    def _explain_fair_share(self, queue: list[PendingTask], factors: dict[int, float], reasons: dict[int, str],
+                            blocked: set[int]) -> None:
+        """Say so when fair share let a later task of a tenant with a higher factor go first."""
+        placed_ids = {p.task_id for p in self.plan.placements}
+        # Per priority: placed tasks by factor (highest first) with the latest (created_at, id)
+        # among those of at least that factor, so each waiting task is one bisect.
+        levels: dict[int, list[tuple[float, tuple]]] = {}
+        for t in queue:
+            if t.id in placed_ids:
+                levels.setdefault(t.priority, []).append((factors.get(t.tenant_id, 1.0), (t.created_at, t.id)))
+        latest: dict[int, tuple[list[float], list[tuple]]] = {}
+        for prio, items in levels.items():
+            items.sort(key=lambda x: -x[0])
+            keys, running_max, best = [], [], None
+            for factor, when in items:
+                best = when if best is None or when > best else best
+                keys.append(-factor)
+                running_max.append(best)
+            latest[prio] = (keys, running_max)
+        for t in queue:
+            r = reasons.get(t.id)
+            if r is None or t.priority not in latest or not (t.id in blocked or r.startswith("reserved for backfill")):
+                continue
+            keys, running_max = latest[t.priority]
+            own = factors.get(t.tenant_id, 1.0)
+            k = bisect.bisect_left(keys, -own)  # placed tasks with a strictly higher factor
+            if k and running_max[k - 1] > (t.created_at, t.id):
+                tenant = self.snap.tenants.get(t.tenant_id)
+                name = tenant.slug if tenant is not None else f"#{t.tenant_id}"
+                reasons[t.id] = (f"{r}; fair share: tasks of tenants with a higher factor went first "
+                                 f"(tenant {name}: {own:.2f})")
 
     def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
                 waiting_total: int) -> tuple[str, object] | None:
@@ -431,7 +514,13 @@ class _Pass:
                 smallest = self.smallest_cache[ckey] = min(total[g] for gl in elig.values() for g in gl)
             r = self._memory_quota_reason(task, c * smallest)
         if r is not None:
+            if task.tenant_id not in self.quota_holds:
+                self.quota_holds[task.tenant_id] = self._quota_hold(task, c, mem, ckey)
             return ("reason", r)
+        hold = self.quota_holds.get(task.tenant_id)
+        if hold is not None and not self._fits_hold(task, c, mem, hold, ckey):
+            return ("reason", f"held for task #{hold.task_id} of the same tenant: it waits for quota, "
+                              f"and this task would still hold it at {self._hhmm(hold.time)} UTC")
         r = self._share_reason(task, c)
         if r is not None:
             return ("reason", r)
@@ -464,7 +553,51 @@ class _Pass:
                 return ("reason", r)
         else:
             per_gpu = mem
+        if hold is not None and not self._ends_by(task, hold.time):
+            hold.spare[0] -= c
+            hold.spare[1] -= c * per_gpu
+            hold.spare[2] -= 1
         self._place(task, n, gpus, per_gpu, mode)
+        return None
+
+    def _ends_by(self, task: PendingTask, when: datetime) -> bool:
+        return self.now + timedelta(seconds=task.timeout_s) <= when
+
+    @staticmethod
+    def _hhmm(when: datetime) -> str:
+        return f"{(when.astimezone(UTC) if when.tzinfo else when):%Y-%m-%d %H:%M}"
+
+    def _need_mb(self, c: int, mem: int | None, ckey: tuple) -> int:
+        # A whole-GPU request claims at least the smallest GPU it could get.
+        return c * (mem if mem is not None else self.smallest_cache.get(ckey, 0))
+
+    def _fits_hold(self, task: PendingTask, c: int, mem: int | None, hold: _QuotaHold, ckey: tuple) -> bool:
+        if self._ends_by(task, hold.time):
+            return True
+        spare = hold.spare
+        return c <= spare[0] and self._need_mb(c, mem, ckey) <= spare[1] and spare[2] >= 1
+
+    def _quota_hold(self, task: PendingTask, c: int, mem: int | None, ckey: tuple) -> _QuotaHold | None:
+        """When ``task``'s tenant will have freed enough quota for it, replaying the ends of its
+        running tasks; None when its quota could never hold it (then it protects nothing)."""
+        tenant = self.snap.tenants.get(task.tenant_id)
+        if tenant is None:
+            return None
+        need = (c, self._need_mb(c, mem, ckey), 1)
+        limits = (tenant.max_gpus, tenant.max_gpu_memory_mb, tenant.max_running_tasks)
+        if any(n > lim for n, lim in zip(need, limits, strict=True)):
+            return None
+        used = list(self.t_usage[task.tenant_id])
+        ends = [(r.expected_end, len(r.gpu_ids), r.memory_mb * len(r.gpu_ids))
+                for r in self.running.values() if r.tenant_id == task.tenant_id]
+        ends += [(self.now + timedelta(seconds=t), k, m) for t, k, m in self.placed_by_tenant.get(task.tenant_id, ())]
+        ends.sort(key=lambda e: e[0])
+        for when, gpus, memory in ends:
+            used[0] -= gpus
+            used[1] -= memory
+            used[2] -= 1
+            if all(u + n <= lim for u, n, lim in zip(used, need, limits, strict=True)):
+                return _QuotaHold(task.id, when, [lim - u - n for u, n, lim in zip(used, need, limits, strict=True)])
         return None
 
     def _ends_after(self, task: PendingTask, res: _Reservation) -> bool:
@@ -888,6 +1021,7 @@ class _Pass:
             usage[0] += count
             usage[1] += per_gpu * count
             usage[2] += 1
+            self.placed_by_tenant.setdefault(task.tenant_id, []).append((task.timeout_s, count, per_gpu * count))
         cls = task.workload_class
         if cls in self.class_used:
             self.class_used[cls] += count

@@ -52,6 +52,8 @@ class TenantState:
     used_gpus: int
     used_gpu_memory_mb: int
     running_tasks: int  # assigned + running
+    # 2^(-usage/share) in [0, 1] (scheduling.usage.refresh_fair_share); used when config.fair_share.
+    fair_share: float = 1.0
 
 
 @dataclass(slots=True)

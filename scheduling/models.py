@@ -235,6 +235,9 @@ class Allocation(models.Model):
             models.Index(fields=["gpu"], name="allocation_active_gpu_idx", condition=Q(released_at__isnull=True)),
             models.Index(fields=["node"], name="allocation_active_node_idx", condition=Q(released_at__isnull=True)),
             models.Index(fields=["task"], name="allocation_task_idx"),
+            # The usage ledger reads intervals released after its roll-up watermark raw.
+            models.Index(fields=["released_at"], name="allocation_released_idx",
+                         condition=Q(released_at__isnull=False)),
         ]
         constraints = [
             # The last line of defence: one GPU, at most one active exclusive task.
@@ -339,3 +342,65 @@ class SchedulerLock(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+# --- usage accounting (scheduling.usage) ------------------------------------------------
+# Tenant and user ids are kept without foreign-key constraints on purpose: the ledger is
+# history, and a deleted user's GPU-hours must still add up in last year's report.
+
+
+class UsageDay(models.Model):
+    """Closed allocation intervals rolled up per UTC day (``scheduling.usage.roll_up``).
+
+    Only intervals released at or before ``UsageRollup.watermark`` are in here, each split
+    at midnight UTC; everything released later (or still open) is read raw. Keyed by the
+    dimensions most reports group by, so a year is a few hundred thousand rows at most.
+    """
+
+    day = models.DateField()
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.DO_NOTHING, db_constraint=False,
+                               related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING,
+                             db_constraint=False, related_name="+")
+    gpu_model = models.CharField(max_length=100)
+    workload_class = models.CharField(max_length=10)
+    gpu_seconds = models.FloatField(default=0)
+    gpu_memory_mb_seconds = models.FloatField(default=0)
+    # GPU-seconds for which the agents reported utilisation, and those weighted by it (0..1).
+    measured_gpu_seconds = models.FloatField(default=0)
+    busy_gpu_seconds = models.FloatField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["day", "tenant", "user", "gpu_model", "workload_class"],
+                                    name="usageday_unique_key", nulls_distinct=False),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} tenant {self.tenant_id} user {self.user_id}: {self.gpu_seconds / 3600:.1f} GPU-h"
+
+
+class UsageRollup(models.Model):
+    """The roll-up's progress: allocations released at or before ``watermark`` are in UsageDay."""
+
+    name = models.CharField(max_length=50, unique=True)
+    watermark = models.DateTimeField()
+    rolled_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} up to {self.watermark}"
+
+
+class GpuUtilisationDay(models.Model):
+    """Utilisation samples of one GPU over one UTC day (sum and count: the mean is their ratio)."""
+
+    gpu = models.ForeignKey("nodes.GPU", on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
+    day = models.DateField()
+    samples = models.PositiveIntegerField(default=0)
+    utilization_sum = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["gpu", "day"], name="gpuutilisationday_unique")]
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} on {self.day}"

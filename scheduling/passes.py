@@ -110,9 +110,11 @@ WHERE t.status IN ('assigned', 'running')
 GROUP BY t.id
 """
 
+# The fair-share factor is refreshed once a minute by scheduling.usage, not computed here.
 _TENANTS_SQL = """
-SELECT t.id, t.slug, q.max_gpus, q.max_gpu_memory_mb, q.max_running_tasks
+SELECT t.id, t.slug, q.max_gpus, q.max_gpu_memory_mb, q.max_running_tasks, coalesce(f.factor, 1.0)
 FROM tenants_tenant t LEFT JOIN tenants_quota q ON q.tenant_id = t.id
+LEFT JOIN tenants_fairshare f ON f.tenant_id = t.id
 """
 
 # The queue in its index order (task_pending_queue_idx). A task that names a model but
@@ -225,13 +227,13 @@ def load_snapshot(now: datetime) -> _Loaded:
 
         _next_result(cursor)
         tenants: dict[int, TenantState] = {}
-        for tenant_id, slug, max_gpus, max_mem, max_running in cursor.fetchall():
+        for tenant_id, slug, max_gpus, max_mem, max_running, fair_share in cursor.fetchall():
             tenants[tenant_id] = TenantState(
                 id=tenant_id, slug=slug,
                 max_gpus=_DEFAULT_QUOTA["max_gpus"] if max_gpus is None else max_gpus,
                 max_gpu_memory_mb=_DEFAULT_QUOTA["max_gpu_memory_mb"] if max_mem is None else max_mem,
                 max_running_tasks=_DEFAULT_QUOTA["max_running_tasks"] if max_running is None else max_running,
-                used_gpus=0, used_gpu_memory_mb=0, running_tasks=0,
+                used_gpus=0, used_gpu_memory_mb=0, running_tasks=0, fair_share=fair_share,
             )
 
         _next_result(cursor)

@@ -211,9 +211,12 @@ def _note_guard(held_back: int | None) -> None:
 def sweep_task() -> str:
     """The django-q2 scheduled safety net (every minute); also the queue-wait alert check."""
     from portal.alerts import check_queue_wait
+    from scheduling import usage
 
     result = sweep(actor="sweep:q")
     check_queue_wait()
+    # The usage ledger's upkeep (utilisation sample, roll-up) rides on the same minute.
+    usage.maintain()
     return str(result)
 
 

@@ -68,7 +68,7 @@ def _usage_subqueries():
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "gpus", "gpu_memory", "running_tasks", "members_count"]
+    list_display = ["name", "slug", "gpus", "gpu_memory", "running_tasks", "members_count", "fair_share_factor"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [QuotaInline, MembershipInline]
@@ -78,7 +78,7 @@ class TenantAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         return (
             super().get_queryset(request)
-            .select_related("quota")
+            .select_related("quota", "fair_share")
             .annotate(members_n=Count("memberships", distinct=True), **_usage_subqueries())
         )
 
@@ -88,6 +88,14 @@ class TenantAdmin(admin.ModelAdmin):
         suffix = " / " + (f"{limit}{unit}" if limit is not None else "no quota")
         return format_html('<span data-tenant="{}" data-usage="{}" data-unit="{}" data-suffix="{}">{}{}{}</span>',
                            obj.pk, key, unit, suffix, used, unit, suffix)
+
+    @admin.display(description="fair-share factor", ordering="fair_share__factor")
+    def fair_share_factor(self, obj: Tenant) -> str:
+        """2^(-usage/share): 1 used nothing, 0.5 used exactly its share, towards 0 far over it."""
+        fs = getattr(obj, "fair_share", None)
+        if fs is None:
+            return "-"
+        return f"{fs.factor:.2f} (usage {fs.usage:.0%} / share {fs.share:.0%})"
 
     @admin.display(description="GPUs used / limit", ordering="used_gpus")
     def gpus(self, obj: Tenant):

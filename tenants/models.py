@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import pghistory
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
@@ -108,6 +109,10 @@ class Quota(models.Model):
         default=default_classes,
         help_text="Workload classes its tasks may use: online, batch.",
     )
+    fair_share_weight = models.PositiveIntegerField(
+        null=True, blank=True,
+        help_text="Fair-share weight; empty: max GPUs. Its share is its weight over all tenants' weights.",
+    )
 
     class Meta:
         constraints = [
@@ -143,6 +148,30 @@ class Quota(models.Model):
         return over
 
 
+class FairShare(models.Model):
+    """A tenant's fair-share standing, refreshed once a minute (``scheduling.usage.refresh_fair_share``).
+
+    ``factor = 2 ** (-usage / share)`` in [0, 1]: ``usage`` is the tenant's fraction of all
+    tenants' GPU-seconds decayed with the configured half-life, ``share`` its fraction of all
+    tenants' fair-share weights. 1: used nothing; 0.5: used exactly its share; towards 0: far over.
+    """
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, primary_key=True, related_name="fair_share")
+    decayed_gpu_seconds = models.FloatField(default=0)
+    usage = models.FloatField(default=0)
+    share = models.FloatField(default=0)
+    factor = models.FloatField(default=1)
+    computed_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(factor__gte=0) & Q(factor__lte=1), name="fairshare_factor_range"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant}: {self.factor:.2f}"
+
+
 class ApiToken(models.Model):
     """A user's API token (for the REST API and the CLI), stored as prefix + HMAC."""
 
@@ -160,3 +189,17 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+# --- the audit: old -> new values of governance rows, recorded by database triggers
+# (django-pghistory), whoever makes the change; who and through what is in portal.audit.
+def _audit_events() -> tuple:
+    # Fresh trackers per model: pghistory binds a tracker to the model it tracks.
+    return pghistory.InsertEvent(), pghistory.UpdateEvent(), pghistory.DeleteEvent()
+
+
+pghistory.track(*_audit_events())(Tenant)
+pghistory.track(*_audit_events())(Membership)
+pghistory.track(*_audit_events())(Quota)
+# Never the digest; and last use is bookkeeping, not a change anyone made.
+pghistory.track(*_audit_events(), exclude=["digest", "last_used_at"])(ApiToken)

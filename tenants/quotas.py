@@ -7,13 +7,22 @@ from typing import Any
 
 from scheduling import access
 from scheduling.choices import Priority
-from tenants.models import Membership, Quota, usage_of
+from tenants.models import FairShare, Membership, Quota, usage_of
+
+
+def _fair_share(tenant) -> dict[str, Any] | None:
+    try:
+        fs = tenant.fair_share
+    except FairShare.DoesNotExist:
+        return None
+    return {"factor": round(fs.factor, 4), "usage": round(fs.usage, 4), "share": round(fs.share, 4),
+            "computed_at": fs.computed_at}
 
 
 def quota_report(user) -> list[dict[str, Any]]:
     roles = dict(Membership.objects.filter(user=user).values_list("tenant_id", "role"))
     report = []
-    tenants = list(access.tenants_for(user).select_related("quota").order_by("slug"))
+    tenants = list(access.tenants_for(user).select_related("quota", "fair_share").order_by("slug"))
     usages = usage_of(t.pk for t in tenants)
     for tenant in tenants:
         usage = usages[tenant.pk]
@@ -31,5 +40,6 @@ def quota_report(user) -> list[dict[str, Any]]:
             "tenant": tenant.slug, "name": tenant.name, "role": roles.get(tenant.pk),
             "limits": limits, "usage": asdict(usage),
             "over_limits": quota.exceeded_by(usage) if quota is not None else [],
+            "fair_share": _fair_share(tenant),
         })
     return report

@@ -17,7 +17,7 @@ from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
-from portal import tokens
+from portal import audit, tokens
 from tenants.models import ApiToken
 
 KEYWORDS = (b"token", b"bearer")
@@ -84,6 +84,7 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
             ApiToken.objects.filter(pk=row.pk).filter(
                 Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
             ).update(last_used_at=now)
+        audit.note_api_user(row.user)
         return row.user, row
 
     def authenticate_header(self, request) -> str:

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from scheduling.api import views
+from scheduling.api import usage, views
 
 router = SimpleRouter()
 # Both /tasks and /tasks/ (a POST must not be redirected to add a slash).
 router.trailing_slash = "/?"
 router.register("tasks", views.TaskViewSet, basename="task")
-urlpatterns = router.urls
+urlpatterns = [*router.urls, path("usage", usage.UsageView.as_view(), name="usage")]

@@ -19,6 +19,13 @@ class UsageSerializer(serializers.Serializer):
     pending_tasks = serializers.IntegerField()
 
 
+class FairShareSerializer(serializers.Serializer):
+    factor = serializers.FloatField(help_text="2^(-usage/share) in [0, 1]: 0.5 means exactly its share used.")
+    usage = serializers.FloatField(help_text="Fraction of all tenants' decayed GPU-seconds.")
+    share = serializers.FloatField(help_text="Fraction of all tenants' fair-share weights.")
+    computed_at = serializers.DateTimeField()
+
+
 class TenantQuotaSerializer(serializers.Serializer):
     tenant = serializers.CharField()
     name = serializers.CharField()
@@ -26,3 +33,4 @@ class TenantQuotaSerializer(serializers.Serializer):
     limits = QuotaLimitsSerializer(allow_null=True)
     usage = UsageSerializer()
     over_limits = serializers.ListField(child=serializers.CharField())
+    fair_share = FairShareSerializer(allow_null=True, help_text="2^(-usage/share); null until first computed.")

@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from portal import control_plane, registry
 from portal.models import ControlPlaneServer
-from scheduling import triggers
+from scheduling import triggers, usage
 from scheduling.choices import TaskStatus
 from scheduling.models import Task
 from scheduling.passes import PassResult, run_pass
@@ -39,6 +39,8 @@ log = logging.getLogger("scheduling.runscheduler")
 
 # Waits are cut into slices this long so SIGTERM is noticed even with a long poll interval.
 _WAIT_SLICE_S = 0.25
+# The usage ledger's upkeep (one utilisation sample per GPU, the roll-up) once a minute.
+USAGE_INTERVAL_S = 60.0
 
 
 # Errors that mean "the database is away", not "this pass has a bug".
@@ -111,7 +113,7 @@ class Command(BaseCommand):
         self.listen()
         log.info("runscheduler %s ready (poll %d ms, sweep every %.1f s)", self.name, self.poll_s * 1000,
                  self.sweep_interval_s)
-        next_heartbeat = next_sweep = 0.0
+        next_heartbeat = next_sweep = next_usage = 0.0
         woken = True  # a first pass at start catches up on anything missed while down
         while not self.stop_requested:
             if self.db_down_since is not None:
@@ -140,6 +142,9 @@ class Command(BaseCommand):
                 # A sweep that changes something asks for a pass (NOTIFY): the wait below returns at once.
                 self.sweep_step()
                 next_sweep = now + self.sweep_interval_s
+            if now >= next_usage:
+                self.usage_step()
+                next_usage = now + USAGE_INTERVAL_S
             woken = self.wait_step()
         if self.listener is not None:
             self.listener.close()
@@ -167,6 +172,15 @@ class Command(BaseCommand):
             self.failed("sweep", exc)
             return False
         return bool(result)
+
+    def usage_step(self) -> bool:
+        """The usage ledger's upkeep: sample GPU utilisation, roll closed intervals up."""
+        try:
+            usage.maintain()
+        except Exception:
+            log.exception("usage roll-up failed")
+            connection.close_if_unusable_or_obsolete()
+        return False
 
     def heartbeat_step(self) -> bool:
         try:
