@@ -40,6 +40,9 @@ class Node(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        # "GPU server" is what the README, the portal and the API call it.
+        verbose_name = "GPU server"
+        verbose_name_plural = "GPU servers"
         ordering = ["name"]
         indexes = [models.Index(fields=["status", "last_heartbeat_at"], name="node_status_heartbeat_idx")]
         constraints = [
@@ -69,7 +72,7 @@ class Node(models.Model):
 
 
 class GPU(models.Model):
-    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus", verbose_name="server")
     index = models.PositiveSmallIntegerField()
     uuid = models.CharField(max_length=64, unique=True)
     model_name = models.CharField(max_length=100, help_text="e.g. NVIDIA H100 80GB HBM3")
@@ -120,7 +123,8 @@ class JoinToken(models.Model):
     """Lets an agent enrol. Bound to one server (one-time, made in the admin) or
     cluster-wide (``node`` empty: agents self-register until it expires)."""
 
-    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="join_tokens")
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="join_tokens",
+                             verbose_name="server")
     prefix = models.CharField(max_length=32, unique=True, editable=False)
     digest = models.CharField(max_length=64, editable=False)
     note = models.CharField(max_length=200, blank=True)

@@ -49,7 +49,8 @@ class Alert(models.Model):
     kind = models.CharField(max_length=20, choices=Kind.choices)
     severity = models.CharField(max_length=10, choices=Severity.choices, default=Severity.WARNING)
     message = models.CharField(max_length=500)
-    node = models.ForeignKey("nodes.Node", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    node = models.ForeignKey("nodes.Node", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts",
+                             verbose_name="server")
     gpu = models.ForeignKey("nodes.GPU", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
     task = models.ForeignKey("scheduling.Task", null=True, blank=True, on_delete=models.CASCADE,
                              related_name="alerts")

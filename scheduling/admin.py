@@ -78,7 +78,7 @@ class TaskAdmin(admin.ModelAdmin):
         return format_html('<span data-task="{}" data-field="priority_label">{}</span>', obj.pk,
                            Priority(obj.priority).label)
 
-    @admin.display(description="node", ordering="node__name")
+    @admin.display(description="server", ordering="node__name")
     def live_node(self, obj: Task):
         return format_html('<span data-task="{}" data-field="node">{}</span>', obj.pk, obj.node or "")
 

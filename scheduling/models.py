@@ -70,7 +70,7 @@ class Task(models.Model):
     pending_reason = models.CharField(max_length=500, blank=True)
     queue_position = models.PositiveIntegerField(null=True, blank=True)
     node = models.ForeignKey(
-        "nodes.Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks",
+        "nodes.Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", verbose_name="server",
         help_text="Server of the current (or last) allocation.",
     )
     exit_code = models.IntegerField(null=True, blank=True)
@@ -168,8 +168,8 @@ class Task(models.Model):
         else:
             to = TaskStatus.FAILED
             reason = reason or ("CUDA out of memory" if oom else f"exit code {exit_code}")
-        if to != TaskStatus.SUCCEEDED:
-            self.failure_reason = reason[:500]
+        # A success clears what an earlier attempt failed with (an OOM before a retry).
+        self.failure_reason = reason[:500] if to != TaskStatus.SUCCEEDED else ""
         return self.transition(to, actor=actor, reason=reason, save_fields=("exit_code", "oom", "failure_reason"))
 
     def cancel(self, *, actor: str, reason: str = "cancelled") -> TaskEvent:
@@ -203,7 +203,7 @@ class Allocation(models.Model):
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="allocations")
     gpu = models.ForeignKey("nodes.GPU", on_delete=models.PROTECT, related_name="allocations")
-    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="allocations")
+    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="allocations", verbose_name="server")
     memory_mb = models.PositiveIntegerField()
     exclusive = models.BooleanField(default=True)
     allocated_at = models.DateTimeField(default=timezone.now)

@@ -55,4 +55,7 @@ def would_fit(spec: TaskSpec) -> Preview:
         return Preview(True, f"Would start now on {node.name} (GPUs {', '.join(gpus)}).", node.name, gpus)
     info = plan.pending.get(CANDIDATE_ID)
     reason = info.reason if info is not None else "the scheduler would not place it now"
+    if info is not None and info.never_fits:
+        # Waiting cannot help: no server could hold it even with every task gone.
+        return Preview(False, f"Can never fit on this cluster: {reason}.".replace("..", "."))
     return Preview(False, f"Would wait: {reason}.".replace("..", "."), queue_position=info.position if info else None)

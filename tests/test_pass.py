@@ -217,7 +217,7 @@ def test_after_an_oom_the_retry_is_placed_with_the_raised_model_estimate(acme, s
     assert run_pass().placements == 1
 
     task.refresh_from_db()
-    assert (task.status, task.attempt, task.gpu_memory_mb) == (TaskStatus.ASSIGNED, 1, None)
+    assert (task.status, task.attempt, task.gpu_memory_mb) == (TaskStatus.ASSIGNED, 1, 24_000)
     assert Allocation.objects.get(task=task, released_at__isnull=True).memory_mb == 24_000
 
 

@@ -107,6 +107,8 @@ def test_the_task_detail_shows_reason_position_events_and_log(alice_in, acme, al
     assert "<dt>Queue position</dt><dd>3</dd>" in page
     assert "user:alice" in page and "hello from the task" in page
     assert "Cancel task" in page
+    # Attempts are counted from 1 wherever a person reads them.
+    assert f"<dt>Attempt</dt><dd>1 of {task.max_retries + 1}</dd>" in page and "attempt 1;" in page
 
 
 def test_another_tenants_task_detail_is_a_404_and_cannot_be_cancelled(client, carol, acme, alice):
