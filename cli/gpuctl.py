@@ -6,12 +6,14 @@ library, so this one file can be copied to any machine with Python 3.10+.
 
     gpuctl login --url http://portal:8000            # asks for an API token (portal → Tokens)
     gpuctl submit --gpus 2 --mem 40G --priority high --tenant acme -- python train.py
+    gpuctl submit -- 'python prep.py && python train.py'   # ONE argument: a shell command line
     gpuctl queue                                      # your tenants' pending and running tasks
     gpuctl show 42 ; gpuctl logs -f 42 ; gpuctl cancel 42
     gpuctl gpus ; gpuctl quota                        # --json on every listing
 
 Configuration: $GPUCTL_CONFIG or ~/.config/gpuctl/config.json (mode 0600), holding
-{"url": ..., "token": ...}; $GPUCTL_URL and $GPUCTL_TOKEN (or --url/--token) override it.
+{"url": ..., "token": ...}; $GPUCTL_URL and $GPUCTL_TOKEN (or --url/--token, before or after
+the subcommand) override it.
 Errors print one line on stderr and exit non-zero (1: the portal said no or is unreachable,
 2: bad command line).
 """
@@ -210,13 +212,20 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
+def task_command(words: list[str]) -> str | list[str]:
+    """The rule, as ``sbatch --wrap``: ONE word after ``--`` is a shell command line
+    (``'echo a; sleep 1'`` runs under ``sh -c`` as written); several words are a program
+    and its arguments, each passed as given (quoted for the shell by the portal)."""
+    return words[0] if len(words) == 1 else words
+
+
 def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise CliError("no command given: gpuctl submit [options] -- COMMAND [ARGS...]")
-    body: dict[str, Any] = {"command": command, "gpu_count": args.gpus}
+    body: dict[str, Any] = {"command": task_command(command), "gpu_count": args.gpus}
     optional = {"tenant": args.tenant, "name": args.name, "priority": args.priority, "gpu_memory_mb": args.mem,
                 "workload_class": args.workload_class, "timeout_s": args.timeout, "working_dir": args.workdir,
                 "model_name": args.model, "gpu_model": args.gpu_model}
@@ -289,7 +298,7 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
         # No attempt pinned: a requeued task's new attempt starts a new log from offset 0.
         page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"])
         if page["attempt"] != attempt:
-            sys.stdout.write(f"--- attempt {page['attempt']} ---\n")
+            sys.stdout.write(f"--- attempt {page['attempt'] + 1} ---\n")  # counted from 1, as on the page
             page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"])
         sys.stdout.write(page["data"])
         sys.stdout.flush()
@@ -347,14 +356,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"gpuctl: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--url", default=default, help="portal address (default: from the config file or $GPUCTL_URL)")
+    parser.add_argument("--token", default=default,
+                        help="API token (default: from the config file or $GPUCTL_TOKEN)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # --url/--token go before or after the subcommand. The subcommand's copies default to
+    # SUPPRESS so that, when absent, they do not overwrite a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="portal address (default: from the config file or $GPUCTL_URL)")
-    common.add_argument("--token", help="API token (default: from the config file or $GPUCTL_TOKEN)")
+    _add_connection_options(common, argparse.SUPPRESS)
     listing = argparse.ArgumentParser(add_help=False)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     parser = Parser(prog="gpuctl", description="Submit and follow GPU tasks on the portal.")
+    _add_connection_options(parser, None)
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser, metavar="COMMAND")
 
     sub.add_parser("login", parents=[common], help="save the portal address and an API token (0600 file)")
@@ -374,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-model", help="GPU model substring, e.g. H100")
     p.add_argument("--shared", action="store_true", help="share GPUs with other tasks (needs --mem)")
     p.add_argument("--dry-run", action="store_true", help="submit nothing: say whether it would start now, or why not")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command to run")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="after --: the program and its arguments, or ONE quoted shell command line "
+                        "(run by sh -c, like sbatch --wrap)")
 
     p = sub.add_parser("queue", parents=[common, listing], help="pending and running tasks (like squeue)")
     p.add_argument("--all", action="store_true", help="every state, newest first")
