@@ -8,7 +8,7 @@ library, so this one file can be copied to any machine with Python 3.10+.
     gpuctl submit --gpus 2 --mem 40G --priority high --tenant acme -- python train.py
     gpuctl submit -- 'python prep.py && python train.py'   # ONE argument: a shell command line
     gpuctl queue                                      # your tenants' pending and running tasks
-    gpuctl show 42 ; gpuctl logs -f 42 ; gpuctl cancel 42
+    gpuctl show 42 ; gpuctl logs -f 42 (newest lines, then follows) ; gpuctl cancel 42
     gpuctl gpus ; gpuctl quota                        # --json on every listing
 
 Configuration: $GPUCTL_CONFIG or ~/.config/gpuctl/config.json (mode 0600), holding
@@ -282,11 +282,16 @@ def cmd_show(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_logs(args: argparse.Namespace, client: Client) -> int:
-    if args.follow and args.tail is None:
+    # Like tail(1): open at the newest lines (or the whole log with --all), then follow.
+    if args.all:
         page = client.get(f"tasks/{args.id}/logs", offset=0)
+        sys.stdout.write(page["data"])
+        while page["data"]:  # the log comes in pages of at most 1 MiB
+            page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"], attempt=page["attempt"])
+            sys.stdout.write(page["data"])
     else:
         page = client.get(f"tasks/{args.id}/logs", tail=args.tail or 100)
-    sys.stdout.write(page["data"])
+        sys.stdout.write(page["data"])
     sys.stdout.flush()
     while args.follow:
         if page["final"] and not page["data"]:
@@ -408,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="a task's output")
     p.add_argument("id", type=int)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
-    p.add_argument("--tail", type=int, help="last N lines (default 100; with -f: from the start)")
+    p.add_argument("--tail", type=int, help="start with the last N lines (default 100)")
+    p.add_argument("--all", action="store_true", help="start from the first line instead")
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
     p = sub.add_parser("cancel", parents=[common], help="cancel tasks")

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
@@ -21,6 +21,7 @@ from nodes import inventory
 from portal.api.authentication import create_token
 from scheduling import access, lifecycle, logs, submission
 from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
+from scheduling.models import TaskLogChunk
 from tenants.models import ApiToken
 from tenants.quotas import quota_report
 
@@ -122,8 +123,27 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
             task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
     return render(request, "portal/task_detail.html", {
         "task": task, "gpus": gpus, "events": task.events.order_by("created_at", "id"),
-        "log": logs.tail(task, 200), "can_cancel": not task.is_final and access.can_cancel(request.user, task),
+        "log": logs.tail(task, logs.VIEW_TAIL_LINES), "earlier_attempts": range(task.attempt),
+        "can_cancel": not task.is_final and access.can_cancel(request.user, task),
     })
+
+
+@login_required
+def task_log(request: HttpRequest, pk: int) -> HttpResponse:
+    """The whole output of one attempt (default: the current one) as plain text, streamed."""
+    task = get_object_or_404(access.tasks_for(request.user), pk=pk)
+    try:
+        attempt = int(request.GET.get("attempt", task.attempt))
+    except ValueError:
+        return HttpResponse("attempt must be a whole number\n", status=400, content_type="text/plain")
+    if not 0 <= attempt <= task.attempt:
+        return HttpResponse(f"task {task.pk} has attempts 0 to {task.attempt}\n", status=400,
+                            content_type="text/plain")
+    chunks = (TaskLogChunk.objects.filter(task=task, attempt=attempt).order_by("offset")
+              .values_list("data", flat=True).iterator(chunk_size=200))
+    response = StreamingHttpResponse(chunks, content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'inline; filename="task-{task.pk}-attempt-{attempt}.log"'
+    return response
 
 
 @login_required

@@ -172,3 +172,12 @@ def test_url_and_token_work_before_the_subcommand_too(gpuctl, live_daphne, alice
     # Given in both places, the one after the subcommand wins.
     mixed = run("--url", "http://127.0.0.1:9", "--token", token, "quota", "--url", live_daphne)
     assert mixed.returncode == 0, mixed.stderr
+
+
+def test_logs_follow_opens_at_the_newest_lines_and_all_starts_from_the_first(gpuctl, acme, alice):
+    task = Task.objects.create(tenant=acme, submitter=alice, name="f", command="x", status=TaskStatus.SUCCEEDED)
+    text = "".join(f"{i}\n" for i in range(150))
+    TaskLogChunk.objects.create(task=task, attempt=0, offset=0, data=text)
+    assert gpuctl("logs", "-f", str(task.pk)).stdout == "".join(f"{i}\n" for i in range(50, 150))
+    assert gpuctl("logs", "-f", "--tail", "2", str(task.pk)).stdout == "148\n149\n"
+    assert gpuctl("logs", "--all", str(task.pk)).stdout == text
