@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GPUCTL := $(BIN)/gpuctl
 
-.PHONY: run test lint venv db-stop clean-db bench
+.PHONY: run test lint venv db-stop clean-db bench vendor-chartjs
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (found %d.%d); set PYTHON=/path/to/python3.11" % sys.version_info[:2])'
@@ -32,6 +32,14 @@ test: $(STAMP) $(GPUCTL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Chart.js is vendored (portal/static/vendor/chartjs/, committed; served from our static
+# files, never a CDN). Maintainers refresh it from the npm registry with this target.
+CHARTJS_VERSION ?= 4.6.1
+vendor-chartjs:
+	rm -rf var/npm && mkdir -p var/npm && cd var/npm && npm pack --silent chart.js@$(CHARTJS_VERSION) && tar xzf chart.js-$(CHARTJS_VERSION).tgz
+	cp var/npm/package/dist/chart.umd.min.js var/npm/package/LICENSE.md portal/static/vendor/chartjs/
+	sed -i '1s/.*/chart.js $(CHARTJS_VERSION) from the npm registry (dist\/chart.umd.min.js and LICENSE.md, MIT), unmodified./' portal/static/vendor/chartjs/VERSION
 
 db-stop: $(STAMP)
 	$(BIN)/python -m portal.embedded_db stop

@@ -82,3 +82,48 @@ class MetricCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}{{{self.labels}}} = {self.value}"
+
+
+class HistoryResolution(models.IntegerChoices):
+    """Tiers of the downsampled history (``portal.history``): each keeps its own retention."""
+
+    RAW = 0, "raw"
+    MINUTE = 1, "per minute"
+    HOUR = 2, "per hour"
+
+
+class GpuSample(models.Model):
+    """One GPU's utilisation, memory and temperature at ``at`` (the start of its bucket)."""
+
+    gpu = models.ForeignKey("nodes.GPU", on_delete=models.CASCADE, related_name="+")
+    resolution = models.PositiveSmallIntegerField(choices=HistoryResolution.choices)
+    at = models.DateTimeField()
+    utilization_pct = models.FloatField()
+    memory_used_mb = models.FloatField()
+    temperature_c = models.FloatField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["gpu", "resolution", "at"], name="gpusample_unique_bucket")]
+        # Rollups and retention scan one tier by time, across GPUs.
+        indexes = [models.Index(fields=["resolution", "at"], name="gpusample_tier_time_idx")]
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} @ {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class TenantSample(models.Model):
+    """How many GPUs a tenant held at ``at``, beside its GPU quota then."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    resolution = models.PositiveSmallIntegerField(choices=HistoryResolution.choices)
+    at = models.DateTimeField()
+    gpus_in_use = models.FloatField()
+    gpu_quota = models.PositiveIntegerField(null=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "resolution", "at"],
+                                               name="tenantsample_unique_bucket")]
+        indexes = [models.Index(fields=["resolution", "at"], name="tenantsample_tier_time_idx")]
+
+    def __str__(self) -> str:
+        return f"tenant {self.tenant_id} @ {self.at:%Y-%m-%d %H:%M:%S}"

@@ -257,3 +257,11 @@ SCHEDULER = load_config(envstr("PORTAL_CONFIG"))
 # Static files served by Django itself: for `make run` (a real deployment puts a
 # web server or CDN in front and leaves this off).
 SERVE_STATIC = envbool("SERVE_STATIC", DEBUG)
+
+# --- GPU and tenant history (portal.history; issue 15) ---------------------------------
+# Sampled from the database every HISTORY_SAMPLE_S by runscheduler (and by the every-minute
+# sweep as a safety net), never on the heartbeat path; rolled up per minute and per hour.
+HISTORY_SAMPLE_S = envint("HISTORY_SAMPLE_S", 10, minimum=1)
+HISTORY_RAW_DAYS = envint("HISTORY_RAW_DAYS", 1, minimum=1)
+HISTORY_MINUTE_DAYS = envint("HISTORY_MINUTE_DAYS", 30, minimum=1)
+HISTORY_HOUR_DAYS = envint("HISTORY_HOUR_DAYS", 365, minimum=1)

@@ -147,10 +147,12 @@ def sweep(actor: str = "sweep") -> SweepResult:
 
 def sweep_task() -> str:
     """The django-q2 scheduled safety net (every minute); also the queue-wait alert check."""
+    from portal import history
     from portal.alerts import check_queue_wait
 
     result = sweep(actor="sweep:q")
     check_queue_wait()
+    history.record()  # runscheduler samples every HISTORY_SAMPLE_S; this keeps charts going without it
     return str(result)
 
 

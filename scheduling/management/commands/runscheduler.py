@@ -23,7 +23,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import connection
 
-from portal import registry
+from portal import history, registry
 from portal.models import ControlPlaneServer
 from scheduling import triggers
 from scheduling.choices import TaskStatus
@@ -90,7 +90,7 @@ class Command(BaseCommand):
         self.listen()
         log.info("runscheduler %s ready (poll %d ms, sweep every %.1f s)", self.name, self.poll_s * 1000,
                  self.sweep_interval_s)
-        next_heartbeat = next_sweep = 0.0
+        next_heartbeat = next_sweep = next_history = 0.0
         woken = True  # a first pass at start catches up on anything missed while down
         while not self.stop_requested:
             # The pass first: a wake-up is someone waiting for a placement.
@@ -115,6 +115,9 @@ class Command(BaseCommand):
                 # A sweep that changes something asks for a pass (NOTIFY): the wait below returns at once.
                 self.sweep_step()
                 next_sweep = now + self.sweep_interval_s
+            if now >= next_history:
+                self.history_step()
+                next_history = now + settings.HISTORY_SAMPLE_S
             woken = self.wait_step()
         if self.listener is not None:
             self.listener.close()
@@ -143,6 +146,15 @@ class Command(BaseCommand):
             connection.close_if_unusable_or_obsolete()
             return False
         return bool(result)
+
+    def history_step(self) -> bool:
+        """Sample GPU and tenant figures for the charts (portal.history): set-based, off the heartbeat path."""
+        try:
+            history.record()
+        except Exception:
+            log.exception("history sampling failed")
+            connection.close_if_unusable_or_obsolete()
+        return False
 
     def heartbeat_step(self) -> bool:
         try:
