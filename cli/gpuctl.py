@@ -15,7 +15,8 @@ Configuration: $GPUCTL_CONFIG or ~/.config/gpuctl/config.json (mode 0600), holdi
 {"url": ..., "token": ...}; $GPUCTL_URL and $GPUCTL_TOKEN (or --url/--token, before or after
 the subcommand) override it.
 Errors print one line on stderr and exit non-zero (1: the portal said no or is unreachable,
-2: bad command line).
+2: bad command line). Messages are in Chinese when $LANGUAGE/$LC_ALL/$LC_MESSAGES/$LANG says zh
+(the portal is asked for the same language, so its errors come back translated too).
 """
 
 from __future__ import annotations
@@ -35,6 +36,48 @@ from typing import Any
 
 USER_AGENT = "gpuctl/1"
 ACTIVE = "pending,assigned,running"
+
+
+# --- language ---------------------------------------------------------------------------
+# One stdlib-only file carries its own small catalogue (it is copied to machines that have
+# no portal checkout); the portal translates its own messages for the Accept-Language sent.
+
+def user_language() -> str:
+    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(var, "")
+        if value and value not in ("C", "POSIX"):
+            return "zh-hans" if value.lower().startswith("zh") else "en"
+    return "en"
+
+
+ZH_HANS = {
+    "cannot reach the portal at {url}: {why}": "无法连接门户 {url}：{why}",
+    "the portal answered HTTP {status}": "门户返回 HTTP {status}",
+    "not logged in or bad token ({text}); run: gpuctl login": "未登录或令牌无效（{text}）；请运行：gpuctl login",
+    "no such task (or it belongs to a tenant you are not in)": "没有这个任务（或它属于你不在的租户）",
+    "cannot read {path}: {why}": "无法读取 {path}：{why}",
+    "give the portal's address: gpuctl login --url http://HOST:PORT": "请给出门户地址：gpuctl login --url http://HOST:PORT",
+    "no token given": "没有给出令牌",
+    "logged in to {url} (tenants: {tenants}); saved to {path}": "已登录 {url}（租户：{tenants}）；已保存到 {path}",
+    "no tenant yet": "还没有租户",
+    "no command given: gpuctl submit [options] -- COMMAND [ARGS...]":
+        "没有给出命令：gpuctl submit [选项] -- 命令 [参数...]",
+    "not logged in: run gpuctl login --url http://HOST:PORT": "未登录：请运行 gpuctl login --url http://HOST:PORT",
+    "({shown} of {count} shown; --limit to see more)": "（显示 {shown} / {count} 个；用 --limit 查看更多）",
+    "task {id}: {error}": "任务 {id}：{error}",
+    "--- attempt {n} ---": "--- 第 {n} 次尝试 ---",
+    "ID": "编号", "NAME": "名称", "TENANT": "租户", "STATE": "状态", "PRIORITY": "优先级", "GPUS": "GPU", "POS": "位置",
+    "REASON/SERVER": "原因/服务器", "GPU": "GPU", "MODEL": "型号", "MEM USED/TOTAL MB": "显存 已用/总量 MB",
+    "UTIL": "利用率", "TEMP": "温度", "GPU MEM MB": "显存 MB", "RUNNING": "运行中", "PENDING": "排队",
+    "MAX PRIO": "最高优先级", "CLASSES": "类别",
+}
+
+
+def _(text: str, **values: Any) -> str:
+    """``text`` in the user's language, with ``{name}`` values filled in."""
+    if user_language() == "zh-hans":
+        text = ZH_HANS.get(text, text)
+    return text.format(**values) if values else text
 
 
 class CliError(Exception):
@@ -59,7 +102,7 @@ def load_config() -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read {path}: {exc}") from None
+        raise CliError(_("cannot read {path}: {why}", path=path, why=exc)) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -90,7 +133,8 @@ class Client:
             if query:
                 url += "?" + urllib.parse.urlencode(query)
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json", "User-Agent": USER_AGENT}
+        headers = {"Authorization": f"Token {self.token}", "Accept": "application/json", "User-Agent": USER_AGENT,
+                   "Accept-Language": user_language()}
         if data is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 (URL is the user's)
@@ -100,9 +144,9 @@ class Client:
         except urllib.error.HTTPError as exc:
             raise CliError(describe_error(exc.code, exc.read())) from None
         except urllib.error.URLError as exc:
-            raise CliError(f"cannot reach the portal at {self.url}: {exc.reason}") from None
+            raise CliError(_("cannot reach the portal at {url}: {why}", url=self.url, why=exc.reason)) from None
         except (TimeoutError, ConnectionError) as exc:
-            raise CliError(f"cannot reach the portal at {self.url}: {exc}") from None
+            raise CliError(_("cannot reach the portal at {url}: {why}", url=self.url, why=exc)) from None
         return json.loads(raw) if raw else None
 
     def get(self, path: str, **params: Any) -> Any:
@@ -136,12 +180,12 @@ def describe_error(status: int, raw: bytes) -> str:
     except ValueError:
         body = None
     if body is None:
-        return f"the portal answered HTTP {status}"
+        return _("the portal answered HTTP {status}", status=status)
     text = "; ".join(_flatten(body)) or f"HTTP {status}"
     if status == 401:
-        return f"not logged in or bad token ({text}); run: gpuctl login"
+        return _("not logged in or bad token ({text}); run: gpuctl login", text=text)
     if status == 404:
-        return "no such task (or it belongs to a tenant you are not in)"
+        return _("no such task (or it belongs to a tenant you are not in)")
     return text
 
 
@@ -196,7 +240,7 @@ def emit_json(data: Any) -> None:
 def cmd_login(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("GPUCTL_URL") or load_config().get("url")
     if not url:
-        raise CliError("give the portal's address: gpuctl login --url http://HOST:PORT")
+        raise CliError(_("give the portal's address: gpuctl login --url http://HOST:PORT"))
     token = args.token or os.environ.get("GPUCTL_TOKEN")
     if not token:
         if not sys.stdin.isatty():
@@ -204,11 +248,11 @@ def cmd_login(args: argparse.Namespace) -> int:
         else:
             token = getpass.getpass("API token (create one on the portal's Tokens page): ").strip()
     if not token:
-        raise CliError("no token given")
+        raise CliError(_("no token given"))
     quotas = Client(url, token).get("quota")  # proves the URL and the token work
     path = save_config({"url": url.rstrip("/"), "token": token})
-    tenants = ", ".join(q["tenant"] for q in quotas) or "no tenant yet"
-    print(f"logged in to {url} (tenants: {tenants}); saved to {path}")
+    tenants = ", ".join(q["tenant"] for q in quotas) or _("no tenant yet")
+    print(_("logged in to {url} (tenants: {tenants}); saved to {path}", url=url, tenants=tenants, path=path))
     return 0
 
 
@@ -224,7 +268,7 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise CliError("no command given: gpuctl submit [options] -- COMMAND [ARGS...]")
+        raise CliError(_("no command given: gpuctl submit [options] -- COMMAND [ARGS...]"))
     body: dict[str, Any] = {"command": task_command(command), "gpu_count": args.gpus}
     optional = {"tenant": args.tenant, "name": args.name, "priority": args.priority, "gpu_memory_mb": args.mem,
                 "workload_class": args.workload_class, "timeout_s": args.timeout, "working_dir": args.workdir,
@@ -259,9 +303,9 @@ def cmd_queue(args: argparse.Namespace, client: Client) -> int:
         return 0
     rows = [[t["id"], t["name"][:24], t["tenant"], t["status"], t["priority"], t["gpu_count"],
              t["queue_position"], t["pending_reason"] or t["server"] or t["failure_reason"] or ""] for t in tasks]
-    print(table(rows, ["ID", "NAME", "TENANT", "STATE", "PRIORITY", "GPUS", "POS", "REASON/SERVER"]))
+    print(table(rows, [_(h) for h in ["ID", "NAME", "TENANT", "STATE", "PRIORITY", "GPUS", "POS", "REASON/SERVER"]]))
     if page.get("count", 0) > len(tasks):
-        print(f"({len(tasks)} of {page['count']} shown; --limit to see more)")
+        print(_("({shown} of {count} shown; --limit to see more)", shown=len(tasks), count=page["count"]))
     return 0
 
 
@@ -303,7 +347,7 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
         # No attempt pinned: a requeued task's new attempt starts a new log from offset 0.
         page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"])
         if page["attempt"] != attempt:
-            sys.stdout.write(f"--- attempt {page['attempt'] + 1} ---\n")  # counted from 1, as on the page
+            sys.stdout.write(_("--- attempt {n} ---", n=page["attempt"] + 1) + "\n")  # counted from 1, as on the page
             page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"])
         sys.stdout.write(page["data"])
         sys.stdout.flush()
@@ -319,7 +363,7 @@ def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
             task = client.post(f"tasks/{task_id}/cancel")
             print(f"{task['id']} {task['status']}")
         except CliError as exc:
-            print(f"gpuctl: error: task {task_id}: {exc}", file=sys.stderr)
+            print(f"gpuctl: error: {_('task {id}: {error}', id=task_id, error=exc)}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
 
@@ -332,7 +376,7 @@ def cmd_gpus(args: argparse.Namespace, client: Client) -> int:
     rows = [[f"{g['server']}:{g['index']}", g["model_name"], g["state"],
              f"{g['memory_used_mb']}/{g['memory_total_mb']}", f"{g['utilization_pct']}%", f"{g['temperature_c']}C"]
             for g in gpus]
-    print(table(rows, ["GPU", "MODEL", "STATE", "MEM USED/TOTAL MB", "UTIL", "TEMP"]))
+    print(table(rows, [_(h) for h in ["GPU", "MODEL", "STATE", "MEM USED/TOTAL MB", "UTIL", "TEMP"]]))
     return 0
 
 
@@ -349,7 +393,7 @@ def cmd_quota(args: argparse.Namespace, client: Client) -> int:
                      f"{use['running_tasks']}/{lim.get('max_running_tasks', '-')}",
                      f"{use['pending_tasks']}/{lim.get('max_pending_tasks', '-')}",
                      lim.get("max_priority", "-"), ",".join(lim.get("allowed_classes", []))])
-    print(table(rows, ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES"]))
+    print(table(rows, [_(h) for h in ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES"]]))
     return 0
 
 
@@ -441,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         url = args.url or os.environ.get("GPUCTL_URL") or config.get("url")
         token = args.token or os.environ.get("GPUCTL_TOKEN") or config.get("token")
         if not url or not token:
-            raise CliError("not logged in: run gpuctl login --url http://HOST:PORT")
+            raise CliError(_("not logged in: run gpuctl login --url http://HOST:PORT"))
         return COMMANDS[args.cmd](args, Client(url, token))
     except CliError as exc:
         print(f"gpuctl: error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from portal.models import Alert, ControlPlaneServer
 
@@ -15,7 +16,7 @@ class ControlPlaneServerAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.display(boolean=True, description="alive")
+    @admin.display(boolean=True, description=_("alive"))
     def alive(self, obj: ControlPlaneServer) -> bool:
         from portal import registry
 
@@ -35,9 +36,9 @@ class AlertAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.action(description="Acknowledge")
+    @admin.action(description=_("Acknowledge"))
     def acknowledge(self, request, queryset) -> None:
         n = queryset.filter(acknowledged_at__isnull=True).update(
             acknowledged_at=timezone.now(), acknowledged_by=request.user
         )
-        self.message_user(request, f"{n} alert(s) acknowledged.")
+        self.message_user(request, _("%(n)s alert(s) acknowledged.") % {"n": n})

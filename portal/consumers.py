@@ -84,6 +84,7 @@ class CoalescingConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
+        self.language = viewer_language(self.scope)
         self._dirty: dict[str, set[int]] = {}
         self._last_event = 0.0
         self._last_flush = 0.0
@@ -186,6 +187,41 @@ async def _usage(tenant_ids: set[int], not_before: float) -> list[dict[str, Any]
                             database_sync_to_async(lambda: livedata.tenant_usage_rows(tenant_ids)))
 
 
+def viewer_language(scope: dict[str, Any]) -> str:
+    """The language a page was rendered in: the switch's cookie, else the browser's
+    Accept-Language (as LocaleMiddleware decides for the page itself)."""
+    from django.utils import translation
+    from django.utils.translation.trans_real import parse_accept_lang_header
+
+    cookies = scope.get("cookies") or {}
+    wanted = [cookies.get(settings.LANGUAGE_COOKIE_NAME, "")]
+    headers = dict(scope.get("headers") or [])
+    wanted += [lang for lang, _q in parse_accept_lang_header(headers.get(b"accept-language", b"").decode("latin-1"))]
+    for code in wanted:
+        if code and code != "*":
+            try:
+                return translation.get_supported_language_variant(code)
+            except LookupError:
+                continue
+    return settings.LANGUAGE_CODE
+
+
+def localised(tasks: list[dict[str, Any]], language: str) -> list[dict[str, Any]]:
+    """Task rows as this viewer reads them: labels and reasons in their language (the
+    rows themselves are shared between viewers, so each gets a translated copy)."""
+    if language == settings.LANGUAGE_CODE:
+        return tasks
+    from django.utils import translation
+
+    from portal.reasons import translate_reason
+    from scheduling.choices import TaskStatus
+
+    with translation.override(language):
+        return [{**t, "status_label": str(TaskStatus(t["status"]).label),
+                 "pending_reason": translate_reason(t.get("pending_reason") or ""),
+                 "failure_reason": translate_reason(t.get("failure_reason") or "")} for t in tasks]
+
+
 class ClusterConsumer(CoalescingConsumer):
     """The operators' console: every server, GPU and task. Staff only."""
 
@@ -208,7 +244,7 @@ class ClusterConsumer(CoalescingConsumer):
             frames.append(await _gpus_and_nodes(dirty["nodes"], not_before))
         if dirty.get("tasks"):
             tasks = await _tasks(dirty["tasks"], not_before)
-            frames.append({"type": "tasks", "tasks": tasks})
+            frames.append({"type": "tasks", "tasks": localised(tasks, self.language)})
             tenants = {t["tenant_id"] for t in tasks}
             if tenants:
                 frames.append({"type": "usage", "tenants": await _usage(tenants, not_before)})
@@ -263,7 +299,8 @@ class TenantTasksConsumer(CoalescingConsumer):
         if not tasks:
             return []
         tenants = {t["tenant_id"] for t in tasks}
-        return [{"type": "tasks", "tasks": tasks}, {"type": "usage", "tenants": await _usage(tenants, not_before)}]
+        return [{"type": "tasks", "tasks": localised(tasks, self.language)},
+                {"type": "usage", "tenants": await _usage(tenants, not_before)}]
 
 
 

@@ -65,6 +65,7 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",  # English or Chinese, by the switch or the browser (issue 15)
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -189,7 +190,11 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
-LANGUAGE_CODE = "en-us"
+LANGUAGE_CODE = "en"
+# Chosen per request by the language switch (a cookie) or else the browser's Accept-Language.
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+# Compiled from the committed .po files by `make` (portal/i18n.py; no gettext tools needed).
+LOCALE_PATHS = [Path(envstr("LOCALE_DIR", str(BASE_DIR / "locale")))]
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True

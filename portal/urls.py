@@ -16,6 +16,7 @@ urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("i18n/", include("django.conf.urls.i18n")),  # set_language: the switch on every page
     path("api/agent/v1/", include("nodes.api.urls")),
     path("api/v1/", include("portal.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -181,3 +181,17 @@ def test_logs_follow_opens_at_the_newest_lines_and_all_starts_from_the_first(gpu
     assert gpuctl("logs", "-f", str(task.pk)).stdout == "".join(f"{i}\n" for i in range(50, 150))
     assert gpuctl("logs", "-f", "--tail", "2", str(task.pk)).stdout == "148\n149\n"
     assert gpuctl("logs", "--all", str(task.pk)).stdout == text
+
+
+def test_messages_follow_lang_and_the_portal_answers_in_the_same_language(gpuctl):
+    zh = {**gpuctl.env, "LANG": "zh_CN.UTF-8", "LC_ALL": "", "LANGUAGE": ""}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.gpuctl", *args], cwd=ROOT, env=zh, capture_output=True,
+                              text=True, timeout=60)
+
+    refused = run("submit", "--gpus", "9", "--", "true")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "gpuctl: error: gpu_count: 必须在 1 到 8 之间（单台服务器最多的 GPU 数）。"  # noqa: RUF001
+    assert "没有这个任务" in run("show", "999999").stderr
+    assert run("queue").stdout.split()[:3] == ["编号", "名称", "租户"]
