@@ -16,6 +16,7 @@ from django.db.models import Max, Min
 from django.http import Http404, HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from nodes.models import GPU, Node
 from portal import history
@@ -47,9 +48,9 @@ def gpu(request: HttpRequest, pk: int) -> JsonResponse:
     name, w = got
     s = history.gpu_history([g.pk], w)[g.pk]
     return _answer(name, w, [
-        _series("utilisation", "%", s["utilization_pct"]),
-        _series("temperature", "°C", s["temperature_c"]),
-        _series("memory used", "MB", s["memory_used_mb"], axis="y2"),
+        _series(_("utilisation"), "%", s["utilization_pct"]),
+        _series(_("temperature"), "°C", s["temperature_c"]),
+        _series(_("memory used"), "MB", s["memory_used_mb"], axis="y2"),
     ])
 
 
@@ -61,9 +62,9 @@ def server(request: HttpRequest, pk: int) -> JsonResponse:
         return got
     name, w = got
     gpus = list(node.gpus.order_by("index").values_list("pk", "index"))
-    per_gpu = history.gpu_history([pk_ for pk_, _ in gpus], w)
-    return _answer(name, w, [_series(f"GPU {index} utilisation", "%", per_gpu[pk_]["utilization_pct"])
-                             for pk_, index in gpus])
+    per_gpu = history.gpu_history([gpu_id for gpu_id, _index in gpus], w)
+    return _answer(name, w, [_series(_("GPU %(index)s utilisation") % {"index": index}, "%",
+                                     per_gpu[gpu_id]["utilization_pct"]) for gpu_id, index in gpus])
 
 
 @login_required
@@ -74,8 +75,8 @@ def cluster(request: HttpRequest) -> JsonResponse:
     name, w = got
     c = history.cluster_history(w)
     return _answer(name, w, [
-        _series("average GPU utilisation", "%", c["utilization_pct"]),
-        _series("GPUs in use", "GPUs", c["gpus_in_use"], axis="y2"),
+        _series(_("average GPU utilisation"), "%", c["utilization_pct"]),
+        _series(_("GPUs in use"), _("GPUs"), c["gpus_in_use"], axis="y2"),
     ])
 
 
@@ -88,8 +89,8 @@ def tenant(request: HttpRequest, slug: str) -> JsonResponse:
     name, w = got
     s = history.tenant_history(t.pk, w)
     return _answer(name, w, [
-        _series("GPUs in use", "GPUs", s["gpus_in_use"]),
-        _series("GPU quota", "GPUs", s["gpu_quota"], stepped=True, dashed=True),
+        _series(_("GPUs in use"), _("GPUs"), s["gpus_in_use"]),
+        _series(_("GPU quota"), _("GPUs"), s["gpu_quota"], stepped=True, dashed=True),
     ])
 
 
@@ -99,7 +100,7 @@ def task(request: HttpRequest, pk: int) -> JsonResponse:
     t = get_object_or_404(access.tasks_for(request.user), pk=pk)
     held = t.allocations.aggregate(since=Min("allocated_at"), until=Max("released_at"))
     if held["since"] is None:
-        raise Http404("this task never held a GPU")
+        raise Http404(_("this task never held a GPU"))
     now = timezone.now()
     until = now if t.allocations.filter(released_at__isnull=True).exists() else (held["until"] or now)
     w = history.window(held["since"], until, now)
@@ -108,6 +109,7 @@ def task(request: HttpRequest, pk: int) -> JsonResponse:
     per_gpu = history.gpu_history(list(gpus), w)
     series = []
     for gpu_id, label in gpus.items():
-        series.append(_series(f"{label} utilisation", "%", per_gpu[gpu_id]["utilization_pct"]))
-        series.append(_series(f"{label} memory used", "MB", per_gpu[gpu_id]["memory_used_mb"], axis="y2"))
+        series.append(_series(_("%(gpu)s utilisation") % {"gpu": label}, "%", per_gpu[gpu_id]["utilization_pct"]))
+        series.append(_series(_("%(gpu)s memory used") % {"gpu": label}, "MB", per_gpu[gpu_id]["memory_used_mb"],
+                              axis="y2"))
     return _answer("task", w, series)
