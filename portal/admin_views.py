@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.utils.translation import gettext as _
 
 from portal import livedata
 from portal.models import Alert
@@ -18,7 +19,7 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
     gpus = livedata.gpu_rows()
     by_node: dict[int, list] = {}
     for g in gpus:
-        g["hue"] = (g["tenant_id"] * 137) % 360 if g["state"] == "busy" and g["tenant_id"] else None
+        g["hue"] = g["tenant_hue"] if g["state"] == "busy" else None
         by_node.setdefault(g["node_id"], []).append(g)
     for n in nodes:
         n["gpu_list"] = by_node.get(n["id"], [])
@@ -30,5 +31,5 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
         "pending": Task.objects.filter(status="pending").count(),
         "alerts": Alert.objects.filter(acknowledged_at__isnull=True).count(),
     }
-    context = {**admin.site.each_context(request), "title": "Cluster overview", "nodes": nodes, "summary": summary}
+    context = {**admin.site.each_context(request), "title": _("Cluster overview"), "nodes": nodes, "summary": summary}
     return TemplateResponse(request, "admin/cluster.html", context)

@@ -23,6 +23,16 @@ from tenants.models import Quota, Tenant, usage_of
 GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
 
 
+# Tenant colours on the cluster grid: blues, purples, magentas and teal only, so a busy GPU
+# never looks like a state (idle is green, cordoned amber, error red, offline/reserved grey).
+TENANT_HUES = (205, 265, 185, 305, 230, 285, 195, 250, 220, 295)
+STATE_HUES = {"idle": 120, "cordoned": 40, "error": 0}
+
+
+def tenant_hue(tenant_id: int) -> int:
+    return TENANT_HUES[tenant_id % len(TENANT_HUES)]
+
+
 def gpu_state(gpu: GPU, node: Node, busy: bool) -> str:
     """One word for the colour of a GPU cell: what an operator needs first."""
     if node.status in (NodeStatus.OFFLINE, NodeStatus.MAINTENANCE):
@@ -94,6 +104,7 @@ def gpu_rows(node_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
             "task": f"#{first['id']} {first['name']}" if first else "",
             "tenant": ", ".join(sorted({t["tenant"] for t in tasks})),
             "tenant_id": first["tenant_id"] if first else None,
+            "tenant_hue": tenant_hue(first["tenant_id"]) if first else None,
         })
     return rows
 

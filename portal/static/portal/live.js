@@ -8,7 +8,6 @@
   var nodes = {};         // id -> row
   var retry = 500;
 
-  function hue(id) { return (id * 137) % 360; }
   function mb(v) { return v >= 1024 ? (v / 1024).toFixed(1) + " GB" : v + " MB"; }
   function $all(sel) { return Array.prototype.slice.call(document.querySelectorAll(sel)); }
   function setText(el, value) {
@@ -59,6 +58,7 @@
         setText(el, t.status_label);
       } else if (field in t) {
         setText(el, t[field]);
+        if (el.classList.contains("trunc")) el.title = el.textContent;  // the full text on hover
       }
     });
   }
@@ -84,7 +84,8 @@
     var html = ids.map(function (nid) {
       var n = nodes[nid];
       var cells = (byNode[nid] || []).sort(function (a, b) { return a.index - b.index; }).map(function (g) {
-        var style = g.state === "busy" && g.tenant_id ? ' style="background:hsl(' + hue(g.tenant_id) + ',65%,55%)"' : "";
+        // Tenant hues come from the server (portal.livedata.TENANT_HUES): never a state's colour.
+        var style = g.state === "busy" && g.tenant_hue !== null ? ' style="background:hsl(' + g.tenant_hue + ',65%,55%)"' : "";
         var title = [n.name + ":" + g.index, g.model, g.state, g.task, g.tenant,
                      g.utilization_pct + "% util", mb(g.memory_used_mb) + " / " + mb(g.memory_total_mb),
                      g.temperature_c + " °C"].filter(Boolean).join("\n");
