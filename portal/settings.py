@@ -88,6 +88,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "portal.sso.login_options",  # the single sign-on button on the login page
             ],
         },
     },
@@ -270,3 +271,40 @@ HISTORY_SAMPLE_S = envint("HISTORY_SAMPLE_S", 10, minimum=1)
 HISTORY_RAW_DAYS = envint("HISTORY_RAW_DAYS", 1, minimum=1)
 HISTORY_MINUTE_DAYS = envint("HISTORY_MINUTE_DAYS", 30, minimum=1)
 HISTORY_HOUR_DAYS = envint("HISTORY_HOUR_DAYS", 365, minimum=1)
+
+# --- Single sign-on (portal.sso; issue 15) -----------------------------------------------
+# Off unless configured. Local accounts (ModelBackend) always keep working beside them.
+AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
+# Directory group -> "tenant:member" | "tenant:admin" | "staff" | "superuser" (JSON object).
+from portal.sso_config import parse_group_map  # noqa: E402
+
+SSO_GROUP_MAP = parse_group_map(envstr("SSO_GROUP_MAP"))
+
+AUTH_LDAP_SERVER_URI = envstr("LDAP_SERVER_URI")  # e.g. ldaps://ldap.example.org
+if AUTH_LDAP_SERVER_URI:
+    import ldap
+    from django_auth_ldap.config import GroupOfNamesType, LDAPSearch
+
+    AUTH_LDAP_BIND_DN = envstr("LDAP_BIND_DN")
+    AUTH_LDAP_BIND_PASSWORD = envsecret("LDAP_BIND_PASSWORD", "")
+    AUTH_LDAP_USER_SEARCH = LDAPSearch(envstr("LDAP_USER_BASE"), ldap.SCOPE_SUBTREE,
+                                       envstr("LDAP_USER_FILTER", "(uid=%(user)s)"))
+    AUTH_LDAP_GROUP_SEARCH = LDAPSearch(envstr("LDAP_GROUP_BASE"), ldap.SCOPE_SUBTREE, "(objectClass=groupOfNames)")
+    AUTH_LDAP_GROUP_TYPE = GroupOfNamesType(name_attr="cn")
+    AUTH_LDAP_USER_ATTR_MAP = {"first_name": "givenName", "last_name": "sn", "email": "mail"}
+    AUTH_LDAP_START_TLS = envbool("LDAP_START_TLS", False)
+    AUTHENTICATION_BACKENDS.insert(0, "portal.sso.LDAPBackend")
+
+OIDC_OP_ISSUER = envstr("OIDC_OP_ISSUER")  # e.g. https://sso.example.org/realms/lab
+if OIDC_OP_ISSUER:
+    INSTALLED_APPS.append("mozilla_django_oidc")
+    OIDC_RP_CLIENT_ID = envstr("OIDC_RP_CLIENT_ID")
+    OIDC_RP_CLIENT_SECRET = envsecret("OIDC_RP_CLIENT_SECRET", "")
+    OIDC_RP_SIGN_ALGO = envstr("OIDC_RP_SIGN_ALGO", "RS256")
+    OIDC_RP_SCOPES = "openid email profile groups"
+    LOGIN_REDIRECT_URL_FAILURE = LOGIN_URL  # a refused sign-in goes back to the login page
+    OIDC_OP_AUTHORIZATION_ENDPOINT = envstr("OIDC_OP_AUTHORIZATION_ENDPOINT", f"{OIDC_OP_ISSUER}/authorize")
+    OIDC_OP_TOKEN_ENDPOINT = envstr("OIDC_OP_TOKEN_ENDPOINT", f"{OIDC_OP_ISSUER}/token")
+    OIDC_OP_USER_ENDPOINT = envstr("OIDC_OP_USER_ENDPOINT", f"{OIDC_OP_ISSUER}/userinfo")
+    OIDC_OP_JWKS_ENDPOINT = envstr("OIDC_OP_JWKS_ENDPOINT", f"{OIDC_OP_ISSUER}/jwks")
+    AUTHENTICATION_BACKENDS.insert(0, "portal.sso.OIDCBackend")

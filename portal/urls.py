@@ -29,5 +29,8 @@ urlpatterns = [
     path("", include("portal.page_urls")),
 ]
 
+if settings.OIDC_OP_ISSUER:
+    urlpatterns.insert(0, path("oidc/", include("mozilla_django_oidc.urls")))  # single sign-on (portal.sso)
+
 if settings.SERVE_STATIC:
     urlpatterns += [re_path(r"^static/(?P<path>.*)$", serve, {"document_root": settings.STATIC_ROOT})]
