@@ -11,7 +11,7 @@ from django.utils.translation import gettext_lazy as _
 from nodes.enrolment import issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
 from portal import live
-from portal.livedata import gpu_state
+from portal.livedata import GPU_STATE_LABELS, gpu_state
 from scheduling import triggers
 
 
@@ -54,7 +54,7 @@ class NodeAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("status"), ordering="status")
     def live_status(self, obj: Node):
-        return _live("node", obj.pk, "status", obj.status, f"node-status status-{obj.status}")
+        return _live("node", obj.pk, "status", obj.get_status_display(), f"node-status status-{obj.status}")
 
     @admin.display(description=_("GPUs"), ordering="gpu_n")
     def gpu_count(self, obj: Node):
@@ -67,7 +67,7 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description=_("last heartbeat"), ordering="last_heartbeat_at")
     def heartbeat(self, obj: Node):
         age = obj.heartbeat_age()
-        text = "never" if age is None else f"{int(age.total_seconds())} s ago"
+        text = _("never") if age is None else _("%(s)s s ago") % {"s": int(age.total_seconds())}
         colour = "#c00" if obj.heartbeat_overdue else "inherit"
         return format_html('<span data-node="{}" data-field="heartbeat" style="color:{}">{}</span>',
                            obj.pk, colour, text)
@@ -149,7 +149,7 @@ class GPUAdmin(admin.ModelAdmin):
     @admin.display(description=_("state"))
     def live_state(self, obj: GPU):
         state = gpu_state(obj, obj.node, getattr(obj, "task_now", None) is not None)
-        return _live("gpu", obj.pk, "state", state, f"gpu-state state-{state}")
+        return _live("gpu", obj.pk, "state", GPU_STATE_LABELS[state], f"gpu-state state-{state}")
 
     @admin.display(description=_("util %"), ordering="utilization_pct")
     def utilization(self, obj: GPU):

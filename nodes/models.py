@@ -14,10 +14,10 @@ from portal import tokens
 
 
 class NodeStatus(models.TextChoices):
-    ACTIVE = "active", "active"
-    DRAINING = "draining", "draining (no new tasks)"
-    MAINTENANCE = "maintenance", "maintenance"
-    OFFLINE = "offline", "offline"
+    ACTIVE = "active", _("active")
+    DRAINING = "draining", _("draining (no new tasks)")
+    MAINTENANCE = "maintenance", _("maintenance")
+    OFFLINE = "offline", _("offline")
 
 
 class GPUHealth(models.TextChoices):

@@ -7,6 +7,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils.translation import gettext as _
 
+from nodes.models import NodeStatus
 from portal import livedata
 from portal.models import Alert
 from scheduling.models import Task
@@ -20,9 +21,11 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
     by_node: dict[int, list] = {}
     for g in gpus:
         g["hue"] = g["tenant_hue"] if g["state"] == "busy" else None
+        g["state_label"] = livedata.GPU_STATE_LABELS[g["state"]]
         by_node.setdefault(g["node_id"], []).append(g)
     for n in nodes:
         n["gpu_list"] = by_node.get(n["id"], [])
+        n["status_label"] = NodeStatus(n["status"]).label
     states = [g["state"] for g in gpus]
     summary = {
         "nodes": len(nodes), "nodes_active": sum(n["status"] == "active" for n in nodes), "gpus": len(gpus),

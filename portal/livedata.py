@@ -13,6 +13,7 @@ from typing import Any
 
 from django.db.models import Count, Q
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from nodes.inventory import is_reserved_by_config
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
@@ -27,6 +28,11 @@ GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
 # never looks like a state (idle is green, cordoned amber, error red, offline/reserved grey).
 TENANT_HUES = (205, 265, 185, 305, 230, 285, 195, 250, 220, 295)
 STATE_HUES = {"idle": 120, "cordoned": 40, "error": 0}
+
+
+# What people read for each GPU state (the admin's cells; live.js has the same words in its catalogue).
+GPU_STATE_LABELS = {"idle": _("idle"), "busy": _("busy"), "cordoned": _("cordoned"), "reserved": _("reserved"),
+                    "error": _("error"), "offline": _("offline")}
 
 
 def tenant_hue(tenant_id: int) -> int:
