@@ -100,7 +100,10 @@ class HistoryResolution(models.IntegerChoices):
 class GpuSample(models.Model):
     """One GPU's utilisation, memory and temperature at ``at`` (the start of its bucket)."""
 
-    gpu = models.ForeignKey("nodes.GPU", on_delete=models.CASCADE, related_name="+")
+    # No database foreign key: a sample is checked when written (the sampling SELECT reads the
+    # GPU itself), and a per-row RI trigger would be most of a sample's cost. Deleting a GPU
+    # still deletes its history (Django's cascade).
+    gpu = models.ForeignKey("nodes.GPU", on_delete=models.CASCADE, related_name="+", db_constraint=False)
     resolution = models.PositiveSmallIntegerField(choices=HistoryResolution.choices)
     at = models.DateTimeField()
     utilization_pct = models.FloatField()
@@ -121,7 +124,7 @@ class GpuSample(models.Model):
 class TenantSample(models.Model):
     """How many GPUs a tenant held at ``at``, beside its GPU quota then."""
 
-    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+", db_constraint=False)
     resolution = models.PositiveSmallIntegerField(choices=HistoryResolution.choices)
     at = models.DateTimeField()
     gpus_in_use = models.FloatField()

@@ -22,7 +22,7 @@ class Migration(migrations.Migration):
                 ('utilization_pct', models.FloatField()),
                 ('memory_used_mb', models.FloatField()),
                 ('temperature_c', models.FloatField()),
-                ('gpu', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='nodes.gpu')),
+                ('gpu', models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='nodes.gpu')),
             ],
             options={
                 'indexes': [models.Index(fields=['resolution', 'at'], name='gpusample_tier_time_idx')],
@@ -37,7 +37,7 @@ class Migration(migrations.Migration):
                 ('at', models.DateTimeField()),
                 ('gpus_in_use', models.FloatField()),
                 ('gpu_quota', models.PositiveIntegerField(null=True)),
-                ('tenant', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='tenants.tenant')),
+                ('tenant', models.ForeignKey(db_constraint=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='tenants.tenant')),
             ],
             options={
                 'indexes': [models.Index(fields=['resolution', 'at'], name='tenantsample_tier_time_idx')],
