@@ -213,8 +213,8 @@ def localised(tasks: list[dict[str, Any]], language: str) -> list[dict[str, Any]
         return tasks
     from django.utils import translation
 
-    from portal.reasons import translate_reason
     from scheduling.choices import TaskStatus
+    from scheduling.reasons import translate_reason
 
     with translation.override(language):
         return [{**t, "status_label": str(TaskStatus(t["status"]).label),

@@ -10,10 +10,10 @@ from django.utils.translation import gettext_lazy as _
 
 from portal import live
 from portal.livedata import tenant_hue
-from portal.reasons import translate_reason
 from scheduling import lifecycle, triggers
 from scheduling.choices import Priority
 from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk
+from scheduling.reasons import translate_reason
 
 
 class TaskActionForm(ActionForm):

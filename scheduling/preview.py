@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from portal.reasons import translate_reason
 from scheduling.choices import ShareMode
 from scheduling.core import schedule
 from scheduling.core_types import PendingTask
 from scheduling.models import ModelMemoryEstimate
 from scheduling.passes import load_snapshot
+from scheduling.reasons import translate_reason
 from scheduling.submission import TaskSpec
 
 CANDIDATE_ID = -1  # real task ids are positive
@@ -58,7 +58,7 @@ def would_fit(spec: TaskSpec) -> Preview:
                                                                                "gpus": ", ".join(gpus)},
                        node.name, gpus)
     info = plan.pending.get(CANDIDATE_ID)
-    # The core's reason in the reader's language (portal.reasons), without a doubled full stop.
+    # The core's reason in the reader's language (scheduling.reasons), without a doubled full stop.
     reason = translate_reason(info.reason if info is not None else "the scheduler would not place it now").rstrip(".")
     if info is not None and info.never_fits:
         # Waiting cannot help: no server could hold it even with every task gone.

@@ -12,8 +12,8 @@ import polib
 import pytest
 from django.utils import translation
 
-from portal.reasons import translate_reason
 from scheduling.models import Task
+from scheduling.reasons import translate_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOGUES = ROOT / "locale" / "zh_Hans" / "LC_MESSAGES"
@@ -124,3 +124,25 @@ def test_every_gpuctl_message_has_a_chinese_translation():
     messages = {m for _q, m in wrapped} | headers
     assert len(messages) > 20
     assert sorted(messages - set(gpuctl.ZH_HANS)) == []
+
+
+@pytest.mark.django_db
+def test_the_api_and_gpuctl_read_pending_reasons_in_the_callers_language(api_client_for, alice, acme):
+    task = Task.objects.create(tenant=acme, submitter=alice, name="t", command="x",
+                               pending_reason="tenant acme at its GPU quota (8/8)")
+    api = api_client_for(alice)
+    assert api.get(f"/api/v1/tasks/{task.pk}", **ZH).json()["pending_reason"] == "租户 acme 已达 GPU 配额（8/8）"
+    assert api.get(f"/api/v1/tasks/{task.pk}").json()["pending_reason"] == "tenant acme at its GPU quota (8/8)"
+
+
+def test_live_frames_carry_reasons_and_states_in_the_viewers_language():
+    from portal.consumers import localised, viewer_language
+
+    scope = {"headers": [(b"accept-language", b"zh-CN,zh;q=0.9")], "cookies": {}}
+    assert viewer_language(scope) == "zh-hans"
+    assert viewer_language({"headers": [], "cookies": {"django_language": "en"}}) == "en"
+    row = {"status": "pending", "status_label": "pending", "pending_reason": "waiting behind 2 higher-priority tasks",
+           "failure_reason": ""}
+    (zh,) = localised([row], "zh-hans")
+    assert (zh["status_label"], zh["pending_reason"]) == ("等待中", "排在 2 个更高优先级任务之后")
+    assert localised([row], "en") == [row]

@@ -1,10 +1,10 @@
-"""``{{ task.pending_reason|reason }}``: a reason in the reader's language (portal.reasons)."""
+"""``{{ task.pending_reason|reason }}``: a reason in the reader's language (scheduling.reasons)."""
 
 from __future__ import annotations
 
 from django import template
 
-from portal.reasons import translate_reason
+from scheduling.reasons import translate_reason
 
 register = template.Library()
 
