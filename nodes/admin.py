@@ -7,6 +7,7 @@ from django.db import transaction
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext_noop
 
 from nodes.enrolment import issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
@@ -90,16 +91,16 @@ class NodeAdmin(admin.ModelAdmin):
             live.gpus_changed(changed)
             if changed:
                 triggers.request_pass(f"{len(changed)} server(s) {verb} by {request.user.username}")
-        self.message_user(request, _("%(n)s server(s) %(verb)s.") % {"n": len(changed), "verb": verb},
+        self.message_user(request, _("%(n)s server(s) %(verb)s.") % {"n": len(changed), "verb": _(verb)},
                           messages.SUCCESS)
 
     @admin.action(description=_("Drain: finish running tasks, take no new ones"))
     def drain(self, request, queryset) -> None:
-        self._set_status(request, queryset, NodeStatus.DRAINING, "drained")
+        self._set_status(request, queryset, NodeStatus.DRAINING, gettext_noop("drained"))
 
     @admin.action(description=_("Resume: accept tasks again"))
     def resume(self, request, queryset) -> None:
-        self._set_status(request, queryset, NodeStatus.ACTIVE, "resumed")
+        self._set_status(request, queryset, NodeStatus.ACTIVE, gettext_noop("resumed"))
 
     @admin.action(description=_("Make a one-time join token for the agent (shown once)"))
     def make_join_token(self, request, queryset) -> None:
@@ -114,7 +115,7 @@ class NodeAdmin(admin.ModelAdmin):
 
     @admin.action(description=_("Maintenance: take out of service"))
     def maintenance(self, request, queryset) -> None:
-        self._set_status(request, queryset, NodeStatus.MAINTENANCE, "put in maintenance")
+        self._set_status(request, queryset, NodeStatus.MAINTENANCE, gettext_noop("put in maintenance"))
 
 
 @admin.register(GPU)

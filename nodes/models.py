@@ -30,7 +30,7 @@ class Node(models.Model):
     name = models.CharField(_("name"), max_length=100, unique=True)
     hostname = models.CharField(_("hostname"), max_length=255, blank=True)
     labels = models.JSONField(_("labels"), default=dict, blank=True,
-                              help_text='Scheduling labels, e.g. {"zone": "a", "ib": "yes"}.')
+                              help_text=_('Scheduling labels, e.g. {"zone": "a", "ib": "yes"}.'))
     status = models.CharField(_("status"), max_length=12, choices=NodeStatus.choices, default=NodeStatus.OFFLINE)
     status_reason = models.CharField(max_length=255, blank=True)
     # Portal (database) time of the last heartbeat: agent clocks are never trusted.
@@ -77,10 +77,10 @@ class GPU(models.Model):
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus", verbose_name=_("server"))
     index = models.PositiveSmallIntegerField(_("index"), )
     uuid = models.CharField(max_length=64, unique=True)
-    model_name = models.CharField(_("model"), max_length=100, help_text="e.g. NVIDIA H100 80GB HBM3")
+    model_name = models.CharField(_("model"), max_length=100, help_text=_("e.g. NVIDIA H100 80GB HBM3"))
     memory_total_mb = models.PositiveIntegerField(_("memory total (MB)"))
     memory_used_mb = models.PositiveIntegerField(_("memory used (MB)"), default=0,
-                                                 help_text="Live, as the agent last reported it.")
+                                                 help_text=_("Live, as the agent last reported it."))
     utilization_pct = models.PositiveSmallIntegerField(_("utilisation (%)"), default=0)
     temperature_c = models.PositiveSmallIntegerField(_("temperature (°C)"), default=0)
     power_w = models.PositiveIntegerField(default=0)
@@ -88,10 +88,10 @@ class GPU(models.Model):
     ecc_errors = models.PositiveBigIntegerField(default=0)
     retired_pages = models.PositiveIntegerField(default=0)
     cordoned = models.BooleanField(_("cordoned"), default=False,
-                                   help_text="No new tasks; set automatically on GPU errors.")
+                                   help_text=_("No new tasks; set automatically on GPU errors."))
     cordon_reason = models.CharField(max_length=255, blank=True)
     reserved = models.BooleanField(_("reserved"), default=False,
-                                   help_text="Kept out of scheduling (e.g. for debugging).")
+                                   help_text=_("Kept out of scheduling (e.g. for debugging)."))
     # {"deepseek-7b": "2026-11-22T10:00:00+00:00", ...}: models recently loaded, with last use.
     loaded_models = models.JSONField(default=dict, blank=True)
     # When the GPU last became idle (no active allocation); feeds the idle-time score.

@@ -65,15 +65,15 @@ class Task(models.Model):
     workload_class = models.CharField(_("class"), max_length=10, choices=WorkloadClass.choices,
                                       default=WorkloadClass.BATCH)
     timeout_s = models.PositiveIntegerField(default=3600)
-    node_selector = models.JSONField(default=dict, blank=True, help_text="Labels the server must carry.")
-    gpu_model = models.CharField(max_length=100, blank=True, help_text="GPU model the task needs, e.g. H100.")
+    node_selector = models.JSONField(default=dict, blank=True, help_text=_("Labels the server must carry."))
+    gpu_model = models.CharField(max_length=100, blank=True, help_text=_("GPU model the task needs, e.g. H100."))
 
     status = models.CharField(_("status"), max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
     pending_reason = models.CharField(_("pending reason"), max_length=500, blank=True)
     queue_position = models.PositiveIntegerField(_("queue position"), null=True, blank=True)
     node = models.ForeignKey(
         "nodes.Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", verbose_name=_("server"),
-        help_text="Server of the current (or last) allocation.",
+        help_text=_("Server of the current (or last) allocation."),
     )
     exit_code = models.IntegerField(_("exit code"), null=True, blank=True)
     failure_reason = models.CharField(_("failure reason"), max_length=500, blank=True)

@@ -30,7 +30,7 @@ class Usage:
 class Tenant(models.Model):
     name = models.CharField(_("name"), max_length=100, unique=True)
     slug = models.SlugField(_("short name"), max_length=50, unique=True,
-                            help_text="Short name used by the API and the CLI.")
+                            help_text=_("Short name used by the API and the CLI."))
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="tenants")
@@ -102,20 +102,20 @@ class Quota(models.Model):
     it only stops new placements until usage falls below it."""
 
     tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="quota")
-    max_gpus = models.PositiveIntegerField(_("max GPUs"), default=8, help_text="GPUs held at once.")
+    max_gpus = models.PositiveIntegerField(_("max GPUs"), default=8, help_text=_("GPUs held at once."))
     max_gpu_memory_mb = models.PositiveBigIntegerField(_("max GPU memory (MB)"), default=8 * 80_000,
-                                                       help_text="GPU memory held at once (MB).")
+                                                       help_text=_("GPU memory held at once (MB)."))
     max_running_tasks = models.PositiveIntegerField(_("max running tasks"), default=16,
-                                                    help_text="Assigned + running tasks at once.")
+                                                    help_text=_("Assigned + running tasks at once."))
     max_pending_tasks = models.PositiveIntegerField(_("max pending tasks"), default=1000,
-                                                    help_text="Tasks waiting in the queue at once.")
+                                                    help_text=_("Tasks waiting in the queue at once."))
     max_priority = models.IntegerField(
-        choices=Priority.choices, default=Priority.HIGH, help_text="Highest priority its tasks may ask for."
+        choices=Priority.choices, default=Priority.HIGH, help_text=_("Highest priority its tasks may ask for.")
     )
     allowed_classes = ArrayField(
         models.CharField(max_length=10),
         default=default_classes,
-        help_text="Workload classes its tasks may use: online, batch.",
+        help_text=_("Workload classes its tasks may use: online, batch."),
     )
 
     class Meta:
@@ -158,7 +158,7 @@ class ApiToken(models.Model):
     """A user's API token (for the REST API and the CLI), stored as prefix + HMAC."""
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
-    name = models.CharField(max_length=100, help_text="What it is for, e.g. 'laptop CLI'.")
+    name = models.CharField(max_length=100, help_text=_("What it is for, e.g. 'laptop CLI'."))
     prefix = models.CharField(max_length=32, unique=True, editable=False)
     digest = models.CharField(max_length=64, editable=False)
     enabled = models.BooleanField(default=True)
