@@ -273,8 +273,11 @@ HISTORY_MINUTE_DAYS = envint("HISTORY_MINUTE_DAYS", 30, minimum=1)
 HISTORY_HOUR_DAYS = envint("HISTORY_HOUR_DAYS", 365, minimum=1)
 
 # --- Single sign-on (portal.sso; issue 15) -----------------------------------------------
-# Off unless configured. Local accounts (ModelBackend) always keep working beside them.
-AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
+# Off unless configured. Local accounts (ModelBackend) always keep working beside them. SSO
+# backends go just before ModelBackend: after any backend set earlier that must come first
+# (a login throttle), whatever order the settings blocks are in.
+_LOCAL_BACKEND = "django.contrib.auth.backends.ModelBackend"
+AUTHENTICATION_BACKENDS = list(globals().get("AUTHENTICATION_BACKENDS", [_LOCAL_BACKEND]))
 # Directory group -> "tenant:member" | "tenant:admin" | "staff" | "superuser" (JSON object).
 from portal.sso_config import parse_group_map  # noqa: E402
 
@@ -293,7 +296,7 @@ if AUTH_LDAP_SERVER_URI:
     AUTH_LDAP_GROUP_TYPE = GroupOfNamesType(name_attr="cn")
     AUTH_LDAP_USER_ATTR_MAP = {"first_name": "givenName", "last_name": "sn", "email": "mail"}
     AUTH_LDAP_START_TLS = envbool("LDAP_START_TLS", False)
-    AUTHENTICATION_BACKENDS.insert(0, "portal.sso.LDAPBackend")
+    AUTHENTICATION_BACKENDS.insert(AUTHENTICATION_BACKENDS.index(_LOCAL_BACKEND), "portal.sso.LDAPBackend")
 
 OIDC_OP_ISSUER = envstr("OIDC_OP_ISSUER")  # e.g. https://sso.example.org/realms/lab
 if OIDC_OP_ISSUER:
@@ -307,4 +310,4 @@ if OIDC_OP_ISSUER:
     OIDC_OP_TOKEN_ENDPOINT = envstr("OIDC_OP_TOKEN_ENDPOINT", f"{OIDC_OP_ISSUER}/token")
     OIDC_OP_USER_ENDPOINT = envstr("OIDC_OP_USER_ENDPOINT", f"{OIDC_OP_ISSUER}/userinfo")
     OIDC_OP_JWKS_ENDPOINT = envstr("OIDC_OP_JWKS_ENDPOINT", f"{OIDC_OP_ISSUER}/jwks")
-    AUTHENTICATION_BACKENDS.insert(0, "portal.sso.OIDCBackend")
+    AUTHENTICATION_BACKENDS.insert(AUTHENTICATION_BACKENDS.index(_LOCAL_BACKEND), "portal.sso.OIDCBackend")
