@@ -8,7 +8,7 @@ from django.template.response import TemplateResponse
 from django.utils.translation import gettext as _
 
 from nodes.models import NodeStatus
-from portal import livedata
+from portal import control_plane, livedata
 from portal.models import Alert
 from scheduling.models import Task
 
@@ -34,5 +34,6 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
         "pending": Task.objects.filter(status="pending").count(),
         "alerts": Alert.objects.filter(acknowledged_at__isnull=True).count(),
     }
-    context = {**admin.site.each_context(request), "title": _("Cluster overview"), "nodes": nodes, "summary": summary}
+    context = {**admin.site.each_context(request), "title": _("Cluster overview"), "nodes": nodes, "summary": summary,
+               "control": control_plane.snapshot()}
     return TemplateResponse(request, "admin/cluster.html", context)

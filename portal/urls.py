@@ -9,6 +9,7 @@ from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from portal.admin_views import cluster_overview
+from portal.metrics_access import metrics_view
 
 admin.site.site_header = _("GPU allocation portal")
 admin.site.site_title = _("GPU portal admin")
@@ -16,6 +17,9 @@ admin.site.index_title = _("Operations")
 # The sidebar of every model would take a quarter of a 1,366 px screen from the task list;
 # the index and the breadcrumbs remain the way around.
 admin.site.enable_nav_sidebar = False
+
+handler500 = "portal.middleware.server_error"  # a database outage is a 503, not a 500
+handler404 = "portal.middleware.not_found"  # JSON under /api/
 
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
@@ -27,6 +31,7 @@ urlpatterns = [
     path("api/v1/", include("portal.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("metrics", metrics_view, name="prometheus-django-metrics"),  # before django_prometheus' open one
     path("", include("django_prometheus.urls")),
     path("", include("portal.page_urls")),
 ]

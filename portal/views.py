@@ -5,6 +5,7 @@ path as the API), so the two can never disagree."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -179,7 +180,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
         elif len(name) > TOKEN_NAME_MAX:
             errors["name"] = _("At most %(n)s characters.") % {"n": TOKEN_NAME_MAX}
         if days_raw:
-            if not days_raw.isdigit() or not 1 <= int(days_raw) <= TOKEN_MAX_DAYS:
+            if not re.fullmatch(r"[0-9]{1,5}", days_raw) or not 1 <= int(days_raw) <= TOKEN_MAX_DAYS:
                 errors["expires_days"] = _("A whole number of days from 1 to %(n)s, or empty for never.") % {
                     "n": TOKEN_MAX_DAYS}
             else:

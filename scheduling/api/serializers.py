@@ -10,9 +10,9 @@ from scheduling.reasons import translate_reason
 
 class TaskSerializer(serializers.ModelSerializer):
     tenant = serializers.CharField(source="tenant.slug")
-    submitter = serializers.CharField(source="submitter.username", default=None)
+    submitter = serializers.CharField(source="submitter.username", default=None, allow_null=True)
     priority = serializers.CharField(source="get_priority_display")
-    server = serializers.CharField(source="node.name", default=None)
+    server = serializers.CharField(source="node.name", default=None, allow_null=True)
 
     class Meta:
         model = Task
