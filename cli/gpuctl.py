@@ -6,14 +6,17 @@ library, so this one file can be copied to any machine with Python 3.10+.
 
     gpuctl login --url http://portal:8000            # asks for an API token (portal → Tokens)
     gpuctl submit --gpus 2 --mem 40G --priority high --tenant acme -- python train.py
+    gpuctl submit -- 'python prep.py && python train.py'   # ONE argument: a shell command line
     gpuctl queue                                      # your tenants' pending and running tasks
-    gpuctl show 42 ; gpuctl logs -f 42 ; gpuctl cancel 42
+    gpuctl show 42 ; gpuctl logs -f 42 (newest lines, then follows) ; gpuctl cancel 42
     gpuctl gpus ; gpuctl quota                        # --json on every listing
 
 Configuration: $GPUCTL_CONFIG or ~/.config/gpuctl/config.json (mode 0600), holding
-{"url": ..., "token": ...}; $GPUCTL_URL and $GPUCTL_TOKEN (or --url/--token) override it.
+{"url": ..., "token": ...}; $GPUCTL_URL and $GPUCTL_TOKEN (or --url/--token, before or after
+the subcommand) override it.
 Errors print one line on stderr and exit non-zero (1: the portal said no or is unreachable,
-2: bad command line).
+2: bad command line). Messages are in Chinese when $LANGUAGE/$LC_ALL/$LC_MESSAGES/$LANG says zh
+(the portal is asked for the same language, so its errors come back translated too).
 """
 
 from __future__ import annotations
@@ -33,6 +36,48 @@ from typing import Any
 
 USER_AGENT = "gpuctl/1"
 ACTIVE = "pending,assigned,running"
+
+
+# --- language ---------------------------------------------------------------------------
+# One stdlib-only file carries its own small catalogue (it is copied to machines that have
+# no portal checkout); the portal translates its own messages for the Accept-Language sent.
+
+def user_language() -> str:
+    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(var, "")
+        if value and value not in ("C", "POSIX"):
+            return "zh-hans" if value.lower().startswith("zh") else "en"
+    return "en"
+
+
+ZH_HANS = {
+    "cannot reach the portal at {url}: {why}": "无法连接门户 {url}：{why}",
+    "the portal answered HTTP {status}": "门户返回 HTTP {status}",
+    "not logged in or bad token ({text}); run: gpuctl login": "未登录或令牌无效（{text}）；请运行：gpuctl login",
+    "no such task (or it belongs to a tenant you are not in)": "没有这个任务（或它属于你不在的租户）",
+    "cannot read {path}: {why}": "无法读取 {path}：{why}",
+    "give the portal's address: gpuctl login --url http://HOST:PORT": "请给出门户地址：gpuctl login --url http://HOST:PORT",
+    "no token given": "没有给出令牌",
+    "logged in to {url} (tenants: {tenants}); saved to {path}": "已登录 {url}（租户：{tenants}）；已保存到 {path}",
+    "no tenant yet": "还没有租户",
+    "no command given: gpuctl submit [options] -- COMMAND [ARGS...]":
+        "没有给出命令：gpuctl submit [选项] -- 命令 [参数...]",
+    "not logged in: run gpuctl login --url http://HOST:PORT": "未登录：请运行 gpuctl login --url http://HOST:PORT",
+    "({shown} of {count} shown; --limit to see more)": "（显示 {shown} / {count} 个；用 --limit 查看更多）",
+    "task {id}: {error}": "任务 {id}：{error}",
+    "--- attempt {n} ---": "--- 第 {n} 次尝试 ---",
+    "ID": "编号", "NAME": "名称", "TENANT": "租户", "STATE": "状态", "PRIORITY": "优先级", "GPUS": "GPU", "POS": "位置",
+    "REASON/SERVER": "原因/服务器", "GPU": "GPU", "MODEL": "型号", "MEM USED/TOTAL MB": "显存 已用/总量 MB",
+    "UTIL": "利用率", "TEMP": "温度", "GPU MEM MB": "显存 MB", "RUNNING": "运行中", "PENDING": "排队",
+    "MAX PRIO": "最高优先级", "CLASSES": "类别",
+}
+
+
+def _(text: str, **values: Any) -> str:
+    """``text`` in the user's language, with ``{name}`` values filled in."""
+    if user_language() == "zh-hans":
+        text = ZH_HANS.get(text, text)
+    return text.format(**values) if values else text
 
 
 class CliError(Exception):
@@ -57,7 +102,7 @@ def load_config() -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read {path}: {exc}") from None
+        raise CliError(_("cannot read {path}: {why}", path=path, why=exc)) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -89,7 +134,8 @@ class Client:
             if query:
                 url += "?" + urllib.parse.urlencode(query)
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Token {self.token}", "Accept": accept, "User-Agent": USER_AGENT}
+        headers = {"Authorization": f"Token {self.token}", "Accept": accept, "User-Agent": USER_AGENT,
+                   "Accept-Language": user_language()}
         if data is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 (URL is the user's)
@@ -99,9 +145,9 @@ class Client:
         except urllib.error.HTTPError as exc:
             raise CliError(describe_error(exc.code, exc.read())) from None
         except urllib.error.URLError as exc:
-            raise CliError(f"cannot reach the portal at {self.url}: {exc.reason}") from None
+            raise CliError(_("cannot reach the portal at {url}: {why}", url=self.url, why=exc.reason)) from None
         except (TimeoutError, ConnectionError) as exc:
-            raise CliError(f"cannot reach the portal at {self.url}: {exc}") from None
+            raise CliError(_("cannot reach the portal at {url}: {why}", url=self.url, why=exc)) from None
         if accept != "application/json":
             return raw.decode()
         return json.loads(raw) if raw else None
@@ -137,12 +183,12 @@ def describe_error(status: int, raw: bytes) -> str:
     except ValueError:
         body = None
     if body is None:
-        return f"the portal answered HTTP {status}"
+        return _("the portal answered HTTP {status}", status=status)
     text = "; ".join(_flatten(body)) or f"HTTP {status}"
     if status == 401:
-        return f"not logged in or bad token ({text}); run: gpuctl login"
+        return _("not logged in or bad token ({text}); run: gpuctl login", text=text)
     if status == 404:
-        return "no such task (or it belongs to a tenant you are not in)"
+        return _("no such task (or it belongs to a tenant you are not in)")
     return text
 
 
@@ -197,7 +243,7 @@ def emit_json(data: Any) -> None:
 def cmd_login(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("GPUCTL_URL") or load_config().get("url")
     if not url:
-        raise CliError("give the portal's address: gpuctl login --url http://HOST:PORT")
+        raise CliError(_("give the portal's address: gpuctl login --url http://HOST:PORT"))
     token = args.token or os.environ.get("GPUCTL_TOKEN")
     if not token:
         if not sys.stdin.isatty():
@@ -205,12 +251,19 @@ def cmd_login(args: argparse.Namespace) -> int:
         else:
             token = getpass.getpass("API token (create one on the portal's Tokens page): ").strip()
     if not token:
-        raise CliError("no token given")
+        raise CliError(_("no token given"))
     quotas = Client(url, token).get("quota")  # proves the URL and the token work
     path = save_config({"url": url.rstrip("/"), "token": token})
-    tenants = ", ".join(q["tenant"] for q in quotas) or "no tenant yet"
-    print(f"logged in to {url} (tenants: {tenants}); saved to {path}")
+    tenants = ", ".join(q["tenant"] for q in quotas) or _("no tenant yet")
+    print(_("logged in to {url} (tenants: {tenants}); saved to {path}", url=url, tenants=tenants, path=path))
     return 0
+
+
+def task_command(words: list[str]) -> str | list[str]:
+    """The rule, as ``sbatch --wrap``: ONE word after ``--`` is a shell command line
+    (``'echo a; sleep 1'`` runs under ``sh -c`` as written); several words are a program
+    and its arguments, each passed as given (quoted for the shell by the portal)."""
+    return words[0] if len(words) == 1 else words
 
 
 def cmd_submit(args: argparse.Namespace, client: Client) -> int:
@@ -218,8 +271,8 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise CliError("no command given: gpuctl submit [options] -- COMMAND [ARGS...]")
-    body: dict[str, Any] = {"command": command, "gpu_count": args.gpus}
+        raise CliError(_("no command given: gpuctl submit [options] -- COMMAND [ARGS...]"))
+    body: dict[str, Any] = {"command": task_command(command), "gpu_count": args.gpus}
     optional = {"tenant": args.tenant, "name": args.name, "priority": args.priority, "gpu_memory_mb": args.mem,
                 "workload_class": args.workload_class, "timeout_s": args.timeout, "working_dir": args.workdir,
                 "model_name": args.model, "gpu_model": args.gpu_model}
@@ -253,9 +306,9 @@ def cmd_queue(args: argparse.Namespace, client: Client) -> int:
         return 0
     rows = [[t["id"], t["name"][:24], t["tenant"], t["status"], t["priority"], t["gpu_count"],
              t["queue_position"], t["pending_reason"] or t["server"] or t["failure_reason"] or ""] for t in tasks]
-    print(table(rows, ["ID", "NAME", "TENANT", "STATE", "PRIORITY", "GPUS", "POS", "REASON/SERVER"]))
+    print(table(rows, [_(h) for h in ["ID", "NAME", "TENANT", "STATE", "PRIORITY", "GPUS", "POS", "REASON/SERVER"]]))
     if page.get("count", 0) > len(tasks):
-        print(f"({len(tasks)} of {page['count']} shown; --limit to see more)")
+        print(_("({shown} of {count} shown; --limit to see more)", shown=len(tasks), count=page["count"]))
     return 0
 
 
@@ -276,11 +329,16 @@ def cmd_show(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_logs(args: argparse.Namespace, client: Client) -> int:
-    if args.follow and args.tail is None:
+    # Like tail(1): open at the newest lines (or the whole log with --all), then follow.
+    if args.all:
         page = client.get(f"tasks/{args.id}/logs", offset=0)
+        sys.stdout.write(page["data"])
+        while page["data"]:  # the log comes in pages of at most 1 MiB
+            page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"], attempt=page["attempt"])
+            sys.stdout.write(page["data"])
     else:
         page = client.get(f"tasks/{args.id}/logs", tail=args.tail or 100)
-    sys.stdout.write(page["data"])
+        sys.stdout.write(page["data"])
     sys.stdout.flush()
     while args.follow:
         if page["final"] and not page["data"]:
@@ -292,7 +350,7 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
         # No attempt pinned: a requeued task's new attempt starts a new log from offset 0.
         page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"])
         if page["attempt"] != attempt:
-            sys.stdout.write(f"--- attempt {page['attempt']} ---\n")
+            sys.stdout.write(_("--- attempt {n} ---", n=page["attempt"] + 1) + "\n")  # counted from 1, as on the page
             page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"])
         sys.stdout.write(page["data"])
         sys.stdout.flush()
@@ -308,7 +366,7 @@ def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
             task = client.post(f"tasks/{task_id}/cancel")
             print(f"{task['id']} {task['status']}")
         except CliError as exc:
-            print(f"gpuctl: error: task {task_id}: {exc}", file=sys.stderr)
+            print(f"gpuctl: error: {_('task {id}: {error}', id=task_id, error=exc)}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
 
@@ -321,7 +379,7 @@ def cmd_gpus(args: argparse.Namespace, client: Client) -> int:
     rows = [[f"{g['server']}:{g['index']}", g["model_name"], g["state"],
              f"{g['memory_used_mb']}/{g['memory_total_mb']}", f"{g['utilization_pct']}%", f"{g['temperature_c']}C"]
             for g in gpus]
-    print(table(rows, ["GPU", "MODEL", "STATE", "MEM USED/TOTAL MB", "UTIL", "TEMP"]))
+    print(table(rows, [_(h) for h in ["GPU", "MODEL", "STATE", "MEM USED/TOTAL MB", "UTIL", "TEMP"]]))
     return 0
 
 
@@ -339,7 +397,8 @@ def cmd_quota(args: argparse.Namespace, client: Client) -> int:
                      f"{use['pending_tasks']}/{lim.get('max_pending_tasks', '-')}",
                      lim.get("max_priority", "-"), ",".join(lim.get("allowed_classes", [])),
                      f"{q['fair_share']['factor']:.2f}" if q.get("fair_share") else "-"])
-    print(table(rows, ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES", "FAIR SHARE"]))
+    print(table(rows, [_(h) for h in ["TENANT", "GPUS", "GPU MEM MB", "RUNNING", "PENDING", "MAX PRIO", "CLASSES",
+                                        "FAIR SHARE"]]))
     return 0
 
 
@@ -376,14 +435,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"gpuctl: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--url", default=default, help="portal address (default: from the config file or $GPUCTL_URL)")
+    parser.add_argument("--token", default=default,
+                        help="API token (default: from the config file or $GPUCTL_TOKEN)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # --url/--token go before or after the subcommand. The subcommand's copies default to
+    # SUPPRESS so that, when absent, they do not overwrite a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="portal address (default: from the config file or $GPUCTL_URL)")
-    common.add_argument("--token", help="API token (default: from the config file or $GPUCTL_TOKEN)")
+    _add_connection_options(common, argparse.SUPPRESS)
     listing = argparse.ArgumentParser(add_help=False)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     parser = Parser(prog="gpuctl", description="Submit and follow GPU tasks on the portal.")
+    _add_connection_options(parser, None)
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=Parser, metavar="COMMAND")
 
     sub.add_parser("login", parents=[common], help="save the portal address and an API token (0600 file)")
@@ -403,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-model", help="GPU model substring, e.g. H100")
     p.add_argument("--shared", action="store_true", help="share GPUs with other tasks (needs --mem)")
     p.add_argument("--dry-run", action="store_true", help="submit nothing: say whether it would start now, or why not")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command to run")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="after --: the program and its arguments, or ONE quoted shell command line "
+                        "(run by sh -c, like sbatch --wrap)")
 
     p = sub.add_parser("queue", parents=[common, listing], help="pending and running tasks (like squeue)")
     p.add_argument("--all", action="store_true", help="every state, newest first")
@@ -418,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", parents=[common], help="a task's output")
     p.add_argument("id", type=int)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
-    p.add_argument("--tail", type=int, help="last N lines (default 100; with -f: from the start)")
+    p.add_argument("--tail", type=int, help="start with the last N lines (default 100)")
+    p.add_argument("--all", action="store_true", help="start from the first line instead")
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
     p = sub.add_parser("cancel", parents=[common], help="cancel tasks")
@@ -452,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         url = args.url or os.environ.get("GPUCTL_URL") or config.get("url")
         token = args.token or os.environ.get("GPUCTL_TOKEN") or config.get("token")
         if not url or not token:
-            raise CliError("not logged in: run gpuctl login --url http://HOST:PORT")
+            raise CliError(_("not logged in: run gpuctl login --url http://HOST:PORT"))
         return COMMANDS[args.cmd](args, Client(url, token))
     except CliError as exc:
         print(f"gpuctl: error: {exc}", file=sys.stderr)

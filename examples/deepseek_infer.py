@@ -4,7 +4,7 @@
 Submit it with, e.g.::
 
     gpuctl submit --gpus 1 --mem 16G --class online --name deepseek -- \\
-        python examples/deepseek_infer.py --model-path /models/deepseek-llm-7b-chat --prompt "Hello"
+        python3 "$PWD/examples/deepseek_infer.py" --model-path /models/deepseek-llm-7b-chat --prompt "Hello"
 
 The agent starts the task with ``CUDA_VISIBLE_DEVICES`` set to its GPUs; the script
 loads the model there (transformers + torch, fp16: about 14 GB of weights plus the

@@ -3,7 +3,10 @@
 
     .venv/bin/python examples/submit_and_wait.py --tenant acme --tasks 5
     .venv/bin/python examples/submit_and_wait.py --url http://127.0.0.1:8000 --token api_... \\
-        --tasks 20 --gpus 1 --mem 16G --priority normal -- python examples/deepseek_infer.py --dry-run
+        --tasks 20 --gpus 1 --mem 16G --priority normal -- python3 "$PWD/examples/deepseek_infer.py" --dry-run
+
+Tasks run in their own directory on the GPU server, not in this repository, so a
+script is named by its absolute path (the default command does that for you).
 
 The N tasks go in with ONE request to the batch endpoint (all or none); the
 script then polls the task list until every task has ended and prints a summary.
@@ -24,6 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli.gpuctl import Client, CliError, load_config, parse_memory
 
 FINAL = {"succeeded", "failed", "cancelled", "timed_out"}
+DEEPSEEK = Path(__file__).resolve().parent / "deepseek_infer.py"
+
+
+def default_command() -> list[str]:
+    """The deepseek example's dry run, by absolute path: a task's working directory is
+    its own task directory on the GPU server, where a repository-relative path means nothing."""
+    return ["python3", str(DEEPSEEK), "--dry-run"]
 
 
 def main() -> int:
@@ -41,7 +51,7 @@ def main() -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="after --: the command each task runs (default: the deepseek-7b example, dry run)")
     args = parser.parse_args()
-    command = [c for c in args.command if c != "--"] or ["python", "examples/deepseek_infer.py", "--dry-run"]
+    command = [c for c in args.command if c != "--"] or default_command()
     if not 1 <= args.tasks <= 1000:
         parser.error("--tasks must be between 1 and 1000")
 

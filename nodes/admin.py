@@ -6,11 +6,13 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext_noop
 
 from nodes.enrolment import allow_reenrolment, issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
 from portal import live
-from portal.livedata import gpu_state
+from portal.livedata import GPU_STATE_LABELS, gpu_state
 from scheduling import triggers
 
 
@@ -51,22 +53,22 @@ class NodeAdmin(admin.ModelAdmin):
             busy_n=Count("allocations__gpu", filter=Q(allocations__released_at__isnull=True), distinct=True),
         )
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def live_status(self, obj: Node):
-        return _live("node", obj.pk, "status", obj.status, f"node-status status-{obj.status}")
+        return _live("node", obj.pk, "status", obj.get_status_display(), f"node-status status-{obj.status}")
 
-    @admin.display(description="GPUs", ordering="gpu_n")
+    @admin.display(description=_("GPUs"), ordering="gpu_n")
     def gpu_count(self, obj: Node):
         return _live("node", obj.pk, "gpus", obj.gpu_n)
 
-    @admin.display(description="GPUs busy", ordering="busy_n")
+    @admin.display(description=_("GPUs busy"), ordering="busy_n")
     def gpus_busy(self, obj: Node):
         return _live("node", obj.pk, "gpus_busy", obj.busy_n)
 
-    @admin.display(description="last heartbeat", ordering="last_heartbeat_at")
+    @admin.display(description=_("last heartbeat"), ordering="last_heartbeat_at")
     def heartbeat(self, obj: Node):
         age = obj.heartbeat_age()
-        text = "never" if age is None else f"{int(age.total_seconds())} s ago"
+        text = _("never") if age is None else _("%(s)s s ago") % {"s": int(age.total_seconds())}
         colour = "#c00" if obj.heartbeat_overdue else "inherit"
         return format_html('<span data-node="{}" data-field="heartbeat" style="color:{}">{}</span>',
                            obj.pk, colour, text)
@@ -88,17 +90,18 @@ class NodeAdmin(admin.ModelAdmin):
             live.gpus_changed(changed)
             if changed:
                 triggers.request_pass(f"{len(changed)} server(s) {verb} by {request.user.username}")
-        self.message_user(request, f"{len(changed)} server(s) {verb}.", messages.SUCCESS)
+        self.message_user(request, _("%(n)s server(s) %(verb)s.") % {"n": len(changed), "verb": _(verb)},
+                          messages.SUCCESS)
 
-    @admin.action(description="Drain: finish running tasks, take no new ones")
+    @admin.action(description=_("Drain: finish running tasks, take no new ones"))
     def drain(self, request, queryset) -> None:
-        self._set_status(request, queryset, NodeStatus.DRAINING, "drained")
+        self._set_status(request, queryset, NodeStatus.DRAINING, gettext_noop("drained"))
 
-    @admin.action(description="Resume: accept tasks again")
+    @admin.action(description=_("Resume: accept tasks again"))
     def resume(self, request, queryset) -> None:
-        self._set_status(request, queryset, NodeStatus.ACTIVE, "resumed")
+        self._set_status(request, queryset, NodeStatus.ACTIVE, gettext_noop("resumed"))
 
-    @admin.action(description="Make a one-time join token for the agent (shown once)")
+    @admin.action(description=_("Make a one-time join token for the agent (shown once)"))
     def make_join_token(self, request, queryset) -> None:
         for node in queryset.order_by("name"):
             secret = issue_join_token(node, note=f"made by {request.user.username}", ttl=timedelta(days=1))
@@ -109,16 +112,18 @@ class NodeAdmin(admin.ModelAdmin):
                 messages.WARNING,
             )
 
-    @admin.action(description="Maintenance: take out of service")
-    @admin.action(description="Revoke the node token; the server may enrol again by name once")
+    @admin.action(description=_("Revoke the node token; the server may enrol again by name once"))
     def allow_reenrolment(self, request, queryset) -> None:
         for node in queryset:
             allow_reenrolment(node)
-        self.message_user(request, f"{queryset.count()} server(s): node token revoked; the next agent to enrol "
-                                   "with a cluster join token under that name takes the server over.")
+        self.message_user(request, _("%(n)s server(s): node token revoked; the next agent to enrol with a cluster "
+                                     "join token under that name takes the server over.") % {"n": queryset.count()})
 
+    # (main stacked this decorator on allow_reenrolment, which then read "Maintenance" in the
+    # action list while maintenance() was no action at all.)
+    @admin.action(description=_("Maintenance: take out of service"))
     def maintenance(self, request, queryset) -> None:
-        self._set_status(request, queryset, NodeStatus.MAINTENANCE, "put in maintenance")
+        self._set_status(request, queryset, NodeStatus.MAINTENANCE, gettext_noop("put in maintenance"))
 
 
 @admin.register(GPU)
@@ -150,20 +155,20 @@ class GPUAdmin(admin.ModelAdmin):
             tenant_now=Subquery(active.values("task__tenant__slug")[:1]),
         )
 
-    @admin.display(description="state")
+    @admin.display(description=_("state"))
     def live_state(self, obj: GPU):
         state = gpu_state(obj, obj.node, getattr(obj, "task_now", None) is not None)
-        return _live("gpu", obj.pk, "state", state, f"gpu-state state-{state}")
+        return _live("gpu", obj.pk, "state", GPU_STATE_LABELS[state], f"gpu-state state-{state}")
 
-    @admin.display(description="util %", ordering="utilization_pct")
+    @admin.display(description=_("util %"), ordering="utilization_pct")
     def utilization(self, obj: GPU):
         return _live("gpu", obj.pk, "utilization_pct", obj.utilization_pct)
 
-    @admin.display(description="temp °C", ordering="temperature_c")
+    @admin.display(description=_("temp °C"), ordering="temperature_c")
     def temperature(self, obj: GPU):
         return _live("gpu", obj.pk, "temperature_c", obj.temperature_c)
 
-    @admin.display(description="memory used / total", ordering="memory_used_mb")
+    @admin.display(description=_("memory used / total"), ordering="memory_used_mb")
     def memory(self, obj: GPU):
         pct = round(100 * obj.memory_used_mb / obj.memory_total_mb) if obj.memory_total_mb else 0
         return format_html(
@@ -172,12 +177,12 @@ class GPUAdmin(admin.ModelAdmin):
             obj.pk, pct, obj.memory_used_mb, obj.memory_total_mb,
         )
 
-    @admin.display(description="task")
+    @admin.display(description=_("task"))
     def current_task(self, obj: GPU):
         task = getattr(obj, "task_now", None)
         return _live("gpu", obj.pk, "task", f"#{task} {obj.task_name_now}" if task else "")
 
-    @admin.display(description="tenant")
+    @admin.display(description=_("tenant"))
     def tenant(self, obj: GPU):
         return _live("gpu", obj.pk, "tenant", getattr(obj, "tenant_now", None) or "")
 
@@ -205,15 +210,15 @@ class GPUAdmin(admin.ModelAdmin):
                 triggers.request_pass(f"{len(changed)} GPU(s) uncordoned")
         return len(changed)
 
-    @admin.action(description="Cordon: take no new tasks")
+    @admin.action(description=_("Cordon: take no new tasks"))
     def cordon(self, request, queryset) -> None:
         n = self._set_cordon(request, queryset, True)
-        self.message_user(request, f"{n} GPU(s) cordoned.", messages.SUCCESS)
+        self.message_user(request, _("%(n)s GPU(s) cordoned.") % {"n": n}, messages.SUCCESS)
 
-    @admin.action(description="Uncordon: accept tasks again")
+    @admin.action(description=_("Uncordon: accept tasks again"))
     def uncordon(self, request, queryset) -> None:
         n = self._set_cordon(request, queryset, False)
-        self.message_user(request, f"{n} GPU(s) uncordoned.", messages.SUCCESS)
+        self.message_user(request, _("%(n)s GPU(s) uncordoned.") % {"n": n}, messages.SUCCESS)
 
 
 @admin.register(JoinToken)

@@ -9,15 +9,16 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from portal import tokens
 
 
 class NodeStatus(models.TextChoices):
-    ACTIVE = "active", "active"
-    DRAINING = "draining", "draining (no new tasks)"
-    MAINTENANCE = "maintenance", "maintenance"
-    OFFLINE = "offline", "offline"
+    ACTIVE = "active", _("active")
+    DRAINING = "draining", _("draining (no new tasks)")
+    MAINTENANCE = "maintenance", _("maintenance")
+    OFFLINE = "offline", _("offline")
 
 
 # What an operator can ask of a server; "offline" is only ever observed, never intended.
@@ -31,24 +32,28 @@ class GPUHealth(models.TextChoices):
 
 
 class Node(models.Model):
-    name = models.CharField(max_length=100, unique=True)
-    hostname = models.CharField(max_length=255, blank=True)
-    labels = models.JSONField(default=dict, blank=True, help_text='Scheduling labels, e.g. {"zone": "a", "ib": "yes"}.')
-    status = models.CharField(max_length=12, choices=NodeStatus.choices, default=NodeStatus.OFFLINE)
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    hostname = models.CharField(_("hostname"), max_length=255, blank=True)
+    labels = models.JSONField(_("labels"), default=dict, blank=True,
+                              help_text=_('Scheduling labels, e.g. {"zone": "a", "ib": "yes"}.'))
+    status = models.CharField(_("status"), max_length=12, choices=NodeStatus.choices, default=NodeStatus.OFFLINE)
     status_reason = models.CharField(max_length=255, blank=True)
     # The operator's intent, kept apart from observed health: a server that goes offline
     # and comes back returns to what the operator last asked (a drain is not forgotten).
     intent = models.CharField(max_length=12, choices=[(s.value, s.label) for s in INTENTS],
                               default=NodeStatus.ACTIVE)
     # Portal (database) time of the last heartbeat: agent clocks are never trusted.
-    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
-    agent_version = models.CharField(max_length=50, blank=True)
+    last_heartbeat_at = models.DateTimeField(_("last heartbeat"), null=True, blank=True)
+    agent_version = models.CharField(_("agent version"), max_length=50, blank=True)
     token_prefix = models.CharField(max_length=32, null=True, blank=True, unique=True, editable=False)
     token_digest = models.CharField(max_length=64, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        verbose_name = _("GPU server")
+        verbose_name_plural = _("GPU servers")
+        # "GPU server" is what the README, the portal and the API call it.
         ordering = ["name"]
         indexes = [models.Index(fields=["status", "last_heartbeat_at"], name="node_status_heartbeat_idx")]
         constraints = [
@@ -99,21 +104,24 @@ class Node(models.Model):
 
 
 class GPU(models.Model):
-    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
-    index = models.PositiveSmallIntegerField()
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus", verbose_name=_("server"))
+    index = models.PositiveSmallIntegerField(_("index"), )
     uuid = models.CharField(max_length=64, unique=True)
-    model_name = models.CharField(max_length=100, help_text="e.g. NVIDIA H100 80GB HBM3")
-    memory_total_mb = models.PositiveIntegerField()
-    memory_used_mb = models.PositiveIntegerField(default=0, help_text="Live, as the agent last reported it.")
-    utilization_pct = models.PositiveSmallIntegerField(default=0)
-    temperature_c = models.PositiveSmallIntegerField(default=0)
+    model_name = models.CharField(_("model"), max_length=100, help_text=_("e.g. NVIDIA H100 80GB HBM3"))
+    memory_total_mb = models.PositiveIntegerField(_("memory total (MB)"))
+    memory_used_mb = models.PositiveIntegerField(_("memory used (MB)"), default=0,
+                                                 help_text=_("Live, as the agent last reported it."))
+    utilization_pct = models.PositiveSmallIntegerField(_("utilisation (%)"), default=0)
+    temperature_c = models.PositiveSmallIntegerField(_("temperature (°C)"), default=0)
     power_w = models.PositiveIntegerField(default=0)
-    health = models.CharField(max_length=8, choices=GPUHealth.choices, default=GPUHealth.OK)
+    health = models.CharField(_("health"), max_length=8, choices=GPUHealth.choices, default=GPUHealth.OK)
     ecc_errors = models.PositiveBigIntegerField(default=0)
     retired_pages = models.PositiveIntegerField(default=0)
-    cordoned = models.BooleanField(default=False, help_text="No new tasks; set automatically on GPU errors.")
+    cordoned = models.BooleanField(_("cordoned"), default=False,
+                                   help_text=_("No new tasks; set automatically on GPU errors."))
     cordon_reason = models.CharField(max_length=255, blank=True)
-    reserved = models.BooleanField(default=False, help_text="Kept out of scheduling (e.g. for debugging).")
+    reserved = models.BooleanField(_("reserved"), default=False,
+                                   help_text=_("Kept out of scheduling (e.g. for debugging)."))
     # {"deepseek-7b": "2026-11-22T10:00:00+00:00", ...}: models recently loaded, with last use.
     loaded_models = models.JSONField(default=dict, blank=True)
     # When the GPU last became idle (no active allocation); feeds the idle-time score.
@@ -121,8 +129,9 @@ class GPU(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        verbose_name = _("GPU")
+        verbose_name_plural = _("GPUs")
         ordering = ["node_id", "index"]
-        verbose_name = "GPU"
         constraints = [
             models.UniqueConstraint(fields=["node", "index"], name="gpu_unique_node_index"),
             models.CheckConstraint(condition=Q(utilization_pct__lte=100), name="gpu_utilization_pct_range"),
@@ -150,7 +159,8 @@ class JoinToken(models.Model):
     """Lets an agent enrol. Bound to one server (one-time, made in the admin) or
     cluster-wide (``node`` empty: agents self-register until it expires)."""
 
-    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="join_tokens")
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="join_tokens",
+                             verbose_name=_("server"))
     prefix = models.CharField(max_length=32, unique=True, editable=False)
     digest = models.CharField(max_length=64, editable=False)
     note = models.CharField(max_length=200, blank=True)
@@ -160,6 +170,8 @@ class JoinToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        verbose_name = _("join token")
+        verbose_name_plural = _("join tokens")
         ordering = ["-created_at"]
 
     def __str__(self) -> str:

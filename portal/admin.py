@@ -8,6 +8,7 @@ from django.db.models import Q, TextField
 from django.db.models.functions import Cast
 from django.http import HttpResponse
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from portal.models import Alert, ControlPlaneServer
 
@@ -21,7 +22,7 @@ class ControlPlaneServerAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.display(boolean=True, description="alive")
+    @admin.display(boolean=True, description=_("alive"))
     def alive(self, obj: ControlPlaneServer) -> bool:
         from portal import registry
 
@@ -41,12 +42,12 @@ class AlertAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.action(description="Acknowledge")
+    @admin.action(description=_("Acknowledge"))
     def acknowledge(self, request, queryset) -> None:
         n = queryset.filter(acknowledged_at__isnull=True).update(
             acknowledged_at=timezone.now(), acknowledged_by=request.user
         )
-        self.message_user(request, f"{n} alert(s) acknowledged.")
+        self.message_user(request, _("%(n)s alert(s) acknowledged.") % {"n": n})
 
 
 # --- the audit log (django-pghistory events; context from portal.audit) -----------------

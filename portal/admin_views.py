@@ -5,7 +5,9 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.utils.translation import gettext as _
 
+from nodes.models import NodeStatus
 from portal import control_plane, livedata
 from portal.models import Alert
 from scheduling.models import Task
@@ -18,10 +20,12 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
     gpus = livedata.gpu_rows()
     by_node: dict[int, list] = {}
     for g in gpus:
-        g["hue"] = (g["tenant_id"] * 137) % 360 if g["state"] == "busy" and g["tenant_id"] else None
+        g["hue"] = g["tenant_hue"] if g["state"] == "busy" else None
+        g["state_label"] = livedata.GPU_STATE_LABELS[g["state"]]
         by_node.setdefault(g["node_id"], []).append(g)
     for n in nodes:
         n["gpu_list"] = by_node.get(n["id"], [])
+        n["status_label"] = NodeStatus(n["status"]).label
     states = [g["state"] for g in gpus]
     summary = {
         "nodes": len(nodes), "nodes_active": sum(n["status"] == "active" for n in nodes), "gpus": len(gpus),
@@ -30,7 +34,7 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
         "pending": Task.objects.filter(status="pending").count(),
         "alerts": Alert.objects.filter(acknowledged_at__isnull=True).count(),
     }
-    context = {**admin.site.each_context(request), "title": "Cluster overview", "nodes": nodes, "summary": summary,
+    context = {**admin.site.each_context(request), "title": _("Cluster overview"), "nodes": nodes, "summary": summary,
                "control": control_plane.snapshot()}
     return TemplateResponse(request, "admin/cluster.html", context)
 

@@ -84,6 +84,7 @@ class CoalescingConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
+        self.language = viewer_language(self.scope)
         self._dirty: dict[str, set[int]] = {}
         self._last_event = 0.0
         self._last_flush = 0.0
@@ -186,6 +187,41 @@ async def _usage(tenant_ids: set[int], not_before: float) -> list[dict[str, Any]
                             database_sync_to_async(lambda: livedata.tenant_usage_rows(tenant_ids)))
 
 
+def viewer_language(scope: dict[str, Any]) -> str:
+    """The language a page was rendered in: the switch's cookie, else the browser's
+    Accept-Language (as LocaleMiddleware decides for the page itself)."""
+    from django.utils import translation
+    from django.utils.translation.trans_real import parse_accept_lang_header
+
+    cookies = scope.get("cookies") or {}
+    wanted = [cookies.get(settings.LANGUAGE_COOKIE_NAME, "")]
+    headers = dict(scope.get("headers") or [])
+    wanted += [lang for lang, _q in parse_accept_lang_header(headers.get(b"accept-language", b"").decode("latin-1"))]
+    for code in wanted:
+        if code and code != "*":
+            try:
+                return translation.get_supported_language_variant(code)
+            except LookupError:
+                continue
+    return settings.LANGUAGE_CODE
+
+
+def localised(tasks: list[dict[str, Any]], language: str) -> list[dict[str, Any]]:
+    """Task rows as this viewer reads them: labels and reasons in their language (the
+    rows themselves are shared between viewers, so each gets a translated copy)."""
+    if language == settings.LANGUAGE_CODE:
+        return tasks
+    from django.utils import translation
+
+    from scheduling.choices import TaskStatus
+    from scheduling.reasons import translate_reason
+
+    with translation.override(language):
+        return [{**t, "status_label": str(TaskStatus(t["status"]).label),
+                 "pending_reason": translate_reason(t.get("pending_reason") or ""),
+                 "failure_reason": translate_reason(t.get("failure_reason") or "")} for t in tasks]
+
+
 class ClusterConsumer(CoalescingConsumer):
     """The operators' console: every server, GPU and task. Staff only."""
 
@@ -208,7 +244,7 @@ class ClusterConsumer(CoalescingConsumer):
             frames.append(await _gpus_and_nodes(dirty["nodes"], not_before))
         if dirty.get("tasks"):
             tasks = await _tasks(dirty["tasks"], not_before)
-            frames.append({"type": "tasks", "tasks": tasks})
+            frames.append({"type": "tasks", "tasks": localised(tasks, self.language)})
             tenants = {t["tenant_id"] for t in tasks}
             if tenants:
                 frames.append({"type": "usage", "tenants": await _usage(tenants, not_before)})
@@ -263,4 +299,96 @@ class TenantTasksConsumer(CoalescingConsumer):
         if not tasks:
             return []
         tenants = {t["tenant_id"] for t in tasks}
-        return [{"type": "tasks", "tasks": tasks}, {"type": "usage", "tenants": await _usage(tenants, not_before)}]
+        return [{"type": "tasks", "tasks": localised(tasks, self.language)},
+                {"type": "usage", "tenants": await _usage(tenants, not_before)}]
+
+
+
+class TaskLogConsumer(AsyncJsonWebsocketConsumer):
+    """``/ws/tasks/<id>/log/?attempt=A&offset=N``: one task's output as it is stored.
+
+    Opens at the newest lines (the page rendered up to ``offset`` of ``attempt``; without
+    them the last ``logs.VIEW_TAIL_LINES`` lines come first), then sends each increment:
+    ``{"type": "log", "attempt", "offset", "data", "final", "reset"}``. When the task is
+    requeued, the new attempt's log starts over with ``reset: true``. Only users who see
+    the task (``scheduling.access.tasks_for``) get a socket.
+    """
+
+    async def connect(self) -> None:
+        from urllib.parse import parse_qs
+
+        user = self.scope.get("user")
+        self.task_id = int(self.scope["url_route"]["kwargs"]["task_id"])
+        self._lock = asyncio.Lock()
+        self._pending: asyncio.Task | None = None
+        if user is None or not user.is_authenticated or not user.is_active or not await self._visible(user):
+            await self.close(code=4403)
+            return
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        try:
+            self.attempt: int | None = int(query["attempt"][0])
+            self.offset: int | None = max(int(query["offset"][0]), 0)
+        except (KeyError, ValueError, IndexError):
+            self.attempt = self.offset = None
+        await self.channel_layer.group_add(live.task_log_group(self.task_id), self.channel_name)
+        await self.accept()
+        await self._send_new()
+
+    async def disconnect(self, code: int) -> None:
+        if getattr(self, "_pending", None) is not None:
+            self._pending.cancel()
+        if hasattr(self, "attempt"):
+            await self.channel_layer.group_discard(live.task_log_group(self.task_id), self.channel_name)
+
+    @database_sync_to_async
+    def _visible(self, user) -> bool:
+        from scheduling.access import tasks_for
+
+        return tasks_for(user).filter(pk=self.task_id).exists()
+
+    @database_sync_to_async
+    def _read(self) -> list[dict[str, Any]]:
+        from scheduling import logs
+        from scheduling.models import Task
+
+        task = Task.objects.only("attempt", "status").get(pk=self.task_id)
+        frames = []
+        if self.offset is None or self.attempt is None:
+            page = logs.tail(task, logs.VIEW_TAIL_LINES)
+            frames.append({"reset": True, **vars(page)})
+        elif self.attempt != task.attempt:
+            # Requeued: the new attempt writes a new log from its start.
+            page = logs.read_from(task, 0)
+            frames.append({"reset": True, **vars(page)})
+        else:
+            page = logs.read_from(task, self.offset)
+            frames.append({"reset": False, **vars(page)})
+        while page.data and page.next_offset > page.offset and len(frames) < 8:
+            # Large bursts come in several pages; the rest follows with the next event.
+            more = logs.read_from(task, page.next_offset, page.attempt)
+            if not more.data:
+                break
+            frames.append({"reset": False, **vars(more)})
+            page = more
+        self.attempt, self.offset = page.attempt, page.next_offset
+        return [f for f in frames if f["data"] or f["reset"] or f["final"]]
+
+    async def _send_new(self) -> None:
+        async with self._lock:
+            for frame in await self._read():
+                await self.send_json({"type": "log", **{k: frame[k] for k in
+                                                        ("attempt", "offset", "data", "final", "reset")}})
+
+    async def log_appended(self, event: dict[str, Any]) -> None:
+        # Coalesce: chunks arriving faster than the live interval become one read.
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.create_task(self._after_interval())
+
+    async def _after_interval(self) -> None:
+        await asyncio.sleep(settings.LIVE_MIN_INTERVAL_MS / 1000)
+        self._pending = None  # an event from now on schedules another read (the lock orders them)
+        await self._send_new()
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if isinstance(content, dict) and content.get("type") == "ping":
+            await self.send_json({"type": "pong"})

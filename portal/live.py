@@ -54,6 +54,11 @@ def tenant_group(tenant_id: int) -> str:
     return f"tenant-{tenant_id}"
 
 
+def task_log_group(task_id: int) -> str:
+    """Viewers of one task's live log listen here."""
+    return f"task-log-{task_id}"
+
+
 def _stamp(message: dict[str, Any]) -> dict[str, Any]:
     """A message id, so a consumer can drop a copy delivered twice (channels_postgres
     can run two LISTEN connections in one process for a moment and deliver both)."""
@@ -261,3 +266,8 @@ def tasks_changed(tasks: Iterable[tuple[int, int]]) -> None:
 def gpus_changed(node_ids: Iterable[int]) -> None:
     """GPU metrics or state of these servers changed (heartbeat, cordon, allocation)."""
     _push_ids(STAFF_GROUP, "gpus.changed", "node_ids", node_ids)
+
+
+def log_appended(task_id: int) -> None:
+    """New output of a task was stored: its log viewers read on from where they are."""
+    _push_ids(task_log_group(task_id), "log.appended", "task_ids", [task_id])

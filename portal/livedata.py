@@ -13,6 +13,7 @@ from typing import Any
 
 from django.db.models import Count, Q
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from nodes.inventory import is_reserved_by_config
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
@@ -21,6 +22,21 @@ from scheduling.models import Allocation, Task
 from tenants.models import Quota, Tenant, usage_of
 
 GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
+
+
+# Tenant colours on the cluster grid: blues, purples, magentas and teal only, so a busy GPU
+# never looks like a state (idle is green, cordoned amber, error red, offline/reserved grey).
+TENANT_HUES = (205, 265, 185, 305, 230, 285, 195, 250, 220, 295)
+STATE_HUES = {"idle": 120, "cordoned": 40, "error": 0}
+
+
+# What people read for each GPU state (the admin's cells; live.js has the same words in its catalogue).
+GPU_STATE_LABELS = {"idle": _("idle"), "busy": _("busy"), "cordoned": _("cordoned"), "reserved": _("reserved"),
+                    "error": _("error"), "offline": _("offline")}
+
+
+def tenant_hue(tenant_id: int) -> int:
+    return TENANT_HUES[tenant_id % len(TENANT_HUES)]
 
 
 def gpu_state(gpu: GPU, node: Node, busy: bool) -> str:
@@ -94,6 +110,7 @@ def gpu_rows(node_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
             "task": f"#{first['id']} {first['name']}" if first else "",
             "tenant": ", ".join(sorted({t["tenant"] for t in tasks})),
             "tenant_id": first["tenant_id"] if first else None,
+            "tenant_hue": tenant_hue(first["tenant_id"]) if first else None,
         })
     return rows
 

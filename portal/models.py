@@ -6,6 +6,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 
 class ControlPlaneServer(models.Model):
@@ -27,6 +28,8 @@ class ControlPlaneServer(models.Model):
     info = models.JSONField(default=dict, blank=True)
 
     class Meta:
+        verbose_name = _("control-plane server")
+        verbose_name_plural = _("control-plane servers")
         ordering = ["role", "name"]
         indexes = [models.Index(fields=["last_seen_at"], name="cpserver_last_seen_idx")]
 
@@ -67,18 +70,21 @@ class Alert(models.Model):
         WARNING = "warning", "warning"
         CRITICAL = "critical", "critical"
 
-    kind = models.CharField(max_length=20, choices=Kind.choices)
-    severity = models.CharField(max_length=10, choices=Severity.choices, default=Severity.WARNING)
-    message = models.CharField(max_length=500)
-    node = models.ForeignKey("nodes.Node", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    kind = models.CharField(_("kind"), max_length=20, choices=Kind.choices)
+    severity = models.CharField(_("severity"), max_length=10, choices=Severity.choices, default=Severity.WARNING)
+    message = models.CharField(_("message"), max_length=500)
+    node = models.ForeignKey("nodes.Node", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts",
+                             verbose_name=_("server"))
     gpu = models.ForeignKey("nodes.GPU", null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
     task = models.ForeignKey("scheduling.Task", null=True, blank=True, on_delete=models.CASCADE,
                              related_name="alerts")
-    created_at = models.DateTimeField(default=timezone.now)
-    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(_("raised"), default=timezone.now)
+    acknowledged_at = models.DateTimeField(_("acknowledged"), null=True, blank=True)
     acknowledged_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
 
     class Meta:
+        verbose_name = _("alert")
+        verbose_name_plural = _("alerts")
         ordering = ["-created_at"]
         indexes = [
             models.Index(fields=["-created_at"], name="alert_open_idx", condition=Q(acknowledged_at__isnull=True)),
@@ -102,3 +108,55 @@ class MetricCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}{{{self.labels}}} = {self.value}"
+
+
+class HistoryResolution(models.IntegerChoices):
+    """Tiers of the downsampled history (``portal.history``): each keeps its own retention."""
+
+    RAW = 0, "raw"
+    MINUTE = 1, "per minute"
+    HOUR = 2, "per hour"
+
+
+class GpuSample(models.Model):
+    """One GPU's utilisation, memory and temperature at ``at`` (the start of its bucket)."""
+
+    # No database foreign key: a sample is checked when written (the sampling SELECT reads the
+    # GPU itself), and a per-row RI trigger would be most of a sample's cost. Deleting a GPU
+    # still deletes its history (Django's cascade).
+    gpu = models.ForeignKey("nodes.GPU", on_delete=models.CASCADE, related_name="+", db_constraint=False)
+    resolution = models.PositiveSmallIntegerField(choices=HistoryResolution.choices)
+    at = models.DateTimeField()
+    utilization_pct = models.FloatField()
+    memory_used_mb = models.FloatField()
+    temperature_c = models.FloatField()
+
+    class Meta:
+        verbose_name = _("GPU sample")
+        verbose_name_plural = _("GPU samples")
+        constraints = [models.UniqueConstraint(fields=["gpu", "resolution", "at"], name="gpusample_unique_bucket")]
+        # Rollups and retention scan one tier by time, across GPUs.
+        indexes = [models.Index(fields=["resolution", "at"], name="gpusample_tier_time_idx")]
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id} @ {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class TenantSample(models.Model):
+    """How many GPUs a tenant held at ``at``, beside its GPU quota then."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+", db_constraint=False)
+    resolution = models.PositiveSmallIntegerField(choices=HistoryResolution.choices)
+    at = models.DateTimeField()
+    gpus_in_use = models.FloatField()
+    gpu_quota = models.PositiveIntegerField(null=True)
+
+    class Meta:
+        verbose_name = _("tenant sample")
+        verbose_name_plural = _("tenant samples")
+        constraints = [models.UniqueConstraint(fields=["tenant", "resolution", "at"],
+                                               name="tenantsample_unique_bucket")]
+        indexes = [models.Index(fields=["resolution", "at"], name="tenantsample_tier_time_idx")]
+
+    def __str__(self) -> str:
+        return f"tenant {self.tenant_id} @ {self.at:%Y-%m-%d %H:%M:%S}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from portal import views
+from portal import history_views, views
 
 app_name = "portal"
 
@@ -14,6 +14,12 @@ urlpatterns = [
     path("tasks/", views.task_list, name="tasks"),
     path("tasks/<int:pk>/", views.task_detail, name="task"),
     path("tasks/<int:pk>/cancel/", views.task_cancel, name="task-cancel"),
+    path("tasks/<int:pk>/log/", views.task_log, name="task-log"),
+    path("history/gpus/<int:pk>.json", history_views.gpu, name="history-gpu"),
+    path("history/servers/<int:pk>.json", history_views.server, name="history-server"),
+    path("history/cluster.json", history_views.cluster, name="history-cluster"),
+    path("history/tenants/<slug:slug>.json", history_views.tenant, name="history-tenant"),
+    path("history/tasks/<int:pk>.json", history_views.task, name="history-task"),
     path("tokens/", views.tokens, name="tokens"),
     path("usage/", views.usage_page, name="usage"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),

@@ -12,4 +12,5 @@ websocket_urlpatterns: list = [
     path("ws/cluster/", consumers.ClusterConsumer.as_asgi()),
     path("ws/tasks/", consumers.TenantTasksConsumer.as_asgi()),
     path("ws/tasks/<slug:tenant>/", consumers.TenantTasksConsumer.as_asgi()),
+    path("ws/tasks/<int:task_id>/log/", consumers.TaskLogConsumer.as_asgi()),
 ]

@@ -79,6 +79,7 @@ MIDDLEWARE = [
     "portal.middleware.RefuseUnstorableParameters",  # NUL in a query or form value: 400
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",  # English or Chinese, by the switch or the browser (issue 15)
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -102,6 +103,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "portal.sso.login_options",  # the single sign-on button on the login page
             ],
         },
     },
@@ -221,7 +223,11 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
-LANGUAGE_CODE = "en-us"
+LANGUAGE_CODE = "en"
+# Chosen per request by the language switch (a cookie) or else the browser's Accept-Language.
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+# Compiled from the committed .po files by `make` (portal/i18n.py; no gettext tools needed).
+LOCALE_PATHS = [Path(envstr("LOCALE_DIR", str(BASE_DIR / "locale")))]
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
@@ -321,3 +327,51 @@ SCHEDULER = load_config(envstr("PORTAL_CONFIG"))
 # Static files served by Django itself: for `make run` (a real deployment puts a
 # web server or CDN in front and leaves this off).
 SERVE_STATIC = envbool("SERVE_STATIC", DEBUG)
+
+# --- GPU and tenant history (portal.history; issue 15) ---------------------------------
+# Sampled from the database every HISTORY_SAMPLE_S by runscheduler (and by the every-minute
+# sweep as a safety net), never on the heartbeat path; rolled up per minute and per hour.
+HISTORY_SAMPLE_S = envint("HISTORY_SAMPLE_S", 10, minimum=1)
+HISTORY_RAW_DAYS = envint("HISTORY_RAW_DAYS", 1, minimum=1)
+HISTORY_MINUTE_DAYS = envint("HISTORY_MINUTE_DAYS", 30, minimum=1)
+HISTORY_HOUR_DAYS = envint("HISTORY_HOUR_DAYS", 365, minimum=1)
+
+# --- Single sign-on (portal.sso; issue 15) -----------------------------------------------
+# Off unless configured. Local accounts (ModelBackend) always keep working beside them. SSO
+# backends go just before ModelBackend: after any backend set earlier that must come first
+# (a login throttle), whatever order the settings blocks are in.
+_LOCAL_BACKEND = "django.contrib.auth.backends.ModelBackend"
+AUTHENTICATION_BACKENDS = list(globals().get("AUTHENTICATION_BACKENDS", [_LOCAL_BACKEND]))
+# Directory group -> "tenant:member" | "tenant:admin" | "staff" | "superuser" (JSON object).
+from portal.sso_config import parse_group_map  # noqa: E402
+
+SSO_GROUP_MAP = parse_group_map(envstr("SSO_GROUP_MAP"))
+
+AUTH_LDAP_SERVER_URI = envstr("LDAP_SERVER_URI")  # e.g. ldaps://ldap.example.org
+if AUTH_LDAP_SERVER_URI:
+    import ldap
+    from django_auth_ldap.config import GroupOfNamesType, LDAPSearch
+
+    AUTH_LDAP_BIND_DN = envstr("LDAP_BIND_DN")
+    AUTH_LDAP_BIND_PASSWORD = envsecret("LDAP_BIND_PASSWORD", "")
+    AUTH_LDAP_USER_SEARCH = LDAPSearch(envstr("LDAP_USER_BASE"), ldap.SCOPE_SUBTREE,
+                                       envstr("LDAP_USER_FILTER", "(uid=%(user)s)"))
+    AUTH_LDAP_GROUP_SEARCH = LDAPSearch(envstr("LDAP_GROUP_BASE"), ldap.SCOPE_SUBTREE, "(objectClass=groupOfNames)")
+    AUTH_LDAP_GROUP_TYPE = GroupOfNamesType(name_attr="cn")
+    AUTH_LDAP_USER_ATTR_MAP = {"first_name": "givenName", "last_name": "sn", "email": "mail"}
+    AUTH_LDAP_START_TLS = envbool("LDAP_START_TLS", False)
+    AUTHENTICATION_BACKENDS.insert(AUTHENTICATION_BACKENDS.index(_LOCAL_BACKEND), "portal.sso.LDAPBackend")
+
+OIDC_OP_ISSUER = envstr("OIDC_OP_ISSUER")  # e.g. https://sso.example.org/realms/lab
+if OIDC_OP_ISSUER:
+    INSTALLED_APPS.append("mozilla_django_oidc")
+    OIDC_RP_CLIENT_ID = envstr("OIDC_RP_CLIENT_ID")
+    OIDC_RP_CLIENT_SECRET = envsecret("OIDC_RP_CLIENT_SECRET", "")
+    OIDC_RP_SIGN_ALGO = envstr("OIDC_RP_SIGN_ALGO", "RS256")
+    OIDC_RP_SCOPES = "openid email profile groups"
+    LOGIN_REDIRECT_URL_FAILURE = LOGIN_URL  # a refused sign-in goes back to the login page
+    OIDC_OP_AUTHORIZATION_ENDPOINT = envstr("OIDC_OP_AUTHORIZATION_ENDPOINT", f"{OIDC_OP_ISSUER}/authorize")
+    OIDC_OP_TOKEN_ENDPOINT = envstr("OIDC_OP_TOKEN_ENDPOINT", f"{OIDC_OP_ISSUER}/token")
+    OIDC_OP_USER_ENDPOINT = envstr("OIDC_OP_USER_ENDPOINT", f"{OIDC_OP_ISSUER}/userinfo")
+    OIDC_OP_JWKS_ENDPOINT = envstr("OIDC_OP_JWKS_ENDPOINT", f"{OIDC_OP_ISSUER}/jwks")
+    AUTHENTICATION_BACKENDS.insert(AUTHENTICATION_BACKENDS.index(_LOCAL_BACKEND), "portal.sso.OIDCBackend")

@@ -13,15 +13,17 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from nodes import inventory
 from portal.api.authentication import create_token
 from scheduling import access, lifecycle, logs, submission
 from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
+from scheduling.models import TaskLogChunk
 from tenants.models import ApiToken
 from tenants.quotas import quota_report
 
@@ -36,10 +38,10 @@ def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in report:
         lim, use = row["limits"] or {}, row["usage"]
         bars = []
-        for label, used_key, limit_key in (("GPUs", "gpus", "max_gpus"),
-                                           ("GPU memory (MB)", "gpu_memory_mb", "max_gpu_memory_mb"),
-                                           ("Running tasks", "running_tasks", "max_running_tasks"),
-                                           ("Pending tasks", "pending_tasks", "max_pending_tasks")):
+        for label, used_key, limit_key in ((_("GPUs"), "gpus", "max_gpus"),
+                                           (_("GPU memory (MB)"), "gpu_memory_mb", "max_gpu_memory_mb"),
+                                           (_("Running tasks"), "running_tasks", "max_running_tasks"),
+                                           (_("Pending tasks"), "pending_tasks", "max_pending_tasks")):
             limit = lim.get(limit_key)
             pct = min(100, round(100 * use[used_key] / limit)) if limit else (100 if use[used_key] else 0)
             bars.append({"label": label, "key": used_key, "used": use[used_key], "limit": limit, "pct": pct})
@@ -82,7 +84,7 @@ def submit(request: HttpRequest) -> HttpResponse:
             except submission.SubmitError as exc:
                 errors = exc.errors
             else:
-                messages.success(request, f"Task {task.pk} submitted.")
+                messages.success(request, _("Task %(id)s submitted.") % {"id": task.pk})
                 return redirect("portal:task", pk=task.pk)
     tenants = sorted(access.tenants_for(request.user).values_list("slug", flat=True))
     if not values.get("tenant") and len(tenants) == 1:
@@ -123,8 +125,27 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
             task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
     return render(request, "portal/task_detail.html", {
         "task": task, "gpus": gpus, "events": task.events.order_by("created_at", "id"),
-        "log": logs.tail(task, 200), "can_cancel": not task.is_final and access.can_cancel(request.user, task),
+        "log": logs.tail(task, logs.VIEW_TAIL_LINES), "earlier_attempts": range(task.attempt),
+        "can_cancel": not task.is_final and access.can_cancel(request.user, task),
     })
+
+
+@login_required
+def task_log(request: HttpRequest, pk: int) -> HttpResponse:
+    """The whole output of one attempt (default: the current one) as plain text, streamed."""
+    task = get_object_or_404(access.tasks_for(request.user), pk=pk)
+    try:
+        attempt = int(request.GET.get("attempt", task.attempt))
+    except ValueError:
+        return HttpResponse("attempt must be a whole number\n", status=400, content_type="text/plain")
+    if not 0 <= attempt <= task.attempt:
+        return HttpResponse(f"task {task.pk} has attempts 0 to {task.attempt}\n", status=400,
+                            content_type="text/plain")
+    chunks = (TaskLogChunk.objects.filter(task=task, attempt=attempt).order_by("offset")
+              .values_list("data", flat=True).iterator(chunk_size=200))
+    response = StreamingHttpResponse(chunks, content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'inline; filename="task-{task.pk}-attempt-{attempt}.log"'
+    return response
 
 
 @login_required
@@ -132,12 +153,13 @@ def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
 def task_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     task = get_object_or_404(access.tasks_for(request.user), pk=pk)
     if not access.can_cancel(request.user, task):
-        messages.error(request, "Only the submitter, a tenant admin or an operator may cancel this task.")
+        messages.error(request, _("Only the submitter, a tenant admin or an operator may cancel this task."))
     elif task.status in FINAL_STATUSES:
-        messages.info(request, f"Task {task.pk} already ended ({task.status}).")
+        messages.info(request, _("Task %(id)s already ended (%(status)s).")
+                      % {"id": task.pk, "status": task.get_status_display()})
     else:
         lifecycle.cancel(task.pk, actor=f"user:{request.user.get_username()}")
-        messages.success(request, f"Task {task.pk} cancelled.")
+        messages.success(request, _("Task %(id)s cancelled.") % {"id": task.pk})
     return redirect("portal:task", pk=task.pk)
 
 
@@ -154,17 +176,18 @@ def tokens(request: HttpRequest) -> HttpResponse:
         days_raw = request.POST.get("expires_days", "").strip()
         days = None
         if not name:
-            errors["name"] = "Give the token a name (what it is for)."
+            errors["name"] = _("Give the token a name (what it is for).")
         elif len(name) > TOKEN_NAME_MAX:
-            errors["name"] = f"At most {TOKEN_NAME_MAX} characters."
+            errors["name"] = _("At most %(n)s characters.") % {"n": TOKEN_NAME_MAX}
         if days_raw:
             if not re.fullmatch(r"[0-9]{1,5}", days_raw) or not 1 <= int(days_raw) <= TOKEN_MAX_DAYS:
-                errors["expires_days"] = f"A whole number of days from 1 to {TOKEN_MAX_DAYS}, or empty for never."
+                errors["expires_days"] = _("A whole number of days from 1 to %(n)s, or empty for never.") % {
+                    "n": TOKEN_MAX_DAYS}
             else:
                 days = int(days_raw)
         if not errors:
             expires = timezone.now() + timedelta(days=days) if days else None
-            _, new_secret = create_token(request.user, name, expires)
+            new_secret = create_token(request.user, name, expires)[1]
     return render(request, "portal/tokens.html", {
         "tokens": ApiToken.objects.filter(user=request.user).order_by("-created_at"),
         "new_secret": new_secret, "errors": errors, "now": timezone.now(),
@@ -178,7 +201,7 @@ def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
     updated = ApiToken.objects.filter(pk=pk, user=request.user).update(enabled=False)
     if not updated:
         raise Http404
-    messages.success(request, "Token revoked.")
+    messages.success(request, _("Token revoked."))
     return redirect("portal:tokens")
 
 

@@ -5,11 +5,15 @@ from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
 from django.db import transaction
 from django.utils.html import format_html
+from django.utils.timesince import timesince
+from django.utils.translation import gettext_lazy as _
 
 from portal import live
+from portal.livedata import tenant_hue
 from scheduling import lifecycle, triggers
 from scheduling.choices import Priority
 from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk
+from scheduling.reasons import translate_reason
 
 
 class TaskActionForm(ActionForm):
@@ -46,8 +50,12 @@ class AllocationInline(ReadOnlyMixin, admin.TabularInline):
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "tenant", "live_status", "live_priority", "workload_class", "gpu_count",
-                    "gpu_memory_mb", "live_node", "live_queue_position", "live_pending_reason", "created_at"]
+    # What an operator scans, one line per task at 1,366 px: long values are cut with an
+    # ellipsis and shown whole on hover (title); the live cells keep their data-* hooks.
+    # Priority is a filter and the queue position says where it stands (no room for both at 1,366 px).
+    list_display = ["id", "short_name", "tenant_chip", "live_status", "gpus", "live_node", "live_queue_position",
+                    "live_pending_reason", "age"]
+    list_display_links = ["id", "short_name"]
     actions = ["cancel_tasks", "requeue_tasks", "change_priority"]
     action_form = TaskActionForm
     list_filter = ["status", "tenant", "priority", "workload_class", "node", "share_mode"]
@@ -68,31 +76,55 @@ class TaskAdmin(admin.ModelAdmin):
     inlines = [AllocationInline, TaskEventInline]
     autocomplete_fields = ["tenant", "submitter"]
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("name"), ordering="name")
+    def short_name(self, obj: Task):
+        return format_html('<span class="trunc" title="{}">{}</span>', obj.name, obj.name)
+
+    @admin.display(description=_("tenant"), ordering="tenant__slug")
+    def tenant_chip(self, obj: Task):
+        # The tenant's colour on the cluster grid, as a dot beside its name.
+        return format_html('<span class="tenant-chip"><i style="background:hsl({},65%,55%)"></i>{}</span>',
+                           tenant_hue(obj.tenant_id), obj.tenant.slug)
+
+    @admin.display(description=_("GPUs"), ordering="gpu_count")
+    def gpus(self, obj: Task):
+        per_gpu = f"{obj.gpu_memory_mb / 1024:.0f} GB" if obj.gpu_memory_mb else _("whole")
+        return f"{obj.gpu_count} \u00d7 {per_gpu}"  # a multiplication sign
+
+    @admin.display(description=_("age"), ordering="-created_at")
+    def age(self, obj: Task):
+        return format_html('<span title="{}">{}</span>', obj.created_at.isoformat(timespec="seconds"),
+                           timesince(obj.created_at, depth=1))
+
+    @admin.display(description=_("status"), ordering="status")
     def live_status(self, obj: Task):
         return format_html('<span data-task="{}" data-field="status" class="task-status status-{}">{}</span>',
                            obj.pk, obj.status, obj.get_status_display())
 
-    @admin.display(description="priority", ordering="priority")
+    @admin.display(description=_("priority"), ordering="priority")
     def live_priority(self, obj: Task):
         return format_html('<span data-task="{}" data-field="priority_label">{}</span>', obj.pk,
                            Priority(obj.priority).label)
 
-    @admin.display(description="node", ordering="node__name")
+    @admin.display(description=_("server"), ordering="node__name")
     def live_node(self, obj: Task):
-        return format_html('<span data-task="{}" data-field="node">{}</span>', obj.pk, obj.node or "")
+        name = obj.node.name if obj.node else ""
+        return format_html('<span class="trunc" data-task="{}" data-field="node" title="{}">{}</span>', obj.pk, name,
+                           name)
 
-    @admin.display(description="queue position", ordering="queue_position")
+    @admin.display(description=_("pos."), ordering="queue_position")
     def live_queue_position(self, obj: Task):
         return format_html('<span data-task="{}" data-field="queue_position">{}</span>', obj.pk,
                            "" if obj.queue_position is None else obj.queue_position)
 
-    @admin.display(description="pending reason")
+    @admin.display(description=_("pending reason"))
     def live_pending_reason(self, obj: Task):
-        return format_html('<span data-task="{}" data-field="pending_reason">{}</span>', obj.pk, obj.pending_reason)
+        reason = translate_reason(obj.pending_reason)
+        return format_html('<span class="trunc trunc-wide" data-task="{}" data-field="pending_reason" title="{}">'
+                           '{}</span>', obj.pk, reason, reason)
 
     # --- operator actions: each one a TaskEvent with the operator as actor ----------------
-    @admin.action(description="Cancel (kills a running process)")
+    @admin.action(description=_("Cancel (kills a running process)"))
     def cancel_tasks(self, request, queryset) -> None:
         actor = f"admin:{request.user.username}"
         done = 0
@@ -100,9 +132,9 @@ class TaskAdmin(admin.ModelAdmin):
                 .values_list("pk", flat=True):
             task = lifecycle.cancel(pk, actor=actor, reason=f"cancelled by operator {request.user.username}")
             done += task.status == "cancelled"
-        self.message_user(request, f"{done} task(s) cancelled.", messages.SUCCESS)
+        self.message_user(request, _("%(n)s task(s) cancelled.") % {"n": done}, messages.SUCCESS)
 
-    @admin.action(description="Requeue (back to pending; counts as a retry)")
+    @admin.action(description=_("Requeue (back to pending; counts as a retry)"))
     def requeue_tasks(self, request, queryset) -> None:
         actor = f"admin:{request.user.username}"
         requeued, skipped = 0, 0
@@ -124,15 +156,15 @@ class TaskAdmin(admin.ModelAdmin):
                 triggers.request_pass(f"task {pk} requeued by operator")
                 requeued += 1
         level = messages.SUCCESS if requeued else messages.WARNING
-        note = f" ({skipped} not assigned or running, left as they were)" if skipped else ""
-        self.message_user(request, f"{requeued} task(s) requeued{note}.", level)
+        note = _(" (%(n)s not assigned or running, left as they were)") % {"n": skipped} if skipped else ""
+        self.message_user(request, _("%(n)s task(s) requeued%(note)s.") % {"n": requeued, "note": note}, level)
 
-    @admin.action(description="Change priority to the one chosen beside the action")
+    @admin.action(description=_("Change priority to the one chosen beside the action"))
     def change_priority(self, request, queryset) -> None:
         try:
             new = Priority(int(request.POST.get("priority", "")))
         except ValueError:
-            self.message_user(request, "Choose a priority in the list beside the action first.", messages.ERROR)
+            self.message_user(request, _("Choose a priority in the list beside the action first."), messages.ERROR)
             return
         actor = f"admin:{request.user.username}"
         changed = 0
@@ -150,9 +182,10 @@ class TaskAdmin(admin.ModelAdmin):
                 if task.status == "pending":
                     triggers.request_pass(f"task {pk} priority changed")
                 changed += 1
-        self.message_user(request, f"{changed} task(s) now {new.label}.", messages.SUCCESS)
+        self.message_user(request, _("%(n)s task(s) now %(priority)s.") % {"n": changed, "priority": new.label},
+                          messages.SUCCESS)
 
-    @admin.display(description="log (last 200 lines)")
+    @admin.display(description=_("log (last 200 lines)"))
     def log_tail(self, obj: Task):
         from django.utils.html import format_html
 

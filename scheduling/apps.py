@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 from django.db.models.signals import post_migrate
+from django.utils.translation import gettext_lazy as _
 
 
 class SchedulingConfig(AppConfig):
     name = "scheduling"
+    verbose_name = _("Scheduling")
 
     def ready(self) -> None:
         from scheduling.sweep import register_schedule

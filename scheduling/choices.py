@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class Priority(models.IntegerChoices):
@@ -18,18 +19,19 @@ class Priority(models.IntegerChoices):
 
 
 class WorkloadClass(models.TextChoices):
-    ONLINE = "online", "online (inference)"
-    BATCH = "batch", "batch"
+    ONLINE = "online", _("online (inference)")
+    BATCH = "batch", _("batch")
 
 
 class TaskStatus(models.TextChoices):
-    PENDING = "pending", "pending"
-    ASSIGNED = "assigned", "assigned"
-    RUNNING = "running", "running"
-    SUCCEEDED = "succeeded", "succeeded"
-    FAILED = "failed", "failed"
-    CANCELLED = "cancelled", "cancelled"
-    TIMED_OUT = "timed_out", "timed out"
+    # Labels are what people read (translated); API values are the first items.
+    PENDING = "pending", _("pending")
+    ASSIGNED = "assigned", _("assigned")
+    RUNNING = "running", _("running")
+    SUCCEEDED = "succeeded", _("succeeded")
+    FAILED = "failed", _("failed")
+    CANCELLED = "cancelled", _("cancelled")
+    TIMED_OUT = "timed_out", _("timed out")
 
 
 ACTIVE_STATUSES = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)

@@ -383,6 +383,7 @@ class _Pass:
         timings = self.timings
         blocked: dict[int, tuple] = {}  # task id -> shape, for capacity reasons at the end
         reasons: dict[int, str] = {}
+        never: set[int] = set()  # tasks no active server could hold even when idle
         head: PendingTask | None = None  # first task blocked by capacity that can ever fit
         waiting_higher = 0  # blocked tasks ahead, strictly higher priority than the current level
         waiting_total = 0
@@ -401,6 +402,9 @@ class _Pass:
                 kind, value = outcome
                 if kind == "reason":
                     reasons[task.id] = value
+                elif kind == "never":
+                    reasons[task.id] = value
+                    never.add(task.id)
                 elif kind == "wait":
                     reasons[task.id] = value
                     waiting_total += 1
@@ -443,7 +447,8 @@ class _Pass:
             r = reasons.get(task.id)
             if r is not None:
                 position += 1
-                pending[task.id] = PendingInfo(reason=r[:MAX_REASON_CHARS], position=position)
+                pending[task.id] = PendingInfo(reason=r[:MAX_REASON_CHARS], position=position,
+                                               never_fits=task.id in never)
         return self.plan
 
     def _explain_fair_share(self, queue: list[PendingTask], factors: dict[int, float], reasons: dict[int, str],
@@ -503,7 +508,7 @@ class _Pass:
         if r is None:
             r = self.static_cache[shape] = self._static_reason(shape, elig)
         if r:
-            return ("reason", r)
+            return ("never", r)
         r = self._quota_reason(task, c, mem)
         if r is None and mode == WHOLE:
             # A whole GPU claims its total memory: check the smallest it could get before any
@@ -708,12 +713,17 @@ class _Pass:
                 return f"{where} has GPUs matching gpu_model '{model}'"
             return "no active server has schedulable GPUs"
         suffix = self._constraint_text(ckey)
-        # Servers reduced to their distinct GPU memory sizes (sorted, largest first): few per cluster.
+        # Servers reduced to the memory each GPU offers when idle (sorted, largest first): few
+        # distinct signatures per cluster. An idle GPU still uses some memory (driver, context):
+        # a server's baseline is the least any of its empty GPUs reports now (0 if none is empty).
         sigs = self.sig_cache.get(ckey)
         if sigs is None:
             total = self.g_total
-            sigs = self.sig_cache[ckey] = {tuple(sorted((total[g] for g in gl), reverse=True))
-                                           for gl in elig.values()}
+            sigs = set()
+            for gl in elig.values():
+                base = self._idle_baseline(gl)
+                sigs.add(tuple(sorted((total[g] - base for g in gl), reverse=True)))
+            self.sig_cache[ckey] = sigs
         largest = max(len(sig) for sig in sigs)
         if largest < c:
             return f"no active server has {_plural(c, 'GPU')}{suffix}; the largest has {largest}"
@@ -722,9 +732,16 @@ class _Pass:
         if best < c:
             margin = f" + the {format_mb(self.margin)} safety margin" if self.margin else ""
             what = f"{format_mb(mem)}{margin}" if mode != WHOLE else f"room after the {format_mb(self.margin)} margin"
-            return (f"no active server has {_plural(c, 'GPU')} with {what}{suffix}; "
+            base = max((self._idle_baseline(gl) for gl in elig.values()), default=0)
+            idle = f" (idle GPUs already use up to {format_mb(base)})" if base else ""
+            return (f"no active server has {_plural(c, 'GPU')} with {what}{suffix}{idle}; "
                     f"the best has {best}")
         return ""
+
+    def _idle_baseline(self, gl: tuple[int, ...]) -> int:
+        """Memory a server's GPUs use with nothing on them: the least its empty GPUs report."""
+        live = [self.g_live[g] for g in gl if self._empty(g)]
+        return min(live) if live else 0
 
     def _best_count(self, mem: int, mode: str, ckey: tuple) -> int:
         """Most GPUs this request could get on one server now (memoised per request within the pass end)."""

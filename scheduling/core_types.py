@@ -120,6 +120,7 @@ class Preemption:
 class PendingInfo:
     reason: str  # human-readable, e.g. "tenant acme at its GPU quota (8/8)"
     position: int  # 1-based position in the queue after this pass
+    never_fits: bool = False  # no active server could hold it even idle: waiting will not help
 
 
 @dataclass(slots=True)

@@ -58,14 +58,29 @@ def record_oom(task: Task) -> ModelMemoryEstimate | None:
     return estimate
 
 
-def _alert_oom(task: Task, *, node_id: int, estimate: ModelMemoryEstimate | None) -> None:
+def _retry_memory_mb(task: Task, estimate: ModelMemoryEstimate | None) -> int | None:
+    """What the next attempt asks for per GPU: the model's raised estimate, else the
+    task's own request raised by the OOM factor (never past what a GPU can hold);
+    a whole-GPU task stays whole."""
+    if estimate is not None:
+        return estimate.memory_mb
+    if task.gpu_memory_mb is None:
+        return None
+    from scheduling.submission import ClusterLimits
+
+    raised = int(task.gpu_memory_mb * settings.SCHEDULER.oom_memory_factor)
+    return max(min(raised, ClusterLimits.load().max_task_memory_mb), task.gpu_memory_mb)
+
+
+def _alert_oom(task: Task, *, node_id: int, estimate: ModelMemoryEstimate | None, final: bool) -> None:
     from portal.alerts import raise_alert
 
-    retry = (f"requeued (retry {task.attempt + 1} of {task.max_retries})" if task.attempt < task.max_retries
+    retry = (f"requeued (retry {task.attempt + 1} of {task.max_retries})" if not final
              else "failed: no retries left")
     raised = f"; {task.model_name} now needs {estimate.memory_mb} MB" if estimate else ""
+    # The final OOM is news even while an earlier OOM alert of this task is still open.
     raise_alert("task_oom", f"task #{task.pk} {task.name} ran out of GPU memory{raised}; {retry}",
-                node=node_id, task=task)
+                node=node_id, task=task, repeat=final)
 
 
 def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor: str, oom: bool = False,
@@ -85,15 +100,20 @@ def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor:
         if oom:
             estimate = record_oom(task)
             task.oom = True
-            _alert_oom(task, node_id=node_id, estimate=estimate)
-            if task.attempt < task.max_retries:
-                # The next try asks for the raised estimate instead of the size that failed.
-                if task.model_name:
-                    task.gpu_memory_mb = None
-                task.requeue(actor=actor, reason=reason or "CUDA out of memory")
-                task.save(update_fields=["oom", "gpu_memory_mb"])
+            final = task.attempt >= task.max_retries
+            _alert_oom(task, node_id=node_id, estimate=estimate, final=final)
+            # Say it was an OOM whatever else the agent saw (an exit code is not the story).
+            why = f"CUDA out of memory ({reason})" if reason and "out of memory" not in reason else (
+                reason or "CUDA out of memory")
+            if not final:
+                # The next try asks for more than the size that failed, and the task shows how much.
+                task.gpu_memory_mb = _retry_memory_mb(task, estimate)
+                task.failure_reason = why[:500]
+                retry = f"; retrying with {task.gpu_memory_mb} MB per GPU" if task.gpu_memory_mb else ""
+                task.requeue(actor=actor, reason=why + retry)
+                task.save(update_fields=["oom", "gpu_memory_mb", "failure_reason"])
             else:
-                task.finish(exit_code=exit_code, oom=True, actor=actor, reason=reason or "CUDA out of memory")
+                task.finish(exit_code=exit_code, oom=True, actor=actor, reason=why)
         else:
             task.finish(exit_code=exit_code, actor=actor, reason=reason, timed_out=timed_out)
         _changed(task, node_id=node_id)

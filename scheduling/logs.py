@@ -10,6 +10,7 @@ from scheduling.models import Task, TaskLogChunk
 
 PAGE_MAX_BYTES = 1024 * 1024
 TAIL_MAX_LINES = 10_000
+VIEW_TAIL_LINES = 200  # what the task page (and its live log) opens with
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, models
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from scheduling.choices import (
     ACTIVE_STATUSES,
@@ -50,42 +51,45 @@ class Task(models.Model):
     submitter = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
     )
-    name = models.CharField(max_length=200)
-    command = models.TextField()
+    name = models.CharField(_("name"), max_length=200)
+    command = models.TextField(_("command"))
     env = models.JSONField(default=dict, blank=True)
     working_dir = models.CharField(max_length=1024, blank=True)
 
-    gpu_count = models.PositiveSmallIntegerField(default=1)
+    gpu_count = models.PositiveSmallIntegerField(_("GPUs"), default=1)
     # Per GPU. Null: use the remembered estimate for model_name (raised after an OOM).
-    gpu_memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    gpu_memory_mb = models.PositiveIntegerField(_("GPU memory (MB)"), null=True, blank=True)
     share_mode = models.CharField(max_length=10, choices=ShareMode.choices, default=ShareMode.EXCLUSIVE)
     model_name = models.CharField(max_length=200, blank=True)
-    priority = models.IntegerField(choices=Priority.choices, default=Priority.NORMAL)
-    workload_class = models.CharField(max_length=10, choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
+    priority = models.IntegerField(_("priority"), choices=Priority.choices, default=Priority.NORMAL)
+    workload_class = models.CharField(_("class"), max_length=10, choices=WorkloadClass.choices,
+                                      default=WorkloadClass.BATCH)
     timeout_s = models.PositiveIntegerField(default=3600)
-    node_selector = models.JSONField(default=dict, blank=True, help_text="Labels the server must carry.")
-    gpu_model = models.CharField(max_length=100, blank=True, help_text="GPU model the task needs, e.g. H100.")
+    node_selector = models.JSONField(default=dict, blank=True, help_text=_("Labels the server must carry."))
+    gpu_model = models.CharField(max_length=100, blank=True, help_text=_("GPU model the task needs, e.g. H100."))
 
-    status = models.CharField(max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
-    pending_reason = models.CharField(max_length=500, blank=True)
-    queue_position = models.PositiveIntegerField(null=True, blank=True)
+    status = models.CharField(_("status"), max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
+    pending_reason = models.CharField(_("pending reason"), max_length=500, blank=True)
+    queue_position = models.PositiveIntegerField(_("queue position"), null=True, blank=True)
     node = models.ForeignKey(
-        "nodes.Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks",
-        help_text="Server of the current (or last) allocation.",
+        "nodes.Node", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks", verbose_name=_("server"),
+        help_text=_("Server of the current (or last) allocation."),
     )
-    exit_code = models.IntegerField(null=True, blank=True)
-    failure_reason = models.CharField(max_length=500, blank=True)
+    exit_code = models.IntegerField(_("exit code"), null=True, blank=True)
+    failure_reason = models.CharField(_("failure reason"), max_length=500, blank=True)
     oom = models.BooleanField(default=False)
-    attempt = models.PositiveIntegerField(default=0)
+    attempt = models.PositiveIntegerField(_("attempt"), default=0)
     max_retries = models.PositiveIntegerField(default=_default_max_retries)
 
-    created_at = models.DateTimeField(default=timezone.now, db_index=False)
+    created_at = models.DateTimeField(_("submitted"), default=timezone.now, db_index=False)
     assigned_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        verbose_name = _("task")
+        verbose_name_plural = _("tasks")
         ordering = ["-created_at"]
         indexes = [
             # The scheduler's queue scan: pending tasks in priority, then FIFO order.
@@ -169,8 +173,8 @@ class Task(models.Model):
         else:
             to = TaskStatus.FAILED
             reason = reason or ("CUDA out of memory" if oom else f"exit code {exit_code}")
-        if to != TaskStatus.SUCCEEDED:
-            self.failure_reason = reason[:500]
+        # A success clears what an earlier attempt failed with (an OOM before a retry).
+        self.failure_reason = reason[:500] if to != TaskStatus.SUCCEEDED else ""
         return self.transition(to, actor=actor, reason=reason, save_fields=("exit_code", "oom", "failure_reason"))
 
     def cancel(self, *, actor: str, reason: str = "cancelled") -> TaskEvent:
@@ -224,13 +228,16 @@ class Allocation(models.Model):
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="allocations")
     gpu = models.ForeignKey("nodes.GPU", on_delete=models.PROTECT, related_name="allocations")
-    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="allocations")
+    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="allocations",
+                             verbose_name=_("server"))
     memory_mb = models.PositiveIntegerField()
     exclusive = models.BooleanField(default=True)
     allocated_at = models.DateTimeField(default=timezone.now)
     released_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        verbose_name = _("allocation")
+        verbose_name_plural = _("allocations")
         indexes = [
             models.Index(fields=["gpu"], name="allocation_active_gpu_idx", condition=Q(released_at__isnull=True)),
             models.Index(fields=["node"], name="allocation_active_node_idx", condition=Q(released_at__isnull=True)),
@@ -287,6 +294,8 @@ class TaskEvent(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
+        verbose_name = _("task event")
+        verbose_name_plural = _("task events")
         ordering = ["created_at", "id"]
         indexes = [models.Index(fields=["task", "created_at"], name="taskevent_task_time_idx")]
 
@@ -305,6 +314,8 @@ class TaskLogChunk(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
+        verbose_name = _("task log chunk")
+        verbose_name_plural = _("task log chunks")
         ordering = ["task", "attempt", "offset"]
         constraints = [
             models.UniqueConstraint(fields=["task", "attempt", "offset"], name="tasklogchunk_unique_offset"),
@@ -321,6 +332,10 @@ class ModelMemoryEstimate(models.Model):
     memory_mb = models.PositiveIntegerField()
     oom_count = models.PositiveIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = _("model memory estimate")
+        verbose_name_plural = _("model memory estimates")
 
     def __str__(self) -> str:
         return f"{self.model_name}: {self.memory_mb} MB"

@@ -390,7 +390,8 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
             stored = loaded.stored_pending.get(task_id)
             if stored is None or task_id in placed_ids:
                 continue
-            reason = info.reason[:500]
+            # Waiting will not help such a task: say so first, or users read it as "in the queue".
+            reason = (f"can never fit on the active servers: {info.reason}" if info.never_fits else info.reason)[:500]
             if stored != (reason, info.position):
                 u_id.append(task_id)
                 u_reason.append(reason)

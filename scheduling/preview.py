@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from scheduling.choices import ShareMode
 from scheduling.core import schedule
 from scheduling.core_types import PendingTask
 from scheduling.models import ModelMemoryEstimate
 from scheduling.passes import load_snapshot
+from scheduling.reasons import translate_reason
 from scheduling.submission import TaskSpec
 
 CANDIDATE_ID = -1  # real task ids are positive
@@ -52,7 +54,14 @@ def would_fit(spec: TaskSpec) -> Preview:
         node = next(n for n in snapshot.nodes if n.id == placement.node_id)
         index = {g.id: g.index for g in node.gpus}
         gpus = [f"{node.name}:{index[g]}" for g in placement.gpu_ids]
-        return Preview(True, f"Would start now on {node.name} (GPUs {', '.join(gpus)}).", node.name, gpus)
+        return Preview(True, _("Would start now on %(server)s (GPUs %(gpus)s).") % {"server": node.name,
+                                                                               "gpus": ", ".join(gpus)},
+                       node.name, gpus)
     info = plan.pending.get(CANDIDATE_ID)
-    reason = info.reason if info is not None else "the scheduler would not place it now"
-    return Preview(False, f"Would wait: {reason}.".replace("..", "."), queue_position=info.position if info else None)
+    # The core's reason in the reader's language (scheduling.reasons), without a doubled full stop.
+    reason = translate_reason(info.reason if info is not None else "the scheduler would not place it now").rstrip(".")
+    if info is not None and info.never_fits:
+        # Waiting cannot help: no server could hold it even with every task gone.
+        return Preview(False, _("Can never fit on this cluster: %(reason)s.") % {"reason": reason})
+    return Preview(False, _("Would wait: %(reason)s.") % {"reason": reason},
+                   queue_position=info.position if info else None)

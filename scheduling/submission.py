@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models.sql import InsertQuery
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from portal import live
 from scheduling import triggers
@@ -210,14 +211,14 @@ def _as_mapping(value: Any, what: str) -> tuple[dict[str, str] | None, str | Non
                 continue
             key, sep, val = line.partition("=")
             if not sep:
-                return None, f"Line {n}: expected KEY=VALUE."
+                return None, _("Line %(n)s: expected KEY=VALUE.") % {"n": n}
             out[key.strip()] = val.strip()
         return out, None
     if not isinstance(value, dict):
-        return None, f"Must be an object mapping {what} names to strings."
+        return None, _("Must be an object mapping %(what)s names to strings.") % {"what": what}
     for key, val in value.items():
         if not isinstance(val, (str, int, float)) or isinstance(val, bool):
-            return None, f"The value of {key!r} must be a string."
+            return None, _("The value of %(key)r must be a string.") % {"key": key}
     return {str(k): str(v) for k, v in value.items()}, None
 
 
@@ -236,23 +237,23 @@ def _check_text(data: dict[str, Any], key: str, limit: int, errors: Errors, *, r
     if value is None:
         value = ""
     if not isinstance(value, str):
-        errors[key] = ["Must be a string."]
+        errors[key] = [_("Must be a string.")]
         return ""
     value = value.strip()
     if required and not value:
-        errors[key] = ["This field is required."]
+        errors[key] = [_("This field is required.")]
     elif len(value) > limit:
-        errors[key] = [f"At most {limit} characters (got {len(value)})."]
+        errors[key] = [_("At most %(limit)s characters (got %(got)s).") % {"limit": limit, "got": len(value)}]
     return value
 
 
 def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     """Check one task description; returns ``(spec, {})`` or ``(None, field errors)``."""
     if not isinstance(data, dict):
-        return None, {"non_field_errors": ["Expected a JSON object describing one task."]}
+        return None, {"non_field_errors": [_("Expected a JSON object describing one task.")]}
     errors: Errors = {}
     for key in sorted(set(data) - set(FIELDS)):
-        errors[str(key)] = [f"Unknown field. Allowed fields: {', '.join(FIELDS)}."]
+        errors[str(key)] = [_("Unknown field. Allowed fields: %(fields)s.") % {"fields": ", ".join(FIELDS)}]
     config = settings.SCHEDULER
     limits = ctx.limits
     values: dict[str, Any] = {}
@@ -262,31 +263,33 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     slug = data.get("tenant")
     if slug in (None, ""):
         if ctx.user.is_staff and len(ctx.memberships) != 1:
-            errors["tenant"] = ["Required: name the tenant (staff may submit for any tenant)."]
+            errors["tenant"] = [_("Required: name the tenant (staff may submit for any tenant).")]
         elif len(ctx.memberships) == 1:
             tenant = next(iter(ctx.memberships.values()))
         elif not ctx.memberships:
-            errors["tenant"] = ["You belong to no tenant; ask an operator to add you to one."]
+            errors["tenant"] = [_("You belong to no tenant; ask an operator to add you to one.")]
         else:
-            errors["tenant"] = [f"Required: you belong to {', '.join(sorted(ctx.memberships))}."]
+            errors["tenant"] = [_("Required: you belong to %(tenants)s.")
+                                % {"tenants": ", ".join(sorted(ctx.memberships))}]
     elif not isinstance(slug, str):
-        errors["tenant"] = ["Must be a tenant's short name (slug)."]
+        errors["tenant"] = [_("Must be a tenant's short name (slug).")]
     else:
         tenant = ctx.tenant(slug.strip())
         if tenant is None:
-            errors["tenant"] = [f"Unknown tenant {slug!r} (or you are not a member of it)."]
+            errors["tenant"] = [_("Unknown tenant %(slug)r (or you are not a member of it).") % {"slug": slug}]
     quota = _quota(tenant) if tenant is not None else None
     if tenant is not None and quota is None:
-        errors["tenant"] = [f"Tenant {tenant.slug} has no quota yet; ask an operator to set one."]
+        errors["tenant"] = [_("Tenant %(slug)s has no quota yet; ask an operator to set one.") % {"slug": tenant.slug}]
 
     # Command: a shell command line, or an argv list (joined with shell quoting).
     command = data.get("command")
     if isinstance(command, list) and command and all(isinstance(a, str) for a in command):
         command = shlex.join(command)
     if not isinstance(command, str) or not command.strip():
-        errors["command"] = ["Required: the command line to run (a string, or a list of arguments)."]
+        errors["command"] = [_("Required: the command line to run (a string, or a list of arguments).")]
     elif len(command) > COMMAND_MAX_CHARS:
-        errors["command"] = [f"At most {COMMAND_MAX_CHARS} characters (got {len(command)})."]
+        errors["command"] = [_("At most %(limit)s characters (got %(got)s).")
+                             % {"limit": COMMAND_MAX_CHARS, "got": len(command)}]
     else:
         values["command"] = command.strip()
 
@@ -307,11 +310,13 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
         size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
         if bad:
-            errors["env"] = [f"Invalid variable name {bad[0]!r}: use letters, digits and _, not starting with a digit."]
+            errors["env"] = [_("Invalid variable name %(name)r: use letters, digits and _, not starting with a digit.")
+                              % {"name": bad[0]}]
         elif len(env) > ENV_MAX_VARS:
-            errors["env"] = [f"At most {ENV_MAX_VARS} variables (got {len(env)})."]
+            errors["env"] = [_("At most %(limit)s variables (got %(got)s).") % {"limit": ENV_MAX_VARS, "got": len(env)}]
         elif size > ENV_MAX_BYTES:
-            errors["env"] = [f"At most {ENV_MAX_BYTES} bytes of variables in all (got {size})."]
+            errors["env"] = [_("At most %(limit)s bytes of variables in all (got %(got)s).")
+                             % {"limit": ENV_MAX_BYTES, "got": size}]
         else:
             values["env"] = env
 
@@ -319,7 +324,8 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     if problem:
         errors["node_selector"] = [problem]
     elif selector is not None and len(selector) > NODE_SELECTOR_MAX_LABELS:
-        errors["node_selector"] = [f"At most {NODE_SELECTOR_MAX_LABELS} labels (got {len(selector)})."]
+        errors["node_selector"] = [_("At most %(limit)s labels (got %(got)s).") % {"limit": NODE_SELECTOR_MAX_LABELS,
+                                                                             "got": len(selector)}]
     elif selector and (problem := _label_problem(selector)):
         errors["node_selector"] = [problem]
     else:
@@ -329,12 +335,12 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     raw = data.get("gpu_count", 1)
     gpu_count = _as_int(raw if raw not in (None, "") else 1)
     if gpu_count is None:
-        errors["gpu_count"] = ["Must be a whole number."]
+        errors["gpu_count"] = [_("Must be a whole number.")]
     elif limits.max_gpus_per_server == 0:
-        errors["gpu_count"] = ["No GPU server is registered yet, so no task can be placed."]
+        errors["gpu_count"] = [_("No GPU server is registered yet, so no task can be placed.")]
     elif not 1 <= gpu_count <= limits.max_gpus_per_server:
         errors["gpu_count"] = [
-            f"Must be between 1 and {limits.max_gpus_per_server} (the most GPUs any one server has)."
+            _("Must be between 1 and %(n)s (the most GPUs any one server has).") % {"n": limits.max_gpus_per_server}
         ]
     else:
         values["gpu_count"] = gpu_count
@@ -345,25 +351,27 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         memory = _as_int(raw)
         top = limits.max_task_memory_mb
         if memory is None:
-            errors["gpu_memory_mb"] = ["Must be a whole number of MB (per GPU)."]
+            errors["gpu_memory_mb"] = [_("Must be a whole number of MB (per GPU).")]
         elif not 1 <= memory <= max(top, 1):
             errors["gpu_memory_mb"] = [
-                f"Must be between 1 and {top} MB per GPU (the largest GPU has {limits.largest_gpu_mb} MB, "
-                f"minus the {limits.safety_margin_mb} MB safety margin)."
+                _("Must be between 1 and %(top)s MB per GPU (the largest GPU has %(largest)s MB, "
+                  "minus the %(margin)s MB safety margin).")
+                % {"top": top, "largest": limits.largest_gpu_mb, "margin": limits.safety_margin_mb}
             ]
     values["gpu_memory_mb"] = memory
 
     share_mode = _given(data, "share_mode", ShareMode.EXCLUSIVE)
     if share_mode not in ShareMode.values:
-        errors["share_mode"] = [f"Must be one of {', '.join(ShareMode.values)}."]
+        errors["share_mode"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(ShareMode.values)}]
     elif share_mode == ShareMode.SHARED and memory is None and not values.get("model_name"):
-        errors["share_mode"] = ["A shared task must give gpu_memory_mb (or a model_name with a known estimate)."]
+        errors["share_mode"] = [_("A shared task must give gpu_memory_mb (or a model_name with a known estimate).")]
     values["share_mode"] = share_mode
 
     raw = data.get("timeout_s")
     timeout = config.default_task_timeout_s if raw in (None, "") else _as_int(raw)
     if timeout is None or not 1 <= timeout <= config.max_task_timeout_s:
-        errors["timeout_s"] = [f"Must be a whole number of seconds from 1 to {config.max_task_timeout_s}."]
+        errors["timeout_s"] = [_("Must be a whole number of seconds from 1 to %(max)s.")
+                               % {"max": config.max_task_timeout_s}]
     values["timeout_s"] = timeout
 
     raw = _given(data, "priority", "NORMAL")
@@ -372,19 +380,21 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     except KeyError:
         priority = None
     if priority is None:
-        errors["priority"] = [f"Must be one of {', '.join(Priority.labels)}."]
+        errors["priority"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(Priority.labels)}]
     elif quota is not None and priority > quota.max_priority:
         errors["priority"] = [
-            f"Tenant {tenant.slug} may submit at most {Priority(quota.max_priority).label} priority."
+            _("Tenant %(slug)s may submit at most %(priority)s priority.")
+            % {"slug": tenant.slug, "priority": Priority(quota.max_priority).label}
         ]
     values["priority"] = priority
 
     workload_class = _given(data, "workload_class", WorkloadClass.BATCH)
     if workload_class not in WorkloadClass.values:
-        errors["workload_class"] = [f"Must be one of {', '.join(WorkloadClass.values)}."]
+        errors["workload_class"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(WorkloadClass.values)}]
     elif quota is not None and workload_class not in quota.allowed_classes:
         allowed = ", ".join(quota.allowed_classes) or "none"
-        errors["workload_class"] = [f"Tenant {tenant.slug} may not submit {workload_class} tasks (allowed: {allowed})."]
+        errors["workload_class"] = [_("Tenant %(slug)s may not submit %(cls)s tasks (allowed: %(allowed)s).")
+                                     % {"slug": tenant.slug, "cls": workload_class, "allowed": allowed}]
     values["workload_class"] = workload_class
 
     if errors:

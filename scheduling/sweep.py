@@ -210,6 +210,7 @@ def _note_guard(held_back: int | None) -> None:
 
 def sweep_task() -> str:
     """The django-q2 scheduled safety net (every minute); also the queue-wait alert check."""
+    from portal import history
     from portal.alerts import check_queue_wait
     from scheduling import usage
 
@@ -217,6 +218,7 @@ def sweep_task() -> str:
     check_queue_wait()
     # The usage ledger's upkeep (utilisation sample, roll-up) rides on the same minute.
     usage.maintain()
+    history.record()  # runscheduler samples every HISTORY_SAMPLE_S; this keeps charts going without it
     return str(result)
 
 

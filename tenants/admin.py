@@ -6,6 +6,7 @@ from django.contrib.postgres.forms import SimpleArrayField
 from django.db.models import Count, IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
 
 from scheduling import triggers
 from scheduling.choices import ACTIVE_STATUSES, WorkloadClass
@@ -89,7 +90,7 @@ class TenantAdmin(admin.ModelAdmin):
         return format_html('<span data-tenant="{}" data-usage="{}" data-unit="{}" data-suffix="{}">{}{}{}</span>',
                            obj.pk, key, unit, suffix, used, unit, suffix)
 
-    @admin.display(description="fair-share factor", ordering="fair_share__factor")
+    @admin.display(description=_("fair-share factor"), ordering="fair_share__factor")
     def fair_share_factor(self, obj: Tenant) -> str:
         """2^(-usage/share): 1 used nothing, 0.5 used exactly its share, towards 0 far over it."""
         fs = getattr(obj, "fair_share", None)
@@ -97,25 +98,25 @@ class TenantAdmin(admin.ModelAdmin):
             return "-"
         return f"{fs.factor:.2f} (usage {fs.usage:.0%} / share {fs.share:.0%})"
 
-    @admin.display(description="GPUs used / limit", ordering="used_gpus")
+        @admin.display(description=_("GPUs used / limit"), ordering="used_gpus")
     def gpus(self, obj: Tenant):
         return self._of(obj, "gpus", obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None))
 
-    @admin.display(description="GPU memory used / limit", ordering="used_memory")
+    @admin.display(description=_("GPU memory used / limit"), ordering="used_memory")
     def gpu_memory(self, obj: Tenant):
         return self._of(obj, "gpu_memory_mb", obj.used_memory,
                         getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB")
 
-    @admin.display(description="running tasks / limit", ordering="used_running")
+    @admin.display(description=_("running tasks / limit"), ordering="used_running")
     def running_tasks(self, obj: Tenant):
         return self._of(obj, "running_tasks", obj.used_running,
                         getattr(getattr(obj, "quota", None), "max_running_tasks", None))
 
-    @admin.display(description="members", ordering="members_n")
+    @admin.display(description=_("members"), ordering="members_n")
     def members_count(self, obj: Tenant) -> int:
         return obj.members_n
 
-    @admin.display(description="current usage beside each limit")
+    @admin.display(description=_("current usage beside each limit"))
     def usage_vs_limits(self, obj: Tenant):
         if obj.pk is None:
             return "—"

@@ -11,6 +11,7 @@ from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Count, Q, Sum
+from django.utils.translation import gettext_lazy as _
 
 from scheduling.choices import ACTIVE_STATUSES, Priority, WorkloadClass
 
@@ -28,13 +29,16 @@ class Usage:
 
 
 class Tenant(models.Model):
-    name = models.CharField(max_length=100, unique=True)
-    slug = models.SlugField(max_length=50, unique=True, help_text="Short name used by the API and the CLI.")
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    slug = models.SlugField(_("short name"), max_length=50, unique=True,
+                            help_text=_("Short name used by the API and the CLI."))
     description = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="tenants")
 
     class Meta:
+        verbose_name = _("tenant")
+        verbose_name_plural = _("tenants")
         ordering = ["name"]
 
     def __str__(self) -> str:
@@ -84,6 +88,8 @@ class Membership(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        verbose_name = _("membership")
+        verbose_name_plural = _("memberships")
         constraints = [
             models.UniqueConstraint(fields=["user", "tenant"], name="membership_unique_user_tenant"),
         ]
@@ -97,17 +103,20 @@ class Quota(models.Model):
     it only stops new placements until usage falls below it."""
 
     tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="quota")
-    max_gpus = models.PositiveIntegerField(default=8, help_text="GPUs held at once.")
-    max_gpu_memory_mb = models.PositiveBigIntegerField(default=8 * 80_000, help_text="GPU memory held at once (MB).")
-    max_running_tasks = models.PositiveIntegerField(default=16, help_text="Assigned + running tasks at once.")
-    max_pending_tasks = models.PositiveIntegerField(default=1000, help_text="Tasks waiting in the queue at once.")
+    max_gpus = models.PositiveIntegerField(_("max GPUs"), default=8, help_text=_("GPUs held at once."))
+    max_gpu_memory_mb = models.PositiveBigIntegerField(_("max GPU memory (MB)"), default=8 * 80_000,
+                                                       help_text=_("GPU memory held at once (MB)."))
+    max_running_tasks = models.PositiveIntegerField(_("max running tasks"), default=16,
+                                                    help_text=_("Assigned + running tasks at once."))
+    max_pending_tasks = models.PositiveIntegerField(_("max pending tasks"), default=1000,
+                                                    help_text=_("Tasks waiting in the queue at once."))
     max_priority = models.IntegerField(
-        choices=Priority.choices, default=Priority.HIGH, help_text="Highest priority its tasks may ask for."
+        choices=Priority.choices, default=Priority.HIGH, help_text=_("Highest priority its tasks may ask for.")
     )
     allowed_classes = ArrayField(
         models.CharField(max_length=10),
         default=default_classes,
-        help_text="Workload classes its tasks may use: online, batch.",
+        help_text=_("Workload classes its tasks may use: online, batch."),
     )
     fair_share_weight = models.PositiveIntegerField(
         null=True, blank=True,
@@ -115,6 +124,8 @@ class Quota(models.Model):
     )
 
     class Meta:
+        verbose_name = _("quota")
+        verbose_name_plural = _("quotas")
         constraints = [
             models.CheckConstraint(condition=Q(max_priority__gte=0) & Q(max_priority__lte=3),
                                    name="quota_max_priority_valid"),
@@ -176,7 +187,7 @@ class ApiToken(models.Model):
     """A user's API token (for the REST API and the CLI), stored as prefix + HMAC."""
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
-    name = models.CharField(max_length=100, help_text="What it is for, e.g. 'laptop CLI'.")
+    name = models.CharField(max_length=100, help_text=_("What it is for, e.g. 'laptop CLI'."))
     prefix = models.CharField(max_length=32, unique=True, editable=False)
     digest = models.CharField(max_length=64, editable=False)
     enabled = models.BooleanField(default=True)
@@ -185,6 +196,8 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
+        verbose_name = _("API token")
+        verbose_name_plural = _("API tokens")
         ordering = ["-created_at"]
 
     def __str__(self) -> str:

@@ -227,3 +227,11 @@ def live_daphne(django_db_setup, django_db_blocker):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_translations():
+    """The Chinese catalogue compiled from its .po (make does it too; this covers a bare pytest run)."""
+    from portal.i18n import compile_all
+
+    compile_all()

@@ -81,3 +81,11 @@ def test_the_tenant_list_shows_usage_beside_each_limit(client, staff, populated)
     page = client.get(reverse("admin:tenants_tenant_changelist")).content.decode()
     assert "1 / 8" in page  # GPUs used / max
     assert "40000 MB / 640000 MB" in page
+
+
+def test_the_admin_calls_servers_gpu_servers_like_the_readme_and_the_portal(client, staff, populated):
+    client.force_login(staff)
+    index = client.get(reverse("admin:index")).content.decode()
+    assert "GPU servers" in index and ">Nodes<" not in index
+    tasks = client.get(reverse("admin:scheduling_task_changelist")).content.decode()
+    assert "By server" in tasks and "By node" not in tasks

@@ -114,8 +114,44 @@ def test_a_long_queue_wait_raises_one_alert_until_acknowledged(acme, settings):
     old = Task.objects.create(tenant=acme, name="stuck", command="x", created_at=timezone.now() - timedelta(hours=1))
     sweep_task()
     alert = Alert.objects.get(kind="queue_wait")
-    assert f"#{old.pk} stuck" in alert.message and "2 task(s) pending" in alert.message
+    assert f"#{old.pk} stuck has waited 60 min" in alert.message and "2 task(s) pending" in alert.message
     assert check_queue_wait() == alert  # still open: not raised again
     settings.ALERT_QUEUE_WAIT_S = 0
     Alert.objects.update(acknowledged_at=timezone.now())
     assert check_queue_wait() is None
+
+
+def test_the_final_oom_of_a_task_alerts_even_while_the_first_is_open(acme, servers):
+    gpu = servers[0].gpus.first()
+    task = Task.objects.create(tenant=acme, name="llm", command="x", status="running", node=servers[0],
+                               model_name="deepseek-7b", gpu_memory_mb=20_000, max_retries=1)
+    Allocation.objects.create(task=task, gpu=gpu, node=servers[0], memory_mb=20_000)
+    lifecycle.report_finished(task.pk, node_id=servers[0].pk, exit_code=1, oom=True, actor="agent:gpu-01")
+    Task.objects.filter(pk=task.pk).update(status="running", node=servers[0])
+    Allocation.objects.create(task=task, gpu=gpu, node=servers[0], memory_mb=24_000)
+    lifecycle.report_finished(task.pk, node_id=servers[0].pk, exit_code=1, oom=True, actor="agent:gpu-01")
+    messages = list(Alert.objects.filter(kind="task_oom", acknowledged_at__isnull=True)
+                    .order_by("pk").values_list("message", flat=True))
+    assert len(messages) == 2 and "requeued" in messages[0] and "failed: no retries left" in messages[1]
+
+
+def test_the_queue_wait_alert_ignores_tasks_held_by_their_own_quota_and_counts_from_the_requeue(acme, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from portal.alerts import check_queue_wait
+    from scheduling.models import TaskEvent
+
+    settings.ALERT_QUEUE_WAIT_S = 600
+    hour_ago = timezone.now() - timedelta(hours=1)
+    # Acme's quota (8 GPUs) can never hold this one: acme's business, not the operator's.
+    Task.objects.create(tenant=acme, name="too-wide", command="x", gpu_count=9, created_at=hour_ago)
+    # Submitted an hour ago but requeued a minute ago: it has waited one minute.
+    requeued = Task.objects.create(tenant=acme, name="requeued", command="x", created_at=hour_ago, attempt=1)
+    TaskEvent.objects.create(task=requeued, from_status="running", to_status="pending", actor="sweep",
+                             created_at=timezone.now() - timedelta(minutes=1))
+    assert check_queue_wait() is None
+    TaskEvent.objects.filter(task=requeued).update(created_at=timezone.now() - timedelta(minutes=20))
+    alert = check_queue_wait()
+    assert alert is not None and f"#{requeued.pk} requeued has waited 20 min" in alert.message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.conf import settings
 
+from nodes.models import GPU
 from scheduling.choices import Priority, TaskStatus
 from scheduling.models import Task, TaskEvent, TaskLogChunk
 from tenants.models import Quota
@@ -252,3 +253,17 @@ def test_the_preview_says_why_not_and_validates_like_a_submit(as_alice, acme):
     assert body["fits"] is False and "quota" in body["message"].lower()
     assert "gpu_count" in as_alice.post("/api/v1/tasks/preview", {"command": "x", "gpu_count": 99},
                                         format="json").json()
+
+
+def test_the_preview_says_a_request_no_idle_gpu_can_hold_can_never_fit(as_alice, servers):
+    # Idle GPUs report some memory in use (the driver's), as real and simulated ones do.
+    GPU.objects.update(memory_used_mb=512)
+    largest = 81_559 - 2_000  # the most the API accepts: the largest GPU minus the safety margin
+    body = as_alice.post("/api/v1/tasks/preview", {"command": "x", "gpu_memory_mb": largest},
+                         format="json").json()
+    assert body["fits"] is False
+    assert body["message"].startswith("Can never fit on this cluster: no active server has 1 GPU with"), body
+    assert "idle GPUs already use up to 512 MB" in body["message"]
+    smaller = as_alice.post("/api/v1/tasks/preview", {"command": "x", "gpu_memory_mb": largest - 512},
+                            format="json").json()
+    assert smaller["fits"] is True, smaller

@@ -147,3 +147,51 @@ def _wait_for(condition, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
+
+
+def test_one_quoted_argument_is_a_shell_command_line_and_several_are_an_argv(gpuctl):
+    shell = gpuctl("submit", "--", "echo a; sleep 1").stdout
+    assert Task.objects.get(pk=int(shell)).command == "echo a; sleep 1"  # run by sh -c as written
+    argv = gpuctl("submit", "--", "python", "my script.py", "a;b").stdout
+    assert Task.objects.get(pk=int(argv)).command == "python 'my script.py' 'a;b'"  # each word as given
+
+
+def test_url_and_token_work_before_the_subcommand_too(gpuctl, live_daphne, alice, tmp_path):
+    token = create_token(alice, "front")[1]
+    env = {**gpuctl.env, "GPUCTL_CONFIG": str(tmp_path / "none.json")}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.gpuctl", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    before = run("--url", live_daphne, "--token", token, "quota", "--json")
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout)[0]["tenant"] == "acme"
+    after = run("quota", "--url", live_daphne, "--token", token, "--json")
+    assert after.returncode == 0 and json.loads(after.stdout) == json.loads(before.stdout)
+    # Given in both places, the one after the subcommand wins.
+    mixed = run("--url", "http://127.0.0.1:9", "--token", token, "quota", "--url", live_daphne)
+    assert mixed.returncode == 0, mixed.stderr
+
+
+def test_logs_follow_opens_at_the_newest_lines_and_all_starts_from_the_first(gpuctl, acme, alice):
+    task = Task.objects.create(tenant=acme, submitter=alice, name="f", command="x", status=TaskStatus.SUCCEEDED)
+    text = "".join(f"{i}\n" for i in range(150))
+    TaskLogChunk.objects.create(task=task, attempt=0, offset=0, data=text)
+    assert gpuctl("logs", "-f", str(task.pk)).stdout == "".join(f"{i}\n" for i in range(50, 150))
+    assert gpuctl("logs", "-f", "--tail", "2", str(task.pk)).stdout == "148\n149\n"
+    assert gpuctl("logs", "--all", str(task.pk)).stdout == text
+
+
+def test_messages_follow_lang_and_the_portal_answers_in_the_same_language(gpuctl):
+    zh = {**gpuctl.env, "LANG": "zh_CN.UTF-8", "LC_ALL": "", "LANGUAGE": ""}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.gpuctl", *args], cwd=ROOT, env=zh, capture_output=True,
+                              text=True, timeout=60)
+
+    refused = run("submit", "--gpus", "9", "--", "true")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "gpuctl: error: gpu_count: 必须在 1 到 8 之间（单台服务器最多的 GPU 数）。"  # noqa: RUF001
+    assert "没有这个任务" in run("show", "999999").stderr
+    assert run("queue").stdout.split()[:3] == ["编号", "名称", "租户"]

@@ -237,6 +237,21 @@ def test_a_request_bigger_than_any_gpu_names_the_memory_and_the_margin():
         "no active server has 1 GPU with 79 GB + the 2 GB safety margin; the best has 0")
 
 
+def test_a_request_that_only_fits_an_idle_gpu_with_no_driver_memory_can_never_fit():
+    # 78,000 + 2,000 fits the 80,000 on paper, but an idle GPU already uses 512 MB.
+    plan = schedule(snapshot([node(1, 2, live=512)], [task(1, memory=78_000)]))
+    assert plan.pending[1].never_fits
+    assert plan.pending[1].reason == ("no active server has 1 GPU with 78 GB + the 2 GB safety margin "
+                                      "(idle GPUs already use up to 512 MB); the best has 0")
+
+
+def test_a_task_that_waits_for_busy_gpus_is_not_told_it_can_never_fit():
+    nodes = [node(1, 1, live=512)]
+    running = [occupy(nodes, 90, 1, [0])]
+    plan = schedule(snapshot(nodes, [task(1, memory=70_000)], running=running))
+    assert plan.pending[1].reason.startswith("no server has 1 free GPU") and not plan.pending[1].never_fits
+
+
 def test_a_capacity_reason_names_the_constraints_it_was_searched_with():
     nodes = [node(1, 2, labels={"zone": "a"})]
     running = [occupy(nodes, 90, 1, [0, 1])]

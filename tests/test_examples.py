@@ -60,3 +60,33 @@ def test_the_deepseek_task_refuses_a_directory_that_is_not_a_model(tmp_path):
     proc = subprocess.run([sys.executable, "examples/deepseek_infer.py", "--dry-run", "--model-path", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "no config.json" in proc.stderr
+
+
+def _runs_in_a_task_directory(argv: list[str], task_dir: Path) -> subprocess.CompletedProcess:
+    """Run ``argv`` the way an agent runs a task: in the task's own directory, not the repository."""
+    return subprocess.run(argv, cwd=task_dir, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_the_example_clients_default_command_runs_from_a_task_directory(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from submit_and_wait import default_command
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    proc = _runs_in_a_task_directory(default_command(), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["gpus"] == ["0"]
+
+
+def test_the_readmes_deepseek_example_runs_from_a_task_directory(tmp_path):
+    import re
+    import shlex
+
+    line = next(m.group(1) for m in re.finditer(r"`(gpuctl submit [^`]*deepseek_infer\.py[^`]*)`",
+                                                (ROOT / "README.md").read_text()))
+    command = line.split(" -- ", 1)[1]
+    # The user's shell expands $PWD in the repository root; the task then runs elsewhere.
+    argv = shlex.split(command.replace("$PWD", str(ROOT)))
+    proc = _runs_in_a_task_directory(argv, tmp_path)
+    assert proc.returncode == 0, proc.stderr

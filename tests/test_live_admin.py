@@ -160,3 +160,12 @@ def test_a_gpu_reserved_in_the_config_shows_as_reserved_on_the_live_grid(servers
     states = {(row["node"], row["index"]): row["state"] for row in livedata.gpu_rows()}
     assert states[("gpu-01", 3)] == "reserved"
     assert states[("gpu-01", 2)] == "idle"
+
+
+def test_tenant_colours_on_the_cluster_grid_never_look_like_a_state():
+    from portal.livedata import STATE_HUES, TENANT_HUES, tenant_hue
+
+    for hue in TENANT_HUES:
+        # At least 45 degrees of hue from idle (green), cordoned (amber) and error (red).
+        assert all(min(abs(hue - s), 360 - abs(hue - s)) >= 45 for s in STATE_HUES.values()), hue
+    assert len({tenant_hue(t) for t in range(1, 11)}) == 10  # ten tenants, ten colours

@@ -217,7 +217,7 @@ def test_after_an_oom_the_retry_is_placed_with_the_raised_model_estimate(acme, s
     assert run_pass().placements == 1
 
     task.refresh_from_db()
-    assert (task.status, task.attempt, task.gpu_memory_mb) == (TaskStatus.ASSIGNED, 1, None)
+    assert (task.status, task.attempt, task.gpu_memory_mb) == (TaskStatus.ASSIGNED, 1, 24_000)
     assert Allocation.objects.get(task=task, released_at__isnull=True).memory_mb == 24_000
 
 
@@ -264,3 +264,11 @@ def test_the_snapshot_reads_leave_the_planner_settings_as_they_found_them(acme, 
         load_snapshot(timezone.now())
         cursor.execute("SELECT current_setting('enable_nestloop')")
         assert cursor.fetchone() == ("on",)
+
+
+def test_a_task_no_idle_gpu_can_hold_is_told_so_instead_of_waiting(acme, servers):
+    GPU.objects.update(memory_used_mb=512)  # what an idle GPU reports
+    task = submit(acme, "too-big", gpu_memory_mb=81_559 - 2_000)  # the most the API accepts
+    assert run_pass().placements == 0
+    task.refresh_from_db()
+    assert task.pending_reason.startswith("can never fit on the active servers: no active server has 1 GPU with")

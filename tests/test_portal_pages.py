@@ -107,6 +107,9 @@ def test_the_task_detail_shows_reason_position_events_and_log(alice_in, acme, al
     assert "<dt>Queue position</dt><dd>3</dd>" in page
     assert "user:alice" in page and "hello from the task" in page
     assert "Cancel task" in page
+    # Attempts are counted from 1 wherever a person reads them.
+    assert f"<dt>Attempt</dt><dd>1 of {task.max_retries + 1}</dd>" in page
+    assert 'of attempt <span id="task-log-attempt">1</span>' in page
 
 
 def test_another_tenants_task_detail_is_a_404_and_cannot_be_cancelled(client, carol, acme, alice):
@@ -172,3 +175,20 @@ def test_staff_pick_any_tenant_in_the_form_and_must_name_one(client, staff, acme
     assert r.status_code == 400 and "staff may submit for any tenant" in r.content.decode()
     r = client.post("/submit/", {"tenant": "globex", "command": "x", "action": "submit"})
     assert r.status_code == 302 and Task.objects.get().tenant == globex
+
+
+def test_the_full_log_link_streams_one_attempts_whole_output(alice_in, client, carol, acme, alice):
+    task = Task.objects.create(tenant=acme, submitter=alice, name="t", command="x", attempt=1)
+    TaskLogChunk.objects.create(task=task, attempt=0, offset=0, data="first try\n")
+    TaskLogChunk.objects.create(task=task, attempt=1, offset=0, data="a\n")
+    TaskLogChunk.objects.create(task=task, attempt=1, offset=2, data="b\n")
+    page = alice_in.get(f"/tasks/{task.pk}/").content.decode()
+    assert f'href="/tasks/{task.pk}/log/?attempt=1">full log</a>' in page
+    assert f'href="/tasks/{task.pk}/log/?attempt=0">1</a>' in page  # the earlier attempt, counted from 1
+    r = alice_in.get(f"/tasks/{task.pk}/log/")
+    assert r["Content-Type"].startswith("text/plain") and b"".join(r.streaming_content) == b"a\nb\n"
+    assert b"".join(alice_in.get(f"/tasks/{task.pk}/log/?attempt=0").streaming_content) == b"first try\n"
+    assert alice_in.get(f"/tasks/{task.pk}/log/?attempt=7").status_code == 400
+    assert alice_in.get(f"/tasks/{task.pk}/log/?attempt=x").status_code == 400
+    client.force_login(carol)
+    assert client.get(f"/tasks/{task.pk}/log/").status_code == 404

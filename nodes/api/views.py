@@ -24,6 +24,7 @@ from nodes.api.serializers import (
     TaskEventSerializer,
 )
 from nodes.enrolment import EnrolmentError, redeem
+from portal import live
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import lifecycle
@@ -150,4 +151,5 @@ class LogChunksView(AgentView):
                       .annotate(size=Func(F("data"), function="octet_length"))
                       .values_list("attempt", "offset", "size"))
             ends = {f"{attempt}:{offset}": offset + size for attempt, offset, size in stored}
+            live.log_appended(task_id)
         return Response({"stored": len(chunks), "ends": ends})

@@ -5,6 +5,7 @@ from rest_framework import serializers
 from scheduling import submission
 from scheduling.choices import Priority, ShareMode, WorkloadClass
 from scheduling.models import Task, TaskEvent
+from scheduling.reasons import translate_reason
 
 
 class TaskSerializer(serializers.ModelSerializer):
@@ -31,13 +32,15 @@ class TaskSerializer(serializers.ModelSerializer):
         return {
             "id": task.pk, "name": task.name, "tenant": task.tenant.slug,
             "submitter": task.submitter.username if task.submitter_id else None,
-            "status": task.status, "pending_reason": task.pending_reason, "queue_position": task.queue_position,
+            # Reasons in the caller's language (Accept-Language; English as stored otherwise).
+            "status": task.status, "pending_reason": translate_reason(task.pending_reason),
+            "queue_position": task.queue_position,
             "priority": Priority(task.priority).label, "workload_class": task.workload_class,
             "gpu_count": task.gpu_count, "gpu_memory_mb": task.gpu_memory_mb, "share_mode": task.share_mode,
             "model_name": task.model_name, "gpu_model": task.gpu_model, "node_selector": task.node_selector,
             "timeout_s": task.timeout_s, "command": task.command, "env": task.env, "working_dir": task.working_dir,
             "server": task.node.name if task.node_id else None, "exit_code": task.exit_code,
-            "failure_reason": task.failure_reason, "oom": task.oom, "attempt": task.attempt,
+            "failure_reason": translate_reason(task.failure_reason), "oom": task.oom, "attempt": task.attempt,
             "max_retries": task.max_retries, "created_at": iso(task.created_at), "assigned_at": iso(task.assigned_at),
             "started_at": iso(task.started_at), "finished_at": iso(task.finished_at),
         }

@@ -7,8 +7,15 @@
   var gpus = {};          // id -> row, for the grid
   var nodes = {};         // id -> row
   var retry = 500;
+  // Django's JavaScript catalogue (/jsi18n/, loaded before this file) when present.
+  var gettext = window.gettext || function (s) { return s; };
+  var gettext_noop = function (s) { return s; };
+  function t(s) { return gettext(s); }
+  // Words that arrive as data (GPU states, server statuses): marked here so the catalogue has them.
+  void [gettext_noop("idle"), gettext_noop("busy"), gettext_noop("cordoned"), gettext_noop("reserved"),
+        gettext_noop("error"), gettext_noop("offline"), gettext_noop("active"), gettext_noop("draining"),
+        gettext_noop("maintenance")];
 
-  function hue(id) { return (id * 137) % 360; }
   function mb(v) { return v >= 1024 ? (v / 1024).toFixed(1) + " GB" : v + " MB"; }
   function $all(sel) { return Array.prototype.slice.call(document.querySelectorAll(sel)); }
   function setText(el, value) {
@@ -29,7 +36,7 @@
         if (label) setText(label, mb(g.memory_used_mb) + " / " + mb(g.memory_total_mb));
       } else if (field === "state") {
         el.className = "gpu-state state-" + g.state;
-        setText(el, g.state);
+        setText(el, t(g.state));
       } else if (field in g) {
         setText(el, g[field]);
       }
@@ -40,11 +47,13 @@
     $all('[data-node="' + n.id + '"]').forEach(function (el) {
       var field = el.getAttribute("data-field");
       if (field === "heartbeat") {
-        setText(el, n.heartbeat_age_s === null ? "never" : Math.round(n.heartbeat_age_s) + " s ago");
+        setText(el, n.heartbeat_age_s === null ? gettext("never")
+          : window.interpolate ? interpolate(gettext("%(s)s s ago"), {s: Math.round(n.heartbeat_age_s)}, true)
+          : Math.round(n.heartbeat_age_s) + " s ago");
         el.style.color = n.heartbeat_overdue ? "#c00" : "";
       } else if (field === "status") {
         el.className = "node-status status-" + n.status;
-        setText(el, n.status);
+        setText(el, t(n.status));
       } else if (field in n) {
         setText(el, n[field]);
       }
@@ -59,6 +68,7 @@
         setText(el, t.status_label);
       } else if (field in t) {
         setText(el, t[field]);
+        if (el.classList.contains("trunc")) el.title = el.textContent;  // the full text on hover
       }
     });
   }
@@ -84,19 +94,20 @@
     var html = ids.map(function (nid) {
       var n = nodes[nid];
       var cells = (byNode[nid] || []).sort(function (a, b) { return a.index - b.index; }).map(function (g) {
-        var style = g.state === "busy" && g.tenant_id ? ' style="background:hsl(' + hue(g.tenant_id) + ',65%,55%)"' : "";
-        var title = [n.name + ":" + g.index, g.model, g.state, g.task, g.tenant,
-                     g.utilization_pct + "% util", mb(g.memory_used_mb) + " / " + mb(g.memory_total_mb),
+        // Tenant hues come from the server (portal.livedata.TENANT_HUES): never a state's colour.
+        var style = g.state === "busy" && g.tenant_hue !== null ? ' style="background:hsl(' + g.tenant_hue + ',65%,55%)"' : "";
+        var title = [n.name + ":" + g.index, g.model, t(g.state), g.task, g.tenant,
+                     g.utilization_pct + "% " + gettext("util"), mb(g.memory_used_mb) + " / " + mb(g.memory_total_mb),
                      g.temperature_c + " °C"].filter(Boolean).join("\n");
         return '<div class="gpu-cell state-' + g.state + '" data-gpu-cell="' + g.id + '"' + style +
                ' title="' + escapeHtml(title) + '"><b>' + g.index + "</b><span>" + g.utilization_pct +
-               "%</span><small>" + escapeHtml(g.tenant || g.state) + "</small></div>";
+               "%</span><small>" + escapeHtml(g.tenant || t(g.state)) + "</small></div>";
       }).join("");
       return '<div class="grid-node" data-grid-node="' + nid + '"><h3>' + escapeHtml(n.name) +
-             ' <span class="node-status status-' + n.status + '">' + n.status + "</span></h3>" +
+             ' <span class="node-status status-' + n.status + '">' + escapeHtml(t(n.status)) + "</span></h3>" +
              '<div class="grid-cells">' + cells + "</div></div>";
     }).join("");
-    grid.innerHTML = html || "<p>No GPU servers yet.</p>";
+    grid.innerHTML = html || "<p>" + escapeHtml(gettext("No GPU servers yet.")) + "</p>";
   }
 
   function escapeHtml(s) {

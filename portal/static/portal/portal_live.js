@@ -60,7 +60,10 @@
     var p = document.createElement("p");
     p.id = "live-new-tasks";
     p.className = "messages";
-    p.innerHTML = '<a href="">New or changed tasks: reload to see them</a>';
+    var a = document.createElement("a");
+    a.href = "";
+    a.textContent = (window.gettext || function (s) { return s; })("New or changed tasks: reload to see them");
+    p.appendChild(a);
     var table = document.querySelector("[data-live-tasks]");
     table.parentNode.insertBefore(p, table);
   }

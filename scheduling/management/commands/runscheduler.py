@@ -27,7 +27,7 @@ from django.core.management.base import BaseCommand
 from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
-from portal import control_plane, registry
+from portal import control_plane, history, registry
 from portal.models import ControlPlaneServer
 from scheduling import triggers, usage
 from scheduling.choices import TaskStatus
@@ -113,7 +113,7 @@ class Command(BaseCommand):
         self.listen()
         log.info("runscheduler %s ready (poll %d ms, sweep every %.1f s)", self.name, self.poll_s * 1000,
                  self.sweep_interval_s)
-        next_heartbeat = next_sweep = next_usage = 0.0
+        next_heartbeat = next_sweep = next_usage = next_history = 0.0
         woken = True  # a first pass at start catches up on anything missed while down
         while not self.stop_requested:
             if self.db_down_since is not None:
@@ -145,6 +145,9 @@ class Command(BaseCommand):
             if now >= next_usage:
                 self.usage_step()
                 next_usage = now + USAGE_INTERVAL_S
+            if now >= next_history:
+                self.history_step()
+                next_history = now + settings.HISTORY_SAMPLE_S
             woken = self.wait_step()
         if self.listener is not None:
             self.listener.close()
@@ -179,6 +182,15 @@ class Command(BaseCommand):
             usage.maintain()
         except Exception:
             log.exception("usage roll-up failed")
+            connection.close_if_unusable_or_obsolete()
+        return False
+
+    def history_step(self) -> bool:
+        """Sample GPU and tenant figures for the charts (portal.history): set-based, off the heartbeat path."""
+        try:
+            history.record()
+        except Exception:
+            log.exception("history sampling failed")
             connection.close_if_unusable_or_obsolete()
         return False
 
