@@ -98,7 +98,7 @@ class TenantAdmin(admin.ModelAdmin):
             return "-"
         return f"{fs.factor:.2f} (usage {fs.usage:.0%} / share {fs.share:.0%})"
 
-        @admin.display(description=_("GPUs used / limit"), ordering="used_gpus")
+    @admin.display(description=_("GPUs used / limit"), ordering="used_gpus")
     def gpus(self, obj: Tenant):
         return self._of(obj, "gpus", obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None))
 
