@@ -49,6 +49,11 @@ class SchedulerConfig:
     default_max_retries: int = 2
     # Factor applied to a model's remembered memory estimate after an OOM.
     oom_memory_factor: float = 1.2
+    # Gangs across servers: seconds from assignment for every rank to be ready and started
+    # (the start barrier); past it the whole gang is stopped and requeued.
+    gang_start_timeout_s: int = 120
+    # Model affinity: a GPU's remembered model stays in its cache this long after last use.
+    model_cache_ttl_seconds: int = 3600
 
 
 _INT_BOUNDS: dict[str, tuple[int, int]] = {
@@ -61,6 +66,8 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "max_task_timeout_s": (1, 31_536_000),
     "assign_grace_s": (1, 86_400),
     "default_max_retries": (0, 100),
+    "gang_start_timeout_s": (1, 86_400),
+    "model_cache_ttl_seconds": (1, 31_536_000),
 }
 
 
