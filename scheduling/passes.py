@@ -120,7 +120,7 @@ FROM tenants_tenant t LEFT JOIN tenants_quota q ON q.tenant_id = t.id
 _PENDING_SQL = """
 SELECT t.id, t.tenant_id, t.priority, t.created_at, t.gpu_count, coalesce(t.gpu_memory_mb, e.memory_mb),
        t.share_mode, t.workload_class, t.timeout_s, t.model_name, t.node_selector, t.gpu_model,
-       t.pending_reason, t.queue_position
+       t.pending_reason, t.queue_position, t.nodes, t.topology_key
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
@@ -163,8 +163,14 @@ class _Loaded:
     gpu_index: dict[int, int]
 
     def placement_reason(self, placement: Placement) -> str:
-        indexes = ",".join(str(self.gpu_index.get(g, "?")) for g in placement.gpu_ids)
         mode = "exclusive" if placement.exclusive else "shared"
+        if placement.ranks:
+            where = "; ".join(
+                f"rank {r} on {self.node_names.get(n, n)}, GPU "
+                + ",".join(str(self.gpu_index.get(g, "?")) for g in gids)
+                for r, (n, gids) in enumerate(placement.ranks))
+            return f"placed as a gang: {where} ({placement.memory_mb} MB each, {mode})"[:500]
+        indexes = ",".join(str(self.gpu_index.get(g, "?")) for g in placement.gpu_ids)
         node = self.node_names.get(placement.node_id, placement.node_id)
         return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
 
@@ -260,11 +266,12 @@ def load_snapshot(now: datetime) -> _Loaded:
         stored: dict[int, tuple[str, int | None]] = {}
         tenant_of: dict[int, int] = {}
         for (task_id, tenant_id, priority, created_at, gpu_count, memory_mb, share_mode, wclass, timeout_s,
-             model_name, selector, gpu_model, reason, position) in cursor.fetchall():
+             model_name, selector, gpu_model, reason, position, gang_nodes, topology_key) in cursor.fetchall():
             pending.append(PendingTask(
                 id=task_id, tenant_id=tenant_id, priority=priority, created_at=created_at, gpu_count=gpu_count,
                 memory_mb=memory_mb, exclusive=share_mode != ShareMode.SHARED, workload_class=wclass,
                 timeout_s=timeout_s, model_name=model_name, node_selector=_json(selector), gpu_model=gpu_model,
+                nodes=gang_nodes, topology_key=topology_key,
             ))
             stored[task_id] = (reason, position)
             tenant_of[task_id] = tenant_id
@@ -303,6 +310,15 @@ WITH placed AS (
     WHERE a.task_id IN (SELECT id FROM placed)
 )
 SELECT id FROM placed
+"""
+
+# A gang's ranks, for the tasks the placement took (its attempt as it stands).
+_RANKS_SQL = """
+INSERT INTO scheduling_taskrank (task_id, attempt, rank, node_id, address)
+SELECT r.task_id, t.attempt, r.rank, r.node_id, ''
+FROM unnest(%s::bigint[], %s::integer[], %s::bigint[]) AS r(task_id, rank, node_id)
+JOIN scheduling_task t ON t.id = r.task_id
+WHERE r.task_id = ANY(%s::bigint[])
 """
 
 _UPDATE_PENDING_SQL = """
@@ -351,12 +367,13 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         if placements:
             a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
             for p in placements:
-                for gpu_id in p.gpu_ids:
-                    a_task.append(p.task_id)
-                    a_gpu.append(gpu_id)
-                    a_node.append(p.node_id)
-                    a_mem.append(p.memory_mb)
-                    a_excl.append(p.exclusive)
+                for node_id, gpu_ids in (p.ranks or ((p.node_id, p.gpu_ids),)):
+                    for gpu_id in gpu_ids:
+                        a_task.append(p.task_id)
+                        a_gpu.append(gpu_id)
+                        a_node.append(node_id)
+                        a_mem.append(p.memory_mb)
+                        a_excl.append(p.exclusive)
             cursor.execute(_PLACE_SQL, {
                 "now": now, "actor": actor,
                 "task": [p.task_id for p in placements], "task_node": [p.node_id for p in placements],
@@ -366,6 +383,13 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
             taken = {row[0] for row in cursor.fetchall()}
             result.skipped += len(placements) - len(taken)
             placements = [p for p in placements if p.task_id in taken]
+            gangs = [p for p in placements if p.ranks]
+            if gangs:
+                r_task = [p.task_id for p in gangs for _ in p.ranks]
+                r_rank = [i for p in gangs for i in range(len(p.ranks))]
+                r_node = [n for p in gangs for n, _gpus in p.ranks]
+                cursor.execute(_RANKS_SQL, [r_task, r_rank, r_node, [p.task_id for p in gangs]])
+                notify_nodes.update(r_node)
             notify_nodes.update(p.node_id for p in placements)
             changed.extend((loaded.tenant_of[p.task_id], p.task_id) for p in placements)
             result.placed_task_ids = [p.task_id for p in placements]

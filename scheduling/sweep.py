@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import DurationField, ExpressionWrapper, F
+from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from nodes.models import Node, NodeStatus
@@ -31,7 +31,7 @@ from portal import live
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
-from scheduling.choices import ACTIVE_STATUSES, TaskStatus
+from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, Task
 from scheduling.passes import lock_scheduler
 
@@ -43,9 +43,10 @@ _LOST_NODES = """
 SELECT id FROM nodes_node
 WHERE status IN ('active', 'draining') AND last_heartbeat_at < now() - make_interval(secs => %s)
 """
+# A gang waits for all its ranks (the start barrier) up to gang_start_timeout_s.
 _STALE_ASSIGNED = """
 SELECT id FROM scheduling_task
-WHERE status = 'assigned' AND assigned_at < now() - make_interval(secs => %s)
+WHERE status = 'assigned' AND assigned_at < now() - make_interval(secs => CASE WHEN nodes > 1 THEN %s ELSE %s END)
 """
 _TIMED_OUT = """
 SELECT id FROM scheduling_task
@@ -81,7 +82,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
     timeout, grace = config.heartbeat_timeout_s, config.assign_grace_s
     result = SweepResult()
     with connection.cursor() as cursor:
-        cursor.execute(_ANYTHING, [timeout, grace])
+        cursor.execute(_ANYTHING, [timeout, config.gang_start_timeout_s, grace])
         if not any(cursor.fetchone()):
             return result
 
@@ -98,9 +99,10 @@ def sweep(actor: str = "sweep") -> SweepResult:
             reason = f"server {node.name} lost (no heartbeat for {timeout} s)"
             node.status, node.status_reason = NodeStatus.OFFLINE, reason[:255]
             node.save(update_fields=["status", "status_reason", "updated_at"])
-            tasks = (Task.objects.select_for_update(of=("self",))
-                     .filter(node=node, status__in=ACTIVE_STATUSES).order_by("pk"))
+            tasks = (Task.active_on(node.pk).select_for_update(of=("self",)).order_by("pk"))
             for task in tasks:
+                if task.is_gang:
+                    nodes_told.update(task.node_ids())  # the other ranks must stop too
                 task.requeue(actor=actor, reason=f"server {node.name} lost")
                 _count(result, task)
                 changed.append((task.tenant_id, task.pk))
@@ -112,13 +114,20 @@ def sweep(actor: str = "sweep") -> SweepResult:
         if lost:
             live.gpus_changed(n.pk for n in lost)
 
+        barrier = config.gang_start_timeout_s
         stale = (Task.objects.select_for_update(of=("self",))
-                 .filter(status=TaskStatus.ASSIGNED, assigned_at__lt=Now() - timedelta(seconds=grace))
+                 .filter(Q(nodes=1, assigned_at__lt=Now() - timedelta(seconds=grace))
+                         | Q(nodes__gt=1, assigned_at__lt=Now() - timedelta(seconds=barrier)),
+                         status=TaskStatus.ASSIGNED)
                  .order_by("pk"))
         for task in stale:
-            if task.node_id is not None:
-                nodes_told.add(task.node_id)
-            task.requeue(actor=actor, reason=f"not started within {grace} s of assignment")
+            nodes_told.update(task.node_ids())
+            if task.is_gang:
+                late = [f"rank {r.rank} on {r.node.name}" for r in task.current_ranks() if r.started_at is None]
+                reason = f"start barrier timed out after {barrier} s: {', '.join(late)} not started"
+            else:
+                reason = f"not started within {grace} s of assignment"
+            task.requeue(actor=actor, reason=reason)
             _count(result, task)
             changed.append((task.tenant_id, task.pk))
 
@@ -126,8 +135,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
         expired = (Task.objects.select_for_update(of=("self",))
                    .filter(status=TaskStatus.RUNNING, started_at__lt=Now() - timeout_of).order_by("pk"))
         for task in expired:
-            if task.node_id is not None:
-                nodes_told.add(task.node_id)
+            nodes_told.update(task.node_ids())
             task.finish(exit_code=None, timed_out=True, actor=actor)
             result.timed_out += 1
             changed.append((task.tenant_id, task.pk))

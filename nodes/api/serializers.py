@@ -64,8 +64,12 @@ class HeartbeatSerializer(serializers.Serializer):
 
 
 class TaskEventSerializer(serializers.Serializer):
-    event = serializers.ChoiceField(choices=["started", "finished"])
+    # "ready": a gang's rank reached the start barrier (rank 0 gives its address and port).
+    event = serializers.ChoiceField(choices=["ready", "started", "finished"])
     attempt = serializers.IntegerField(min_value=0)
+    rank = serializers.IntegerField(min_value=0, max_value=32767, required=False, allow_null=True, default=None)
+    address = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    port = serializers.IntegerField(min_value=1, max_value=65535, required=False, allow_null=True, default=None)
     exit_code = serializers.IntegerField(required=False, allow_null=True, default=None,
                                          min_value=-(2**31), max_value=2**31 - 1)
     oom = serializers.BooleanField(required=False, default=False)
@@ -77,6 +81,7 @@ class TaskEventSerializer(serializers.Serializer):
 
 class LogChunkSerializer(serializers.Serializer):
     attempt = serializers.IntegerField(min_value=0)
+    rank = serializers.IntegerField(min_value=0, max_value=32767, required=False, default=0)
     offset = serializers.IntegerField(min_value=0)
     data = serializers.CharField(max_length=MAX_LOG_CHUNK_CHARS, trim_whitespace=False)
 

@@ -166,6 +166,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             OpenApiParameter("offset", int, description="byte offset to read from (follow with next_offset)"),
             OpenApiParameter("tail", int, description=f"the last N lines instead (1..{logs.TAIL_MAX_LINES})"),
             OpenApiParameter("attempt", int, description="which attempt (default: the current one)"),
+            OpenApiParameter("rank", int, description="a gang's rank (server), 0 by default"),
         ],
         responses={200: TaskLogSerializer},
     )
@@ -174,10 +175,11 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         task = self.get_object()
         attempt = _int_param(request, "attempt", None, 0, 10_000)
         lines = _int_param(request, "tail", None, 1, logs.TAIL_MAX_LINES)
+        rank = _int_param(request, "rank", 0, 0, max(task.nodes - 1, 0))
         if lines is not None:
             if "offset" in request.query_params:
                 raise ValidationError({"tail": ["Give either tail or offset, not both."]})
-            page = logs.tail(task, lines, attempt)
+            page = logs.tail(task, lines, attempt, rank=rank)
         else:
-            page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt)
+            page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt, rank=rank)
         return Response(asdict(page))
