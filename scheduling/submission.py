@@ -40,7 +40,9 @@ BATCH_MAX_TASKS = 1000
 FIELDS = (
     "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
     "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model",
+    "nodes", "gpus_per_node", "topology_key",
 )
+TOPOLOGY_KEY_MAX_CHARS = 100
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 Errors = dict[str, list[str]]
@@ -59,6 +61,7 @@ class ClusterLimits:
     max_gpus_per_server: int  # 0: no server registered yet
     largest_gpu_mb: int
     safety_margin_mb: int
+    servers: int = 1  # servers with GPUs: the most a gang can span
 
     @property
     def max_task_memory_mb(self) -> int:
@@ -68,11 +71,11 @@ class ClusterLimits:
     def load(cls) -> ClusterLimits:
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT COALESCE(MAX(n), 0), COALESCE(MAX(m), 0) FROM "
+                "SELECT COALESCE(MAX(n), 0), COALESCE(MAX(m), 0), COUNT(*) FROM "
                 "(SELECT COUNT(*) AS n, MAX(memory_total_mb) AS m FROM nodes_gpu GROUP BY node_id) AS per_server"
             )
-            n, m = cursor.fetchone()
-        return cls(int(n), int(m), settings.SCHEDULER.memory_safety_margin_mb)
+            n, m, servers = cursor.fetchone()
+        return cls(int(n), int(m), settings.SCHEDULER.memory_safety_margin_mb, int(servers))
 
 
 @dataclass
@@ -163,6 +166,69 @@ def _check_text(data: dict[str, Any], key: str, limit: int, errors: Errors, *, r
     return value
 
 
+def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, Any], errors: Errors) -> None:
+    """GPUs on one server (1 to the largest server's count), or a gang: ``nodes`` servers with
+    ``gpus_per_node`` each. Any two of gpu_count, nodes and gpus_per_node imply the third, and a
+    gpu_count that is a multiple of the largest server's GPUs spans that many whole servers."""
+    parsed: dict[str, int | None] = {}
+    for key in ("gpu_count", "nodes", "gpus_per_node"):
+        raw = data.get(key)
+        parsed[key] = None if raw in (None, "") else _as_int(raw)
+        if raw not in (None, "") and parsed[key] is None:
+            errors[key] = ["Must be a whole number."]
+    if errors.keys() & parsed.keys():
+        return
+    top, servers = limits.max_gpus_per_server, limits.servers
+    if top == 0:
+        errors["gpu_count"] = ["No GPU server is registered yet, so no task can be placed."]
+        return
+    count, nodes, per = parsed["gpu_count"], parsed["nodes"], parsed["gpus_per_node"]
+    if nodes is not None and not 1 <= nodes <= servers:
+        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+    if per is not None and not 1 <= per <= top:
+        errors["gpus_per_node"] = [f"Must be between 1 and {top} (the most GPUs any one server has)."]
+    if count is not None and count < 1:
+        errors["gpu_count"] = [f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple "
+                               f"of {top} to span whole servers."]
+    if errors.keys() & parsed.keys():
+        return
+    if nodes is not None and per is not None:
+        if count is not None and count != nodes * per:
+            errors["gpu_count"] = [f"Must equal nodes x gpus_per_node ({nodes * per}), or be left out."]
+            return
+        count = nodes * per
+    elif nodes is not None:
+        if count is None:
+            errors["gpus_per_node"] = ["Required with nodes (or give gpu_count)."]
+            return
+        if count % nodes:
+            errors["gpu_count"] = [f"Must be a multiple of nodes ({nodes}): every server gets as many GPUs."]
+            return
+    elif per is not None:
+        count = per if count is None else count
+        if count % per:
+            errors["gpu_count"] = [f"Must be a multiple of gpus_per_node ({per})."]
+            return
+        nodes = count // per
+    else:
+        count = 1 if count is None else count
+        nodes = 1
+        if count > top:
+            if count % top or count // top > servers:
+                errors["gpu_count"] = [
+                    f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple of {top} "
+                    f"up to {top * servers} to span whole servers (or give nodes and gpus_per_node)."
+                ]
+                return
+            nodes = count // top
+    if nodes > servers:
+        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+    elif count // nodes > top:
+        errors["gpus_per_node"] = [f"Must be between 1 and {top} (the most GPUs any one server has)."]
+    else:
+        values["gpu_count"], values["nodes"] = count, nodes
+
+
 def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     """Check one task description; returns ``(spec, {})`` or ``(None, field errors)``."""
     if not isinstance(data, dict):
@@ -240,19 +306,10 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     else:
         values["node_selector"] = selector or {}
 
-    # GPUs: at least one, at most what the largest server has (a gang never spans servers).
-    raw = data.get("gpu_count", 1)
-    gpu_count = _as_int(raw if raw not in (None, "") else 1)
-    if gpu_count is None:
-        errors["gpu_count"] = ["Must be a whole number."]
-    elif limits.max_gpus_per_server == 0:
-        errors["gpu_count"] = ["No GPU server is registered yet, so no task can be placed."]
-    elif not 1 <= gpu_count <= limits.max_gpus_per_server:
-        errors["gpu_count"] = [
-            f"Must be between 1 and {limits.max_gpus_per_server} (the most GPUs any one server has)."
-        ]
-    else:
-        values["gpu_count"] = gpu_count
+    _check_gpus(data, limits, values, errors)
+    values["topology_key"] = _check_text(data, "topology_key", TOPOLOGY_KEY_MAX_CHARS, errors)
+    if values["topology_key"] and values.get("nodes", 1) == 1 and "topology_key" not in errors:
+        errors["topology_key"] = ["Only for a task over several servers (nodes above 1)."]
 
     raw = data.get("gpu_memory_mb")
     memory = None
@@ -271,6 +328,8 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     share_mode = data.get("share_mode") or ShareMode.EXCLUSIVE
     if share_mode not in ShareMode.values:
         errors["share_mode"] = [f"Must be one of {', '.join(ShareMode.values)}."]
+    elif share_mode == ShareMode.SHARED and values.get("nodes", 1) > 1:
+        errors["share_mode"] = ["A task over several servers takes whole GPUs: share_mode must be exclusive."]
     elif share_mode == ShareMode.SHARED and memory is None and not values.get("model_name"):
         errors["share_mode"] = ["A shared task must give gpu_memory_mb (or a model_name with a known estimate)."]
     values["share_mode"] = share_mode

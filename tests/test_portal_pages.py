@@ -172,3 +172,15 @@ def test_staff_pick_any_tenant_in_the_form_and_must_name_one(client, staff, acme
     assert r.status_code == 400 and "staff may submit for any tenant" in r.content.decode()
     r = client.post("/submit/", {"tenant": "globex", "command": "x", "action": "submit"})
     assert r.status_code == 302 and Task.objects.get().tenant == globex
+
+
+def test_the_form_submits_a_gang_and_refuses_a_bad_one_with_the_apis_messages(alice_in):
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "torchrun train.py", "nodes": "2",
+                                   "gpus_per_node": "9", "action": "submit"})
+    assert r.status_code == 400 and "Must be between 1 and 8 (the most GPUs any one server has)." in r.content.decode()
+    assert not Task.objects.exists()
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "torchrun train.py", "nodes": "2",
+                                   "gpus_per_node": "8", "topology_key": "rack", "action": "submit"})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    task = Task.objects.get()
+    assert (task.gpu_count, task.nodes, task.topology_key) == (16, 2, "rack")

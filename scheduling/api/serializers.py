@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduling import submission
@@ -17,7 +18,7 @@ class TaskSerializer(serializers.ModelSerializer):
         model = Task
         fields = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
                   "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "model_name", "gpu_model",
-                  "node_selector", "timeout_s", "command", "env", "working_dir", "server", "exit_code",
+                  "node_selector", "nodes", "gpus_per_node", "topology_key", "timeout_s", "command", "env", "working_dir", "server", "exit_code",
                   "failure_reason", "oom", "attempt", "max_retries", "created_at", "assigned_at", "started_at",
                   "finished_at"]
         read_only_fields = fields
@@ -35,6 +36,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "priority": Priority(task.priority).label, "workload_class": task.workload_class,
             "gpu_count": task.gpu_count, "gpu_memory_mb": task.gpu_memory_mb, "share_mode": task.share_mode,
             "model_name": task.model_name, "gpu_model": task.gpu_model, "node_selector": task.node_selector,
+            "nodes": task.nodes, "gpus_per_node": task.gpus_per_node, "topology_key": task.topology_key,
             "timeout_s": task.timeout_s, "command": task.command, "env": task.env, "working_dir": task.working_dir,
             "server": task.node.name if task.node_id else None, "exit_code": task.exit_code,
             "failure_reason": task.failure_reason, "oom": task.oom, "attempt": task.attempt,
@@ -43,15 +45,32 @@ class TaskSerializer(serializers.ModelSerializer):
         }
 
 
+class TaskRankSerializer(serializers.Serializer):
+    rank = serializers.IntegerField()
+    server = serializers.CharField()
+    ready_at = serializers.DateTimeField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    exit_code = serializers.IntegerField(allow_null=True)
+
+
 class TaskDetailSerializer(TaskSerializer):
     gpus = serializers.SerializerMethodField()
+    ranks = serializers.SerializerMethodField()
 
     class Meta(TaskSerializer.Meta):
-        fields = [*TaskSerializer.Meta.fields, "gpus"]
+        fields = [*TaskSerializer.Meta.fields, "gpus", "ranks", "master_addr", "master_port"]
         read_only_fields = fields
 
     def to_representation(self, task: Task) -> dict:
-        return {**super().to_representation(task), "gpus": self.get_gpus(task)}
+        return {**super().to_representation(task), "gpus": self.get_gpus(task), "ranks": self.get_ranks(task),
+                "master_addr": task.master_addr or None, "master_port": task.master_port}
+
+    @extend_schema_field(TaskRankSerializer(many=True))
+    def get_ranks(self, task: Task) -> list[dict]:
+        """A gang's servers for its current attempt, rank 0 first (empty for a one-server task)."""
+        return [{"rank": r.rank, "server": r.node.name, "ready_at": r.ready_at, "started_at": r.started_at,
+                 "finished_at": r.finished_at, "exit_code": r.exit_code} for r in task.current_ranks()]
 
     def get_gpus(self, task: Task) -> list[str]:
         """The GPUs it holds now, as server:index."""
@@ -71,7 +90,15 @@ class TaskSubmitSerializer(serializers.Serializer):
                                           f"{submission.ENV_MAX_BYTES} bytes in all.")
     working_dir = serializers.CharField(required=False, max_length=submission.WORKING_DIR_MAX_CHARS)
     gpu_count = serializers.IntegerField(required=False, default=1, min_value=1,
-                                         help_text="1 to the most GPUs any one server has.")
+                                         help_text="1 to the most GPUs any one server has, or a multiple of it "
+                                                   "to span that many whole servers (a gang).")
+    nodes = serializers.IntegerField(required=False, min_value=1,
+                                     help_text="Servers of a gang, one process (rank) on each; at most the "
+                                               "servers registered. With gpus_per_node or gpu_count.")
+    gpus_per_node = serializers.IntegerField(required=False, min_value=1,
+                                             help_text="GPUs on each server of a gang.")
+    topology_key = serializers.CharField(required=False, max_length=submission.TOPOLOGY_KEY_MAX_CHARS,
+                                         help_text="A server label all of a gang's servers share, e.g. rack.")
     gpu_memory_mb = serializers.IntegerField(required=False, allow_null=True, min_value=1,
                                              help_text="Per GPU; at most the largest GPU minus the safety margin.")
     share_mode = serializers.ChoiceField(ShareMode.choices, required=False, default=ShareMode.EXCLUSIVE)
