@@ -18,7 +18,8 @@ class TaskSerializer(serializers.ModelSerializer):
         model = Task
         fields = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
                   "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "model_name", "gpu_model",
-                  "node_selector", "nodes", "gpus_per_node", "topology_key", "timeout_s", "command", "env", "working_dir", "server", "exit_code",
+                  "node_selector", "nodes", "gpus_per_node", "topology_key",
+                  "timeout_s", "command", "env", "working_dir", "server", "exit_code",
                   "failure_reason", "oom", "attempt", "max_retries", "created_at", "assigned_at", "started_at",
                   "finished_at"]
         read_only_fields = fields
