@@ -1183,7 +1183,9 @@ class _Pass:
             return ("reason", r)
         r = self._quota_reason(task, c, mem)
         if r is None and mode == WHOLE:
-            smallest = min(self.g_total[g] for gl in elig.values() for g in gl)
+            smallest = self.smallest_cache.get(ckey)
+            if smallest is None:
+                smallest = self.smallest_cache[ckey] = min(self.g_total[g] for gl in elig.values() for g in gl)
             r = self._memory_quota_reason(task, c * smallest)
         if r is None:
             r = self._share_reason(task, c)
