@@ -54,6 +54,9 @@ class SchedulerConfig:
     gang_start_timeout_s: int = 120
     # Model affinity: a GPU's remembered model stays in its cache this long after last use.
     model_cache_ttl_seconds: int = 3600
+    # A task whose dependency can no longer be satisfied is cancelled (Slurm's kill_invalid_depend);
+    # false keeps it pending with that reason.
+    cancel_invalid_dependents: bool = True
 
 
 _INT_BOUNDS: dict[str, tuple[int, int]] = {

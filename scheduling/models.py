@@ -246,6 +246,24 @@ class Task(models.Model):
         return cls.objects.select_for_update(of=("self",)).get(pk=pk)
 
 
+class TaskDependency(models.Model):
+    """``task`` may start only once ``depends_on`` ended as ``kind`` asks (see scheduling.dependencies)."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="dependencies")
+    depends_on = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="dependents")
+    kind = models.CharField(max_length=12, choices=[("after_ok", "after ok"), ("after_any", "after any"),
+                                                    ("after_not_ok", "after not ok")])
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task", "depends_on", "kind"], name="taskdependency_unique"),
+            models.CheckConstraint(condition=~Q(task=F("depends_on")), name="taskdependency_not_on_itself"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} {self.kind} {self.depends_on_id}"
+
+
 class TaskRank(models.Model):
     """One server's part of a gang's attempt: written with the placement, filled in by its agent.
 

@@ -32,11 +32,12 @@ from django.utils.dateparse import parse_datetime
 
 from nodes.models import GPUHealth, NodeStatus
 from portal import live
-from scheduling import triggers
+from scheduling import dependencies, lifecycle, triggers
 from scheduling.choices import ShareMode, TaskStatus
 from scheduling.core_types import (
     GpuState,
     NodeState,
+    PendingInfo,
     PendingTask,
     Placement,
     Plan,
@@ -494,10 +495,35 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         _lock_id, now = lock_scheduler()
         SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
         loaded = load_snapshot(now)
+        held = _hold_dependents(loaded, actor)
         core_started = time.perf_counter()
         plan = decide(loaded.snapshot)
         result.core_s = time.perf_counter() - core_started
+        position = len(plan.pending)
+        for task_id, reason in held.items():
+            position += 1
+            plan.pending[task_id] = PendingInfo(reason=reason, position=position)
         _apply(loaded, plan, actor=actor, now=now, result=result)
+
+
+def _hold_dependents(loaded: _Loaded, actor: str) -> dict[int, str]:
+    """Take tasks waiting for their dependencies out of the core's queue (they are listed after
+    it, with their reason); cancel those whose dependencies can never be satisfied."""
+    waiting, never = dependencies.blocked()
+    if not (waiting or never):
+        return {}
+    if settings.SCHEDULER.cancel_invalid_dependents:
+        for task_id, reason in never.items():
+            lifecycle.cancel(task_id, actor=actor, reason=reason)
+            loaded.stored_pending.pop(task_id, None)
+        if never:
+            # Their own dependents may now be unsatisfiable in turn.
+            triggers.request_pass("dependents cancelled")
+    else:
+        waiting.update(never)
+    held = waiting.keys() | never.keys()
+    loaded.snapshot.pending = [t for t in loaded.snapshot.pending if t.id not in held]
+    return waiting
 
 
 def run_requested_pass(reason: str = "") -> str:

@@ -21,9 +21,9 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from portal import live
-from scheduling import triggers
+from scheduling import access, dependencies, triggers
 from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
-from scheduling.models import Task, TaskEvent
+from scheduling.models import Task, TaskDependency, TaskEvent
 from tenants.models import Membership, Quota, Tenant
 
 # Limits a user can hit (documented in the README, "Limits a user can hit").
@@ -40,7 +40,7 @@ BATCH_MAX_TASKS = 1000
 FIELDS = (
     "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
     "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model",
-    "nodes", "gpus_per_node", "topology_key",
+    "nodes", "gpus_per_node", "topology_key", "dependency",
 )
 TOPOLOGY_KEY_MAX_CHARS = 100
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -84,6 +84,7 @@ class TaskSpec:
 
     tenant: Tenant
     values: dict[str, Any]
+    dependencies: list[tuple[str, int]] = field(default_factory=list)  # (kind, task id)
 
 
 @dataclass
@@ -361,9 +362,20 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         errors["workload_class"] = [f"Tenant {tenant.slug} may not submit {workload_class} tasks (allowed: {allowed})."]
     values["workload_class"] = workload_class
 
+    deps, problem = dependencies.parse(data.get("dependency"))
+    if problem:
+        errors["dependency"] = [problem]
+    elif deps:
+        wanted = {tid for _kind, tid in deps}
+        visible = set(access.tasks_for(ctx.user).filter(pk__in=wanted).values_list("pk", flat=True))
+        unknown = dependencies.unknown_ids(deps, visible)
+        if unknown:
+            errors["dependency"] = [f"Unknown task {', '.join(f'#{i}' for i in unknown)} "
+                                    f"(or not one you can see)."]
+
     if errors:
         return None, errors
-    return TaskSpec(tenant=tenant, values=values), {}
+    return TaskSpec(tenant=tenant, values=values, dependencies=deps), {}
 
 
 def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
@@ -397,6 +409,10 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
         TaskEvent.objects.bulk_create(
             TaskEvent(task=task, from_status="", to_status=TaskStatus.PENDING, actor=actor, reason="submitted")
             for task in tasks
+        )
+        TaskDependency.objects.bulk_create(
+            TaskDependency(task=task, depends_on_id=other, kind=kind)
+            for task, spec in zip(tasks, specs, strict=True) for kind, other in spec.dependencies
         )
         live.tasks_changed((task.tenant_id, task.pk) for task in tasks)
         triggers.request_pass("submit")

@@ -60,12 +60,21 @@ class TaskDetailSerializer(TaskSerializer):
     ranks = serializers.SerializerMethodField()
 
     class Meta(TaskSerializer.Meta):
-        fields = [*TaskSerializer.Meta.fields, "gpus", "ranks", "master_addr", "master_port"]
+        fields = [*TaskSerializer.Meta.fields, "gpus", "ranks", "master_addr", "master_port", "dependency"]
         read_only_fields = fields
 
     def to_representation(self, task: Task) -> dict:
         return {**super().to_representation(task), "gpus": self.get_gpus(task), "ranks": self.get_ranks(task),
-                "master_addr": task.master_addr or None, "master_port": task.master_port}
+                "master_addr": task.master_addr or None, "master_port": task.master_port,
+                "dependency": self.get_dependency(task)}
+
+    @extend_schema_field(serializers.DictField(child=serializers.ListField(child=serializers.IntegerField())))
+    def get_dependency(self, task: Task) -> dict[str, list[int]]:
+        """What it waits for, e.g. {"after_ok": [12, 13]}."""
+        out: dict[str, list[int]] = {}
+        for kind, other in task.dependencies.order_by("depends_on_id").values_list("kind", "depends_on_id"):
+            out.setdefault(kind, []).append(other)
+        return out
 
     @extend_schema_field(TaskRankSerializer(many=True))
     def get_ranks(self, task: Task) -> list[dict]:
@@ -98,6 +107,9 @@ class TaskSubmitSerializer(serializers.Serializer):
                                                "servers registered. With gpus_per_node or gpu_count.")
     gpus_per_node = serializers.IntegerField(required=False, min_value=1,
                                              help_text="GPUs on each server of a gang.")
+    dependency = serializers.JSONField(
+        required=False, help_text='Start only after other tasks you can see end: {"after_ok": [12, 13], '
+                                  '"after_any": [14], "after_not_ok": [15]} or Slurm\'s "afterok:12:13,afterany:14".')
     topology_key = serializers.CharField(required=False, max_length=submission.TOPOLOGY_KEY_MAX_CHARS,
                                          help_text="A server label all of a gang's servers share, e.g. rack.")
     gpu_memory_mb = serializers.IntegerField(required=False, allow_null=True, min_value=1,
