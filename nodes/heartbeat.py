@@ -16,7 +16,7 @@ from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 
-from nodes.models import GPU, GPUHealth, Node, NodeStatus
+from nodes.models import GPU, GPUHealth, Node, NodeStatus, remember_models
 from portal import live
 from portal.alerts import raise_alert
 from portal.models import Alert
@@ -179,6 +179,10 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
                 _update_metrics(to_update)
             if to_create:
                 GPU.objects.bulk_create(to_create)
+            by_index = {g.index: g for g in (*to_update, *to_create)}
+            for report in reports:
+                if report.get("loaded_models"):
+                    remember_models([by_index[report["index"]].pk], report["loaded_models"])
             for gpu, reason in errored:
                 gpu.cordon(f"auto: {reason}")
                 raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,

@@ -12,6 +12,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from nodes.models import remember_models
 from portal import live
 from scheduling import triggers
 from scheduling.choices import TaskStatus
@@ -23,6 +24,13 @@ def _changed(task: Task, *, node_id: int | None) -> None:
     if node_id is not None:
         live.assignments_changed([node_id])
         live.gpus_changed([node_id])
+
+
+def _remember_model(task: Task) -> None:
+    """The task's model is now loaded on its GPUs: the model-affinity score will prefer them."""
+    if task.model_name:
+        gpu_ids = task.allocations.filter(released_at__isnull=True).values_list("gpu_id", flat=True)
+        remember_models(gpu_ids, [task.model_name])
 
 
 def _gang_changed(task: Task, node_ids: list[int]) -> None:
@@ -73,6 +81,7 @@ def _gang_started(task: Task, node_id: int, actor: str) -> None:
     ranks = task.current_ranks()
     if task.status == TaskStatus.ASSIGNED and all(r.started_at is not None for r in ranks):
         task.transition(TaskStatus.RUNNING, actor=actor, reason=f"all {len(ranks)} ranks started")
+        _remember_model(task)
         _changed(task, node_id=None)
 
 
@@ -93,6 +102,7 @@ def report_started(task_id: int, *, node_id: int, actor: str, attempt: int | Non
             return task
         if task.status == TaskStatus.ASSIGNED:
             task.mark_running(actor=actor)
+            _remember_model(task)
             _changed(task, node_id=None)
         return task
 

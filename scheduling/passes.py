@@ -28,9 +28,8 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models.functions import Now
-from django.utils.dateparse import parse_datetime
 
-from nodes.models import GPUHealth, NodeStatus
+from nodes.models import GPUHealth, NodeStatus, model_cache
 from portal import live
 from scheduling import dependencies, lifecycle, triggers
 from scheduling.choices import ShareMode, TaskStatus
@@ -138,13 +137,10 @@ def _json(raw: str | dict | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _loaded_models(raw: str | dict | None) -> dict[str, datetime]:
-    out: dict[str, datetime] = {}
-    for name, when in _json(raw).items():
-        parsed = parse_datetime(when) if isinstance(when, str) else None
-        if parsed is not None:
-            out[name] = parsed
-    return out
+def _loaded_models(raw: str | dict | None, now: datetime, ttl_s: int) -> dict[str, datetime]:
+    if raw is None or raw == "{}":
+        return {}
+    return model_cache(_json(raw), now=now, ttl_s=ttl_s)
 
 
 def _reserved(config_reserved: tuple[str, ...], node_names: dict[int, str], gpu_node: int, index: int,
@@ -225,7 +221,7 @@ def load_snapshot(now: datetime) -> _Loaded:
                 # A GPU holding allocations is busy whatever the column still says.
                 idle_since=(datetime.fromtimestamp(idle_since, UTC)
                             if idle_since is not None and not (exclusive or shared) else None),
-                loaded_models=_loaded_models(loaded),
+                loaded_models=_loaded_models(loaded, now, config.model_cache_ttl_seconds),
                 schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
                                  or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
             ))

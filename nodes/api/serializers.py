@@ -40,6 +40,9 @@ class GPUReportSerializer(serializers.Serializer):
     xid_errors = serializers.ListField(child=serializers.IntegerField(min_value=0), max_length=64,
                                        required=False, default=list)
     processes = ProcessSerializer(many=True, required=False, default=list)
+    # Models the agent sees loaded on this GPU (e.g. from an inference server): affinity data.
+    loaded_models = serializers.ListField(child=serializers.CharField(max_length=200), max_length=16,
+                                          required=False, default=list)
 
 
 class HeartbeatSerializer(serializers.Serializer):
