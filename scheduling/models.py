@@ -74,6 +74,9 @@ class Task(models.Model):
     # rank 0's address as its agent reported it and the port it chose there.
     master_addr = models.CharField(max_length=255, blank=True)
     master_port = models.PositiveIntegerField(null=True, blank=True)
+    # An element of an array (scheduling.arrays): its index in the array.
+    array = models.ForeignKey("TaskArray", null=True, blank=True, on_delete=models.CASCADE, related_name="tasks")
+    array_index = models.PositiveIntegerField(null=True, blank=True)
 
     status = models.CharField(max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
     pending_reason = models.CharField(max_length=500, blank=True)
@@ -244,6 +247,25 @@ class Task(models.Model):
     def locked(cls, pk: int) -> Task:
         """The task with its row locked; call inside ``transaction.atomic()``."""
         return cls.objects.select_for_update(of=("self",)).get(pk=pk)
+
+
+class TaskArray(models.Model):
+    """Many tasks from one submission (``array: "0-99%8"``); at most ``throttle`` run at once."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="task_arrays")
+    submitter = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="task_arrays")
+    name = models.CharField(max_length=200)
+    spec = models.CharField(max_length=200, help_text='As submitted, e.g. "0-99%8".')
+    size = models.PositiveIntegerField()
+    throttle = models.PositiveIntegerField(default=0, help_text="Most elements running at once; 0: no limit.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["throttle"], name="taskarray_throttled_idx", condition=Q(throttle__gt=0))]
+
+    def __str__(self) -> str:
+        return f"array #{self.pk} {self.name} [{self.spec}]"
 
 
 class TaskDependency(models.Model):

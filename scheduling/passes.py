@@ -31,7 +31,7 @@ from django.db.models.functions import Now
 
 from nodes.models import GPUHealth, NodeStatus, model_cache
 from portal import live
-from scheduling import dependencies, lifecycle, triggers
+from scheduling import arrays, dependencies, lifecycle, triggers
 from scheduling.choices import ShareMode, TaskStatus
 from scheduling.core_types import (
     GpuState,
@@ -503,9 +503,12 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
 
 
 def _hold_dependents(loaded: _Loaded, actor: str) -> dict[int, str]:
-    """Take tasks waiting for their dependencies out of the core's queue (they are listed after
-    it, with their reason); cancel those whose dependencies can never be satisfied."""
+    """Take tasks waiting for their dependencies, or beyond their array's throttle, out of the
+    core's queue (they are listed after it, with their reason); cancel those whose dependencies
+    can never be satisfied."""
     waiting, never = dependencies.blocked()
+    for task_id, reason in arrays.throttled().items():
+        waiting.setdefault(task_id, reason)
     if not (waiting or never):
         return {}
     if settings.SCHEDULER.cancel_invalid_dependents:

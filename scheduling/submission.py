@@ -21,9 +21,9 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from portal import live
-from scheduling import access, dependencies, triggers
+from scheduling import access, arrays, dependencies, triggers
 from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
-from scheduling.models import Task, TaskDependency, TaskEvent
+from scheduling.models import Task, TaskArray, TaskDependency, TaskEvent
 from tenants.models import Membership, Quota, Tenant
 
 # Limits a user can hit (documented in the README, "Limits a user can hit").
@@ -40,7 +40,7 @@ BATCH_MAX_TASKS = 1000
 FIELDS = (
     "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
     "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model",
-    "nodes", "gpus_per_node", "topology_key", "dependency",
+    "nodes", "gpus_per_node", "topology_key", "dependency", "array",
 )
 TOPOLOGY_KEY_MAX_CHARS = 100
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -85,6 +85,12 @@ class TaskSpec:
     tenant: Tenant
     values: dict[str, Any]
     dependencies: list[tuple[str, int]] = field(default_factory=list)  # (kind, task id)
+    # An array: (spec as given, element indexes, throttle); None for one task.
+    array: tuple[str, list[int], int] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.array[1]) if self.array else 1
 
 
 @dataclass
@@ -373,9 +379,19 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
             errors["dependency"] = [f"Unknown task {', '.join(f'#{i}' for i in unknown)} "
                                     f"(or not one you can see)."]
 
+    array = None
+    if data.get("array") not in (None, ""):
+        indexes, throttle, problem = arrays.parse(data["array"], BATCH_MAX_TASKS)
+        if problem:
+            errors["array"] = [problem]
+        elif len(values.get("env") or {}) + 4 > ENV_MAX_VARS:
+            errors["env"] = [f"At most {ENV_MAX_VARS - 4} variables in an array (each element gets 4 more)."]
+        else:
+            array = (data["array"].strip()[:200], indexes, throttle)
+
     if errors:
         return None, errors
-    return TaskSpec(tenant=tenant, values=values, dependencies=deps), {}
+    return TaskSpec(tenant=tenant, values=values, dependencies=deps, array=array), {}
 
 
 def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
@@ -386,7 +402,7 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
     actor = f"user:{ctx.user.get_username()}"
     wanted: dict[int, int] = {}
     for spec in specs:
-        wanted[spec.tenant.pk] = wanted.get(spec.tenant.pk, 0) + 1
+        wanted[spec.tenant.pk] = wanted.get(spec.tenant.pk, 0) + spec.count
     with transaction.atomic():
         # The quota rows serialise concurrent submitters of one tenant, so the
         # pending limit holds exactly; other tenants are not held up.
@@ -401,18 +417,29 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
                     f"Tenant {slug} would have more than {limit} pending tasks (it has {pending}, "
                     f"this adds {wanted[quota.tenant_id]}); wait for some to start or cancel some."
                 ]})
-        tasks = Task.objects.bulk_create(
-            Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
-                 pending_reason="waiting for the scheduler", **spec.values)
-            for spec in specs
-        )
+        rows: list[tuple[Task, TaskSpec]] = []
+        for spec in specs:
+            if spec.array is None:
+                rows.append((Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
+                                  pending_reason="waiting for the scheduler", **spec.values), spec))
+                continue
+            text, indexes, throttle = spec.array
+            array = TaskArray.objects.create(tenant=spec.tenant, submitter=ctx.user, name=spec.values["name"],
+                                             spec=text, size=len(indexes), throttle=throttle)
+            values = {k: v for k, v in spec.values.items() if k != "env"}
+            for i in indexes:
+                env = {**(spec.values.get("env") or {}), **arrays.environment(array.pk, i)}
+                rows.append((Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
+                                  pending_reason="waiting for the scheduler", array=array, array_index=i, env=env,
+                                  **values), spec))
+        tasks = Task.objects.bulk_create([task for task, _spec in rows])
         TaskEvent.objects.bulk_create(
             TaskEvent(task=task, from_status="", to_status=TaskStatus.PENDING, actor=actor, reason="submitted")
             for task in tasks
         )
         TaskDependency.objects.bulk_create(
             TaskDependency(task=task, depends_on_id=other, kind=kind)
-            for task, spec in zip(tasks, specs, strict=True) for kind, other in spec.dependencies
+            for task, (_row, spec) in zip(tasks, rows, strict=True) for kind, other in spec.dependencies
         )
         live.tasks_changed((task.tenant_id, task.pk) for task in tasks)
         triggers.request_pass("submit")

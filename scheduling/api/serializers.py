@@ -4,7 +4,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduling import submission
-from scheduling.choices import Priority, ShareMode, WorkloadClass
+from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
 from scheduling.models import Task, TaskEvent
 
 
@@ -13,12 +13,13 @@ class TaskSerializer(serializers.ModelSerializer):
     submitter = serializers.CharField(source="submitter.username", default=None)
     priority = serializers.CharField(source="get_priority_display")
     server = serializers.CharField(source="node.name", default=None)
+    array_id = serializers.IntegerField(allow_null=True)
 
     class Meta:
         model = Task
         fields = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
                   "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "model_name", "gpu_model",
-                  "node_selector", "nodes", "gpus_per_node", "topology_key",
+                  "node_selector", "nodes", "gpus_per_node", "topology_key", "array_id", "array_index",
                   "timeout_s", "command", "env", "working_dir", "server", "exit_code",
                   "failure_reason", "oom", "attempt", "max_retries", "created_at", "assigned_at", "started_at",
                   "finished_at"]
@@ -38,6 +39,7 @@ class TaskSerializer(serializers.ModelSerializer):
             "gpu_count": task.gpu_count, "gpu_memory_mb": task.gpu_memory_mb, "share_mode": task.share_mode,
             "model_name": task.model_name, "gpu_model": task.gpu_model, "node_selector": task.node_selector,
             "nodes": task.nodes, "gpus_per_node": task.gpus_per_node, "topology_key": task.topology_key,
+            "array_id": task.array_id, "array_index": task.array_index,
             "timeout_s": task.timeout_s, "command": task.command, "env": task.env, "working_dir": task.working_dir,
             "server": task.node.name if task.node_id else None, "exit_code": task.exit_code,
             "failure_reason": task.failure_reason, "oom": task.oom, "attempt": task.attempt,
@@ -58,6 +60,7 @@ class TaskRankSerializer(serializers.Serializer):
 class TaskDetailSerializer(TaskSerializer):
     gpus = serializers.SerializerMethodField()
     ranks = serializers.SerializerMethodField()
+    dependency = serializers.SerializerMethodField()
 
     class Meta(TaskSerializer.Meta):
         fields = [*TaskSerializer.Meta.fields, "gpus", "ranks", "master_addr", "master_port", "dependency"]
@@ -110,6 +113,10 @@ class TaskSubmitSerializer(serializers.Serializer):
     dependency = serializers.JSONField(
         required=False, help_text='Start only after other tasks you can see end: {"after_ok": [12, 13], '
                                   '"after_any": [14], "after_not_ok": [15]} or Slurm\'s "afterok:12:13,afterany:14".')
+    array = serializers.CharField(
+        required=False, max_length=200,
+        help_text='Many tasks at once, Slurm\'s syntax: "0-99%8" (indexes 0..99, at most 8 running), "1,3,5-7", '
+                  '"0-15:4". Each gets TASK_ARRAY_INDEX and SLURM_ARRAY_TASK_ID; the response is the first element.')
     topology_key = serializers.CharField(required=False, max_length=submission.TOPOLOGY_KEY_MAX_CHARS,
                                          help_text="A server label all of a gang's servers share, e.g. rack.")
     gpu_memory_mb = serializers.IntegerField(required=False, allow_null=True, min_value=1,
@@ -155,3 +162,20 @@ class PreviewSerializer(serializers.Serializer):
     server = serializers.CharField(allow_null=True)
     gpus = serializers.ListField(child=serializers.CharField())
     queue_position = serializers.IntegerField(allow_null=True)
+
+
+class TaskArraySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    tenant = serializers.CharField(source="tenant.slug")
+    submitter = serializers.CharField(source="submitter.username", default=None)
+    spec = serializers.CharField()
+    size = serializers.IntegerField()
+    throttle = serializers.IntegerField(help_text="Most elements running at once; 0: no limit.")
+    created_at = serializers.DateTimeField()
+    counts = serializers.SerializerMethodField()
+
+    @extend_schema_field(serializers.DictField(child=serializers.IntegerField()))
+    def get_counts(self, array) -> dict[str, int]:
+        """Elements by state (only the states that have some)."""
+        return {state: getattr(array, f"n_{state}") for state in TaskStatus.values if getattr(array, f"n_{state}")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from django.db.models import Case, IntegerField, Value, When
+from django.db.models import Case, Count, IntegerField, Q, Value, When
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -17,13 +17,15 @@ from scheduling.api.serializers import (
     BatchResultSerializer,
     BatchSubmitSerializer,
     PreviewSerializer,
+    TaskArraySerializer,
     TaskDetailSerializer,
     TaskEventSerializer,
     TaskLogSerializer,
     TaskSerializer,
     TaskSubmitSerializer,
 )
-from scheduling.choices import Priority, TaskStatus
+from scheduling.choices import FINAL_STATUSES, Priority, TaskStatus
+from scheduling.models import TaskArray
 
 
 def _csv(value: str | None) -> list[str]:
@@ -81,6 +83,11 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                                                     f"{', '.join(Priority.labels)}."]}) from None
         if priorities:
             qs = qs.filter(priority__in=priorities)
+        if params.get("array"):
+            array = params["array"]
+            if not array.isdigit():
+                raise ValidationError({"array": ["Must be an array id (a whole number)."]})
+            qs = qs.filter(array_id=int(array))
         if params.get("mine", "").lower() in ("1", "true", "yes"):
             qs = qs.filter(submitter=self.request.user)
         ordering = params.get("ordering", "-created_at")
@@ -183,3 +190,36 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         else:
             page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt, rank=rank)
         return Response(asdict(page))
+
+
+def _with_counts(qs):
+    return qs.annotate(**{f"n_{state}": Count("tasks", filter=Q(tasks__status=state)) for state in TaskStatus.values})
+
+
+class TaskArrayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Arrays as one: counts of their elements by state, and cancel all of them at once.
+    Each element is also an ordinary task (``/api/v1/tasks?array=ID``)."""
+
+    serializer_class = TaskArraySerializer
+    lookup_value_regex = r"\d+"
+
+    def get_queryset(self):
+        return _with_counts(TaskArray.objects.filter(tenant__in=access.tenants_for(self.request.user))
+                            .select_related("tenant", "submitter")).order_by("-created_at", "-id")
+
+    @extend_schema(request=None, responses={200: TaskArraySerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel every element that has not ended (those you may cancel)."""
+        array = self.get_object()
+        actor = f"user:{request.user.get_username()}"
+        live = access.tasks_for(request.user).filter(array=array).exclude(status__in=FINAL_STATUSES).order_by("pk")
+        refused = 0
+        for task in live:
+            if access.can_cancel(request.user, task):
+                lifecycle.cancel(task.pk, actor=actor, reason=f"array #{array.pk} cancelled")
+            else:
+                refused += 1
+        if refused and refused == len(live):
+            raise PermissionDenied("Only the submitter, a tenant admin or an operator may cancel this array.")
+        return Response(TaskArraySerializer(self.get_queryset().get(pk=array.pk)).data)
