@@ -36,8 +36,13 @@ Rules, in the order a task meets them
    task needs GPUs with no allocation at all where ``used + memory + safety margin <=
    total``; a shared task packs onto GPUs without an exclusive allocation while the same
    sum fits; ``memory_mb = None`` needs whole, empty GPUs (recorded as exclusive
-   allocations of the GPU's total memory). Gang: all ``gpu_count`` GPUs on ONE server,
-   or nothing ("no server has 4 free GPUs with 40 GB; best has 3").
+   allocations of the GPU's total memory). A task's ``gpu_count`` GPUs go on ONE server,
+   or nothing ("no server has 4 free GPUs with 40 GB; best has 3"). A gang across servers
+   (``nodes`` > 1) gets ``gpu_count / nodes`` GPUs on each of ``nodes`` servers, all sharing
+   the value of the label ``topology_key`` when it is set, or nothing ("no 2 servers with 8
+   free GPUs with 70 GB sharing rack; best has 1"); it is placed exclusive, its
+   ``Placement.ranks`` list the servers in rank order, and the backfill reservation and
+   preemption below pick servers for it the same way (the cheapest group of servers).
 6. **Score.** GPU score = model affinity (+100 when the task's model is loaded on it,
    +50 when its LRU cache has room: fewer than ``max_models_per_gpu`` models) + the
    load-balance score (free memory 40, utilisation 30, temperature 20, idle time 10,
