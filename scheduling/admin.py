@@ -9,7 +9,7 @@ from django.utils.html import format_html
 from portal import live
 from scheduling import lifecycle, triggers
 from scheduling.choices import Priority
-from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk
+from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk, TaskRank
 
 
 class TaskActionForm(ActionForm):
@@ -44,6 +44,13 @@ class AllocationInline(ReadOnlyMixin, admin.TabularInline):
     readonly_fields = fields
 
 
+class TaskRankInline(ReadOnlyMixin, admin.TabularInline):
+    model = TaskRank
+    extra = 0
+    fields = ["attempt", "rank", "node", "address", "port", "ready_at", "started_at", "finished_at", "exit_code"]
+    readonly_fields = fields
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "tenant", "live_status", "live_priority", "workload_class", "gpu_count",
@@ -59,13 +66,14 @@ class TaskAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["tenant", "submitter", "name", "command", "env", "working_dir"]}),
         ("Resources", {"fields": ["gpu_count", "gpu_memory_mb", "share_mode", "model_name", "priority",
-                                  "workload_class", "timeout_s", "node_selector", "gpu_model", "max_retries"]}),
+                                  "workload_class", "timeout_s", "node_selector", "gpu_model", "max_retries",
+                                  "nodes", "topology_key"]}),
         ("State", {"fields": ["status", "pending_reason", "queue_position", "node", "exit_code", "failure_reason",
                               "oom", "attempt", "created_at", "assigned_at", "started_at", "finished_at",
                               "updated_at"]}),
         ("Log", {"fields": ["log_tail"]}),
     ]
-    inlines = [AllocationInline, TaskEventInline]
+    inlines = [AllocationInline, TaskRankInline, TaskEventInline]
     autocomplete_fields = ["tenant", "submitter"]
 
     @admin.display(description="status", ordering="status")

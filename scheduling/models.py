@@ -110,7 +110,7 @@ class Task(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="task_gpu_count_positive"),
             models.CheckConstraint(condition=Q(nodes__gte=1) & Q(gpu_count__gte=F("nodes")),
-                                   name="task_gang_at_least_one_gpu_per_server"),
+                                   name="task_nodes_within_gpu_count"),
             models.CheckConstraint(condition=Q(timeout_s__gte=1), name="task_timeout_positive"),
             models.CheckConstraint(condition=Q(status__in=TaskStatus.values), name="task_status_valid"),
             models.CheckConstraint(condition=Q(priority__gte=0) & Q(priority__lte=3), name="task_priority_valid"),

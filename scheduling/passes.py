@@ -344,8 +344,7 @@ def _apply_preemptions(plan: Plan, actor: str, notify_nodes: set[int], changed: 
                .order_by("pk"))
     for victim in victims:
         preemption = by_victim[victim.pk]
-        if victim.node_id is not None:
-            notify_nodes.add(victim.node_id)
+        notify_nodes.update(victim.node_ids())  # every server of a gang stops its rank
         reason = preemption.reason or f"preempted by task {preemption.by_task_id}"
         victim.requeue(actor=actor, reason=reason)
         changed.append((victim.tenant_id, victim.pk))

@@ -74,3 +74,14 @@ def test_a_placed_gang_shows_its_ranks_and_holds_every_gpu_against_the_quota(as_
     assert len(body["gpus"]) == 16
     usage = acme.usage()
     assert (usage.gpus, usage.running_tasks) == (16, 1)  # every GPU of the gang, one task
+
+
+def test_a_dry_run_says_which_servers_a_gang_would_start_on(as_alice, acme, settings):
+    settings.SCHEDULER = dataclasses.replace(settings.SCHEDULER, online_share=1.0, batch_share=1.0)
+    acme.quota.max_gpus, acme.quota.max_gpu_memory_mb = 16, 10**7
+    acme.quota.save()
+    r = as_alice.post("/api/v1/tasks/preview", {"command": "x", "nodes": 2, "gpus_per_node": 8}, format="json")
+    assert r.status_code == 200, r.content
+    body = r.json()
+    assert body["fits"] and body["message"].startswith("Would start now as a gang on gpu-0")
+    assert len(body["gpus"]) == 16 and not Task.objects.exists()

@@ -184,3 +184,15 @@ def test_the_form_submits_a_gang_and_refuses_a_bad_one_with_the_apis_messages(al
     assert r.status_code == 302, r.content.decode()[:2000]
     task = Task.objects.get()
     assert (task.gpu_count, task.nodes, task.topology_key) == (16, 2, "rack")
+
+
+def test_the_form_submits_an_array_after_a_dependency(alice_in, alice, acme):
+    first = Task.objects.create(tenant=acme, submitter=alice, name="prep", command="x")
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "python sweep.py", "array": "0-3%2",
+                                   "dependency": f"afterok:{first.pk}", "action": "submit"})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    elements = Task.objects.exclude(pk=first.pk)
+    assert sorted(elements.values_list("array_index", flat=True)) == [0, 1, 2, 3]
+    assert {t.dependencies.get().depends_on_id for t in elements} == {first.pk}
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "x", "array": "9-1", "action": "submit"})
+    assert r.status_code == 400 and "Bad range" in r.content.decode()

@@ -67,7 +67,7 @@ class Migration(migrations.Migration):
         ),
         migrations.AddConstraint(
             model_name='task',
-            constraint=models.CheckConstraint(condition=models.Q(('nodes__gte', 1), ('gpu_count__gte', models.F('nodes'))), name='task_gang_at_least_one_gpu_per_server'),
+            constraint=models.CheckConstraint(condition=models.Q(('nodes__gte', 1), ('gpu_count__gte', models.F('nodes'))), name='task_nodes_within_gpu_count'),
         ),
         migrations.AddConstraint(
             model_name='tasklogchunk',
