@@ -384,10 +384,11 @@ def cmd_show(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_logs(args: argparse.Namespace, client: Client) -> int:
+    rank = args.rank or None  # a gang's server; rank 0 by default
     if args.follow and args.tail is None:
-        page = client.get(f"tasks/{args.id}/logs", offset=0)
+        page = client.get(f"tasks/{args.id}/logs", offset=0, rank=rank)
     else:
-        page = client.get(f"tasks/{args.id}/logs", tail=args.tail or 100)
+        page = client.get(f"tasks/{args.id}/logs", tail=args.tail or 100, rank=rank)
     sys.stdout.write(page["data"])
     sys.stdout.flush()
     while args.follow:
@@ -398,10 +399,10 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
             time.sleep(args.interval)
         attempt = page["attempt"]
         # No attempt pinned: a requeued task's new attempt starts a new log from offset 0.
-        page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"])
+        page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"], rank=rank)
         if page["attempt"] != attempt:
             sys.stdout.write(f"--- attempt {page['attempt']} ---\n")
-            page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"])
+            page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"], rank=rank)
         sys.stdout.write(page["data"])
         sys.stdout.flush()
         if was_final and not page["data"]:
@@ -514,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
     p.add_argument("--tail", type=int, help="last N lines (default 100; with -f: from the start)")
+    p.add_argument("--rank", type=int, default=0, help="a gang's rank (server) whose output to show (default 0)")
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
     p = sub.add_parser("cancel", parents=[common], help="cancel tasks (or --array: every element of arrays)")

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from scheduling.models import Task
+from scheduling.models import Task, TaskLogChunk
 from tests.test_cli import gpuctl  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -38,6 +38,12 @@ def test_a_batch_script_carries_its_options_and_the_command_line_overrides_them(
     assert result.stdout == "ran train.sh --lr 0.1\n"
     shown = gpuctl("show", str(task.pk)).stdout
     assert "nodes:           2" in shown and "gpus_per_node:   8" in shown
+    TaskLogChunk.objects.create(task=task, attempt=0, rank=0, offset=0, data="rank zero\n")
+    TaskLogChunk.objects.create(task=task, attempt=0, rank=1, offset=0, data="rank one\n")
+    assert gpuctl("logs", str(task.pk)).stdout == "rank zero\n"
+    assert gpuctl("logs", "--rank", "1", str(task.pk)).stdout == "rank one\n"
+    refused = gpuctl("logs", "--rank", "2", str(task.pk), check=False)
+    assert refused.returncode == 1 and "rank: Must be between 0 and 1." in refused.stderr
 
 
 def test_a_bad_directive_is_one_line_naming_the_script(gpuctl, tmp_path):  # noqa: F811
