@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('scheduling', '0003_task_gangs_across_servers'),
+        ('scheduling', '0004_task_gangs_across_servers'),
     ]
 
     operations = [
