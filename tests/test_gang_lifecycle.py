@@ -13,8 +13,15 @@ from scheduling import lifecycle
 from scheduling.models import Allocation, Task
 from scheduling.passes import run_pass
 from scheduling.sweep import sweep
+from tests.test_sweep import listening_for
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _portal_listening(db):
+    """The sweep judges on evidence: the portal has been listening for an hour."""
+    listening_for(3600)
 
 
 @pytest.fixture
