@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ from scheduling.models import Allocation, Task, TaskLogChunk
 from scheduling.passes import run_pass
 from tests.agent_live import Agents, server_ready, start_portal, stop, wait_for
 
-PY = sys.executable
+# Tasks run as an unprivileged mapped account: a system Python it may execute (the venv's may sit
+# under a home directory it cannot enter); the rank check needs only the standard library.
+PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
 pytestmark = pytest.mark.django_db(transaction=True)
 RANK_VARS = ("NODE_RANK", "NNODES", "NPROC_PER_NODE", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR",
              "MASTER_PORT", "PORTAL_TASK_ID", "CUDA_VISIBLE_DEVICES")
@@ -42,11 +46,14 @@ def two_servers(tmp_path, portal):
     token_file = tmp_path / "join-token"
     token_file.write_text(issue_join_token(note="tests"))
     fleet = Agents(tmp=tmp_path, join_token_file=token_file)
-    for name in ("sim-01", "sim-02"):
-        fleet.start(name, [portal], "--address", "127.0.0.1")
+    # Two servers on one machine: each agent keeps its tasks' work dirs apart (as two hosts would).
+    own_work_root = Path(tempfile.mkdtemp(prefix="gang-agent-work-"))
+    fleet.start("sim-01", [portal], "--address", "127.0.0.1")
+    fleet.start("sim-02", [portal], "--address", "127.0.0.1", "--work-root", str(own_work_root))
     nodes = [server_ready("sim-01"), server_ready("sim-02")]
     yield nodes
     fleet.stop_all()
+    shutil.rmtree(own_work_root, ignore_errors=True)
 
 
 def gang(tenant, seconds: float) -> Task:
