@@ -8,6 +8,10 @@ GPUs, four priorities, several tenants, online and batch, some shared, some with
 or constraints), runs the same pass a few times and prints each task's fastest decision
 time (median and p99, µs; the fastest of several runs filters out the noise of other
 processes on a shared machine), the same for the placed tasks alone, and the pass time.
+With gangs, the same queue has about 2% of its tasks turned into 16- and 32-GPU gangs across
+2 or 4 whole servers (as in public cluster traces), some held to one ``zone``: the figures
+are printed beside the gang-free ones, with the gang tasks' own median
+(``gang_decision_us_median``).
 No database: this measures the core alone; ``bench/scheduler.py`` measures passes end to
 end and reuses ``build_snapshot`` from here. Beside the figures: the raw ceiling
 measured in the same run, a naive first-fit over the same snapshot in plain Python
@@ -49,6 +53,7 @@ GPU_MODELS = (  # (name, memory MB, weight)
     ("NVIDIA L40S", 46_068, 1),
 )
 SIZES = (1, 1, 1, 1, 2, 2, 4, 8)
+GANG_FRACTION = 0.02  # of pending tasks turned into 16- and 32-GPU gangs
 MEMORIES = (None, 8_000, 8_000, 16_000, 16_000, 24_000, 30_000, 38_000, 70_000)
 LLM_MODELS = ("deepseek-7b", "llama-3-8b", "qwen2-7b", "mistral-7b")
 TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
@@ -56,7 +61,7 @@ TENANTS = ("acme", "globex", "initech", "umbrella", "hooli", "stark")
 
 def build_snapshot(servers: int = 200, gpus_per_server: int = 8, tasks: int = 3000, *, seed: int = 1,
                    busy_fraction: float = 0.3, config: SchedulerConfig | None = None,
-                   now: datetime | None = None) -> Snapshot:
+                   now: datetime | None = None, gang_fraction: float = 0.0) -> Snapshot:
     """A synthetic cluster with some GPUs busy and a mixed pending queue; deterministic per seed."""
     rnd = random.Random(seed)
     now = now or datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -130,6 +135,17 @@ def build_snapshot(servers: int = 200, gpus_per_server: int = 8, tasks: int = 30
             node_selector={"zone": "abcd"[tid % 4]} if rnd.random() < 0.05 else {},
             gpu_model=("H100" if rnd.random() < 0.5 else "A100") if rnd.random() < 0.05 else "",
         ))
+    if gang_fraction:
+        # Its own random stream: the rest of the queue stays exactly the gang-free one.
+        grnd = random.Random(seed + 7)
+        for i, t in enumerate(pending):
+            if grnd.random() < gang_fraction:
+                size = grnd.choice((16, 16, 32))
+                pending[i] = dataclasses.replace(
+                    t, gpu_count=size, nodes=size // gpus_per_server, memory_mb=grnd.choice((None, 70_000)),
+                    exclusive=True, model_name="", node_selector={}, gpu_model="",
+                    topology_key="zone" if grnd.random() < 0.3 else "",
+                )
     return Snapshot(now=now, config=config, nodes=nodes, tenants=tenants, running=running, pending=pending)
 
 
@@ -155,13 +171,13 @@ def first_fit_us(snap: Snapshot, runs: int) -> float:
     return best * 1e6
 
 
-def measure(servers: int, tasks: int, runs: int, config: SchedulerConfig) -> dict:
+def measure(servers: int, tasks: int, runs: int, config: SchedulerConfig, gang_fraction: float = 0.0) -> dict:
     """Run the same pass ``runs`` times and keep each task's fastest decision.
 
     The core is deterministic, so every run makes the same decisions; the minimum filters
     out the time other processes on a shared machine steal from a run.
     """
-    snap = build_snapshot(servers, 8, tasks, seed=1, config=config)
+    snap = build_snapshot(servers, 8, tasks, seed=1, config=config, gang_fraction=gang_fraction)
     best: list[float] | None = None
     passes: list[float] = []
     plan = None
@@ -173,8 +189,9 @@ def measure(servers: int, tasks: int, runs: int, config: SchedulerConfig) -> dic
     assert plan is not None and best is not None
     done = {p.task_id for p in plan.placements}
     us = sorted(t * 1e6 for t in best)
-    placed_us = sorted(t * 1e6 for t, task in zip(best, queue_order(snap.pending), strict=True)
-                       if task.id in done) or [0.0]
+    order = queue_order(snap.pending)
+    placed_us = sorted(t * 1e6 for t, task in zip(best, order, strict=True) if task.id in done) or [0.0]
+    gang_us = sorted(t * 1e6 for t, task in zip(best, order, strict=True) if task.nodes > 1) or [0.0]
 
     def p99(values: list[float]) -> float:
         return round(values[min(len(values) - 1, int(len(values) * 0.99))], 2)
@@ -190,6 +207,9 @@ def measure(servers: int, tasks: int, runs: int, config: SchedulerConfig) -> dic
         "placed_decision_us_p99": p99(placed_us),
         "core_pass_ms": round(min(passes) * 1e3, 2),
         "raw_first_fit_us": round(first_fit_us(snap, runs), 2),
+        "gangs": sum(1 for t in snap.pending if t.nodes > 1),
+        "gangs_placed": sum(1 for p in plan.placements if p.ranks),
+        "gang_decision_us_median": round(statistics.median(gang_us), 2),
     }
 
 
@@ -207,22 +227,33 @@ def main() -> None:
         config = dataclasses.replace(config, preemption=("CRITICAL",), allow_borrowing=True)
     runs = 3 if args.quick else 7
     results = []
-    for servers, tasks in ((200, args.tasks or 3000), (1000, args.tasks or 10_000)):
-        res = measure(servers, tasks, runs, config)
-        results.append(res)
-        print(f"{res['gpus']:>5} GPUs, {res['tasks']:>6} pending: placed {res['placed']:>5}, "
+    gang_results = []
+    cases = [(200, args.tasks or 3000, 0.0), (200, args.tasks or 3000, GANG_FRACTION),
+             (1000, args.tasks or 10_000, 0.0), (1000, args.tasks or 10_000, GANG_FRACTION)]
+    for servers, tasks, gangs in cases:
+        res = measure(servers, tasks, runs, config, gangs)
+        (gang_results if gangs else results).append(res)
+        mix = f"with {res['gangs']} gangs ({res['gangs_placed']} placed, median {res['gang_decision_us_median']} µs)" \
+            if gangs else "no gangs"
+        print(f"{res['gpus']:>5} GPUs, {res['tasks']:>6} pending, {mix}: placed {res['placed']:>5}, "
               f"decision median {res['decision_us_median']:>6.2f} µs, p99 {res['decision_us_p99']:>7.2f} µs, "
               f"mean {res['decision_us_mean']:>6.2f} µs; "
               f"placed tasks median {res['placed_decision_us_median']:>6.2f} µs, "
               f"p99 {res['placed_decision_us_p99']:>7.2f} µs; core pass {res['core_pass_ms']:>8.2f} ms; "
               f"raw ceiling (naive first-fit) {res['raw_first_fit_us']:.2f} µs per task")
     head = results[0]
+    gang_head = gang_results[0]
     print(json.dumps({
         "decision_us_median": head["decision_us_median"], "decision_us_p99": head["decision_us_p99"],
         "raw_first_fit_us": head["raw_first_fit_us"],
         "decision_us_mean": head["decision_us_mean"],
         "decision_us_mean_ratio": round(head["decision_us_mean"] / head["raw_first_fit_us"], 2),
         "gpus": head["gpus"], "tasks": head["tasks"], "sizes": results,
+        # The same 1,600-GPU queue with ~2% gangs: decision time per task must stay within 10%.
+        "gang_mix_decision_us_median": gang_head["decision_us_median"],
+        "gang_mix_vs_no_gangs": round(gang_head["decision_us_median"] / head["decision_us_median"], 3),
+        "gang_decision_us_median": gang_head["gang_decision_us_median"],
+        "gang_sizes": gang_results,
     }))
 
 

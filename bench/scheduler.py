@@ -21,6 +21,10 @@ set-based statements (tasks, allocations, events: every constraint in place) and
 one commit; and a commit + NOTIFY answered by a listener's committed row
 (``bench.ceilings``), the floor under submit -> allocated.
 
+The 1,600-GPU case runs again with about 2% of the queue turned into 16- and 32-GPU gangs
+(2 or 4 whole servers each): placements/s and decision time must stay within 10% of the
+gang-free figures; ``gang_decision_us_median`` is the gang tasks' own decision time.
+
 The last line printed is one JSON object with the figures of the 1,600-GPU case.
 """
 
@@ -71,7 +75,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def build(servers: int, seed: int = 1) -> int:
+def build(servers: int, seed: int = 1, gang_fraction: float = 0.0) -> int:
     """A fresh cluster of ``servers`` x 8 GPUs and 1.25 pending tasks per GPU. Returns the task count."""
     from django.db import connection
     from django.utils import timezone
@@ -112,6 +116,14 @@ def build(servers: int, seed: int = 1) -> int:
             workload_class=WorkloadClass.ONLINE if rng.random() < 0.6 else WorkloadClass.BATCH,
             timeout_s=rng.choice((600, 3600, 7200)), created_at=start + timedelta(milliseconds=i),
         ))
+    if gang_fraction:
+        # Its own random stream: the rest of the queue is exactly the gang-free one.
+        grng = random.Random(seed + 7)
+        for task in tasks:
+            if grng.random() < gang_fraction:
+                task.gpu_count = grng.choice((16, 16, 32))
+                task.nodes = task.gpu_count // 8
+                task.gpu_memory_mb, task.share_mode = 70_000, ShareMode.EXCLUSIVE
     Task.objects.bulk_create(tasks, batch_size=2000)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
@@ -124,6 +136,7 @@ def reset_to_pending() -> None:
 
     with connection.cursor() as cursor:
         cursor.execute("DELETE FROM scheduling_allocation")
+        cursor.execute("DELETE FROM scheduling_taskrank")
         cursor.execute("DELETE FROM scheduling_taskevent")
         cursor.execute("UPDATE scheduling_task SET status = 'pending', node_id = NULL, assigned_at = NULL, "
                        "pending_reason = '', queue_position = NULL WHERE status <> 'pending'")
@@ -131,13 +144,16 @@ def reset_to_pending() -> None:
         cursor.execute("VACUUM ANALYZE scheduling_task")
 
 
-def timed_schedule(sink: list[float]):
+def timed_schedule(sink: list[float], gang_sink: list[float] | None = None):
     from scheduling import core
 
     def schedule(snapshot):
         if hasattr(core, "schedule_timed"):
             plan, timings = core.schedule_timed(snapshot)
             sink.extend(timings)
+            if gang_sink is not None:
+                order = core.queue_order(snapshot.pending)
+                gang_sink.extend(t for t, task in zip(timings, order, strict=True) if task.nodes > 1)
             return plan
         t0 = time.perf_counter()
         plan = core.schedule(snapshot)
@@ -153,9 +169,10 @@ def throughput(runs: int) -> dict:
 
     rates, durations, cores, placed, full_durations, notifies = [], [], [], [], [], []
     decisions: list[float] = []
+    gang_decisions: list[float] = []
     for _ in range(runs):
         reset_to_pending()
-        result = run_pass(actor="bench", schedule=timed_schedule(decisions))
+        result = run_pass(actor="bench", schedule=timed_schedule(decisions, gang_decisions))
         rates.append(result.placements / result.duration_s)
         durations.append(result.duration_s)
         cores.append(result.core_s)
@@ -173,6 +190,7 @@ def throughput(runs: int) -> dict:
         "notify_ms": statistics.median(notifies) * 1000,
         "decision_us_median": statistics.median(decisions) * 1e6,
         "decision_us_p99": percentile(decisions, 99) * 1e6,
+        "gang_decision_us_median": statistics.median(gang_decisions) * 1e6 if gang_decisions else 0.0,
     }
 
 
@@ -293,6 +311,7 @@ def main() -> None:
     runs = 3 if args.quick else 5
     samples = 100 if args.quick else 200
     figures: dict[int, dict] = {}
+    gang_figures: dict = {}
     for servers in sizes:
         gpus = servers * 8
         tasks = build(servers)
@@ -316,6 +335,15 @@ def main() -> None:
         print(f"raw ceiling: commit + NOTIFY -> listener's committed answer, p50 {raw_lat['p50_ms']} ms, "
               f"p99 {raw_lat['p99_ms']} ms", flush=True)
         figures[gpus] = {**t, **lat, "raw_p50_ms": raw_lat["p50_ms"], "raw_p99_ms": raw_lat["p99_ms"]}
+        if gpus == 1600:
+            build(servers, gang_fraction=0.02)
+            g = throughput(runs)
+            print(f"same queue with ~2% gangs of 16/32 GPUs: {g['placements']} placements, "
+                  f"{g['placements_per_s']:,.0f} placements/s (x{g['placements_per_s'] / t['placements_per_s']:.2f}),"
+                  f" decision median {g['decision_us_median']:.1f} us "
+                  f"(x{g['decision_us_median'] / t['decision_us_median']:.2f}), gang tasks' median "
+                  f"{g['gang_decision_us_median']:.1f} us", flush=True)
+            gang_figures = g
 
     if len(figures) > 1:
         small, big = figures[1600], figures[8000]
@@ -340,6 +368,9 @@ def main() -> None:
         "raw_notify_round_trip_ms_p99": f["raw_p99_ms"],
         "submit_to_allocated_ms_p50_ratio": ceilings.ratio(f["p50_ms"], f["raw_p50_ms"]),
         "submit_to_allocated_ms_p99_ratio": ceilings.ratio(f["p99_ms"], f["raw_p99_ms"]),
+        "gang_mix_placements_per_s": round(gang_figures["placements_per_s"]),
+        "gang_mix_decision_us_median": round(gang_figures["decision_us_median"], 1),
+        "gang_decision_us_median": round(gang_figures["gang_decision_us_median"], 1),
     }
     if 8000 in figures:
         big = figures[8000]

@@ -7,6 +7,8 @@ library, so this one file can be copied to any machine with Python 3.10+.
     gpuctl login --url http://portal:8000            # asks for an API token (portal → Tokens)
     gpuctl submit --gpus 2 --mem 40G --priority high --tenant acme -- python train.py
     gpuctl submit -- 'python prep.py && python train.py'   # ONE argument: a shell command line
+    gpuctl submit train.sh                            # a batch script: its #GPUCTL lines are options
+    gpuctl submit --nodes 2 --gpus-per-node 8 -- torchrun ... ; --dependency afterok:12 ; --array 0-99%8
     gpuctl queue                                      # your tenants' pending and running tasks
     gpuctl show 42 ; gpuctl logs -f 42 (newest lines, then follows) ; gpuctl cancel 42
     gpuctl gpus ; gpuctl quota                        # --json on every listing
@@ -26,6 +28,7 @@ import getpass
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import urllib.error
@@ -264,18 +267,73 @@ def task_command(words: list[str]) -> str | list[str]:
     (``'echo a; sleep 1'`` runs under ``sh -c`` as written); several words are a program
     and its arguments, each passed as given (quoted for the shell by the portal)."""
     return words[0] if len(words) == 1 else words
+DIRECTIVE = "#GPUCTL"
+
+
+def read_script(path: str, parser: argparse.ArgumentParser) -> tuple[str, argparse.Namespace]:
+    """A batch script's text and the options of its ``#GPUCTL`` lines (like ``#SBATCH``): read from the
+    top, past the #! line, comments and blank lines, up to the first command."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read the batch script {path}: {exc}") from None
+    words: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith(DIRECTIVE):
+            try:
+                words += shlex.split(stripped[len(DIRECTIVE):])
+            except ValueError as exc:
+                raise CliError(f"{path}:{number}: cannot read the {DIRECTIVE} line: {exc}") from None
+        elif stripped and not stripped.startswith("#"):
+            break
+    def refuse(message: str):
+        raise CliError(f"{path}: bad {DIRECTIVE} option: {message}")
+
+    usual, parser.error = parser.error, refuse  # one line naming the script, not argparse's usage
+    try:
+        directives = parser.parse_args(words)
+    finally:
+        parser.error = usual
+    if directives.command:
+        raise CliError(f"{path}: {DIRECTIVE} lines take options only, not a command")
+    return text, directives
+
+
+def script_command(path: str, text: str, args: list[str]) -> str:
+    """Run the uploaded script under its #! interpreter (sh without one), named as the file,
+    with its arguments: the task's command carries the whole script."""
+    first = text.splitlines()[0] if text else ""
+    interpreter = shlex.split(first[2:]) if first.startswith("#!") else ["/bin/sh"]
+    if interpreter and interpreter[0] == "/usr/bin/env" and len(interpreter) > 1:
+        interpreter = interpreter[1:]
+    return shlex.join([*interpreter[:2], "-c", text, Path(path).name, *args])
 
 
 def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     command = list(args.command)
+    script = None
     if command and command[0] == "--":
         command = command[1:]
+    elif command and Path(command[0]).is_file():
+        # gpuctl submit train.sh [ARGS]: its #GPUCTL options first, the command line's override them.
+        text, directives = read_script(command[0], args.submit_parser)
+        for key, value in vars(directives).items():
+            if key == "env":
+                args.env = [*(value or []), *(args.env or [])]
+            elif getattr(args, key, None) in (None, False) and value not in (None, False):
+                setattr(args, key, value)
+        script = command[0]
+        command = script_command(command[0], text, command[1:])
     if not command:
         raise CliError(_("no command given: gpuctl submit [options] -- COMMAND [ARGS...]"))
-    body: dict[str, Any] = {"command": task_command(command), "gpu_count": args.gpus}
-    optional = {"tenant": args.tenant, "name": args.name, "priority": args.priority, "gpu_memory_mb": args.mem,
+    body: dict[str, Any] = {"command": command if isinstance(command, str) else task_command(command)}
+    optional = {"tenant": args.tenant, "name": args.name or (Path(script).name if script else None),
+                "priority": args.priority, "gpu_memory_mb": args.mem, "gpu_count": args.gpus,
                 "workload_class": args.workload_class, "timeout_s": args.timeout, "working_dir": args.workdir,
-                "model_name": args.model, "gpu_model": args.gpu_model}
+                "model_name": args.model, "gpu_model": args.gpu_model, "nodes": args.nodes,
+                "gpus_per_node": args.gpus_per_node, "topology_key": args.topology, "dependency": args.dependency,
+                "array": args.array}
     body.update({k: v for k, v in optional.items() if v is not None})
     if args.env:
         body["env"] = dict(args.env)
@@ -291,9 +349,42 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     task = client.post("tasks", body)
     if args.json:
         emit_json(task)
+    elif task.get("array_id"):
+        print(f"array {task['array_id']} (first task {task['id']})")
     else:
         print(task["id"])
     return 0
+
+
+def _gpus(t: dict[str, Any]) -> str:
+    """"2x8" for a gang of 2 servers with 8 GPUs each, else the GPU count."""
+    return f"{t['nodes']}x{t['gpus_per_node']}" if t.get("nodes", 1) > 1 else str(t["gpu_count"])
+
+
+def fold_arrays(tasks: list[dict[str, Any]]) -> list[list[Any]]:
+    """Queue rows: one per task, and one per array with its elements counted by state."""
+    rows: list[list[Any]] = []
+    arrays: dict[int, list[Any]] = {}
+    counts: dict[int, dict[str, int]] = {}
+    for t in tasks:
+        array_id = t.get("array_id")
+        if array_id is None:
+            rows.append([t["id"], t["name"][:24], t["tenant"], t["status"], t["priority"], _gpus(t),
+                         t["queue_position"], t["pending_reason"] or t["server"] or t["failure_reason"] or ""])
+            continue
+        if array_id not in arrays:
+            arrays[array_id] = [f"{array_id}[]", t["name"][:24], t["tenant"], "", t["priority"], _gpus(t),
+                                t["queue_position"], t["pending_reason"] or ""]
+            counts[array_id] = {}
+            rows.append(arrays[array_id])
+        row = arrays[array_id]
+        counts[array_id][t["status"]] = counts[array_id].get(t["status"], 0) + 1
+        if t["queue_position"] is not None and (row[6] is None or t["queue_position"] < row[6]):
+            row[6] = t["queue_position"]
+        row[7] = row[7] or t["pending_reason"] or ""
+    for array_id, row in arrays.items():
+        row[3] = ",".join(f"{n} {state}" for state, n in sorted(counts[array_id].items()))
+    return rows
 
 
 def cmd_queue(args: argparse.Namespace, client: Client) -> int:
@@ -304,8 +395,7 @@ def cmd_queue(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         emit_json(tasks)
         return 0
-    rows = [[t["id"], t["name"][:24], t["tenant"], t["status"], t["priority"], t["gpu_count"],
-             t["queue_position"], t["pending_reason"] or t["server"] or t["failure_reason"] or ""] for t in tasks]
+    rows = fold_arrays(tasks)
     print(table(rows, [_(h) for h in ["ID", "NAME", "TENANT", "STATE", "PRIORITY", "GPUS", "POS", "REASON/SERVER"]]))
     if page.get("count", 0) > len(tasks):
         print(_("({shown} of {count} shown; --limit to see more)", shown=len(tasks), count=page["count"]))
@@ -313,31 +403,52 @@ def cmd_queue(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_show(args: argparse.Namespace, client: Client) -> int:
+    if args.array:
+        array = client.get(f"arrays/{args.id}")
+        if args.json:
+            emit_json(array)
+        else:
+            for key in ("id", "name", "tenant", "submitter", "spec", "size", "throttle", "created_at"):
+                print(f"{key + ':':17}{array[key]}")
+            print(f"{'counts:':17}{', '.join(f'{n} {s}' for s, n in array['counts'].items())}")
+        return 0
     task = client.get(f"tasks/{args.id}")
     if args.json:
         task["events"] = client.get(f"tasks/{args.id}/events")
         emit_json(task)
         return 0
     keys = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
-            "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "server", "gpus", "command", "timeout_s",
+            "workload_class", "gpu_count", "nodes", "gpus_per_node", "topology_key", "array_id", "array_index",
+            "gpu_memory_mb", "share_mode", "server", "gpus", "command", "timeout_s",
             "exit_code", "failure_reason", "attempt", "created_at", "started_at", "finished_at"]
     for key in keys:
         value = task.get(key)
+        if key == "nodes" and value == 1:
+            continue
+        if key == "gpus_per_node" and task.get("nodes", 1) == 1:
+            continue
         if value not in (None, "", []):
             print(f"{key + ':':17}{', '.join(value) if isinstance(value, list) else value}")
+    for rank in task.get("ranks") or []:
+        print(f"{'rank ' + str(rank['rank']) + ':':17}{rank['server']}"
+              + (f" (exit {rank['exit_code']})" if rank["exit_code"] is not None else ""))
+    for kind, ids in (task.get("dependency") or {}).items():
+        print(f"{kind + ':':17}{', '.join(str(i) for i in ids)}")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace, client: Client) -> int:
     # Like tail(1): open at the newest lines (or the whole log with --all), then follow.
+    rank = args.rank or None  # a gang's server; rank 0 by default
     if args.all:
-        page = client.get(f"tasks/{args.id}/logs", offset=0)
+        page = client.get(f"tasks/{args.id}/logs", offset=0, rank=rank)
         sys.stdout.write(page["data"])
         while page["data"]:  # the log comes in pages of at most 1 MiB
-            page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"], attempt=page["attempt"])
+            page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"], attempt=page["attempt"],
+                              rank=rank)
             sys.stdout.write(page["data"])
     else:
-        page = client.get(f"tasks/{args.id}/logs", tail=args.tail or 100)
+        page = client.get(f"tasks/{args.id}/logs", tail=args.tail or 100, rank=rank)
         sys.stdout.write(page["data"])
     sys.stdout.flush()
     while args.follow:
@@ -348,10 +459,10 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
             time.sleep(args.interval)
         attempt = page["attempt"]
         # No attempt pinned: a requeued task's new attempt starts a new log from offset 0.
-        page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"])
+        page = client.get(f"tasks/{args.id}/logs", offset=page["next_offset"], rank=rank)
         if page["attempt"] != attempt:
             sys.stdout.write(_("--- attempt {n} ---", n=page["attempt"] + 1) + "\n")  # counted from 1, as on the page
-            page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"])
+            page = client.get(f"tasks/{args.id}/logs", offset=0, attempt=page["attempt"], rank=rank)
         sys.stdout.write(page["data"])
         sys.stdout.flush()
         if was_final and not page["data"]:
@@ -360,6 +471,11 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
+    if args.array:
+        for array_id in args.ids:
+            array = client.post(f"arrays/{array_id}/cancel")
+            print(f"array {array['id']}: {', '.join(f'{n} {s}' for s, n in array['counts'].items())}")
+        return 0
     failed = 0
     for task_id in args.ids:
         try:
@@ -457,7 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", parents=[common, listing], help="submit a task; prints its id",
                        usage="gpuctl submit [options] -- COMMAND [ARGS...]")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs (all on one server), default 1")
+    p.add_argument("--gpus", type=int, help="GPUs, default 1 (a multiple of a server's GPUs spans servers)")
+    p.add_argument("--nodes", type=int, help="servers of a gang: one process per server, torchrun's rank variables")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs on each server of a gang")
+    p.add_argument("--topology", help="a label all of a gang's servers share, e.g. rack")
+    p.add_argument("--dependency", help="start after other tasks: afterok:12:13, afterany:14, afternotok:15")
+    p.add_argument("--array", help="an array of tasks, e.g. 0-99%%8 (indexes, ranges, :step, %%throttle)")
     p.add_argument("--mem", type=parse_memory, help="GPU memory per GPU, e.g. 40G (default: whole GPUs)")
     p.add_argument("--priority", type=str.upper, choices=["LOW", "NORMAL", "HIGH", "CRITICAL"])
     p.add_argument("--tenant", help="tenant short name (needed if you belong to several)")
@@ -472,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="submit nothing: say whether it would start now, or why not")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="after --: the program and its arguments, or ONE quoted shell command line "
-                        "(run by sh -c, like sbatch --wrap)")
+                        "(run by sh -c, like sbatch --wrap); or a batch script (its #GPUCTL lines are options)")
+    p.set_defaults(submit_parser=p)
 
     p = sub.add_parser("queue", parents=[common, listing], help="pending and running tasks (like squeue)")
     p.add_argument("--all", action="store_true", help="every state, newest first")
@@ -481,18 +603,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mine", action="store_true", help="only tasks I submitted")
     p.add_argument("--limit", type=int, default=100)
 
-    p = sub.add_parser("show", parents=[common, listing], help="one task in detail")
+    p = sub.add_parser("show", parents=[common, listing], help="one task (or --array: an array) in detail")
     p.add_argument("id", type=int)
+    p.add_argument("--array", action="store_true", help="ID is an array: its size, throttle and counts by state")
 
     p = sub.add_parser("logs", parents=[common], help="a task's output")
     p.add_argument("id", type=int)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
     p.add_argument("--tail", type=int, help="start with the last N lines (default 100)")
     p.add_argument("--all", action="store_true", help="start from the first line instead")
+    p.add_argument("--rank", type=int, default=0, help="a gang's rank (server) whose output to show (default 0)")
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("cancel", parents=[common], help="cancel tasks")
+    p = sub.add_parser("cancel", parents=[common], help="cancel tasks (or --array: every element of arrays)")
     p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.add_argument("--array", action="store_true", help="the IDs are arrays")
 
     p = sub.add_parser("gpus", parents=[common, listing], help="GPUs and their state")
     p.add_argument("--state", help="free, allocated, cordoned, reserved, error, unavailable")

@@ -15,7 +15,6 @@ from typing import Any
 from django.db import connection
 from django.db.models import Prefetch
 
-from scheduling.choices import ACTIVE_STATUSES
 from scheduling.models import Allocation, Task
 
 
@@ -25,18 +24,35 @@ def _db_now() -> str:
         return cursor.fetchone()[0].isoformat()
 
 
+def _key(task_id: int, attempt: int, master_port: int | None) -> str:
+    # A gang's start barrier opening (master_port set) changes what its agents must do.
+    return f"{task_id}.{attempt}.{master_port}" if master_port else f"{task_id}.{attempt}"
+
+
 def etag_of(tasks: list[dict[str, Any]]) -> str:
-    key = ",".join(f"{t['id']}.{t['attempt']}" for t in tasks)
+    key = ",".join(_key(t["id"], t["attempt"], (t.get("gang") or {}).get("master_port")) for t in tasks)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _gang(task: Task, node_id: int) -> dict[str, Any]:
+    ranks = {r.node_id: r.rank for r in task.ranks.all() if r.attempt == task.attempt}
+    return {
+        "rank": ranks.get(node_id, 0),
+        "nodes": task.nodes,
+        "gpus_per_node": task.gpus_per_node,
+        "master_addr": task.master_addr or None,
+        "master_port": task.master_port,
+    }
 
 
 def desired_state(node_id: int) -> dict[str, Any]:
     as_of = _db_now()
-    active = Allocation.objects.filter(released_at__isnull=True).select_related("gpu").order_by("gpu__index")
+    active = (Allocation.objects.filter(released_at__isnull=True, node_id=node_id).select_related("gpu")
+              .order_by("gpu__index"))
     rows = (
-        Task.objects.filter(node_id=node_id, status__in=ACTIVE_STATUSES)
+        Task.active_on(node_id)
         .select_related("tenant", "submitter")
-        .prefetch_related(Prefetch("allocations", queryset=active, to_attr="active_allocations"))
+        .prefetch_related(Prefetch("allocations", queryset=active, to_attr="active_allocations"), "ranks")
         .order_by("id")
     )
     # Only what the agent needs to run each task: the submitter's name (for the account
@@ -54,6 +70,7 @@ def desired_state(node_id: int) -> dict[str, Any]:
             "tenant": t.tenant.slug,
             "user": t.submitter.username if t.submitter else "",
             "gpu_indices": [a.gpu.index for a in t.active_allocations],
+            **({"gang": _gang(t, node_id)} if t.is_gang else {}),
         }
         for t in rows
     ]
@@ -61,5 +78,6 @@ def desired_state(node_id: int) -> dict[str, Any]:
 
 
 def current_etag(node_id: int) -> str:
-    pairs = Task.objects.filter(node_id=node_id, status__in=ACTIVE_STATUSES).order_by("id").values("id", "attempt")
-    return etag_of(list(pairs))
+    rows = Task.active_on(node_id).order_by("id").values_list("id", "attempt", "nodes", "master_port")
+    key = ",".join(_key(i, a, port if nodes > 1 else None) for i, a, nodes, port in rows)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

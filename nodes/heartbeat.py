@@ -21,7 +21,7 @@ from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 
-from nodes.models import GPU, GPUHealth, Node, NodeStatus
+from nodes.models import GPU, GPUHealth, Node, NodeStatus, remember_models
 from portal import hearing, live
 from portal.alerts import raise_alert
 from portal.models import Alert
@@ -244,6 +244,7 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
                 triggers.request_pass(f"server {node.name} online")
         else:
             _ingest_in_transaction(node, data, result, to_update, to_create, errored, inventory)
+        _remember_loaded_models(reports, [*to_update, *to_create])
     except IntegrityError as exc:
         # Two GPUs swapped UUIDs between reports, or a concurrent report: the whole
         # heartbeat is rolled back and the agent's next one tries again.
@@ -252,6 +253,17 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
     # Evidence that the portal hears agents (after commit: never a lock held with it).
     hearing.heard()
     return result
+
+
+def _remember_loaded_models(reports: list[dict[str, Any]], gpus: list[GPU]) -> None:
+    """Models the agent saw loaded feed the GPUs' affinity caches, like a task that named them."""
+    loaded = [r for r in reports if r.get("loaded_models")]
+    if not loaded:
+        return
+    by_index = {g.index: g for g in gpus}
+    with transaction.atomic():  # remember_models locks the GPU rows it updates
+        for report in loaded:
+            remember_models([by_index[report["index"]].pk], report["loaded_models"])
 
 
 def _ingest_in_transaction(node: Node, data: dict[str, Any], result: HeartbeatResult, to_update: list[GPU],

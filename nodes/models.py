@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 import pghistory
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.utils.translation import gettext_lazy as _
 
 from portal import tokens
@@ -101,6 +103,41 @@ class Node(models.Model):
     def heartbeat_overdue(self) -> bool:
         age = self.heartbeat_age()
         return age is None or age.total_seconds() > settings.SCHEDULER.heartbeat_timeout_s
+
+
+def model_cache(cache: dict[str, str], *, now: datetime, ttl_s: int, used: Iterable[str] = (),
+                max_models: int = 0) -> dict[str, datetime]:
+    """A GPU's model cache as the scheduler sees it: entries used within ``ttl_s``, oldest use
+    first (jsonb keeps no key order), ``used`` refreshed to ``now``; with ``max_models``, the
+    least recently used beyond it are evicted (the seed's LRU of 2)."""
+    out: dict[str, datetime] = {}
+    for name, when in (cache or {}).items():
+        parsed = parse_datetime(when) if isinstance(when, str) else None
+        if parsed is not None and (now - parsed).total_seconds() <= ttl_s:
+            out[name] = parsed
+    for name in used:
+        out[name] = now
+    ordered = dict(sorted(out.items(), key=lambda item: item[1]))
+    if max_models:
+        while len(ordered) > max_models:
+            ordered.pop(next(iter(ordered)))
+    return ordered
+
+
+def remember_models(gpu_ids: Iterable[int], names: Iterable[str]) -> None:
+    """Record that ``names`` were just used on these GPUs (a task naming a model started there,
+    or an agent saw the model loaded). Feeds the model-affinity score."""
+    names = [n for n in names if n]
+    gpu_ids = sorted(set(gpu_ids))
+    if not names or not gpu_ids:
+        return
+    config = settings.SCHEDULER
+    now = timezone.now()
+    # Stable order: the same rows are locked in the same order by every writer.
+    for gpu in GPU.objects.select_for_update().filter(pk__in=gpu_ids).order_by("pk").only("pk", "loaded_models"):
+        cache = model_cache(gpu.loaded_models, now=now, ttl_s=config.model_cache_ttl_seconds, used=names,
+                            max_models=config.max_models_per_gpu)
+        GPU.objects.filter(pk=gpu.pk).update(loaded_models={k: v.isoformat() for k, v in cache.items()})
 
 
 class GPU(models.Model):

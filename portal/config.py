@@ -53,6 +53,14 @@ class SchedulerConfig:
     # cluster go first (factor 2^(-usage/share) from usage decayed with this half-life).
     fair_share: bool = False
     fair_share_half_life_h: float = 168.0
+    # Gangs across servers: seconds from assignment for every rank to be ready and started
+    # (the start barrier); past it the whole gang is stopped and requeued.
+    gang_start_timeout_s: int = 120
+    # Model affinity: a GPU's remembered model stays in its cache this long after last use.
+    model_cache_ttl_seconds: int = 3600
+    # A task whose dependency can no longer be satisfied is cancelled (Slurm's kill_invalid_depend);
+    # false keeps it pending with that reason.
+    cancel_invalid_dependents: bool = True
     # When more than this share of the servers (and at least two) fall silent at once,
     # the sweep reads it as a control-plane or network fault and declares no one lost.
     lost_guard_fraction: float = 0.5
@@ -71,6 +79,8 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "max_task_timeout_s": (1, 31_536_000),
     "assign_grace_s": (1, 86_400),
     "default_max_retries": (0, 100),
+    "gang_start_timeout_s": (1, 86_400),
+    "model_cache_ttl_seconds": (1, 31_536_000),
     "agent_lease_s": (3, 604_800),
 }
 

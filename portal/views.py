@@ -29,7 +29,8 @@ from tenants.quotas import quota_report
 
 ACTIVE_OR_PENDING = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 FORM_FIELDS = ("tenant", "name", "command", "gpu_count", "gpu_memory_mb", "share_mode", "priority", "workload_class",
-               "timeout_s", "env", "working_dir", "model_name", "gpu_model", "node_selector")
+               "timeout_s", "env", "working_dir", "model_name", "gpu_model", "node_selector", "nodes", "gpus_per_node",
+               "topology_key", "dependency", "array")
 
 
 def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from portal import live
 from portal.livedata import tenant_hue
 from scheduling import lifecycle, triggers
 from scheduling.choices import Priority
-from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk
+from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk, TaskRank
 from scheduling.reasons import translate_reason
 
 
@@ -48,6 +48,13 @@ class AllocationInline(ReadOnlyMixin, admin.TabularInline):
     readonly_fields = fields
 
 
+class TaskRankInline(ReadOnlyMixin, admin.TabularInline):
+    model = TaskRank
+    extra = 0
+    fields = ["attempt", "rank", "node", "address", "port", "ready_at", "started_at", "finished_at", "exit_code"]
+    readonly_fields = fields
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     # What an operator scans, one line per task at 1,366 px: long values are cut with an
@@ -67,13 +74,14 @@ class TaskAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["tenant", "submitter", "name", "command", "env", "working_dir"]}),
         ("Resources", {"fields": ["gpu_count", "gpu_memory_mb", "share_mode", "model_name", "priority",
-                                  "workload_class", "timeout_s", "node_selector", "gpu_model", "max_retries"]}),
+                                  "workload_class", "timeout_s", "node_selector", "gpu_model", "max_retries",
+                                  "nodes", "topology_key"]}),
         ("State", {"fields": ["status", "pending_reason", "queue_position", "node", "exit_code", "failure_reason",
                               "oom", "attempt", "created_at", "assigned_at", "started_at", "finished_at",
                               "updated_at"]}),
         ("Log", {"fields": ["log_tail"]}),
     ]
-    inlines = [AllocationInline, TaskEventInline]
+    inlines = [AllocationInline, TaskRankInline, TaskEventInline]
     autocomplete_fields = ["tenant", "submitter"]
 
     @admin.display(description=_("name"), ordering="name")

@@ -47,8 +47,13 @@ Rules, in the order a task meets them
    task needs GPUs with no allocation at all where ``used + memory + safety margin <=
    total``; a shared task packs onto GPUs without an exclusive allocation while the same
    sum fits; ``memory_mb = None`` needs whole, empty GPUs (recorded as exclusive
-   allocations of the GPU's total memory). Gang: all ``gpu_count`` GPUs on ONE server,
-   or nothing ("no server has 4 free GPUs with 40 GB; best has 3").
+   allocations of the GPU's total memory). A task's ``gpu_count`` GPUs go on ONE server,
+   or nothing ("no server has 4 free GPUs with 40 GB; best has 3"). A gang across servers
+   (``nodes`` > 1) gets ``gpu_count / nodes`` GPUs on each of ``nodes`` servers, all sharing
+   the value of the label ``topology_key`` when it is set, or nothing ("no 2 servers with 8
+   free GPUs with 70 GB sharing rack; best has 1"); it is placed exclusive, its
+   ``Placement.ranks`` list the servers in rank order, and the backfill reservation and
+   preemption below pick servers for it the same way (the cheapest group of servers).
 6. **Score.** GPU score = model affinity (+100 when the task's model is loaded on it,
    +50 when its LRU cache has room: fewer than ``max_models_per_gpu`` models) + the
    load-balance score (free memory 40, utilisation 30, temperature 20, idle time 10,
@@ -132,6 +137,8 @@ IDLE_SATURATION_S = 3600.0
 EXCLUSIVE = "x"
 SHARED = "s"
 WHOLE = "w"
+# First item of a gang's shape (a single-server shape starts with its GPU count).
+GANG = "gang"
 
 
 def schedule(snapshot: Snapshot) -> Plan:
@@ -177,12 +184,12 @@ def _plural(n: int, word: str) -> str:
 
 
 class _Reservation:
-    __slots__ = ("gpus", "node", "task_id", "time")
+    __slots__ = ("gpus", "nodes", "task_id", "time")
 
-    def __init__(self, task_id: int, when: datetime, node: int, gpus: frozenset[int]) -> None:
+    def __init__(self, task_id: int, when: datetime, nodes: tuple[int, ...], gpus: frozenset[int]) -> None:
         self.task_id = task_id
         self.time = when
-        self.node = node
+        self.nodes = nodes  # one server, or a gang's servers
         self.gpus = gpus
 
 
@@ -417,7 +424,8 @@ class _Pass:
                             # reservation; try a few before giving up so this stays cheap.
                             if self.reservation is None and reserve_attempts < MAX_RESERVE_ATTEMPTS:
                                 reserve_attempts += 1
-                                self.reservation = self._reserve(task, value)
+                                reserve = self._reserve_gang if value[0] == GANG else self._reserve
+                                self.reservation = reserve(task, value)
                                 if self.reservation is not None:
                                     head = task
                         else:
@@ -435,7 +443,8 @@ class _Pass:
                 res = self.reservation
                 # Running tasks may end sooner than their timeouts; T is the latest it should wait.
                 when = res.time.astimezone(UTC) if res.time.tzinfo else res.time
-                r += (f"; next in line: GPUs reserved on {self.n_name[res.node]}, "
+                where = ", ".join(self.n_name[n] for n in res.nodes)
+                r += (f"; next in line: GPUs reserved on {where}, "
                       f"free by {when:%Y-%m-%d %H:%M} UTC at the latest")
             reasons[tid] = r
         if factors:
@@ -486,6 +495,8 @@ class _Pass:
     def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
                 waiting_total: int) -> tuple[str, object] | None:
         """None when placed; ("reason", text), ("wait", text) or ("capacity", shape)."""
+        if task.nodes > 1:
+            return self._decide_gang(task, head, waiting_higher, waiting_total)
         c = task.gpu_count
         mem = task.memory_mb
         if c < 1 or (mem is not None and mem < 0):
@@ -774,6 +785,8 @@ class _Pass:
         return best
 
     def _capacity_reason(self, shape: tuple) -> str:
+        if shape[0] == GANG:
+            return self._gang_capacity_reason(shape)
         c, mem, mode, ckey = shape
         best = self._best_count(mem, mode, ckey)
         suffix = self._constraint_text(ckey)
@@ -991,6 +1004,16 @@ class _Pass:
             self.buckets[free][n] = None
 
     def _place(self, task: PendingTask, n: int, gpus: tuple[int, ...], per_gpu: int, mode: str) -> None:
+        score = self._take(task, n, gpus, per_gpu, mode)
+        self._count_usage(task, len(gpus), per_gpu)
+        g_id = self.g_id
+        self.plan.placements.append(Placement(
+            task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple([g_id[g] for g in gpus]),
+            memory_mb=per_gpu, exclusive=mode != SHARED, score=round(score, 3),
+        ))
+
+    def _take(self, task: PendingTask, n: int, gpus: tuple[int, ...], per_gpu: int, mode: str) -> float:
+        """Mark ``gpus`` of server ``n`` taken in the working state; returns their score."""
         exclusive = mode != SHARED
         model = task.model_name
         score = sum(self._gpu_score(g, model) for g in gpus)
@@ -1032,7 +1055,11 @@ class _Pass:
             g_total = self.g_total
             g_live = self.g_live
             self.n_room[n] = max([g_total[g] - g_live[g] for g in remaining], default=-1)
-        count = len(gpus)
+        # The end is turned into a time only if a backfill reservation needs it.
+        self.placed_ends.append((task.timeout_s, n, gpus, per_gpu, exclusive))
+        return score
+
+    def _count_usage(self, task: PendingTask, count: int, per_gpu: int) -> None:
         usage = self.t_usage.get(task.tenant_id)
         if usage is not None:
             usage[0] += count
@@ -1042,13 +1069,6 @@ class _Pass:
         cls = task.workload_class
         if cls in self.class_used:
             self.class_used[cls] += count
-        # The end is turned into a time only if a backfill reservation needs it.
-        self.placed_ends.append((task.timeout_s, n, gpus, per_gpu, exclusive))
-        g_id = self.g_id
-        self.plan.placements.append(Placement(
-            task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple([g_id[g] for g in gpus]),
-            memory_mb=per_gpu, exclusive=exclusive, score=round(score, 3),
-        ))
 
     def _release(self, victim: RunningTask) -> None:
         """Give a preempted task's GPUs back to the working state."""
@@ -1256,18 +1276,8 @@ class _Pass:
         c, mem, mode, ckey = shape
         elig = self.elig_cache[ckey]
         events: dict[int, list[tuple]] = {}
-        for r in self.running.values():
-            gids = [self.gpu_index.get(x) for x in r.gpu_ids]
-            gids = [g for g in gids if g is not None]
-            if not gids:
-                continue
-            n = self.g_node[gids[0]]
-            if n in elig:
-                events.setdefault(n, []).append((r.expected_end, (gids, r.memory_mb, r.exclusive, True)))
-        for timeout_s, n, gpus, per_gpu, exclusive in self.placed_ends:
-            if n in elig:
-                end = self.now + timedelta(seconds=timeout_s)
-                events.setdefault(n, []).append((end, (list(gpus), per_gpu, exclusive, False)))
+        for n, when, change in self._end_events(elig):
+            events.setdefault(n, []).append((when, change))
         best: _Reservation | None = None
         for n, evs in events.items():
             evs.sort(key=lambda e: e[0])
@@ -1281,6 +1291,286 @@ class _Pass:
                 self._sim_release(state, change)
                 q = self._sim_qualifying(state, gl, mem, mode, None)
                 if len(q) >= c:
-                    best = _Reservation(task.id, when, n, frozenset(q[:c]))
+                    best = _Reservation(task.id, when, (n,), frozenset(q[:c]))
                     break
         return best
+
+    def _end_events(self, elig: dict[int, tuple[int, ...]]) -> Iterable[tuple[int, datetime, tuple]]:
+        """``(server, when, change)`` for every end the reservation replays: running tasks at their
+        expected end, tasks placed in this pass at ``now + timeout_s``. A running gang ends on
+        each of its servers."""
+        g_node = self.g_node
+        gpu_index = self.gpu_index
+        for r in self.running.values():
+            by_node: dict[int, list[int]] = {}
+            for x in r.gpu_ids:
+                g = gpu_index.get(x)
+                if g is not None:
+                    by_node.setdefault(g_node[g], []).append(g)
+            for n, gids in by_node.items():
+                if n in elig:
+                    yield n, r.expected_end, (gids, r.memory_mb, r.exclusive, True)
+        for timeout_s, n, gpus, per_gpu, exclusive in self.placed_ends:
+            if n in elig:
+                yield n, self.now + timedelta(seconds=timeout_s), (list(gpus), per_gpu, exclusive, False)
+
+    # ------------------------------------------------------------------ gangs across servers
+    # A gang's shape: (GANG, servers, GPUs per server, memory, mode, constraints, topology label).
+    # Gangs are exclusive (a shared request is placed as exclusive) and get every server at once
+    # or nothing; each server gets the same number of GPUs.
+
+    def _decide_gang(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
+                     waiting_total: int) -> tuple[str, object] | None:
+        nn, c, mem = task.nodes, task.gpu_count, task.memory_mb
+        if c < nn or c % nn or (mem is not None and mem < 0):
+            return ("reason", f"asks for {c} GPUs over {nn} servers: not the same whole number on each")
+        k = c // nn
+        mode = WHOLE if mem is None else EXCLUSIVE
+        sel = task.node_selector
+        ckey = (tuple(sorted((str(key), str(v)) for key, v in sel.items())) if sel else (), task.gpu_model or "")
+        elig = self.elig_cache.get(ckey)
+        if elig is None:
+            elig = self.elig_cache[ckey] = self._eligible(ckey)
+        shape = (GANG, nn, k, mem if mem is not None else 0, mode, ckey, task.topology_key)
+        r = self.static_cache.get(shape)
+        if r is None:
+            r = self.static_cache[shape] = self._gang_static_reason(shape, elig)
+        if r:
+            return ("reason", r)
+        r = self._quota_reason(task, c, mem)
+        if r is None and mode == WHOLE:
+            smallest = self.smallest_cache.get(ckey)
+            if smallest is None:
+                smallest = self.smallest_cache[ckey] = min(self.g_total[g] for gl in elig.values() for g in gl)
+            r = self._memory_quota_reason(task, c * smallest)
+        if r is None:
+            r = self._share_reason(task, c)
+        if r is not None:
+            return ("reason", r)
+        if head is not None and not self.cfg.backfill:
+            if waiting_higher == waiting_total:
+                return ("wait", f"waiting behind {_plural(waiting_total, 'higher-priority task')}")
+            return ("wait", f"waiting behind {_plural(waiting_total, 'earlier task')} in the queue "
+                            f"({waiting_higher} of higher priority)")
+        excluded: frozenset[int] | None = None
+        res = self.reservation
+        if res is not None and self._ends_after(task, res):
+            excluded = res.gpus
+        found = self._search_gang(task, shape, elig, excluded)
+        if found is None:
+            found = self._gang_reclaim_or_preempt(task, shape, elig, excluded)
+        if found is None:
+            if excluded is not None and self._search_gang(task, shape, elig, None) is not None:
+                return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
+            return ("capacity", shape)
+        per_gpu = mem if mem is not None else min(self.g_total[g] for _n, gpus in found for g in gpus)
+        if mem is None:
+            r = self._memory_quota_reason(task, c * per_gpu)
+            if r is not None:
+                return ("reason", r)
+        score = 0.0
+        for n, gpus in found:
+            score += self._take(task, n, gpus, per_gpu, mode)
+        self._count_usage(task, c, per_gpu)
+        g_id, n_id = self.g_id, self.n_id
+        ranks = tuple((n_id[n], tuple(g_id[g] for g in gpus)) for n, gpus in found)
+        self.plan.placements.append(Placement(
+            task_id=task.id, node_id=ranks[0][0], gpu_ids=tuple(g for _n, gids in ranks for g in gids),
+            memory_mb=per_gpu, exclusive=True, score=round(score, 3), ranks=ranks,
+        ))
+        return None
+
+    def _gang_group(self, n: int, topo: str) -> str | None:
+        """The topology group of server ``n`` (None: it lacks the label, so it cannot take part)."""
+        if not topo:
+            return ""
+        value = self.n_labels[n].get(topo)
+        return None if value is None else str(value)
+
+    def _gang_text(self, shape: tuple, free: str) -> str:
+        _g, nn, k, mem, mode, ckey, topo = shape
+        what = _plural(k, f"{free} GPU".lstrip()) + (f" with {format_mb(mem)}" if mode != WHOLE else "")
+        sharing = f" sharing {topo}" if topo else ""
+        return f"{nn} servers with {what}{self._constraint_text(ckey)}{sharing}"
+
+    def _gang_static_reason(self, shape: tuple, elig: dict[int, tuple[int, ...]]) -> str:
+        """Why no set of active servers could ever hold this gang ("" when one could)."""
+        _g, nn, k, mem, mode, ckey, topo = shape
+        r = self._static_reason((k, mem, mode, ckey), elig)
+        if r:
+            return r
+        need = self.margin + (mem if mode != WHOLE else 0)
+        total = self.g_total
+        groups: dict[str, int] = {}
+        for n, gl in elig.items():
+            group = self._gang_group(n, topo)
+            if group is not None and sum(1 for g in gl if total[g] >= need) >= k:
+                groups[group] = groups.get(group, 0) + 1
+        best = max(groups.values(), default=0)
+        if best < nn:
+            return f"no {self._gang_text(shape, '')} even when idle; the most there are is {best}"
+        return ""
+
+    def _gang_fits(self, shape: tuple, elig: dict[int, tuple[int, ...]], excluded: frozenset[int] | None,
+                   model: str, stop: bool) -> dict[str, list[tuple[int, tuple[int, ...]]]]:
+        """Servers able to hold one rank now, by topology group, in packing order (the fullest
+        that fits first with binpack). With ``stop``, returns as soon as a group is complete."""
+        _g, nn, k, mem, mode, _ckey, topo = shape
+        n_room = self.n_room
+        room_needed = mem + self.margin
+        groups: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
+        levels = range(k, self.max_k + 1) if self.binpack else range(self.max_k, k - 1, -1)
+        for level in levels:
+            for n in self.buckets[level]:
+                gl = elig.get(n)
+                if gl is None or len(gl) < k or n_room[n] < room_needed:
+                    continue
+                group = self._gang_group(n, topo)
+                if group is None:
+                    continue
+                q = self._qualifying(gl, mem, mode, excluded)
+                if len(q) < k:
+                    continue
+                members = groups.setdefault(group, [])
+                members.append((n, self._pick(q, k, model)[1]))
+                if stop and len(members) == nn:
+                    return {group: members}
+        return groups
+
+    def _search_gang(self, task: PendingTask, shape: tuple, elig: dict[int, tuple[int, ...]],
+                     excluded: frozenset[int] | None) -> list[tuple[int, tuple[int, ...]]] | None:
+        """``nodes`` servers (rank order) with their GPUs, all in one topology group, or None."""
+        key = (shape, id(excluded) if excluded is not None else 0)
+        if key in self.nofit:
+            return None
+        nn = shape[1]
+        for members in self._gang_fits(shape, elig, excluded, task.model_name, stop=True).values():
+            if len(members) >= nn:
+                return members[:nn]
+        self.nofit.add(key)
+        return None
+
+    def _gang_capacity_reason(self, shape: tuple) -> str:
+        nn = shape[1]
+        groups = self._gang_fits(shape, self.elig_cache[shape[5]], None, "", stop=False)
+        best = max((len(m) for m in groups.values()), default=0)
+        free = "empty" if shape[4] == WHOLE else "free"
+        if best >= nn:
+            return (f"no {self._gang_text(shape, free)} at its turn; capacity freed later went to "
+                    f"other tasks")
+        return f"no {self._gang_text(shape, free)}; best has {best}"
+
+    def _gang_reclaim_or_preempt(self, task: PendingTask, shape: tuple, elig: dict[int, tuple[int, ...]],
+                                 excluded: frozenset[int] | None) -> list[tuple[int, tuple[int, ...]]] | None:
+        cls = task.workload_class
+        c = task.gpu_count
+        if self.cfg.allow_borrowing and cls in self.class_cap:
+            other = self._other(cls)
+            borrowed = self.class_used[other] - self.class_cap[other]
+            if borrowed > 0 and self.class_used[cls] + c <= self.class_cap[cls]:
+                found = self._gang_with_victims(
+                    task, shape, elig, excluded, pool=f"class:{other}", max_priority=task.priority,
+                    budget=borrowed, reason=f"borrowed {other} GPUs reclaimed for {cls} task #{task.id}",
+                )
+                if found is not None:
+                    return found
+        if task.priority in self.preempt_allowed and task.priority > LOW:
+            return self._gang_with_victims(
+                task, shape, elig, excluded, pool="low-batch", max_priority=LOW, budget=None,
+                reason=f"preempted by {PRIORITY_NAMES[task.priority]} task #{task.id}",
+            )
+        return None
+
+    def _gang_with_victims(self, task: PendingTask, shape: tuple, elig: dict[int, tuple[int, ...]],
+                           excluded: frozenset[int] | None, *, pool: str, max_priority: int, budget: int | None,
+                           reason: str) -> list[tuple[int, tuple[int, ...]]] | None:
+        """The cheapest ``nodes`` servers of one topology group to free (fewest victims, then fewest
+        GPUs freed); servers that already fit cost nothing. Victims are released, then placed."""
+        _g, nn, k, mem, mode, _ckey, topo = shape
+        memo = (pool, max_priority, shape, id(excluded) if excluded is not None else 0)
+        if memo in self.novictims:
+            return None
+        by_node = self._victim_pool(pool)
+        options: dict[str, list[tuple[int, int, int, list[RunningTask]]]] = {}
+        for n, gl in elig.items():
+            if len(gl) < k:
+                continue
+            group = self._gang_group(n, topo)
+            if group is None:
+                continue
+            if len(self._qualifying(gl, mem, mode, excluded)) >= k:
+                options.setdefault(group, []).append((0, 0, n, []))
+                continue
+            victims = [r for r in by_node.get(n, ()) if r.priority <= max_priority]
+            if not victims:
+                continue
+            best: list[RunningTask] | None = None
+            for order in (sorted(victims, key=lambda r: -r.id),
+                          sorted(victims, key=lambda r: (-len(r.gpu_ids), -r.id))):
+                chosen = self._victims_on(gl, order, k, mem, mode, excluded, None)
+                if chosen is not None and (best is None or len(chosen) < len(best)):
+                    best = chosen
+            if best is not None:
+                options.setdefault(group, []).append((len(best), sum(len(v.gpu_ids) for v in best), n, best))
+        choice: tuple[tuple[int, int], list[tuple[int, int, int, list[RunningTask]]]] | None = None
+        for members in options.values():
+            if len(members) < nn:
+                continue
+            members.sort(key=lambda o: (o[0], o[1], o[2]))
+            picked = members[:nn]
+            cost = (sum(o[0] for o in picked), sum(o[1] for o in picked))
+            if budget is not None and cost[1] > budget:
+                continue
+            if choice is None or cost < choice[0]:
+                choice = (cost, picked)
+        if choice is None or not choice[0][0]:
+            self.novictims.add(memo)
+            return None
+        released: set[int] = set()
+        for _v, _gpus, _n, victims in choice[1]:
+            for v in victims:
+                if v.id in released:
+                    continue  # a gang victim counted on two of the chosen servers
+                released.add(v.id)
+                self._release(v)
+                self.plan.preemptions.append(Preemption(task_id=v.id, by_task_id=task.id, reason=reason))
+        found = []
+        for _v, _gpus, n, _victims in choice[1]:
+            q = self._qualifying(elig[n], mem, mode, excluded)
+            if len(q) < k:  # pragma: no cover - the victims were simulated on exactly these GPUs
+                return None
+            found.append((n, self._pick(q, k, task.model_name)[1]))
+        return found
+
+    def _reserve_gang(self, task: PendingTask, shape: tuple) -> _Reservation | None:
+        """Earliest time at which ``nodes`` servers of one group can each hold a rank, replaying
+        the ends of running tasks across all eligible servers in time order."""
+        _g, nn, k, mem, mode, ckey, topo = shape
+        elig = self.elig_cache[ckey]
+        ready: dict[str, dict[int, frozenset[int]]] = {}
+        group_of: dict[int, str] = {}
+        for n, gl in elig.items():
+            group = self._gang_group(n, topo)
+            if group is None or len(gl) < k:
+                continue
+            group_of[n] = group
+            q = self._qualifying(gl, mem, mode, None)
+            if len(q) >= k:
+                ready.setdefault(group, {})[n] = frozenset(q[:k])
+        events = sorted((e for e in self._end_events(elig) if e[0] in group_of), key=lambda e: e[1])
+        states: dict[int, dict[int, list]] = {}
+        for n, when, change in events:
+            state = states.get(n)
+            if state is None:
+                state = states[n] = self._node_state(elig[n])
+            self._sim_release(state, change)
+            q = self._sim_qualifying(state, elig[n], mem, mode, None)
+            if len(q) < k:
+                continue
+            members = ready.setdefault(group_of[n], {})
+            members[n] = frozenset(q[:k])
+            if len(members) >= nn:
+                chosen = list(members)[:nn]
+                gpus = frozenset().union(*(members[m] for m in chosen))
+                return _Reservation(task.id, when, tuple(chosen), gpus)
+        return None

@@ -87,6 +87,10 @@ class PendingTask:
     model_name: str = ""
     node_selector: dict[str, str] = field(default_factory=dict)
     gpu_model: str = ""  # case-insensitive substring of GpuState.model_name; empty = any
+    # A gang across servers: ``gpu_count`` GPUs split evenly over ``nodes`` servers, all
+    # sharing the value of the label ``topology_key`` when it is set (e.g. "rack").
+    nodes: int = 1
+    topology_key: str = ""
 
 
 @dataclass(slots=True)
@@ -107,6 +111,9 @@ class Placement:
     memory_mb: int  # per GPU, what the allocation rows record
     exclusive: bool
     score: float = 0.0
+    # A gang's servers in rank order, each with its GPUs; ``node_id`` is rank 0's and
+    # ``gpu_ids`` all of them. Empty for a task on one server.
+    ranks: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 @dataclass(slots=True)

@@ -27,10 +27,12 @@ def _end(chunk: TaskLogChunk) -> int:
     return chunk.offset + len(chunk.data.encode())
 
 
-def read_from(task: Task, offset: int = 0, attempt: int | None = None, max_bytes: int = PAGE_MAX_BYTES) -> LogPage:
-    """Output from byte ``offset`` on (up to ``max_bytes``); follow with ``next_offset``."""
+def read_from(task: Task, offset: int = 0, attempt: int | None = None, max_bytes: int = PAGE_MAX_BYTES,
+              rank: int = 0) -> LogPage:
+    """Output from byte ``offset`` on (up to ``max_bytes``); follow with ``next_offset``.
+    A gang keeps one log per rank (server); ``rank`` picks it."""
     attempt = task.attempt if attempt is None else attempt
-    chunks = TaskLogChunk.objects.filter(task=task, attempt=attempt)
+    chunks = TaskLogChunk.objects.filter(task=task, attempt=attempt, rank=rank)
     parts: list[bytes] = []
     size = 0
     start = offset
@@ -54,12 +56,13 @@ def read_from(task: Task, offset: int = 0, attempt: int | None = None, max_bytes
                    b"".join(parts).decode(errors="replace"), task.is_final)
 
 
-def tail(task: Task, lines: int = 100, attempt: int | None = None) -> LogPage:
+def tail(task: Task, lines: int = 100, attempt: int | None = None, rank: int = 0) -> LogPage:
     """The last ``lines`` lines (at most ``PAGE_MAX_BYTES``)."""
     attempt = task.attempt if attempt is None else attempt
     parts: list[TaskLogChunk] = []
     size = newlines = 0
-    for chunk in TaskLogChunk.objects.filter(task=task, attempt=attempt).order_by("-offset").iterator(chunk_size=50):
+    chunks = TaskLogChunk.objects.filter(task=task, attempt=attempt, rank=rank)
+    for chunk in chunks.order_by("-offset").iterator(chunk_size=50):
         parts.append(chunk)
         size += len(chunk.data)
         newlines += chunk.data.count("\n")

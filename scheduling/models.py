@@ -67,6 +67,18 @@ class Task(models.Model):
     timeout_s = models.PositiveIntegerField(default=3600)
     node_selector = models.JSONField(default=dict, blank=True, help_text=_("Labels the server must carry."))
     gpu_model = models.CharField(max_length=100, blank=True, help_text=_("GPU model the task needs, e.g. H100."))
+    # A gang across servers: gpu_count GPUs split evenly over ``nodes`` servers, one process
+    # (rank) per server; with ``topology_key`` all of them share that label's value.
+    nodes = models.PositiveSmallIntegerField(default=1, help_text="Servers of a gang (1: one server).")
+    topology_key = models.CharField(max_length=100, blank=True,
+                                    help_text="Label all of a gang's servers must share, e.g. rack.")
+    # Set for a gang's current attempt once every rank is ready (the start barrier opens):
+    # rank 0's address as its agent reported it and the port it chose there.
+    master_addr = models.CharField(max_length=255, blank=True)
+    master_port = models.PositiveIntegerField(null=True, blank=True)
+    # An element of an array (scheduling.arrays): its index in the array.
+    array = models.ForeignKey("TaskArray", null=True, blank=True, on_delete=models.CASCADE, related_name="tasks")
+    array_index = models.PositiveIntegerField(null=True, blank=True)
 
     status = models.CharField(_("status"), max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
     pending_reason = models.CharField(_("pending reason"), max_length=500, blank=True)
@@ -101,6 +113,8 @@ class Task(models.Model):
         ]
         constraints = [
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="task_gpu_count_positive"),
+            models.CheckConstraint(condition=Q(nodes__gte=1) & Q(gpu_count__gte=F("nodes")),
+                                   name="task_nodes_within_gpu_count"),
             models.CheckConstraint(condition=Q(timeout_s__gte=1), name="task_timeout_positive"),
             models.CheckConstraint(condition=Q(status__in=TaskStatus.values), name="task_status_valid"),
             models.CheckConstraint(condition=Q(priority__gte=0) & Q(priority__lte=3), name="task_priority_valid"),
@@ -119,6 +133,33 @@ class Task(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+    @property
+    def is_gang(self) -> bool:
+        return self.nodes > 1
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.gpu_count // max(self.nodes, 1)
+
+    def current_ranks(self) -> list[TaskRank]:
+        """A gang's ranks of its current attempt, rank 0 first (none for a one-server task)."""
+        if not self.is_gang:
+            return []
+        return list(self.ranks.filter(attempt=self.attempt).select_related("node").order_by("rank"))
+
+    def node_ids(self) -> list[int]:
+        """Every server running (a rank of) this task's current attempt, to tell their agents."""
+        if self.is_gang:
+            ids = [r.node_id for r in self.current_ranks()]
+            if ids:
+                return ids
+        return [self.node_id] if self.node_id is not None else []
+
+    def runs_on(self, node_id: int) -> bool:
+        if self.node_id == node_id:
+            return True
+        return self.is_gang and self.ranks.filter(attempt=self.attempt, node_id=node_id).exists()
 
     # --- the state machine ---------------------------------------------------------
     # Callers hold the row lock (``Task.objects.select_for_update()``) inside
@@ -191,11 +232,21 @@ class Task(models.Model):
         self.attempt += 1
         self.node = None
         self.assigned_at = self.started_at = None
+        self.master_addr, self.master_port = "", None
         self.pending_reason = f"requeued: {reason}"[:500]
         return self.transition(
             TaskStatus.PENDING, actor=actor, reason=reason,
-            save_fields=("attempt", "node", "assigned_at", "started_at", "pending_reason"),
+            save_fields=("attempt", "node", "assigned_at", "started_at", "pending_reason", "master_addr",
+                         "master_port"),
         )
+
+    @classmethod
+    def active_on(cls, node_id: int) -> models.QuerySet[Task]:
+        """Active tasks with a process on this server: its own, and gangs with a rank here."""
+        gang_ids = list(TaskRank.objects.filter(node_id=node_id, task__status__in=ACTIVE_STATUSES,
+                                                attempt=F("task__attempt")).values_list("task_id", flat=True))
+        where = Q(node_id=node_id) | Q(pk__in=gang_ids) if gang_ids else Q(node_id=node_id)
+        return cls.objects.filter(where, status__in=ACTIVE_STATUSES)
 
     @classmethod
     def locked(cls, pk: int) -> Task:
@@ -203,6 +254,71 @@ class Task(models.Model):
         return cls.objects.select_for_update(of=("self",)).get(pk=pk)
 
 
+class TaskArray(models.Model):
+    """Many tasks from one submission (``array: "0-99%8"``); at most ``throttle`` run at once."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="task_arrays")
+    submitter = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="task_arrays")
+    name = models.CharField(max_length=200)
+    spec = models.CharField(max_length=200, help_text='As submitted, e.g. "0-99%8".')
+    size = models.PositiveIntegerField()
+    throttle = models.PositiveIntegerField(default=0, help_text="Most elements running at once; 0: no limit.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["throttle"], name="taskarray_throttled_idx", condition=Q(throttle__gt=0))]
+
+    def __str__(self) -> str:
+        return f"array #{self.pk} {self.name} [{self.spec}]"
+
+
+class TaskDependency(models.Model):
+    """``task`` may start only once ``depends_on`` ended as ``kind`` asks (see scheduling.dependencies)."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="dependencies")
+    depends_on = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="dependents")
+    kind = models.CharField(max_length=12, choices=[("after_ok", "after ok"), ("after_any", "after any"),
+                                                    ("after_not_ok", "after not ok")])
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["task", "depends_on", "kind"], name="taskdependency_unique"),
+            models.CheckConstraint(condition=~Q(task=F("depends_on")), name="taskdependency_not_on_itself"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} {self.kind} {self.depends_on_id}"
+
+
+class TaskRank(models.Model):
+    """One server's part of a gang's attempt: written with the placement, filled in by its agent.
+
+    The start barrier: every rank reports ``ready`` (rank 0 with its address and a free port),
+    then the task's ``master_addr``/``master_port`` are set and every agent starts its process.
+    """
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="ranks")
+    attempt = models.PositiveIntegerField()
+    rank = models.PositiveSmallIntegerField()
+    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="task_ranks")
+    address = models.CharField(max_length=255, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["task", "attempt", "rank"]
+        indexes = [models.Index(fields=["node", "attempt"], name="taskrank_node_idx")]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "attempt", "rank"], name="taskrank_one_per_rank"),
+            models.UniqueConstraint(fields=["task", "attempt", "node"], name="taskrank_one_per_server"),
+        ]
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} attempt {self.attempt} rank {self.rank}"
 class AllocationInterval(models.Func):
     """``tstzrange(allocated_at, released_at)``, half-open; an active allocation runs to infinity."""
 
@@ -309,6 +425,7 @@ class TaskLogChunk(models.Model):
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="log_chunks")
     attempt = models.PositiveIntegerField(default=0)
+    rank = models.PositiveSmallIntegerField(default=0)  # a gang's server; 0 for a one-server task
     offset = models.PositiveBigIntegerField()
     data = models.TextField()
     created_at = models.DateTimeField(default=timezone.now)
@@ -316,9 +433,9 @@ class TaskLogChunk(models.Model):
     class Meta:
         verbose_name = _("task log chunk")
         verbose_name_plural = _("task log chunks")
-        ordering = ["task", "attempt", "offset"]
+        ordering = ["task", "attempt", "rank", "offset"]
         constraints = [
-            models.UniqueConstraint(fields=["task", "attempt", "offset"], name="tasklogchunk_unique_offset"),
+            models.UniqueConstraint(fields=["task", "attempt", "rank", "offset"], name="tasklogchunk_unique_offset"),
         ]
 
     def __str__(self) -> str:

@@ -28,15 +28,15 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models.functions import Now
-from django.utils.dateparse import parse_datetime
 
-from nodes.models import GPUHealth, NodeStatus
+from nodes.models import GPUHealth, NodeStatus, model_cache
 from portal import live
-from scheduling import triggers
+from scheduling import arrays, dependencies, lifecycle, triggers
 from scheduling.choices import ShareMode, TaskStatus
 from scheduling.core_types import (
     GpuState,
     NodeState,
+    PendingInfo,
     PendingTask,
     Placement,
     Plan,
@@ -122,7 +122,7 @@ LEFT JOIN tenants_fairshare f ON f.tenant_id = t.id
 _PENDING_SQL = """
 SELECT t.id, t.tenant_id, t.priority, t.created_at, t.gpu_count, coalesce(t.gpu_memory_mb, e.memory_mb),
        t.share_mode, t.workload_class, t.timeout_s, t.model_name, t.node_selector, t.gpu_model,
-       t.pending_reason, t.queue_position
+       t.pending_reason, t.queue_position, t.nodes, t.topology_key
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
@@ -139,13 +139,10 @@ def _json(raw: str | dict | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _loaded_models(raw: str | dict | None) -> dict[str, datetime]:
-    out: dict[str, datetime] = {}
-    for name, when in _json(raw).items():
-        parsed = parse_datetime(when) if isinstance(when, str) else None
-        if parsed is not None:
-            out[name] = parsed
-    return out
+def _loaded_models(raw: str | dict | None, now: datetime, ttl_s: int) -> dict[str, datetime]:
+    if raw is None or raw == "{}":
+        return {}
+    return model_cache(_json(raw), now=now, ttl_s=ttl_s)
 
 
 def _reserved(config_reserved: tuple[str, ...], node_names: dict[int, str], gpu_node: int, index: int,
@@ -165,8 +162,14 @@ class _Loaded:
     gpu_index: dict[int, int]
 
     def placement_reason(self, placement: Placement) -> str:
-        indexes = ",".join(str(self.gpu_index.get(g, "?")) for g in placement.gpu_ids)
         mode = "exclusive" if placement.exclusive else "shared"
+        if placement.ranks:
+            where = "; ".join(
+                f"rank {r} on {self.node_names.get(n, n)}, GPU "
+                + ",".join(str(self.gpu_index.get(g, "?")) for g in gids)
+                for r, (n, gids) in enumerate(placement.ranks))
+            return f"placed as a gang: {where} ({placement.memory_mb} MB each, {mode})"[:500]
+        indexes = ",".join(str(self.gpu_index.get(g, "?")) for g in placement.gpu_ids)
         node = self.node_names.get(placement.node_id, placement.node_id)
         return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
 
@@ -220,7 +223,7 @@ def load_snapshot(now: datetime) -> _Loaded:
                 # A GPU holding allocations is busy whatever the column still says.
                 idle_since=(datetime.fromtimestamp(idle_since, UTC)
                             if idle_since is not None and not (exclusive or shared) else None),
-                loaded_models=_loaded_models(loaded),
+                loaded_models=_loaded_models(loaded, now, config.model_cache_ttl_seconds),
                 schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
                                  or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
             ))
@@ -262,11 +265,12 @@ def load_snapshot(now: datetime) -> _Loaded:
         stored: dict[int, tuple[str, int | None]] = {}
         tenant_of: dict[int, int] = {}
         for (task_id, tenant_id, priority, created_at, gpu_count, memory_mb, share_mode, wclass, timeout_s,
-             model_name, selector, gpu_model, reason, position) in cursor.fetchall():
+             model_name, selector, gpu_model, reason, position, gang_nodes, topology_key) in cursor.fetchall():
             pending.append(PendingTask(
                 id=task_id, tenant_id=tenant_id, priority=priority, created_at=created_at, gpu_count=gpu_count,
                 memory_mb=memory_mb, exclusive=share_mode != ShareMode.SHARED, workload_class=wclass,
                 timeout_s=timeout_s, model_name=model_name, node_selector=_json(selector), gpu_model=gpu_model,
+                nodes=gang_nodes, topology_key=topology_key,
             ))
             stored[task_id] = (reason, position)
             tenant_of[task_id] = tenant_id
@@ -309,6 +313,15 @@ WITH placed AS (
 SELECT id FROM placed
 """
 
+# A gang's ranks, for the tasks the placement took (its attempt as it stands).
+_RANKS_SQL = """
+INSERT INTO scheduling_taskrank (task_id, attempt, rank, node_id, address)
+SELECT r.task_id, t.attempt, r.rank, r.node_id, ''
+FROM unnest(%s::bigint[], %s::integer[], %s::bigint[]) AS r(task_id, rank, node_id)
+JOIN scheduling_task t ON t.id = r.task_id
+WHERE r.task_id = ANY(%s::bigint[])
+"""
+
 _UPDATE_PENDING_SQL = """
 UPDATE scheduling_task t
 SET pending_reason = v.reason, queue_position = v.position
@@ -335,8 +348,7 @@ def _apply_preemptions(plan: Plan, actor: str, notify_nodes: set[int], changed: 
                .order_by("pk"))
     for victim in victims:
         preemption = by_victim[victim.pk]
-        if victim.node_id is not None:
-            notify_nodes.add(victim.node_id)
+        notify_nodes.update(victim.node_ids())  # every server of a gang stops its rank
         reason = preemption.reason or f"preempted by task {preemption.by_task_id}"
         victim.requeue(actor=actor, reason=reason)
         changed.append((victim.tenant_id, victim.pk))
@@ -355,12 +367,13 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         if placements:
             a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
             for p in placements:
-                for gpu_id in p.gpu_ids:
-                    a_task.append(p.task_id)
-                    a_gpu.append(gpu_id)
-                    a_node.append(p.node_id)
-                    a_mem.append(p.memory_mb)
-                    a_excl.append(p.exclusive)
+                for node_id, gpu_ids in (p.ranks or ((p.node_id, p.gpu_ids),)):
+                    for gpu_id in gpu_ids:
+                        a_task.append(p.task_id)
+                        a_gpu.append(gpu_id)
+                        a_node.append(node_id)
+                        a_mem.append(p.memory_mb)
+                        a_excl.append(p.exclusive)
             cursor.execute(_PLACE_SQL, {
                 "now": now, "actor": actor,
                 "task": [p.task_id for p in placements], "task_node": [p.node_id for p in placements],
@@ -370,6 +383,13 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
             taken = {row[0] for row in cursor.fetchall()}
             result.skipped += len(placements) - len(taken)
             placements = [p for p in placements if p.task_id in taken]
+            gangs = [p for p in placements if p.ranks]
+            if gangs:
+                r_task = [p.task_id for p in gangs for _ in p.ranks]
+                r_rank = [i for p in gangs for i in range(len(p.ranks))]
+                r_node = [n for p in gangs for n, _gpus in p.ranks]
+                cursor.execute(_RANKS_SQL, [r_task, r_rank, r_node, [p.task_id for p in gangs]])
+                notify_nodes.update(r_node)
             notify_nodes.update(p.node_id for p in placements)
             changed.extend((loaded.tenant_of[p.task_id], p.task_id) for p in placements)
             result.placed_task_ids = [p.task_id for p in placements]
@@ -485,10 +505,38 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         _lock_id, now = lock_scheduler()
         SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
         loaded = load_snapshot(now)
+        held = _hold_dependents(loaded, actor)
         core_started = time.perf_counter()
         plan = decide(loaded.snapshot)
         result.core_s = time.perf_counter() - core_started
+        position = len(plan.pending)
+        for task_id, reason in held.items():
+            position += 1
+            plan.pending[task_id] = PendingInfo(reason=reason, position=position)
         _apply(loaded, plan, actor=actor, now=now, result=result)
+
+
+def _hold_dependents(loaded: _Loaded, actor: str) -> dict[int, str]:
+    """Take tasks waiting for their dependencies, or beyond their array's throttle, out of the
+    core's queue (they are listed after it, with their reason); cancel those whose dependencies
+    can never be satisfied."""
+    waiting, never = dependencies.blocked()
+    for task_id, reason in arrays.throttled().items():
+        waiting.setdefault(task_id, reason)
+    if not (waiting or never):
+        return {}
+    if settings.SCHEDULER.cancel_invalid_dependents:
+        for task_id, reason in never.items():
+            lifecycle.cancel(task_id, actor=actor, reason=reason)
+            loaded.stored_pending.pop(task_id, None)
+        if never:
+            # Their own dependents may now be unsatisfiable in turn.
+            triggers.request_pass("dependents cancelled")
+    else:
+        waiting.update(never)
+    held = waiting.keys() | never.keys()
+    loaded.snapshot.pending = [t for t in loaded.snapshot.pending if t.id not in held]
+    return waiting
 
 
 def run_requested_pass(reason: str = "") -> str:

@@ -46,14 +46,20 @@ def would_fit(spec: TaskSpec) -> Preview:
         id=CANDIDATE_ID, tenant_id=spec.tenant.pk, priority=int(v["priority"]), created_at=now,
         gpu_count=v["gpu_count"], memory_mb=memory, exclusive=v["share_mode"] != ShareMode.SHARED,
         workload_class=v["workload_class"], timeout_s=v["timeout_s"], model_name=v["model_name"],
-        node_selector=v["node_selector"], gpu_model=v["gpu_model"],
+        node_selector=v["node_selector"], gpu_model=v["gpu_model"], nodes=v.get("nodes", 1),
+        topology_key=v.get("topology_key", ""),
     ))
     plan = schedule(snapshot)
     placement = next((p for p in plan.placements if p.task_id == CANDIDATE_ID), None)
     if placement is not None:
         node = next(n for n in snapshot.nodes if n.id == placement.node_id)
-        index = {g.id: g.index for g in node.gpus}
-        gpus = [f"{node.name}:{index[g]}" for g in placement.gpu_ids]
+        where = {g.id: f"{n.name}:{g.index}" for n in snapshot.nodes for g in n.gpus}
+        gpus = [where[g] for g in placement.gpu_ids]
+        if placement.ranks:
+            names = {n.id: n.name for n in snapshot.nodes}
+            servers = ", ".join(names[n] for n, _gpus in placement.ranks)
+            return Preview(True, _("Would start now as a gang on %(servers)s (rank 0 on %(server)s).")
+                           % {"servers": servers, "server": node.name}, node.name, gpus)
         return Preview(True, _("Would start now on %(server)s (GPUs %(gpus)s).") % {"server": node.name,
                                                                                "gpus": ", ".join(gpus)},
                        node.name, gpus)

@@ -24,9 +24,9 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from portal import live
-from scheduling import triggers
+from scheduling import access, arrays, dependencies, triggers
 from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
-from scheduling.models import Task
+from scheduling.models import Task, TaskArray, TaskDependency
 from tenants.models import Quota, Tenant
 
 # Limits a user can hit (documented in the README, "Limits a user can hit").
@@ -43,7 +43,9 @@ BATCH_MAX_TASKS = 1000
 FIELDS = (
     "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
     "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model",
+    "nodes", "gpus_per_node", "topology_key", "dependency", "array",
 )
+TOPOLOGY_KEY_MAX_CHARS = 100
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" through
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "١٢" and "1_0"
 LABEL_KEY_MAX_CHARS = 63
@@ -66,13 +68,14 @@ class ClusterLimits:
     max_gpus_per_server: int  # 0: no server registered yet
     largest_gpu_mb: int
     safety_margin_mb: int
+    servers: int = 1  # servers with GPUs: the most a gang can span
 
     @property
     def max_task_memory_mb(self) -> int:
         return max(self.largest_gpu_mb - self.safety_margin_mb, 0)
 
-    # Both figures as one array, so the membership query can carry them (SubmitContext.load).
-    SQL = ("SELECT ARRAY[COALESCE(MAX(n), 0), COALESCE(MAX(m), 0)] FROM "
+    # The figures as one array, so the membership query can carry them (SubmitContext.load).
+    SQL = ("SELECT ARRAY[COALESCE(MAX(n), 0), COALESCE(MAX(m), 0), COUNT(*)] FROM "
            "(SELECT COUNT(*) AS n, MAX(memory_total_mb) AS m FROM nodes_gpu GROUP BY node_id) AS per_server")
 
     @classmethod
@@ -83,8 +86,8 @@ class ClusterLimits:
 
     @classmethod
     def from_array(cls, figures: list[int]) -> ClusterLimits:
-        n, m = figures
-        return cls(int(n), int(m), settings.SCHEDULER.memory_safety_margin_mb)
+        n, m, servers = figures
+        return cls(int(n), int(m), settings.SCHEDULER.memory_safety_margin_mb, int(servers))
 
 
 @dataclass
@@ -93,6 +96,13 @@ class TaskSpec:
 
     tenant: Tenant
     values: dict[str, Any]
+    dependencies: list[tuple[str, int]] = field(default_factory=list)  # (kind, task id)
+    # An array: (spec as given, element indexes, throttle); None for one task.
+    array: tuple[str, list[int], int] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.array[1]) if self.array else 1
 
 
 @dataclass
@@ -247,6 +257,69 @@ def _check_text(data: dict[str, Any], key: str, limit: int, errors: Errors, *, r
     return value
 
 
+def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, Any], errors: Errors) -> None:
+    """GPUs on one server (1 to the largest server's count), or a gang: ``nodes`` servers with
+    ``gpus_per_node`` each. Any two of gpu_count, nodes and gpus_per_node imply the third, and a
+    gpu_count that is a multiple of the largest server's GPUs spans that many whole servers."""
+    parsed: dict[str, int | None] = {}
+    for key in ("gpu_count", "nodes", "gpus_per_node"):
+        raw = data.get(key)
+        parsed[key] = None if raw in (None, "") else _as_int(raw)
+        if raw not in (None, "") and parsed[key] is None:
+            errors[key] = ["Must be a whole number."]
+    if errors.keys() & parsed.keys():
+        return
+    top, servers = limits.max_gpus_per_server, limits.servers
+    if top == 0:
+        errors["gpu_count"] = ["No GPU server is registered yet, so no task can be placed."]
+        return
+    count, nodes, per = parsed["gpu_count"], parsed["nodes"], parsed["gpus_per_node"]
+    if nodes is not None and not 1 <= nodes <= servers:
+        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+    if per is not None and not 1 <= per <= top:
+        errors["gpus_per_node"] = [f"Must be between 1 and {top} (the most GPUs any one server has)."]
+    if count is not None and count < 1:
+        errors["gpu_count"] = [f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple "
+                               f"of {top} to span whole servers."]
+    if errors.keys() & parsed.keys():
+        return
+    if nodes is not None and per is not None:
+        if count is not None and count != nodes * per:
+            errors["gpu_count"] = [f"Must equal nodes x gpus_per_node ({nodes * per}), or be left out."]
+            return
+        count = nodes * per
+    elif nodes is not None:
+        if count is None:
+            errors["gpus_per_node"] = ["Required with nodes (or give gpu_count)."]
+            return
+        if count % nodes:
+            errors["gpu_count"] = [f"Must be a multiple of nodes ({nodes}): every server gets as many GPUs."]
+            return
+    elif per is not None:
+        count = per if count is None else count
+        if count % per:
+            errors["gpu_count"] = [f"Must be a multiple of gpus_per_node ({per})."]
+            return
+        nodes = count // per
+    else:
+        count = 1 if count is None else count
+        nodes = 1
+        if count > top:
+            if count % top or count // top > servers:
+                errors["gpu_count"] = [
+                    f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple of {top} "
+                    f"up to {top * servers} to span whole servers (or give nodes and gpus_per_node)."
+                ]
+                return
+            nodes = count // top
+    if nodes > servers:
+        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+    elif count // nodes > top:
+        errors["gpus_per_node"] = [f"Must be between 1 and {top} (the most GPUs any one server has)."]
+    else:
+        values["gpu_count"], values["nodes"] = count, nodes
+
+
 def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     """Check one task description; returns ``(spec, {})`` or ``(None, field errors)``."""
     if not isinstance(data, dict):
@@ -331,19 +404,10 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     else:
         values["node_selector"] = selector or {}
 
-    # GPUs: at least one, at most what the largest server has (a gang never spans servers).
-    raw = data.get("gpu_count", 1)
-    gpu_count = _as_int(raw if raw not in (None, "") else 1)
-    if gpu_count is None:
-        errors["gpu_count"] = [_("Must be a whole number.")]
-    elif limits.max_gpus_per_server == 0:
-        errors["gpu_count"] = [_("No GPU server is registered yet, so no task can be placed.")]
-    elif not 1 <= gpu_count <= limits.max_gpus_per_server:
-        errors["gpu_count"] = [
-            _("Must be between 1 and %(n)s (the most GPUs any one server has).") % {"n": limits.max_gpus_per_server}
-        ]
-    else:
-        values["gpu_count"] = gpu_count
+    _check_gpus(data, limits, values, errors)
+    values["topology_key"] = _check_text(data, "topology_key", TOPOLOGY_KEY_MAX_CHARS, errors)
+    if values["topology_key"] and values.get("nodes", 1) == 1 and "topology_key" not in errors:
+        errors["topology_key"] = ["Only for a task over several servers (nodes above 1)."]
 
     raw = data.get("gpu_memory_mb")
     memory = None
@@ -363,6 +427,8 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     share_mode = _given(data, "share_mode", ShareMode.EXCLUSIVE)
     if share_mode not in ShareMode.values:
         errors["share_mode"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(ShareMode.values)}]
+    elif share_mode == ShareMode.SHARED and values.get("nodes", 1) > 1:
+        errors["share_mode"] = ["A task over several servers takes whole GPUs: share_mode must be exclusive."]
     elif share_mode == ShareMode.SHARED and memory is None and not values.get("model_name"):
         errors["share_mode"] = [_("A shared task must give gpu_memory_mb (or a model_name with a known estimate).")]
     values["share_mode"] = share_mode
@@ -397,9 +463,30 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
                                      % {"slug": tenant.slug, "cls": workload_class, "allowed": allowed}]
     values["workload_class"] = workload_class
 
+    deps, problem = dependencies.parse(data.get("dependency"))
+    if problem:
+        errors["dependency"] = [problem]
+    elif deps:
+        wanted = {tid for _kind, tid in deps}
+        visible = set(access.tasks_for(ctx.user).filter(pk__in=wanted).values_list("pk", flat=True))
+        unknown = dependencies.unknown_ids(deps, visible)
+        if unknown:
+            errors["dependency"] = [f"Unknown task {', '.join(f'#{i}' for i in unknown)} "
+                                    f"(or not one you can see)."]
+
+    array = None
+    if data.get("array") not in (None, ""):
+        indexes, throttle, problem = arrays.parse(data["array"], BATCH_MAX_TASKS)
+        if problem:
+            errors["array"] = [problem]
+        elif len(values.get("env") or {}) + 4 > ENV_MAX_VARS:
+            errors["env"] = [f"At most {ENV_MAX_VARS - 4} variables in an array (each element gets 4 more)."]
+        else:
+            array = (data["array"].strip()[:200], indexes, throttle)
+
     if errors:
         return None, errors
-    return TaskSpec(tenant=tenant, values=values), {}
+    return TaskSpec(tenant=tenant, values=values, dependencies=deps, array=array), {}
 
 
 def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
@@ -410,7 +497,7 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
     actor = f"user:{ctx.user.get_username()}"
     wanted: dict[int, int] = {}
     for spec in specs:
-        wanted[spec.tenant.pk] = wanted.get(spec.tenant.pk, 0) + 1
+        wanted[spec.tenant.pk] = wanted.get(spec.tenant.pk, 0) + spec.count
     with transaction.atomic():
         # The quota rows serialise concurrent submitters of one tenant, so the
         # pending limit holds exactly; other tenants are not held up.
@@ -418,8 +505,22 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
             cursor.execute("SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = ANY(%s::bigint[]) "
                            "ORDER BY tenant_id FOR UPDATE", [sorted(wanted)])
             limits = dict(cursor.fetchall())
-        tasks = [Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
-                      pending_reason="waiting for the scheduler", **spec.values) for spec in specs]
+        rows: list[tuple[Task, TaskSpec]] = []
+        for spec in specs:
+            if spec.array is None:
+                rows.append((Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
+                                  pending_reason="waiting for the scheduler", **spec.values), spec))
+                continue
+            text, indexes, throttle = spec.array
+            array = TaskArray.objects.create(tenant=spec.tenant, submitter=ctx.user, name=spec.values["name"],
+                                             spec=text, size=len(indexes), throttle=throttle)
+            values = {k: v for k, v in spec.values.items() if k != "env"}
+            for i in indexes:
+                env = {**(spec.values.get("env") or {}), **arrays.environment(array.pk, i)}
+                rows.append((Task(tenant=spec.tenant, submitter=ctx.user, status=TaskStatus.PENDING, attempt=0,
+                                  pending_reason="waiting for the scheduler", array=array, array_index=i, env=env,
+                                  **values), spec))
+        tasks = [task for task, _spec in rows]
         # Counted by the same statement that inserts, which starts after the lock above
         # is held: it sees every task committed by an earlier holder, and not its own.
         pending = _insert_with_events(tasks, actor, limits)
@@ -430,6 +531,10 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
                     f"Tenant {slug} would have more than {limit} pending tasks (it has {pending[tenant_id]}, "
                     f"this adds {wanted[tenant_id]}); wait for some to start or cancel some."
                 ]})
+        TaskDependency.objects.bulk_create(
+            TaskDependency(task=task, depends_on_id=other, kind=kind)
+            for task, (_row, spec) in zip(tasks, rows, strict=True) for kind, other in spec.dependencies
+        )
         live.tasks_changed((task.tenant_id, task.pk) for task in tasks)
         triggers.request_pass("submit")
     return tasks

@@ -29,7 +29,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import DurationField, ExpressionWrapper, F
+from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from nodes.models import Node, NodeStatus
@@ -37,7 +37,7 @@ from portal import hearing, live
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
-from scheduling.choices import ACTIVE_STATUSES, TaskStatus
+from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, ClockTimestamp, Task
 from scheduling.passes import lock_scheduler
 
@@ -51,6 +51,8 @@ SELECT id FROM nodes_node
 WHERE status IN ('active', 'draining') AND last_heartbeat_at < now() - make_interval(secs => %s)
   AND {hearing.LISTENED_FOR_SQL}
 """  # noqa: S608
+# A gang waits for all its ranks (the start barrier) up to gang_start_timeout_s: the cheap
+# check uses the shorter of the two waits, the repair below each kind's own.
 _STALE_ASSIGNED = f"""
 SELECT id FROM scheduling_task
 WHERE status = 'assigned' AND assigned_at < now() - make_interval(secs => %s)
@@ -92,8 +94,9 @@ def sweep(actor: str = "sweep") -> SweepResult:
     timeout, grace = config.heartbeat_timeout_s, config.assign_grace_s
     result = SweepResult()
     with connection.cursor() as cursor:
+        first = min(grace, config.gang_start_timeout_s)
         cursor.execute(_ANYTHING, [timeout, *hearing.listened_for_params(timeout),
-                                   grace, *hearing.listened_for_params(grace)])
+                                   first, *hearing.listened_for_params(first)])
         if not any(cursor.fetchone()):
             _note_guard(None)
             return result
@@ -114,9 +117,10 @@ def sweep(actor: str = "sweep") -> SweepResult:
             reason = f"server {node.name} lost (no heartbeat for {timeout} s)"
             node.status, node.status_reason = NodeStatus.OFFLINE, reason[:255]
             node.save(update_fields=["status", "status_reason", "updated_at"])
-            tasks = (Task.objects.select_for_update(of=("self",))
-                     .filter(node=node, status__in=ACTIVE_STATUSES).order_by("pk"))
+            tasks = (Task.active_on(node.pk).select_for_update(of=("self",)).order_by("pk"))
             for task in tasks:
+                if task.is_gang:
+                    nodes_told.update(task.node_ids())  # the other ranks must stop too
                 task.requeue(actor=actor, reason=f"server {node.name} lost")
                 _count(result, task)
                 changed.append((task.tenant_id, task.pk))
@@ -128,13 +132,23 @@ def sweep(actor: str = "sweep") -> SweepResult:
         if lost:
             live.gpus_changed(n.pk for n in lost)
 
+        barrier = config.gang_start_timeout_s
+        late = Q(pk__in=[])
+        if _listened_for(grace):
+            late |= Q(nodes=1, assigned_at__lt=Now() - timedelta(seconds=grace))
+        if _listened_for(barrier):
+            late |= Q(nodes__gt=1, assigned_at__lt=Now() - timedelta(seconds=barrier))
         stale = (Task.objects.select_for_update(of=("self",))
-                 .filter(status=TaskStatus.ASSIGNED, assigned_at__lt=Now() - timedelta(seconds=grace))
-                 .order_by("pk")) if _listened_for(grace) else []
+                 .filter(late, status=TaskStatus.ASSIGNED)
+                 .order_by("pk"))
         for task in stale:
-            if task.node_id is not None:
-                nodes_told.add(task.node_id)
-            task.requeue(actor=actor, reason=f"not started within {grace} s of assignment")
+            nodes_told.update(task.node_ids())
+            if task.is_gang:
+                missing = [f"rank {r.rank} on {r.node.name}" for r in task.current_ranks() if r.started_at is None]
+                reason = f"start barrier timed out after {barrier} s: {', '.join(missing)} not started"
+            else:
+                reason = f"not started within {grace} s of assignment"
+            task.requeue(actor=actor, reason=reason)
             _count(result, task)
             changed.append((task.tenant_id, task.pk))
 
@@ -142,8 +156,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
         expired = (Task.objects.select_for_update(of=("self",))
                    .filter(status=TaskStatus.RUNNING, started_at__lt=Now() - timeout_of).order_by("pk"))
         for task in expired:
-            if task.node_id is not None:
-                nodes_told.add(task.node_id)
+            nodes_told.update(task.node_ids())
             task.finish(exit_code=None, timed_out=True, actor=actor)
             result.timed_out += 1
             changed.append((task.tenant_id, task.pk))

@@ -41,12 +41,12 @@ def tenant(tid: int = 1, slug: str = "acme", *, max_gpus: int = 1000, max_mem: i
 def task(tid: int | None = None, *, tenant_id: int = 1, priority: int = 1, gpus: int = 1,
          memory: int | None = 10_000, exclusive: bool = True, cls: str = "batch", timeout_s: int = 3600,
          age_s: float = 0, model: str = "", selector: dict[str, str] | None = None,
-         gpu_model: str = "") -> PendingTask:
+         gpu_model: str = "", nodes: int = 1, topology_key: str = "") -> PendingTask:
     return PendingTask(
         id=tid if tid is not None else next(_ids), tenant_id=tenant_id, priority=priority,
         created_at=NOW - timedelta(seconds=age_s), gpu_count=gpus, memory_mb=memory, exclusive=exclusive,
         workload_class=cls, timeout_s=timeout_s, model_name=model, node_selector=selector or {},
-        gpu_model=gpu_model,
+        gpu_model=gpu_model, nodes=nodes, topology_key=topology_key,
     )
 
 

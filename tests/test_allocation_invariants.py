@@ -69,6 +69,7 @@ def test_a_task_holds_a_gpu_at_most_once(acme, servers):
         ("priority", 7, "task_priority_valid"),
         ("status", "exploded", "task_status_valid"),
         ("workload_class", "realtime", "task_workload_class_valid"),
+        ("nodes", 3, "task_nodes_within_gpu_count"),  # a gang has at least one GPU per server
     ],
 )
 def test_the_database_rejects_impossible_task_values(acme, field, value, constraint):

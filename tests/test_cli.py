@@ -94,7 +94,8 @@ def test_a_bad_flag_and_a_refused_submit_exit_non_zero_with_one_line(gpuctl):
     refused = gpuctl("submit", "--gpus", "9", "--", "true", check=False)
     assert refused.returncode == 1
     assert refused.stderr.strip() == (
-        "gpuctl: error: gpu_count: Must be between 1 and 8 (the most GPUs any one server has).")
+        "gpuctl: error: gpu_count: Must be between 1 and 8 (the most GPUs any one server has), or a multiple "
+        "of 8 up to 16 to span whole servers (or give nodes and gpus_per_node).")
     missing = gpuctl("show", "999999", check=False)
     assert missing.returncode == 1 and "no such task" in missing.stderr
     assert not Task.objects.exists()

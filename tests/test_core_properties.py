@@ -350,7 +350,7 @@ def test_no_backfilled_task_delays_the_reserved_start_of_the_blocked_head(snap):
                 s[0] += p.memory_mb
                 s[2 if p.exclusive else 3] += 1
     promised = {run.g_id[g] for g in res.gpus}
-    node = next(n for n in snap.nodes if n.id == run.n_id[res.node])
+    node = next(n for n in snap.nodes if n.id == run.n_id[res.nodes[0]])
     only_promised = dataclasses.replace(node, gpus=[g for g in node.gpus if g.id in promised])
     reduced = dataclasses.replace(snap, nodes=[only_promised])
     assert fits_on(reduced, head, state, snap.config.memory_safety_margin_mb)

@@ -192,3 +192,27 @@ def test_the_full_log_link_streams_one_attempts_whole_output(alice_in, client, c
     assert alice_in.get(f"/tasks/{task.pk}/log/?attempt=x").status_code == 400
     client.force_login(carol)
     assert client.get(f"/tasks/{task.pk}/log/").status_code == 404
+
+
+def test_the_form_submits_a_gang_and_refuses_a_bad_one_with_the_apis_messages(alice_in):
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "torchrun train.py", "nodes": "2",
+                                   "gpus_per_node": "9", "action": "submit"})
+    assert r.status_code == 400 and "Must be between 1 and 8 (the most GPUs any one server has)." in r.content.decode()
+    assert not Task.objects.exists()
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "torchrun train.py", "nodes": "2",
+                                   "gpus_per_node": "8", "topology_key": "rack", "action": "submit"})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    task = Task.objects.get()
+    assert (task.gpu_count, task.nodes, task.topology_key) == (16, 2, "rack")
+
+
+def test_the_form_submits_an_array_after_a_dependency(alice_in, alice, acme):
+    first = Task.objects.create(tenant=acme, submitter=alice, name="prep", command="x")
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "python sweep.py", "array": "0-3%2",
+                                   "dependency": f"afterok:{first.pk}", "action": "submit"})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    elements = Task.objects.exclude(pk=first.pk)
+    assert sorted(elements.values_list("array_index", flat=True)) == [0, 1, 2, 3]
+    assert {t.dependencies.get().depends_on_id for t in elements} == {first.pk}
+    r = alice_in.post("/submit/", {"tenant": "acme", "command": "x", "array": "9-1", "action": "submit"})
+    assert r.status_code == 400 and "Bad range" in r.content.decode()

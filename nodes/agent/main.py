@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--join-token", help="join token for the first start (or GPU_AGENT_JOIN_TOKEN); on a shared "
                                         "host prefer the variable or --join-token-file: ps shows arguments to all")
     p.add_argument("--join-token-file", help="read the join token from this file")
+    p.add_argument("--address", default=os.environ.get("GPU_AGENT_ADDRESS", ""),
+                   help="address other servers reach this one at: MASTER_ADDR of the gangs whose rank 0 runs "
+                        "here (default: GPU_AGENT_ADDRESS, else the server name)")
     p.add_argument("--simulate", metavar="SPEC", help="simulated GPUs instead of NVML, e.g. 8xH100-80GB")
     p.add_argument("--heartbeat-interval", type=float, default=None,
                    help="seconds between heartbeats (default: what the portal says)")
@@ -337,6 +340,11 @@ class Agent:
         for task in list(self.runner.tasks.values()):
             if task.done:
                 continue
+            if task.state == "barrier" and not task.extra.get("ready_reported"):
+                await self.report(task, {"event": "ready", "address": self.runner.address,
+                                         "port": task.extra.get("port")})
+                task.extra["ready_reported"] = True
+                self.runner.save(task)
             if not task.reported_started and task.state != "starting" and task.pid:
                 await self.report(task, {"event": "started"})
                 task.reported_started = True
@@ -358,6 +366,8 @@ class Agent:
                 self.runner.save(task)
 
     async def report(self, task: LocalTask, event: dict[str, Any]) -> None:
+        if task.gang:
+            event = {"rank": task.gang["rank"], **event}
         response = await self.portal.request("POST", f"/tasks/{task.id}/events",
                                              json={"attempt": task.attempt, **event})
         if response.status_code == 401:
@@ -376,15 +386,17 @@ class Agent:
             if chunk is None:
                 return
             offset, text, size = chunk
+            rank = task.gang["rank"] if task.gang else 0
             response = await self.portal.request("POST", f"/tasks/{task.id}/logs", json={
-                "chunks": [{"attempt": task.attempt, "offset": offset, "data": text}]})
+                "chunks": [{"attempt": task.attempt, "rank": rank, "offset": offset, "data": text}]})
             if response.status_code in (429,) or response.status_code >= 500:
                 raise PortalUnreachable(f"HTTP {response.status_code}")
             end = offset + size
             if response.status_code == 200:
                 # The portal may already hold a shorter chunk at this offset (we crashed
                 # after sending it): continue from its end, so nothing is lost.
-                end = response.json().get("ends", {}).get(f"{task.attempt}:{offset}", end)
+                key = f"{task.attempt}:{rank}:{offset}" if rank else f"{task.attempt}:{offset}"
+                end = response.json().get("ends", {}).get(key, end)
             elif response.status_code not in (404, 409):
                 log.warning("task %s: log chunk refused: %s", task.id, self._detail(response))
             task.shipped_offset = end
@@ -420,7 +432,8 @@ class Agent:
         log.info("server %s: %d GPU(s), driver %s, portals %s", self.name, len(self.gpus.handles),
                  self.gpus.driver_version or "?", ", ".join(self.portal.urls))
         self.runner = Runner(self.state_dir, server_name=self.name, grace_s=self.args.grace_period,
-                             work_root=Path(self.args.work_root), accounts=self.accounts)
+                             work_root=Path(self.args.work_root), accounts=self.accounts,
+                             address=self.args.address)
         self.runner.load()
         loops = [asyncio.create_task(c) for c in
                  (self.heartbeat_loop(), self.watch_loop(), self.fetch_loop(), self.supervise_loop())]

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -71,7 +72,7 @@ class LocalTask:
     proc_start: str = ""  # /proc/<pid>/stat start time: tells our pid from a reused one
     started_at: float = 0.0  # agent wall clock, only for this task's own timeout and duration
     ended_at: float = 0.0
-    state: str = "starting"  # starting, running, exited
+    state: str = "starting"  # starting, barrier (a gang's rank waiting for the others), running, exited
     exit_code: int | None = None
     oom: bool = False
     timed_out: bool = False
@@ -83,11 +84,17 @@ class LocalTask:
     reported_started: bool = False
     reported_finished: bool = False
     shipped_offset: int = 0
+    # "gang": the rank's part of the assignment (rank, nodes, gpus_per_node, master_addr/port);
+    # "port": the port rank 0 offered; "ready_reported": the barrier report was acknowledged.
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, int]:
         return self.id, self.attempt
+
+    @property
+    def gang(self) -> dict[str, Any] | None:
+        return self.extra.get("gang")
 
     @property
     def done(self) -> bool:
@@ -114,7 +121,7 @@ def _group_alive(pgid: int) -> bool:
 
 class Runner:
     def __init__(self, state_dir: Path, *, server_name: str, grace_s: float, work_root: Path,
-                 accounts: AccountPolicy) -> None:
+                 accounts: AccountPolicy, address: str = "") -> None:
         self.root = state_dir / "tasks"
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Task users may enter their own directory under it, but not list the others.
@@ -123,6 +130,8 @@ class Runner:
         os.chmod(self.work_root, 0o711)  # noqa: S103 - traverse only: no one lists the others
         self.accounts = accounts
         self.server_name = server_name
+        # How other servers reach this one: a gang's MASTER_ADDR when this server is its rank 0.
+        self.address = address or server_name
         self.grace_s = grace_s
         self.tasks: dict[tuple[int, int], LocalTask] = {}
         self.children: dict[tuple[int, int], subprocess.Popen] = {}
@@ -153,8 +162,8 @@ class Runner:
                 log.warning("ignoring unreadable %s", meta)
                 continue
             self.tasks[task.key] = task
-            if task.state == "exited":
-                continue
+            if task.state in ("exited", "barrier"):
+                continue  # a rank at the barrier has no process yet: the portal still decides
             if task.pid and _proc_start(task.pid) == task.proc_start and task.proc_start:
                 task.state = "running"
                 log.info("task %s: reattached to pid %s", task.id, task.pid)
@@ -213,6 +222,9 @@ class Runner:
         started = []
         for key, spec in wanted.items():
             if key in self.tasks:
+                task = self.tasks[key]
+                if task.state == "barrier" and (spec.get("gang") or {}).get("master_port"):
+                    started.append(self._open_barrier(task, spec))
                 continue
             if spec["status"] == "running":
                 # Running on the portal, unknown here: our state was lost with its process.
@@ -231,6 +243,10 @@ class Runner:
                 continue
             if datetime.fromisoformat(task.as_of) < as_of:
                 task.removed = True
+                if task.state == "barrier":
+                    task.state, task.ended_at = "exited", time.time()
+                    self.save(task)
+                    continue
                 self.kill(task, "the portal no longer assigns it (cancelled, timed out or requeued)")
         return started
 
@@ -250,17 +266,66 @@ class Runner:
             "TENANT": task.tenant,
             "GPU_SERVER": self.server_name,
         })
+        env.update(self.rank_environment(task))
         return env
+
+    @staticmethod
+    def rank_environment(task: LocalTask) -> dict[str, str]:
+        """What torchrun (``--nnodes $NNODES --node_rank $NODE_RANK --master_addr $MASTER_ADDR ...``)
+        and DeepSpeed expect of one server's process in a gang; nothing for a one-server task."""
+        gang = task.gang
+        if not gang:
+            return {}
+        per_node = str(gang["gpus_per_node"])
+        return {
+            "MASTER_ADDR": str(gang["master_addr"]),
+            "MASTER_PORT": str(gang["master_port"]),
+            "NNODES": str(gang["nodes"]),
+            "NODE_RANK": str(gang["rank"]),
+            "NPROC_PER_NODE": per_node,
+            "LOCAL_WORLD_SIZE": per_node,
+            "WORLD_SIZE": str(gang["nodes"] * gang["gpus_per_node"]),
+            "PORTAL_TASK_ID": str(task.id),
+        }
+
+    def _open_barrier(self, task: LocalTask, spec: dict[str, Any]) -> LocalTask:
+        """Every rank is ready: start this rank's process with the gang's master address."""
+        task.extra["gang"] = spec["gang"]
+        task.state = "starting"
+        self.save(task)
+        return self._spawn(task)
+
+    @staticmethod
+    def free_port() -> int:
+        """A port free on this server now, for a gang's rendezvous (rank 0 offers it)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
 
     def start(self, spec: dict[str, Any], as_of: str) -> LocalTask:
         task = LocalTask(id=spec["id"], attempt=spec["attempt"], name=spec["name"], command=spec["command"],
                          env=spec.get("env") or {}, working_dir=spec.get("working_dir") or "",
                          timeout_s=spec["timeout_s"], tenant=spec["tenant"], gpu_indices=spec["gpu_indices"],
                          as_of=as_of, user=spec.get("user") or "")
+        gang = spec.get("gang")
+        if gang:
+            task.extra["gang"] = gang
+            if not gang.get("master_port"):
+                # A gang's rank waits at the barrier until the portal says every rank is ready.
+                task.state = "barrier"
+                if gang["rank"] == 0:
+                    task.extra["port"] = self.free_port()
         directory = self.dir_of(task)
         directory.mkdir(mode=0o700, parents=True, exist_ok=False)
         self.tasks[task.key] = task
         self.save(task)  # before the spawn: never started twice, even across a crash
+        if task.state == "barrier":
+            log.info("task %s attempt %s: rank %s waiting at the start barrier", task.id, task.attempt,
+                     gang["rank"])
+            return task
+        return self._spawn(task)
+
+    def _spawn(self, task: LocalTask) -> LocalTask:
         task.started_at = time.time()
         try:
             account = self.accounts.resolve(task.user, task.tenant)

@@ -49,6 +49,9 @@ class GPUReportSerializer(serializers.Serializer):
     xid_errors = serializers.ListField(child=serializers.IntegerField(min_value=0, max_value=INT32_MAX),
                                        max_length=64, required=False, default=list)
     processes = ProcessSerializer(many=True, required=False, default=list, max_length=1024)
+    # Models the agent sees loaded on this GPU (e.g. from an inference server): affinity data.
+    loaded_models = serializers.ListField(child=serializers.CharField(max_length=200), max_length=16,
+                                          required=False, default=list)
 
     def validate(self, gpu: dict) -> dict:
         if gpu["memory_used_mb"] > gpu["memory_total_mb"]:
@@ -84,8 +87,12 @@ class HeartbeatSerializer(serializers.Serializer):
 
 
 class TaskEventSerializer(serializers.Serializer):
-    event = serializers.ChoiceField(choices=["started", "finished"])
+    # "ready": a gang's rank reached the start barrier (rank 0 gives its address and port).
+    event = serializers.ChoiceField(choices=["ready", "started", "finished"])
     attempt = serializers.IntegerField(min_value=0, max_value=INT32_MAX)
+    rank = serializers.IntegerField(min_value=0, max_value=32767, required=False, allow_null=True, default=None)
+    address = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    port = serializers.IntegerField(min_value=1, max_value=65535, required=False, allow_null=True, default=None)
     exit_code = serializers.IntegerField(required=False, allow_null=True, default=None,
                                          min_value=-(2**31), max_value=2**31 - 1)
     oom = serializers.BooleanField(required=False, default=False)
@@ -97,6 +104,7 @@ class TaskEventSerializer(serializers.Serializer):
 
 class LogChunkSerializer(serializers.Serializer):
     attempt = serializers.IntegerField(min_value=0, max_value=INT32_MAX)
+    rank = serializers.IntegerField(min_value=0, max_value=32767, required=False, default=0)
     offset = serializers.IntegerField(min_value=0, max_value=INT64_MAX - 4 * MAX_LOG_CHUNK_CHARS)
     data = serializers.CharField(max_length=MAX_LOG_CHUNK_CHARS, trim_whitespace=False)
 

@@ -99,9 +99,11 @@ class TaskEventView(AgentView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         node, actor = request.auth, self.actor(request)
-        kwargs = {"node_id": node.pk, "actor": actor, "attempt": data["attempt"]}
+        kwargs = {"node_id": node.pk, "actor": actor, "attempt": data["attempt"], "rank": data["rank"]}
         try:
-            if data["event"] == "started":
+            if data["event"] == "ready":
+                task = lifecycle.report_ready(task_id, address=data["address"], port=data["port"], **kwargs)
+            elif data["event"] == "started":
                 task = lifecycle.report_started(task_id, **kwargs)
             elif data["lost"]:
                 task = lifecycle.report_lost(task_id, reason=data["reason"] or f"lost by the agent on {node.name}",
@@ -117,6 +119,8 @@ class TaskEventView(AgentView):
             return Response({"detail": f"no task {task_id}"}, status=status.HTTP_404_NOT_FOUND)
         except PermissionError as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        except ValueError as exc:
+            return Response({"port": [str(exc)]}, status=status.HTTP_400_BAD_REQUEST)
         return Response({"id": task.pk, "status": task.status, "attempt": task.attempt})
 
 
@@ -125,10 +129,10 @@ class LogChunksView(AgentView):
         serializer = LogChunksSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         with transaction.atomic():
-            task = Task.objects.filter(pk=task_id).only("node_id", "attempt").first()
+            task = Task.objects.filter(pk=task_id).only("node_id", "nodes", "attempt").first()
             if task is None:
                 return Response({"detail": f"no task {task_id}"}, status=status.HTTP_404_NOT_FOUND)
-            if task.node_id != request.auth.pk:
+            if not task.runs_on(request.auth.pk):
                 return Response({"detail": f"task {task_id} is not assigned to this server"},
                                 status=status.HTTP_409_CONFLICT)
             chunks = serializer.validated_data["chunks"]
@@ -138,7 +142,8 @@ class LogChunksView(AgentView):
                                 status=status.HTTP_409_CONFLICT)
             # Retried chunks hit the (task, attempt, offset) unique constraint and are skipped.
             TaskLogChunk.objects.bulk_create(
-                [TaskLogChunk(task_id=task_id, attempt=c["attempt"], offset=c["offset"], data=c["data"])
+                [TaskLogChunk(task_id=task_id, attempt=c["attempt"], rank=c["rank"], offset=c["offset"],
+                              data=c["data"])
                  for c in chunks],
                 ignore_conflicts=True,
             )
@@ -147,9 +152,11 @@ class LogChunksView(AgentView):
             # offset with more text, and must continue from the end of what is stored.
             stored = (TaskLogChunk.objects
                       .filter(task_id=task_id, attempt__in={c["attempt"] for c in chunks},
-                              offset__in={c["offset"] for c in chunks})
+                              rank__in={c["rank"] for c in chunks}, offset__in={c["offset"] for c in chunks})
                       .annotate(size=Func(F("data"), function="octet_length"))
-                      .values_list("attempt", "offset", "size"))
-            ends = {f"{attempt}:{offset}": offset + size for attempt, offset, size in stored}
+                      .values_list("attempt", "rank", "offset", "size"))
+            # "attempt:offset" for rank 0 (what one-server agents read), "attempt:rank:offset" otherwise.
+            ends = {(f"{attempt}:{offset}" if not rank else f"{attempt}:{rank}:{offset}"): offset + size
+                    for attempt, rank, offset, size in stored}
             live.log_appended(task_id)
         return Response({"stored": len(chunks), "ends": ends})

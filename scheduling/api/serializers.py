@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduling import submission
-from scheduling.choices import Priority, ShareMode, WorkloadClass
+from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
 from scheduling.models import Task, TaskEvent
 from scheduling.reasons import translate_reason
 
@@ -13,12 +14,14 @@ class TaskSerializer(serializers.ModelSerializer):
     submitter = serializers.CharField(source="submitter.username", default=None, allow_null=True)
     priority = serializers.CharField(source="get_priority_display")
     server = serializers.CharField(source="node.name", default=None, allow_null=True)
+    array_id = serializers.IntegerField(allow_null=True)
 
     class Meta:
         model = Task
         fields = ["id", "name", "tenant", "submitter", "status", "pending_reason", "queue_position", "priority",
                   "workload_class", "gpu_count", "gpu_memory_mb", "share_mode", "model_name", "gpu_model",
-                  "node_selector", "timeout_s", "command", "env", "working_dir", "server", "exit_code",
+                  "node_selector", "nodes", "gpus_per_node", "topology_key", "array_id", "array_index",
+                  "timeout_s", "command", "env", "working_dir", "server", "exit_code",
                   "failure_reason", "oom", "attempt", "max_retries", "created_at", "assigned_at", "started_at",
                   "finished_at"]
         read_only_fields = fields
@@ -38,6 +41,8 @@ class TaskSerializer(serializers.ModelSerializer):
             "priority": Priority(task.priority).label, "workload_class": task.workload_class,
             "gpu_count": task.gpu_count, "gpu_memory_mb": task.gpu_memory_mb, "share_mode": task.share_mode,
             "model_name": task.model_name, "gpu_model": task.gpu_model, "node_selector": task.node_selector,
+            "nodes": task.nodes, "gpus_per_node": task.gpus_per_node, "topology_key": task.topology_key,
+            "array_id": task.array_id, "array_index": task.array_index,
             "timeout_s": task.timeout_s, "command": task.command, "env": task.env, "working_dir": task.working_dir,
             "server": task.node.name if task.node_id else None, "exit_code": task.exit_code,
             "failure_reason": translate_reason(task.failure_reason), "oom": task.oom, "attempt": task.attempt,
@@ -46,15 +51,42 @@ class TaskSerializer(serializers.ModelSerializer):
         }
 
 
+class TaskRankSerializer(serializers.Serializer):
+    rank = serializers.IntegerField()
+    server = serializers.CharField()
+    ready_at = serializers.DateTimeField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    exit_code = serializers.IntegerField(allow_null=True)
+
+
 class TaskDetailSerializer(TaskSerializer):
     gpus = serializers.SerializerMethodField()
+    ranks = serializers.SerializerMethodField()
+    dependency = serializers.SerializerMethodField()
 
     class Meta(TaskSerializer.Meta):
-        fields = [*TaskSerializer.Meta.fields, "gpus"]
+        fields = [*TaskSerializer.Meta.fields, "gpus", "ranks", "master_addr", "master_port", "dependency"]
         read_only_fields = fields
 
     def to_representation(self, task: Task) -> dict:
-        return {**super().to_representation(task), "gpus": self.get_gpus(task)}
+        return {**super().to_representation(task), "gpus": self.get_gpus(task), "ranks": self.get_ranks(task),
+                "master_addr": task.master_addr or None, "master_port": task.master_port,
+                "dependency": self.get_dependency(task)}
+
+    @extend_schema_field(serializers.DictField(child=serializers.ListField(child=serializers.IntegerField())))
+    def get_dependency(self, task: Task) -> dict[str, list[int]]:
+        """What it waits for, e.g. {"after_ok": [12, 13]}."""
+        out: dict[str, list[int]] = {}
+        for kind, other in task.dependencies.order_by("depends_on_id").values_list("kind", "depends_on_id"):
+            out.setdefault(kind, []).append(other)
+        return out
+
+    @extend_schema_field(TaskRankSerializer(many=True))
+    def get_ranks(self, task: Task) -> list[dict]:
+        """A gang's servers for its current attempt, rank 0 first (empty for a one-server task)."""
+        return [{"rank": r.rank, "server": r.node.name, "ready_at": r.ready_at, "started_at": r.started_at,
+                 "finished_at": r.finished_at, "exit_code": r.exit_code} for r in task.current_ranks()]
 
     def get_gpus(self, task: Task) -> list[str]:
         """The GPUs it holds now, as server:index."""
@@ -74,7 +106,22 @@ class TaskSubmitSerializer(serializers.Serializer):
                                           f"{submission.ENV_MAX_BYTES} bytes in all.")
     working_dir = serializers.CharField(required=False, max_length=submission.WORKING_DIR_MAX_CHARS)
     gpu_count = serializers.IntegerField(required=False, default=1, min_value=1,
-                                         help_text="1 to the most GPUs any one server has.")
+                                         help_text="1 to the most GPUs any one server has, or a multiple of it "
+                                                   "to span that many whole servers (a gang).")
+    nodes = serializers.IntegerField(required=False, min_value=1,
+                                     help_text="Servers of a gang, one process (rank) on each; at most the "
+                                               "servers registered. With gpus_per_node or gpu_count.")
+    gpus_per_node = serializers.IntegerField(required=False, min_value=1,
+                                             help_text="GPUs on each server of a gang.")
+    dependency = serializers.JSONField(
+        required=False, help_text='Start only after other tasks you can see end: {"after_ok": [12, 13], '
+                                  '"after_any": [14], "after_not_ok": [15]} or Slurm\'s "afterok:12:13,afterany:14".')
+    array = serializers.CharField(
+        required=False, max_length=200,
+        help_text='Many tasks at once, Slurm\'s syntax: "0-99%8" (indexes 0..99, at most 8 running), "1,3,5-7", '
+                  '"0-15:4". Each gets TASK_ARRAY_INDEX and SLURM_ARRAY_TASK_ID; the response is the first element.')
+    topology_key = serializers.CharField(required=False, max_length=submission.TOPOLOGY_KEY_MAX_CHARS,
+                                         help_text="A server label all of a gang's servers share, e.g. rack.")
     gpu_memory_mb = serializers.IntegerField(required=False, allow_null=True, min_value=1,
                                              help_text="Per GPU; at most the largest GPU minus the safety margin.")
     share_mode = serializers.ChoiceField(ShareMode.choices, required=False, default=ShareMode.EXCLUSIVE)
@@ -118,3 +165,20 @@ class PreviewSerializer(serializers.Serializer):
     server = serializers.CharField(allow_null=True)
     gpus = serializers.ListField(child=serializers.CharField())
     queue_position = serializers.IntegerField(allow_null=True)
+
+
+class TaskArraySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    tenant = serializers.CharField(source="tenant.slug")
+    submitter = serializers.CharField(source="submitter.username", default=None)
+    spec = serializers.CharField()
+    size = serializers.IntegerField()
+    throttle = serializers.IntegerField(help_text="Most elements running at once; 0: no limit.")
+    created_at = serializers.DateTimeField()
+    counts = serializers.SerializerMethodField()
+
+    @extend_schema_field(serializers.DictField(child=serializers.IntegerField()))
+    def get_counts(self, array) -> dict[str, int]:
+        """Elements by state (only the states that have some)."""
+        return {state: getattr(array, f"n_{state}") for state in TaskStatus.values if getattr(array, f"n_{state}")}

@@ -9,4 +9,5 @@ router = SimpleRouter()
 # Both /tasks and /tasks/ (a POST must not be redirected to add a slash).
 router.trailing_slash = "/?"
 router.register("tasks", views.TaskViewSet, basename="task")
+router.register("arrays", views.TaskArrayViewSet, basename="task-array")
 urlpatterns = [*router.urls, path("usage", usage.UsageView.as_view(), name="usage")]

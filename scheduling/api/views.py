@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict
 
-from django.db.models import Case, IntegerField, Value, When
+from django.db.models import Case, Count, IntegerField, Q, Value, When
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -18,13 +18,15 @@ from scheduling.api.serializers import (
     BatchResultSerializer,
     BatchSubmitSerializer,
     PreviewSerializer,
+    TaskArraySerializer,
     TaskDetailSerializer,
     TaskEventSerializer,
     TaskLogSerializer,
     TaskSerializer,
     TaskSubmitSerializer,
 )
-from scheduling.choices import Priority, TaskStatus
+from scheduling.choices import FINAL_STATUSES, Priority, TaskStatus
+from scheduling.models import TaskArray
 
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,19}")
 
@@ -93,6 +95,11 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                                                     f"{', '.join(Priority.labels)}."]}) from None
         if priorities:
             qs = qs.filter(priority__in=priorities)
+        if params.get("array"):
+            array = params["array"]
+            if not array.isdigit():
+                raise ValidationError({"array": ["Must be an array id (a whole number)."]})
+            qs = qs.filter(array_id=int(array))
         if _bool_param(self.request, "mine"):
             qs = qs.filter(submitter=self.request.user)
         ordering = params.get("ordering", "-created_at")
@@ -181,6 +188,8 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                              description=f"the last N lines instead (1..{logs.TAIL_MAX_LINES})"),
             OpenApiParameter("attempt", {"type": "integer", "minimum": 0, "maximum": 10_000},
                              description="which attempt (default: the current one)"),
+            OpenApiParameter("rank", {"type": "integer", "minimum": 0, "maximum": 32767},
+                             description="a gang's rank (server), 0 by default"),
         ],
         responses={200: TaskLogSerializer},
     )
@@ -189,10 +198,44 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         task = self.get_object()
         attempt = _int_param(request, "attempt", None, 0, 10_000)
         lines = _int_param(request, "tail", None, 1, logs.TAIL_MAX_LINES)
+        rank = _int_param(request, "rank", 0, 0, max(task.nodes - 1, 0))
         if lines is not None:
             if "offset" in request.query_params:
                 raise ValidationError({"tail": ["Give either tail or offset, not both."]})
-            page = logs.tail(task, lines, attempt)
+            page = logs.tail(task, lines, attempt, rank=rank)
         else:
-            page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt)
+            page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt, rank=rank)
         return Response(asdict(page))
+
+
+def _with_counts(qs):
+    return qs.annotate(**{f"n_{state}": Count("tasks", filter=Q(tasks__status=state)) for state in TaskStatus.values})
+
+
+class TaskArrayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Arrays as one: counts of their elements by state, and cancel all of them at once.
+    Each element is also an ordinary task (``/api/v1/tasks?array=ID``)."""
+
+    serializer_class = TaskArraySerializer
+    lookup_value_regex = r"\d+"
+
+    def get_queryset(self):
+        return _with_counts(TaskArray.objects.filter(tenant__in=access.tenants_for(self.request.user))
+                            .select_related("tenant", "submitter")).order_by("-created_at", "-id")
+
+    @extend_schema(request=None, responses={200: TaskArraySerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel every element that has not ended (those you may cancel)."""
+        array = self.get_object()
+        actor = f"user:{request.user.get_username()}"
+        live = access.tasks_for(request.user).filter(array=array).exclude(status__in=FINAL_STATUSES).order_by("pk")
+        refused = 0
+        for task in live:
+            if access.can_cancel(request.user, task):
+                lifecycle.cancel(task.pk, actor=actor, reason=f"array #{array.pk} cancelled")
+            else:
+                refused += 1
+        if refused and refused == len(live):
+            raise PermissionDenied("Only the submitter, a tenant admin or an operator may cancel this array.")
+        return Response(TaskArraySerializer(self.get_queryset().get(pk=array.pk)).data)
