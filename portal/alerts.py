@@ -30,6 +30,7 @@ DEFAULT_SEVERITY = {
     Alert.Kind.GPU_ERROR: Alert.Severity.CRITICAL,
     Alert.Kind.TASK_OOM: Alert.Severity.WARNING,
     Alert.Kind.QUEUE_WAIT: Alert.Severity.WARNING,
+    Alert.Kind.QUOTA_GRANT: Alert.Severity.INFO,
 }
 WEBHOOK_TIMEOUT_S = 5.0
 
@@ -39,14 +40,16 @@ def _id(obj: Any) -> int | None:
 
 
 def raise_alert(kind: str, message: str, node: Any = None, gpu: Any = None, task: Any = None,
-                severity: str | None = None) -> Alert:
-    """Record an alert (``kind`` from ``Alert.Kind``); node/gpu/task are instances or ids."""
+                severity: str | None = None, once: bool = True) -> Alert:
+    """Record an alert (``kind`` from ``Alert.Kind``); node/gpu/task are instances or ids.
+    ``once=False`` records it even when an open one of the same kind exists (notices)."""
     if kind not in Alert.Kind.values:
         raise ValueError(f"unknown alert kind {kind!r}; use one of {', '.join(Alert.Kind.values)}")
     severity = severity or DEFAULT_SEVERITY[kind]
     refs = {"node_id": _id(node), "gpu_id": _id(gpu), "task_id": _id(task)}
-    open_same = Alert.objects.filter(kind=kind, acknowledged_at__isnull=True, **refs).order_by("-created_at").first()
-    if open_same is not None:
+    open_same = once and Alert.objects.filter(kind=kind, acknowledged_at__isnull=True,
+                                              **refs).order_by("-created_at").first()
+    if open_same:
         return open_same
     alert = Alert.objects.create(kind=kind, severity=severity, message=message[:500], **refs)
     payload = as_payload(alert)

@@ -40,6 +40,7 @@ class Alert(models.Model):
         GPU_ERROR = "gpu_error", "GPU error / cordoned"
         TASK_OOM = "task_oom", "task out of memory"
         QUEUE_WAIT = "queue_wait", "queue wait high"
+        QUOTA_GRANT = "quota_grant", "quota grant applied / expired"
 
     class Severity(models.TextChoices):
         INFO = "info", "info"

@@ -14,6 +14,7 @@ urlpatterns = [
     path("tasks/", views.task_list, name="tasks"),
     path("tasks/<int:pk>/", views.task_detail, name="task"),
     path("tasks/<int:pk>/cancel/", views.task_cancel, name="task-cancel"),
+    path("grants/", views.quota_grants, name="grants"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),
 ]

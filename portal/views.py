@@ -179,3 +179,22 @@ def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
         raise Http404
     messages.success(request, "Token revoked.")
     return redirect("portal:tokens")
+
+
+@login_required
+def quota_grants(request: HttpRequest) -> HttpResponse:
+    """My tenants' quota grants, and the request form for tenant admins."""
+    from tenants.grants import GrantRequestForm, grants_for, requestable_tenants
+
+    form = GrantRequestForm(request.POST or None, user=request.user)
+    if request.method == "POST" and form.is_valid():
+        grant = form.save()
+        messages.success(request, f"Quota grant #{grant.pk} requested: an operator will approve or reject it.")
+        return redirect("portal:grants")
+    now = timezone.now()
+    rows = [(g, "active" if g.active_at(now) else "expired" if g.state == "approved" and g.ends_at <= now
+             else "upcoming" if g.state == "approved" else g.state)
+            for g in grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]]
+    return render(request, "portal/grants.html", {
+        "form": form, "rows": rows, "can_request": requestable_tenants(request.user).exists(),
+    }, status=400 if form.errors else 200)

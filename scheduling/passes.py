@@ -45,7 +45,7 @@ from scheduling.core_types import (
     TenantState,
 )
 from scheduling.models import SchedulerLock, Task
-from tenants.models import Quota
+from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
 log = logging.getLogger(__name__)
 
@@ -269,10 +269,39 @@ def load_snapshot(now: datetime) -> _Loaded:
             stored[task_id] = (reason, position)
             tenant_of[task_id] = tenant_id
 
+        _add_quota_grants(cursor, tenants, now)
+
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
                         pending=pending)
     gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
     return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
+
+
+# Approved grants whose window holds ``now`` (the pass's clock, not the database's):
+# the scheduler's limits are base + these (tenants.models.effective_limits).
+_GRANTS_SQL = """
+SELECT tenant_id, extra_gpus, extra_gpu_memory_mb, extra_running_tasks, starts_at, ends_at, state
+FROM tenants_quotagrant
+WHERE state = 'approved' AND starts_at <= %(now)s AND ends_at > %(now)s
+"""
+
+
+def _add_quota_grants(cursor, tenants: dict[int, TenantState], now: datetime) -> None:
+    cursor.execute(_GRANTS_SQL, {"now": now})
+    by_tenant: dict[int, list[QuotaGrant]] = {}
+    for tenant_id, gpus, mem, running, starts, ends, state in cursor.fetchall():
+        by_tenant.setdefault(tenant_id, []).append(QuotaGrant(
+            tenant_id=tenant_id, extra_gpus=gpus, extra_gpu_memory_mb=mem, extra_running_tasks=running,
+            starts_at=starts, ends_at=ends, state=state))
+    for tenant_id, grants in by_tenant.items():
+        tenant = tenants.get(tenant_id)
+        if tenant is None:
+            continue
+        limits = effective_limits(Limits(tenant.max_gpus, tenant.max_gpu_memory_mb, tenant.max_running_tasks),
+                                  grants, now)
+        tenant.max_gpus = limits.max_gpus
+        tenant.max_gpu_memory_mb = limits.max_gpu_memory_mb
+        tenant.max_running_tasks = limits.max_running_tasks
 
 
 # --- applying -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import DurationField, ExpressionWrapper, F
+from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from nodes.models import Node, NodeStatus
@@ -51,7 +51,14 @@ _TIMED_OUT = """
 SELECT id FROM scheduling_task
 WHERE status = 'running' AND started_at + timeout_s * interval '1 second' < now()
 """
-_ANYTHING = f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT})"
+# Approved quota grants whose window opened or closed since the last sweep.
+_GRANTS_DUE = """
+SELECT id FROM tenants_quotagrant
+WHERE state = 'approved' AND ((applied_at IS NULL AND starts_at <= now() AND ends_at > now())
+                              OR (expired_at IS NULL AND ends_at <= now()))
+"""
+_ANYTHING = (f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT}), "
+             f"EXISTS({_GRANTS_DUE})")
 
 
 @dataclass
@@ -60,13 +67,14 @@ class SweepResult:
     requeued: int = 0
     failed: int = 0
     timed_out: int = 0
+    grants_changed: int = 0  # quota grants applied or expired
 
     def __bool__(self) -> bool:
-        return bool(self.servers_lost or self.requeued or self.failed or self.timed_out)
+        return bool(self.servers_lost or self.requeued or self.failed or self.timed_out or self.grants_changed)
 
     def __str__(self) -> str:
         return (f"{self.servers_lost} server(s) lost, {self.requeued} task(s) requeued, "
-                f"{self.failed} failed, {self.timed_out} timed out")
+                f"{self.failed} failed, {self.timed_out} timed out, {self.grants_changed} quota grant(s) changed")
 
 
 def _count(result: SweepResult, task: Task) -> None:
@@ -132,6 +140,8 @@ def sweep(actor: str = "sweep") -> SweepResult:
             result.timed_out += 1
             changed.append((task.tenant_id, task.pk))
 
+        result.grants_changed = _quota_grant_bounds()
+
         if nodes_told:
             # The agents drop (kill) what is no longer assigned to them.
             live.assignments_changed(nodes_told)
@@ -143,6 +153,40 @@ def sweep(actor: str = "sweep") -> SweepResult:
     if result:
         log.info("sweep: %s", result)
     return result
+
+
+def _quota_grant_bounds() -> int:
+    """Stamp approved grants whose window opened or closed, with a notice each; the pass
+    this sweep then requests applies (or stops applying) the extra quota. The quota itself
+    follows the clock (passes.load_snapshot), so a late sweep delays only the notice and
+    the wake-up, never the bound."""
+    from tenants.models import QuotaGrant
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        now = cursor.fetchone()[0]
+    changed = 0
+    due = (QuotaGrant.objects.select_for_update(of=("self",)).select_related("tenant")
+           .filter(Q(applied_at__isnull=True, starts_at__lte=now, ends_at__gt=now)
+                   | Q(expired_at__isnull=True, ends_at__lte=now), state=QuotaGrant.State.APPROVED)
+           .order_by("pk"))
+    for grant in due:
+        fields = []
+        if grant.applied_at is None and grant.starts_at <= now < grant.ends_at:
+            grant.applied_at = now
+            fields.append("applied_at")
+            text = (f"quota grant #{grant.pk} for {grant.tenant.slug} applied: {grant.extras_text()} "
+                    f"until {grant.ends_at:%Y-%m-%d %H:%M} UTC ({grant.reason})")
+        elif grant.expired_at is None and grant.ends_at <= now:
+            grant.expired_at = now
+            fields.append("expired_at")
+            text = f"quota grant #{grant.pk} for {grant.tenant.slug} expired: {grant.extras_text()} no longer apply"
+        else:
+            continue
+        grant.save(update_fields=fields)
+        raise_alert(Alert.Kind.QUOTA_GRANT, text, once=False)
+        changed += 1
+    return changed
 
 
 def sweep_task() -> str:

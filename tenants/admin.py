@@ -9,7 +9,8 @@ from django.utils.html import format_html, format_html_join
 
 from scheduling import triggers
 from scheduling.choices import ACTIVE_STATUSES, WorkloadClass
-from tenants.models import ApiToken, Membership, Quota, Tenant
+from tenants import grants
+from tenants.models import ApiToken, Membership, Quota, QuotaGrant, Tenant
 
 
 class QuotaForm(forms.ModelForm):
@@ -164,3 +165,62 @@ class ApiTokenAdmin(admin.ModelAdmin):
         return False
 
 
+
+
+@admin.register(QuotaGrant)
+class QuotaGrantAdmin(admin.ModelAdmin):
+    """Staff approve or reject tenants' requests for temporary extra quota."""
+
+    list_display = ["id", "tenant", "extras", "starts_at", "ends_at", "state", "window", "requested_by",
+                    "decided_by", "reason"]
+    list_filter = ["state", "tenant"]
+    search_fields = ["tenant__slug", "reason"]
+    autocomplete_fields = ["tenant"]
+    readonly_fields = ["requested_by", "decided_by", "decided_at", "applied_at", "expired_at", "created_at"]
+    actions = ["approve", "reject"]
+
+    @admin.display(description="grants")
+    def extras(self, obj: QuotaGrant) -> str:
+        return obj.extras_text()
+
+    @admin.display(description="now")
+    def window(self, obj: QuotaGrant) -> str:
+        from django.utils import timezone
+
+        now = timezone.now()
+        if obj.state != QuotaGrant.State.APPROVED:
+            return "—"
+        return "active" if obj.active_at(now) else ("expired" if obj.ends_at <= now else "upcoming")
+
+    def save_model(self, request, obj, form, change) -> None:
+        if not change:
+            obj.requested_by = request.user
+        if obj.state != QuotaGrant.State.REQUESTED and (not change or "state" in form.changed_data):
+            from django.utils import timezone
+
+            obj.decided_by, obj.decided_at = request.user, timezone.now()
+        super().save_model(request, obj, form, change)
+        if obj.state == QuotaGrant.State.APPROVED:
+            # Whatever changed (window, amounts), the next pass must see it now.
+            triggers.request_pass(f"quota grant #{obj.pk} for {obj.tenant.slug} saved by {request.user.username}")
+
+    def _decide(self, request, queryset, approve: bool) -> None:
+        done, refused = [], []
+        for pk in queryset.order_by("pk").values_list("pk", flat=True):
+            try:
+                grants.decide(pk, approve=approve, by=request.user)
+                done.append(f"#{pk}")
+            except ValueError as exc:
+                refused.append(str(exc))
+        if done:
+            messages.success(request, f"{'Approved' if approve else 'Rejected'} {', '.join(done)}.")
+        for text in refused:
+            messages.warning(request, text)
+
+    @admin.action(description="Approve selected grant requests")
+    def approve(self, request, queryset) -> None:
+        self._decide(request, queryset, True)
+
+    @admin.action(description="Reject selected grant requests")
+    def reject(self, request, queryset) -> None:
+        self._decide(request, queryset, False)
