@@ -85,6 +85,20 @@ class PendingTask:
     model_name: str = ""
     node_selector: dict[str, str] = field(default_factory=dict)
     gpu_model: str = ""  # case-insensitive substring of GpuState.model_name; empty = any
+    reservation_id: int | None = None  # runs only on this reservation's GPUs, inside its window
+
+
+@dataclass(slots=True)
+class ReservationWindow:
+    """One occurrence of an approved reservation: GPUs booked for one tenant over [starts_at, ends_at).
+    A weekly reservation is given as its current (or next) occurrence."""
+
+    id: int
+    name: str
+    tenant_id: int
+    gpu_ids: frozenset[int]
+    starts_at: datetime
+    ends_at: datetime
 
 
 @dataclass(slots=True)
@@ -95,6 +109,7 @@ class Snapshot:
     tenants: dict[int, TenantState]
     running: list[RunningTask]
     pending: list[PendingTask]  # any order: the core sorts by priority then FIFO
+    reservations: list[ReservationWindow] = field(default_factory=list)  # not yet over at ``now``
 
 
 @dataclass(slots=True)
