@@ -15,6 +15,10 @@ urlpatterns = [
     path("tasks/<int:pk>/", views.task_detail, name="task"),
     path("tasks/<int:pk>/cancel/", views.task_cancel, name="task-cancel"),
     path("grants/", views.quota_grants, name="grants"),
+    path("reservations/", views.reservation_list, name="reservations"),
+    path("reservations/<int:pk>/release/", views.reservation_release, name="reservation-release"),
+    path("calendar/", views.calendar, name="calendar"),
+    path("calendar/events", views.calendar_events, name="calendar-events"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", views.token_revoke, name="token-revoke"),
 ]

@@ -45,6 +45,7 @@ from scheduling.core_types import (
     TenantState,
 )
 from scheduling.models import SchedulerLock, Task
+from scheduling.reservations import snapshot_windows
 from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ FROM tenants_tenant t LEFT JOIN tenants_quota q ON q.tenant_id = t.id
 _PENDING_SQL = """
 SELECT t.id, t.tenant_id, t.priority, t.created_at, t.gpu_count, coalesce(t.gpu_memory_mb, e.memory_mb),
        t.share_mode, t.workload_class, t.timeout_s, t.model_name, t.node_selector, t.gpu_model,
-       t.pending_reason, t.queue_position
+       t.pending_reason, t.queue_position, t.reservation_id
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
@@ -260,11 +261,12 @@ def load_snapshot(now: datetime) -> _Loaded:
         stored: dict[int, tuple[str, int | None]] = {}
         tenant_of: dict[int, int] = {}
         for (task_id, tenant_id, priority, created_at, gpu_count, memory_mb, share_mode, wclass, timeout_s,
-             model_name, selector, gpu_model, reason, position) in cursor.fetchall():
+             model_name, selector, gpu_model, reason, position, reservation_id) in cursor.fetchall():
             pending.append(PendingTask(
                 id=task_id, tenant_id=tenant_id, priority=priority, created_at=created_at, gpu_count=gpu_count,
                 memory_mb=memory_mb, exclusive=share_mode != ShareMode.SHARED, workload_class=wclass,
                 timeout_s=timeout_s, model_name=model_name, node_selector=_json(selector), gpu_model=gpu_model,
+                reservation_id=reservation_id,
             ))
             stored[task_id] = (reason, position)
             tenant_of[task_id] = tenant_id
@@ -272,7 +274,7 @@ def load_snapshot(now: datetime) -> _Loaded:
         _add_quota_grants(cursor, tenants, now)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
-                        pending=pending)
+                        pending=pending, reservations=snapshot_windows(now))
     gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
     return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
 

@@ -39,7 +39,7 @@ BATCH_MAX_TASKS = 1000
 
 FIELDS = (
     "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
-    "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model",
+    "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model", "reservation",
 )
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -301,6 +301,19 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         allowed = ", ".join(quota.allowed_classes) or "none"
         errors["workload_class"] = [f"Tenant {tenant.slug} may not submit {workload_class} tasks (allowed: {allowed})."]
     values["workload_class"] = workload_class
+
+    # Reservation (like Slurm's --reservation): by name, of the task's own tenant, not over.
+    name = data.get("reservation")
+    if name not in (None, ""):
+        from scheduling.models import Reservation
+
+        res = Reservation.objects.filter(name=str(name).strip()).first() if isinstance(name, str) else None
+        if res is None or (tenant is not None and res.tenant_id != tenant.pk):
+            errors["reservation"] = [f"No reservation {name!r} of this tenant."]
+        elif res.state in (Reservation.State.REJECTED, Reservation.State.RELEASED):
+            errors["reservation"] = [f"Reservation {res.name} is {res.state}."]
+        else:
+            values["reservation"] = res
 
     if errors:
         return None, errors

@@ -30,7 +30,7 @@ from nodes.models import Node, NodeStatus
 from portal import live
 from portal.alerts import raise_alert
 from portal.models import Alert
-from scheduling import triggers
+from scheduling import reservations, triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
 from scheduling.models import Allocation, Task
 from scheduling.passes import lock_scheduler
@@ -57,8 +57,10 @@ SELECT id FROM tenants_quotagrant
 WHERE state = 'approved' AND ((applied_at IS NULL AND starts_at <= now() AND ends_at > now())
                               OR (expired_at IS NULL AND ends_at <= now()))
 """
+# Approved reservations whose window opened or closed: the scheduler must look again.
+_RESERVATION_BOUNDS = "SELECT id FROM scheduling_reservation WHERE state = 'approved' AND next_bound_at <= now()"
 _ANYTHING = (f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT}), "
-             f"EXISTS({_GRANTS_DUE})")
+             f"EXISTS({_GRANTS_DUE}), EXISTS({_RESERVATION_BOUNDS})")
 
 
 @dataclass
@@ -68,13 +70,16 @@ class SweepResult:
     failed: int = 0
     timed_out: int = 0
     grants_changed: int = 0  # quota grants applied or expired
+    reservation_bounds: int = 0  # reservation windows that opened or closed
 
     def __bool__(self) -> bool:
-        return bool(self.servers_lost or self.requeued or self.failed or self.timed_out or self.grants_changed)
+        return bool(self.servers_lost or self.requeued or self.failed or self.timed_out or self.grants_changed
+                    or self.reservation_bounds)
 
     def __str__(self) -> str:
         return (f"{self.servers_lost} server(s) lost, {self.requeued} task(s) requeued, "
-                f"{self.failed} failed, {self.timed_out} timed out, {self.grants_changed} quota grant(s) changed")
+                f"{self.failed} failed, {self.timed_out} timed out, {self.grants_changed} quota grant(s) changed, "
+                f"{self.reservation_bounds} reservation window(s) opened or closed")
 
 
 def _count(result: SweepResult, task: Task) -> None:
@@ -140,7 +145,9 @@ def sweep(actor: str = "sweep") -> SweepResult:
             result.timed_out += 1
             changed.append((task.tenant_id, task.pk))
 
-        result.grants_changed = _quota_grant_bounds()
+        db_now = _db_now()
+        result.grants_changed = _quota_grant_bounds(db_now)
+        result.reservation_bounds = reservations.wake_at_bounds(db_now)
 
         if nodes_told:
             # The agents drop (kill) what is no longer assigned to them.
@@ -155,16 +162,19 @@ def sweep(actor: str = "sweep") -> SweepResult:
     return result
 
 
-def _quota_grant_bounds() -> int:
+def _db_now():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        return cursor.fetchone()[0]
+
+
+def _quota_grant_bounds(now) -> int:
     """Stamp approved grants whose window opened or closed, with a notice each; the pass
     this sweep then requests applies (or stops applying) the extra quota. The quota itself
     follows the clock (passes.load_snapshot), so a late sweep delays only the notice and
     the wake-up, never the bound."""
     from tenants.models import QuotaGrant
 
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT now()")
-        now = cursor.fetchone()[0]
     changed = 0
     due = (QuotaGrant.objects.select_for_update(of=("self",)).select_related("tenant")
            .filter(Q(applied_at__isnull=True, starts_at__lte=now, ends_at__gt=now)

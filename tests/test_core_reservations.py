@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scheduling.core import schedule
 from scheduling.core_types import ReservationWindow
 from tests.core_factory import NOW, node, occupy, snapshot, task, tenant
-from tests.test_core_properties import clusters, final_state
+from tests.test_core_properties import clusters
 
 ACME, GLOBEX = 1, 2
 TENANTS = [tenant(ACME, "acme"), tenant(GLOBEX, "globex")]

@@ -59,8 +59,9 @@ def test_the_snapshot_applies_a_grant_exactly_at_its_bounds(acme, globex):
 @pytest.mark.django_db
 def test_a_pass_places_beyond_the_base_quota_only_while_the_grant_is_active(acme, servers):
     now = timezone.now()
-    Task.objects.create(tenant=acme, name="first", command="true", gpu_count=5, gpu_memory_mb=1000, workload_class="online")
-    task = Task.objects.create(tenant=acme, name="second", command="true", gpu_count=5, gpu_memory_mb=1000, workload_class="online")
+    shape = {"command": "true", "gpu_count": 5, "gpu_memory_mb": 1000, "workload_class": "online"}
+    Task.objects.create(tenant=acme, name="first", **shape)
+    task = Task.objects.create(tenant=acme, name="second", **shape)
     run_pass()
     task.refresh_from_db()
     assert task.status == TaskStatus.PENDING and "near its GPU quota (5/8)" in task.pending_reason

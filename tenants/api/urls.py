@@ -1,7 +1,13 @@
 from __future__ import annotations
 
 from django.urls import path
+from rest_framework.routers import SimpleRouter
 
 from tenants.api import views
+from tenants.api.grants import QuotaGrantViewSet
 
-urlpatterns = [path("quota", views.QuotaView.as_view(), name="quota")]
+router = SimpleRouter()
+router.trailing_slash = "/?"
+router.register("quota-grants", QuotaGrantViewSet, basename="quota-grant")
+
+urlpatterns = [path("quota", views.QuotaView.as_view(), name="quota"), *router.urls]
