@@ -56,6 +56,7 @@ def _utc(when: datetime) -> str:
 class ReservationRequestForm(forms.ModelForm):
     tenant = forms.ModelChoiceField(queryset=Tenant.objects.none(), to_field_name="slug")
     nodes = forms.ModelMultipleChoiceField(queryset=Node.objects.all(), to_field_name="name", required=False)
+    gpu_count = forms.IntegerField(min_value=1, max_value=100_000)
 
     class Meta:
         model = Reservation
@@ -65,6 +66,8 @@ class ReservationRequestForm(forms.ModelForm):
     def __init__(self, *args, user, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.user = user
+        # Implied when the user may ask for exactly one tenant (like a task submit).
+        self.fields["tenant"].required = False
         self.fields["tenant"].queryset = requestable_tenants(user)
         self.fields["tenant"].error_messages["invalid_choice"] = (
             "Pick a tenant you are an admin of (only tenant admins may reserve GPUs).")
@@ -75,6 +78,15 @@ class ReservationRequestForm(forms.ModelForm):
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise forms.ValidationError('An object of label names to strings, e.g. {"zone": "a"}.')
         return value
+
+    def clean_tenant(self):
+        tenant = self.cleaned_data.get("tenant")
+        if tenant is None:
+            mine = list(self.fields["tenant"].queryset[:2])
+            if len(mine) != 1:
+                raise forms.ValidationError("Required: name the tenant.")
+            tenant = mine[0]
+        return tenant
 
     def clean(self):
         data = super().clean()

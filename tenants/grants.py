@@ -33,9 +33,20 @@ class GrantRequestForm(forms.ModelForm):
     def __init__(self, *args, user, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.user = user
+        # Implied when the user may ask for exactly one tenant (like a task submit).
+        self.fields["tenant"].required = False
         self.fields["tenant"].queryset = requestable_tenants(user)
         self.fields["tenant"].error_messages["invalid_choice"] = (
             "Pick a tenant you are an admin of (only tenant admins may ask for extra quota).")
+
+    def clean_tenant(self):
+        tenant = self.cleaned_data.get("tenant")
+        if tenant is None:
+            mine = list(self.fields["tenant"].queryset[:2])
+            if len(mine) != 1:
+                raise forms.ValidationError("Required: name the tenant.")
+            tenant = mine[0]
+        return tenant
 
     def clean(self):
         data = super().clean()

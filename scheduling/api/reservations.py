@@ -18,7 +18,8 @@ from scheduling.models import Reservation
 
 
 def form_errors(form) -> dict[str, list[str]]:
-    return {k: [e["message"] for e in v] for k, v in form.errors.get_json_data().items()}
+    return {("non_field_errors" if k == "__all__" else k): [e["message"] for e in v]
+            for k, v in form.errors.get_json_data().items()}
 
 
 class ReservationSerializer(serializers.Serializer):

@@ -64,7 +64,8 @@ class QuotaGrantViewSet(viewsets.ViewSet):
             data.setdefault(key, "0")
         form = grants.GrantRequestForm(data, user=request.user)
         if not form.is_valid():
-            raise ValidationError({k: [e["message"] for e in v] for k, v in form.errors.get_json_data().items()})
+            raise ValidationError({("non_field_errors" if k == "__all__" else k): [e["message"] for e in v]
+                                   for k, v in form.errors.get_json_data().items()})
         return Response(_row(form.save()), status=status.HTTP_201_CREATED)
 
     def _decide(self, request, pk, approve: bool):
