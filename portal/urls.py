@@ -6,7 +6,7 @@ from django.urls import include, path, re_path
 from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from portal.admin_views import cluster_overview
+from portal.admin_views import cluster_overview, what_if
 
 admin.site.site_header = "GPU allocation portal"
 admin.site.site_title = "GPU portal admin"
@@ -14,6 +14,8 @@ admin.site.index_title = "Operations"
 
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
+    path("admin/what-if/", admin.site.admin_view(what_if), name="admin-what-if"),
+    path("admin/what-if/quota/<int:tenant_id>/", admin.site.admin_view(what_if), name="admin-what-if-quota"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/agent/v1/", include("nodes.api.urls")),

@@ -231,7 +231,7 @@ class ReservationAdmin(admin.ModelAdmin):
                        "next_bound_at", "created_at"]
     autocomplete_fields = ["tenant"]
     inlines = [ReservationSlotInline]
-    actions = ["approve", "reject"]
+    actions = ["approve", "reject", "simulate"]
     change_list_template = "admin/scheduling/reservation/change_list.html"
 
     def has_add_permission(self, request) -> bool:
@@ -258,6 +258,14 @@ class ReservationAdmin(admin.ModelAdmin):
     @admin.action(description="Reject selected reservations")
     def reject(self, request, queryset) -> None:
         self._decide(request, queryset, False)
+
+    @admin.action(description="Simulate approving (what-if; saves nothing)")
+    def simulate(self, request, queryset):
+        from django.shortcuts import redirect
+        from django.urls import reverse
+
+        first = queryset.order_by("pk").first()
+        return redirect(f"{reverse('admin-what-if')}?reservation={first.pk}")
 
 
 @admin.register(ReservationPolicy)

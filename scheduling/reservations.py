@@ -180,12 +180,28 @@ def plan_booking(res: Reservation, node_names: list[str] | None = None) -> list[
         raise ReservationError(
             f"conflict: only {free} of the {len(candidates)} matching GPUs are free over that window, "
             f"{res.gpu_count} asked; {who}")
+    # GPUs held by work that may still run at the start are taken last (that work is never
+    # killed: it keeps them until it ends, and the window waits for them).
+    busy = _busy_at(res.starts_at, [g for gl in free_by_node.values() for g in gl])
     chosen: list[int] = []
-    for _node, gpus in sorted(free_by_node.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+    ranked = sorted(free_by_node.items(),
+                    key=lambda kv: (-sum(g not in busy for g in kv[1]), -len(kv[1]), kv[0]))
+    for _node, gpus in ranked:
+        gpus = sorted(gpus, key=lambda g: (g in busy, g))
         chosen.extend(gpus[: res.gpu_count - len(chosen)])
         if len(chosen) == res.gpu_count:
             break
     return chosen
+
+
+def _busy_at(when: datetime, gpu_ids: list[int]) -> set[int]:
+    """GPUs whose current holders may still run at ``when`` (by their timeouts)."""
+    busy = set()
+    for gpu_id, since, timeout_s in (Allocation.objects.filter(gpu_id__in=gpu_ids, released_at__isnull=True)
+                                     .values_list("gpu_id", "task__started_at", "task__timeout_s")):
+        if since is None or since + timedelta(seconds=timeout_s) > when:
+            busy.add(gpu_id)
+    return busy
 
 
 def _refuse_none(res: Reservation) -> list[int]:

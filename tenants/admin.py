@@ -74,6 +74,8 @@ class TenantAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
     inlines = [QuotaInline, MembershipInline]
     readonly_fields = ["usage_vs_limits"]
+    # Adds "Simulate" beside Save: posts the form to the what-if page, which saves nothing.
+    change_form_template = "admin/tenants/tenant/change_form.html"
     fields = ["name", "slug", "description", "usage_vs_limits"]
 
     def get_queryset(self, request):
@@ -177,7 +179,7 @@ class QuotaGrantAdmin(admin.ModelAdmin):
     search_fields = ["tenant__slug", "reason"]
     autocomplete_fields = ["tenant"]
     readonly_fields = ["requested_by", "decided_by", "decided_at", "applied_at", "expired_at", "created_at"]
-    actions = ["approve", "reject"]
+    actions = ["approve", "reject", "simulate"]
 
     @admin.display(description="grants")
     def extras(self, obj: QuotaGrant) -> str:
@@ -224,3 +226,11 @@ class QuotaGrantAdmin(admin.ModelAdmin):
     @admin.action(description="Reject selected grant requests")
     def reject(self, request, queryset) -> None:
         self._decide(request, queryset, False)
+
+    @admin.action(description="Simulate approving (what-if; saves nothing)")
+    def simulate(self, request, queryset):
+        from django.shortcuts import redirect
+        from django.urls import reverse
+
+        first = queryset.order_by("pk").first()
+        return redirect(f"{reverse('admin-what-if')}?grant={first.pk}")

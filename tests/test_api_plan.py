@@ -91,3 +91,22 @@ def test_the_openapi_schema_lists_the_planning_endpoints(client):
     for path in (b"/api/v1/reservations/{id}/approve", b"/api/v1/reservations/{id}/release",
                  b"/api/v1/quota-grants/{id}/approve", b"/api/v1/quota-grants/{id}/reject"):
         assert path in schema
+
+
+def test_what_if_through_the_api_is_staff_only_and_saves_nothing(api_client_for, alice, staff, servers, acme):
+    a, s = api_client_for(alice), api_client_for(staff)
+    rid = a.post("/api/v1/reservations", {"name": "paper-deadline", "gpu_count": 4, **window()},
+                 format="json").json()["id"]
+    assert a.post(f"/api/v1/reservations/{rid}/simulate").status_code == 403
+    r = s.post(f"/api/v1/reservations/{rid}/simulate")
+    assert r.status_code == 200 and r.json()["would_start"] == [] and r.json()["overlapping_running"] == []
+    assert Reservation.objects.get().state == "requested" and not Reservation.objects.get().slots.exists()
+    Task.objects.create(tenant=acme, name="big", command="true", gpu_count=2, gpu_memory_mb=1000)
+    assert a.post("/api/v1/quota/what-if", {"tenant": "acme", "max_gpus": 0}, format="json").status_code == 403
+    r = s.post("/api/v1/quota/what-if", {"tenant": "acme", "max_gpus": 0}, format="json")
+    assert r.status_code == 200
+    assert r.json()["keep_waiting"][0]["reason"] == "tenant acme at its GPU quota (0/0)"
+    assert s.post("/api/v1/quota/what-if", {"tenant": "nope"}, format="json").json() == {"tenant": ["Unknown tenant."]}
+    gid = a.post("/api/v1/quota-grants", {"extra_gpus": 1, "reason": "x", **window()}, format="json").json()["id"]
+    assert s.post(f"/api/v1/quota-grants/{gid}/simulate").status_code == 200
+    assert QuotaGrant.objects.get().state == "requested"

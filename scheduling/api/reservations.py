@@ -13,7 +13,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.response import Response
 
-from scheduling import reservations
+from scheduling import reservations, whatif
 from scheduling.models import Reservation
 
 
@@ -47,6 +47,24 @@ class ReservationSerializer(serializers.Serializer):
 
 class DecisionSerializer(serializers.Serializer):
     note = serializers.CharField(required=False, allow_blank=True, max_length=500)
+
+
+class WhatIfSerializer(serializers.Serializer):
+    """What the next pass would do with the proposed change (nothing is written)."""
+
+    now = serializers.DateTimeField()
+    would_start = serializers.ListField(child=serializers.DictField(), help_text="task, name, tenant, placement, "
+                                        "also_without_change")
+    keep_waiting = serializers.ListField(child=serializers.DictField(), help_text="task, name, tenant, position, "
+                                         "reason (first 100)")
+    waiting_count = serializers.IntegerField()
+    would_no_longer_start = serializers.ListField(child=serializers.IntegerField())
+    over_quota = serializers.ListField(child=serializers.DictField(), help_text="tenant, over, running_tasks "
+                                       "(never killed)")
+    overlapping_running = serializers.ListField(child=serializers.DictField(),
+                                                help_text="for a reservation: running tasks of other tenants "
+                                                          "on its GPUs that may run past its start")
+    note = serializers.CharField()
 
 
 class ReleaseResultSerializer(serializers.Serializer):
@@ -141,3 +159,18 @@ class ReservationViewSet(viewsets.ViewSet):
             raise ValidationError({exc.field: [exc.message]}) from None
         res.refresh_from_db()
         return Response({"released": freed, "reservation": reservations.as_row(res)})
+
+    @extend_schema(request=None, responses={200: WhatIfSerializer})
+    @action(detail=True, methods=["post"])
+    def simulate(self, request, pk=None):
+        """What-if (staff): what the next pass would do if this request were approved now;
+        which running tasks of other tenants overlap its window. Writes nothing."""
+        if not request.user.is_staff:
+            raise PermissionDenied("Only staff simulate approvals.")
+        res = self._get(request, pk)
+        if res.state != Reservation.State.REQUESTED:
+            raise ValidationError({"state": [f"reservation {res.name} is {res.state}: only requests are simulated"]})
+        try:
+            return Response(whatif.simulate(whatif.reservation_approval(res.pk)))
+        except reservations.ReservationError as exc:
+            raise ValidationError({exc.field: [exc.message]}) from None

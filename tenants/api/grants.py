@@ -10,8 +10,11 @@ from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
+from scheduling.api.reservations import WhatIfSerializer
 from tenants import grants
+from tenants.models import Tenant
 from tenants.quotas import grant_row
 
 
@@ -88,3 +91,39 @@ class QuotaGrantViewSet(viewsets.ViewSet):
     @action(detail=True, methods=["post"])
     def reject(self, request, pk=None):
         return self._decide(request, pk, False)
+
+    @extend_schema(request=None, responses={200: WhatIfSerializer})
+    @action(detail=True, methods=["post"])
+    def simulate(self, request, pk=None):
+        """What-if (staff): what the next pass would do were this grant approved. Writes nothing."""
+        from scheduling import whatif
+
+        if not request.user.is_staff:
+            raise PermissionDenied("Only staff simulate approvals.")
+        g = self._get(request, pk)
+        return Response(whatif.simulate(whatif.grant_approval(g.pk)))
+
+
+class QuotaWhatIfSerializer(serializers.Serializer):
+    tenant = serializers.CharField()
+    max_gpus = serializers.IntegerField(required=False, min_value=0)
+    max_gpu_memory_mb = serializers.IntegerField(required=False, min_value=0)
+    max_running_tasks = serializers.IntegerField(required=False, min_value=0)
+
+
+class QuotaWhatIfView(APIView):
+    """What-if (staff): what the next pass would do with this tenant's quota changed. Writes nothing."""
+
+    @extend_schema(request=QuotaWhatIfSerializer, responses={200: WhatIfSerializer})
+    def post(self, request):
+        from scheduling import whatif
+
+        if not request.user.is_staff:
+            raise PermissionDenied("Only staff simulate quota changes.")
+        ser = QuotaWhatIfSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = dict(ser.validated_data)
+        tenant = Tenant.objects.filter(slug=data.pop("tenant")).first()
+        if tenant is None:
+            raise ValidationError({"tenant": ["Unknown tenant."]})
+        return Response(whatif.simulate(whatif.quota_change(tenant.pk, **data)))
