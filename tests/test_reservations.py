@@ -158,3 +158,22 @@ def test_calendar_events_show_bookings_and_free_capacity(client, alice, carol, s
     assert [f["title"] for f in free] == ["10 of 16 GPUs free"]
     assert client.get(reverse("portal:calendar-events"), {"start": "x", "end": "y"}).status_code == 400
     assert client.get(reverse("portal:calendar")).status_code == 200
+
+
+def test_a_weekly_reservation_books_every_occurrence_and_the_snapshot_sees_the_next(alice, staff, servers, carol):
+    start = timezone.now() + timedelta(hours=1)
+    res = reservations.decide(ask(alice, name="weekly-sync", gpus=2, start=start, hours=3, repeat_weeks=2).pk,
+                              approve=True, by=staff)
+    periods = sorted({s.period.lower for s in res.slots.all()})
+    assert len(periods) == 3 and periods[2] - periods[0] == timedelta(weeks=2)
+    windows = load_snapshot(start + timedelta(weeks=1, hours=4)).snapshot.reservations
+    assert [(w.name, w.starts_at) for w in windows] == [("weekly-sync", periods[2])]
+    # Another tenant's one-off over the second occurrence cannot take those GPUs.
+    carol.memberships.update(role="admin")
+    with pytest.raises(reservations.ReservationError):
+        ask(carol, name="clash", tenant="globex", gpus=16, start=start + timedelta(weeks=1), hours=1)
+    form = reservations.ReservationRequestForm(
+        {"name": "too-long", "tenant": "acme", "gpu_count": 1, "starts_at": fmt(start),
+         "ends_at": fmt(start + timedelta(days=8)), "repeat_weeks": 1, "node_selector": "{}"}, user=alice)
+    assert not form.is_valid() and form.errors["repeat_weeks"] == [
+        "A weekly reservation's window lasts at most a week."]
