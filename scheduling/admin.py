@@ -238,6 +238,13 @@ class ReservationAdmin(admin.ModelAdmin):
         # Requests come through the portal or the API, which check conflicts and policy.
         return False
 
+    def get_readonly_fields(self, request, obj=None):
+        # Once decided, its booked slots follow the window as approved: editing it here
+        # would leave them behind. Reject and request again instead.
+        if obj is not None and obj.state != Reservation.State.REQUESTED:
+            return [f.name for f in Reservation._meta.fields if f.name != "id"] + ["nodes"]
+        return self.readonly_fields
+
     @admin.display(description="now")
     def window(self, obj: Reservation) -> str:
         return reservations.as_row(obj)["status"]

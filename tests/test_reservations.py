@@ -177,3 +177,13 @@ def test_a_weekly_reservation_books_every_occurrence_and_the_snapshot_sees_the_n
          "ends_at": fmt(start + timedelta(days=8)), "repeat_weeks": 1, "node_selector": "{}"}, user=alice)
     assert not form.is_valid() and form.errors["repeat_weeks"] == [
         "A weekly reservation's window lasts at most a week."]
+
+
+def test_a_decided_reservation_cannot_be_edited_in_the_admin(client, alice, staff, servers):
+    res = reservations.decide(ask(alice, gpus=1).pk, approve=True, by=staff)
+    client.force_login(staff)
+    page = client.get(f"/admin/scheduling/reservation/{res.pk}/change/").content.decode()
+    assert 'name="starts_at' not in page and 'name="gpu_count"' not in page
+    requested = ask(alice, name="later", gpus=1, start=timezone.now() + timedelta(days=5))
+    page = client.get(f"/admin/scheduling/reservation/{requested.pk}/change/").content.decode()
+    assert 'name="gpu_count"' in page
