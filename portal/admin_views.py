@@ -81,3 +81,12 @@ def what_if(request: HttpRequest, tenant_id: int | None = None) -> HttpResponse:
     context = {**admin.site.each_context(request), "title": "What-if", "subject": subject, "answer": answer,
                "error": error}
     return TemplateResponse(request, "admin/what_if.html", context, status=400 if error else 200)
+
+
+def booking_calendar(request: HttpRequest) -> HttpResponse:
+    """The booking calendar inside the admin (the portal's Calendar page has the request form)."""
+    from nodes.models import Node
+
+    context = {**admin.site.each_context(request), "title": "Booking calendar",
+               "servers": list(Node.objects.order_by("name").values_list("name", flat=True))}
+    return TemplateResponse(request, "admin/calendar.html", context)

@@ -6,7 +6,7 @@ from django.urls import include, path, re_path
 from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from portal.admin_views import cluster_overview, what_if
+from portal.admin_views import booking_calendar, cluster_overview, what_if
 
 admin.site.site_header = "GPU allocation portal"
 admin.site.site_title = "GPU portal admin"
@@ -14,6 +14,7 @@ admin.site.index_title = "Operations"
 
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
+    path("admin/calendar/", admin.site.admin_view(booking_calendar), name="admin-calendar"),
     path("admin/what-if/", admin.site.admin_view(what_if), name="admin-what-if"),
     path("admin/what-if/quota/<int:tenant_id>/", admin.site.admin_view(what_if), name="admin-what-if-quota"),
     path("admin/", admin.site.urls),

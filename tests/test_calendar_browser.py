@@ -102,6 +102,12 @@ def test_request_by_drag_approve_in_the_admin_and_see_it_on_the_calendar(tmp_pat
             event = page.locator(".fc-event", has_text="paper-deadline · acme · 4 GPUs")
             event.wait_for()
             assert "paper-deadline" in event.inner_text()
+            # The same calendar inside the admin.
+            admin.goto(f"http://{host}/admin/calendar/")
+            admin.wait_for_selector(".fc-timegrid")
+            admin.click(".fc-next-button")
+            admin.locator(".fc-event", has_text="paper-deadline · acme · 4 GPUs").wait_for()
+
             free = page.locator(f'.fc-daygrid-day[data-date="{day}"] .free-capacity, '
                                 f'.fc-timegrid-col[data-date="{day}"] .free-capacity, '
                                 f'td[data-date="{day}"] .free-capacity')

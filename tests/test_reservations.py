@@ -187,3 +187,12 @@ def test_a_decided_reservation_cannot_be_edited_in_the_admin(client, alice, staf
     requested = ask(alice, name="later", gpus=1, start=timezone.now() + timedelta(days=5))
     page = client.get(f"/admin/scheduling/reservation/{requested.pk}/change/").content.decode()
     assert 'name="gpu_count"' in page
+
+
+def test_the_admin_calendar_page_is_staff_only(client, alice, staff, servers):
+    client.force_login(alice)
+    assert client.get("/admin/calendar/").status_code == 302
+    client.force_login(staff)
+    page = client.get("/admin/calendar/").content.decode()
+    assert 'id="calendar"' in page and "fullcalendar-6.1.19/index.global.min.js" in page
+    assert "/admin/calendar/" in client.get("/admin/").content.decode()
