@@ -67,6 +67,22 @@ def _usage_subqueries():
     }
 
 
+def _grant_subqueries():
+    """Extra quota from grants active now, per tenant: the list shows effective limits."""
+    from django.utils import timezone
+
+    now = timezone.now()
+    active = QuotaGrant.objects.filter(tenant=OuterRef("pk"), state=QuotaGrant.State.APPROVED, starts_at__lte=now,
+                                       ends_at__gt=now).values("tenant")
+    zero = Value(0, output_field=IntegerField())
+    return {
+        f"granted_{key}": Coalesce(Subquery(active.annotate(s=Sum(field)).values("s"), output_field=IntegerField()),
+                                   zero)
+        for key, field in (("gpus", "extra_gpus"), ("memory", "extra_gpu_memory_mb"),
+                           ("running", "extra_running_tasks"))
+    }
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
     list_display = ["name", "slug", "gpus", "gpu_memory", "running_tasks", "members_count"]
@@ -82,29 +98,35 @@ class TenantAdmin(admin.ModelAdmin):
         return (
             super().get_queryset(request)
             .select_related("quota")
-            .annotate(members_n=Count("memberships", distinct=True), **_usage_subqueries())
+            .annotate(members_n=Count("memberships", distinct=True), **_usage_subqueries(), **_grant_subqueries())
         )
 
     @staticmethod
-    def _of(obj: Tenant, key: str, used: int, limit: int | None, unit: str = ""):
-        """Usage beside its limit; the used part is kept current by portal/static/portal/live.js."""
-        suffix = " / " + (f"{limit}{unit}" if limit is not None else "no quota")
+    def _of(obj: Tenant, key: str, used: int, limit: int | None, unit: str = "", granted: int = 0):
+        """Usage beside its effective limit (base + active grants); the used part is kept
+        current by portal/static/portal/live.js."""
+        if limit is not None and granted:
+            suffix = f" / {limit + granted}{unit} (incl. +{granted} granted)"
+        else:
+            suffix = " / " + (f"{limit}{unit}" if limit is not None else "no quota")
         return format_html('<span data-tenant="{}" data-usage="{}" data-unit="{}" data-suffix="{}">{}{}{}</span>',
                            obj.pk, key, unit, suffix, used, unit, suffix)
 
     @admin.display(description="GPUs used / limit", ordering="used_gpus")
     def gpus(self, obj: Tenant):
-        return self._of(obj, "gpus", obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None))
+        return self._of(obj, "gpus", obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None),
+                        granted=obj.granted_gpus)
 
     @admin.display(description="GPU memory used / limit", ordering="used_memory")
     def gpu_memory(self, obj: Tenant):
         return self._of(obj, "gpu_memory_mb", obj.used_memory,
-                        getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB")
+                        getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB",
+                        granted=obj.granted_memory)
 
     @admin.display(description="running tasks / limit", ordering="used_running")
     def running_tasks(self, obj: Tenant):
         return self._of(obj, "running_tasks", obj.used_running,
-                        getattr(getattr(obj, "quota", None), "max_running_tasks", None))
+                        getattr(getattr(obj, "quota", None), "max_running_tasks", None), granted=obj.granted_running)
 
     @admin.display(description="members", ordering="members_n")
     def members_count(self, obj: Tenant) -> int:

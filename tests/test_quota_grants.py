@@ -161,3 +161,13 @@ def test_quota_report_and_dashboard_show_the_effective_quota(client, acme, alice
     assert "/ 12" in page and f"Quota grant #{g.pk} active: +4 GPUs" in page
     api = client.get("/api/v1/quota").json()
     assert api[0]["limits"]["max_gpus"] == 12 and api[0]["grants"][0]["status"] == "active"
+
+
+@pytest.mark.django_db
+def test_the_admin_tenant_list_shows_the_effective_quota(client, acme, staff):
+    now = timezone.now()
+    make_grant(acme, start=now - timedelta(hours=1), end=now + timedelta(hours=1), extra_gpus=4)
+    make_grant(acme, start=now + timedelta(hours=1), end=now + timedelta(hours=2), extra_gpus=50)
+    client.force_login(staff)
+    page = client.get("/admin/tenants/tenant/").content.decode()
+    assert "0 / 12 (incl. +4 granted)" in page and "/ 640000 MB" in page
