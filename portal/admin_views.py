@@ -54,7 +54,7 @@ def what_if(request: HttpRequest, tenant_id: int | None = None) -> HttpResponse:
             for key in ("max_gpus", "max_gpu_memory_mb", "max_running_tasks"):
                 raw = request.POST.get(f"quota-0-{key}", request.POST.get(key, ""))
                 if raw.strip():
-                    if not raw.strip().isdigit():
+                    if not raw.strip().isdigit() or int(raw) > 2**31 - 1:
                         problems.append(f"{key}: a whole number")
                     else:
                         limits[key] = int(raw)

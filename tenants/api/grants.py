@@ -106,9 +106,9 @@ class QuotaGrantViewSet(viewsets.ViewSet):
 
 class QuotaWhatIfSerializer(serializers.Serializer):
     tenant = serializers.CharField()
-    max_gpus = serializers.IntegerField(required=False, min_value=0)
-    max_gpu_memory_mb = serializers.IntegerField(required=False, min_value=0)
-    max_running_tasks = serializers.IntegerField(required=False, min_value=0)
+    max_gpus = serializers.IntegerField(required=False, min_value=0, max_value=2**31 - 1)
+    max_gpu_memory_mb = serializers.IntegerField(required=False, min_value=0, max_value=2**63 - 1)
+    max_running_tasks = serializers.IntegerField(required=False, min_value=0, max_value=2**31 - 1)
 
 
 class QuotaWhatIfView(APIView):
