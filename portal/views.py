@@ -5,7 +5,7 @@ path as the API), so the two can never disagree."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -270,7 +270,12 @@ def calendar_events(request: HttpRequest) -> JsonResponse:
     shared, and people plan around each other); requests only to their own tenants."""
     from scheduling.calendar import events
 
-    start, end = parse_datetime(request.GET.get("start", "")), parse_datetime(request.GET.get("end", ""))
+    try:
+        start, end = parse_datetime(request.GET.get("start", "")), parse_datetime(request.GET.get("end", ""))
+    except ValueError:  # well-formed but impossible, e.g. month 13
+        start = end = None
+    # Times without an offset are UTC, as the calendar shows them.
+    start, end = [t if t is None or t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end)]
     if start is None or end is None or end <= start or (end - start).days > 62:
         return JsonResponse({"error": "start and end: ISO times, at most 62 days apart"}, status=400)
     return JsonResponse(events(request.user, start, end, server=request.GET.get("server") or None), safe=False)

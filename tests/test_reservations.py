@@ -157,6 +157,9 @@ def test_calendar_events_show_bookings_and_free_capacity(client, alice, carol, s
     assert [b["title"] for b in booked] == ["paper-deadline · acme · 6 GPUs (gpu-01)"]
     assert [f["title"] for f in free] == ["10 of 16 GPUs free"]
     assert client.get(reverse("portal:calendar-events"), {"start": "x", "end": "y"}).status_code == 400
+    assert client.get(reverse("portal:calendar-events"), {"start": "2026-13-01", "end": "y"}).status_code == 400
+    naive = client.get(reverse("portal:calendar-events"), {"start": "2030-01-01T00:00", "end": "2030-01-03T00:00"})
+    assert naive.status_code == 200 and [e["title"] for e in naive.json()] == ["16 of 16 GPUs free"] * 2
     assert client.get(reverse("portal:calendar")).status_code == 200
 
 
