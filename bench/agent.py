@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -132,25 +133,27 @@ def bench_tenant() -> Tenant:
     return tenant
 
 
-def start_latency(procs: Processes, tmp: Path, url: str, config: Path, tenant: Tenant, n: int) -> dict:
+def start_latency(procs: Processes, tmp: Path, work_root: Path, url: str, config: Path, tenant: Tenant,
+                  n: int) -> dict:
     token_file = tmp / "join-token"
     token_file.write_text(issue_join_token(note="bench"))
+    accounts = ["--single-user-host"] if os.geteuid() != 0 else []  # as root: tasks run as nobody
     for name in ("bench-gpu-01", "bench-gpu-02"):
+        own_token = tmp / f"join-token-{name}"  # each agent removes its copy once spent
+        shutil.copyfile(token_file, own_token)
         procs.start(name, [PY, "-m", "nodes.agent", "--portal", url, "--name", name, "--simulate", "8xH100-80GB",
-                           "--state-dir", str(tmp / name), "--join-token-file", str(token_file),
-                           "--kill-tasks-on-exit", "--log-level", "WARNING"])
+                           "--state-dir", str(tmp / name), "--join-token-file", str(own_token),
+                           "--work-root", str(work_root), "--kill-tasks-on-exit", "--log-level", "WARNING",
+                           *accounts])
     wait_for(lambda: Node.objects.filter(name__startswith="bench-gpu-", status="active").count() == 2
              and GPU.objects.filter(node__name__startswith="bench-gpu-").count() == 16, 30, "the bench agents")
     Node.objects.filter(name__startswith="bench-gpu-").update(labels=LABELS)
     procs.start("scheduler", [PY, "manage.py", "runscheduler"], PORTAL_CONFIG=str(config),
                 PORTAL_PROCESS_NAME="bench-scheduler", LOG_LEVEL="WARNING")
     time.sleep(2)  # let the scheduler and both websockets settle before timing anything
-    marks = tmp / "marks"
-    marks.mkdir()
-
     def started_at(task_id: int) -> float | None:
-        try:
-            return int((marks / str(task_id)).read_text()) / 1e9
+        try:  # each task notes its start in its own working directory
+            return int((work_root / f"{task_id}-0" / "started_ns").read_text()) / 1e9
         except (OSError, ValueError):
             return None
 
@@ -161,7 +164,7 @@ def start_latency(procs: Processes, tmp: Path, url: str, config: Path, tenant: T
         wait_for(lambda: Task.objects.filter(pk=task.pk, status="succeeded").exists(), 30, "the task to end")
         return (t1 - t0) * 1000
 
-    command = f"date +%s%N > {marks}/$TASK_ID"
+    command = "date +%s%N > started_ns"
 
     def submit_pending() -> Task:
         with transaction.atomic():
@@ -296,6 +299,7 @@ def main() -> None:
     seconds = 15 if args.quick else 60
     cleanup()
     tmp = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    work_root = Path(tempfile.mkdtemp(prefix="bench-agent-work-"))  # enterable by the tasks' accounts
     config = tmp / "portal.yaml"
     config.write_text("scheduler:\n  heartbeat_interval_s: 5\n  heartbeat_timeout_s: 600\n")
     procs = Processes(tmp)
@@ -304,7 +308,8 @@ def main() -> None:
         tenant = bench_tenant()
         port = free_port()
         procs.web(port, config)
-        results.update(start_latency(procs, tmp, f"http://127.0.0.1:{port}", config, tenant, args.tasks))
+        results.update(start_latency(procs, tmp, work_root, f"http://127.0.0.1:{port}", config, tenant,
+                                     args.tasks))
         print(json.dumps(results), flush=True)
         procs.stop_all()
         procs.procs.clear()
@@ -312,6 +317,7 @@ def main() -> None:
     finally:
         procs.stop_all()
         cleanup()
+        shutil.rmtree(work_root, ignore_errors=True)
     print(json.dumps(results))
 
 

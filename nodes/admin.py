@@ -7,7 +7,7 @@ from django.db import transaction
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils.html import format_html
 
-from nodes.enrolment import issue_join_token
+from nodes.enrolment import allow_reenrolment, issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
 from portal import live
 from portal.livedata import gpu_state
@@ -30,15 +30,15 @@ def _live(kind: str, pk: int, field: str, value, css: str = ""):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["name", "hostname", "live_status", "heartbeat", "gpu_count", "gpus_busy", "agent_version",
+    list_display = ["name", "hostname", "live_status", "intent", "heartbeat", "gpu_count", "gpus_busy", "agent_version",
                     "labels"]
-    list_filter = ["status"]
+    list_filter = ["status", "intent"]
     search_fields = ["name", "hostname"]
-    readonly_fields = ["last_heartbeat_at", "agent_version", "token_prefix", "created_at", "updated_at"]
-    fields = ["name", "hostname", "labels", "status", "status_reason", "last_heartbeat_at", "agent_version",
+    readonly_fields = ["intent", "last_heartbeat_at", "agent_version", "token_prefix", "created_at", "updated_at"]
+    fields = ["name", "hostname", "labels", "status", "intent", "status_reason", "last_heartbeat_at", "agent_version",
               "token_prefix", "created_at", "updated_at"]
     inlines = [GPUInline]
-    actions = ["drain", "resume", "maintenance", "make_join_token"]
+    actions = ["drain", "resume", "maintenance", "make_join_token", "allow_reenrolment"]
 
     def save_model(self, request, obj, form, change) -> None:
         super().save_model(request, obj, form, change)
@@ -79,11 +79,10 @@ class NodeAdmin(admin.ModelAdmin):
         ids = list(queryset.values_list("pk", flat=True))  # the list's queryset is annotated (GROUP BY)
         with transaction.atomic():
             for node in Node.objects.filter(pk__in=ids).select_for_update().order_by("pk"):
-                if node.status == status:
+                if node.intent == status and node.status in (status, NodeStatus.OFFLINE):
                     continue
                 before = node.status
-                node.status, node.status_reason = status, f"{verb} by {request.user.username}"
-                node.save(update_fields=["status", "status_reason", "updated_at"])
+                node.set_intent(status, f"{verb} by {request.user.username}")
                 self.log_change(request, node, f"{verb}: status {before} -> {status}")
                 changed.append(node.pk)
             live.gpus_changed(changed)
@@ -111,6 +110,13 @@ class NodeAdmin(admin.ModelAdmin):
             )
 
     @admin.action(description="Maintenance: take out of service")
+    @admin.action(description="Revoke the node token; the server may enrol again by name once")
+    def allow_reenrolment(self, request, queryset) -> None:
+        for node in queryset:
+            allow_reenrolment(node)
+        self.message_user(request, f"{queryset.count()} server(s): node token revoked; the next agent to enrol "
+                                   "with a cluster join token under that name takes the server over.")
+
     def maintenance(self, request, queryset) -> None:
         self._set_status(request, queryset, NodeStatus.MAINTENANCE, "put in maintenance")
 

@@ -35,10 +35,12 @@ def desired_state(node_id: int) -> dict[str, Any]:
     active = Allocation.objects.filter(released_at__isnull=True).select_related("gpu").order_by("gpu__index")
     rows = (
         Task.objects.filter(node_id=node_id, status__in=ACTIVE_STATUSES)
-        .select_related("tenant")
+        .select_related("tenant", "submitter")
         .prefetch_related(Prefetch("allocations", queryset=active, to_attr="active_allocations"))
         .order_by("id")
     )
+    # Only what the agent needs to run each task: the submitter's name (for the account
+    # mapping) but nothing else about them, no GPU UUIDs, no scheduling details.
     tasks = [
         {
             "id": t.pk,
@@ -50,8 +52,8 @@ def desired_state(node_id: int) -> dict[str, Any]:
             "working_dir": t.working_dir,
             "timeout_s": t.timeout_s,
             "tenant": t.tenant.slug,
+            "user": t.submitter.username if t.submitter else "",
             "gpu_indices": [a.gpu.index for a in t.active_allocations],
-            "gpu_uuids": [a.gpu.uuid for a in t.active_allocations],
         }
         for t in rows
     ]

@@ -1,9 +1,15 @@
 """Enrolment: join tokens in, node tokens out.
 
 A join token is either bound to one server (made in the admin, used once) or
-cluster-wide (``JoinToken.node`` empty: any agent holding it may register a
+cluster-wide (``JoinToken.node`` empty: any agent holding it may register a *new*
 server under its own name until the token expires or is revoked). Redeeming one
 gives the agent a node token; the portal keeps only its prefix and HMAC.
+
+A cluster token never takes over a server that is already enrolled: whoever holds
+it could otherwise re-enrol any server by name and receive its tasks (their
+commands and env). An existing server enrols again only with a one-time token
+made for it in the admin, or after an operator revoked its node token there
+(``allow_reenrolment``), which the next enrolment by name then uses up.
 """
 
 from __future__ import annotations
@@ -73,12 +79,22 @@ def redeem(secret: str, *, name: str, hostname: str = "", agent_version: str = "
                 name=name, defaults={"hostname": hostname, "status": NodeStatus.OFFLINE,
                                      "status_reason": "registered; waiting for the first heartbeat"},
             )
+            if not created and node.token_prefix is not None:
+                raise EnrolmentError(
+                    f"server {name} is already enrolled: a cluster join token cannot enrol it again; an operator "
+                    "must make a one-time join token for it (or allow its re-enrolment) in the admin")
         if hostname:
             node.hostname = hostname
         if agent_version:
             node.agent_version = agent_version[:50]
         node.save(update_fields=["hostname", "agent_version", "updated_at"])
         return Enrolled(node=node, node_token=node.issue_token(), created=created)
+
+
+def allow_reenrolment(node: Node) -> None:
+    """An operator's approval: the server's node token stops working at once, and the
+    next agent to enrol by its name with a cluster join token takes it over."""
+    Node.objects.filter(pk=node.pk).update(token_prefix=None, token_digest="", updated_at=timezone.now())
 
 
 def node_for_token(secret: str) -> Node | None:

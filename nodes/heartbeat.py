@@ -3,8 +3,11 @@
 GPU rows are updated with one UPDATE statement per report (created on first
 report), the server's ``last_heartbeat_at`` is the *database* clock (agent
 clocks may be wrong), and a GPU that reports new uncorrected ECC errors or a
-critical Xid error is cordoned with the reason and raises an Alert. Pushes and
-the scheduler wake-up go out after commit.
+critical Xid error is cordoned with the reason and raises an Alert. The
+inventory is checked against what the portal knows: a GPU the agent stops
+reporting, or whose UUID changes at its index, is cordoned at once with the
+reason and an Alert (never silently given to a task or accepted). Pushes and the
+scheduler wake-up go out after commit.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 from django.db import IntegrityError, connection, transaction
 
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
-from portal import live
+from portal import hearing, live
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import triggers
@@ -47,7 +50,7 @@ UPDATE nodes_node AS n SET
     last_heartbeat_at = statement_timestamp(), updated_at = statement_timestamp(),
     agent_version = COALESCE(NULLIF(%s, ''), n.agent_version),
     hostname = COALESCE(NULLIF(%s, ''), n.hostname),
-    status = CASE WHEN o.status = 'offline' THEN 'active' ELSE n.status END,
+    status = CASE WHEN o.status = 'offline' THEN n.intent ELSE n.status END,
     status_reason = CASE WHEN o.status = 'offline' THEN 'heartbeat received' ELSE n.status_reason END
 FROM (SELECT id, status FROM nodes_node WHERE id = %s FOR UPDATE) AS o
 WHERE n.id = o.id
@@ -128,11 +131,29 @@ def _error_reason(gpu: GPU, report: dict[str, Any]) -> str:
     return "; ".join(reasons)
 
 
+def _inventory_changes(existing: dict[int, GPU], reports: list[dict[str, Any]]) -> list[tuple[GPU, str]]:
+    """GPUs the report contradicts: gone from it, or another UUID at their index."""
+    reported = {r["index"]: r["uuid"] for r in reports}
+    changes = []
+    for index, gpu in sorted(existing.items()):
+        if index not in reported:
+            if not (gpu.cordoned and gpu.cordon_reason.startswith(VANISHED)):
+                changes.append((gpu, f"{VANISHED} (was {gpu.uuid}); uncordon it once it is back"))
+        elif reported[index] != gpu.uuid:
+            changes.append((gpu, f"UUID changed at index {index} from {gpu.uuid} to {reported[index]}: another "
+                                 "card or a remapped index; check the server before uncordoning"))
+    return changes
+
+
+VANISHED = "auto: no longer reported by the agent"
+
+
 def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
     result = HeartbeatResult()
     reports = data["gpus"]
-    existing = {g.index: g for g in GPU.objects.filter(node_id=node.pk).only("id", "index", "uuid", "ecc_errors",
-                                                                           "health", "node_id")}
+    existing = {g.index: g for g in GPU.objects.filter(node_id=node.pk).only(
+        "id", "index", "uuid", "ecc_errors", "health", "node_id", "cordoned", "cordon_reason")}
+    inventory = _inventory_changes(existing, reports)
     # Only a GPU new to this server (or whose UUID changed) can collide with another server's.
     fresh = [g["uuid"] for g in reports if g["index"] not in existing or existing[g["index"]].uuid != g["uuid"]]
     if fresh:
@@ -184,6 +205,13 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
                 raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,
                             gpu=gpu)
                 result.cordoned.append(f"{gpu.index}")
+            for gpu, reason in inventory:
+                gpu.cordon(reason if reason.startswith(VANISHED) else f"auto: {reason}")
+                raise_alert(Alert.Kind.GPU_ERROR, f"{node.name}:{gpu.index} cordoned: {reason}", node=node.pk,
+                            gpu=gpu)
+                if str(gpu.index) not in result.cordoned:
+                    result.cordoned.append(f"{gpu.index}")
+            errored += inventory
             result.created_gpus, result.updated_gpus = len(to_create), len(to_update)
             _gpus_changed(node.pk, urgent=bool(result.came_online or errored or to_create))
             if result.came_online:
@@ -195,4 +223,6 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
         # heartbeat is rolled back and the agent's next one tries again.
         detail = f"conflicts with the stored GPU layout ({exc.__class__.__name__})"
         raise HeartbeatRejected({"gpus": [detail]}) from None
+    # Evidence that the portal hears agents (after commit: never a lock held with it).
+    hearing.heard()
     return result

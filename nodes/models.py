@@ -19,6 +19,10 @@ class NodeStatus(models.TextChoices):
     OFFLINE = "offline", "offline"
 
 
+# What an operator can ask of a server; "offline" is only ever observed, never intended.
+INTENTS = (NodeStatus.ACTIVE, NodeStatus.DRAINING, NodeStatus.MAINTENANCE)
+
+
 class GPUHealth(models.TextChoices):
     OK = "ok", "ok"
     WARNING = "warning", "warning"
@@ -31,6 +35,10 @@ class Node(models.Model):
     labels = models.JSONField(default=dict, blank=True, help_text='Scheduling labels, e.g. {"zone": "a", "ib": "yes"}.')
     status = models.CharField(max_length=12, choices=NodeStatus.choices, default=NodeStatus.OFFLINE)
     status_reason = models.CharField(max_length=255, blank=True)
+    # The operator's intent, kept apart from observed health: a server that goes offline
+    # and comes back returns to what the operator last asked (a drain is not forgotten).
+    intent = models.CharField(max_length=12, choices=[(s.value, s.label) for s in INTENTS],
+                              default=NodeStatus.ACTIVE)
     # Portal (database) time of the last heartbeat: agent clocks are never trusted.
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=50, blank=True)
@@ -44,10 +52,31 @@ class Node(models.Model):
         indexes = [models.Index(fields=["status", "last_heartbeat_at"], name="node_status_heartbeat_idx")]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=NodeStatus.values), name="node_status_valid"),
+            models.CheckConstraint(condition=Q(intent__in=[s.value for s in INTENTS]), name="node_intent_valid"),
         ]
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs) -> None:
+        # Whoever sets a status other than offline states an intent (the admin, the API, a
+        # shell); the sweep setting "offline" records an observation and leaves the intent.
+        if self.status != NodeStatus.OFFLINE and self.intent != self.status:
+            self.intent = self.status
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "intent"}
+        super().save(*args, **kwargs)
+
+    def set_intent(self, intent: str, reason: str) -> None:
+        """The operator asks for ``intent``; an offline server keeps its observed status
+        until its next heartbeat brings it back, to the intent."""
+        if intent not in INTENTS:
+            raise ValueError(f"unknown intent {intent!r}")
+        self.intent = intent
+        if self.status != NodeStatus.OFFLINE:
+            self.status = intent
+        self.status_reason = reason[:255]
+        self.save(update_fields=["intent", "status", "status_reason", "updated_at"])
 
     def issue_token(self) -> str:
         """Make a new node token, store its hash and return it (shown once)."""

@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 
-from portal import livedata
+from portal import control_plane, livedata
 from portal.models import Alert
 from scheduling.models import Task
 
@@ -30,7 +30,8 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
         "pending": Task.objects.filter(status="pending").count(),
         "alerts": Alert.objects.filter(acknowledged_at__isnull=True).count(),
     }
-    context = {**admin.site.each_context(request), "title": "Cluster overview", "nodes": nodes, "summary": summary}
+    context = {**admin.site.each_context(request), "title": "Cluster overview", "nodes": nodes, "summary": summary,
+               "control": control_plane.snapshot()}
     return TemplateResponse(request, "admin/cluster.html", context)
 
 

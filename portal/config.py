@@ -49,6 +49,12 @@ class SchedulerConfig:
     default_max_retries: int = 2
     # Factor applied to a model's remembered memory estimate after an OOM.
     oom_memory_factor: float = 1.2
+    # When more than this share of the servers (and at least two) fall silent at once,
+    # the sweep reads it as a control-plane or network fault and declares no one lost.
+    lost_guard_fraction: float = 0.5
+    # An agent cut off from every portal URL this long stops its tasks by itself
+    # (their copies may be running elsewhere by then). Well above the lost timeout.
+    agent_lease_s: int = 900
 
 
 _INT_BOUNDS: dict[str, tuple[int, int]] = {
@@ -61,6 +67,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "max_task_timeout_s": (1, 31_536_000),
     "assign_grace_s": (1, 86_400),
     "default_max_retries": (0, 100),
+    "agent_lease_s": (3, 604_800),
 }
 
 
@@ -76,6 +83,10 @@ def _check(key: str, value: Any, expected: Any) -> Any:
     if key in ("online_share", "batch_share"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ConfigError(f"{where} must be a number between 0 and 1, got {value!r}")
+        return float(value)
+    if key == "lost_guard_fraction":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(f"{where} must be a number above 0 and at most 1, got {value!r}")
         return float(value)
     if key == "oom_memory_factor":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 10:
@@ -135,6 +146,8 @@ def build_config(data: dict[str, Any] | None) -> SchedulerConfig:
         )
     if config.heartbeat_timeout_s <= config.heartbeat_interval_s:
         raise ConfigError("scheduler.heartbeat_timeout_s must be greater than scheduler.heartbeat_interval_s")
+    if config.agent_lease_s <= config.heartbeat_timeout_s:
+        raise ConfigError("scheduler.agent_lease_s must be greater than scheduler.heartbeat_timeout_s")
     if config.default_task_timeout_s > config.max_task_timeout_s:
         raise ConfigError("scheduler.default_task_timeout_s must not exceed scheduler.max_task_timeout_s")
     return config

@@ -34,12 +34,33 @@ class ControlPlaneServer(models.Model):
         return self.name
 
 
+class Hearing(models.Model):
+    """Whether the control plane has been able to hear agents, and since when (one row).
+
+    Touched (``portal.hearing.heard``) by every ingested agent heartbeat and by every web
+    process's registry beat. A silence longer than ``hearing.gap_s()`` (the portal was
+    stopped, the database or every web node was down) restarts ``listening_since``: no
+    server is judged lost until the portal has listened for a full timeout since then.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    listening_since = models.DateTimeField()
+    last_heard_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(id=1), name="hearing_single_row")]
+
+    def __str__(self) -> str:
+        return f"listening since {self.listening_since:%Y-%m-%d %H:%M:%S}"
+
+
 class Alert(models.Model):
     class Kind(models.TextChoices):
         SERVER_LOST = "server_lost", "server lost"
         GPU_ERROR = "gpu_error", "GPU error / cordoned"
         TASK_OOM = "task_oom", "task out of memory"
         QUEUE_WAIT = "queue_wait", "queue wait high"
+        MASS_SILENCE = "mass_silence", "most servers silent at once (no server declared lost)"
         QUOTA_GRANT = "quota_grant", "quota grant applied / expired"
 
     class Severity(models.TextChoices):

@@ -31,6 +31,7 @@ from django.db import close_old_connections, connection
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from portal import hearing
 from portal.models import ControlPlaneServer
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,11 @@ def heartbeat(role: str, *, info: dict[str, Any] | None = None) -> None:
         register(role, info=info)
 
 
+def load_info() -> dict[str, Any]:
+    """The host's load, for the control-plane view."""
+    return {"load1": round(os.getloadavg()[0], 2)}
+
+
 def unregister(role: str) -> None:
     ControlPlaneServer.objects.filter(name=server_name(role)).delete()
 
@@ -100,12 +106,23 @@ def is_alive(server: ControlPlaneServer) -> bool:
 
 
 def _loop(role: str, stop: threading.Event) -> None:
+    failing = False
     while True:
         try:
-            heartbeat(role)
+            heartbeat(role, info=load_info())
+            if role == ControlPlaneServer.Role.WEB:
+                # A live web node on a reachable database can hear agents: evidence the
+                # sweep needs before it judges any server (portal.hearing).
+                hearing.heard()
             prune()
+            if failing:
+                log.info("control-plane heartbeat for %s works again", role)
+            failing = False
         except Exception:  # the database may be briefly away; the next beat retries
-            log.warning("control-plane heartbeat for %s failed", role, exc_info=True)
+            if not failing:  # once per outage, not once per beat
+                log.warning("control-plane heartbeat for %s failed; retrying every %s s", role, interval_s(),
+                            exc_info=True)
+            failing = True
         finally:
             # This thread's connection must not outlive a DB restart or leak.
             connection.close()

@@ -9,8 +9,10 @@ correctness rests on PostgreSQL row locks and partial unique indexes.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -24,9 +26,15 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 DEBUG = envbool("DEBUG", False)
 
 SECRET_KEY = envsecret("SECRET_KEY")
+# Production always needs a real key, whatever DEBUG says: a missing, short or
+# placeholder key would let anyone forge sessions and password-reset links.
+if envbool("PORTAL_PRODUCTION", False) and (
+        not SECRET_KEY or len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5
+        or SECRET_KEY.startswith("django-insecure-")):
+    raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set to a real key when PORTAL_PRODUCTION="
+                               "true: at least 50 random characters, e.g. python -c 'import secrets; "
+                               "print(secrets.token_urlsafe(50))'")
 if not SECRET_KEY:
-    if not DEBUG and envbool("PORTAL_PRODUCTION", False):
-        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when PORTAL_PRODUCTION=true")
     # Development: a key kept in var/ so sessions survive restarts without ever
     # committing a secret.
     key_file = BASE_DIR / "var" / "secret_key"
@@ -63,6 +71,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "portal.middleware.DatabaseUnavailable",  # 503, not 500, while PostgreSQL is down
+    "portal.middleware.RefuseUnstorableParameters",  # NUL in a query or form value: 400
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -114,6 +124,12 @@ for _key in ("host", "port"):
 _db.setdefault("OPTIONS", {})["application_name"] = envstr("PORTAL_PROCESS_NAME", "gpu-portal")
 # Keep the scheduler lock and the hot paths from waiting forever on a stuck peer.
 _db["OPTIONS"].setdefault("options", "-c lock_timeout=30000")
+# A network cut to PostgreSQL must surface as an error within seconds (then every process
+# reconnects by itself), not as a query hung for the kernel's 15-minute TCP timeout.
+_TCP_CUT_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+                    "tcp_user_timeout": 20_000}
+for _key, _value in _TCP_CUT_OPTIONS.items():
+    _db["OPTIONS"].setdefault(_key, _value)
 DATABASES = {"default": _db}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -136,7 +152,7 @@ else:
         "PASSWORD": _db.get("PASSWORD", ""),
         "HOST": _db.get("HOST", ""),
         "PORT": _db.get("PORT", ""),
-        "OPTIONS": {},
+        "OPTIONS": dict(_TCP_CUT_OPTIONS),
         "TIME_ZONE": None,
         "CONN_MAX_AGE": 0,
         "CONN_HEALTH_CHECKS": False,
@@ -146,7 +162,8 @@ else:
     }
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_postgres.core.PostgresChannelLayer",
+            # channels_postgres, reconnecting after a database restart (see the module).
+            "BACKEND": "portal.channel_layer.PostgresChannelLayer",
             "CONFIG": _layer_db,
         }
     }
@@ -217,6 +234,11 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_CLASSES": ["portal.api.throttling.TokenBucketThrottle"],
     "DEFAULT_PAGINATION_CLASS": "portal.api.pagination.Pagination",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Duplicate keys, NUL, lone surrogates, NaN, deep nesting: 400, never stored (issue 9).
+    # No multipart: the API takes no files, and daphne (Twisted) answers a malformed
+    # multipart body itself with an empty 400 that no schema can describe.
+    "DEFAULT_PARSER_CLASSES": ["portal.api.parsers.StrictJSONParser", "rest_framework.parsers.FormParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "GPU allocation portal API",
@@ -227,6 +249,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Every error status with its body (issue 9): portal/api/schema.py.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "portal.api.schema.add_error_responses"],
     "ENUM_NAME_OVERRIDES": {
         "TaskStatusEnum": "scheduling.choices.TaskStatus",
         "ServerStatusEnum": "nodes.models.NodeStatus",
@@ -250,6 +275,26 @@ LOGGING = {
         "channels_postgres": {"level": "ERROR"},
     },
 }
+
+# --- Exposure and login throttling (README "Security model") --------------------------
+# /metrics names tenants, GPU UUIDs and servers: a bearer token (Prometheus'
+# `authorization: {credentials: ...}`) or a client address in the allow-list.
+METRICS_TOKEN = envsecret("METRICS_TOKEN") or ""
+try:
+    METRICS_ALLOW_FROM = [ipaddress.ip_network(n, strict=False)
+                          for n in envlist("METRICS_ALLOW_FROM", ["127.0.0.1/32", "::1/128"])]
+except ValueError as exc:
+    raise ImproperlyConfigured(f"METRICS_ALLOW_FROM: {exc}") from None
+# django-axes: after LOGIN_FAILURE_LIMIT wrong passwords for one username from one
+# address, that pair is locked out for LOGIN_LOCKOUT_MINUTES (admin and portal login).
+INSTALLED_APPS += ["axes"]
+MIDDLEWARE += ["axes.middleware.AxesMiddleware"]  # last, as axes requires
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = envint("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=envint("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False  # no banner on every process start (management commands print to users)
 
 # --- Scheduler policy (PORTAL_CONFIG YAML, seeds' defaults) ---------------------------
 SCHEDULER = load_config(envstr("PORTAL_CONFIG"))

@@ -7,10 +7,14 @@ from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from portal.admin_views import booking_calendar, cluster_overview, what_if
+from portal.metrics_access import metrics_view
 
 admin.site.site_header = "GPU allocation portal"
 admin.site.site_title = "GPU portal admin"
 admin.site.index_title = "Operations"
+
+handler500 = "portal.middleware.server_error"  # a database outage is a 503, not a 500
+handler404 = "portal.middleware.not_found"  # JSON under /api/
 
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
@@ -23,6 +27,7 @@ urlpatterns = [
     path("api/v1/", include("portal.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("metrics", metrics_view, name="prometheus-django-metrics"),  # before django_prometheus' open one
     path("", include("django_prometheus.urls")),
     path("", include("portal.page_urls")),
 ]

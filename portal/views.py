@@ -5,6 +5,7 @@ path as the API), so the two can never disagree."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -159,7 +160,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
         elif len(name) > TOKEN_NAME_MAX:
             errors["name"] = f"At most {TOKEN_NAME_MAX} characters."
         if days_raw:
-            if not days_raw.isdigit() or not 1 <= int(days_raw) <= TOKEN_MAX_DAYS:
+            if not re.fullmatch(r"[0-9]{1,5}", days_raw) or not 1 <= int(days_raw) <= TOKEN_MAX_DAYS:
                 errors["expires_days"] = f"A whole number of days from 1 to {TOKEN_MAX_DAYS}, or empty for never."
             else:
                 days = int(days_raw)

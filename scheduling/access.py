@@ -27,6 +27,14 @@ def tenants_for(user) -> QuerySet[Tenant]:
     return Tenant.objects.filter(memberships__user=user)
 
 
+def model_names_for(user) -> set[str] | None:
+    """Model names ``user`` may see cached on GPUs (None: all, for staff): those their
+    tenants' tasks use. Which models another tenant runs is that tenant's business."""
+    if user.is_authenticated and user.is_staff:
+        return None
+    return set(tasks_for(user).exclude(model_name="").values_list("model_name", flat=True).distinct())
+
+
 def tasks_for(user) -> QuerySet[Task]:
     """Tasks ``user`` sees. Start every task query of a user-facing view here."""
     if not user.is_authenticated:

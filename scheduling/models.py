@@ -146,7 +146,8 @@ class Task(models.Model):
         now = timezone.now()
         active = self.allocations.filter(released_at__isnull=True)
         gpu_ids = list(active.values_list("gpu_id", flat=True))
-        released = active.update(released_at=now)
+        # Database time, so the GPU's next interval (opened by a pass on any host) starts after.
+        released = active.update(released_at=ClockTimestamp())
         if gpu_ids:
             # Start the idle clock (the idle-time score) of GPUs nobody holds any more, here
             # rather than in the pass, to keep GPU row writes out of the scheduler lock.
@@ -200,8 +201,28 @@ class Task(models.Model):
         return cls.objects.select_for_update(of=("self",)).get(pk=pk)
 
 
+class AllocationInterval(models.Func):
+    """``tstzrange(allocated_at, released_at)``, half-open; an active allocation runs to infinity."""
+
+    function = "TSTZRANGE"
+    output_field = DateTimeRangeField()
+
+
+class ClockTimestamp(models.Func):
+    """The database's clock now (not the statement's or transaction's start): an interval
+    opened after another closed starts after it, whoever waited for which lock."""
+
+    template = "clock_timestamp()"
+    output_field = models.DateTimeField()
+
+
 class Allocation(models.Model):
-    """A task's claim on one GPU. Active while ``released_at`` is null."""
+    """A task's claim on one GPU. Active while ``released_at`` is null.
+
+    ``[allocated_at, released_at)`` is the interval the GPU was held, in database time
+    (both ends are set by PostgreSQL's clock, never a process's): usage accounting
+    sums these, so the database refuses overlapping exclusive ones.
+    """
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="allocations")
     gpu = models.ForeignKey("nodes.GPU", on_delete=models.PROTECT, related_name="allocations")
@@ -228,6 +249,13 @@ class Allocation(models.Model):
                 name="allocation_no_exclusive_beside_shared",
                 expressions=[("gpu", RangeOperators.EQUAL), ("exclusive", RangeOperators.NOT_EQUAL)],
                 condition=Q(released_at__isnull=True),
+            ),
+            # History too: no two exclusive intervals of one GPU overlap (what usage sums).
+            ExclusionConstraint(
+                name="allocation_exclusive_intervals_never_overlap",
+                expressions=[("gpu", RangeOperators.EQUAL),
+                             (AllocationInterval("allocated_at", "released_at"), RangeOperators.OVERLAPS)],
+                condition=Q(exclusive=True),
             ),
             models.UniqueConstraint(
                 fields=["task", "gpu"], condition=Q(released_at__isnull=True),

@@ -327,8 +327,10 @@ WITH placed AS (
     FROM unnest(%(task)s::bigint[], %(reason)s::text[]) AS e(task_id, reason)
     WHERE e.task_id IN (SELECT id FROM placed)
 ), allocations AS (
+    -- clock_timestamp(), not the pass's start: a GPU released while this pass waited for
+    -- the lock must not get an interval that begins before that release.
     INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, allocated_at)
-    SELECT a.task_id, a.gpu_id, a.node_id, a.memory_mb, a.exclusive, %(now)s
+    SELECT a.task_id, a.gpu_id, a.node_id, a.memory_mb, a.exclusive, clock_timestamp()
     FROM unnest(%(a_task)s::bigint[], %(a_gpu)s::bigint[], %(a_node)s::bigint[], %(a_mem)s::integer[],
                 %(a_excl)s::boolean[]) AS a(task_id, gpu_id, node_id, memory_mb, exclusive)
     WHERE a.task_id IN (SELECT id FROM placed)
@@ -438,16 +440,26 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         triggers.request_pass("tasks preempted")
 
 
+# The scheduler lock's holder, made visible in pg_locks (advisory, transaction-scoped):
+# taken right after the row lock, so it is never contended, and released with it at
+# commit, rollback or a dead connection. Operators read who holds it, and since when,
+# from PostgreSQL itself (portal.control_plane), not from a row the holder writes.
+SCHEDULER_ADVISORY_KEY = 0x5C4ED
+
+
 def lock_scheduler() -> tuple[int, datetime]:
     """Take the scheduler lock (inside the pass's transaction); return its id and DB time."""
     locked = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
               .annotate(db_now=Now()).values_list("pk", "db_now"))
     try:
-        return locked.get()
+        held = locked.get()
     except SchedulerLock.DoesNotExist:
         # Migration 0001 creates the row; recreate it if it was deleted (e.g. a table flush).
         SchedulerLock.objects.get_or_create(name=LOCK_NAME)
-        return locked.get()
+        held = locked.get()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULER_ADVISORY_KEY])
+    return held
 
 
 def _default_schedule() -> Schedule:

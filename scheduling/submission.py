@@ -41,7 +41,11 @@ FIELDS = (
     "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
     "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model", "reservation",
 )
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" through
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "١٢" and "1_0"
+LABEL_KEY_MAX_CHARS = 63
+LABEL_VALUE_MAX_CHARS = 63
+_LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?")
 
 Errors = dict[str, list[str]]
 
@@ -115,12 +119,19 @@ def _quota(tenant: Tenant) -> Quota | None:
         return None
 
 
+def _given(data: dict[str, Any], key: str, default: Any) -> Any:
+    """The value, or the default when absent, null or "": a list or 0 where a name is
+    expected is an error, never silently the default."""
+    value = data.get(key)
+    return default if value is None or value == "" else value
+
+
 def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
         return int(value.strip())
     return None
 
@@ -146,6 +157,16 @@ def _as_mapping(value: Any, what: str) -> tuple[dict[str, str] | None, str | Non
         if not isinstance(val, (str, int, float)) or isinstance(val, bool):
             return None, f"The value of {key!r} must be a string."
     return {str(k): str(v) for k, v in value.items()}, None
+
+
+def _label_problem(labels: dict[str, str]) -> str | None:
+    for key, value in labels.items():
+        if not key or len(key) > LABEL_KEY_MAX_CHARS or not _LABEL_KEY.fullmatch(key):
+            return (f"Invalid label name {key[:80]!r}: 1 to {LABEL_KEY_MAX_CHARS} letters, digits, '.', '_', '/' "
+                    "or '-', starting and ending with a letter or digit.")
+        if not value or len(value) > LABEL_VALUE_MAX_CHARS:
+            return f"The value of label {key!r} must have 1 to {LABEL_VALUE_MAX_CHARS} characters."
+    return None
 
 
 def _check_text(data: dict[str, Any], key: str, limit: int, errors: Errors, *, required: bool = False) -> str:
@@ -221,7 +242,7 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     if problem:
         errors["env"] = [problem]
     elif env is not None:
-        bad = [k for k in env if not _ENV_NAME.match(k)]
+        bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
         size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
         if bad:
             errors["env"] = [f"Invalid variable name {bad[0]!r}: use letters, digits and _, not starting with a digit."]
@@ -237,6 +258,8 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         errors["node_selector"] = [problem]
     elif selector is not None and len(selector) > NODE_SELECTOR_MAX_LABELS:
         errors["node_selector"] = [f"At most {NODE_SELECTOR_MAX_LABELS} labels (got {len(selector)})."]
+    elif selector and (problem := _label_problem(selector)):
+        errors["node_selector"] = [problem]
     else:
         values["node_selector"] = selector or {}
 
@@ -268,7 +291,7 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
             ]
     values["gpu_memory_mb"] = memory
 
-    share_mode = data.get("share_mode") or ShareMode.EXCLUSIVE
+    share_mode = _given(data, "share_mode", ShareMode.EXCLUSIVE)
     if share_mode not in ShareMode.values:
         errors["share_mode"] = [f"Must be one of {', '.join(ShareMode.values)}."]
     elif share_mode == ShareMode.SHARED and memory is None and not values.get("model_name"):
@@ -281,7 +304,7 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         errors["timeout_s"] = [f"Must be a whole number of seconds from 1 to {config.max_task_timeout_s}."]
     values["timeout_s"] = timeout
 
-    raw = data.get("priority") or "NORMAL"
+    raw = _given(data, "priority", "NORMAL")
     try:
         priority = Priority.from_name(raw) if isinstance(raw, str) else None
     except KeyError:
@@ -294,7 +317,7 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         ]
     values["priority"] = priority
 
-    workload_class = data.get("workload_class") or WorkloadClass.BATCH
+    workload_class = _given(data, "workload_class", WorkloadClass.BATCH)
     if workload_class not in WorkloadClass.values:
         errors["workload_class"] = [f"Must be one of {', '.join(WorkloadClass.values)}."]
     elif quota is not None and workload_class not in quota.allowed_classes:

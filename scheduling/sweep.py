@@ -6,7 +6,13 @@
   remain, else fail with "server lost"; an operator alert is raised. Only
   active and draining servers are swept: one in maintenance stays as the
   operator set it, and one that never sent a heartbeat was set up by hand.
-- A task assigned but not started within ``assign_grace_s`` returns to pending.
+  Loss is judged from evidence only (``portal.hearing``): while the portal
+  cannot hear, or has listened for less than a timeout since it could again
+  (a start, a database or web outage), nobody is judged; and when more than
+  ``lost_guard_fraction`` of the servers (at least two) are silent at once, it
+  is a control-plane or network fault: nobody is declared lost, an alert says so.
+- A task assigned but not started within ``assign_grace_s`` returns to pending
+  (judged on the same evidence: its agent may have started it during an outage).
 - A running task past its ``timeout_s`` becomes timed_out and its agent is told
   to kill it.
 
@@ -27,26 +33,29 @@ from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from nodes.models import Node, NodeStatus
-from portal import live
+from portal import hearing, live
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import reservations, triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
-from scheduling.models import Allocation, Task
+from scheduling.models import Allocation, ClockTimestamp, Task
 from scheduling.passes import lock_scheduler
 
 log = logging.getLogger(__name__)
 
 SWEEP_SCHEDULE_NAME = "scheduler sweep"
 
-_LOST_NODES = """
+# (Constant SQL fragments only: nothing user-given is formatted into these.)
+_LOST_NODES = f"""
 SELECT id FROM nodes_node
 WHERE status IN ('active', 'draining') AND last_heartbeat_at < now() - make_interval(secs => %s)
-"""
-_STALE_ASSIGNED = """
+  AND {hearing.LISTENED_FOR_SQL}
+"""  # noqa: S608
+_STALE_ASSIGNED = f"""
 SELECT id FROM scheduling_task
 WHERE status = 'assigned' AND assigned_at < now() - make_interval(secs => %s)
-"""
+  AND {hearing.LISTENED_FOR_SQL}
+"""  # noqa: S608
 _TIMED_OUT = """
 SELECT id FROM scheduling_task
 WHERE status = 'running' AND started_at + timeout_s * interval '1 second' < now()
@@ -69,6 +78,8 @@ class SweepResult:
     requeued: int = 0
     failed: int = 0
     timed_out: int = 0
+    # Servers silent past the timeout but not declared lost: most went silent at once.
+    held_back: int = 0
     grants_changed: int = 0  # quota grants applied or expired
     reservation_bounds: int = 0  # reservation windows that opened or closed
 
@@ -94,8 +105,10 @@ def sweep(actor: str = "sweep") -> SweepResult:
     timeout, grace = config.heartbeat_timeout_s, config.assign_grace_s
     result = SweepResult()
     with connection.cursor() as cursor:
-        cursor.execute(_ANYTHING, [timeout, grace])
+        cursor.execute(_ANYTHING, [timeout, *hearing.listened_for_params(timeout),
+                                   grace, *hearing.listened_for_params(grace)])
         if not any(cursor.fetchone()):
+            _note_guard(None)
             return result
 
     changed: list[tuple[int, int]] = []
@@ -104,9 +117,12 @@ def sweep(actor: str = "sweep") -> SweepResult:
         # Serialise with passes: no placement onto a server being declared lost.
         lock_scheduler()
 
-        lost = list(Node.objects.select_for_update()
-                    .filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING))
-                    .filter(last_heartbeat_at__lt=Now() - timedelta(seconds=timeout)).order_by("pk"))
+        lost = _silent_servers(timeout)
+        if _mass_silence(lost):
+            result.held_back, lost = len(lost), []
+            _note_guard(result.held_back)
+        else:
+            _note_guard(None)
         for node in lost:
             reason = f"server {node.name} lost (no heartbeat for {timeout} s)"
             node.status, node.status_reason = NodeStatus.OFFLINE, reason[:255]
@@ -118,7 +134,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
                 _count(result, task)
                 changed.append((task.tenant_id, task.pk))
             # Whatever is still held there (nothing, normally) is released with the server.
-            Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=Now())
+            Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=ClockTimestamp())
             # Row now; live banner and webhook after commit.
             raise_alert(Alert.Kind.SERVER_LOST, f"{reason}; its tasks were requeued or failed", node=node)
             result.servers_lost += 1
@@ -127,7 +143,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
 
         stale = (Task.objects.select_for_update(of=("self",))
                  .filter(status=TaskStatus.ASSIGNED, assigned_at__lt=Now() - timedelta(seconds=grace))
-                 .order_by("pk"))
+                 .order_by("pk")) if _listened_for(grace) else []
         for task in stale:
             if task.node_id is not None:
                 nodes_told.add(task.node_id)
@@ -160,6 +176,53 @@ def sweep(actor: str = "sweep") -> SweepResult:
     if result:
         log.info("sweep: %s", result)
     return result
+
+
+def _listened_for(seconds: float) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {hearing.LISTENED_FOR_SQL}", hearing.listened_for_params(seconds))
+        return cursor.fetchone()[0]
+
+
+def _silent_servers(timeout: int) -> list[Node]:
+    """Active and draining servers silent for a full timeout of the portal's listening, locked."""
+    if not _listened_for(timeout):
+        return []
+    return list(Node.objects.select_for_update()
+                .filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING))
+                .filter(last_heartbeat_at__lt=Now() - timedelta(seconds=timeout)).order_by("pk"))
+
+
+def _mass_silence(silent: list[Node]) -> bool:
+    """More than ``lost_guard_fraction`` of the monitored servers (and at least two) silent
+    at once: the likelier cause is the control plane or the network, not the servers."""
+    if len(silent) < 2:
+        return False
+    monitored = Node.objects.filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING),
+                                    last_heartbeat_at__isnull=False).count()
+    if len(silent) <= settings.SCHEDULER.lost_guard_fraction * monitored:
+        return False
+    raise_alert(Alert.Kind.MASS_SILENCE,
+                f"{len(silent)} of {monitored} servers silent at once: treated as a control-plane or network "
+                f"fault, no server declared lost (scheduler.lost_guard_fraction "
+                f"{settings.SCHEDULER.lost_guard_fraction})")
+    return True
+
+
+_guard_state: int | None = None
+
+
+def _note_guard(held_back: int | None) -> None:
+    """Log once per change of the mass-silence guard, not once per sweep."""
+    global _guard_state
+    if held_back == _guard_state:
+        return
+    if held_back is not None:
+        log.warning("%d servers silent at once: a control-plane or network fault; declaring no server lost",
+                    held_back)
+    elif _guard_state is not None:
+        log.info("mass silence over: servers are judged one by one again")
+    _guard_state = held_back
 
 
 def _db_now():

@@ -4,9 +4,11 @@ processes with simulated GPUs, for the agent's end-to-end tests."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +33,12 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     wait_for(up, timeout, f"port {port}")
 
 
-def start_portal(tmp: Path, *, heartbeat_interval_s: int = 1,
-                 heartbeat_timeout_s: int = 3) -> tuple[str, subprocess.Popen]:
+def start_portal(tmp: Path, *, heartbeat_interval_s: int = 1, heartbeat_timeout_s: int = 3,
+                 port: int | None = None, extra_config: str = "") -> tuple[str, subprocess.Popen]:
     config = tmp / "portal.yaml"
     config.write_text(f"scheduler:\n  heartbeat_interval_s: {heartbeat_interval_s}\n"
-                      f"  heartbeat_timeout_s: {heartbeat_timeout_s}\n")
-    port = free_port()
+                      f"  heartbeat_timeout_s: {heartbeat_timeout_s}\n{extra_config}")
+    port = port or free_port()
     log = open(tmp / f"daphne-{port}.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
@@ -63,17 +65,28 @@ class Agents:
     tmp: Path
     join_token_file: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
+    # Tasks run as unprivileged accounts, which cannot enter pytest's 0700 tmp dirs: their
+    # working directories live under /tmp (agents started as root map tasks to accounts).
+    work_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="iso-agent-work-")))
 
-    def start(self, name: str, portals: list[str], *extra: str, gpus: str = "8xH100-80GB") -> subprocess.Popen:
+    def work_dir(self, task: Task) -> Path:
+        return self.work_root / f"{task.pk}-{task.attempt}"
+
+    def start(self, name: str, portals: list[str], *extra: str, gpus: str = "8xH100-80GB",
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         state = self.tmp / "agents" / name
+        # Each host holds its own copy of the join token, which its agent removes once spent.
+        own_token = self.tmp / f"join-token-{name}"
+        if not own_token.exists() and not (state / "node_token").exists():
+            shutil.copyfile(self.join_token_file, own_token)
         log = open(self.tmp / f"agent-{name}.log", "ab")  # noqa: SIM115
         argv = [sys.executable, str(ROOT / "tests" / "agent_guard.py"), "--name", name, "--state-dir", str(state),
-                "--simulate", gpus, "--join-token-file", str(self.join_token_file), "--grace-period", "2",
-                "--kill-tasks-on-exit", *extra]
+                "--simulate", gpus, "--join-token-file", str(own_token), "--grace-period", "2",
+                "--kill-tasks-on-exit", "--work-root", str(self.work_root), *extra]
         for url in portals:
             argv += ["--portal", url]
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
-        proc = subprocess.Popen(argv, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=log,
+        base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**base, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -84,6 +97,7 @@ class Agents:
     def stop_all(self) -> None:
         for proc in self.procs:
             stop(proc)
+        shutil.rmtree(self.work_root, ignore_errors=True)
 
 
 def server_ready(name: str, gpus: int = 8) -> Node:

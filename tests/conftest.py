@@ -140,7 +140,7 @@ def channel_layer_on_test_db(settings, django_db_setup):
     subprocesses (daphne) running on it."""
     layers = {name: {**conf, "CONFIG": dict(conf.get("CONFIG", {}))} for name, conf in _REAL_CHANNEL_LAYERS.items()}
     for conf in layers.values():
-        if conf["BACKEND"].startswith("channels_postgres"):
+        if conf["BACKEND"].endswith("PostgresChannelLayer"):
             conf["CONFIG"]["NAME"] = connection.settings_dict["NAME"]
     settings.CHANNEL_LAYERS = layers
     reset_channel_layer()

@@ -123,7 +123,8 @@ def test_a_gpu_reporting_ecc_or_xid_errors_is_cordoned_with_an_alert(enrolled):
     assert gpus[2].cordoned and "Xid" in gpus[2].cordon_reason
     assert Alert.objects.filter(kind=Alert.Kind.GPU_ERROR, node=node).count() == 2
     # The same count again is not a new error: no second alert.
-    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(1, "GPU-s-1", ecc_errors=3)]}, format="json")
+    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0"), gpu_report(1, "GPU-s-1", ecc_errors=3),
+                                              gpu_report(2, "GPU-s-2")]}, format="json")
     assert Alert.objects.filter(kind=Alert.Kind.GPU_ERROR, node=node).count() == 2
 
 

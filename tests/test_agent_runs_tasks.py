@@ -57,7 +57,7 @@ def finished(task: Task, timeout: float = 20) -> Task:
 def test_a_task_sees_exactly_its_allocated_gpus_and_concurrent_tasks_never_share_one(agents, portal, acme):
     agents.start("sim-01", [portal])
     node = server_ready("sim-01")
-    show = f"{PY} -c \"import os, time; print('GPUS=' + os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(2)\""
+    show = "echo GPUS=$CUDA_VISIBLE_DEVICES; sleep 2"
     first = assign(node, acme, show, [1, 2])
     second = assign(node, acme, show, [5])
     # Both run at once, each on its own GPUs: the simulated GPUs see their processes.
@@ -110,15 +110,14 @@ def test_a_cuda_out_of_memory_is_reported_and_follows_the_oom_rule(agents, porta
 def test_an_agent_restarted_while_a_task_runs_reattaches_and_reports_it(agents, portal, acme, tmp_path):
     proc = agents.start("sim-01", [portal])
     node = server_ready("sim-01")
-    flag = tmp_path / "go"
-    task = assign(node, acme, f"echo waiting; while [ ! -e {flag} ]; do sleep 0.05; done; echo done", [6])
+    task = assign(node, acme, "echo waiting; while [ ! -e go ]; do sleep 0.05; done; echo done", [6])
     wait_for(lambda: Task.objects.get(pk=task.pk).status == "running", 10, "the task to start")
     os.kill(proc.pid, signal.SIGKILL)  # the agent dies; its task keeps running
     proc.wait(5)
     assert task_processes(task.pk, "sim-01")
     agents.start("sim-01", [portal])
     wait_for(lambda: "reattached" in agents.log("sim-01"), 10, "the restarted agent to reattach")
-    flag.touch()
+    (agents.work_dir(task) / "go").touch()
     finished(task)
     assert task.status == "succeeded"
     assert task_log(task) == "waiting\ndone\n"

@@ -93,3 +93,27 @@ def test_devrun_serves_the_admin_and_prints_the_admin_password_once():
         assert Node.objects.count() == 2
     finally:
         assert _stop(proc) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nothing_devrun_started_outlives_it_even_when_it_is_killed_outright():
+    """`make run` stopped hard (SIGKILL, before it can stop its children): the kernel tells
+    every child to stop (PR_SET_PDEATHSIG), and the q cluster takes its workers with it."""
+    import psutil
+
+    from tests.conftest import wait_for
+
+    proc, _ = _run_until_ready(free_port())
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in descendants)
+        assert "qcluster" in names and "runscheduler" in names and "daphne" in names
+        assert len(descendants) > 4  # the q cluster's own worker processes too
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+    def all_gone() -> bool:
+        return not [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_for(all_gone, 30, "every process devrun started to stop")

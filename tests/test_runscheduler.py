@@ -138,7 +138,8 @@ def test_sigterm_lets_the_pass_in_progress_finish_before_exiting(acme, servers, 
             holder.execute("SELECT id FROM scheduling_schedulerlock WHERE name = 'scheduler' FOR UPDATE")
             task = submit(acme)
             wait_for(lambda: holder.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+                "SELECT 1 FROM pg_stat_activity WHERE split_part(application_name, ' ', 1) = %s "
+                "AND wait_event_type = 'Lock'",
                 [sched.app_name]).fetchone(), 15, "the scheduler's pass to wait for the lock")
             sched.proc.send_signal(signal.SIGTERM)
             holder.rollback()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from django.utils import timezone
 
 from nodes.models import NodeStatus
@@ -11,6 +12,20 @@ from portal.models import Alert
 from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, Task
 from scheduling.sweep import SWEEP_SCHEDULE_NAME, sweep
+
+
+@pytest.fixture(autouse=True)
+def _portal_listening(db):
+    """These tests judge servers on their own silence: the portal has been listening for an hour."""
+    listening_for(3600)
+
+
+def listening_for(seconds: float, last_heard_ago: float = 0) -> None:
+    from portal.models import Hearing
+
+    now = timezone.now()
+    Hearing.objects.update_or_create(pk=1, defaults={"listening_since": now - timedelta(seconds=seconds),
+                                                     "last_heard_at": now - timedelta(seconds=last_heard_ago)})
 
 
 def holding(tenant, node, status=TaskStatus.RUNNING, gpu_index: int = 0, **fields) -> Task:

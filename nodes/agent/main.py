@@ -6,6 +6,12 @@ Three loops share one asyncio event loop:
   long poll while it is down; every snapshot is reconciled by the runner;
 - supervise: reap exits, enforce timeouts and kill grace periods, ship log
   increments, and send start/finish reports until the portal acknowledges them.
+
+At most one copy of a task runs: every heartbeat answer carries the etag of the
+tasks the portal assigns here, and a mismatch fetches the list at once, so a copy
+the portal requeued elsewhere is killed as soon as this agent is heard from. An
+agent cut off from every portal URL for longer than its lease (``agent_lease_s``,
+well above the portal's server-lost timeout) stops its tasks by itself.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.agent import __version__
+from nodes.agent.accounts import AccountPolicy
 from nodes.agent.gpus import GPUReader, NoDriver, SpecError, load_nvml
 from nodes.agent.portal import PortalClient, PortalUnreachable
 from nodes.agent.runner import LocalTask, Runner
@@ -31,6 +38,8 @@ from nodes.agent.runner import LocalTask, Runner
 log = logging.getLogger("gpu-agent")
 
 LONG_POLL_S = 20
+# Until a portal says otherwise (scheduler.agent_lease_s in every heartbeat answer).
+DEFAULT_LEASE_S = 900.0
 
 
 class Fatal(Exception):
@@ -56,14 +65,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="remove finished tasks' logs after this many hours (default 24)")
     p.add_argument("--kill-tasks-on-exit", action="store_true",
                    help="stop running tasks when the agent stops (default: leave them; a restart reattaches)")
+    p.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                   help="stop all tasks after this long without a successful heartbeat to any portal "
+                        "(default: what the portal says, 900 s before the first answer)")
     p.add_argument("--log-level", default="INFO")
+    iso = p.add_argument_group("task accounts (see the README's security model)")
+    iso.add_argument("--work-root", default=os.environ.get("GPU_AGENT_WORK_ROOT", "/var/lib/gpu-agent-tasks"),
+                     help="tasks' own working directories, outside the state dir (default /var/lib/gpu-agent-tasks)")
+    iso.add_argument("--no-user-accounts", dest="map_users", action="store_false",
+                     help="do not run tasks as the account named like the submitting portal user")
+    iso.add_argument("--tenant-account", default="gpu-{tenant}", metavar="FORMAT",
+                     help="per-tenant account name, {tenant} is the tenant's slug (default gpu-{tenant}; '' off)")
+    iso.add_argument("--fallback-account", default="nobody", metavar="NAME",
+                     help="account for tasks no other rule maps (default nobody; '' refuses such tasks)")
+    iso.add_argument("--min-task-uid", type=int, default=1000,
+                     help="user and tenant accounts below this uid are never used (default 1000)")
+    iso.add_argument("--single-user-host", action="store_true",
+                     help="for an agent that is not root on a host serving only its account: tasks run as that "
+                          "account (without it such an agent refuses to start)")
     args = p.parse_args(argv)
+    try:
+        args.tenant_account.format(tenant="t")
+    except (KeyError, IndexError, ValueError):
+        p.error(f"--tenant-account {args.tenant_account!r}: the only placeholder is {{tenant}}")
     args.portal = [u.strip() for value in args.portal for u in value.split(",") if u.strip()]
     for url in args.portal:
         if not url.startswith(("http://", "https://")):
             p.error(f"--portal {url!r}: must start with http:// or https://")
     if args.heartbeat_interval is not None and args.heartbeat_interval <= 0:
         p.error("--heartbeat-interval must be positive")
+    if args.lease is not None and args.lease <= 0:
+        p.error("--lease must be positive")
     return args
 
 
@@ -79,8 +111,14 @@ class Agent:
         self.wake_supervisor = asyncio.Event()
         self.fetch_now = asyncio.Event()
         self.interval = args.heartbeat_interval or 10.0
+        self.accounts = AccountPolicy(map_users=args.map_users, tenant_format=args.tenant_account,
+                                      fallback=args.fallback_account, min_uid=args.min_task_uid,
+                                      single_user_host=args.single_user_host)
         self.etag = ""
         self.ws_connected = False
+        self.lease_s = args.lease or DEFAULT_LEASE_S
+        self.last_heard = time.monotonic()  # last heartbeat a portal accepted (start counts)
+        self.fenced = False
 
     # --- enrolment -----------------------------------------------------------------
     @property
@@ -131,11 +169,25 @@ class Agent:
                 self.portal.token, self.name = body["node_token"], body["name"]
                 self.save_token(self.portal.token, self.name)
                 log.info("enrolled as server %s (id %s)", self.name, body["node_id"])
+                self.consume_join_token()
                 return
             if response.status_code == 429:
                 await self.sleep(5)
                 continue
             raise Fatal(f"registration refused (HTTP {response.status_code}): {self._detail(response)}")
+
+    def consume_join_token(self) -> None:
+        """The join token has done its one job: it leaves the host, so nothing running
+        here (a task included) can enrol a server with it again."""
+        if self.args.join_token_file:
+            try:
+                os.unlink(self.args.join_token_file)
+                log.info("removed the spent join token file %s", self.args.join_token_file)
+            except OSError as exc:
+                log.warning("could not remove the join token file %s: %s; remove it by hand",
+                            self.args.join_token_file, exc.strerror)
+        self.args.join_token_file = self.args.join_token = None
+        os.environ.pop("GPU_AGENT_JOIN_TOKEN", None)
 
     async def token_rejected(self) -> None:
         log.warning("the portal rejected the node token")
@@ -163,7 +215,21 @@ class Agent:
                 await self.heartbeat()
             except PortalUnreachable as exc:
                 log.warning("heartbeat: no portal answered (%s)", exc)
+            self.check_lease()
             await self.sleep(max(self.interval - (time.monotonic() - started), 0.05))
+
+    def check_lease(self) -> None:
+        """Cut off from every portal for longer than the lease: the portal has declared
+        this server lost long ago and may run its tasks elsewhere, so stop them."""
+        silent = time.monotonic() - self.last_heard
+        if silent <= self.lease_s or self.fenced or self.runner is None:
+            return
+        self.fenced = True
+        stopped = self.runner.fence(f"the agent on {self.name} heard no portal for {silent:.0f} s "
+                                    f"(lease {self.lease_s:.0f} s)")
+        log.error("no portal accepted a heartbeat for %.0f s (lease %.0f s): stopping %d task(s)", silent,
+                  self.lease_s, len(stopped))
+        self.wake_supervisor.set()
 
     async def heartbeat(self) -> None:
         gpus = self.gpus.sample()
@@ -176,6 +242,12 @@ class Agent:
             log.error("heartbeat refused (HTTP %s): %s", response.status_code, self._detail(response))
             return
         answer = response.json()
+        self.last_heard = time.monotonic()
+        if self.fenced:
+            log.info("a portal accepts heartbeats again: the lease is renewed")
+            self.fenced = False
+        if self.args.lease is None and answer.get("agent_lease_s"):
+            self.lease_s = float(answer["agent_lease_s"])
         if self.args.heartbeat_interval is None:
             self.interval = float(answer["heartbeat_interval_s"])
         if answer.get("cordoned"):
@@ -315,20 +387,32 @@ class Agent:
             self.runner.save(task)
 
     # --- main --------------------------------------------------------------------------
+    def prepare_host(self) -> None:
+        """Refuse what would let a task reach the agent's credentials; lock the state dir."""
+        refusal = self.accounts.check_agent(os.geteuid())
+        if refusal:
+            raise Fatal(refusal)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # node token, task env and logs: the agent's alone
+        work_root = Path(self.args.work_root).resolve()
+        if work_root.is_relative_to(self.state_dir.resolve()):
+            raise Fatal(f"--work-root {self.args.work_root} must lie outside the state dir {self.state_dir}")
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        self.prepare_host()
         try:
             self.gpus.open()
         except NoDriver as exc:
             raise Fatal(f"{exc} (use --simulate 8xH100-80GB to run without GPUs)") from None
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         if not self.load_token():
             await self.enrol()
         log.info("server %s: %d GPU(s), driver %s, portals %s", self.name, len(self.gpus.handles),
                  self.gpus.driver_version or "?", ", ".join(self.portal.urls))
-        self.runner = Runner(self.state_dir, server_name=self.name, grace_s=self.args.grace_period)
+        self.runner = Runner(self.state_dir, server_name=self.name, grace_s=self.args.grace_period,
+                             work_root=Path(self.args.work_root), accounts=self.accounts)
         self.runner.load()
         loops = [asyncio.create_task(c) for c in
                  (self.heartbeat_loop(), self.watch_loop(), self.fetch_loop(), self.supervise_loop())]

@@ -1,12 +1,19 @@
 """Runs tasks on the host: one process group per task, no containers.
 
-Each task gets a directory under ``<state dir>/tasks/<id>-<attempt>/`` holding
-``meta.json`` (what was started, when, which pid, what was reported), the
-combined stdout/stderr in ``output.log`` and, once the command ends, its exit
-code in ``exit_code`` (written by a tiny ``sh`` wrapper, so it survives an agent
-restart). The directory is written *before* the process is spawned: a task key
-(id, attempt) that has a directory is never started again, which is what makes
-a repeated or replayed assignment harmless.
+Each task runs as its mapped Unix account (``accounts.AccountPolicy``), never as
+the agent, with ``no_new_privs`` set and an environment made of its own ``env``
+plus the portal's variables: nothing of the agent's leaks into it.
+
+The agent keeps, under ``<state dir>/tasks/<id>-<attempt>/`` (the state dir is
+0700, the agent's alone), ``meta.json`` (what was started, when, which pid, what
+was reported) and the combined stdout/stderr in ``output.log`` (the task writes
+it through the descriptor it inherits, never by path). The task itself gets a
+working directory ``<work root>/<id>-<attempt>/``, owned by its account and 0700,
+outside the state dir; a tiny ``sh`` wrapper running as the task's account
+writes the command's exit code there (``.exit_code``), so it survives an agent
+restart. The state directory is written *before* the process is spawned: a task
+key (id, attempt) that has a directory is never started again, which is what
+makes a repeated or replayed assignment harmless.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,11 +33,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nodes.agent.accounts import Account, AccountError, AccountPolicy, base_environment, set_no_new_privs
+
 log = logging.getLogger("gpu-agent.runner")
 
-# sh -c WRAPPER gpu-task <command> <exit file>: runs the command in a child shell and
-# records its exit status where a restarted agent can still read it.
-WRAPPER = 'sh -c "$1"; code=$?; echo "$code" > "$2.tmp" && mv "$2.tmp" "$2"; exit "$code"'
+# sh -c WRAPPER gpu-task <command> <exit file> <working dir>, as the task's account: enters
+# the working directory with that account's rights (Popen's cwd= would enter it as root),
+# runs the command in a child shell and records its exit status where a restarted agent
+# can still read it.
+WRAPPER = ('if cd -- "$3"; then sh -c "$1"; code=$?; else code=127; fi; '
+           'echo "$code" > "$2.tmp" && mv -f -- "$2.tmp" "$2"; exit "$code"')
+EXIT_FILE = ".exit_code"
 
 OOM_PATTERNS = re.compile(
     rb"CUDA out of memory|CUDA error: out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|"
@@ -50,6 +64,9 @@ class LocalTask:
     tenant: str
     gpu_indices: list[int]
     as_of: str  # portal time of the snapshot that started it
+    user: str = ""  # the submitting portal user, for the account mapping
+    account: str = ""  # the Unix account it runs as
+    work_dir: str = ""  # <work root>/<id>-<attempt>, owned by that account
     pid: int | None = None
     proc_start: str = ""  # /proc/<pid>/stat start time: tells our pid from a reused one
     started_at: float = 0.0  # agent wall clock, only for this task's own timeout and duration
@@ -59,6 +76,7 @@ class LocalTask:
     oom: bool = False
     timed_out: bool = False
     removed: bool = False  # the portal no longer wants it (cancelled, timed out, requeued)
+    fenced: bool = False  # stopped because the agent's lease ran out: its copy may run elsewhere
     lost: bool = False
     reason: str = ""
     kill_sent_at: float = 0.0
@@ -95,9 +113,15 @@ def _group_alive(pgid: int) -> bool:
 
 
 class Runner:
-    def __init__(self, state_dir: Path, *, server_name: str, grace_s: float) -> None:
+    def __init__(self, state_dir: Path, *, server_name: str, grace_s: float, work_root: Path,
+                 accounts: AccountPolicy) -> None:
         self.root = state_dir / "tasks"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Task users may enter their own directory under it, but not list the others.
+        self.work_root = work_root
+        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chmod(self.work_root, 0o711)  # noqa: S103 - traverse only: no one lists the others
+        self.accounts = accounts
         self.server_name = server_name
         self.grace_s = grace_s
         self.tasks: dict[tuple[int, int], LocalTask] = {}
@@ -107,6 +131,9 @@ class Runner:
     # --- persistence ---------------------------------------------------------------
     def dir_of(self, task: LocalTask) -> Path:
         return self.root / f"{task.id}-{task.attempt}"
+
+    def work_dir_of(self, task: LocalTask) -> Path:
+        return self.work_root / f"{task.id}-{task.attempt}"
 
     def log_path(self, task: LocalTask) -> Path:
         return self.dir_of(task) / "output.log"
@@ -146,10 +173,21 @@ class Runner:
             task.oom = self._saw_oom(task)
 
     def _read_exit_file(self, task: LocalTask) -> int | None:
+        # The file lies in a directory the task's account owns: never follow a link it
+        # made there, never block on a FIFO, read no more than an exit code needs.
+        path = Path(task.work_dir) / EXIT_FILE if task.work_dir else self.dir_of(task) / "exit_code"
         try:
-            return int((self.dir_of(task) / "exit_code").read_text().strip())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return int(os.read(fd, 32).decode("ascii").strip())
         except (OSError, ValueError):
             return None
+        finally:
+            os.close(fd)
 
     def _saw_oom(self, task: LocalTask) -> bool:
         tail = b""
@@ -197,8 +235,11 @@ class Runner:
         return started
 
     # --- processes -----------------------------------------------------------------
-    def environment(self, task: LocalTask) -> dict[str, str]:
-        env = {**os.environ, **{str(k): str(v) for k, v in task.env.items()}}
+    def environment(self, task: LocalTask, account: Account) -> dict[str, str]:
+        """The task's own env over a minimal base; the portal's variables win. Nothing
+        comes from the agent's environment."""
+        env = base_environment(account, task.work_dir)
+        env.update({str(k): str(v) for k, v in task.env.items()})
         env.update({
             # NVML numbers GPUs in PCI bus order; CUDA must use the same order.
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
@@ -215,32 +256,44 @@ class Runner:
         task = LocalTask(id=spec["id"], attempt=spec["attempt"], name=spec["name"], command=spec["command"],
                          env=spec.get("env") or {}, working_dir=spec.get("working_dir") or "",
                          timeout_s=spec["timeout_s"], tenant=spec["tenant"], gpu_indices=spec["gpu_indices"],
-                         as_of=as_of)
+                         as_of=as_of, user=spec.get("user") or "")
         directory = self.dir_of(task)
-        directory.mkdir(parents=True, exist_ok=False)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=False)
         self.tasks[task.key] = task
         self.save(task)  # before the spawn: never started twice, even across a crash
-        cwd = task.working_dir or str(directory)
         task.started_at = time.time()
         try:
+            account = self.accounts.resolve(task.user, task.tenant)
+            task.account, task.work_dir = account.name, str(self.work_dir_of(task))
+            self._make_work_dir(task, account)
+            switch = {"user": account.uid, "group": account.gid, "extra_groups": list(account.groups)} \
+                if self.accounts.switches_accounts else {}
             with open(self.log_path(task), "ab") as out:
                 proc = subprocess.Popen(
-                    ["/bin/sh", "-c", WRAPPER, "gpu-task", task.command, str(directory / "exit_code")],
-                    cwd=cwd, env=self.environment(task), stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True,
+                    ["/bin/sh", "-c", WRAPPER, "gpu-task", task.command, str(Path(task.work_dir) / EXIT_FILE),
+                     task.working_dir or task.work_dir],
+                    cwd="/", env=self.environment(task, account), stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=set_no_new_privs, **switch,
                 )
-        except OSError as exc:
+        except (OSError, AccountError, subprocess.SubprocessError) as exc:
             task.state, task.exit_code, task.ended_at = "exited", 127, time.time()
-            task.reason = f"could not start: {exc.strerror or exc} (working dir {cwd!r})"
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            task.reason = f"could not start: {detail}"
             log.warning("task %s: %s", task.id, task.reason)
             self.save(task)
             return task
         self.children[task.key] = proc
         task.pid, task.proc_start, task.state = proc.pid, _proc_start(proc.pid), "running"
         self.save(task)
-        log.info("task %s attempt %s: started pid %s on GPUs %s", task.id, task.attempt, proc.pid,
-                 task.env.get("CUDA_VISIBLE_DEVICES") or task.gpu_indices)
+        log.info("task %s attempt %s: started pid %s as %s on GPUs %s", task.id, task.attempt, proc.pid,
+                 task.account, task.gpu_indices)
         return task
+
+    def _make_work_dir(self, task: LocalTask, account: Account) -> None:
+        path = Path(task.work_dir)
+        path.mkdir(mode=0o700)
+        if self.accounts.switches_accounts:
+            os.chown(path, account.uid, account.gid)
 
     def kill(self, task: LocalTask, reason: str) -> None:
         if task.state != "running" or task.kill_sent_at:
@@ -282,7 +335,9 @@ class Runner:
             self._signal(task, signal.SIGKILL)
             file_code = self._read_exit_file(task)
             task.exit_code = file_code if file_code is not None else code
-            if task.exit_code is None:
+            if task.fenced:
+                task.lost = True  # not the task's fault: reported as lost, so it is retried
+            elif task.exit_code is None:
                 task.lost = not (task.removed or task.timed_out)
                 task.reason = task.reason or "the task's process ended without an exit status"
             task.state, task.ended_at = "exited", time.time()
@@ -292,6 +347,18 @@ class Runner:
                      task.ended_at - task.started_at, " (OOM)" if task.oom else "")
             ended.append(task)
         return ended
+
+    def fence(self, reason: str) -> list[LocalTask]:
+        """Stop every running task: the portal may have given them to another server.
+        Returns the tasks told to stop (SIGTERM now, SIGKILL after the grace period)."""
+        fenced = []
+        for task in self.tasks.values():
+            if task.state == "running" and not task.removed and not task.fenced:
+                task.fenced = True
+                task.reason = reason
+                self.kill(task, reason)
+                fenced.append(task)
+        return fenced
 
     def group_alive(self, task: LocalTask) -> bool:
         return bool(task.pid) and _group_alive(task.pid)
@@ -336,4 +403,6 @@ class Runner:
         for key, task in list(self.tasks.items()):
             if task.done and task.ended_at and now - task.ended_at > keep_s:
                 shutil.rmtree(self.dir_of(task), ignore_errors=True)
+                if task.work_dir:  # rmtree never follows the links a task may have left there
+                    shutil.rmtree(task.work_dir, ignore_errors=True)
                 self.tasks.pop(key)

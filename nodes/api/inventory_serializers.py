@@ -20,6 +20,13 @@ class GPUSerializer(serializers.ModelSerializer):
     def get_state(self, gpu: GPU) -> str:
         return inventory.gpu_state(gpu)
 
+    def to_representation(self, gpu: GPU) -> dict:
+        data = super().to_representation(gpu)
+        visible = self.context.get("visible_models")  # None: staff, who see every model
+        if visible is not None:
+            data["loaded_models"] = {k: v for k, v in (data["loaded_models"] or {}).items() if k in visible}
+        return data
+
 
 class ServerGPUSerializer(GPUSerializer):
     class Meta(GPUSerializer.Meta):

@@ -3,20 +3,29 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import viewsets
 from rest_framework.exceptions import ValidationError
 
 from nodes import inventory
 from nodes.api.inventory_serializers import GPUSerializer, ServerSerializer
 from nodes.models import NodeStatus
+from scheduling.access import model_names_for
 
 
-@extend_schema(parameters=[
+class HidesOtherTenantsModels:
+    """GPUs list only the cached models the caller's tenants use (staff: all)."""
+
+    def get_serializer_context(self):
+        return {**super().get_serializer_context(), "visible_models": model_names_for(self.request.user)}
+
+
+@extend_schema_view(list=extend_schema(parameters=[
     OpenApiParameter("server", str, description="only this server's GPUs"),
-    OpenApiParameter("state", str, description=f"one of {', '.join(inventory.GPU_STATES)}"),
-])
-class GPUViewSet(viewsets.ReadOnlyModelViewSet):
+    OpenApiParameter("state", str, enum=list(inventory.GPU_STATES),
+                     description=f"one of {', '.join(inventory.GPU_STATES)}"),
+]))
+class GPUViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
     serializer_class = GPUSerializer
     pagination_class = None
 
@@ -36,8 +45,10 @@ class GPUViewSet(viewsets.ReadOnlyModelViewSet):
         return [g for g in queryset if inventory.gpu_state(g) == state]
 
 
-@extend_schema(parameters=[OpenApiParameter("status", str, description="active, draining, maintenance, offline")])
-class ServerViewSet(viewsets.ReadOnlyModelViewSet):
+@extend_schema_view(list=extend_schema(parameters=[
+    OpenApiParameter("status", str, enum=list(NodeStatus.values),
+                     description="active, draining, maintenance, offline")]))
+class ServerViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
     serializer_class = ServerSerializer
     pagination_class = None
 

@@ -6,6 +6,14 @@ from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 MAX_GPUS_PER_SERVER = 64
+# Physical bounds of what a GPU can report (and what the columns hold): anything
+# outside them is a broken or forged report, refused whole, never stored.
+MAX_MEMORY_MB = 10_000_000  # 10 TB
+MAX_TEMPERATURE_C = 150  # GPUs shut down near 100 C
+MAX_POWER_W = 5_000
+MAX_PID = 4_194_304  # Linux pid_max limit
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 MAX_LOG_CHUNK_CHARS = 65_536
 MAX_LOG_CHUNKS_PER_REQUEST = 64
 
@@ -21,25 +29,37 @@ class RegisterSerializer(serializers.Serializer):
 
 
 class ProcessSerializer(serializers.Serializer):
-    pid = serializers.IntegerField(min_value=0)
-    used_memory_mb = serializers.IntegerField(min_value=0, required=False, allow_null=True, default=None)
+    pid = serializers.IntegerField(min_value=0, max_value=MAX_PID)
+    used_memory_mb = serializers.IntegerField(min_value=0, max_value=MAX_MEMORY_MB, required=False,
+                                              allow_null=True, default=None)
 
 
 class GPUReportSerializer(serializers.Serializer):
     index = serializers.IntegerField(min_value=0, max_value=MAX_GPUS_PER_SERVER - 1)
     uuid = serializers.CharField(max_length=64)
     name = serializers.CharField(max_length=100)
-    memory_total_mb = serializers.IntegerField(min_value=1, max_value=10_000_000)
-    memory_used_mb = serializers.IntegerField(min_value=0, max_value=10_000_000)
+    memory_total_mb = serializers.IntegerField(min_value=1, max_value=MAX_MEMORY_MB)
+    memory_used_mb = serializers.IntegerField(min_value=0, max_value=MAX_MEMORY_MB)
     utilization_pct = serializers.IntegerField(min_value=0, max_value=100)
-    temperature_c = serializers.IntegerField(min_value=0, max_value=200)
-    power_w = serializers.IntegerField(min_value=0, max_value=100_000)
-    ecc_errors = serializers.IntegerField(min_value=0, required=False, default=0)
-    retired_pages = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False, default=0)
+    temperature_c = serializers.IntegerField(min_value=0, max_value=MAX_TEMPERATURE_C)
+    power_w = serializers.IntegerField(min_value=0, max_value=MAX_POWER_W)
+    ecc_errors = serializers.IntegerField(min_value=0, max_value=INT64_MAX, required=False, default=0)
+    retired_pages = serializers.IntegerField(min_value=0, max_value=INT32_MAX, required=False, default=0)
     retired_pages_pending = serializers.BooleanField(required=False, default=False)
-    xid_errors = serializers.ListField(child=serializers.IntegerField(min_value=0), max_length=64,
-                                       required=False, default=list)
-    processes = ProcessSerializer(many=True, required=False, default=list)
+    xid_errors = serializers.ListField(child=serializers.IntegerField(min_value=0, max_value=INT32_MAX),
+                                       max_length=64, required=False, default=list)
+    processes = ProcessSerializer(many=True, required=False, default=list, max_length=1024)
+
+    def validate(self, gpu: dict) -> dict:
+        if gpu["memory_used_mb"] > gpu["memory_total_mb"]:
+            raise serializers.ValidationError(
+                {"memory_used_mb": [f"{gpu['memory_used_mb']} MB used is more than the {gpu['memory_total_mb']} "
+                                    "MB the GPU has"]})
+        used_by_processes = sum(p["used_memory_mb"] or 0 for p in gpu["processes"])
+        if used_by_processes > gpu["memory_total_mb"]:
+            raise serializers.ValidationError(
+                {"processes": [f"processes use {used_by_processes} MB, more than the GPU has"]})
+        return gpu
 
 
 class HeartbeatSerializer(serializers.Serializer):
@@ -65,7 +85,7 @@ class HeartbeatSerializer(serializers.Serializer):
 
 class TaskEventSerializer(serializers.Serializer):
     event = serializers.ChoiceField(choices=["started", "finished"])
-    attempt = serializers.IntegerField(min_value=0)
+    attempt = serializers.IntegerField(min_value=0, max_value=INT32_MAX)
     exit_code = serializers.IntegerField(required=False, allow_null=True, default=None,
                                          min_value=-(2**31), max_value=2**31 - 1)
     oom = serializers.BooleanField(required=False, default=False)
@@ -76,8 +96,8 @@ class TaskEventSerializer(serializers.Serializer):
 
 
 class LogChunkSerializer(serializers.Serializer):
-    attempt = serializers.IntegerField(min_value=0)
-    offset = serializers.IntegerField(min_value=0)
+    attempt = serializers.IntegerField(min_value=0, max_value=INT32_MAX)
+    offset = serializers.IntegerField(min_value=0, max_value=INT64_MAX - 4 * MAX_LOG_CHUNK_CHARS)
     data = serializers.CharField(max_length=MAX_LOG_CHUNK_CHARS, trim_whitespace=False)
 
 

@@ -24,13 +24,16 @@ from nodes.api.serializers import (
     TaskEventSerializer,
 )
 from nodes.enrolment import EnrolmentError, redeem
+from portal.alerts import raise_alert
+from portal.models import Alert
 from scheduling import lifecycle
 from scheduling.models import Task, TaskLogChunk
 
 
 def _timings() -> dict[str, int]:
     return {"heartbeat_interval_s": settings.SCHEDULER.heartbeat_interval_s,
-            "heartbeat_timeout_s": settings.SCHEDULER.heartbeat_timeout_s}
+            "heartbeat_timeout_s": settings.SCHEDULER.heartbeat_timeout_s,
+            "agent_lease_s": settings.SCHEDULER.agent_lease_s}
 
 
 class AgentView(APIView):
@@ -68,16 +71,25 @@ class RegisterView(APIView):
 class HeartbeatView(AgentView):
     def post(self, request: Request) -> Response:
         serializer = HeartbeatSerializer(data=request.data, context={"node": request.auth})
-        serializer.is_valid(raise_exception=True)
+        if not serializer.is_valid():
+            return self.refused(request.auth, serializer.errors)
         try:
             result = heartbeat.ingest(request.auth, serializer.validated_data)
         except heartbeat.HeartbeatRejected as exc:
-            return Response(exc.field_errors, status=status.HTTP_400_BAD_REQUEST)
+            return self.refused(request.auth, exc.field_errors)
         return Response({
             **_timings(),
             "assignments_etag": assignments.current_etag(request.auth.pk),
             "cordoned": result.cordoned,
         })
+
+    @staticmethod
+    def refused(node, errors) -> Response:
+        """A report the portal will not store (impossible values, a contradiction): the
+        operator hears of it, as of a GPU error; one open alert per server."""
+        raise_alert(Alert.Kind.GPU_ERROR, f"heartbeat of {node.name} refused: {str(dict(errors))[:400]}",
+                    node=node.pk)
+        return Response(errors, status=status.HTTP_400_BAD_REQUEST)
 
 
 class TaskEventView(AgentView):

@@ -14,10 +14,12 @@ from rest_framework.views import APIView
 
 from nodes import inventory
 from nodes.models import NodeStatus
-from portal import registry
+from portal import control_plane, registry
 from portal.models import ControlPlaneServer
 from scheduling.choices import Priority, TaskStatus
 from scheduling.models import SchedulerLock, Task
+
+STAFF_ONLY_SERVER_FIELDS = ("hostname", "pid")
 
 
 def cluster_summary() -> dict:
@@ -59,7 +61,16 @@ class ClusterView(APIView):
 
     @extend_schema(responses={200: dict})
     def get(self, request):
-        return Response(cluster_summary())
+        summary = cluster_summary()
+        if request.user.is_staff:
+            # Operators also see who holds the scheduler lock (from pg_locks), every
+            # process's role, last pass and load, and the q cluster's workers.
+            summary["control_plane"] = control_plane.snapshot()
+        else:
+            # Where the control plane runs (hosts, pids) is for operators, not tenants.
+            summary["servers"] = [{k: v for k, v in s.items() if k not in STAFF_ONLY_SERVER_FIELDS}
+                                  for s in summary["servers"]]
+        return Response(summary)
 
 
 class HealthView(APIView):

@@ -9,9 +9,9 @@ from scheduling.models import Task, TaskEvent
 
 class TaskSerializer(serializers.ModelSerializer):
     tenant = serializers.CharField(source="tenant.slug")
-    submitter = serializers.CharField(source="submitter.username", default=None)
+    submitter = serializers.CharField(source="submitter.username", default=None, allow_null=True)
     priority = serializers.CharField(source="get_priority_display")
-    server = serializers.CharField(source="node.name", default=None)
+    server = serializers.CharField(source="node.name", default=None, allow_null=True)
 
     class Meta:
         model = Task

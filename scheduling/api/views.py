@@ -3,10 +3,11 @@ and writes from ``scheduling.submission``, cancels from ``scheduling.lifecycle``
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 from django.db.models import Case, IntegerField, Value, When
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, ValidationError
@@ -25,6 +26,8 @@ from scheduling.api.serializers import (
 )
 from scheduling.choices import Priority, TaskStatus
 
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,19}")
+
 
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
@@ -34,23 +37,32 @@ def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int
     raw = request.query_params.get(name)
     if raw in (None, ""):
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationError({name: ["Must be a whole number."]}) from None
+    if not _WHOLE_NUMBER.fullmatch(raw):  # int() would also take " 1", "1_0" and "١٢"
+        raise ValidationError({name: ["Must be a whole number."]})
+    value = int(raw)
     if not lo <= value <= hi:
         raise ValidationError({name: [f"Must be between {lo} and {hi}."]})
     return value
 
 
-@extend_schema(parameters=[
+def _bool_param(request, name: str) -> bool:
+    raw = request.query_params.get(name, "").lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ValidationError({name: ["Must be true or false."]})
+
+
+# The filters apply to the list only: documented there, not on every action.
+@extend_schema_view(list=extend_schema(parameters=[
     OpenApiParameter("status", str, description="comma-separated states, e.g. pending,running"),
     OpenApiParameter("tenant", str, description="comma-separated tenant slugs"),
     OpenApiParameter("priority", str, description="comma-separated: LOW, NORMAL, HIGH, CRITICAL"),
     OpenApiParameter("mine", bool, description="only tasks I submitted"),
-    OpenApiParameter("ordering", str, description="'-created_at' (default) or 'queue' (running, then pending in "
-                                                  "queue order)"),
-])
+    OpenApiParameter("ordering", str, enum=["-created_at", "queue"],
+                     description="'-created_at' (default) or 'queue' (running, then pending in queue order)"),
+]))
 class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = TaskSerializer
     lookup_value_regex = r"\d+"
@@ -81,7 +93,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                                                     f"{', '.join(Priority.labels)}."]}) from None
         if priorities:
             qs = qs.filter(priority__in=priorities)
-        if params.get("mine", "").lower() in ("1", "true", "yes"):
+        if _bool_param(self.request, "mine"):
             qs = qs.filter(submitter=self.request.user)
         ordering = params.get("ordering", "-created_at")
         if ordering == "queue":
@@ -163,9 +175,12 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("offset", int, description="byte offset to read from (follow with next_offset)"),
-            OpenApiParameter("tail", int, description=f"the last N lines instead (1..{logs.TAIL_MAX_LINES})"),
-            OpenApiParameter("attempt", int, description="which attempt (default: the current one)"),
+            OpenApiParameter("offset", {"type": "integer", "minimum": 0, "maximum": 2**62},
+                             description="byte offset to read from (follow with next_offset)"),
+            OpenApiParameter("tail", {"type": "integer", "minimum": 1, "maximum": logs.TAIL_MAX_LINES},
+                             description=f"the last N lines instead (1..{logs.TAIL_MAX_LINES})"),
+            OpenApiParameter("attempt", {"type": "integer", "minimum": 0, "maximum": 10_000},
+                             description="which attempt (default: the current one)"),
         ],
         responses={200: TaskLogSerializer},
     )

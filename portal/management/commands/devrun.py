@@ -2,14 +2,22 @@
 
 Migrates, makes sure an admin exists (a generated password, printed once),
 seeds the demo data, then starts and supervises the processes: the daphne web
-server, the scheduler (runscheduler), the django-q2 cluster (later: simulated GPU agents). Ctrl-C or
+server, the scheduler (runscheduler), the django-q2 cluster and the simulated GPU agents. Ctrl-C or
 SIGTERM stops them all, and the embedded PostgreSQL if this run started it.
+
+The children stay in this command's process group, and each is told by the kernel
+(``PR_SET_PDEATHSIG``) to stop when this command dies: however ``make run`` is
+stopped (Ctrl-C, SIGTERM to its process group then SIGKILL, or a SIGKILL of this
+process alone), nothing it started (the q cluster's workers included) outlives it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +52,19 @@ def _wait_for_port(host: str, port: int, timeout: float) -> bool:
                 return True
         time.sleep(0.2)
     return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux), even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the shared process group still covers make's stop
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Command(BaseCommand):
@@ -103,12 +124,30 @@ class Command(BaseCommand):
         if getattr(self, "no_seed", False) or not (base / "join-token").exists():
             return []  # --no-seed: no demo servers
         portal = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        return [
-            (name, [python, "-m", "nodes.agent", "--portal", portal, "--name", name, "--simulate", DEMO_GPU_SPEC,
-                    "--state-dir", str(base / name), "--join-token-file", str(base / "join-token"),
-                    "--grace-period", "3", "--kill-tasks-on-exit"])
-            for name in DEMO_SERVERS
-        ]
+        # As root, demo tasks run as mapped accounts (nobody here); a developer's own
+        # account is the host's one user.
+        accounts = ["--single-user-host"] if os.geteuid() != 0 else []
+        from nodes.enrolment import allow_reenrolment
+        from nodes.models import Node
+
+        enrolled = {n.name: n for n in Node.objects.filter(name__in=DEMO_SERVERS, token_prefix__isnull=False)}
+        agents = []
+        for name in DEMO_SERVERS:
+            # Each server holds its own copy of the join token: its agent removes it once spent.
+            # A node token left from an earlier database is dropped; a demo server whose agent
+            # lost its token is allowed to enrol again (what an operator does in the admin).
+            token, saved = base / f"join-token-{name}", base / name / "node_token"
+            if name not in enrolled:
+                saved.unlink(missing_ok=True)
+            elif not saved.exists():
+                allow_reenrolment(enrolled[name])
+            if not saved.exists():
+                shutil.copyfile(base / "join-token", token)
+            agents.append((name, [python, "-m", "nodes.agent", "--portal", portal, "--name", name,
+                                  "--simulate", DEMO_GPU_SPEC, "--state-dir", str(base / name),
+                                  "--work-root", str(base / "task-work"), "--join-token-file", str(token),
+                                  "--grace-period", "3", "--kill-tasks-on-exit", *accounts]))
+        return agents
 
     def _ensure_admin(self) -> None:
         User = get_user_model()
@@ -122,7 +161,10 @@ class Command(BaseCommand):
     def _start(self, name: str, argv: list[str]) -> None:
         env = {**os.environ, "PORTAL_PROCESS_NAME": f"gpu-portal-{name}",
                "SERVE_STATIC": os.environ.get("SERVE_STATIC", "true")}
-        proc = subprocess.Popen(argv, cwd=BASE_DIR, env=env, start_new_session=True)
+        parent = os.getpid()
+        # Same process group (a stop of `make run` reaches every descendant), and
+        # stopped by the kernel should this process die first.
+        proc = subprocess.Popen(argv, cwd=BASE_DIR, env=env, preexec_fn=lambda: _die_with_parent(parent))
         self.children.append((name, proc))
         self.stdout.write(f"started {name} (pid {proc.pid})")
 
@@ -141,12 +183,23 @@ class Command(BaseCommand):
             self.stdout.write("stopping...")
 
     def _stop_all(self) -> None:
+        import psutil
+
         for _, proc in self.children:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.terminate()
         deadline = time.monotonic() + 10
-        for _, proc in self.children:
+        for name, proc in self.children:
             try:
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                # Its whole tree (a q cluster's workers too): they share our process group.
+                self.stdout.write(f"{name} did not stop within 10 s; killing it")
+                try:
+                    tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+                except psutil.NoSuchProcess:
+                    continue
+                for p in tree:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
+                proc.wait(5)

@@ -6,6 +6,9 @@ submitted, finishes or is cancelled (``scheduling.triggers.request_pass``);
 otherwise it wakes every ``poll_interval_ms`` and runs a pass only if tasks are
 waiting, backing off (doubling up to ``--max-idle-pass-interval-s``) while such
 passes place nothing. SIGTERM (or Ctrl-C) lets the current pass finish, then exits 0.
+While the database is unreachable (a restart, a failover, a network cut) every step
+stops: the loop probes it with exponential backoff (``--max-db-backoff-s``), logs
+once when it goes and once when it is back, then runs a pass at once.
 Several runschedulers (and django-q workers) may run at once: their passes
 serialise on the scheduler row lock.
 """
@@ -21,9 +24,10 @@ import time
 import psycopg
 from django.conf import settings
 from django.core.management.base import BaseCommand
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
+from django.utils import timezone
 
-from portal import registry
+from portal import control_plane, registry
 from portal.models import ControlPlaneServer
 from scheduling import triggers
 from scheduling.choices import TaskStatus
@@ -35,6 +39,16 @@ log = logging.getLogger("scheduling.runscheduler")
 
 # Waits are cut into slices this long so SIGTERM is noticed even with a long poll interval.
 _WAIT_SLICE_S = 0.25
+
+
+# Errors that mean "the database is away", not "this pass has a bug".
+_DB_UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+_DB_BACKOFF_FIRST_S = 0.05
+
+
+def next_db_backoff(current_s: float, *, cap_s: float) -> float:
+    """The next wait before probing an unreachable database: doubling, capped."""
+    return min(max(current_s * 2, _DB_BACKOFF_FIRST_S), cap_s)
 
 
 def next_idle_backoff(current_s: float, *, placed: bool, poll_s: float, cap_s: float) -> float:
@@ -55,6 +69,8 @@ class Command(BaseCommand):
         parser.add_argument("--sweep-interval-s", type=float, default=1.0, help="how often to sweep (default 1)")
         parser.add_argument("--max-idle-pass-interval-s", type=float, default=5.0,
                             help="with tasks waiting and no wake-up, retry passes at least this often (default 5)")
+        parser.add_argument("--max-db-backoff-s", type=float, default=2.0,
+                            help="while the database is unreachable, probe it at least this often (default 2)")
 
     def on_signal(self, signum, frame) -> None:
         if not self.stop_requested:
@@ -62,8 +78,11 @@ class Command(BaseCommand):
         self.stop_requested = True
 
     def handle(self, *args, once: bool, poll_interval_ms: int | None, sweep_interval_s: float,
-               max_idle_pass_interval_s: float, **options) -> None:
+               max_idle_pass_interval_s: float, max_db_backoff_s: float, **options) -> None:
         self.stop_requested = False
+        self.db_down_since: float | None = None
+        self.db_backoff_s = 0.0
+        self.max_db_backoff_s = max_db_backoff_s
         self.poll_s = (poll_interval_ms or settings.SCHEDULER.poll_interval_ms) / 1000
         self.sweep_interval_s = sweep_interval_s
         self.name = registry.server_name(ControlPlaneServer.Role.SCHEDULER)
@@ -79,7 +98,9 @@ class Command(BaseCommand):
         # Name our database sessions so operators can tell them apart in pg_stat_activity.
         connection.close()
         options_ = connection.settings_dict.setdefault("OPTIONS", {})
-        options_["application_name"] = os.environ.get("PORTAL_PROCESS_NAME") or "gpu-portal-scheduler"
+        # "<name> host:pid:scheduler": the control-plane view maps the lock holder to this process.
+        options_["application_name"] = control_plane.application_name(
+            os.environ.get("PORTAL_PROCESS_NAME") or "gpu-portal-scheduler", ControlPlaneServer.Role.SCHEDULER)
 
         if once:
             self.sweep_step()
@@ -93,6 +114,10 @@ class Command(BaseCommand):
         next_heartbeat = next_sweep = 0.0
         woken = True  # a first pass at start catches up on anything missed while down
         while not self.stop_requested:
+            if self.db_down_since is not None:
+                # No step can work: probe with backoff; once back, catch up with a pass.
+                woken = self.database_step()
+                continue
             # The pass first: a wake-up is someone waiting for a placement.
             if woken:
                 self.idle_backoff_s, self.next_idle_pass = 0.0, 0.0
@@ -125,32 +150,68 @@ class Command(BaseCommand):
     def pass_step(self) -> bool:
         try:
             result = run_pass(actor="scheduler")
-        except Exception:
+        except Exception as exc:
             # A failed pass rolled back as a whole; the next wake-up or poll retries it.
-            log.exception("scheduler pass failed")
-            connection.close_if_unusable_or_obsolete()
+            self.failed("scheduler pass", exc)
             return False
         self.passes += 1
         self.last_result = result
+        self.last_pass_at = timezone.now().isoformat()
         self.log_pass(result)
         return result.placements > 0
 
     def sweep_step(self) -> bool:
         try:
             result = sweep(actor="sweep")
-        except Exception:
-            log.exception("sweep failed")
-            connection.close_if_unusable_or_obsolete()
+        except Exception as exc:
+            self.failed("sweep", exc)
             return False
         return bool(result)
 
     def heartbeat_step(self) -> bool:
         try:
             registry.heartbeat(ControlPlaneServer.Role.SCHEDULER, info=self.info())
-        except Exception:
-            log.exception("heartbeat failed")
-            connection.close_if_unusable_or_obsolete()
+        except Exception as exc:
+            self.failed("heartbeat", exc)
         return False
+
+    def database_step(self) -> bool:
+        """Wait (backoff, SIGTERM-aware), then probe the database. True when it is back."""
+        self.db_backoff_s = next_db_backoff(self.db_backoff_s, cap_s=self.max_db_backoff_s)
+        self.sleep(self.db_backoff_s)
+        if self.stop_requested:
+            return False
+        try:
+            connection.close()
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except _DB_UNAVAILABLE:
+            connection.close()
+            return False
+        log.info("database reachable again after %.1f s; resuming", time.monotonic() - self.db_down_since)
+        self.db_down_since, self.db_backoff_s = None, 0.0
+        self.close_listener()  # its connection died with the old server: LISTEN again
+        self.listen()
+        return True
+
+    def failed(self, what: str, exc: Exception) -> None:
+        """A step failed: an unreachable database switches to probing (logged once), any
+        other error is logged with its traceback."""
+        connection.close_if_unusable_or_obsolete()
+        if isinstance(exc, _DB_UNAVAILABLE):
+            if self.db_down_since is None:
+                self.db_down_since = time.monotonic()
+                log.warning("database unreachable (%s: %s); retrying with backoff up to %.1f s", what,
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__,
+                            self.max_db_backoff_s)
+            return
+        log.error("%s failed", what, exc_info=exc)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep in slices, so SIGTERM is noticed promptly."""
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested and (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(remaining, _WAIT_SLICE_S))
 
     def idle_pass_due(self, now: float) -> bool:
         return now >= self.next_idle_pass
@@ -159,8 +220,8 @@ class Command(BaseCommand):
         """Without a wake-up, run a pass only if tasks are waiting (GPUs may have freed up)."""
         try:
             return Task.objects.filter(status=TaskStatus.PENDING).exists()
-        except Exception:
-            connection.close_if_unusable_or_obsolete()
+        except Exception as exc:
+            self.failed("queue check", exc)
             return False
 
     def wait_step(self) -> bool:
@@ -173,6 +234,9 @@ class Command(BaseCommand):
             try:
                 if self.listener is None:
                     self.listen()
+                    if self.listener is None:
+                        self.sleep(remaining)  # polling only until the next turn
+                        return False
                     return True  # wake-ups may have been missed while disconnected
                 woken = any(True for _ in self.listener.notifies(timeout=min(remaining, _WAIT_SLICE_S),
                                                                   stop_after=1))
@@ -184,16 +248,16 @@ class Command(BaseCommand):
             except psycopg.Error:
                 log.warning("lost the LISTEN connection; reconnecting")
                 self.close_listener()
-                time.sleep(min(remaining, 1.0))
+                self.sleep(min(remaining, 1.0))
         return False
 
     # --- helpers -----------------------------------------------------------------
 
     def info(self) -> dict:
         """What the cluster view shows about this scheduler."""
-        info: dict = {"passes": self.passes, "poll_interval_ms": round(self.poll_s * 1000)}
+        info: dict = {"passes": self.passes, "poll_interval_ms": round(self.poll_s * 1000), **registry.load_info()}
         if self.last_result is not None:
-            info.update(last_pass_ms=round(self.last_result.duration_s * 1000, 1),
+            info.update(last_pass_at=self.last_pass_at, last_pass_ms=round(self.last_result.duration_s * 1000, 1),
                         last_placements=self.last_result.placements, pending=self.last_result.pending)
         return info
 
@@ -204,7 +268,8 @@ class Command(BaseCommand):
             self.listener = psycopg.connect(**params, autocommit=True)
             self.listener.execute(f"LISTEN {triggers.WAKE_CHANNEL}")
         except psycopg.Error as exc:
-            log.warning("cannot LISTEN for wake-ups (%s); polling only", exc)
+            if self.db_down_since is None:
+                log.warning("cannot LISTEN for wake-ups (%s); polling only", str(exc).strip().splitlines()[0])
             self.close_listener()
 
     def close_listener(self) -> None:

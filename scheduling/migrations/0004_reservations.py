@@ -11,7 +11,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('nodes', '0001_initial'),
-        ('scheduling', '0002_pass_requested'),
+        ('scheduling', '0003_allocation_intervals_never_overlap'),
         ('tenants', '0002_quota_grant'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]

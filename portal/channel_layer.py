@@ -1,0 +1,135 @@
+"""The PostgreSQL channel layer, made to survive a database restart.
+
+``channels_postgres`` keeps one connection pool per process and one LISTEN
+connection per receiving process, and recovers from neither when PostgreSQL
+restarts: the pool's maintenance tasks live on the event loop that opened it (in
+sync code, ``async_to_sync`` runs each call on a fresh loop that is closed
+afterwards), so broken connections are never replaced and every push waits 30 s
+for a ``PoolTimeout``; and the LISTEN task dies with its connection, so daphne
+delivers nothing until it is restarted by hand.
+
+This subclass changes only that:
+
+- a send that fails on a database error drops the pool (its connections are dead)
+  and is tried once more on a fresh one, opened with a short timeout, so a push
+  after a restart succeeds at once and a push while the database is down fails
+  within seconds instead of hanging;
+- the LISTEN task reconnects with capped exponential backoff, logged once per
+  outage, and on reconnecting delivers the messages queued meanwhile (the parent
+  reads unexpired messages first; ``portal.live`` stamps ids, so consumers drop a
+  copy delivered twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import typing
+
+import psycopg
+import psycopg_pool
+from channels_postgres import db as channels_db
+from channels_postgres.core import PostgresChannelLayer as _BaseLayer
+
+log = logging.getLogger(__name__)
+
+# How long a send may wait for a pooled connection, and a new pool for its first ones.
+GETCONN_TIMEOUT_S = 5.0
+OPEN_TIMEOUT_S = 5.0
+# The LISTEN connection retries from this delay, doubling up to the cap.
+RELISTEN_FIRST_S = 0.2
+RELISTEN_CAP_S = 2.0
+
+_DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)
+
+
+def forget_pool() -> None:
+    """Drop the process's pool: the next use opens a new one. Its connections are hung
+    up at the libpq level (the loop that owns the pool may be closed already)."""
+    pool, channels_db.connection_pool = channels_db.connection_pool, None
+    if pool is None:
+        return
+    for conn in list(getattr(pool, "_pool", [])):
+        with contextlib.suppress(Exception):
+            conn.pgconn.finish()
+    with contextlib.suppress(Exception):
+        pool._closed = True  # never hand out its connections again
+
+
+class _Database(channels_db.DatabaseLayer):
+    async def get_db_pool(self, db_params: dict[str, typing.Any]) -> psycopg_pool.AsyncConnectionPool:
+        pool = channels_db.connection_pool
+        if pool is not None:
+            return pool
+
+        async def configure(conn: psycopg.AsyncConnection) -> None:
+            await conn.set_autocommit(True)
+            conn.prepare_threshold = 0
+            conn.prepared_max = None
+
+        pool = psycopg_pool.AsyncConnectionPool(
+            conninfo=psycopg.conninfo.make_conninfo(conninfo="", **db_params), open=False, configure=configure,
+            **{"timeout": GETCONN_TIMEOUT_S, **self.psycopg_options},
+        )
+        try:
+            await pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pool.close(timeout=0)
+            raise
+        if channels_db.connection_pool is None:
+            channels_db.connection_pool = pool
+        else:  # another coroutine won the race: keep one pool per process
+            with contextlib.suppress(Exception):
+                await pool.close(timeout=0)
+        return channels_db.connection_pool
+
+
+class PostgresChannelLayer(_BaseLayer):
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.django_db = _Database(self.django_db.psycopg_options, self.db_params, logger=self.django_db.logger)
+
+    async def _retrying(self, send: typing.Callable[..., typing.Awaitable[None]], *args: typing.Any) -> None:
+        try:
+            await send(*args)
+        except _DB_ERRORS as exc:
+            log.info("channel layer: %s; reconnecting", exc.__class__.__name__)
+            forget_pool()
+            await send(*args)
+
+    async def send(self, channel: str, message: dict[str, typing.Any]) -> None:
+        await self._retrying(super().send, channel, message)
+
+    async def group_send(self, group: str, message: dict[str, typing.Any]) -> None:
+        await self._retrying(super().group_send, group, message)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        await self._retrying(super().group_add, group, channel)
+
+    async def listen_to_all_channels(self) -> None:
+        delay, down_since = RELISTEN_FIRST_S, None
+        while True:
+            try:
+                if down_since is not None:
+                    await self._probe()  # raises while the database is still away
+                    forget_pool()
+                    log.info("channel layer: listening again after %.1f s",
+                             asyncio.get_running_loop().time() - down_since)
+                    delay, down_since = RELISTEN_FIRST_S, None
+                # Reads the messages queued meanwhile, then LISTENs (and sets the running flag).
+                await super().listen_to_all_channels()
+                return  # an orderly shutdown
+            except _DB_ERRORS as exc:
+                if down_since is None:
+                    down_since = asyncio.get_running_loop().time()
+                    log.warning("channel layer: lost the LISTEN connection (%s); reconnecting with backoff",
+                                exc.__class__.__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RELISTEN_CAP_S)
+
+    async def _probe(self) -> None:
+        conninfo = psycopg.conninfo.make_conninfo(conninfo="", **self.db_params)
+        conn = await psycopg.AsyncConnection.connect(conninfo=conninfo, connect_timeout=OPEN_TIMEOUT_S)
+        await conn.close()
