@@ -333,7 +333,7 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
                 "workload_class": args.workload_class, "timeout_s": args.timeout, "working_dir": args.workdir,
                 "model_name": args.model, "gpu_model": args.gpu_model, "nodes": args.nodes,
                 "gpus_per_node": args.gpus_per_node, "topology_key": args.topology, "dependency": args.dependency,
-                "array": args.array}
+                "array": args.array, "reservation": args.reservation}
     body.update({k: v for k, v in optional.items() if v is not None})
     if args.env:
         body["env"] = dict(args.env)
@@ -543,6 +543,59 @@ def cmd_usage(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def parse_when(text: str) -> str:
+    """'2026-12-01 09:00' / '2026-12-01T09:00Z' (UTC unless an offset is given) -> ISO 8601."""
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad time {text!r} (e.g. 2026-12-01 09:00, UTC)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat()
+
+
+def cmd_reserve(args: argparse.Namespace, client: Client) -> int:
+    body: dict[str, Any] = {"name": args.name, "gpu_count": args.gpus, "starts_at": args.start,
+                            "ends_at": args.end, "repeat_weeks": args.weekly, "reason": args.reason or ""}
+    optional = {"tenant": args.tenant, "gpu_model": args.gpu_model}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if args.server:
+        body["nodes"] = args.server
+    if args.label:
+        body["node_selector"] = dict(args.label)
+    res = client.post("reservations", body)
+    if args.json:
+        emit_json(res)
+    else:
+        print(f"reservation {res['name']} (#{res['id']}) {res['state']}")
+    return 0
+
+
+def cmd_reservations(args: argparse.Namespace, client: Client) -> int:
+    rows = client.get("reservations", state=args.state)
+    if args.json:
+        emit_json(rows)
+        return 0
+    print(table([[r["id"], r["name"], r["tenant"], r["gpu_count"], r["starts_at"], r["ends_at"], r["repeat_weeks"],
+                  r["status"]] for r in rows],
+                ["ID", "NAME", "TENANT", "GPUS", "START", "END", "WEEKLY", "STATUS"]))
+    return 0
+
+
+def cmd_grant_request(args: argparse.Namespace, client: Client) -> int:
+    body: dict[str, Any] = {"starts_at": args.start, "ends_at": args.end, "reason": args.reason,
+                            "extra_gpus": args.gpus, "extra_gpu_memory_mb": args.mem or 0,
+                            "extra_running_tasks": args.tasks}
+    if args.tenant:
+        body["tenant"] = args.tenant
+    grant = client.post("quota-grants", body)
+    if args.json:
+        emit_json(grant)
+    else:
+        print(f"quota grant #{grant['id']} for {grant['tenant']} {grant['state']}: {grant['text']}")
+    return 0
+
+
 # --- argument parsing --------------------------------------------------------------------
 
 
@@ -590,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (memory estimate and GPU affinity)")
     p.add_argument("--gpu-model", help="GPU model substring, e.g. H100")
     p.add_argument("--shared", action="store_true", help="share GPUs with other tasks (needs --mem)")
+    p.add_argument("--reservation", help="run only on this reservation's GPUs, inside its window")
     p.add_argument("--dry-run", action="store_true", help="submit nothing: say whether it would start now, or why not")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="after --: the program and its arguments, or ONE quoted shell command line "
@@ -631,11 +685,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default="tenant,user",
                    help="comma-separated: tenant, user, server, gpu_model, workload_class, task (default tenant,user)")
     p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+
+    p = sub.add_parser("reserve", parents=[common, listing], help="request a GPU reservation (tenant admin)")
+    p.add_argument("name", help="short name, e.g. paper-deadline (tasks name it with --reservation)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--start", type=parse_when, required=True, help="UTC, e.g. '2026-12-01 09:00'")
+    p.add_argument("--end", type=parse_when, required=True)
+    p.add_argument("--weekly", type=int, default=0, metavar="N", help="repeat weekly N more times")
+    p.add_argument("--tenant")
+    p.add_argument("--gpu-model", help="GPU model substring, e.g. H100")
+    p.add_argument("--server", action="append", help="only this server (repeatable)")
+    p.add_argument("--label", type=parse_env, action="append", metavar="KEY=VALUE", help="server label (repeatable)")
+    p.add_argument("--reason")
+
+    p = sub.add_parser("reservations", parents=[common, listing], help="my tenants' reservations")
+    p.add_argument("--state", choices=["requested", "approved", "rejected", "released"])
+
+    p = sub.add_parser("grant-request", parents=[common, listing], help="ask for temporary extra quota (tenant admin)")
+    p.add_argument("--tenant")
+    p.add_argument("--gpus", type=int, default=0, help="extra GPUs")
+    p.add_argument("--mem", type=parse_memory, help="extra GPU memory, e.g. 160G")
+    p.add_argument("--tasks", type=int, default=0, help="extra running tasks")
+    p.add_argument("--start", type=parse_when, required=True, help="UTC, e.g. '2026-12-01 09:00'")
+    p.add_argument("--end", type=parse_when, required=True)
+    p.add_argument("--reason", required=True)
     return parser
 
 
 COMMANDS = {"submit": cmd_submit, "queue": cmd_queue, "show": cmd_show, "logs": cmd_logs, "cancel": cmd_cancel,
-            "gpus": cmd_gpus, "quota": cmd_quota, "usage": cmd_usage}
+            "gpus": cmd_gpus, "quota": cmd_quota, "usage": cmd_usage, "reserve": cmd_reserve,
+            "reservations": cmd_reservations, "grant-request": cmd_grant_request}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,3 +84,61 @@ def usage_report(request: HttpRequest) -> HttpResponse:
         chart["title"] = f"GPU-hours per day of {tenant.slug}, by user"
         context.update(chart=chart, users=rows("user"), models=rows("gpu_model"), classes=rows("workload_class"))
     return TemplateResponse(request, "admin/usage.html", context)
+
+
+def what_if(request: HttpRequest, tenant_id: int | None = None) -> HttpResponse:
+    """The admin's "simulate" for a quota form (POSTed from the tenant's change form),
+    a grant request (?grant=ID) or a reservation request (?reservation=ID): what the next
+    pass would do after saving it. Writes nothing."""
+    from django.shortcuts import get_object_or_404
+
+    from scheduling import reservations, whatif
+    from scheduling.models import Reservation
+    from tenants.models import QuotaGrant, Tenant
+
+    error = None
+    answer = None
+    subject = ""
+    try:
+        if tenant_id is not None:
+            tenant = get_object_or_404(Tenant, pk=tenant_id)
+            limits, problems = {}, []
+            for key in ("max_gpus", "max_gpu_memory_mb", "max_running_tasks"):
+                raw = request.POST.get(f"quota-0-{key}", request.POST.get(key, ""))
+                if raw.strip():
+                    if not raw.strip().isdigit() or int(raw) > 2**31 - 1:
+                        problems.append(f"{key}: a whole number")
+                    else:
+                        limits[key] = int(raw)
+            if problems:
+                error = "; ".join(problems)
+            else:
+                subject = f"quota of {tenant.slug}: " + ", ".join(f"{k} = {v}" for k, v in limits.items())
+                answer = whatif.simulate(whatif.quota_change(tenant.pk, **limits))
+        elif request.GET.get("grant", "").isdigit():
+            grant = get_object_or_404(QuotaGrant, pk=int(request.GET["grant"]))
+            subject = f"approving {grant}"
+            answer = whatif.simulate(whatif.grant_approval(grant.pk))
+        elif request.GET.get("reservation", "").isdigit():
+            res = get_object_or_404(Reservation, pk=int(request.GET["reservation"]))
+            subject = f"approving reservation {res.name} ({res.gpu_count} GPUs for {res.tenant.slug})"
+            if res.state != Reservation.State.REQUESTED:
+                error = f"reservation {res.name} is {res.state}: only requests are simulated"
+            else:
+                answer = whatif.simulate(whatif.reservation_approval(res.pk))
+        else:
+            error = "Nothing to simulate: use Simulate on a tenant's quota form, or on grant or reservation requests."
+    except reservations.ReservationError as exc:
+        error = exc.message
+    context = {**admin.site.each_context(request), "title": "What-if", "subject": subject, "answer": answer,
+               "error": error}
+    return TemplateResponse(request, "admin/what_if.html", context, status=400 if error else 200)
+
+
+def booking_calendar(request: HttpRequest) -> HttpResponse:
+    """The booking calendar inside the admin (the portal's Calendar page has the request form)."""
+    from nodes.models import Node
+
+    context = {**admin.site.each_context(request), "title": "Booking calendar",
+               "servers": list(Node.objects.order_by("name").values_list("name", flat=True))}
+    return TemplateResponse(request, "admin/calendar.html", context)

@@ -31,6 +31,7 @@ DEFAULT_SEVERITY = {
     Alert.Kind.TASK_OOM: Alert.Severity.WARNING,
     Alert.Kind.QUEUE_WAIT: Alert.Severity.WARNING,
     Alert.Kind.MASS_SILENCE: Alert.Severity.CRITICAL,
+    Alert.Kind.QUOTA_GRANT: Alert.Severity.INFO,
 }
 WEBHOOK_TIMEOUT_S = 5.0
 

@@ -19,7 +19,7 @@ from nodes.inventory import is_reserved_by_config
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
 from scheduling.choices import Priority
 from scheduling.models import Allocation, Task
-from tenants.models import Quota, Tenant, usage_of
+from tenants.models import Limits, Quota, QuotaGrant, Tenant, effective_limits, usage_of
 
 GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
 
@@ -138,15 +138,23 @@ def tenant_usage_rows(tenant_ids: Iterable[int]) -> list[dict[str, Any]]:
     usages = usage_of(ids)
     quotas = {q.tenant_id: q for q in Quota.objects.filter(tenant_id__in=ids)}
     slugs = dict(Tenant.objects.filter(pk__in=ids).values_list("pk", "slug"))
+    # Limits shown are effective ones: base quota + grants active now.
+    now = timezone.now()
+    active: dict[int, list[QuotaGrant]] = {}
+    for g in QuotaGrant.objects.filter(tenant_id__in=ids, state=QuotaGrant.State.APPROVED, starts_at__lte=now,
+                                       ends_at__gt=now):
+        active.setdefault(g.tenant_id, []).append(g)
     rows = []
     for tid in ids:
         q = quotas.get(tid)
+        eff = None if q is None else effective_limits(
+            Limits(q.max_gpus, q.max_gpu_memory_mb, q.max_running_tasks), active.get(tid, ()), now)
         rows.append({
             "id": tid, "slug": slugs.get(tid, ""),
             "used": dataclasses.asdict(usages[tid]),
             "limits": None if q is None else {
-                "gpus": q.max_gpus, "gpu_memory_mb": q.max_gpu_memory_mb,
-                "running_tasks": q.max_running_tasks, "pending_tasks": q.max_pending_tasks,
+                "gpus": eff.max_gpus, "gpu_memory_mb": eff.max_gpu_memory_mb,
+                "running_tasks": eff.max_running_tasks, "pending_tasks": q.max_pending_tasks,
             },
         })
     return rows

@@ -64,6 +64,7 @@ class Alert(models.Model):
         TASK_OOM = "task_oom", "task out of memory"
         QUEUE_WAIT = "queue_wait", "queue wait high"
         MASS_SILENCE = "mass_silence", "most servers silent at once (no server declared lost)"
+        QUOTA_GRANT = "quota_grant", "quota grant applied / expired"
 
     class Severity(models.TextChoices):
         INFO = "info", "info"

@@ -8,7 +8,7 @@ from django.views.i18n import JavaScriptCatalog
 from django.views.static import serve
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from portal.admin_views import cluster_overview, usage_report
+from portal.admin_views import booking_calendar, cluster_overview, usage_report, what_if
 from portal.metrics_access import metrics_view
 
 admin.site.site_header = _("GPU allocation portal")
@@ -24,6 +24,9 @@ handler404 = "portal.middleware.not_found"  # JSON under /api/
 urlpatterns = [
     path("admin/cluster/", admin.site.admin_view(cluster_overview), name="admin-cluster"),
     path("admin/usage/", admin.site.admin_view(usage_report), name="admin-usage"),
+    path("admin/calendar/", admin.site.admin_view(booking_calendar), name="admin-calendar"),
+    path("admin/what-if/", admin.site.admin_view(what_if), name="admin-what-if"),
+    path("admin/what-if/quota/<int:tenant_id>/", admin.site.admin_view(what_if), name="admin-what-if-quota"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("i18n/", include("django.conf.urls.i18n")),  # set_language: the switch on every page

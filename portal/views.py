@@ -6,20 +6,22 @@ path as the API), so the two can never disagree."""
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from nodes import inventory
+from nodes.models import Node
 from portal.api.authentication import create_token
 from scheduling import access, lifecycle, logs, submission
 from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
@@ -245,3 +247,101 @@ def usage_page(request: HttpRequest) -> HttpResponse:
         "month": month, "prev": usage.add_months(month, -1), "next": usage.add_months(month, 1),
         "rows": rows_by, "chart": chart, "is_tenant_admin": bool(access.admin_tenant_ids(request.user)),
     })
+
+
+@login_required
+def quota_grants(request: HttpRequest) -> HttpResponse:
+    """My tenants' quota grants, and the request form for tenant admins."""
+    from tenants.grants import GrantRequestForm, grants_for, requestable_tenants
+
+    form = GrantRequestForm(request.POST or None, user=request.user)
+    if request.method == "POST" and form.is_valid():
+        grant = form.save()
+        messages.success(request, f"Quota grant #{grant.pk} requested: an operator will approve or reject it.")
+        return redirect("portal:grants")
+    now = timezone.now()
+    rows = [(g, "active" if g.active_at(now) else "expired" if g.state == "approved" and g.ends_at <= now
+             else "upcoming" if g.state == "approved" else g.state)
+            for g in grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]]
+    return render(request, "portal/grants.html", {
+        "form": form, "rows": rows, "can_request": requestable_tenants(request.user).exists(),
+    }, status=400 if form.errors else 200)
+
+
+@login_required
+def reservation_list(request: HttpRequest) -> HttpResponse:
+    """My tenants' reservations, and the request form (also filled by a drag on the calendar)."""
+    from scheduling import reservations
+
+    form = reservations.ReservationRequestForm(request.POST or None, user=request.user)
+    refused = None
+    if request.method == "POST" and form.is_valid():
+        try:
+            res = reservations.request(form)
+        except reservations.ReservationError as exc:
+            refused = exc.message
+            form.add_error(None, exc.message)
+        else:
+            if res.state == res.State.APPROVED:
+                messages.success(request, f"Reservation {res.name} approved by your tenant's policy.")
+            else:
+                messages.success(request, f"Reservation {res.name} requested: an operator will approve or reject it.")
+            return redirect("portal:reservations")
+    now = timezone.now()
+    rows = [(r, reservations.as_row(r, now)["status"], reservations.can_manage(request.user, r))
+            for r in reservations.reservations_for(request.user).select_related("tenant", "requested_by",
+                                                                               "decided_by")[:200]]
+    return render(request, "portal/reservations.html", {
+        "form": form, "rows": rows, "refused": refused,
+        "can_request": reservations.requestable_tenants(request.user).exists(),
+    }, status=400 if form.errors else 200)
+
+
+@login_required
+@require_POST
+def reservation_release(request: HttpRequest, pk: int) -> HttpResponse:
+    from django.core.exceptions import PermissionDenied
+
+    from scheduling import reservations
+
+    res = get_object_or_404(reservations.reservations_for(request.user), pk=pk)
+    try:
+        freed = reservations.release_unused(res.pk, by=request.user)
+    except PermissionDenied as exc:
+        messages.error(request, str(exc))
+    except reservations.ReservationError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Reservation {res.name}: released {freed} unused GPU booking(s).")
+    return redirect("portal:reservations")
+
+
+@login_required
+def calendar(request: HttpRequest) -> HttpResponse:
+    """Week and month views of every server's bookings (FullCalendar, vendored in static)."""
+    from scheduling import reservations
+
+    return render(request, "portal/calendar.html", {
+        "servers": list(Node.objects.order_by("name").values_list("name", flat=True)),
+        "can_request": reservations.requestable_tenants(request.user).exists(),
+        "form": reservations.ReservationRequestForm(user=request.user),
+    })
+
+
+@login_required
+def calendar_events(request: HttpRequest) -> JsonResponse:
+    """Bookings overlapping [start, end) for the calendar, and free GPUs per day.
+
+    Every tenant's approved reservations are shown (name and tenant: the cluster is
+    shared, and people plan around each other); requests only to their own tenants."""
+    from scheduling.calendar import events
+
+    try:
+        start, end = parse_datetime(request.GET.get("start", "")), parse_datetime(request.GET.get("end", ""))
+    except ValueError:  # well-formed but impossible, e.g. month 13
+        start = end = None
+    # Times without an offset are UTC, as the calendar shows them.
+    start, end = [t if t is None or t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end)]
+    if start is None or end is None or end <= start or (end - start).days > 62:
+        return JsonResponse({"error": "start and end: ISO times, at most 62 days apart"}, status=400)
+    return JsonResponse(events(request.user, start, end, server=request.GET.get("server") or None), safe=False)

@@ -10,9 +10,19 @@ from django.utils.translation import gettext_lazy as _
 
 from portal import live
 from portal.livedata import tenant_hue
-from scheduling import lifecycle, triggers
+from scheduling import lifecycle, reservations, triggers
 from scheduling.choices import Priority
-from scheduling.models import Allocation, ModelMemoryEstimate, Task, TaskEvent, TaskLogChunk, TaskRank
+from scheduling.models import (
+    Allocation,
+    ModelMemoryEstimate,
+    Reservation,
+    ReservationPolicy,
+    ReservationSlot,
+    Task,
+    TaskEvent,
+    TaskLogChunk,
+    TaskRank,
+)
 from scheduling.reasons import translate_reason
 
 
@@ -240,3 +250,74 @@ class TaskLogChunkAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     def has_view_permission(self, request, obj=None) -> bool:
         return request.user.is_active and request.user.is_staff
+
+
+class ReservationSlotInline(ReadOnlyMixin, admin.TabularInline):
+    model = ReservationSlot
+    fields = ["gpu", "period"]
+    readonly_fields = ["gpu", "period"]
+    extra = 0
+
+
+@admin.register(Reservation)
+class ReservationAdmin(admin.ModelAdmin):
+    """Staff approve (book GPUs) or reject reservation requests. Requests are made by tenant
+    admins on the portal's Reservations page (or the API); approval goes through
+    scheduling.reservations so a conflict is refused with its reason."""
+
+    list_display = ["name", "tenant", "gpu_count", "gpu_model", "starts_at", "ends_at", "repeat_weeks", "state",
+                    "window", "requested_by", "decided_by"]
+    list_filter = ["state", "tenant"]
+    search_fields = ["name", "tenant__slug", "reason"]
+    readonly_fields = ["state", "requested_by", "decided_by", "decided_at", "decision_note", "released_at",
+                       "next_bound_at", "created_at"]
+    autocomplete_fields = ["tenant"]
+    inlines = [ReservationSlotInline]
+    actions = ["approve", "reject", "simulate"]
+    change_list_template = "admin/scheduling/reservation/change_list.html"
+
+    def has_add_permission(self, request) -> bool:
+        # Requests come through the portal or the API, which check conflicts and policy.
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        # Once decided, its booked slots follow the window as approved: editing it here
+        # would leave them behind. Reject and request again instead.
+        if obj is not None and obj.state != Reservation.State.REQUESTED:
+            return [f.name for f in Reservation._meta.fields if f.name != "id"] + ["nodes"]
+        return self.readonly_fields
+
+    @admin.display(description="now")
+    def window(self, obj: Reservation) -> str:
+        return reservations.as_row(obj)["status"]
+
+    def _decide(self, request, queryset, approve: bool) -> None:
+        for pk in queryset.order_by("pk").values_list("pk", flat=True):
+            try:
+                res = reservations.decide(pk, approve=approve, by=request.user)
+            except reservations.ReservationError as exc:
+                messages.error(request, str(exc))
+            else:
+                messages.success(request, f"Reservation {res.name} {res.state}.")
+
+    @admin.action(description="Approve selected reservations (book their GPUs)")
+    def approve(self, request, queryset) -> None:
+        self._decide(request, queryset, True)
+
+    @admin.action(description="Reject selected reservations")
+    def reject(self, request, queryset) -> None:
+        self._decide(request, queryset, False)
+
+    @admin.action(description="Simulate approving (what-if; saves nothing)")
+    def simulate(self, request, queryset):
+        from django.shortcuts import redirect
+        from django.urls import reverse
+
+        first = queryset.order_by("pk").first()
+        return redirect(f"{reverse('admin-what-if')}?reservation={first.pk}")
+
+
+@admin.register(ReservationPolicy)
+class ReservationPolicyAdmin(admin.ModelAdmin):
+    list_display = ["tenant", "auto_approve_gpu_hours_per_week"]
+    autocomplete_fields = ["tenant"]

@@ -86,7 +86,14 @@ Rules, in the order a task meets them
    CRITICAL task #N") and places the task on the freed GPUs. A preempted task's GPUs,
    tenant usage and class usage are given back in the working state; its live memory
    reading is assumed to drop by its claim.
-9. **Reasons.** Every task left pending gets a human-readable reason and its 1-based
+9. **Booked reservations** (``snapshot.reservations``: approved windows of GPUs booked
+   for one tenant). Inside a window only its tenant's tasks may use its GPUs; before
+   it, another tenant's task may use them only if it ends by the start
+   (``now + timeout_s <= starts_at``), so nothing can still hold them when the window
+   opens. A task naming a reservation (``reservation_id``) runs only on its GPUs and only
+   inside its window ("waiting for reservation paper-deadline, starts in 2 h"). The
+   backfill reservation of rule 7 is computed on the GPUs the head task may use.
+10. **Reasons.** Every task left pending gets a human-readable reason and its 1-based
    position among the tasks still pending after the pass, in queue order. Capacity
    reasons are stated against the state at the end of the pass.
 
@@ -177,6 +184,21 @@ def format_mb(mb: int) -> str:
     if mb and mb % 1000 == 0:
         return f"{mb // 1000} GB"
     return f"{mb} MB"
+
+
+def _duration(delta: timedelta) -> str:
+    """"2 h", "45 min", "3 d 4 h": how long until a reservation starts."""
+    minutes = max(1, int(delta.total_seconds() // 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    hours = minutes // 60
+    if hours < 48:
+        return f"{hours} h" + (f" {minutes % 60} min" if minutes % 60 and hours < 3 else "")
+    return f"{hours // 24} d" + (f" {hours % 24} h" if hours % 24 else "")
+
+
+def _utc(when: datetime) -> str:
+    return f"{(when.astimezone(UTC) if when.tzinfo else when):%Y-%m-%d %H:%M} UTC"
 
 
 def _plural(n: int, word: str) -> str:
@@ -335,6 +357,10 @@ class _Pass:
         self.quota_holds: dict[int, _QuotaHold | None] = {}
         # Per tenant, tasks placed in this pass: (timeout_s, gpus, memory): their ends, for quota holds.
         self.placed_by_tenant: dict[int, list[tuple[int, int, int]]] = {}
+        # Booked reservations still open or upcoming at ``now`` (see _booked_for).
+        self.windows = [w for w in snapshot.reservations if w.ends_at > snapshot.now]
+        self.window_by_id = {w.id: w for w in self.windows}
+        self.booked_cache: dict[tuple, frozenset[int]] = {}
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -424,8 +450,12 @@ class _Pass:
                             # reservation; try a few before giving up so this stays cheap.
                             if self.reservation is None and reserve_attempts < MAX_RESERVE_ATTEMPTS:
                                 reserve_attempts += 1
-                                reserve = self._reserve_gang if value[0] == GANG else self._reserve
-                                self.reservation = reserve(task, value)
+                                if value[0] == GANG:
+                                    self.reservation = self._reserve_gang(task, value)
+                                else:
+                                    booked = self._booked_for(task) if self.windows else None
+                                    self.reservation = self._reserve(
+                                        task, value, booked if isinstance(booked, frozenset) else None)
                                 if self.reservation is not None:
                                     head = task
                         else:
@@ -547,18 +577,28 @@ class _Pass:
             return ("wait", f"waiting behind {_plural(waiting_total, 'earlier task')} in the queue "
                             f"({waiting_higher} of higher priority)")
 
-        excluded: frozenset[int] | None = None
+        # Booked reservations first (GPUs this task may not use), then the backfill reservation.
+        booked = self._booked_for(task) if self.windows or task.reservation_id is not None else None
+        if isinstance(booked, str):
+            return ("reason", booked)
+        excluded: frozenset[int] | None = booked
         res = self.reservation
         if res is not None and self._ends_after(task, res):
-            excluded = res.gpus
+            excluded = res.gpus if booked is None else self._union(booked, res.gpus)
 
         found = self._search(task, c, mem, mode, shape, elig, excluded, None)
         if found is None:
             # Reclaim and preemption keep off the reserved GPUs too.
             found = self._reclaim_or_preempt(task, c, mem, mode, shape, elig, excluded)
         if found is None:
-            if excluded is not None and self._search(task, c, mem, mode, shape, elig, None, None) is not None:
+            if excluded is not booked and self._search(task, c, mem, mode, shape, elig, booked, None) is not None:
                 return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
+            if booked is not None and task.reservation_id is None and self._search(
+                    task, c, mem, mode, shape, elig, None, None) is not None:
+                return ("reason", self._booked_reason(task))
+            if booked is not None and task.reservation_id is not None:
+                w = self.window_by_id[task.reservation_id]
+                return ("reason", f"waiting for GPUs of reservation {w.name} (in use)")
             return ("capacity", shape)
 
         n, gpus = found
@@ -615,6 +655,68 @@ class _Pass:
             if all(u + n <= lim for u, n, lim in zip(used, need, limits, strict=True)):
                 return _QuotaHold(task.id, when, [lim - u - n for u, n, lim in zip(used, need, limits, strict=True)])
         return None
+
+    # ------------------------------------------------------------------ booked reservations
+    #
+    # An approved reservation (``snapshot.reservations``) books GPUs for one tenant over
+    # [starts_at, ends_at). Inside the window only that tenant's tasks may use them; before
+    # it, another tenant's task may use them only if it ends (by its timeout) by the start,
+    # so nothing can still hold them when the window opens. A task that names a reservation
+    # runs only on its GPUs and only inside its window.
+
+    def _booked_for(self, task: PendingTask) -> frozenset[int] | str | None:
+        """GPUs (internal indexes) this task must keep off, None for none, or a reason to wait."""
+        now = self.now
+        if task.reservation_id is not None:
+            w = self.window_by_id.get(task.reservation_id)
+            if w is None:
+                return f"reservation #{task.reservation_id} is not active (over, released or not approved)"
+            if w.tenant_id != task.tenant_id:
+                return f"reservation {w.name} belongs to another tenant"
+            if now < w.starts_at:
+                return f"waiting for reservation {w.name}, starts in {_duration(w.starts_at - now)}"
+            key: tuple = ("only", w.id)
+            hit = self.booked_cache.get(key)
+            if hit is None:
+                own = self._window_gpus(w)
+                hit = self.booked_cache[key] = frozenset(g for g in range(len(self.g_id)) if g not in own)
+            return hit
+        end = now + timedelta(seconds=task.timeout_s)
+        blocking = tuple(w.id for w in self.windows
+                         if w.tenant_id != task.tenant_id and (w.starts_at <= now or end > w.starts_at))
+        if not blocking:
+            return None
+        hit = self.booked_cache.get(blocking)
+        if hit is None:
+            gpus: set[int] = set()
+            for wid in blocking:
+                gpus |= self._window_gpus(self.window_by_id[wid])
+            hit = self.booked_cache[blocking] = frozenset(gpus)
+        return hit
+
+    def _window_gpus(self, w) -> frozenset[int]:
+        index = self.gpu_index
+        return frozenset(index[g] for g in w.gpu_ids if g in index)
+
+    def _union(self, a: frozenset[int], b: frozenset[int]) -> frozenset[int]:
+        key = ("union", id(a), id(b))
+        hit = self.booked_cache.get(key)
+        if hit is None:
+            hit = self.booked_cache[key] = a | b
+        return hit
+
+    def _booked_reason(self, task: PendingTask) -> str:
+        now = self.now
+        end = now + timedelta(seconds=task.timeout_s)
+        for w in self.windows:
+            if w.tenant_id == task.tenant_id:
+                continue
+            if w.starts_at <= now:
+                return f"free GPUs are booked by reservation {w.name} until {_utc(w.ends_at)}"
+            if end > w.starts_at:
+                return (f"free GPUs are booked by reservation {w.name} from {_utc(w.starts_at)}; "
+                        f"this task's timeout would run past that")
+        return "free GPUs are booked by reservations"
 
     def _ends_after(self, task: PendingTask, res: _Reservation) -> bool:
         return self.now + timedelta(seconds=task.timeout_s) > res.time
@@ -1271,7 +1373,7 @@ class _Pass:
 
     # ------------------------------------------------------------------ backfill reservation
 
-    def _reserve(self, task: PendingTask, shape: tuple) -> _Reservation | None:
+    def _reserve(self, task: PendingTask, shape: tuple, booked: frozenset[int] | None = None) -> _Reservation | None:
         """Earliest time and GPUs at which ``task`` fits, replaying the ends of running tasks."""
         c, mem, mode, ckey = shape
         elig = self.elig_cache[ckey]
@@ -1289,7 +1391,7 @@ class _Pass:
                 if best is not None and when >= best.time:
                     break
                 self._sim_release(state, change)
-                q = self._sim_qualifying(state, gl, mem, mode, None)
+                q = self._sim_qualifying(state, gl, mem, mode, booked)
                 if len(q) >= c:
                     best = _Reservation(task.id, when, (n,), frozenset(q[:c]))
                     break
@@ -1352,16 +1454,22 @@ class _Pass:
                 return ("wait", f"waiting behind {_plural(waiting_total, 'higher-priority task')}")
             return ("wait", f"waiting behind {_plural(waiting_total, 'earlier task')} in the queue "
                             f"({waiting_higher} of higher priority)")
-        excluded: frozenset[int] | None = None
+        # Booked reservations first (GPUs this gang may not use), then the backfill reservation.
+        booked = self._booked_for(task) if self.windows or task.reservation_id is not None else None
+        if isinstance(booked, str):
+            return ("reason", booked)
+        excluded: frozenset[int] | None = booked
         res = self.reservation
         if res is not None and self._ends_after(task, res):
-            excluded = res.gpus
+            excluded = res.gpus if booked is None else self._union(booked, res.gpus)
         found = self._search_gang(task, shape, elig, excluded)
         if found is None:
             found = self._gang_reclaim_or_preempt(task, shape, elig, excluded)
         if found is None:
-            if excluded is not None and self._search_gang(task, shape, elig, None) is not None:
+            if excluded is not booked and self._search_gang(task, shape, elig, booked) is not None:
                 return ("reason", f"reserved for backfill: would delay task #{res.task_id}")
+            if booked is not None and self._search_gang(task, shape, elig, None) is not None:
+                return ("reason", self._booked_reason(task))
             return ("capacity", shape)
         per_gpu = mem if mem is not None else min(self.g_total[g] for _n, gpus in found for g in gpus)
         if mem is None:

@@ -91,6 +91,20 @@ class PendingTask:
     # sharing the value of the label ``topology_key`` when it is set (e.g. "rack").
     nodes: int = 1
     topology_key: str = ""
+    reservation_id: int | None = None  # runs only on this reservation's GPUs, inside its window
+
+
+@dataclass(slots=True)
+class ReservationWindow:
+    """One occurrence of an approved reservation: GPUs booked for one tenant over [starts_at, ends_at).
+    A weekly reservation is given as its current (or next) occurrence."""
+
+    id: int
+    name: str
+    tenant_id: int
+    gpu_ids: frozenset[int]
+    starts_at: datetime
+    ends_at: datetime
 
 
 @dataclass(slots=True)
@@ -101,6 +115,7 @@ class Snapshot:
     tenants: dict[int, TenantState]
     running: list[RunningTask]
     pending: list[PendingTask]  # any order: the core sorts by priority then FIFO
+    reservations: list[ReservationWindow] = field(default_factory=list)  # not yet over at ``now``
 
 
 @dataclass(slots=True)

@@ -79,6 +79,8 @@ class Task(models.Model):
     # An element of an array (scheduling.arrays): its index in the array.
     array = models.ForeignKey("TaskArray", null=True, blank=True, on_delete=models.CASCADE, related_name="tasks")
     array_index = models.PositiveIntegerField(null=True, blank=True)
+    reservation = models.ForeignKey("Reservation", null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="tasks", help_text="Run only on this reservation's GPUs.")
 
     status = models.CharField(_("status"), max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
     pending_reason = models.CharField(_("pending reason"), max_length=500, blank=True)
@@ -536,3 +538,104 @@ class GpuUtilisationDay(models.Model):
 
     def __str__(self) -> str:
         return f"GPU {self.gpu_id} on {self.day}"
+
+
+class Reservation(models.Model):
+    """N GPUs booked for one tenant over [starts_at, ends_at), optionally repeated weekly.
+
+    A tenant admin requests it; staff approve or reject it (or the tenant's
+    ``ReservationPolicy`` approves it on the spot). Approval books concrete GPUs as
+    ``ReservationSlot`` rows, one per GPU and occurrence, which the database keeps from
+    overlapping (an exclusion constraint): two approved reservations never book one GPU
+    for the same time. The rules live in ``scheduling.reservations``."""
+
+    class State(models.TextChoices):
+        REQUESTED = "requested", "requested"
+        APPROVED = "approved", "approved"
+        REJECTED = "rejected", "rejected"
+        RELEASED = "released", "released"
+
+    name = models.SlugField(max_length=60, unique=True,
+                            help_text="Short name tasks and the CLI use, e.g. paper-deadline.")
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="reservations")
+    gpu_count = models.PositiveIntegerField()
+    gpu_model = models.CharField(max_length=100, blank=True, help_text="Substring of the GPU model, e.g. H100.")
+    node_selector = models.JSONField(default=dict, blank=True, help_text="Labels the servers must carry.")
+    nodes = models.ManyToManyField("nodes.Node", blank=True, related_name="reservations",
+                                   help_text="Only these servers (empty: any).")
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    repeat_weeks = models.PositiveSmallIntegerField(default=0, help_text="Further weekly occurrences (0: once).")
+    reason = models.CharField(max_length=500, blank=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.REQUESTED)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="reservations_requested")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="reservations_decided")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_note = models.CharField(max_length=500, blank=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+    # The next window bound (an occurrence's start or end) the sweep wakes the scheduler for.
+    next_bound_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["starts_at", "id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(ends_at__gt=F("starts_at")), name="reservation_window_valid"),
+            models.CheckConstraint(condition=Q(gpu_count__gte=1), name="reservation_gpu_count_positive"),
+        ]
+        indexes = [models.Index(fields=["next_bound_at"], name="reservation_next_bound_idx",
+                                condition=Q(state="approved"))]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def occurrences(self) -> list[tuple]:
+        """Every [start, end) window: the first and ``repeat_weeks`` weekly repeats."""
+        from datetime import timedelta
+
+        week = timedelta(weeks=1)
+        return [(self.starts_at + k * week, self.ends_at + k * week) for k in range(self.repeat_weeks + 1)]
+
+    @property
+    def last_end(self):
+        return self.occurrences()[-1][1]
+
+    def gpu_hours(self) -> float:
+        return self.gpu_count * sum((e - s).total_seconds() for s, e in self.occurrences()) / 3600
+
+
+class ReservationSlot(models.Model):
+    """One booked GPU for one occurrence of an approved reservation."""
+
+    reservation = models.ForeignKey(Reservation, on_delete=models.CASCADE, related_name="slots")
+    gpu = models.ForeignKey("nodes.GPU", on_delete=models.CASCADE, related_name="reservation_slots")
+    period = DateTimeRangeField()
+
+    class Meta:
+        constraints = [
+            ExclusionConstraint(
+                name="reservation_slot_no_double_booking",
+                expressions=[("gpu", RangeOperators.EQUAL), ("period", RangeOperators.OVERLAPS)],
+            ),
+        ]
+        indexes = [models.Index(fields=["reservation"], name="reservation_slot_res_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.reservation} on GPU {self.gpu_id}"
+
+
+class ReservationPolicy(models.Model):
+    """Per tenant: requests are approved on the spot while the tenant's approved reservations
+    in the coming week (this one included) stay within ``auto_approve_gpu_hours_per_week``."""
+
+    tenant = models.OneToOneField("tenants.Tenant", on_delete=models.CASCADE, related_name="reservation_policy")
+    auto_approve_gpu_hours_per_week = models.PositiveIntegerField(
+        default=0, help_text="GPU-hours a week ahead approved without staff (0: staff approve every request).")
+
+    class Meta:
+        verbose_name_plural = "reservation policies"
+
+    def __str__(self) -> str:
+        return f"reservation policy of {self.tenant}"

@@ -45,7 +45,8 @@ from scheduling.core_types import (
     TenantState,
 )
 from scheduling.models import SchedulerLock, Task
-from tenants.models import Quota
+from scheduling.reservations import snapshot_windows
+from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ LEFT JOIN tenants_fairshare f ON f.tenant_id = t.id
 _PENDING_SQL = """
 SELECT t.id, t.tenant_id, t.priority, t.created_at, t.gpu_count, coalesce(t.gpu_memory_mb, e.memory_mb),
        t.share_mode, t.workload_class, t.timeout_s, t.model_name, t.node_selector, t.gpu_model,
-       t.pending_reason, t.queue_position, t.nodes, t.topology_key
+       t.pending_reason, t.queue_position, t.nodes, t.topology_key, t.reservation_id
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
@@ -265,20 +266,50 @@ def load_snapshot(now: datetime) -> _Loaded:
         stored: dict[int, tuple[str, int | None]] = {}
         tenant_of: dict[int, int] = {}
         for (task_id, tenant_id, priority, created_at, gpu_count, memory_mb, share_mode, wclass, timeout_s,
-             model_name, selector, gpu_model, reason, position, gang_nodes, topology_key) in cursor.fetchall():
+             model_name, selector, gpu_model, reason, position, gang_nodes, topology_key,
+             reservation_id) in cursor.fetchall():
             pending.append(PendingTask(
                 id=task_id, tenant_id=tenant_id, priority=priority, created_at=created_at, gpu_count=gpu_count,
                 memory_mb=memory_mb, exclusive=share_mode != ShareMode.SHARED, workload_class=wclass,
                 timeout_s=timeout_s, model_name=model_name, node_selector=_json(selector), gpu_model=gpu_model,
-                nodes=gang_nodes, topology_key=topology_key,
+                nodes=gang_nodes, topology_key=topology_key, reservation_id=reservation_id,
             ))
             stored[task_id] = (reason, position)
             tenant_of[task_id] = tenant_id
 
+        _add_quota_grants(cursor, tenants, now)
+
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
-                        pending=pending)
+                        pending=pending, reservations=snapshot_windows(now))
     gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
     return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
+
+
+# Approved grants whose window holds ``now`` (the pass's clock, not the database's):
+# the scheduler's limits are base + these (tenants.models.effective_limits).
+_GRANTS_SQL = """
+SELECT tenant_id, extra_gpus, extra_gpu_memory_mb, extra_running_tasks, starts_at, ends_at, state
+FROM tenants_quotagrant
+WHERE state = 'approved' AND starts_at <= %(now)s AND ends_at > %(now)s
+"""
+
+
+def _add_quota_grants(cursor, tenants: dict[int, TenantState], now: datetime) -> None:
+    cursor.execute(_GRANTS_SQL, {"now": now})
+    by_tenant: dict[int, list[QuotaGrant]] = {}
+    for tenant_id, gpus, mem, running, starts, ends, state in cursor.fetchall():
+        by_tenant.setdefault(tenant_id, []).append(QuotaGrant(
+            tenant_id=tenant_id, extra_gpus=gpus, extra_gpu_memory_mb=mem, extra_running_tasks=running,
+            starts_at=starts, ends_at=ends, state=state))
+    for tenant_id, grants in by_tenant.items():
+        tenant = tenants.get(tenant_id)
+        if tenant is None:
+            continue
+        limits = effective_limits(Limits(tenant.max_gpus, tenant.max_gpu_memory_mb, tenant.max_running_tasks),
+                                  grants, now)
+        tenant.max_gpus = limits.max_gpus
+        tenant.max_gpu_memory_mb = limits.max_gpu_memory_mb
+        tenant.max_running_tasks = limits.max_running_tasks
 
 
 # --- applying -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ BATCH_MAX_TASKS = 1000
 FIELDS = (
     "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
     "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model",
-    "nodes", "gpus_per_node", "topology_key", "dependency", "array",
+    "nodes", "gpus_per_node", "topology_key", "dependency", "array", "reservation",
 )
 TOPOLOGY_KEY_MAX_CHARS = 100
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" through
@@ -462,6 +462,19 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         errors["workload_class"] = [_("Tenant %(slug)s may not submit %(cls)s tasks (allowed: %(allowed)s).")
                                      % {"slug": tenant.slug, "cls": workload_class, "allowed": allowed}]
     values["workload_class"] = workload_class
+
+    # Reservation (like Slurm's --reservation): by name, of the task's own tenant, not over.
+    name = data.get("reservation")
+    if name not in (None, ""):
+        from scheduling.models import Reservation
+
+        res = Reservation.objects.filter(name=str(name).strip()).first() if isinstance(name, str) else None
+        if res is None or (tenant is not None and res.tenant_id != tenant.pk):
+            errors["reservation"] = [f"No reservation {name!r} of this tenant."]
+        elif res.state in (Reservation.State.REJECTED, Reservation.State.RELEASED):
+            errors["reservation"] = [f"Reservation {res.name} is {res.state}."]
+        else:
+            values["reservation"] = res
 
     deps, problem = dependencies.parse(data.get("dependency"))
     if problem:

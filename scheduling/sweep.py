@@ -36,7 +36,7 @@ from nodes.models import Node, NodeStatus
 from portal import hearing, live
 from portal.alerts import raise_alert
 from portal.models import Alert
-from scheduling import triggers
+from scheduling import reservations, triggers
 from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, ClockTimestamp, Task
 from scheduling.passes import lock_scheduler
@@ -62,7 +62,16 @@ _TIMED_OUT = """
 SELECT id FROM scheduling_task
 WHERE status = 'running' AND started_at + timeout_s * interval '1 second' < now()
 """
-_ANYTHING = f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT})"
+# Approved quota grants whose window opened or closed since the last sweep.
+_GRANTS_DUE = """
+SELECT id FROM tenants_quotagrant
+WHERE state = 'approved' AND ((applied_at IS NULL AND starts_at <= now() AND ends_at > now())
+                              OR (expired_at IS NULL AND ends_at <= now()))
+"""
+# Approved reservations whose window opened or closed: the scheduler must look again.
+_RESERVATION_BOUNDS = "SELECT id FROM scheduling_reservation WHERE state = 'approved' AND next_bound_at <= now()"
+_ANYTHING = (f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT}), "
+             f"EXISTS({_GRANTS_DUE}), EXISTS({_RESERVATION_BOUNDS})")
 
 
 @dataclass
@@ -73,13 +82,17 @@ class SweepResult:
     timed_out: int = 0
     # Servers silent past the timeout but not declared lost: most went silent at once.
     held_back: int = 0
+    grants_changed: int = 0  # quota grants applied or expired
+    reservation_bounds: int = 0  # reservation windows that opened or closed
 
     def __bool__(self) -> bool:
-        return bool(self.servers_lost or self.requeued or self.failed or self.timed_out)
+        return bool(self.servers_lost or self.requeued or self.failed or self.timed_out or self.grants_changed
+                    or self.reservation_bounds)
 
     def __str__(self) -> str:
         return (f"{self.servers_lost} server(s) lost, {self.requeued} task(s) requeued, "
-                f"{self.failed} failed, {self.timed_out} timed out")
+                f"{self.failed} failed, {self.timed_out} timed out, {self.grants_changed} quota grant(s) changed, "
+                f"{self.reservation_bounds} reservation window(s) opened or closed")
 
 
 def _count(result: SweepResult, task: Task) -> None:
@@ -161,6 +174,10 @@ def sweep(actor: str = "sweep") -> SweepResult:
             result.timed_out += 1
             changed.append((task.tenant_id, task.pk))
 
+        db_now = _db_now()
+        result.grants_changed = _quota_grant_bounds(db_now)
+        result.reservation_bounds = reservations.wake_at_bounds(db_now)
+
         if nodes_told:
             # The agents drop (kill) what is no longer assigned to them.
             live.assignments_changed(nodes_told)
@@ -219,6 +236,43 @@ def _note_guard(held_back: int | None) -> None:
     elif _guard_state is not None:
         log.info("mass silence over: servers are judged one by one again")
     _guard_state = held_back
+
+
+def _db_now():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        return cursor.fetchone()[0]
+
+
+def _quota_grant_bounds(now) -> int:
+    """Stamp approved grants whose window opened or closed, with a notice each; the pass
+    this sweep then requests applies (or stops applying) the extra quota. The quota itself
+    follows the clock (passes.load_snapshot), so a late sweep delays only the notice and
+    the wake-up, never the bound."""
+    from tenants.models import QuotaGrant
+
+    changed = 0
+    due = (QuotaGrant.objects.select_for_update(of=("self",)).select_related("tenant")
+           .filter(Q(applied_at__isnull=True, starts_at__lte=now, ends_at__gt=now)
+                   | Q(expired_at__isnull=True, ends_at__lte=now), state=QuotaGrant.State.APPROVED)
+           .order_by("pk"))
+    for grant in due:
+        fields = []
+        if grant.applied_at is None and grant.starts_at <= now < grant.ends_at:
+            grant.applied_at = now
+            fields.append("applied_at")
+            text = (f"quota grant #{grant.pk} for {grant.tenant.slug} applied: {grant.extras_text()} "
+                    f"until {grant.ends_at:%Y-%m-%d %H:%M} UTC ({grant.reason})")
+        elif grant.expired_at is None and grant.ends_at <= now:
+            grant.expired_at = now
+            fields.append("expired_at")
+            text = f"quota grant #{grant.pk} for {grant.tenant.slug} expired: {grant.extras_text()} no longer apply"
+        else:
+            continue
+        grant.save(update_fields=fields)
+        raise_alert(Alert.Kind.QUOTA_GRANT, text, repeat=True)
+        changed += 1
+    return changed
 
 
 def sweep_task() -> str:

@@ -10,7 +10,8 @@ from django.utils.translation import gettext_lazy as _
 
 from scheduling import triggers
 from scheduling.choices import ACTIVE_STATUSES, WorkloadClass
-from tenants.models import ApiToken, Membership, Quota, Tenant
+from tenants import grants
+from tenants.models import ApiToken, Membership, Quota, QuotaGrant, Tenant
 
 
 class QuotaForm(forms.ModelForm):
@@ -67,6 +68,22 @@ def _usage_subqueries():
     }
 
 
+def _grant_subqueries():
+    """Extra quota from grants active now, per tenant: the list shows effective limits."""
+    from django.utils import timezone
+
+    now = timezone.now()
+    active = QuotaGrant.objects.filter(tenant=OuterRef("pk"), state=QuotaGrant.State.APPROVED, starts_at__lte=now,
+                                       ends_at__gt=now).values("tenant")
+    zero = Value(0, output_field=IntegerField())
+    return {
+        f"granted_{key}": Coalesce(Subquery(active.annotate(s=Sum(field)).values("s"), output_field=IntegerField()),
+                                   zero)
+        for key, field in (("gpus", "extra_gpus"), ("memory", "extra_gpu_memory_mb"),
+                           ("running", "extra_running_tasks"))
+    }
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
     list_display = ["name", "slug", "gpus", "gpu_memory", "running_tasks", "members_count", "fair_share_factor"]
@@ -74,19 +91,25 @@ class TenantAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
     inlines = [QuotaInline, MembershipInline]
     readonly_fields = ["usage_vs_limits"]
+    # Adds "Simulate" beside Save: posts the form to the what-if page, which saves nothing.
+    change_form_template = "admin/tenants/tenant/change_form.html"
     fields = ["name", "slug", "description", "usage_vs_limits"]
 
     def get_queryset(self, request):
         return (
             super().get_queryset(request)
             .select_related("quota", "fair_share")
-            .annotate(members_n=Count("memberships", distinct=True), **_usage_subqueries())
+            .annotate(members_n=Count("memberships", distinct=True), **_usage_subqueries(), **_grant_subqueries())
         )
 
     @staticmethod
-    def _of(obj: Tenant, key: str, used: int, limit: int | None, unit: str = ""):
-        """Usage beside its limit; the used part is kept current by portal/static/portal/live.js."""
-        suffix = " / " + (f"{limit}{unit}" if limit is not None else "no quota")
+    def _of(obj: Tenant, key: str, used: int, limit: int | None, unit: str = "", granted: int = 0):
+        """Usage beside its effective limit (base + active grants); the used part is kept
+        current by portal/static/portal/live.js."""
+        if limit is not None and granted:
+            suffix = f" / {limit + granted}{unit} (incl. +{granted} granted)"
+        else:
+            suffix = " / " + (f"{limit}{unit}" if limit is not None else "no quota")
         return format_html('<span data-tenant="{}" data-usage="{}" data-unit="{}" data-suffix="{}">{}{}{}</span>',
                            obj.pk, key, unit, suffix, used, unit, suffix)
 
@@ -100,17 +123,19 @@ class TenantAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("GPUs used / limit"), ordering="used_gpus")
     def gpus(self, obj: Tenant):
-        return self._of(obj, "gpus", obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None))
+        return self._of(obj, "gpus", obj.used_gpus, getattr(getattr(obj, "quota", None), "max_gpus", None),
+                        granted=obj.granted_gpus)
 
     @admin.display(description=_("GPU memory used / limit"), ordering="used_memory")
     def gpu_memory(self, obj: Tenant):
         return self._of(obj, "gpu_memory_mb", obj.used_memory,
-                        getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB")
+                        getattr(getattr(obj, "quota", None), "max_gpu_memory_mb", None), " MB",
+                        granted=obj.granted_memory)
 
     @admin.display(description=_("running tasks / limit"), ordering="used_running")
     def running_tasks(self, obj: Tenant):
         return self._of(obj, "running_tasks", obj.used_running,
-                        getattr(getattr(obj, "quota", None), "max_running_tasks", None))
+                        getattr(getattr(obj, "quota", None), "max_running_tasks", None), granted=obj.granted_running)
 
     @admin.display(description=_("members"), ordering="members_n")
     def members_count(self, obj: Tenant) -> int:
@@ -173,3 +198,70 @@ class ApiTokenAdmin(admin.ModelAdmin):
         return False
 
 
+
+
+@admin.register(QuotaGrant)
+class QuotaGrantAdmin(admin.ModelAdmin):
+    """Staff approve or reject tenants' requests for temporary extra quota."""
+
+    list_display = ["id", "tenant", "extras", "starts_at", "ends_at", "state", "window", "requested_by",
+                    "decided_by", "reason"]
+    list_filter = ["state", "tenant"]
+    search_fields = ["tenant__slug", "reason"]
+    autocomplete_fields = ["tenant"]
+    readonly_fields = ["requested_by", "decided_by", "decided_at", "applied_at", "expired_at", "created_at"]
+    actions = ["approve", "reject", "simulate"]
+
+    @admin.display(description="grants")
+    def extras(self, obj: QuotaGrant) -> str:
+        return obj.extras_text()
+
+    @admin.display(description="now")
+    def window(self, obj: QuotaGrant) -> str:
+        from django.utils import timezone
+
+        now = timezone.now()
+        if obj.state != QuotaGrant.State.APPROVED:
+            return "—"
+        return "active" if obj.active_at(now) else ("expired" if obj.ends_at <= now else "upcoming")
+
+    def save_model(self, request, obj, form, change) -> None:
+        if not change:
+            obj.requested_by = request.user
+        if obj.state != QuotaGrant.State.REQUESTED and (not change or "state" in form.changed_data):
+            from django.utils import timezone
+
+            obj.decided_by, obj.decided_at = request.user, timezone.now()
+        super().save_model(request, obj, form, change)
+        if obj.state == QuotaGrant.State.APPROVED:
+            # Whatever changed (window, amounts), the next pass must see it now.
+            triggers.request_pass(f"quota grant #{obj.pk} for {obj.tenant.slug} saved by {request.user.username}")
+
+    def _decide(self, request, queryset, approve: bool) -> None:
+        done, refused = [], []
+        for pk in queryset.order_by("pk").values_list("pk", flat=True):
+            try:
+                grants.decide(pk, approve=approve, by=request.user)
+                done.append(f"#{pk}")
+            except ValueError as exc:
+                refused.append(str(exc))
+        if done:
+            messages.success(request, f"{'Approved' if approve else 'Rejected'} {', '.join(done)}.")
+        for text in refused:
+            messages.warning(request, text)
+
+    @admin.action(description="Approve selected grant requests")
+    def approve(self, request, queryset) -> None:
+        self._decide(request, queryset, True)
+
+    @admin.action(description="Reject selected grant requests")
+    def reject(self, request, queryset) -> None:
+        self._decide(request, queryset, False)
+
+    @admin.action(description="Simulate approving (what-if; saves nothing)")
+    def simulate(self, request, queryset):
+        from django.shortcuts import redirect
+        from django.urls import reverse
+
+        first = queryset.order_by("pk").first()
+        return redirect(f"{reverse('admin-what-if')}?grant={first.pk}")

@@ -204,6 +204,74 @@ class ApiToken(models.Model):
         return f"{self.name} ({self.prefix}…)"
 
 
+class QuotaGrant(models.Model):
+    """Extra quota for a tenant over a window [starts_at, ends_at): requested by a tenant
+    admin with a reason, approved or rejected by staff. While an approved grant's window
+    covers ``now``, the scheduler's limits are the base quota plus every such grant
+    (``effective_limits``). The sweep stamps ``applied_at``/``expired_at`` once each, with a
+    notice, and wakes the scheduler at both bounds."""
+
+    class State(models.TextChoices):
+        REQUESTED = "requested", "requested"
+        APPROVED = "approved", "approved"
+        REJECTED = "rejected", "rejected"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quota_grants")
+    extra_gpus = models.PositiveIntegerField(default=0)
+    extra_gpu_memory_mb = models.PositiveBigIntegerField(default=0)
+    extra_running_tasks = models.PositiveIntegerField(default=0)
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    reason = models.CharField(max_length=500)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.REQUESTED)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="quota_grants_requested")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="quota_grants_decided")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    # Stamped by the sweep when the window opens / closes for an approved grant (one notice each).
+    applied_at = models.DateTimeField(null=True, blank=True)
+    expired_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-starts_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(ends_at__gt=models.F("starts_at")), name="quotagrant_window_valid"),
+            models.CheckConstraint(
+                condition=Q(extra_gpus__gt=0) | Q(extra_gpu_memory_mb__gt=0) | Q(extra_running_tasks__gt=0),
+                name="quotagrant_grants_something"),
+        ]
+        indexes = [models.Index(fields=["ends_at"], name="quotagrant_approved_end_idx",
+                                condition=Q(state="approved"))]
+
+    def __str__(self) -> str:
+        return f"grant #{self.pk} for {self.tenant}: {self.extras_text()}"
+
+    def extras_text(self) -> str:
+        parts = []
+        if self.extra_gpus:
+            parts.append(f"+{self.extra_gpus} GPUs")
+        if self.extra_gpu_memory_mb:
+            parts.append(f"+{self.extra_gpu_memory_mb} MB GPU memory")
+        if self.extra_running_tasks:
+            parts.append(f"+{self.extra_running_tasks} running tasks")
+        return ", ".join(parts) or "nothing"
+
+    def clean(self) -> None:
+        errors = {}
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            errors["ends_at"] = "The window must end after it starts."
+        if not (self.extra_gpus or self.extra_gpu_memory_mb or self.extra_running_tasks):
+            errors["extra_gpus"] = "Grant at least one extra GPU, MB of GPU memory or running task."
+        if errors:
+            raise ValidationError(errors)
+
+    def active_at(self, now) -> bool:
+        return self.state == self.State.APPROVED and self.starts_at <= now < self.ends_at
+
+
+
 # --- the audit: old -> new values of governance rows, recorded by database triggers
 # (django-pghistory), whoever makes the change; who and through what is in portal.audit.
 def _audit_events() -> tuple:
@@ -216,3 +284,25 @@ pghistory.track(*_audit_events())(Membership)
 pghistory.track(*_audit_events())(Quota)
 # Never the digest; and last use is bookkeeping, not a change anyone made.
 pghistory.track(*_audit_events(), exclude=["digest", "last_used_at"])(ApiToken)
+pghistory.track(*_audit_events())(QuotaGrant)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_gpus: int
+    max_gpu_memory_mb: int
+    max_running_tasks: int
+
+
+def effective_limits(base: Limits, grants: Iterable, now) -> Limits:
+    """Base quota plus every approved grant whose window [starts_at, ends_at) holds ``now``.
+
+    ``grants`` are QuotaGrant rows or anything with the same attributes; pure, so the
+    scheduler's snapshot and every page that shows a quota agree at any given instant."""
+    gpus, mem, running = base.max_gpus, base.max_gpu_memory_mb, base.max_running_tasks
+    for g in grants:
+        if g.state == QuotaGrant.State.APPROVED and g.starts_at <= now < g.ends_at:
+            gpus += g.extra_gpus
+            mem += g.extra_gpu_memory_mb
+            running += g.extra_running_tasks
+    return Limits(gpus, mem, running)

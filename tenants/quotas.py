@@ -5,9 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from django.utils import timezone
+
 from scheduling import access
 from scheduling.choices import Priority
-from tenants.models import FairShare, Membership, Quota, usage_of
+from tenants.models import FairShare, Limits, Membership, Quota, QuotaGrant, effective_limits, usage_of
+
+# Grants listed beside a quota: those not yet over, and those that ended within this long.
+RECENT_GRANT_DAYS = 7
+
 
 
 def _fair_share(tenant) -> dict[str, Any] | None:
@@ -19,27 +25,65 @@ def _fair_share(tenant) -> dict[str, Any] | None:
             "computed_at": fs.computed_at}
 
 
-def quota_report(user) -> list[dict[str, Any]]:
+def grants_of(tenant_ids, now) -> dict[int, list[QuotaGrant]]:
+    """Each tenant's current, upcoming and recently ended grants (any state), newest first."""
+    out: dict[int, list[QuotaGrant]] = {tid: [] for tid in tenant_ids}
+    recent = now - timezone.timedelta(days=RECENT_GRANT_DAYS)
+    for g in (QuotaGrant.objects.filter(tenant_id__in=list(out), ends_at__gt=recent)
+              .select_related("requested_by", "decided_by").order_by("-starts_at", "-pk")):
+        out[g.tenant_id].append(g)
+    return out
+
+
+def grant_row(g: QuotaGrant, now) -> dict[str, Any]:
+    if g.state != QuotaGrant.State.APPROVED:
+        status = g.state
+    elif g.ends_at <= now:
+        status = "expired"
+    elif g.starts_at <= now:
+        status = "active"
+    else:
+        status = "upcoming"
+    return {"id": g.pk, "extra_gpus": g.extra_gpus, "extra_gpu_memory_mb": g.extra_gpu_memory_mb,
+            "extra_running_tasks": g.extra_running_tasks, "starts_at": g.starts_at, "ends_at": g.ends_at,
+            "reason": g.reason, "state": g.state, "status": status, "text": g.extras_text(),
+            "requested_by": g.requested_by.get_username() if g.requested_by else None,
+            "decided_by": g.decided_by.get_username() if g.decided_by else None}
+
+
+def quota_report(user, now=None) -> list[dict[str, Any]]:
+    """Limits are the effective ones (base + active grants at ``now``); ``base_limits``
+    and ``grants`` say where they come from."""
+    now = now or timezone.now()
     roles = dict(Membership.objects.filter(user=user).values_list("tenant_id", "role"))
     report = []
     tenants = list(access.tenants_for(user).select_related("quota", "fair_share").order_by("slug"))
     usages = usage_of(t.pk for t in tenants)
+    grants = grants_of([t.pk for t in tenants], now)
     for tenant in tenants:
         usage = usages[tenant.pk]
         try:
             quota: Quota | None = tenant.quota
         except Quota.DoesNotExist:
             quota = None
-        limits = None
+        limits = base = None
+        over: list[str] = []
         if quota is not None:
-            limits = {"max_gpus": quota.max_gpus, "max_gpu_memory_mb": quota.max_gpu_memory_mb,
-                      "max_running_tasks": quota.max_running_tasks, "max_pending_tasks": quota.max_pending_tasks,
-                      "max_priority": Priority(quota.max_priority).label,
-                      "allowed_classes": list(quota.allowed_classes)}
+            base = {"max_gpus": quota.max_gpus, "max_gpu_memory_mb": quota.max_gpu_memory_mb,
+                    "max_running_tasks": quota.max_running_tasks, "max_pending_tasks": quota.max_pending_tasks,
+                    "max_priority": Priority(quota.max_priority).label,
+                    "allowed_classes": list(quota.allowed_classes)}
+            eff = effective_limits(Limits(quota.max_gpus, quota.max_gpu_memory_mb, quota.max_running_tasks),
+                                   grants[tenant.pk], now)
+            limits = {**base, **asdict(eff)}
+            # Judged against the effective limits: a grant lifts what counts as "over".
+            over = Quota(max_gpus=eff.max_gpus, max_gpu_memory_mb=eff.max_gpu_memory_mb,
+                         max_running_tasks=eff.max_running_tasks,
+                         max_pending_tasks=quota.max_pending_tasks).exceeded_by(usage)
         report.append({
             "tenant": tenant.slug, "name": tenant.name, "role": roles.get(tenant.pk),
-            "limits": limits, "usage": asdict(usage),
-            "over_limits": quota.exceeded_by(usage) if quota is not None else [],
             "fair_share": _fair_share(tenant),
+            "limits": limits, "base_limits": base, "usage": asdict(usage), "over_limits": over,
+            "grants": [grant_row(g, now) for g in grants[tenant.pk]],
         })
     return report

@@ -133,6 +133,8 @@ class TaskSubmitSerializer(serializers.Serializer):
     timeout_s = serializers.IntegerField(required=False, min_value=1, help_text="Default 3600, at most the max.")
     node_selector = serializers.DictField(child=serializers.CharField(), required=False)
     gpu_model = serializers.CharField(required=False, max_length=submission.GPU_MODEL_MAX_CHARS)
+    reservation = serializers.CharField(required=False, help_text="Run only on this reservation's GPUs, inside "
+                                                                  "its window (a reservation of the same tenant).")
 
 
 class BatchSubmitSerializer(serializers.Serializer):

@@ -26,11 +26,28 @@ class FairShareSerializer(serializers.Serializer):
     computed_at = serializers.DateTimeField()
 
 
+class GrantSummarySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    extra_gpus = serializers.IntegerField()
+    extra_gpu_memory_mb = serializers.IntegerField()
+    extra_running_tasks = serializers.IntegerField()
+    starts_at = serializers.DateTimeField()
+    ends_at = serializers.DateTimeField()
+    reason = serializers.CharField()
+    state = serializers.CharField(help_text="requested, approved or rejected.")
+    status = serializers.CharField(help_text="requested, rejected, upcoming, active or expired.")
+    text = serializers.CharField()
+    requested_by = serializers.CharField(allow_null=True)
+    decided_by = serializers.CharField(allow_null=True)
+
+
 class TenantQuotaSerializer(serializers.Serializer):
     tenant = serializers.CharField()
     name = serializers.CharField()
     role = serializers.CharField(allow_null=True, help_text="Your role: member, admin, or null (staff).")
-    limits = QuotaLimitsSerializer(allow_null=True)
+    limits = QuotaLimitsSerializer(allow_null=True, help_text="Effective: base quota + active grants.")
+    base_limits = QuotaLimitsSerializer(allow_null=True, help_text="The quota without grants.")
     usage = UsageSerializer()
     over_limits = serializers.ListField(child=serializers.CharField())
     fair_share = FairShareSerializer(allow_null=True, help_text="2^(-usage/share); null until first computed.")
+    grants = GrantSummarySerializer(many=True, help_text="Current, upcoming and recently ended grants.")
