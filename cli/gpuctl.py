@@ -72,7 +72,7 @@ ZH_HANS = {
     "ID": "编号", "NAME": "名称", "TENANT": "租户", "STATE": "状态", "PRIORITY": "优先级", "GPUS": "GPU", "POS": "位置",
     "REASON/SERVER": "原因/服务器", "GPU": "GPU", "MODEL": "型号", "MEM USED/TOTAL MB": "显存 已用/总量 MB",
     "UTIL": "利用率", "TEMP": "温度", "GPU MEM MB": "显存 MB", "RUNNING": "运行中", "PENDING": "排队",
-    "MAX PRIO": "最高优先级", "CLASSES": "类别",
+    "MAX PRIO": "最高优先级", "CLASSES": "类别", "FAIR SHARE": "公平份额",
 }
 
 

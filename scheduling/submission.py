@@ -266,18 +266,19 @@ def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, A
         raw = data.get(key)
         parsed[key] = None if raw in (None, "") else _as_int(raw)
         if raw not in (None, "") and parsed[key] is None:
-            errors[key] = ["Must be a whole number."]
+            errors[key] = [_("Must be a whole number.")]
     if errors.keys() & parsed.keys():
         return
     top, servers = limits.max_gpus_per_server, limits.servers
     if top == 0:
-        errors["gpu_count"] = ["No GPU server is registered yet, so no task can be placed."]
+        errors["gpu_count"] = [_("No GPU server is registered yet, so no task can be placed.")]
         return
     count, nodes, per = parsed["gpu_count"], parsed["nodes"], parsed["gpus_per_node"]
     if nodes is not None and not 1 <= nodes <= servers:
         errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
     if per is not None and not 1 <= per <= top:
-        errors["gpus_per_node"] = [f"Must be between 1 and {top} (the most GPUs any one server has)."]
+        errors["gpus_per_node"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has).")
+                                    % {"top": top}]
     if count is not None and count < 1:
         errors["gpu_count"] = [f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple "
                                f"of {top} to span whole servers."]
@@ -307,15 +308,17 @@ def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, A
         if count > top:
             if count % top or count // top > servers:
                 errors["gpu_count"] = [
-                    f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple of {top} "
-                    f"up to {top * servers} to span whole servers (or give nodes and gpus_per_node)."
+                    _("Must be between 1 and %(top)s (the most GPUs any one server has), or a multiple of %(top)s "
+                      "up to %(most)s to span whole servers (or give nodes and gpus_per_node).")
+                    % {"top": top, "most": top * servers}
                 ]
                 return
             nodes = count // top
     if nodes > servers:
         errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
     elif count // nodes > top:
-        errors["gpus_per_node"] = [f"Must be between 1 and {top} (the most GPUs any one server has)."]
+        errors["gpus_per_node"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has).")
+                                    % {"top": top}]
     else:
         values["gpu_count"], values["nodes"] = count, nodes
 

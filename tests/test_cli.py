@@ -193,6 +193,7 @@ def test_messages_follow_lang_and_the_portal_answers_in_the_same_language(gpuctl
 
     refused = run("submit", "--gpus", "9", "--", "true")
     assert refused.returncode == 1
-    assert refused.stderr.strip() == "gpuctl: error: gpu_count: 必须在 1 到 8 之间（单台服务器最多的 GPU 数）。"  # noqa: RUF001
+    assert refused.stderr.strip() == ("gpuctl: error: gpu_count: 必须在 1 到 8 之间（单台服务器最多的 GPU 数），"  # noqa: RUF001
+                                      "或是 8 的倍数、最多 16，以占用整台服务器（或给出 nodes 和 gpus_per_node）。")  # noqa: RUF001
     assert "没有这个任务" in run("show", "999999").stderr
     assert run("queue").stdout.split()[:3] == ["编号", "名称", "租户"]

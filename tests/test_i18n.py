@@ -85,9 +85,11 @@ def test_api_errors_read_in_chinese_when_asked(api_client_for, alice, servers):
     api = api_client_for(alice)
     r = api.post("/api/v1/tasks", {"command": "x", "gpu_count": 99}, format="json", **ZH)
     assert r.status_code == 400
-    assert r.json()["gpu_count"] == ["必须在 1 到 8 之间（单台服务器最多的 GPU 数）。"]
+    assert r.json()["gpu_count"] == [("必须在 1 到 8 之间（单台服务器最多的 GPU 数），或是 8 的倍数、最多 16，"
+        "以占用整台服务器（或给出 nodes 和 gpus_per_node）。")]
     r = api.post("/api/v1/tasks", {"command": "x", "gpu_count": 99}, format="json")
-    assert r.json()["gpu_count"] == ["Must be between 1 and 8 (the most GPUs any one server has)."]
+    assert r.json()["gpu_count"] == ["Must be between 1 and 8 (the most GPUs any one server has), or a multiple of 8 "
+                                     "up to 16 to span whole servers (or give nodes and gpus_per_node)."]
 
 
 def test_pending_reasons_are_translated_from_the_cores_templates_at_display_time():

@@ -180,18 +180,16 @@ class Command(BaseCommand):
         """The usage ledger's upkeep: sample GPU utilisation, roll closed intervals up."""
         try:
             usage.maintain()
-        except Exception:
-            log.exception("usage roll-up failed")
-            connection.close_if_unusable_or_obsolete()
+        except Exception as exc:
+            self.failed("usage roll-up", exc)
         return False
 
     def history_step(self) -> bool:
         """Sample GPU and tenant figures for the charts (portal.history): set-based, off the heartbeat path."""
         try:
             history.record()
-        except Exception:
-            log.exception("history sampling failed")
-            connection.close_if_unusable_or_obsolete()
+        except Exception as exc:
+            self.failed("history sampling", exc)
         return False
 
     def heartbeat_step(self) -> bool:
