@@ -3,8 +3,8 @@ nodes behind the shipped HAProxy config, two schedulers, the q cluster and three
 own network namespace. Every drill ends by checking that no GPU was held twice, no
 accepted task was lost and no task runs on two servers.
 
-Time is scaled (see ``tests.ha_cluster``): servers are lost after 3 s of silence
-instead of 30 s, so the "5 minute" portal outage is 15 s here (five timeouts), and
+Time is scaled (see ``tests.ha_cluster``): servers are lost after 5 s of silence
+instead of 30 s, so the "5 minute" portal outage is 25 s here (five timeouts), and
 the agents' lease is 60 s (above every outage drilled, as 900 s is above 5 minutes).
 """
 
@@ -181,7 +181,7 @@ def test_a_long_outage_of_every_web_node_and_scheduler_restarts_nothing_and_spen
         cluster.start_web(key)
     for key in ("sched1", "sched2"):
         cluster.start_scheduler(key)
-    # Long enough for a wrong judgement to show: sweeps run every 0.5 s, servers are lost after 3 s.
+    # Long enough for a wrong judgement to show: sweeps run every 0.5 s, servers are lost after 5 s.
     wait_for(lambda: cluster.scalar("SELECT count(*) FROM nodes_node WHERE status = 'active' AND "
                                     "last_heartbeat_at > now() - interval '2 seconds'") == 3, 30,
              "the agents to be heard again")
