@@ -56,9 +56,10 @@ from django.db import transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from bench import ceilings  # noqa: E402
+from kernel import live  # noqa: E402
 from nodes.enrolment import issue_join_token  # noqa: E402
 from nodes.models import GPU, JoinToken, Node  # noqa: E402
-from portal import live, webserver  # noqa: E402
+from portal import webserver  # noqa: E402
 from scheduling import triggers  # noqa: E402
 from scheduling.models import Allocation, Task  # noqa: E402
 from scheduling.passes import run_pass  # noqa: E402

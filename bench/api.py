@@ -56,7 +56,7 @@ def make_fixtures(connections: int) -> tuple[list[tuple[str, str]], list[int]]:
 
     from nodes.models import GPU, Node, NodeStatus
     from portal.api.authentication import create_token
-    from scheduling.choices import Priority
+    from tenants.choices import Priority
     from tenants.models import Membership, Quota, Tenant
 
     cleanup()

@@ -1,4 +1,4 @@
-"""History sampling benchmark: what ``portal.history`` costs the database, beside a raw ceiling.
+"""History sampling benchmark: what ``scheduling.history`` costs the database, beside a raw ceiling.
 
     .venv/bin/python bench/history.py [--quick]
 
@@ -80,8 +80,8 @@ def main() -> None:
     from django.db import connection
     from django.utils import timezone
 
-    from portal import history
-    from portal.models import GpuSample
+    from kernel.models import GpuSample
+    from scheduling import history
 
     call_command("migrate", verbosity=0)
     gpus = build(200 if args.quick else 1000)

@@ -81,8 +81,9 @@ def build(servers: int, seed: int = 1, gang_fraction: float = 0.0) -> int:
     from django.utils import timezone
 
     from nodes.models import GPU, Node, NodeStatus
-    from scheduling.choices import ShareMode, WorkloadClass
+    from scheduling.choices import ShareMode
     from scheduling.models import Task
+    from tenants.choices import WorkloadClass
     from tenants.models import Quota, Tenant
 
     with connection.cursor() as cursor:
@@ -234,7 +235,7 @@ def latency(samples: int, db_url: str) -> dict:
     import psycopg
     from django.db import connection, transaction
 
-    from portal.models import ControlPlaneServer
+    from kernel.models import ControlPlaneServer
     from scheduling import triggers
     from scheduling.models import Task
     from tenants.models import Tenant

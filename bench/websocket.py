@@ -6,7 +6,7 @@ Runs against DATABASE_URL (or the embedded PostgreSQL). Starts one web
 process as ``make run`` does (``portal.webserver``; channel layer: PostgreSQL,
 or Redis with --redis / REDIS_URL), opens ``--viewers`` staff websockets to /ws/cluster/ (the admin console's feed) and
 then, round after round, commits a new utilisation for one GPU from this
-process and announces it through ``portal.live.gpus_changed`` (as a heartbeat
+process and announces it through ``kernel.live.gpus_changed`` (as a heartbeat
 or a scheduler pass on another node would). Each viewer notes when a frame with
 the new value reaches it; the latency is that moment minus the commit.
 
@@ -49,8 +49,9 @@ from django.test import Client  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 from bench import ceilings  # noqa: E402
+from kernel import live  # noqa: E402
 from nodes.models import GPU, Node, NodeStatus  # noqa: E402
-from portal import live, webserver  # noqa: E402
+from portal import webserver  # noqa: E402
 
 NODE, USER = "bench-ws", "bench-ws-operator"
 

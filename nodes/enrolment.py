@@ -20,8 +20,8 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from kernel import tokens
 from nodes.models import JoinToken, Node, NodeStatus
-from portal import tokens
 
 
 class EnrolmentError(Exception):

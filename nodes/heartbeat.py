@@ -21,11 +21,10 @@ from typing import Any
 
 from django.db import IntegrityError, connection, transaction
 
+from kernel import events, hearing, live
+from kernel.alerts import raise_alert
+from kernel.models import Alert
 from nodes.models import GPU, GPUHealth, Node, NodeStatus, remember_models
-from portal import hearing, live
-from portal.alerts import raise_alert
-from portal.models import Alert
-from scheduling import triggers
 
 # One UPDATE for all of a server's GPUs. (``bulk_update`` builds a CASE expression per
 # field and row: about 15 ms of CPU for 8 GPUs, which alone would cap a web process
@@ -241,7 +240,7 @@ def ingest(node: Node, data: dict[str, Any]) -> HeartbeatResult:
             result.updated_gpus = len(to_update)
             _gpus_changed(node.pk, urgent=result.came_online)
             if result.came_online:
-                triggers.request_pass(f"server {node.name} online")
+                events.capacity_changed.send(sender=Node, reason=f"server {node.name} online")
         else:
             _ingest_in_transaction(node, data, result, to_update, to_create, errored, inventory)
         _remember_loaded_models(reports, [*to_update, *to_create])
@@ -294,6 +293,6 @@ def _ingest_in_transaction(node: Node, data: dict[str, Any], result: HeartbeatRe
         result.created_gpus, result.updated_gpus = len(to_create), len(to_update)
         _gpus_changed(node.pk, urgent=bool(result.came_online or errored or to_create))
         if result.came_online:
-            triggers.request_pass(f"server {node.name} online")
+            events.capacity_changed.send(sender=Node, reason=f"server {node.name} online")
         elif errored:
-            triggers.request_pass(f"server {node.name}: GPU cordoned")
+            events.capacity_changed.send(sender=Node, reason=f"server {node.name}: GPU cordoned")

@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.translation import gettext_lazy as _
 
-from portal import tokens
+from kernel import tokens
 
 
 class NodeStatus(models.TextChoices):

@@ -7,10 +7,14 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils.translation import gettext as _
 
-from nodes.models import NodeStatus
-from portal import control_plane, livedata
-from portal.models import Alert
-from scheduling.models import Task
+from kernel import control_plane
+from kernel.models import Alert
+from nodes.models import Node, NodeStatus
+from portal import livedata
+from portal.views import usage_table
+from scheduling import reservations, usage, whatif
+from scheduling.models import Reservation, Task
+from tenants.models import QuotaGrant, Tenant
 
 
 def cluster_overview(request: HttpRequest) -> HttpResponse:
@@ -46,9 +50,6 @@ def usage_report(request: HttpRequest) -> HttpResponse:
 
     from django.utils import timezone
 
-    from portal.views import usage_table
-    from scheduling import usage
-    from tenants.models import Tenant
 
     now = timezone.now()
     try:
@@ -92,9 +93,6 @@ def what_if(request: HttpRequest, tenant_id: int | None = None) -> HttpResponse:
     pass would do after saving it. Writes nothing."""
     from django.shortcuts import get_object_or_404
 
-    from scheduling import reservations, whatif
-    from scheduling.models import Reservation
-    from tenants.models import QuotaGrant, Tenant
 
     error = None
     answer = None
@@ -137,7 +135,6 @@ def what_if(request: HttpRequest, tenant_id: int | None = None) -> HttpResponse:
 
 def booking_calendar(request: HttpRequest) -> HttpResponse:
     """The booking calendar inside the admin (the portal's Calendar page has the request form)."""
-    from nodes.models import Node
 
     context = {**admin.site.each_context(request), "title": "Booking calendar",
                "servers": list(Node.objects.order_by("name").values_list("name", flat=True))}

@@ -3,33 +3,17 @@ from django.utils.translation import gettext_lazy as _
 
 
 class PortalConfig(AppConfig):
+    """The project package on top of the apps: settings, URLs, ASGI routing, the web pages,
+    the REST APIs (``portal.api``), the admin (``portal.admin``) and ``/metrics``.
+
+    Labelled ``web``: the ``portal`` label belongs to the kernel's models (``kernel.apps``).
+    """
+
     name = "portal"
+    label = "web"
     verbose_name = _("Portal")
 
     def ready(self) -> None:
-        from django_q.signals import post_spawn
-
         from portal import metrics
 
         metrics.register()
-        # Each q cluster worker process joins the control-plane registry (role "worker").
-        post_spawn.connect(_q_worker_spawned, dispatch_uid="portal.registry.q_worker")
-
-
-def _q_worker_spawned(sender, proc_name: str = "", **kwargs) -> None:
-    import multiprocessing
-    import os
-
-    if multiprocessing.parent_process() is None:
-        return  # a synchronous q cluster (Q_SYNC, tests) runs the worker in this very process
-
-    from django.db import connection
-
-    from portal import control_plane, registry
-    from portal.models import ControlPlaneServer
-
-    # Name this worker's database sessions, so a pass it runs shows who holds the lock.
-    connection.close()
-    connection.settings_dict.setdefault("OPTIONS", {})["application_name"] = control_plane.application_name(
-        os.environ.get("PORTAL_PROCESS_NAME") or "gpu-portal-qcluster", ControlPlaneServer.Role.WORKER)
-    registry.start_background(ControlPlaneServer.Role.WORKER)

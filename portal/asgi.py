@@ -31,7 +31,7 @@ class RegisterOnFirstRequest:
             from django.conf import settings
 
             if settings.REGISTRY_ENABLED:
-                from portal import registry
+                from kernel import registry
 
                 registry.start_background("web")
         return await self.app(scope, receive, send)

@@ -16,7 +16,7 @@ This subclass changes only that:
   within seconds instead of hanging;
 - the LISTEN task reconnects with capped exponential backoff, logged once per
   outage, and on reconnecting delivers the messages queued meanwhile (the parent
-  reads unexpired messages first; ``portal.live`` stamps ids, so consumers drop a
+  reads unexpired messages first; ``kernel.live`` stamps ids, so consumers drop a
   copy delivered twice).
 """
 

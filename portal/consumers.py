@@ -5,7 +5,7 @@
   of the user's tenants, never anyone else's.
 
 Anonymous users and users without the right are refused at the handshake
-(HTTP 403). Consumers receive high-level events from ``portal.live`` (ids of
+(HTTP 403). Consumers receive high-level events from ``kernel.live`` (ids of
 what changed) and format the current rows themselves, at most once per
 ``LIVE_MIN_INTERVAL_MS`` per viewer: a burst of events becomes one frame.
 """
@@ -22,7 +22,13 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from portal import live, livedata
+from kernel import live
+from portal import livedata
+from scheduling import logs
+from scheduling.access import tasks_for
+from scheduling.choices import TaskStatus
+from scheduling.models import Task
+from scheduling.reasons import translate_reason
 from tenants.models import Membership, Tenant
 
 MEMBERSHIP_RECHECK_S = 5.0
@@ -154,7 +160,7 @@ class CoalescingConsumer(AsyncJsonWebsocketConsumer):
         seen.append(mid)
         return False
 
-    # --- events from portal.live -----------------------------------------------------------
+    # --- events from kernel.live -----------------------------------------------------------
     async def gpus_changed(self, event: dict[str, Any]) -> None:
         if not self.duplicate(event):
             self.mark("nodes", event.get("node_ids", []), _seen_at(event))
@@ -213,8 +219,6 @@ def localised(tasks: list[dict[str, Any]], language: str) -> list[dict[str, Any]
         return tasks
     from django.utils import translation
 
-    from scheduling.choices import TaskStatus
-    from scheduling.reasons import translate_reason
 
     with translation.override(language):
         return [{**t, "status_label": str(TaskStatus(t["status"]).label),
@@ -342,14 +346,11 @@ class TaskLogConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _visible(self, user) -> bool:
-        from scheduling.access import tasks_for
 
         return tasks_for(user).filter(pk=self.task_id).exists()
 
     @database_sync_to_async
     def _read(self) -> list[dict[str, Any]]:
-        from scheduling import logs
-        from scheduling.models import Task
 
         task = Task.objects.only("attempt", "status").get(pk=self.task_id)
         frames = []

@@ -1,7 +1,7 @@
 """JSON for the history charts (``portal/static/portal/charts.js`` draws them with Chart.js).
 
 Each answer is ``{"range", "step_s", "series": [{"label", "unit", "axis", "points": [[ms, value], ...]}]}``;
-``?range=`` is one of ``portal.history.RANGES`` (default 24h). Who may read what follows the
+``?range=`` is one of ``scheduling.history.RANGES`` (default 24h). Who may read what follows the
 pages: GPUs, servers and the cluster's utilisation are visible to every logged-in user
 (capacity is shared, as on the dashboard), a tenant's usage to its members and staff, a
 task's GPUs to those who see the task.
@@ -19,8 +19,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from nodes.models import GPU, Node
-from portal import history
-from scheduling import access
+from scheduling import access, history
 
 
 def _window(request: HttpRequest) -> tuple[str, history.Window] | JsonResponse:

@@ -17,9 +17,10 @@ from django.utils.translation import gettext_lazy as _
 
 from nodes.inventory import is_reserved_by_config
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
-from scheduling.choices import Priority
 from scheduling.models import Allocation, Task
-from tenants.models import Limits, Quota, QuotaGrant, Tenant, effective_limits, usage_of
+from scheduling.quotas import usage_of
+from tenants.choices import Priority
+from tenants.models import Limits, Quota, QuotaGrant, Tenant, effective_limits
 
 GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
 

@@ -5,7 +5,7 @@ Every web process registers ``PortalCollector``; whichever process Prometheus
 scrapes reads the same rows, so several web nodes behind a load balancer report
 the same truth (no per-process counters that reset or disagree). Counters come
 from durable rows: placements from task events, GPU task counts from
-allocations, pass figures from ``MetricCounter`` rows that ``record_pass`` adds to.
+allocations, pass figures from ``MetricCounter`` rows that ``kernel.counters.record_pass`` adds to.
 """
 
 from __future__ import annotations
@@ -26,42 +26,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import REGISTRY, Collector
 from prometheus_client.utils import floatToGoString
 
-from scheduling.choices import Priority
+from kernel.counters import PASS_BUCKETS
+from kernel.models import Alert
+from tenants.choices import Priority
 
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
 QUEUE_WAIT_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
-PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def record_pass(duration_s: float, *, placed: int = 0, ok: bool = True) -> None:
-    """Count one scheduler pass (call it after the pass, committed or not).
-
-    One statement, adding to shared rows, so passes on any node are summed.
-    ``placed`` tasks are not counted here: placements come from task events.
-    """
-    rows: list[tuple[str, str, float]] = [
-        ("scheduler_passes", "", 1.0),
-        ("scheduler_pass_duration_seconds_sum", "", float(duration_s)),
-    ]
-    rows += [("scheduler_pass_duration_seconds_bucket", f'le="{b}"', 1.0) for b in PASS_BUCKETS if duration_s <= b]
-    if not ok:
-        rows.append(("scheduler_schedule_failures", "", 1.0))
-    _add(rows)
-
-
-def _add(rows: Iterable[tuple[str, str, float]]) -> None:
-    rows = list(rows)
-    values = ", ".join(["(%s, %s, %s, now())"] * len(rows))
-    params = [p for row in rows for p in row]
-    with connection.cursor() as cur:
-        cur.execute(
-            f"INSERT INTO portal_metriccounter (name, labels, value, updated_at) VALUES {values} "  # noqa: S608
-            "ON CONFLICT (name, labels) DO UPDATE SET value = portal_metriccounter.value + EXCLUDED.value, "
-            "updated_at = EXCLUDED.updated_at",
-            params,
-        )
 
 
 def _families() -> dict[str, Metric]:
@@ -193,7 +165,6 @@ def collect_families() -> list[Metric]:
                 f["quota_limit"].add_metric([slug, resource], limit)
 
     open_alerts = dict(_query("SELECT kind, count(*) FROM portal_alert WHERE acknowledged_at IS NULL GROUP BY 1"))
-    from portal.models import Alert
 
     for kind in Alert.Kind.values:
         f["alerts"].add_metric([kind], open_alerts.get(kind, 0))

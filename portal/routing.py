@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django.urls import path
 
-from nodes.consumers import AgentConsumer
 from portal import consumers
+from portal.agent_consumers import AgentConsumer
 
 websocket_urlpatterns: list = [
     path("ws/agent/v1/", AgentConsumer.as_asgi()),

@@ -67,10 +67,11 @@ INSTALLED_APPS = [
     "channels_postgres",
     "pgtrigger",
     "pghistory",
-    "portal",
+    "kernel",
     "tenants",
     "nodes",
     "scheduling",
+    "portal",
 ]
 
 MIDDLEWARE = [
@@ -189,7 +190,7 @@ else:
 # Live pages: a viewer gets at most one frame per this many ms (bursts are merged).
 LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
 # After-commit pushes leave from a background publisher thread, not the request
-# thread (portal.live); off only in the test process's in-memory channel layer.
+# thread (kernel.live); off only in the test process's in-memory channel layer.
 LIVE_PUBLISH_IN_BACKGROUND = envbool("LIVE_PUBLISH_IN_BACKGROUND", True)
 
 # Alerts (server lost, GPU error, task OOM) are also POSTed here as JSON, after commit.
@@ -248,7 +249,7 @@ X_FRAME_OPTIONS = "DENY"
 
 # --- The audit (django-pghistory; portal.audit) -----------------------------------------
 # One searchable log of every audited change, with old -> new values and the context.
-PGHISTORY_ADMIN_CLASS = "portal.admin.AuditEventsAdmin"
+PGHISTORY_ADMIN_CLASS = "portal.admin.kernel.AuditEventsAdmin"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -328,7 +329,7 @@ SCHEDULER = load_config(envstr("PORTAL_CONFIG"))
 # web server or CDN in front and leaves this off).
 SERVE_STATIC = envbool("SERVE_STATIC", DEBUG)
 
-# --- GPU and tenant history (portal.history; issue 15) ---------------------------------
+# --- GPU and tenant history (scheduling.history; issue 15) ---------------------------------
 # Sampled from the database every HISTORY_SAMPLE_S by runscheduler (and by the every-minute
 # sweep as a safety net), never on the heartbeat path; rolled up per minute and per hour.
 HISTORY_SAMPLE_S = envint("HISTORY_SAMPLE_S", 10, minimum=1)

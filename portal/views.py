@@ -23,11 +23,15 @@ from django.views.decorators.http import require_POST
 from nodes import inventory
 from nodes.models import Node
 from portal.api.authentication import create_token
-from scheduling import access, lifecycle, logs, submission
-from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
+from scheduling import access, lifecycle, logs, reservations, submission, usage
+from scheduling.calendar import events
+from scheduling.choices import FINAL_STATUSES, ShareMode, TaskStatus
+from scheduling.grants import GrantRequestForm, grants_for, requestable_tenants
 from scheduling.models import TaskLogChunk
+from scheduling.preview import would_fit
+from scheduling.quotas import quota_report
+from tenants.choices import Priority, WorkloadClass
 from tenants.models import ApiToken
-from tenants.quotas import quota_report
 
 ACTIVE_OR_PENDING = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 FORM_FIELDS = ("tenant", "name", "command", "gpu_count", "gpu_memory_mb", "share_mode", "priority", "workload_class",
@@ -78,7 +82,6 @@ def submit(request: HttpRequest) -> HttpResponse:
         values = _form_data(request.POST)
         spec, errors = submission.validate(values, ctx)
         if not errors and request.POST.get("action") == "preview":
-            from scheduling.preview import would_fit
 
             preview = would_fit(spec)
         elif not errors:
@@ -221,7 +224,6 @@ def usage_page(request: HttpRequest) -> HttpResponse:
     Scoped by ``scheduling.access.usage_for``: tenant admins see every member, plain
     members their tenant's totals and their own per-user line.
     """
-    from scheduling import usage
 
     now = timezone.now()
     try:
@@ -252,7 +254,6 @@ def usage_page(request: HttpRequest) -> HttpResponse:
 @login_required
 def quota_grants(request: HttpRequest) -> HttpResponse:
     """My tenants' quota grants, and the request form for tenant admins."""
-    from tenants.grants import GrantRequestForm, grants_for, requestable_tenants
 
     form = GrantRequestForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
@@ -271,7 +272,6 @@ def quota_grants(request: HttpRequest) -> HttpResponse:
 @login_required
 def reservation_list(request: HttpRequest) -> HttpResponse:
     """My tenants' reservations, and the request form (also filled by a drag on the calendar)."""
-    from scheduling import reservations
 
     form = reservations.ReservationRequestForm(request.POST or None, user=request.user)
     refused = None
@@ -302,7 +302,6 @@ def reservation_list(request: HttpRequest) -> HttpResponse:
 def reservation_release(request: HttpRequest, pk: int) -> HttpResponse:
     from django.core.exceptions import PermissionDenied
 
-    from scheduling import reservations
 
     res = get_object_or_404(reservations.reservations_for(request.user), pk=pk)
     try:
@@ -319,7 +318,6 @@ def reservation_release(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 def calendar(request: HttpRequest) -> HttpResponse:
     """Week and month views of every server's bookings (FullCalendar, vendored in static)."""
-    from scheduling import reservations
 
     return render(request, "portal/calendar.html", {
         "servers": list(Node.objects.order_by("name").values_list("name", flat=True)),
@@ -334,7 +332,6 @@ def calendar_events(request: HttpRequest) -> JsonResponse:
 
     Every tenant's approved reservations are shown (name and tenant: the cluster is
     shared, and people plan around each other); requests only to their own tenants."""
-    from scheduling.calendar import events
 
     try:
         start, end = parse_datetime(request.GET.get("start", "")), parse_datetime(request.GET.get("end", ""))

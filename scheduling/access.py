@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
+from scheduling import usage
 from scheduling.models import Task
 from tenants.models import Membership, Tenant
 
@@ -64,7 +65,6 @@ def usage_for(user, start, end, group_by: list[str]):
     member sees the tenant's totals, but broken down by user or task only their own
     rows: what colleagues ran stays between them and the tenant's admins.
     """
-    from scheduling import usage
 
     if not user.is_authenticated:
         return []

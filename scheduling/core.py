@@ -124,7 +124,7 @@ from scheduling.core_types import (
     Snapshot,
 )
 
-# Same values as scheduling.choices.Priority; repeated here so the core imports no Django models.
+# Same values as tenants.choices.Priority; repeated here so the core imports no Django models.
 PRIORITY_NAMES = {0: "LOW", 1: "NORMAL", 2: "HIGH", 3: "CRITICAL"}
 LOW = 0
 

@@ -62,7 +62,7 @@ class RunningTask:
 
     id: int
     tenant_id: int
-    priority: int  # scheduling.choices.Priority value (higher first)
+    priority: int  # tenants.choices.Priority value (higher first)
     workload_class: str  # "online" | "batch"
     node_id: int
     gpu_ids: tuple[int, ...]

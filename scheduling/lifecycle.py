@@ -12,11 +12,13 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from kernel import live
+from kernel.alerts import raise_alert
 from nodes.models import remember_models
-from portal import live
 from scheduling import triggers
 from scheduling.choices import TaskStatus
 from scheduling.models import ModelMemoryEstimate, Task, TaskRank
+from scheduling.submission import ClusterLimits
 
 
 def _changed(task: Task, *, node_id: int | None) -> None:
@@ -134,14 +136,12 @@ def _retry_memory_mb(task: Task, estimate: ModelMemoryEstimate | None) -> int | 
         return estimate.memory_mb
     if task.gpu_memory_mb is None:
         return None
-    from scheduling.submission import ClusterLimits
 
     raised = int(task.gpu_memory_mb * settings.SCHEDULER.oom_memory_factor)
     return max(min(raised, ClusterLimits.load().max_task_memory_mb), task.gpu_memory_mb)
 
 
 def _alert_oom(task: Task, *, node_id: int, estimate: ModelMemoryEstimate | None, final: bool) -> None:
-    from portal.alerts import raise_alert
 
     retry = (f"requeued (retry {task.attempt + 1} of {task.max_retries})" if not final
              else "failed: no retries left")

@@ -20,11 +20,10 @@ from scheduling.choices import (
     ACTIVE_STATUSES,
     FINAL_STATUSES,
     TRANSITIONS,
-    Priority,
     ShareMode,
     TaskStatus,
-    WorkloadClass,
 )
+from tenants.choices import Priority, WorkloadClass
 
 
 class InvalidTransition(ValidationError):

@@ -27,12 +27,12 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models.functions import Now
 
+from kernel import counters, live
 from nodes.models import GPUHealth, NodeStatus, model_cache
-from portal import live
 from scheduling import arrays, dependencies, lifecycle, triggers
 from scheduling.choices import ShareMode, TaskStatus
+from scheduling.core import schedule
 from scheduling.core_types import (
     GpuState,
     NodeState,
@@ -44,13 +44,13 @@ from scheduling.core_types import (
     Snapshot,
     TenantState,
 )
+from scheduling.lock import lock_scheduler
 from scheduling.models import SchedulerLock, Task
 from scheduling.reservations import snapshot_windows
 from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "scheduler"
 Schedule = Callable[[Snapshot], Plan]
 
 # Limits of a tenant that has no Quota row: the model's defaults.
@@ -66,7 +66,7 @@ class PassResult:
     core_s: float = 0.0
     # Placements dropped because their task left the queue (e.g. cancelled) during the pass.
     skipped: int = 0
-    # Seconds spent after commit telling agents and websockets (portal.live pushes).
+    # Seconds spent after commit telling agents and websockets (kernel.live pushes).
     notify_s: float = 0.0
     placed_task_ids: list[int] = field(default_factory=list)
 
@@ -242,7 +242,7 @@ def load_snapshot(now: datetime) -> _Loaded:
 
         _next_result(cursor)
         running: list[RunningTask] = []
-        # Tenant usage counts distinct GPUs, like Tenant.usage().
+        # Tenant usage counts distinct GPUs, like scheduling.quotas.usage_of.
         tenant_gpus: dict[int, set[int]] = {}
         for (task_id, tenant_id, priority, wclass, since, timeout_s, node_id, gpu_ids, mem, exclusive,
              mem_total) in cursor.fetchall():
@@ -463,31 +463,7 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         triggers.request_pass("tasks preempted")
 
 
-# The scheduler lock's holder, made visible in pg_locks (advisory, transaction-scoped):
-# taken right after the row lock, so it is never contended, and released with it at
-# commit, rollback or a dead connection. Operators read who holds it, and since when,
-# from PostgreSQL itself (portal.control_plane), not from a row the holder writes.
-SCHEDULER_ADVISORY_KEY = 0x5C4ED
-
-
-def lock_scheduler() -> tuple[int, datetime]:
-    """Take the scheduler lock (inside the pass's transaction); return its id and DB time."""
-    locked = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
-              .annotate(db_now=Now()).values_list("pk", "db_now"))
-    try:
-        held = locked.get()
-    except SchedulerLock.DoesNotExist:
-        # Migration 0001 creates the row; recreate it if it was deleted (e.g. a table flush).
-        SchedulerLock.objects.get_or_create(name=LOCK_NAME)
-        held = locked.get()
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULER_ADVISORY_KEY])
-    return held
-
-
 def _default_schedule() -> Schedule:
-    from scheduling.core import schedule
-
     return schedule
 
 
@@ -520,10 +496,8 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
 
 def _record_pass(duration_s: float, *, ok: bool) -> None:
     """Feed /metrics (pass count, duration histogram, failures); never fails the pass."""
-    from portal import metrics
-
     try:
-        metrics.record_pass(duration_s, ok=ok)
+        counters.record_pass(duration_s, ok=ok)
     except Exception:
         log.exception("could not record pass metrics")
 

@@ -29,6 +29,7 @@ from django.utils import timezone
 from nodes.models import GPU, Node
 from scheduling import access, triggers
 from scheduling.core_types import ReservationWindow
+from scheduling.lock import lock_scheduler
 from scheduling.models import Allocation, Reservation, ReservationPolicy, ReservationSlot
 from tenants.models import Membership, Tenant
 
@@ -258,7 +259,6 @@ def _policy_covers(res: Reservation) -> bool:
 
 def decide(res_id: int, *, approve: bool, by, note: str = "") -> Reservation:
     """Approve (book its GPUs) or reject a requested reservation. ``by`` None: the policy."""
-    from scheduling.passes import lock_scheduler
 
     if by is not None and not by.is_staff:
         raise PermissionDenied("Only staff approve or reject reservations.")

@@ -23,10 +23,11 @@ from django.db.models.sql import InsertQuery
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from portal import live
+from kernel import live
 from scheduling import access, arrays, dependencies, triggers
-from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
-from scheduling.models import Task, TaskArray, TaskDependency
+from scheduling.choices import ShareMode, TaskStatus
+from scheduling.models import Reservation, Task, TaskArray, TaskDependency
+from tenants.choices import Priority, WorkloadClass
 from tenants.models import Quota, Tenant
 
 # Limits a user can hit (documented in the README, "Limits a user can hit").
@@ -469,7 +470,6 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     # Reservation (like Slurm's --reservation): by name, of the task's own tenant, not over.
     name = data.get("reservation")
     if name not in (None, ""):
-        from scheduling.models import Reservation
 
         res = Reservation.objects.filter(name=str(name).strip()).first() if isinstance(name, str) else None
         if res is None or (tenant is not None and res.tenant_id != tenant.pk):

@@ -6,7 +6,7 @@
   remain, else fail with "server lost"; an operator alert is raised. Only
   active and draining servers are swept: one in maintenance stays as the
   operator set it, and one that never sent a heartbeat was set up by hand.
-  Loss is judged from evidence only (``portal.hearing``): while the portal
+  Loss is judged from evidence only (``kernel.hearing``): while the portal
   cannot hear, or has listened for less than a timeout since it could again
   (a start, a database or web outage), nobody is judged; and when more than
   ``lost_guard_fraction`` of the servers (at least two) are silent at once, it
@@ -32,14 +32,16 @@ from django.db import connection, transaction
 from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
+from kernel import hearing, live
+from kernel.alerts import raise_alert
+from kernel.models import Alert
 from nodes.models import Node, NodeStatus
-from portal import hearing, live
-from portal.alerts import raise_alert
-from portal.models import Alert
-from scheduling import reservations, triggers
+from scheduling import history, reservations, triggers, usage
 from scheduling.choices import TaskStatus
+from scheduling.lock import lock_scheduler
 from scheduling.models import Allocation, ClockTimestamp, Task
-from scheduling.passes import lock_scheduler
+from scheduling.queue_wait import check_queue_wait
+from tenants.models import QuotaGrant
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +251,6 @@ def _quota_grant_bounds(now) -> int:
     this sweep then requests applies (or stops applying) the extra quota. The quota itself
     follows the clock (passes.load_snapshot), so a late sweep delays only the notice and
     the wake-up, never the bound."""
-    from tenants.models import QuotaGrant
 
     changed = 0
     due = (QuotaGrant.objects.select_for_update(of=("self",)).select_related("tenant")
@@ -277,9 +278,6 @@ def _quota_grant_bounds(now) -> int:
 
 def sweep_task() -> str:
     """The django-q2 scheduled safety net (every minute); also the queue-wait alert check."""
-    from portal import history
-    from portal.alerts import check_queue_wait
-    from scheduling import usage
 
     result = sweep(actor="sweep:q")
     check_queue_wait()

@@ -52,6 +52,9 @@ from datetime import UTC, date, datetime, time, timedelta
 from django.db import connection, transaction
 from django.utils import timezone
 
+from nodes.models import Node
+from tenants.models import FairShare, Quota, Tenant
+
 ROLLUP_NAME = "usage"
 ROLLUP_LAG = timedelta(minutes=5)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -303,8 +306,6 @@ def _label(group: list[str], rows: list[tuple]) -> list[UsageRow]:
     """Turn ids into names (tenant slug, username, server name) with one query per kind."""
     from django.contrib.auth import get_user_model
 
-    from nodes.models import Node
-    from tenants.models import Tenant
 
     idx = {g: i for i, g in enumerate(group)}
     names: dict[str, dict] = {}
@@ -414,7 +415,6 @@ def refresh_fair_share(now: datetime | None = None, half_life_h: float | None = 
     """
     from django.conf import settings
 
-    from tenants.models import FairShare, Quota, Tenant
 
     now = now or timezone.now()
     half_life_s = (half_life_h or settings.SCHEDULER.fair_share_half_life_h) * 3600.0

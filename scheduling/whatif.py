@@ -16,8 +16,11 @@ from typing import Any
 
 from django.db import connection, transaction
 
+from scheduling import reservations
 from scheduling.core import schedule
 from scheduling.models import Task
+from scheduling.passes import load_snapshot
+from tenants.models import Quota, QuotaGrant
 
 # How many waiting tasks the answer lists (the queue may be long).
 MAX_WAITING_LISTED = 100
@@ -33,7 +36,6 @@ def simulate(apply: Callable[[], Any]) -> dict[str, Any]:
     ``apply`` returns a reservation id when the change is a reservation (its overlapping
     running tasks are listed). Its own errors (a conflict) propagate; nothing is written
     either way."""
-    from scheduling.passes import load_snapshot
 
     out: dict[str, Any] = {}
     try:
@@ -101,7 +103,6 @@ def _describe(loaded, plan, baseline, now: datetime, reservation_id: int | None)
 
 def quota_change(tenant_id: int, **limits: int) -> Callable[[], None]:
     """A tenant's quota with some limits changed (max_gpus, max_gpu_memory_mb, max_running_tasks)."""
-    from tenants.models import Quota
 
     def apply() -> None:
         quota, _ = Quota.objects.get_or_create(tenant_id=tenant_id)
@@ -114,7 +115,6 @@ def quota_change(tenant_id: int, **limits: int) -> Callable[[], None]:
 
 def grant_approval(grant_id: int) -> Callable[[], None]:
     """Approving a requested grant (or any grant, as approved)."""
-    from tenants.models import QuotaGrant
 
     def apply() -> None:
         QuotaGrant.objects.filter(pk=grant_id).update(state=QuotaGrant.State.APPROVED)
@@ -123,7 +123,6 @@ def grant_approval(grant_id: int) -> Callable[[], None]:
 
 
 def new_grant(**fields: Any) -> Callable[[], None]:
-    from tenants.models import QuotaGrant
 
     def apply() -> None:
         QuotaGrant.objects.create(state=QuotaGrant.State.APPROVED, reason=fields.pop("reason", "what-if"),
@@ -134,7 +133,6 @@ def new_grant(**fields: Any) -> Callable[[], None]:
 
 def reservation_approval(reservation_id: int) -> Callable[[], int]:
     """Approving a requested reservation: its GPUs booked as approval would book them."""
-    from scheduling import reservations
 
     def apply() -> int:
         reservations.decide(reservation_id, approve=True, by=None, note="what-if")

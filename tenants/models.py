@@ -10,10 +10,10 @@ from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
 from django.db import models
-from django.db.models import Count, Q, Sum
+from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
-from scheduling.choices import ACTIVE_STATUSES, Priority, WorkloadClass
+from tenants.choices import Priority, WorkloadClass
 
 
 def default_classes() -> list[str]:
@@ -43,38 +43,6 @@ class Tenant(models.Model):
 
     def __str__(self) -> str:
         return self.slug
-
-    def usage(self) -> Usage:
-        """Live usage: GPUs and memory held by active allocations, tasks by state."""
-        return usage_of([self.pk])[self.pk]
-
-
-def usage_of(tenant_ids: Iterable[int]) -> dict[int, Usage]:
-    """Live usage of several tenants in two queries (every id gets an entry)."""
-    from scheduling.models import Allocation, Task
-
-    ids = sorted(set(tenant_ids))
-    alloc = {
-        r["task__tenant_id"]: r
-        for r in Allocation.objects.filter(task__tenant_id__in=ids, released_at__isnull=True)
-        .values("task__tenant_id").annotate(gpus=Count("gpu_id", distinct=True), memory=Sum("memory_mb"))
-    }
-    tasks = {
-        r["tenant_id"]: r
-        for r in Task.objects.filter(tenant_id__in=ids).values("tenant_id").annotate(
-            running=Count("id", filter=Q(status__in=ACTIVE_STATUSES)),
-            pending=Count("id", filter=Q(status="pending")),
-        )
-    }
-    return {
-        tid: Usage(
-            gpus=alloc.get(tid, {}).get("gpus") or 0,
-            gpu_memory_mb=alloc.get(tid, {}).get("memory") or 0,
-            running_tasks=tasks.get(tid, {}).get("running") or 0,
-            pending_tasks=tasks.get(tid, {}).get("pending") or 0,
-        )
-        for tid in ids
-    }
 
 
 class Membership(models.Model):

@@ -15,8 +15,8 @@ from pathlib import Path
 from django.db import transaction
 from django.utils import timezone
 
+from kernel import live
 from nodes.models import Node
-from portal import live
 from scheduling.models import Allocation, Task
 from tests.conftest import free_port, subprocess_env, wait_for
 

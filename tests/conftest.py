@@ -139,7 +139,7 @@ def reset_channel_layer() -> None:
 @pytest.fixture
 def channel_layer_on_test_db(settings, django_db_setup):
     """The real channel layer (Postgres, or Redis with REDIS_URL), pointed at the test
-    database, so pushes sent from the test process (``portal.live``) reach
+    database, so pushes sent from the test process (``kernel.live``) reach
     subprocesses (daphne) running on it."""
     layers = {name: {**conf, "CONFIG": dict(conf.get("CONFIG", {}))} for name, conf in _REAL_CHANNEL_LAYERS.items()}
     for conf in layers.values():

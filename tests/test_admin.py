@@ -6,7 +6,7 @@ import pytest
 from django.contrib import admin
 from django.urls import reverse
 
-from portal.models import Alert, ControlPlaneServer
+from kernel.models import Alert, ControlPlaneServer
 from scheduling.models import Allocation, Task, TaskEvent, TaskLogChunk
 
 

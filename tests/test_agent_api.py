@@ -6,9 +6,9 @@ import pytest
 from django.db.models.functions import Now
 from rest_framework.test import APIClient
 
+from kernel.models import Alert
 from nodes.enrolment import issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
-from portal.models import Alert
 from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, Task, TaskLogChunk
 from tests.conftest import make_server

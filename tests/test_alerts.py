@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from django.db import transaction
 
-from portal import live
-from portal.alerts import raise_alert
-from portal.models import Alert
+from kernel import live
+from kernel.alerts import raise_alert
+from kernel.models import Alert
 from scheduling import lifecycle
 from scheduling.models import Allocation, Task
 from tests.conftest import wait_for
@@ -105,7 +105,7 @@ def test_a_long_queue_wait_raises_one_alert_until_acknowledged(acme, settings):
 
     from django.utils import timezone
 
-    from portal.alerts import check_queue_wait
+    from scheduling.queue_wait import check_queue_wait
     from scheduling.sweep import sweep_task
 
     settings.ALERT_QUEUE_WAIT_S = 600
@@ -140,8 +140,8 @@ def test_the_queue_wait_alert_ignores_tasks_held_by_their_own_quota_and_counts_f
 
     from django.utils import timezone
 
-    from portal.alerts import check_queue_wait
     from scheduling.models import TaskEvent
+    from scheduling.queue_wait import check_queue_wait
 
     settings.ALERT_QUEUE_WAIT_S = 600
     hour_ago = timezone.now() - timedelta(hours=1)

@@ -12,8 +12,9 @@ from django.db import IntegrityError, close_old_connections, connection, transac
 from django.utils import timezone
 
 from scheduling.choices import TaskStatus
+from scheduling.lock import lock_scheduler
 from scheduling.models import Allocation, Task
-from scheduling.passes import lock_scheduler, run_pass
+from scheduling.passes import run_pass
 from tests.conftest import make_server
 
 

@@ -7,11 +7,12 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from kernel import registry
+from kernel.models import ControlPlaneServer
 from nodes.models import NodeStatus
-from portal import registry
-from portal.models import ControlPlaneServer
-from scheduling.choices import Priority, TaskStatus
+from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, Task
+from tenants.choices import Priority
 from tests.conftest import make_server
 
 pytestmark = pytest.mark.django_db

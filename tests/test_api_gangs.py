@@ -8,6 +8,7 @@ import pytest
 
 from scheduling.models import Task
 from scheduling.passes import run_pass
+from scheduling.quotas import usage_of
 
 pytestmark = pytest.mark.django_db
 
@@ -72,7 +73,7 @@ def test_a_placed_gang_shows_its_ranks_and_holds_every_gpu_against_the_quota(as_
     assert [r["rank"] for r in body["ranks"]] == [0, 1]
     assert sorted(r["server"] for r in body["ranks"]) == ["gpu-01", "gpu-02"]
     assert len(body["gpus"]) == 16
-    usage = acme.usage()
+    usage = usage_of([acme.pk])[acme.pk]
     assert (usage.gpus, usage.running_tasks) == (16, 1)  # every GPU of the gang, one task
 
 

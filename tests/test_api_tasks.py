@@ -6,8 +6,9 @@ import pytest
 from django.conf import settings
 
 from nodes.models import GPU
-from scheduling.choices import Priority, TaskStatus
+from scheduling.choices import TaskStatus
 from scheduling.models import Task, TaskEvent, TaskLogChunk
+from tenants.choices import Priority
 from tenants.models import Quota
 
 pytestmark = pytest.mark.django_db
@@ -231,7 +232,7 @@ def test_bad_log_parameters_are_a_400(as_alice, logged):
 
 
 def test_the_task_representation_has_exactly_the_declared_fields(as_alice):
-    from scheduling.api.serializers import TaskDetailSerializer, TaskSerializer
+    from portal.api.scheduling.serializers import TaskDetailSerializer, TaskSerializer
 
     task = Task.objects.get(pk=submit(as_alice).json()["id"])
     assert set(TaskSerializer(task).data) == set(TaskSerializer().fields)

@@ -11,7 +11,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from portal import live
+from kernel import live
 from scheduling.models import Allocation, Task
 from tests.agent_live import stop
 from tests.conftest import make_server

@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from nodes.models import GPU, Node
-from portal import history
+from scheduling import history
 from scheduling.models import Allocation, Task
 from tests.agent_live import stop
 from tests.test_live_end_to_end import CHROMIUM, CHROMIUM_ARGS, _daphne, static_root  # noqa: F401 (fixture)

@@ -25,7 +25,7 @@ def _an_hour_of_history(servers, acme, alice) -> None:
     from django.utils import timezone
 
     from nodes.models import Node
-    from portal import history
+    from scheduling import history
     from scheduling.models import Allocation, Task
 
     task = Task.objects.create(tenant=acme, submitter=alice, name="训练", command="x", status="running",

@@ -9,10 +9,10 @@ import threading
 import pytest
 from django.db import close_old_connections, connection, transaction
 
-from portal import control_plane
-from portal.apps import _q_worker_spawned
-from portal.models import ControlPlaneServer
-from scheduling.passes import lock_scheduler
+from kernel import control_plane
+from kernel.apps import _q_worker_spawned
+from kernel.models import ControlPlaneServer
+from scheduling.lock import lock_scheduler
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -71,13 +71,13 @@ def test_a_process_named_by_application_name_maps_to_its_registry_row(db):
 
 def test_q_cluster_workers_register_in_the_control_plane(db, monkeypatch):
     started: list[str] = []
-    monkeypatch.setattr("portal.registry.start_background", lambda role: started.append(role) or True)
+    monkeypatch.setattr("kernel.registry.start_background", lambda role: started.append(role) or True)
     _q_worker_spawned(sender="django_q", proc_name="MainProcess")
     assert started == []  # a synchronous q cluster runs its worker here: not a worker process
     monkeypatch.setattr("multiprocessing.parent_process", lambda: object())  # as in a spawned worker
     _q_worker_spawned(sender="django_q", proc_name="Worker-1")
     assert started == [ControlPlaneServer.Role.WORKER]
-    from portal import registry
+    from kernel import registry
 
     registry.register(ControlPlaneServer.Role.WORKER)
     assert [p["role"] for p in control_plane.snapshot()["q_workers"]] == ["worker"]
@@ -86,7 +86,7 @@ def test_q_cluster_workers_register_in_the_control_plane(db, monkeypatch):
 
 
 def test_staff_see_the_control_plane_in_the_api_and_the_admin(client, staff, alice):
-    from portal import registry
+    from kernel import registry
 
     registry.register(ControlPlaneServer.Role.SCHEDULER, info={"passes": 3, "last_pass_ms": 1.5, "load1": 0.2,
                                                              "last_pass_at": "2026-11-30T04:00:00+00:00"})

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from django.contrib.auth import get_user_model
 
+from kernel.models import ControlPlaneServer
 from nodes.models import Node
-from portal.models import ControlPlaneServer
 from tenants.models import Tenant
 from tests.conftest import free_port, subprocess_env
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
+from kernel.models import ControlPlaneServer
 from nodes.models import GPU
-from portal.models import ControlPlaneServer
 from scheduling.models import Task
 
 pytestmark = pytest.mark.django_db

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from nodes.assignments import desired_state
 from scheduling import lifecycle
+from scheduling.assignments import desired_state
 from scheduling.models import Allocation, Task
 from scheduling.passes import run_pass
 from scheduling.sweep import sweep

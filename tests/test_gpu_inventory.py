@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from rest_framework.test import APIClient
 
+from kernel.models import Alert
 from nodes.enrolment import issue_join_token
 from nodes.models import GPU, Node
-from portal.models import Alert
 from scheduling.models import Task
 from scheduling.passes import run_pass
 

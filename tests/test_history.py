@@ -10,9 +10,9 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from kernel.models import GpuSample, HistoryResolution, TenantSample
 from nodes.models import GPU, Node
-from portal import history
-from portal.models import GpuSample, HistoryResolution, TenantSample
+from scheduling import history
 from scheduling.models import Allocation, Task
 from tests.conftest import make_server
 

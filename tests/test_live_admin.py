@@ -6,9 +6,9 @@ import pytest
 from django.contrib.admin.models import LogEntry
 from django.urls import reverse
 
+from kernel import live
+from kernel.models import Alert
 from nodes.models import GPU, Node
-from portal import live
-from portal.models import Alert
 from scheduling.models import Allocation, Task, TaskEvent
 
 

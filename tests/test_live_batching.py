@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.db import transaction
 
-from portal import live
+from kernel import live
 
 
 @pytest.fixture

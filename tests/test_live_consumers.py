@@ -13,8 +13,8 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.test import Client
 
+from kernel import live
 from nodes.models import GPU
-from portal import live
 from portal.asgi import application
 from scheduling.models import Allocation, Task
 from tenants.models import Membership
@@ -317,7 +317,7 @@ def test_a_server_heard_during_the_quiet_second_is_pushed_at_its_end(monkeypatch
 
 
 def test_staff_receive_every_tenants_task_changes_usage_and_alerts(staff, acme, globex, servers):
-    from portal.alerts import raise_alert
+    from kernel.alerts import raise_alert
 
     mine = Task.objects.create(tenant=acme, name="a", command="x")
     theirs = Task.objects.create(tenant=globex, name="g", command="x")

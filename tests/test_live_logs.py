@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
-from portal import live
+from kernel import live
 from scheduling.choices import TaskStatus
 from scheduling.models import Task, TaskLogChunk
 from tests.conftest import reset_channel_layer

@@ -8,7 +8,7 @@ import threading
 import pytest
 from django.db import transaction
 
-from portal import live
+from kernel import live
 from tests.conftest import wait_for
 
 

@@ -9,10 +9,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from kernel import hearing
+from kernel.models import Alert, Hearing
 from nodes.heartbeat import ingest
 from nodes.models import NodeStatus
-from portal import hearing
-from portal.models import Alert, Hearing
 from scheduling.choices import TaskStatus
 from scheduling.models import Task
 from scheduling.sweep import sweep

@@ -9,9 +9,10 @@ import pytest
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
+from kernel import counters
+from kernel.models import Alert
 from nodes.models import GPU
 from portal import metrics
-from portal.models import Alert
 from scheduling.models import Allocation, Task, TaskEvent
 
 
@@ -110,9 +111,9 @@ def test_tenant_quota_usage_is_reported_beside_its_limits(client, busy_cluster):
 
 
 def test_scheduler_passes_recorded_anywhere_add_up(client, db):
-    metrics.record_pass(0.003)
-    metrics.record_pass(0.2)
-    metrics.record_pass(4.0, ok=False)
+    counters.record_pass(0.003)
+    counters.record_pass(0.2)
+    counters.record_pass(4.0, ok=False)
     f = _scrape(client)
     assert _value(f, "scheduler_passes", "scheduler_passes_total") == 3
     assert _value(f, "scheduler_schedule_failures", "scheduler_schedule_failures_total") == 1

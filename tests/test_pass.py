@@ -12,10 +12,11 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from nodes.models import GPU, GPUHealth, NodeStatus
-from scheduling.choices import Priority, ShareMode, TaskStatus
+from scheduling.choices import ShareMode, TaskStatus
 from scheduling.core_types import PendingInfo, Placement, Plan, Preemption, Snapshot
 from scheduling.models import Allocation, ModelMemoryEstimate, SchedulerLock, Task, TaskEvent
 from scheduling.passes import run_pass
+from tenants.choices import Priority
 from tests.conftest import make_server
 
 
@@ -197,7 +198,7 @@ def test_the_number_of_queries_of_a_pass_does_not_grow_with_the_cluster(acme, se
                                                                         django_assert_max_num_queries):
     plan = _cluster_with_work(acme, servers_count, f"n{servers_count}")
 
-    # 16 for the pass itself, +1 for the metrics counter UPSERT after it (portal.metrics.record_pass).
+    # 16 for the pass itself, +1 for the metrics counter UPSERT after it (kernel.counters.record_pass).
     with django_assert_max_num_queries(17):
         result = run_pass(schedule=Recorder(plan))
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
+from scheduling.choices import ShareMode, TaskStatus
 from scheduling.models import SchedulerLock, Task
 from scheduling.passes import run_pass
+from tenants.choices import Priority, WorkloadClass
 from tenants.models import Quota, Tenant
 from tests.conftest import make_server, subprocess_env
 

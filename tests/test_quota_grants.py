@@ -9,14 +9,14 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from portal.models import Alert
+from kernel.models import Alert
+from scheduling import grants
 from scheduling.choices import TaskStatus
 from scheduling.models import Task
 from scheduling.passes import load_snapshot, run_pass
+from scheduling.quotas import quota_report
 from scheduling.sweep import sweep
-from tenants import grants
 from tenants.models import Limits, QuotaGrant, effective_limits
-from tenants.quotas import quota_report
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 T1 = datetime(2026, 12, 1, 17, 0, tzinfo=UTC)

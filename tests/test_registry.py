@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from portal import registry
-from portal.models import ControlPlaneServer
+from kernel import registry
+from kernel.models import ControlPlaneServer
 
 pytestmark = pytest.mark.django_db
 

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django_q.conf import Conf
 
-from portal.models import ControlPlaneServer
+from kernel.models import ControlPlaneServer
 from scheduling import triggers
 from scheduling.choices import TaskStatus
 from scheduling.core_types import Placement, Plan, Snapshot

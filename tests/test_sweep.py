@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from kernel.models import Alert
 from nodes.models import NodeStatus
-from portal.models import Alert
 from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, Task
 from scheduling.sweep import SWEEP_SCHEDULE_NAME, sweep
@@ -21,7 +21,7 @@ def _portal_listening(db):
 
 
 def listening_for(seconds: float, last_heard_ago: float = 0) -> None:
-    from portal.models import Hearing
+    from kernel.models import Hearing
 
     now = timezone.now()
     Hearing.objects.update_or_create(pk=1, defaults={"listening_since": now - timedelta(seconds=seconds),
@@ -84,7 +84,7 @@ def test_an_assigned_task_not_started_within_the_grace_period_returns_to_pending
 
 def test_a_task_past_its_timeout_is_timed_out_and_its_agent_told(acme, servers, monkeypatch):
     told: list[list[int]] = []
-    monkeypatch.setattr("portal.live.assignments_changed", lambda ids: told.append(sorted(ids)))
+    monkeypatch.setattr("kernel.live.assignments_changed", lambda ids: told.append(sorted(ids)))
     over = holding(acme, servers[0], timeout_s=60, started_at=timezone.now() - timedelta(seconds=61))
     within = holding(acme, servers[1], timeout_s=60, started_at=timezone.now() - timedelta(seconds=30))
 

@@ -57,7 +57,7 @@ def test_a_grant_what_if_matches_the_next_pass_after_approval(acme, servers, sta
     answer = whatif.simulate(whatif.grant_approval(grant.pk))
     grant.refresh_from_db()
     assert grant.state == "requested"
-    from tenants import grants
+    from scheduling import grants
 
     grants.decide(grant.pk, approve=True, by=staff)
     assert run_pass().placed_task_ids == [s["task"] for s in answer["would_start"]] != []

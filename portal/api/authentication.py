@@ -1,7 +1,7 @@
 """API token authentication for the users' REST API.
 
 ``Authorization: Token api_...`` (or ``Bearer api_...``). Tokens are looked up
-by their prefix and checked against the stored HMAC (``portal.tokens``); a
+by their prefix and checked against the stored HMAC (``kernel.tokens``); a
 disabled, expired or unknown token is refused with 401. Agents' node tokens
 (``node_...``) belong to the agent API only and are refused here.
 """
@@ -17,14 +17,15 @@ from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
-from portal import audit, tokens
+from kernel import tokens
+from portal import audit
 from tenants.models import ApiToken
 
 KEYWORDS = (b"token", b"bearer")
 # last_used_at is written at most this often per token: a busy client must not
 # turn every request into an UPDATE.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-# Tokens verified by this process, valid until anything about them changes (portal.tokens).
+# Tokens verified by this process, valid until anything about them changes (kernel.tokens).
 verified = tokens.VerifiedTokens()
 
 

@@ -10,9 +10,9 @@ app_name = "api"
 
 urlpatterns = [
     path("", views.ApiRootView.as_view(), name="root"),
-    path("", include("scheduling.api.urls")),
-    path("", include("nodes.api.inventory_urls")),
-    path("", include("tenants.api.urls")),
+    path("", include("portal.api.scheduling.urls")),
+    path("", include("portal.api.nodes.inventory_urls")),
+    path("", include("portal.api.tenants.urls")),
     path("cluster", views.ClusterView.as_view(), name="cluster"),
     path("health", views.HealthView.as_view(), name="health"),
 ]

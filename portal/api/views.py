@@ -12,12 +12,13 @@ from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
+from kernel import control_plane, registry
+from kernel.models import ControlPlaneServer
 from nodes import inventory
 from nodes.models import NodeStatus
-from portal import control_plane, registry
-from portal.models import ControlPlaneServer
-from scheduling.choices import Priority, TaskStatus
+from scheduling.choices import TaskStatus
 from scheduling.models import SchedulerLock, Task
+from tenants.choices import Priority
 
 STAFF_ONLY_SERVER_FIELDS = ("hostname", "pid")
 

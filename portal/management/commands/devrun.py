@@ -31,7 +31,10 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from nodes.enrolment import allow_reenrolment
+from nodes.models import Node
 from portal import webserver
+from portal.management.commands.seed_demo import DEMO_GPU_SPEC, DEMO_SERVERS, demo_agents_dir
 
 BASE_DIR = Path(settings.BASE_DIR)
 
@@ -123,7 +126,6 @@ class Command(BaseCommand):
 
     def _demo_agents(self, python: str, host: str, port: int) -> list[tuple[str, list[str]]]:
         """Two simulated 8-GPU servers, enrolled with seed_demo's cluster join token."""
-        from portal.management.commands.seed_demo import DEMO_GPU_SPEC, DEMO_SERVERS, demo_agents_dir
 
         base = demo_agents_dir()
         if getattr(self, "no_seed", False) or not (base / "join-token").exists():
@@ -132,8 +134,6 @@ class Command(BaseCommand):
         # As root, demo tasks run as mapped accounts (nobody here); a developer's own
         # account is the host's one user.
         accounts = ["--single-user-host"] if os.geteuid() != 0 else []
-        from nodes.enrolment import allow_reenrolment
-        from nodes.models import Node
 
         enrolled = {n.name: n for n in Node.objects.filter(name__in=DEMO_SERVERS, token_prefix__isnull=False)}
         agents = []

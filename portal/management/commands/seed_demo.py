@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand
 from django.db import connection, transaction
 
 from nodes.enrolment import find_join_token, issue_join_token
-from scheduling.choices import Priority
+from tenants.choices import Priority
 from tenants.models import Quota, Tenant
 
 DEMO_SERVERS = ("demo-gpu-01", "demo-gpu-02")

@@ -27,9 +27,9 @@ from django.core.management.base import BaseCommand
 from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
-from portal import control_plane, history, registry
-from portal.models import ControlPlaneServer
-from scheduling import triggers, usage
+from kernel import control_plane, registry
+from kernel.models import ControlPlaneServer
+from scheduling import history, triggers, usage
 from scheduling.choices import TaskStatus
 from scheduling.models import Task
 from scheduling.passes import PassResult, run_pass
@@ -185,7 +185,7 @@ class Command(BaseCommand):
         return False
 
     def history_step(self) -> bool:
-        """Sample GPU and tenant figures for the charts (portal.history): set-based, off the heartbeat path."""
+        """Sample GPU and tenant figures for the charts (scheduling.history): set-based, off the heartbeat path."""
         try:
             history.record()
         except Exception as exc:

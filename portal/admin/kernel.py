@@ -10,7 +10,8 @@ from django.http import HttpResponse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from portal.models import Alert, ControlPlaneServer
+from kernel import registry
+from kernel.models import Alert, ControlPlaneServer
 
 
 @admin.register(ControlPlaneServer)
@@ -24,7 +25,6 @@ class ControlPlaneServerAdmin(admin.ModelAdmin):
 
     @admin.display(boolean=True, description=_("alive"))
     def alive(self, obj: ControlPlaneServer) -> bool:
-        from portal import registry
 
         return registry.is_alive(obj)
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from django.conf import settings
 from rest_framework import authentication, exceptions, permissions, throttling
 
+from kernel import tokens
 from nodes.enrolment import node_for_token
 from nodes.models import Node
-from portal import tokens
 
 KEYWORD = "Node"
-# Node tokens verified by this process, valid until the server's token or name changes (portal.tokens).
+# Node tokens verified by this process, valid until the server's token or name changes (kernel.tokens).
 verified = tokens.VerifiedTokens()
 
 

@@ -20,8 +20,8 @@ import httpx
 from django.conf import settings
 from django.db import transaction
 
-from portal import live
-from portal.models import Alert
+from kernel import live
+from kernel.models import Alert
 
 log = logging.getLogger(__name__)
 
@@ -106,47 +106,3 @@ class _Webhook:
 
 _webhook = _Webhook()
 atexit.register(_webhook.drain)
-
-
-def check_queue_wait(now=None) -> Alert | None:
-    """Raise a ``queue_wait`` alert when a pending task has waited longer than
-    ``ALERT_QUEUE_WAIT_S`` (0 turns it off) since it last entered the queue (its
-    submission or its latest requeue). Tasks held by their own tenant's quota are
-    the tenant's business, not the operator's, and do not count. Run every minute by
-    the sweep schedule; one open alert at a time (acknowledge it to be told again)."""
-    from django.db.models import F, OuterRef, Subquery
-    from django.db.models.functions import Coalesce
-    from django.utils import timezone
-
-    from scheduling.models import Task, TaskEvent
-    from tenants.models import Quota, usage_of
-
-    limit = settings.ALERT_QUEUE_WAIT_S
-    if not limit:
-        return None
-    now = now or timezone.now()
-    entered = (TaskEvent.objects.filter(task=OuterRef("pk"), to_status="pending")
-               .order_by("-created_at").values("created_at")[:1])
-    queue = (Task.objects.filter(status="pending")
-             .annotate(waiting_since=Coalesce(Subquery(entered), F("created_at")))
-             .order_by("waiting_since", "pk")
-             .values_list("pk", "name", "tenant_id", "gpu_count", "gpu_memory_mb", "waiting_since"))
-    quotas: dict[int, Quota | None] = {}
-    usages: dict = {}
-    for pk, name, tenant_id, gpu_count, memory_mb, since in queue.iterator(chunk_size=500):
-        waited = (now - since).total_seconds()
-        if waited <= limit:
-            return None  # the queue is in waiting order: nobody after this one waited longer
-        if tenant_id not in quotas:
-            quotas[tenant_id] = Quota.objects.filter(tenant_id=tenant_id).first()
-            usages.update(usage_of([tenant_id]))
-        quota, usage = quotas[tenant_id], usages[tenant_id]
-        if quota is not None and (
-                usage.gpus + gpu_count > quota.max_gpus or usage.running_tasks >= quota.max_running_tasks
-                or (memory_mb is not None and usage.gpu_memory_mb + gpu_count * memory_mb > quota.max_gpu_memory_mb)):
-            continue  # held by its own tenant's quota
-        pending = Task.objects.filter(status="pending").count()
-        return raise_alert(Alert.Kind.QUEUE_WAIT,
-                           f"{pending} task(s) pending; #{pk} {name} has waited {int(waited // 60)} min "
-                           f"since it entered the queue (alert threshold {limit} s)")
-    return None

@@ -40,7 +40,7 @@ class ControlPlaneServer(models.Model):
 class Hearing(models.Model):
     """Whether the control plane has been able to hear agents, and since when (one row).
 
-    Touched (``portal.hearing.heard``) by every ingested agent heartbeat and by every web
+    Touched (``kernel.hearing.heard``) by every ingested agent heartbeat and by every web
     process's registry beat. A silence longer than ``hearing.gap_s()`` (the portal was
     stopped, the database or every web node was down) restarts ``listening_since``: no
     server is judged lost until the portal has listened for a full timeout since then.
@@ -112,7 +112,7 @@ class MetricCounter(models.Model):
 
 
 class HistoryResolution(models.IntegerChoices):
-    """Tiers of the downsampled history (``portal.history``): each keeps its own retention."""
+    """Tiers of the downsampled history (``scheduling.history``): each keeps its own retention."""
 
     RAW = 0, "raw"
     MINUTE = 1, "per minute"

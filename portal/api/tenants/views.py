@@ -4,8 +4,8 @@ from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from tenants.api.serializers import TenantQuotaSerializer
-from tenants.quotas import quota_report
+from portal.api.tenants.serializers import TenantQuotaSerializer
+from scheduling.quotas import quota_report
 
 
 class QuotaView(APIView):

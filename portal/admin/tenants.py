@@ -8,9 +8,11 @@ from django.db.models.functions import Coalesce
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
-from scheduling import triggers
-from scheduling.choices import ACTIVE_STATUSES, WorkloadClass
-from tenants import grants
+from scheduling import grants, triggers
+from scheduling.choices import ACTIVE_STATUSES
+from scheduling.models import Allocation, Task
+from scheduling.quotas import usage_of
+from tenants.choices import WorkloadClass
 from tenants.models import ApiToken, Membership, Quota, QuotaGrant, Tenant
 
 
@@ -51,7 +53,6 @@ class MembershipInline(admin.TabularInline):
 
 
 def _usage_subqueries():
-    from scheduling.models import Allocation, Task
 
     active = Allocation.objects.filter(task__tenant=OuterRef("pk"), released_at__isnull=True)
     gpus = active.values("task__tenant").annotate(n=Count("gpu_id", distinct=True)).values("n")
@@ -145,7 +146,7 @@ class TenantAdmin(admin.ModelAdmin):
     def usage_vs_limits(self, obj: Tenant):
         if obj.pk is None:
             return "—"
-        usage = obj.usage()
+        usage = usage_of([obj.pk])[obj.pk]
         quota = getattr(obj, "quota", None)
         rows = [
             ("GPUs", "gpus", usage.gpus, quota and quota.max_gpus),
@@ -168,7 +169,7 @@ class TenantAdmin(admin.ModelAdmin):
         quota = Quota.objects.filter(tenant=tenant).first()
         if quota is None:
             return
-        over = quota.exceeded_by(tenant.usage())
+        over = quota.exceeded_by(usage_of([tenant.pk])[tenant.pk])
         if over:
             messages.warning(
                 request,

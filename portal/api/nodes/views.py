@@ -15,19 +15,19 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from nodes import assignments, heartbeat
-from nodes.api.auth import AgentRateThrottle, IsAgent, NodeTokenAuthentication, RegisterRateThrottle
-from nodes.api.serializers import (
+from kernel import live
+from kernel.alerts import raise_alert
+from kernel.models import Alert
+from nodes import heartbeat
+from nodes.enrolment import EnrolmentError, redeem
+from portal.api.nodes.auth import AgentRateThrottle, IsAgent, NodeTokenAuthentication, RegisterRateThrottle
+from portal.api.nodes.serializers import (
     HeartbeatSerializer,
     LogChunksSerializer,
     RegisterSerializer,
     TaskEventSerializer,
 )
-from nodes.enrolment import EnrolmentError, redeem
-from portal import live
-from portal.alerts import raise_alert
-from portal.models import Alert
-from scheduling import lifecycle
+from scheduling import assignments, lifecycle
 from scheduling.models import Task, TaskLogChunk
 
 

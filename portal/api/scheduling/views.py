@@ -13,8 +13,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 
-from scheduling import access, lifecycle, logs, submission
-from scheduling.api.serializers import (
+from portal.api.scheduling.serializers import (
     BatchResultSerializer,
     BatchSubmitSerializer,
     PreviewSerializer,
@@ -25,8 +24,11 @@ from scheduling.api.serializers import (
     TaskSerializer,
     TaskSubmitSerializer,
 )
-from scheduling.choices import FINAL_STATUSES, Priority, TaskStatus
+from scheduling import access, lifecycle, logs, submission
+from scheduling.choices import FINAL_STATUSES, TaskStatus
 from scheduling.models import TaskArray
+from scheduling.preview import would_fit
+from tenants.choices import Priority
 
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,19}")
 
@@ -152,7 +154,6 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     @action(detail=False, methods=["post"])
     def preview(self, request):
         """Would this task start now, and where, or why not? Validates like a submit; creates nothing."""
-        from scheduling.preview import would_fit
 
         ctx = submission.SubmitContext.load(request.user)
         spec, errors = submission.validate(request.data, ctx)

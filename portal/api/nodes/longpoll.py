@@ -14,9 +14,9 @@ import time
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, JsonResponse
 
-from nodes import assignments
-from nodes.api.auth import AgentRateThrottle, token_from_header
 from nodes.enrolment import node_for_token
+from portal.api.nodes.auth import AgentRateThrottle, token_from_header
+from scheduling import assignments
 
 MAX_WAIT_S = 30.0
 RECHECK_S = 0.25

@@ -5,7 +5,7 @@ after ``dead_after_s()`` and deleted after ``PRUNE_AFTER_S``.
 
 Interface for other processes (the scheduler, q workers)::
 
-    from portal import registry
+    from kernel import registry
     registry.register("scheduler", version="1", info={...})   # once, at start
     registry.heartbeat("scheduler")                          # every loop turn (cheap, one UPDATE)
     registry.start_background("scheduler")                   # or: a daemon thread that does both
@@ -31,8 +31,8 @@ from django.db import close_old_connections, connection
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from portal import hearing
-from portal.models import ControlPlaneServer
+from kernel import hearing
+from kernel.models import ControlPlaneServer
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _loop(role: str, stop: threading.Event) -> None:
             heartbeat(role, info=load_info())
             if role == ControlPlaneServer.Role.WEB:
                 # A live web node on a reachable database can hear agents: evidence the
-                # sweep needs before it judges any server (portal.hearing).
+                # sweep needs before it judges any server (kernel.hearing).
                 hearing.heard()
             prune()
             if failing:

@@ -3,8 +3,8 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from tenants.api import views
-from tenants.api.grants import QuotaGrantViewSet, QuotaWhatIfView
+from portal.api.tenants import views
+from portal.api.tenants.grants import QuotaGrantViewSet, QuotaWhatIfView
 
 router = SimpleRouter()
 router.trailing_slash = "/?"

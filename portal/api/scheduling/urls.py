@@ -3,8 +3,8 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from scheduling.api import usage, views
-from scheduling.api.reservations import ReservationViewSet
+from portal.api.scheduling import usage, views
+from portal.api.scheduling.reservations import ReservationViewSet
 
 router = SimpleRouter()
 # Both /tasks and /tasks/ (a POST must not be redirected to add a slash).

@@ -8,8 +8,8 @@ from rest_framework import viewsets
 from rest_framework.exceptions import ValidationError
 
 from nodes import inventory
-from nodes.api.inventory_serializers import GPUSerializer, ServerSerializer
 from nodes.models import NodeStatus
+from portal.api.nodes.inventory_serializers import GPUSerializer, ServerSerializer
 from scheduling.access import model_names_for
 
 

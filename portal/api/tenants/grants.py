@@ -1,5 +1,5 @@
 """/api/v1/quota-grants: request (tenant admin), list, approve/reject (staff). Thin: the
-rules are in ``tenants.grants`` (the portal page and the admin use the same)."""
+rules are in ``scheduling.grants`` (the portal page and the admin use the same)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from rest_framework.exceptions import NotFound, PermissionDenied, ValidationErro
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from scheduling.api.reservations import WhatIfSerializer
-from tenants import grants
+from portal.api.scheduling.reservations import WhatIfSerializer
+from scheduling import grants, whatif
+from scheduling.quotas import grant_row
 from tenants.models import Tenant
-from tenants.quotas import grant_row
 
 
 class QuotaGrantSerializer(serializers.Serializer):
@@ -96,7 +96,6 @@ class QuotaGrantViewSet(viewsets.ViewSet):
     @action(detail=True, methods=["post"])
     def simulate(self, request, pk=None):
         """What-if (staff): what the next pass would do were this grant approved. Writes nothing."""
-        from scheduling import whatif
 
         if not request.user.is_staff:
             raise PermissionDenied("Only staff simulate approvals.")
@@ -116,7 +115,6 @@ class QuotaWhatIfView(APIView):
 
     @extend_schema(request=QuotaWhatIfSerializer, responses={200: WhatIfSerializer})
     def post(self, request):
-        from scheduling import whatif
 
         if not request.user.is_staff:
             raise PermissionDenied("Only staff simulate quota changes.")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from nodes.api import longpoll, views
+from portal.api.nodes import longpoll, views
 
 app_name = "agent-api"
 

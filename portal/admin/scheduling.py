@@ -8,10 +8,9 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 from django.utils.translation import gettext_lazy as _
 
-from portal import live
+from kernel import live
 from portal.livedata import tenant_hue
 from scheduling import lifecycle, reservations, triggers
-from scheduling.choices import Priority
 from scheduling.models import (
     Allocation,
     ModelMemoryEstimate,
@@ -24,6 +23,7 @@ from scheduling.models import (
     TaskRank,
 )
 from scheduling.reasons import translate_reason
+from tenants.choices import Priority
 
 
 class TaskActionForm(ActionForm):

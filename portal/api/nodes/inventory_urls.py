@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from rest_framework.routers import SimpleRouter
 
-from nodes.api import inventory_views as views
+from portal.api.nodes import inventory_views as views
 
 router = SimpleRouter()
 # Both /tasks and /tasks/ (a POST must not be redirected to add a slash).

@@ -2,14 +2,14 @@
 
 Who holds the scheduler lock is read from PostgreSQL itself: every pass takes a
 transaction-scoped advisory lock right after the scheduler row lock
-(``scheduling.passes.lock_scheduler``), so ``pg_locks`` names the holder's backend
+(``scheduling.lock.lock_scheduler``), so ``pg_locks`` names the holder's backend
 and ``pg_stat_activity`` its application name (``<process> <host:pid:role>``, set by
 ``runscheduler`` and q workers) and since when its transaction runs. Nothing here
 trusts a row written inside the holder's transaction: a holder that died holds
 nothing, whatever it wrote.
 
 Every process (web, scheduler, q worker) appears from the registry
-(``portal.registry``) with its role, heartbeat, load and, for schedulers, its last pass.
+(``kernel.registry``) with its role, heartbeat, load and, for schedulers, its last pass.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 from django.db import connection
 
-from portal import registry
-from portal.models import ControlPlaneServer
+from kernel import registry
+from kernel.models import ControlPlaneServer
 
-# scheduling.passes.SCHEDULER_ADVISORY_KEY, split as pg_locks shows a bigint key.
+# scheduling.lock.SCHEDULER_ADVISORY_KEY, split as pg_locks shows a bigint key.
 _ADVISORY_KEY = 0x5C4ED
 
 _HOLDER_SQL = """

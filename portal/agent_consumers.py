@@ -1,7 +1,7 @@
 """The agent's websocket (``/ws/agent/v1/``): assignments pushed within milliseconds.
 
 The agent authenticates with its node token (``Authorization: Node <token>``
-header), joins its server's group (``portal.live.node_group``) and receives its
+header), joins its server's group (``kernel.live.node_group``) and receives its
 full desired state on connect and after every ``assignments.changed`` push. The
 state is a snapshot, not a delta, so a lost or repeated message is harmless.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from nodes import assignments
-from nodes.api.auth import token_from_header
+from kernel.live import node_group
 from nodes.enrolment import node_for_token
-from portal.live import node_group
+from portal.api.nodes.auth import token_from_header
+from scheduling import assignments
 
 
 class AgentConsumer(AsyncJsonWebsocketConsumer):

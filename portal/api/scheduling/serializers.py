@@ -4,9 +4,10 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from scheduling import submission
-from scheduling.choices import Priority, ShareMode, TaskStatus, WorkloadClass
+from scheduling.choices import ShareMode, TaskStatus
 from scheduling.models import Task, TaskEvent
 from scheduling.reasons import translate_reason
+from tenants.choices import Priority, WorkloadClass
 
 
 class TaskSerializer(serializers.ModelSerializer):

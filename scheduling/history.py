@@ -1,7 +1,7 @@
 """Downsampled history of each GPU's utilisation, memory and temperature and of each
 tenant's GPUs in use, for the charts (admin GPU/server/cluster pages, dashboard, task page).
 
-Three tiers in one table each (``portal.models.GpuSample``/``TenantSample``):
+Three tiers in one table each (``kernel.models.GpuSample``/``TenantSample``):
 
 ==========  ===========================  ==========================
 tier        bucket                       kept (settings)
@@ -32,7 +32,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from portal.models import HistoryResolution as Tier
+from kernel.models import HistoryResolution as Tier
 
 MAX_POINTS = 600
 ROLLUP_EVERY_S = 60.0

@@ -9,11 +9,13 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import gettext_noop
 
+from kernel import live
+from kernel.alerts import raise_alert
 from nodes.enrolment import allow_reenrolment, issue_join_token
 from nodes.models import GPU, JoinToken, Node, NodeStatus
-from portal import live
 from portal.livedata import GPU_STATE_LABELS, gpu_state
 from scheduling import triggers
+from scheduling.models import Allocation
 
 
 class GPUInline(admin.TabularInline):
@@ -145,7 +147,6 @@ class GPUAdmin(admin.ModelAdmin):
         triggers.request_pass(f"{obj} edited by {request.user.username}")
 
     def get_queryset(self, request):
-        from scheduling.models import Allocation
 
         # The first task holding each GPU, in the same query (a shared GPU shows its oldest task).
         active = Allocation.objects.filter(gpu=OuterRef("pk"), released_at__isnull=True).order_by("allocated_at", "id")
@@ -187,7 +188,6 @@ class GPUAdmin(admin.ModelAdmin):
         return _live("gpu", obj.pk, "tenant", getattr(obj, "tenant_now", None) or "")
 
     def _set_cordon(self, request, queryset, cordon: bool) -> int:
-        from portal.alerts import raise_alert
 
         changed: list[GPU] = []
         ids = list(queryset.values_list("pk", flat=True))

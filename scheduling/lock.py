@@ -1,0 +1,36 @@
+"""The scheduler lock: passes, the sweep and reservation changes anywhere in the cluster
+serialise on one PostgreSQL row lock (``SchedulerLock`` named "scheduler"), taken with
+``SELECT ... FOR UPDATE`` inside the caller's transaction. A crashed holder's lock dies
+with its connection: no TTLs, no clocks."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import connection
+from django.db.models.functions import Now
+
+from scheduling.models import SchedulerLock
+
+LOCK_NAME = "scheduler"
+
+# The scheduler lock's holder, made visible in pg_locks (advisory, transaction-scoped):
+# taken right after the row lock, so it is never contended, and released with it at
+# commit, rollback or a dead connection. Operators read who holds it, and since when,
+# from PostgreSQL itself (kernel.control_plane), not from a row the holder writes.
+SCHEDULER_ADVISORY_KEY = 0x5C4ED
+
+
+def lock_scheduler() -> tuple[int, datetime]:
+    """Take the scheduler lock (inside the pass's transaction); return its id and DB time."""
+    locked = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
+              .annotate(db_now=Now()).values_list("pk", "db_now"))
+    try:
+        held = locked.get()
+    except SchedulerLock.DoesNotExist:
+        # Migration 0001 creates the row; recreate it if it was deleted (e.g. a table flush).
+        SchedulerLock.objects.get_or_create(name=LOCK_NAME)
+        held = locked.get()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULER_ADVISORY_KEY])
+    return held
