@@ -23,16 +23,13 @@ from django.views.decorators.http import require_POST
 from nodes import inventory
 from nodes.models import Node
 from portal.api.authentication import create_token
-from scheduling import access, lifecycle, logs, submission
+from scheduling import access, lifecycle, logs, submission, task_fields
 from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
 from scheduling.models import TaskLogChunk
 from tenants.models import ApiToken
 from tenants.quotas import quota_report
 
 ACTIVE_OR_PENDING = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
-FORM_FIELDS = ("tenant", "name", "command", "gpu_count", "gpu_memory_mb", "share_mode", "priority", "workload_class",
-               "timeout_s", "env", "working_dir", "model_name", "gpu_model", "node_selector", "nodes", "gpus_per_node",
-               "topology_key", "dependency", "array")
 
 
 def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,8 +61,10 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 def _form_data(post) -> dict[str, Any]:
-    return {k: post.get(k, "").strip() if k not in ("command", "env", "node_selector") else post.get(k, "")
-            for k in FORM_FIELDS if post.get(k, "").strip() != ""}
+    """The submit form's fields (task_fields.FORM_FIELDS) as ``validate`` takes them: blank ones
+    left out, multi-line ones (command, env, labels) as typed, the others stripped."""
+    return {k: post.get(k, "") if k in task_fields.RAW_FORM_FIELDS else post.get(k, "").strip()
+            for k in task_fields.FORM_FIELDS if post.get(k, "").strip() != ""}
 
 
 @login_required
@@ -96,7 +95,7 @@ def submit(request: HttpRequest) -> HttpResponse:
         "values": values, "errors": errors, "preview": preview, "tenants": tenants,
         "priorities": Priority.labels, "classes": WorkloadClass.values, "share_modes": ShareMode.values,
         "limits": ctx.limits, "max_timeout": settings.SCHEDULER.max_task_timeout_s,
-        "default_timeout": settings.SCHEDULER.default_task_timeout_s,
+        "default_timeout": settings.SCHEDULER.default_task_timeout_s, "fields": task_fields.BY_NAME,
     }, status=400 if errors else 200)
 
 
