@@ -25,6 +25,7 @@ from nodes.models import Node
 from portal.api.authentication import create_token
 from scheduling import access, lifecycle, logs, submission, task_fields
 from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
+from scheduling.filters import ACTIVE, TaskFilter
 from scheduling.models import TaskLogChunk
 from tenants.models import ApiToken
 from tenants.quotas import quota_report
@@ -99,25 +100,27 @@ def submit(request: HttpRequest) -> HttpResponse:
     }, status=400 if errors else 200)
 
 
+# The state menu of the task page: not ended, the tasks holding GPUs (``active``), then each state.
+NOT_ENDED = ",".join(ACTIVE_OR_PENDING)
+
+
 @login_required
 def task_list(request: HttpRequest) -> HttpResponse:
-    qs = access.tasks_for(request.user).select_related("tenant", "submitter", "node")
-    status = request.GET.get("status", "")
-    tenant = request.GET.get("tenant", "")
-    if status == "active":
-        qs = qs.filter(status__in=ACTIVE_OR_PENDING)
-    elif status in TaskStatus.values:
-        qs = qs.filter(status=status)
-    if tenant:
-        qs = qs.filter(tenant__slug=tenant)
-    if request.GET.get("mine"):
-        qs = qs.filter(submitter=request.user)
-    page = Paginator(qs.order_by("-created_at", "-id"), 50).get_page(request.GET.get("page"))
+    """The tasks I may see, filtered like ``GET /api/v1/tasks`` (``scheduling.filters.TaskFilter``);
+    a bad filter value is shown above an empty list, with a 400."""
+    filters = TaskFilter(request.GET, queryset=access.tasks_for(request.user)
+                         .select_related("tenant", "submitter", "node"), request=request)
+    valid = filters.is_valid()
+    qs = filters.qs if valid else filters.queryset.none()
+    page = Paginator(qs, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
     return render(request, "portal/task_list.html", {
-        "page": page, "status": status, "tenant": tenant, "mine": bool(request.GET.get("mine")),
-        "statuses": ["active", *TaskStatus.values], "tenants": list(access.tenants_for(request.user)
-                                                                   .values_list("slug", flat=True)),
-    })
+        "page": page, "status": request.GET.get("status", ""), "tenant": request.GET.get("tenant", ""),
+        "mine": valid and filters.form.cleaned_data.get("mine"), "errors": filters.errors, "query": query.urlencode(),
+        "statuses": [NOT_ENDED, ACTIVE, *TaskStatus.values],
+        "tenants": list(access.tenants_for(request.user).values_list("slug", flat=True)),
+    }, status=200 if valid else 400)
 
 
 @login_required
