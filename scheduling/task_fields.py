@@ -66,11 +66,13 @@ def _as_dict(value: str | dict | None) -> dict:
 
 @dataclass(frozen=True)
 class Pending:
-    """How a field reaches the placement core's ``PendingTask``."""
+    """How a field reaches the placement core's ``PendingTask``: from the snapshot's row
+    (``sql``, then ``from_row``) or from a validated value (``from_value``, for the preview)."""
 
     attr: str  # the PendingTask attribute
     sql: str = ""  # the snapshot's expression (``t`` is the task row); default: the field's column
-    convert: Callable[[Any], Any] | None = None  # stored value -> attribute value
+    from_row: Callable[[Any], Any] | None = None  # what the cursor returns -> attribute value
+    from_value: Callable[[Any], Any] | None = None  # validated value -> attribute value
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,15 @@ SPECS: tuple[TaskField, ...] = (
               # No memory given: the model's remembered estimate (scheduling.passes joins it as ``e``).
               pending=Pending("memory_mb", sql="coalesce(t.gpu_memory_mb, e.memory_mb)")),
     TaskField("share_mode", CHOICE, choices=ShareMode.choices, default=ShareMode.EXCLUSIVE,
-              pending=Pending("exclusive", convert=lambda mode: mode != ShareMode.SHARED)),
+              pending=Pending("exclusive", sql=f"t.share_mode <> '{ShareMode.SHARED}'",
+                              from_value=lambda mode: mode != ShareMode.SHARED)),
     TaskField("model_name", TEXT, max_chars=_width("model_name"), pending=Pending("model_name")),
     TaskField("priority", CHOICE, "At most the tenant quota's max_priority.", choices=Priority.labels,
-              default="NORMAL", pending=Pending("priority", convert=int)),
+              default="NORMAL", pending=Pending("priority", from_value=int)),
     TaskField("workload_class", CHOICE, "One of the tenant quota's allowed_classes.", choices=WorkloadClass.choices,
               default=WorkloadClass.BATCH, pending=Pending("workload_class")),
     TaskField("timeout_s", INTEGER, "Default 3600, at most the max.", min_value=1, pending=Pending("timeout_s")),
-    TaskField("node_selector", MAPPING, raw=True, pending=Pending("node_selector", convert=_as_dict)),
+    TaskField("node_selector", MAPPING, raw=True, pending=Pending("node_selector", from_row=_as_dict)),
     TaskField("gpu_model", TEXT, max_chars=_width("gpu_model"), pending=Pending("gpu_model")),
     TaskField("nodes", INTEGER, "Servers of a gang, one process (rank) on each; at most the servers registered. "
               "With gpus_per_node or gpu_count.", min_value=1, pending=Pending("nodes")),
@@ -139,7 +142,8 @@ RAW_FORM_FIELDS: frozenset[str] = frozenset(f.name for f in SPECS if f.form and 
 
 # The snapshot's columns, in one order for the SELECT and for the rows it returns.
 PENDING: tuple[TaskField, ...] = tuple(f for f in SPECS if f.pending is not None)
-_CONVERTERS = tuple((f.pending.attr, f.pending.convert) for f in PENDING)
+_ATTRS = tuple(f.pending.attr for f in PENDING)
+_FROM_ROW = tuple((f.pending.attr, f.pending.from_row) for f in PENDING if f.pending.from_row is not None)
 
 
 def pending_columns(alias: str = "t") -> str:
@@ -149,11 +153,15 @@ def pending_columns(alias: str = "t") -> str:
 
 def pending_kwargs(row: Sequence[Any]) -> dict[str, Any]:
     """``PendingTask`` keyword arguments from values in ``PENDING`` order (a snapshot row)."""
-    return {attr: value if convert is None else convert(value)
-            for (attr, convert), value in zip(_CONVERTERS, row, strict=True)}
+    # Once per pending task of every pass: zipped in one go, then the few converted in place.
+    kwargs = dict(zip(_ATTRS, row, strict=True))
+    for attr, convert in _FROM_ROW:
+        kwargs[attr] = convert(kwargs[attr])
+    return kwargs
 
 
 def pending_from_values(values: dict[str, Any]) -> dict[str, Any]:
     """``PendingTask`` keyword arguments from values by field name, as stored (ids for
     the tenant and reservation; the memory the snapshot would resolve)."""
-    return pending_kwargs([values.get(f.name) for f in PENDING])
+    return {f.pending.attr: values.get(f.name) if f.pending.from_value is None else f.pending.from_value(
+        values.get(f.name)) for f in PENDING}
