@@ -122,7 +122,7 @@ LEFT JOIN tenants_fairshare f ON f.tenant_id = t.id
 # no memory asks for the model's remembered estimate (raised x1.2 after each OOM).
 # The task's own columns come from its field table (scheduling.task_fields.PENDING).
 _PENDING_SQL = f"""
-SELECT t.id, t.created_at, t.pending_reason, t.queue_position, {task_fields.pending_columns("t")}
+SELECT t.id, t.created_at, t.pending_reason, t.queue_position, {task_fields.pending_columns()}
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name

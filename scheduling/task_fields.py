@@ -146,9 +146,9 @@ _ATTRS = tuple(f.pending.attr for f in PENDING)
 _FROM_ROW = tuple((f.pending.attr, f.pending.from_row) for f in PENDING if f.pending.from_row is not None)
 
 
-def pending_columns(alias: str = "t") -> str:
-    """The SELECT list that reads ``PENDING`` from the task row ``alias``."""
-    return ", ".join(f.pending.sql or f'{alias}."{f.column}"' for f in PENDING)
+def pending_columns() -> str:
+    """The SELECT list that reads ``PENDING`` from the task row ``t``."""
+    return ", ".join(f.pending.sql or f't."{f.column}"' for f in PENDING)
 
 
 def pending_kwargs(row: Sequence[Any]) -> dict[str, Any]:
