@@ -23,9 +23,10 @@ from django.views.decorators.http import require_POST
 from nodes import inventory
 from nodes.models import Node
 from portal.api.authentication import create_token
-from scheduling import access, lifecycle, logs, reservations, submission, usage
+from scheduling import access, lifecycle, logs, reservations, submission, task_fields, usage
 from scheduling.calendar import events
 from scheduling.choices import FINAL_STATUSES, ShareMode, TaskStatus
+from scheduling.filters import ACTIVE, TaskFilter
 from scheduling.grants import GrantRequestForm, grants_for, requestable_tenants
 from scheduling.models import TaskLogChunk
 from scheduling.preview import would_fit
@@ -34,9 +35,6 @@ from tenants.choices import Priority, WorkloadClass
 from tenants.models import ApiToken
 
 ACTIVE_OR_PENDING = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
-FORM_FIELDS = ("tenant", "name", "command", "gpu_count", "gpu_memory_mb", "share_mode", "priority", "workload_class",
-               "timeout_s", "env", "working_dir", "model_name", "gpu_model", "node_selector", "nodes", "gpus_per_node",
-               "topology_key", "dependency", "array")
 
 
 def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,8 +66,10 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 def _form_data(post) -> dict[str, Any]:
-    return {k: post.get(k, "").strip() if k not in ("command", "env", "node_selector") else post.get(k, "")
-            for k in FORM_FIELDS if post.get(k, "").strip() != ""}
+    """The submit form's fields (task_fields.FORM_FIELDS) as ``validate`` takes them: blank ones
+    left out, multi-line ones (command, env, labels) as typed, the others stripped."""
+    return {k: post.get(k, "") if k in task_fields.RAW_FORM_FIELDS else post.get(k, "").strip()
+            for k in task_fields.FORM_FIELDS if post.get(k, "").strip() != ""}
 
 
 @login_required
@@ -99,29 +99,31 @@ def submit(request: HttpRequest) -> HttpResponse:
         "values": values, "errors": errors, "preview": preview, "tenants": tenants,
         "priorities": Priority.labels, "classes": WorkloadClass.values, "share_modes": ShareMode.values,
         "limits": ctx.limits, "max_timeout": settings.SCHEDULER.max_task_timeout_s,
-        "default_timeout": settings.SCHEDULER.default_task_timeout_s,
+        "default_timeout": settings.SCHEDULER.default_task_timeout_s, "fields": task_fields.BY_NAME,
     }, status=400 if errors else 200)
+
+
+# The state menu of the task page: not ended, the tasks holding GPUs (``active``), then each state.
+NOT_ENDED = ",".join(ACTIVE_OR_PENDING)
 
 
 @login_required
 def task_list(request: HttpRequest) -> HttpResponse:
-    qs = access.tasks_for(request.user).select_related("tenant", "submitter", "node")
-    status = request.GET.get("status", "")
-    tenant = request.GET.get("tenant", "")
-    if status == "active":
-        qs = qs.filter(status__in=ACTIVE_OR_PENDING)
-    elif status in TaskStatus.values:
-        qs = qs.filter(status=status)
-    if tenant:
-        qs = qs.filter(tenant__slug=tenant)
-    if request.GET.get("mine"):
-        qs = qs.filter(submitter=request.user)
-    page = Paginator(qs.order_by("-created_at", "-id"), 50).get_page(request.GET.get("page"))
+    """The tasks I may see, filtered like ``GET /api/v1/tasks`` (``scheduling.filters.TaskFilter``);
+    a bad filter value is shown above an empty list, with a 400."""
+    filters = TaskFilter(request.GET, queryset=access.tasks_for(request.user)
+                         .select_related("tenant", "submitter", "node"), request=request)
+    valid = filters.is_valid()
+    qs = filters.qs if valid else filters.queryset.none()
+    page = Paginator(qs, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
     return render(request, "portal/task_list.html", {
-        "page": page, "status": status, "tenant": tenant, "mine": bool(request.GET.get("mine")),
-        "statuses": ["active", *TaskStatus.values], "tenants": list(access.tenants_for(request.user)
-                                                                   .values_list("slug", flat=True)),
-    })
+        "page": page, "status": request.GET.get("status", ""), "tenant": request.GET.get("tenant", ""),
+        "mine": valid and filters.form.cleaned_data.get("mine"), "errors": filters.errors, "query": query.urlencode(),
+        "statuses": [NOT_ENDED, ACTIVE, *TaskStatus.values],
+        "tenants": list(access.tenants_for(request.user).values_list("slug", flat=True)),
+    }, status=200 if valid else 400)
 
 
 @login_required

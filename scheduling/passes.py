@@ -30,8 +30,8 @@ from django.db import connection, transaction
 
 from kernel import counters, live
 from nodes.models import GPUHealth, NodeStatus, model_cache
-from scheduling import arrays, dependencies, lifecycle, triggers
-from scheduling.choices import ShareMode, TaskStatus
+from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
+from scheduling.choices import TaskStatus
 from scheduling.core import schedule
 from scheduling.core_types import (
     GpuState,
@@ -120,16 +120,15 @@ LEFT JOIN tenants_fairshare f ON f.tenant_id = t.id
 
 # The queue in its index order (task_pending_queue_idx). A task that names a model but
 # no memory asks for the model's remembered estimate (raised x1.2 after each OOM).
-_PENDING_SQL = """
-SELECT t.id, t.tenant_id, t.priority, t.created_at, t.gpu_count, coalesce(t.gpu_memory_mb, e.memory_mb),
-       t.share_mode, t.workload_class, t.timeout_s, t.model_name, t.node_selector, t.gpu_model,
-       t.pending_reason, t.queue_position, t.nodes, t.topology_key, t.reservation_id
+# The task's own columns come from its field table (scheduling.task_fields.PENDING).
+_PENDING_SQL = f"""
+SELECT t.id, t.created_at, t.pending_reason, t.queue_position, {task_fields.pending_columns()}
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
 WHERE t.status = 'pending'
 ORDER BY t.priority DESC, t.created_at, t.id
-"""
+"""  # noqa: S608 - column names from the field table, no input
 
 
 def _json(raw: str | dict | None) -> dict:
@@ -265,17 +264,11 @@ def load_snapshot(now: datetime) -> _Loaded:
         pending: list[PendingTask] = []
         stored: dict[int, tuple[str, int | None]] = {}
         tenant_of: dict[int, int] = {}
-        for (task_id, tenant_id, priority, created_at, gpu_count, memory_mb, share_mode, wclass, timeout_s,
-             model_name, selector, gpu_model, reason, position, gang_nodes, topology_key,
-             reservation_id) in cursor.fetchall():
-            pending.append(PendingTask(
-                id=task_id, tenant_id=tenant_id, priority=priority, created_at=created_at, gpu_count=gpu_count,
-                memory_mb=memory_mb, exclusive=share_mode != ShareMode.SHARED, workload_class=wclass,
-                timeout_s=timeout_s, model_name=model_name, node_selector=_json(selector), gpu_model=gpu_model,
-                nodes=gang_nodes, topology_key=topology_key, reservation_id=reservation_id,
-            ))
+        for task_id, created_at, reason, position, *columns in cursor.fetchall():
+            task = PendingTask(id=task_id, created_at=created_at, **task_fields.pending_kwargs(columns))
+            pending.append(task)
             stored[task_id] = (reason, position)
-            tenant_of[task_id] = tenant_id
+            tenant_of[task_id] = task.tenant_id
 
         _add_quota_grants(cursor, tenants, now)
 

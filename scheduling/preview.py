@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from scheduling.choices import ShareMode
+from scheduling import task_fields
 from scheduling.core import schedule
 from scheduling.core_types import PendingTask
 from scheduling.models import ModelMemoryEstimate
@@ -42,13 +42,10 @@ def would_fit(spec: TaskSpec) -> Preview:
                   .values_list("memory_mb", flat=True).first())
     now = timezone.now()
     snapshot = load_snapshot(now).snapshot
-    snapshot.pending.append(PendingTask(
-        id=CANDIDATE_ID, tenant_id=spec.tenant.pk, priority=int(v["priority"]), created_at=now,
-        gpu_count=v["gpu_count"], memory_mb=memory, exclusive=v["share_mode"] != ShareMode.SHARED,
-        workload_class=v["workload_class"], timeout_s=v["timeout_s"], model_name=v["model_name"],
-        node_selector=v["node_selector"], gpu_model=v["gpu_model"], nodes=v.get("nodes", 1),
-        topology_key=v.get("topology_key", ""),
-    ))
+    # As the snapshot would read it back (task_fields.PENDING): ids, and the resolved memory.
+    stored = {**v, "tenant": spec.tenant.pk, "gpu_memory_mb": memory,
+              "reservation": v["reservation"].pk if v.get("reservation") is not None else None}
+    snapshot.pending.append(PendingTask(id=CANDIDATE_ID, created_at=now, **task_fields.pending_from_values(stored)))
     plan = schedule(snapshot)
     placement = next((p for p in plan.placements if p.task_id == CANDIDATE_ID), None)
     if placement is not None:

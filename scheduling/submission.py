@@ -4,7 +4,10 @@ batch), the portal's submit form and, through the API, the CLI.
 ``SubmitContext.load(user)`` reads what validation needs once per request (the
 user's tenants with their quotas, the largest server and GPU). ``validate``
 checks one task description and returns either a clean ``TaskSpec`` or field
-errors; it never writes. ``create_tasks`` writes a batch atomically: the
+errors; it never writes. It runs named steps in order (``_STEPS``: shape, tenant,
+command and texts, env and labels, gang, memory and sharing, timeout, the quota's
+rules, reservation, dependency, array); the fields, their limits and defaults are
+declared once in ``scheduling.task_fields``. ``create_tasks`` writes a batch atomically: the
 tenants' quota rows are locked (stable order), then one statement inserts the
 tasks and their "submitted" events and counts the pending tasks the limit is
 checked against; the scheduler is woken after commit.
@@ -24,33 +27,24 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from kernel import live
-from scheduling import access, arrays, dependencies, triggers
+from scheduling import access, arrays, dependencies, task_fields, triggers
 from scheduling.choices import ShareMode, TaskStatus
 from scheduling.models import Reservation, Task, TaskArray, TaskDependency
 from tenants.choices import Priority, WorkloadClass
 from tenants.models import Quota, Tenant
 
-# Limits a user can hit (documented in the README, "Limits a user can hit").
-NAME_MAX_CHARS = 200
-COMMAND_MAX_CHARS = 8192
-WORKING_DIR_MAX_CHARS = 1024
-MODEL_NAME_MAX_CHARS = 200
-GPU_MODEL_MAX_CHARS = 100
-ENV_MAX_VARS = 64
-ENV_MAX_BYTES = 16 * 1024
-NODE_SELECTOR_MAX_LABELS = 16
-BATCH_MAX_TASKS = 1000
+# The limits live with the field table (scheduling.task_fields); named here too for callers.
+BATCH_MAX_TASKS = task_fields.BATCH_MAX_TASKS
+COMMAND_MAX_CHARS = task_fields.COMMAND_MAX_CHARS
+ENV_MAX_VARS = task_fields.ENV_MAX_VARS
+ENV_MAX_BYTES = task_fields.ENV_MAX_BYTES
+NODE_SELECTOR_MAX_LABELS = task_fields.NODE_SELECTOR_MAX_LABELS
+LABEL_KEY_MAX_CHARS = task_fields.LABEL_KEY_MAX_CHARS
+LABEL_VALUE_MAX_CHARS = task_fields.LABEL_VALUE_MAX_CHARS
+FIELDS = task_fields.FIELDS
 
-FIELDS = (
-    "tenant", "name", "command", "env", "working_dir", "gpu_count", "gpu_memory_mb", "share_mode",
-    "model_name", "priority", "workload_class", "timeout_s", "node_selector", "gpu_model",
-    "nodes", "gpus_per_node", "topology_key", "dependency", "array", "reservation",
-)
-TOPOLOGY_KEY_MAX_CHARS = 100
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would let "NAME\n" through
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: int() also takes "١٢" and "1_0"
-LABEL_KEY_MAX_CHARS = 63
-LABEL_VALUE_MAX_CHARS = 63
 _LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?")
 
 Errors = dict[str, list[str]]
@@ -324,185 +318,240 @@ def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, A
         values["gpu_count"], values["nodes"] = count, nodes
 
 
-def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
-    """Check one task description; returns ``(spec, {})`` or ``(None, field errors)``."""
-    if not isinstance(data, dict):
-        return None, {"non_field_errors": [_("Expected a JSON object describing one task.")]}
-    errors: Errors = {}
-    for key in sorted(set(data) - set(FIELDS)):
-        errors[str(key)] = [_("Unknown field. Allowed fields: %(fields)s.") % {"fields": ", ".join(FIELDS)}]
-    config = settings.SCHEDULER
-    limits = ctx.limits
-    values: dict[str, Any] = {}
+@dataclass
+class _Check:
+    """One task description being checked: what was given, what is clean so far, what is wrong.
+    Each step below reads ``data``, writes its fields' clean values or errors, and never raises."""
 
-    # Tenant: named, or implied when the user belongs to exactly one.
+    data: dict[str, Any]
+    ctx: SubmitContext
+    values: dict[str, Any] = field(default_factory=dict)
+    errors: Errors = field(default_factory=dict)
     tenant: Tenant | None = None
-    slug = data.get("tenant")
+    quota: Quota | None = None
+    dependencies: list[tuple[str, int]] = field(default_factory=list)
+    array: tuple[str, list[int], int] | None = None
+
+    def fail(self, key: str, message: str) -> None:
+        self.errors[key] = [message]
+
+
+def _check_shape(c: _Check) -> None:
+    """Only the declared fields (scheduling.task_fields)."""
+    for key in sorted(set(c.data) - set(FIELDS)):
+        c.fail(str(key), _("Unknown field. Allowed fields: %(fields)s.") % {"fields": ", ".join(FIELDS)})
+
+
+def _check_tenant(c: _Check) -> None:
+    """The tenant: named (one the user belongs to; staff: any), or implied when the user
+    belongs to exactly one; it must have a quota."""
+    ctx, slug = c.ctx, c.data.get("tenant")
     if slug in (None, ""):
         if ctx.user.is_staff and len(ctx.memberships) != 1:
-            errors["tenant"] = [_("Required: name the tenant (staff may submit for any tenant).")]
+            c.fail("tenant", _("Required: name the tenant (staff may submit for any tenant)."))
         elif len(ctx.memberships) == 1:
-            tenant = next(iter(ctx.memberships.values()))
+            c.tenant = next(iter(ctx.memberships.values()))
         elif not ctx.memberships:
-            errors["tenant"] = [_("You belong to no tenant; ask an operator to add you to one.")]
+            c.fail("tenant", _("You belong to no tenant; ask an operator to add you to one."))
         else:
-            errors["tenant"] = [_("Required: you belong to %(tenants)s.")
-                                % {"tenants": ", ".join(sorted(ctx.memberships))}]
+            c.fail("tenant", _("Required: you belong to %(tenants)s.")
+                   % {"tenants": ", ".join(sorted(ctx.memberships))})
     elif not isinstance(slug, str):
-        errors["tenant"] = [_("Must be a tenant's short name (slug).")]
+        c.fail("tenant", _("Must be a tenant's short name (slug)."))
     else:
-        tenant = ctx.tenant(slug.strip())
-        if tenant is None:
-            errors["tenant"] = [_("Unknown tenant %(slug)r (or you are not a member of it).") % {"slug": slug}]
-    quota = _quota(tenant) if tenant is not None else None
-    if tenant is not None and quota is None:
-        errors["tenant"] = [_("Tenant %(slug)s has no quota yet; ask an operator to set one.") % {"slug": tenant.slug}]
+        c.tenant = ctx.tenant(slug.strip())
+        if c.tenant is None:
+            c.fail("tenant", _("Unknown tenant %(slug)r (or you are not a member of it).") % {"slug": slug})
+    c.quota = _quota(c.tenant) if c.tenant is not None else None
+    if c.tenant is not None and c.quota is None:
+        c.fail("tenant", _("Tenant %(slug)s has no quota yet; ask an operator to set one.") % {"slug": c.tenant.slug})
 
-    # Command: a shell command line, or an argv list (joined with shell quoting).
-    command = data.get("command")
+
+def _check_command(c: _Check) -> None:
+    """A shell command line, or an argv list (joined with shell quoting)."""
+    command = c.data.get("command")
     if isinstance(command, list) and command and all(isinstance(a, str) for a in command):
         command = shlex.join(command)
     if not isinstance(command, str) or not command.strip():
-        errors["command"] = [_("Required: the command line to run (a string, or a list of arguments).")]
+        c.fail("command", _("Required: the command line to run (a string, or a list of arguments)."))
     elif len(command) > COMMAND_MAX_CHARS:
-        errors["command"] = [_("At most %(limit)s characters (got %(got)s).")
-                             % {"limit": COMMAND_MAX_CHARS, "got": len(command)}]
+        c.fail("command", _("At most %(limit)s characters (got %(got)s).")
+               % {"limit": COMMAND_MAX_CHARS, "got": len(command)})
     else:
-        values["command"] = command.strip()
+        c.values["command"] = command.strip()
 
-    name = _check_text(data, "name", NAME_MAX_CHARS, errors)
-    if not name and "command" in values:
-        # Default name: the program being run, like sbatch's job name.
-        words = values["command"].split()
-        name = (words[0].rsplit("/", 1)[-1] if words else "task")[:NAME_MAX_CHARS]
-    values["name"] = name
-    values["working_dir"] = _check_text(data, "working_dir", WORKING_DIR_MAX_CHARS, errors)
-    values["model_name"] = _check_text(data, "model_name", MODEL_NAME_MAX_CHARS, errors)
-    values["gpu_model"] = _check_text(data, "gpu_model", GPU_MODEL_MAX_CHARS, errors)
 
-    env, problem = _as_mapping(data.get("env"), "variable")
+def _check_texts(c: _Check) -> None:
+    """The plain text fields, each within its column's width; the name defaults to the
+    program being run, like sbatch's job name."""
+    for spec in task_fields.TEXT_FIELDS:
+        c.values[spec.name] = _check_text(c.data, spec.name, spec.max_chars, c.errors)
+    if not c.values["name"] and "command" in c.values:
+        words = c.values["command"].split()
+        c.values["name"] = (words[0].rsplit("/", 1)[-1] if words else "task")[:task_fields.BY_NAME["name"].max_chars]
+
+
+def _check_env(c: _Check) -> None:
+    env, problem = _as_mapping(c.data.get("env"), "variable")
     if problem:
-        errors["env"] = [problem]
-    elif env is not None:
-        bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
-        size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
-        if bad:
-            errors["env"] = [_("Invalid variable name %(name)r: use letters, digits and _, not starting with a digit.")
-                              % {"name": bad[0]}]
-        elif len(env) > ENV_MAX_VARS:
-            errors["env"] = [_("At most %(limit)s variables (got %(got)s).") % {"limit": ENV_MAX_VARS, "got": len(env)}]
-        elif size > ENV_MAX_BYTES:
-            errors["env"] = [_("At most %(limit)s bytes of variables in all (got %(got)s).")
-                             % {"limit": ENV_MAX_BYTES, "got": size}]
-        else:
-            values["env"] = env
+        c.fail("env", problem)
+        return
+    if env is None:
+        return
+    bad = [k for k in env if not _ENV_NAME.fullmatch(k)]
+    size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in env.items())
+    if bad:
+        c.fail("env", _("Invalid variable name %(name)r: use letters, digits and _, not starting with a digit.")
+               % {"name": bad[0]})
+    elif len(env) > ENV_MAX_VARS:
+        c.fail("env", _("At most %(limit)s variables (got %(got)s).") % {"limit": ENV_MAX_VARS, "got": len(env)})
+    elif size > ENV_MAX_BYTES:
+        c.fail("env", _("At most %(limit)s bytes of variables in all (got %(got)s).")
+               % {"limit": ENV_MAX_BYTES, "got": size})
+    else:
+        c.values["env"] = env
 
-    selector, problem = _as_mapping(data.get("node_selector"), "label")
+
+def _check_node_selector(c: _Check) -> None:
+    selector, problem = _as_mapping(c.data.get("node_selector"), "label")
     if problem:
-        errors["node_selector"] = [problem]
+        c.fail("node_selector", problem)
     elif selector is not None and len(selector) > NODE_SELECTOR_MAX_LABELS:
-        errors["node_selector"] = [_("At most %(limit)s labels (got %(got)s).") % {"limit": NODE_SELECTOR_MAX_LABELS,
-                                                                             "got": len(selector)}]
+        c.fail("node_selector", _("At most %(limit)s labels (got %(got)s).")
+               % {"limit": NODE_SELECTOR_MAX_LABELS, "got": len(selector)})
     elif selector and (problem := _label_problem(selector)):
-        errors["node_selector"] = [problem]
+        c.fail("node_selector", problem)
     else:
-        values["node_selector"] = selector or {}
+        c.values["node_selector"] = selector or {}
 
-    _check_gpus(data, limits, values, errors)
-    values["topology_key"] = _check_text(data, "topology_key", TOPOLOGY_KEY_MAX_CHARS, errors)
-    if values["topology_key"] and values.get("nodes", 1) == 1 and "topology_key" not in errors:
-        errors["topology_key"] = ["Only for a task over several servers (nodes above 1)."]
 
-    raw = data.get("gpu_memory_mb")
-    memory = None
+def _check_gang(c: _Check) -> None:
+    """How many GPUs on how many servers (``_check_gpus``); a topology key only for a gang."""
+    _check_gpus(c.data, c.ctx.limits, c.values, c.errors)
+    if c.values["topology_key"] and c.values.get("nodes", 1) == 1 and "topology_key" not in c.errors:
+        c.fail("topology_key", "Only for a task over several servers (nodes above 1).")
+
+
+def _check_memory_and_sharing(c: _Check) -> None:
+    """Memory per GPU within the largest GPU (less the safety margin); a shared task says
+    how much it needs and stays on one server."""
+    limits, raw, memory = c.ctx.limits, c.data.get("gpu_memory_mb"), None
     if raw not in (None, ""):
         memory = _as_int(raw)
         top = limits.max_task_memory_mb
         if memory is None:
-            errors["gpu_memory_mb"] = [_("Must be a whole number of MB (per GPU).")]
+            c.fail("gpu_memory_mb", _("Must be a whole number of MB (per GPU)."))
         elif not 1 <= memory <= max(top, 1):
-            errors["gpu_memory_mb"] = [
-                _("Must be between 1 and %(top)s MB per GPU (the largest GPU has %(largest)s MB, "
-                  "minus the %(margin)s MB safety margin).")
-                % {"top": top, "largest": limits.largest_gpu_mb, "margin": limits.safety_margin_mb}
-            ]
-    values["gpu_memory_mb"] = memory
+            c.fail("gpu_memory_mb", _("Must be between 1 and %(top)s MB per GPU (the largest GPU has %(largest)s MB, "
+                                      "minus the %(margin)s MB safety margin).")
+                   % {"top": top, "largest": limits.largest_gpu_mb, "margin": limits.safety_margin_mb})
+    c.values["gpu_memory_mb"] = memory
 
-    share_mode = _given(data, "share_mode", ShareMode.EXCLUSIVE)
+    share_mode = _given(c.data, "share_mode", task_fields.BY_NAME["share_mode"].default)
     if share_mode not in ShareMode.values:
-        errors["share_mode"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(ShareMode.values)}]
-    elif share_mode == ShareMode.SHARED and values.get("nodes", 1) > 1:
-        errors["share_mode"] = ["A task over several servers takes whole GPUs: share_mode must be exclusive."]
-    elif share_mode == ShareMode.SHARED and memory is None and not values.get("model_name"):
-        errors["share_mode"] = [_("A shared task must give gpu_memory_mb (or a model_name with a known estimate).")]
-    values["share_mode"] = share_mode
+        c.fail("share_mode", _("Must be one of %(choices)s.") % {"choices": ", ".join(ShareMode.values)})
+    elif share_mode == ShareMode.SHARED and c.values.get("nodes", 1) > 1:
+        c.fail("share_mode", "A task over several servers takes whole GPUs: share_mode must be exclusive.")
+    elif share_mode == ShareMode.SHARED and memory is None and not c.values.get("model_name"):
+        c.fail("share_mode", _("A shared task must give gpu_memory_mb (or a model_name with a known estimate)."))
+    c.values["share_mode"] = share_mode
 
-    raw = data.get("timeout_s")
+
+def _check_timeout(c: _Check) -> None:
+    config, raw = settings.SCHEDULER, c.data.get("timeout_s")
     timeout = config.default_task_timeout_s if raw in (None, "") else _as_int(raw)
     if timeout is None or not 1 <= timeout <= config.max_task_timeout_s:
-        errors["timeout_s"] = [_("Must be a whole number of seconds from 1 to %(max)s.")
-                               % {"max": config.max_task_timeout_s}]
-    values["timeout_s"] = timeout
+        c.fail("timeout_s", _("Must be a whole number of seconds from 1 to %(max)s.")
+               % {"max": config.max_task_timeout_s})
+    c.values["timeout_s"] = timeout
 
-    raw = _given(data, "priority", "NORMAL")
+
+def _check_quota_rules(c: _Check) -> None:
+    """Priority and workload class: known values, and ones the tenant's quota allows."""
+    raw = _given(c.data, "priority", task_fields.BY_NAME["priority"].default)
     try:
         priority = Priority.from_name(raw) if isinstance(raw, str) else None
     except KeyError:
         priority = None
     if priority is None:
-        errors["priority"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(Priority.labels)}]
-    elif quota is not None and priority > quota.max_priority:
-        errors["priority"] = [
-            _("Tenant %(slug)s may submit at most %(priority)s priority.")
-            % {"slug": tenant.slug, "priority": Priority(quota.max_priority).label}
-        ]
-    values["priority"] = priority
+        c.fail("priority", _("Must be one of %(choices)s.") % {"choices": ", ".join(Priority.labels)})
+    elif c.quota is not None and priority > c.quota.max_priority:
+        c.fail("priority", _("Tenant %(slug)s may submit at most %(priority)s priority.")
+               % {"slug": c.tenant.slug, "priority": Priority(c.quota.max_priority).label})
+    c.values["priority"] = priority
 
-    workload_class = _given(data, "workload_class", WorkloadClass.BATCH)
+    workload_class = _given(c.data, "workload_class", task_fields.BY_NAME["workload_class"].default)
     if workload_class not in WorkloadClass.values:
-        errors["workload_class"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(WorkloadClass.values)}]
-    elif quota is not None and workload_class not in quota.allowed_classes:
-        allowed = ", ".join(quota.allowed_classes) or "none"
-        errors["workload_class"] = [_("Tenant %(slug)s may not submit %(cls)s tasks (allowed: %(allowed)s).")
-                                     % {"slug": tenant.slug, "cls": workload_class, "allowed": allowed}]
-    values["workload_class"] = workload_class
+        c.fail("workload_class", _("Must be one of %(choices)s.") % {"choices": ", ".join(WorkloadClass.values)})
+    elif c.quota is not None and workload_class not in c.quota.allowed_classes:
+        allowed = ", ".join(c.quota.allowed_classes) or "none"
+        c.fail("workload_class", _("Tenant %(slug)s may not submit %(cls)s tasks (allowed: %(allowed)s).")
+               % {"slug": c.tenant.slug, "cls": workload_class, "allowed": allowed})
+    c.values["workload_class"] = workload_class
 
-    # Reservation (like Slurm's --reservation): by name, of the task's own tenant, not over.
-    name = data.get("reservation")
-    if name not in (None, ""):
 
-        res = Reservation.objects.filter(name=str(name).strip()).first() if isinstance(name, str) else None
-        if res is None or (tenant is not None and res.tenant_id != tenant.pk):
-            errors["reservation"] = [f"No reservation {name!r} of this tenant."]
-        elif res.state in (Reservation.State.REJECTED, Reservation.State.RELEASED):
-            errors["reservation"] = [f"Reservation {res.name} is {res.state}."]
-        else:
-            values["reservation"] = res
+def _check_reservation(c: _Check) -> None:
+    """By name (like Slurm's --reservation), of the task's own tenant, and not over."""
+    name = c.data.get("reservation")
+    if name in (None, ""):
+        return
+    res = Reservation.objects.filter(name=str(name).strip()).first() if isinstance(name, str) else None
+    if res is None or (c.tenant is not None and res.tenant_id != c.tenant.pk):
+        c.fail("reservation", f"No reservation {name!r} of this tenant.")
+    elif res.state in (Reservation.State.REJECTED, Reservation.State.RELEASED):
+        c.fail("reservation", f"Reservation {res.name} is {res.state}.")
+    else:
+        c.values["reservation"] = res
 
-    deps, problem = dependencies.parse(data.get("dependency"))
+
+def _check_dependency(c: _Check) -> None:
+    """Tasks to wait for: well-formed, and all of them tasks the user can see."""
+    deps, problem = dependencies.parse(c.data.get("dependency"))
     if problem:
-        errors["dependency"] = [problem]
-    elif deps:
+        c.fail("dependency", problem)
+        return
+    c.dependencies = deps
+    if deps:
         wanted = {tid for _kind, tid in deps}
-        visible = set(access.tasks_for(ctx.user).filter(pk__in=wanted).values_list("pk", flat=True))
+        visible = set(access.tasks_for(c.ctx.user).filter(pk__in=wanted).values_list("pk", flat=True))
         unknown = dependencies.unknown_ids(deps, visible)
         if unknown:
-            errors["dependency"] = [f"Unknown task {', '.join(f'#{i}' for i in unknown)} "
-                                    f"(or not one you can see)."]
+            c.fail("dependency", f"Unknown task {', '.join(f'#{i}' for i in unknown)} (or not one you can see).")
 
-    array = None
-    if data.get("array") not in (None, ""):
-        indexes, throttle, problem = arrays.parse(data["array"], BATCH_MAX_TASKS)
-        if problem:
-            errors["array"] = [problem]
-        elif len(values.get("env") or {}) + 4 > ENV_MAX_VARS:
-            errors["env"] = [f"At most {ENV_MAX_VARS - 4} variables in an array (each element gets 4 more)."]
-        else:
-            array = (data["array"].strip()[:200], indexes, throttle)
 
-    if errors:
-        return None, errors
-    return TaskSpec(tenant=tenant, values=values, dependencies=deps, array=array), {}
+def _check_array(c: _Check) -> None:
+    """An array spec within the batch limit; each element's extra variables must fit the env limit."""
+    spec = c.data.get("array")
+    if spec in (None, ""):
+        return
+    indexes, throttle, problem = arrays.parse(spec, BATCH_MAX_TASKS)
+    if problem:
+        c.fail("array", problem)
+    elif len(c.values.get("env") or {}) + task_fields.ARRAY_EXTRA_ENV_VARS > ENV_MAX_VARS:
+        c.fail("env", f"At most {ENV_MAX_VARS - task_fields.ARRAY_EXTRA_ENV_VARS} variables in an array "
+                      f"(each element gets {task_fields.ARRAY_EXTRA_ENV_VARS} more).")
+    else:
+        c.array = (spec.strip()[:task_fields.ARRAY_SPEC_MAX_CHARS], indexes, throttle)
+
+
+# In this order: later steps read what earlier ones cleaned (the gang's server count,
+# the memory, the tenant's quota).
+_STEPS = (_check_shape, _check_tenant, _check_command, _check_texts, _check_env, _check_node_selector,
+          _check_gang, _check_memory_and_sharing, _check_timeout, _check_quota_rules, _check_reservation,
+          _check_dependency, _check_array)
+
+
+def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
+    """Check one task description; returns ``(spec, {})`` or ``(None, field errors)``."""
+    if not isinstance(data, dict):
+        return None, {"non_field_errors": [_("Expected a JSON object describing one task.")]}
+    check = _Check(data, ctx)
+    for step in _STEPS:
+        step(check)
+    if check.errors:
+        return None, check.errors
+    return TaskSpec(tenant=check.tenant, values=check.values, dependencies=check.dependencies,
+                    array=check.array), {}
 
 
 def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:

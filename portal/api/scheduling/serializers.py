@@ -3,11 +3,11 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from scheduling import submission
-from scheduling.choices import ShareMode, TaskStatus
+from scheduling import task_fields
+from scheduling.choices import TaskStatus
 from scheduling.models import Task, TaskEvent
 from scheduling.reasons import translate_reason
-from tenants.choices import Priority, WorkloadClass
+from tenants.choices import Priority
 
 
 class TaskSerializer(serializers.ModelSerializer):
@@ -95,51 +95,39 @@ class TaskDetailSerializer(TaskSerializer):
                 task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
 
 
+def _submit_field(spec: task_fields.TaskField) -> serializers.Field:
+    """The schema's description of one submit field, from its declaration."""
+    common: dict = {"required": spec.required}
+    if spec.help:
+        common["help_text"] = spec.help
+    if spec.default is not None:
+        common["default"] = spec.default
+    if spec.kind in (task_fields.TEXT, task_fields.COMMAND, task_fields.ARRAY):
+        return serializers.CharField(max_length=spec.max_chars, **common)
+    if spec.kind in (task_fields.TENANT, task_fields.RESERVATION):
+        return serializers.CharField(**common)
+    if spec.kind == task_fields.INTEGER:
+        return serializers.IntegerField(min_value=spec.min_value, allow_null=spec.nullable, **common)
+    if spec.kind == task_fields.CHOICE:
+        return serializers.ChoiceField(spec.choices, **common)
+    if spec.kind == task_fields.MAPPING:
+        return serializers.DictField(child=serializers.CharField(), **common)
+    if spec.kind == task_fields.DEPENDENCY:
+        return serializers.JSONField(**common)
+    raise ValueError(f"no schema for {spec.kind!r} ({spec.name})")  # pragma: no cover - a new kind
+
+
 class TaskSubmitSerializer(serializers.Serializer):
     """What a submit accepts (for the schema): checked by ``scheduling.submission.validate``."""
 
-    tenant = serializers.CharField(required=False, help_text="Tenant slug; optional when you belong to one only.")
-    name = serializers.CharField(required=False, max_length=submission.NAME_MAX_CHARS)
-    command = serializers.CharField(max_length=submission.COMMAND_MAX_CHARS,
-                                    help_text="Shell command line (a list of arguments is also accepted).")
-    env = serializers.DictField(child=serializers.CharField(), required=False,
-                                help_text=f"At most {submission.ENV_MAX_VARS} variables, "
-                                          f"{submission.ENV_MAX_BYTES} bytes in all.")
-    working_dir = serializers.CharField(required=False, max_length=submission.WORKING_DIR_MAX_CHARS)
-    gpu_count = serializers.IntegerField(required=False, default=1, min_value=1,
-                                         help_text="1 to the most GPUs any one server has, or a multiple of it "
-                                                   "to span that many whole servers (a gang).")
-    nodes = serializers.IntegerField(required=False, min_value=1,
-                                     help_text="Servers of a gang, one process (rank) on each; at most the "
-                                               "servers registered. With gpus_per_node or gpu_count.")
-    gpus_per_node = serializers.IntegerField(required=False, min_value=1,
-                                             help_text="GPUs on each server of a gang.")
-    dependency = serializers.JSONField(
-        required=False, help_text='Start only after other tasks you can see end: {"after_ok": [12, 13], '
-                                  '"after_any": [14], "after_not_ok": [15]} or Slurm\'s "afterok:12:13,afterany:14".')
-    array = serializers.CharField(
-        required=False, max_length=200,
-        help_text='Many tasks at once, Slurm\'s syntax: "0-99%8" (indexes 0..99, at most 8 running), "1,3,5-7", '
-                  '"0-15:4". Each gets TASK_ARRAY_INDEX and SLURM_ARRAY_TASK_ID; the response is the first element.')
-    topology_key = serializers.CharField(required=False, max_length=submission.TOPOLOGY_KEY_MAX_CHARS,
-                                         help_text="A server label all of a gang's servers share, e.g. rack.")
-    gpu_memory_mb = serializers.IntegerField(required=False, allow_null=True, min_value=1,
-                                             help_text="Per GPU; at most the largest GPU minus the safety margin.")
-    share_mode = serializers.ChoiceField(ShareMode.choices, required=False, default=ShareMode.EXCLUSIVE)
-    model_name = serializers.CharField(required=False, max_length=submission.MODEL_NAME_MAX_CHARS)
-    priority = serializers.ChoiceField(Priority.labels, required=False, default="NORMAL",
-                                       help_text="At most the tenant quota's max_priority.")
-    workload_class = serializers.ChoiceField(WorkloadClass.choices, required=False, default=WorkloadClass.BATCH,
-                                             help_text="One of the tenant quota's allowed_classes.")
-    timeout_s = serializers.IntegerField(required=False, min_value=1, help_text="Default 3600, at most the max.")
-    node_selector = serializers.DictField(child=serializers.CharField(), required=False)
-    gpu_model = serializers.CharField(required=False, max_length=submission.GPU_MODEL_MAX_CHARS)
-    reservation = serializers.CharField(required=False, help_text="Run only on this reservation's GPUs, inside "
-                                                                  "its window (a reservation of the same tenant).")
+    # Built from the field table (scheduling.task_fields); validate gives the field messages.
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        return {spec.name: _submit_field(spec) for spec in task_fields.SPECS}
 
 
 class BatchSubmitSerializer(serializers.Serializer):
-    tasks = TaskSubmitSerializer(many=True, help_text=f"1 to {submission.BATCH_MAX_TASKS} tasks, all or none.")
+    tasks = TaskSubmitSerializer(many=True, help_text=f"1 to {task_fields.BATCH_MAX_TASKS} tasks, all or none.")
 
 
 class BatchResultSerializer(serializers.Serializer):

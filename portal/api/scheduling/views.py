@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict
 
-from django.db.models import Case, Count, IntegerField, Q, Value, When
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from django.db.models import Count, Q
+from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, ValidationError
@@ -26,15 +27,11 @@ from portal.api.scheduling.serializers import (
 )
 from scheduling import access, lifecycle, logs, submission
 from scheduling.choices import FINAL_STATUSES, TaskStatus
+from scheduling.filters import TaskFilter
 from scheduling.models import TaskArray
 from scheduling.preview import would_fit
-from tenants.choices import Priority
 
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,19}")
-
-
-def _csv(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
 def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -49,69 +46,23 @@ def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int
     return value
 
 
-def _bool_param(request, name: str) -> bool:
-    raw = request.query_params.get(name, "").lower()
-    if raw in ("", "0", "false", "no"):
-        return False
-    if raw in ("1", "true", "yes"):
-        return True
-    raise ValidationError({name: ["Must be true or false."]})
-
-
-# The filters apply to the list only: documented there, not on every action.
-@extend_schema_view(list=extend_schema(parameters=[
-    OpenApiParameter("status", str, description="comma-separated states, e.g. pending,running"),
-    OpenApiParameter("tenant", str, description="comma-separated tenant slugs"),
-    OpenApiParameter("priority", str, description="comma-separated: LOW, NORMAL, HIGH, CRITICAL"),
-    OpenApiParameter("mine", bool, description="only tasks I submitted"),
-    OpenApiParameter("ordering", str, enum=["-created_at", "queue"],
-                     description="'-created_at' (default) or 'queue' (running, then pending in queue order)"),
-]))
 class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     serializer_class = TaskSerializer
     lookup_value_regex = r"\d+"
+    # The list's query parameters (scheduling.filters, shared with the portal's task page);
+    # a bad value is a 400 naming the parameter.
+    filter_backends = [DjangoFilterBackend]
+    filterset_class = TaskFilter
 
     def get_serializer_class(self):
         return TaskDetailSerializer if self.action == "retrieve" else TaskSerializer
 
     def get_queryset(self):
-        qs = access.tasks_for(self.request.user).select_related("tenant", "submitter", "node")
-        if self.action != "list":
-            return qs
-        params = self.request.query_params
-        states = _csv(params.get("status"))
-        unknown = sorted(set(states) - set(TaskStatus.values))
-        if unknown:
-            raise ValidationError({"status": [f"Unknown state {unknown[0]!r}: use {', '.join(TaskStatus.values)}."]})
-        if states:
-            qs = qs.filter(status__in=states)
-        tenants = _csv(params.get("tenant"))
-        if tenants:
-            qs = qs.filter(tenant__slug__in=tenants)
-        priorities = []
-        for name in _csv(params.get("priority")):
-            try:
-                priorities.append(Priority.from_name(name))
-            except KeyError:
-                raise ValidationError({"priority": [f"Unknown priority {name!r}: use "
-                                                    f"{', '.join(Priority.labels)}."]}) from None
-        if priorities:
-            qs = qs.filter(priority__in=priorities)
-        if params.get("array"):
-            array = params["array"]
-            if not array.isdigit():
-                raise ValidationError({"array": ["Must be an array id (a whole number)."]})
-            qs = qs.filter(array_id=int(array))
-        if _bool_param(self.request, "mine"):
-            qs = qs.filter(submitter=self.request.user)
-        ordering = params.get("ordering", "-created_at")
-        if ordering == "queue":
-            rank = Case(When(status=TaskStatus.RUNNING, then=Value(0)), When(status=TaskStatus.ASSIGNED, then=Value(1)),
-                        When(status=TaskStatus.PENDING, then=Value(2)), default=Value(3), output_field=IntegerField())
-            return qs.annotate(rank=rank).order_by("rank", "queue_position", "-priority", "created_at", "id")
-        if ordering != "-created_at":
-            raise ValidationError({"ordering": ["Use '-created_at' or 'queue'."]})
-        return qs.order_by("-created_at", "-id")
+        return access.tasks_for(self.request.user).select_related("tenant", "submitter", "node")
+
+    def filter_queryset(self, queryset):
+        # The filters apply to the list only: a task's own URL finds it whatever the query says.
+        return super().filter_queryset(queryset) if self.action == "list" else queryset
 
     @extend_schema(request=TaskSubmitSerializer, responses={201: TaskSerializer})
     def create(self, request):
@@ -175,7 +126,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         task = self.get_queryset().get(pk=task.pk)
         return Response(TaskSerializer(task).data)
 
-    @extend_schema(responses={200: TaskEventSerializer(many=True)})
+    @extend_schema(responses={200: TaskEventSerializer(many=True)}, filters=False)
     @action(detail=True, methods=["get"], pagination_class=None)
     def events(self, request, pk=None):
         task = self.get_object()
