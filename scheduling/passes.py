@@ -33,7 +33,8 @@ from nodes.models import GPUHealth, NodeStatus, model_cache
 from portal import live
 from scheduling import arrays, dependencies, lifecycle, triggers
 from scheduling.choices import ShareMode, TaskStatus
-from scheduling.core_types import (
+from scheduling.models import SchedulerLock, Task
+from scheduling.placement import (
     GpuState,
     NodeState,
     PendingInfo,
@@ -44,7 +45,7 @@ from scheduling.core_types import (
     Snapshot,
     TenantState,
 )
-from scheduling.models import SchedulerLock, Task
+from scheduling.placement import schedule as core_schedule
 from scheduling.reservations import snapshot_windows
 from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
@@ -486,15 +487,13 @@ def lock_scheduler() -> tuple[int, datetime]:
 
 
 def _default_schedule() -> Schedule:
-    from scheduling.core import schedule
-
-    return schedule
+    return core_schedule
 
 
 def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clear_request: bool = True) -> PassResult:
     """Run one pass in its own transaction and return what it did.
 
-    ``schedule`` defaults to ``scheduling.core.schedule``; tests hand in others.
+    ``schedule`` defaults to ``scheduling.placement.schedule``; tests hand in others.
     """
     started = time.perf_counter()
     decide = schedule or _default_schedule()

@@ -16,8 +16,8 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from scheduling.core import schedule
 from scheduling.models import Task
+from scheduling.placement import schedule
 
 # How many waiting tasks the answer lists (the queue may be long).
 MAX_WAITING_LISTED = 100
