@@ -41,8 +41,11 @@ def snapshot_order(snapshot: Snapshot) -> list[PendingTask]:
 
 
 def explain_fair_share(queue: list[PendingTask], factors: dict[int, float], reasons_by_task: dict[int, str],
-                       blocked: set[int], placed_ids: set[int], tenants: dict[int, TenantState]) -> None:
-    """Say so when fair share let a later task of a tenant with a higher factor go first."""
+                       waiting: set[int], placed_ids: set[int], tenants: dict[int, TenantState]) -> None:
+    """Say so when fair share let a later task of a tenant with a higher factor go first.
+
+    ``waiting``: the tasks left waiting for capacity (blocked, or held back by the backfill
+    reservation); their reasons in ``reasons_by_task`` get the note."""
     # Per priority: placed tasks by factor (highest first) with the latest (created_at, id)
     # among those of at least that factor, so each waiting task is one bisect.
     levels: dict[int, list[tuple[float, tuple]]] = {}
@@ -60,7 +63,7 @@ def explain_fair_share(queue: list[PendingTask], factors: dict[int, float], reas
         latest[prio] = (keys, running_max)
     for t in queue:
         r = reasons_by_task.get(t.id)
-        if r is None or t.priority not in latest or not (t.id in blocked or r.startswith("reserved for backfill")):
+        if r is None or t.priority not in latest or t.id not in waiting:
             continue
         keys, running_max = latest[t.priority]
         own = factors.get(t.tenant_id, 1.0)

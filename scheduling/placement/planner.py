@@ -62,6 +62,7 @@ class Pass(Preempting, Backfill, Admission):
         blocked: dict[int, tuple] = {}  # task id -> shape, for capacity reasons at the end
         why: dict[int, str] = {}
         never: set[int] = set()  # tasks no active server could hold even when idle
+        held_back: set[int] = set()  # tasks that fit now but would delay the backfill reservation
         head: PendingTask | None = None  # first task blocked by capacity that can ever fit
         waiting_higher = 0  # blocked tasks ahead, strictly higher priority than the current level
         waiting_total = 0
@@ -80,6 +81,9 @@ class Pass(Preempting, Backfill, Admission):
                 kind, value = outcome
                 if kind == "reason":
                     why[task.id] = value
+                elif kind == "backfill":
+                    why[task.id] = value
+                    held_back.add(task.id)
                 elif kind == "never":
                     why[task.id] = value
                     never.add(task.id)
@@ -120,7 +124,7 @@ class Pass(Preempting, Backfill, Admission):
                 r = reasons.next_in_line(r, [self.n_name[n] for n in res.nodes], res.time)
             why[tid] = r
         if factors:
-            explain_fair_share(queue, factors, why, set(blocked), {p.task_id for p in self.plan.placements},
+            explain_fair_share(queue, factors, why, set(blocked) | held_back, {p.task_id for p in self.plan.placements},
                                self.snap.tenants)
 
         position = 0
@@ -137,7 +141,9 @@ class Pass(Preempting, Backfill, Admission):
 
     def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
                 waiting_total: int) -> tuple[str, object] | None:
-        """None when placed; ("reason", text), ("never", text), ("wait", text) or ("capacity", shape)."""
+        """None when placed, else why not: ("reason", text); ("never", text): no server could ever
+        hold it; ("wait", text): behind a capacity-blocked task (backfill off); ("backfill", text): it
+        would delay the backfill reservation; ("capacity", shape): no room now."""
         if task.nodes > 1:
             return self._decide_gang(task, head, waiting_higher, waiting_total)
         c = task.gpu_count
@@ -187,7 +193,7 @@ class Pass(Preempting, Backfill, Admission):
             found = self._reclaim_or_preempt(task, c, mem, mode, elig, excluded)
         if found is None:
             if excluded is not booked and self._search(task, c, mem, mode, shape, elig, booked, None) is not None:
-                return ("reason", reasons.reserved_for_backfill(self.reservation.task_id))  # type: ignore[union-attr]
+                return ("backfill", reasons.reserved_for_backfill(self.reservation.task_id))  # type: ignore[union-attr]
             if booked is not None and task.reservation_id is None and self._search(
                     task, c, mem, mode, shape, elig, None, None) is not None:
                 return ("reason", self._booked_reason(task))
@@ -251,7 +257,7 @@ class Pass(Preempting, Backfill, Admission):
             found = self._gang_reclaim_or_preempt(task, shape, elig, excluded)
         if found is None:
             if excluded is not booked and self._search_gang(task, shape, elig, booked) is not None:
-                return ("reason", reasons.reserved_for_backfill(self.reservation.task_id))  # type: ignore[union-attr]
+                return ("backfill", reasons.reserved_for_backfill(self.reservation.task_id))  # type: ignore[union-attr]
             if booked is not None and self._search_gang(task, shape, elig, None) is not None:
                 return ("reason", self._booked_reason(task))
             return ("capacity", shape)
