@@ -54,7 +54,7 @@ class Backfill(WorkingState):
                 if best is not None and when >= best.time:
                     break
                 self.sim_release(state, change)
-                q = self.sim_qualifying(state, gl, mem, mode, booked)
+                q = state.qualifying(gl, mem, mode, booked)
                 if len(q) >= c:
                     best = Reservation(task.id, when, (n,), frozenset(q[:c]))
                     break
@@ -82,7 +82,7 @@ class Backfill(WorkingState):
             if state is None:
                 state = states[n] = self.sim_node(elig[n])
             self.sim_release(state, change)
-            q = self.sim_qualifying(state, elig[n], mem, mode, None)
+            q = state.qualifying(elig[n], mem, mode, None)
             if len(q) < k:
                 continue
             members = ready.setdefault(group_of[n], {})

@@ -9,11 +9,11 @@ MB per GPU in one of three modes:
 - ``WHOLE`` (no memory figure): as ``EXCLUSIVE`` with ``mem = 0``; the allocation then
   claims the GPU's total memory.
 
-``qualifying`` applies the rule to a server's GPUs, over any per-GPU columns that can be
-indexed by GPU: the working state's lists (``state.WorkingState``) or a simulated server's
-dicts (``state.SimNode``, used by backfill and preemption to replay ends). Everything
-in the package that decides whether a request fits calls these functions;
-``first_empty_fitting`` is the same inequality for GPUs already known to be empty, kept
+``Gpus.qualifying`` applies the rule to a server's GPUs, over per-GPU columns indexable by
+GPU: the working state's lists (``state.WorkingState.gpus``) or a simulated server's dicts
+(``state.WorkingState.sim_node``, on which backfill and preemption replay ends). Everything
+in the package that decides whether a request fits calls it;
+``Gpus.first_empty_fitting`` is the same inequality for GPUs already known to be empty, kept
 separate because the scan's fast path runs it for every server it visits. (The working
 state's ``n_room``, the largest ``total - live`` among a server's empty GPUs, is only an
 upper bound that lets the scan skip a server without looking at its GPUs.)
@@ -48,39 +48,61 @@ def is_empty(excl: bool, shared: int, claimed: int) -> bool:
     return not excl and not shared and not claimed
 
 
-def qualifying(margin: int, total: Column, claimed: Column, live: Column, excl: Column, shared: Column,
-               gl: Sequence[int], mem: int, mode: str, excluded: frozenset[int] | None) -> list[int]:
-    """The GPUs of ``gl`` (in its order) that fit ``mem`` MB more in ``mode``, minus ``excluded``.
-
-    The columns come first so that a state can bind them once (``functools.partial``).
-    """
-    out = []
-    if mode == SHARED:
-        for g in gl:
-            if excl[g] or (excluded is not None and g in excluded):
-                continue
-            c = claimed[g]
-            lv = live[g]
-            if (c if c > lv else lv) + mem + margin <= total[g]:
-                out.append(g)
-    else:
-        for g in gl:
-            if excl[g] or shared[g] or claimed[g] or (excluded is not None and g in excluded):
-                continue
-            if live[g] + mem + margin <= total[g]:
-                out.append(g)
-    return out
+def empty_gpus(gl: Sequence[int], excl: Column, shared: Column, claimed: Column) -> list[int]:
+    """The GPUs of ``gl`` with no allocation (``is_empty``), in its order."""
+    return [g for g in gl if not excl[g] and not shared[g] and not claimed[g]]
 
 
-def first_empty_fitting(empty: Sequence[int], c: int, room_needed: int, excluded: frozenset[int] | None,
-                        total: Column, live: Column) -> list[int]:
-    """The first ``c`` GPUs of ``empty`` (GPUs known to have no allocation) that fit
-    ``room_needed = mem + margin``: the exclusive rule above, stopping at ``c``."""
-    picked = []
-    for g in empty:
-        if (excluded is None or g not in excluded) and live[g] + room_needed <= total[g]:
-            picked.append(g)
-            if len(picked) == c:
-                break
-    return picked
+class Gpus:
+    """The per-GPU columns the rule reads, indexable by GPU: the working state's lists, or a
+    simulated server's dicts (``total`` is always the working state's, memory never changes)."""
 
+    __slots__ = ("claimed", "excl", "live", "margin", "shared", "total")
+
+    def __init__(self, margin: int, total: Column, claimed: Column, live: Column, excl: Column,
+                 shared: Column) -> None:
+        self.margin = margin
+        self.total = total
+        self.claimed = claimed
+        self.live = live
+        self.excl = excl
+        self.shared = shared
+
+    def qualifying(self, gl: Sequence[int], mem: int, mode: str, excluded: frozenset[int] | None) -> list[int]:
+        """The GPUs of ``gl`` (in its order) that fit ``mem`` MB more in ``mode``, minus ``excluded``."""
+        total = self.total
+        claimed = self.claimed
+        live = self.live
+        excl = self.excl
+        margin = self.margin
+        out = []
+        if mode == SHARED:
+            for g in gl:
+                if excl[g] or (excluded is not None and g in excluded):
+                    continue
+                c = claimed[g]
+                lv = live[g]
+                if (c if c > lv else lv) + mem + margin <= total[g]:
+                    out.append(g)
+        else:
+            shared = self.shared
+            for g in gl:
+                if excl[g] or shared[g] or claimed[g] or (excluded is not None and g in excluded):
+                    continue
+                if live[g] + mem + margin <= total[g]:
+                    out.append(g)
+        return out
+
+    def first_empty_fitting(self, empty: Sequence[int], c: int, room_needed: int,
+                            excluded: frozenset[int] | None) -> list[int]:
+        """The first ``c`` GPUs of ``empty`` (GPUs known to have no allocation) that fit
+        ``room_needed = mem + margin``: the exclusive rule above, stopping at ``c``."""
+        total = self.total
+        live = self.live
+        picked = []
+        for g in empty:
+            if (excluded is None or g not in excluded) and live[g] + room_needed <= total[g]:
+                picked.append(g)
+                if len(picked) == c:
+                    break
+        return picked

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from scheduling.placement import reasons
+from scheduling.placement.fit import Gpus
 from scheduling.placement.gangs import Gangs, topology_group
 from scheduling.placement.order import LOW, PRIORITY_NAMES
-from scheduling.placement.state import SimNode
 from scheduling.placement.types import PendingTask, Plan, Preemption, RunningTask
 
 
@@ -162,9 +162,9 @@ class Preempting(Gangs):
                 chosen = trial
         return chosen
 
-    def _sim_count(self, state: SimNode, gl: tuple[int, ...], mem: int, mode: str,
+    def _sim_count(self, state: Gpus, gl: tuple[int, ...], mem: int, mode: str,
                    excluded: frozenset[int] | None) -> int:
-        return len(self.sim_qualifying(state, gl, mem, mode, excluded))
+        return len(state.qualifying(gl, mem, mode, excluded))
 
     def _gang_with_victims(self, task: PendingTask, shape: tuple, elig: dict[int, tuple[int, ...]],
                            excluded: frozenset[int] | None, *, pool: str, max_priority: int, budget: int | None,

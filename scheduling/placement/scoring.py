@@ -52,11 +52,12 @@ def gpu_score(base: float, models: Iterable[str], model: str, max_models: int) -
     return base
 
 
-def pick(q: list[int], c: int, model: str, base: Sequence[float], g_models: Sequence[Iterable[str]],
-         max_models: int) -> tuple[float, tuple[int, ...]]:
+def pick(base: Sequence[float], g_models: Sequence[Iterable[str]], max_models: int,
+         q: list[int], c: int, model: str) -> tuple[float, tuple[int, ...]]:
     """The best ``c`` GPUs of ``q`` (all fit, in index order) and their summed score.
 
     Ties go to the lower index: ``max`` keeps the first maximum and the sorts are stable.
+    The GPU columns come first so that a state can bind them once (``functools.partial``).
     """
     if model:
         # gpu_score inlined: this runs for every server compared for a task with a model.

@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from scheduling.placement import reasons
-from scheduling.placement.fit import SHARED, WHOLE, first_empty_fitting
-from scheduling.placement.scoring import pick
+from scheduling.placement.fit import SHARED, WHOLE
 from scheduling.placement.state import WorkingState
 from scheduling.placement.types import PendingTask
 
@@ -36,9 +35,6 @@ class Search(WorkingState):
     sig_cache: dict[tuple, set[tuple[int, ...]]]
     best_cache: dict[tuple, int]
     nofit: set[tuple]
-
-    def _pick(self, q: list[int], c: int, model: str) -> tuple[float, tuple[int, ...]]:
-        return pick(q, c, model, self.g_base, self.g_models, self.max_models)
 
     # ------------------------------------------------------------------ constraints
 
@@ -94,8 +90,8 @@ class Search(WorkingState):
 
     def _idle_baseline(self, gl: tuple[int, ...]) -> int:
         """Memory a server's GPUs use with nothing on them: the least its empty GPUs report."""
-        live = [self.g_live[g] for g in gl if self._empty(g)]
-        return min(live) if live else 0
+        g_live = self.g_live
+        return min([g_live[g] for g in self._empty_of(gl)], default=0)
 
     # ------------------------------------------------------------------ capacity at the end of the pass
 
@@ -210,8 +206,7 @@ class Search(WorkingState):
         # No model to weigh and no gpu_model filter: scores are the per-GPU load-balance scores.
         fast = mode != SHARED and not model and not shape[3][1]
         n_sorted = self.n_sorted
-        g_live = self.g_live
-        g_total = self.g_total
+        first_fit = self._first_empty_fitting
         g_base = self.g_base
         for group in groups:
             if not group:
@@ -230,7 +225,7 @@ class Search(WorkingState):
                     continue
                 if fast:
                     # Empty GPUs already sorted by score: the first c that fit are the best c.
-                    picked = first_empty_fitting(n_sorted[n], c, room_needed, excluded, g_total, g_live)
+                    picked = first_fit(n_sorted[n], c, room_needed, excluded)
                     if len(picked) < c:
                         continue
                     s = sum(map(g_base.__getitem__, picked))
