@@ -31,11 +31,13 @@ run: $(STAMP) $(GPUCTL) translations
 
 test: $(STAMP) $(GPUCTL) translations
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache  # the apps' layers (pyproject.toml [tool.importlinter])
 	$(BIN)/python manage.py makemigrations --check --dry-run > /dev/null || (echo "missing migrations: run manage.py makemigrations"; exit 1)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 # Chart.js is vendored (portal/static/vendor/chartjs/, committed; served from our static
 # files, never a CDN). Maintainers refresh it from the npm registry with this target.

@@ -1,4 +1,4 @@
-"""Placement-core benchmark: per-task decision time of ``scheduling.core.schedule``.
+"""Placement-core benchmark: per-task decision time of ``scheduling.placement.schedule``.
 
     .venv/bin/python bench/core.py [--quick] [--tasks N] [--strategy binpack|spread]
 
@@ -36,15 +36,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
-from portal.config import SchedulerConfig
-from scheduling.core import queue_order, schedule_timed
-from scheduling.core_types import (
+from scheduling.placement import (
     GpuState,
     NodeState,
     PendingTask,
     RunningTask,
+    SchedulerConfig,
     Snapshot,
     TenantState,
+    queue_order,
+    schedule_timed,
 )
 
 GPU_MODELS = (  # (name, memory MB, weight)

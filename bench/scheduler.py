@@ -146,18 +146,18 @@ def reset_to_pending() -> None:
 
 
 def timed_schedule(sink: list[float], gang_sink: list[float] | None = None):
-    from scheduling import core
+    from scheduling import placement
 
     def schedule(snapshot):
-        if hasattr(core, "schedule_timed"):
-            plan, timings = core.schedule_timed(snapshot)
+        if hasattr(placement, "schedule_timed"):
+            plan, timings = placement.schedule_timed(snapshot)
             sink.extend(timings)
             if gang_sink is not None:
-                order = core.queue_order(snapshot.pending)
+                order = placement.queue_order(snapshot.pending)
                 gang_sink.extend(t for t, task in zip(timings, order, strict=True) if task.nodes > 1)
             return plan
         t0 = time.perf_counter()
-        plan = core.schedule(snapshot)
+        plan = placement.schedule(snapshot)
         if snapshot.pending:
             sink.extend([(time.perf_counter() - t0) / len(snapshot.pending)] * len(snapshot.pending))
         return plan

@@ -222,7 +222,7 @@ def core_figures(runs: int) -> dict:
     import random
 
     from bench.core import build_snapshot
-    from scheduling.core import schedule
+    from scheduling.placement import schedule
 
     snap = build_snapshot(SERVERS, 8, 3000, seed=1)
     rnd = random.Random(3)

@@ -32,8 +32,9 @@ from kernel import counters, live
 from nodes.models import GPUHealth, NodeStatus, model_cache
 from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
 from scheduling.choices import TaskStatus
-from scheduling.core import schedule
-from scheduling.core_types import (
+from scheduling.lock import lock_scheduler
+from scheduling.models import SchedulerLock, Task
+from scheduling.placement import (
     GpuState,
     NodeState,
     PendingInfo,
@@ -44,8 +45,7 @@ from scheduling.core_types import (
     Snapshot,
     TenantState,
 )
-from scheduling.lock import lock_scheduler
-from scheduling.models import SchedulerLock, Task
+from scheduling.placement import schedule as core_schedule
 from scheduling.reservations import snapshot_windows
 from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
@@ -457,13 +457,13 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
 
 
 def _default_schedule() -> Schedule:
-    return schedule
+    return core_schedule
 
 
 def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clear_request: bool = True) -> PassResult:
     """Run one pass in its own transaction and return what it did.
 
-    ``schedule`` defaults to ``scheduling.core.schedule``; tests hand in others.
+    ``schedule`` defaults to ``scheduling.placement.schedule``; tests hand in others.
     """
     started = time.perf_counter()
     decide = schedule or _default_schedule()

@@ -2,7 +2,7 @@
 
 Loads the same snapshot a scheduling pass reads (``scheduling.passes.load_snapshot``;
 no lock, nothing written), adds the candidate at the back of its priority level as
-if submitted now, and runs ``scheduling.core.schedule`` on it. Tasks already queued
+if submitted now, and runs ``scheduling.placement.schedule`` on it. Tasks already queued
 ahead of it take their GPUs first, exactly as in a real pass, so the answer is what
 the next pass would decide if nothing else changed.
 """
@@ -15,10 +15,9 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from scheduling import task_fields
-from scheduling.core import schedule
-from scheduling.core_types import PendingTask
 from scheduling.models import ModelMemoryEstimate
 from scheduling.passes import load_snapshot
+from scheduling.placement import PendingTask, schedule
 from scheduling.reasons import translate_reason
 from scheduling.submission import TaskSpec
 

@@ -28,9 +28,9 @@ from django.utils import timezone
 
 from nodes.models import GPU, Node
 from scheduling import access, triggers
-from scheduling.core_types import ReservationWindow
 from scheduling.lock import lock_scheduler
 from scheduling.models import Allocation, Reservation, ReservationPolicy, ReservationSlot
+from scheduling.placement import ReservationWindow
 from tenants.models import Membership, Tenant
 
 MAX_REPEAT_WEEKS = 52

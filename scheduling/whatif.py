@@ -17,9 +17,9 @@ from typing import Any
 from django.db import connection, transaction
 
 from scheduling import reservations
-from scheduling.core import schedule
 from scheduling.models import Task
 from scheduling.passes import load_snapshot
+from scheduling.placement import schedule
 from tenants.models import Quota, QuotaGrant
 
 # How many waiting tasks the answer lists (the queue may be long).

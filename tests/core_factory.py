@@ -6,8 +6,7 @@ import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from portal.config import SchedulerConfig
-from scheduling.core_types import GpuState, NodeState, PendingTask, RunningTask, Snapshot, TenantState
+from scheduling.placement import GpuState, NodeState, PendingTask, RunningTask, SchedulerConfig, Snapshot, TenantState
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 H100 = "NVIDIA H100 80GB HBM3"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from scheduling.core import schedule
+from scheduling.placement import schedule
 from tests.core_factory import node, snapshot, task, tenant
 
 

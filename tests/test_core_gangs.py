@@ -8,7 +8,7 @@ from datetime import timedelta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduling.core import _Pass, schedule
+from scheduling.placement import Pass, schedule
 from tests.core_factory import NOW, node, occupy, snapshot, task, tenant
 
 CRITICAL, HIGH, NORMAL, LOW = 3, 2, 1, 0
@@ -72,7 +72,7 @@ def test_a_gang_head_reserves_servers_and_small_tasks_backfill_around_it():
     pending = [task(7, gpus=16, nodes=2, priority=HIGH),
                task(8, gpus=2, timeout_s=600),  # ends before the reservation: may use the reserved GPUs
                task(9, gpus=2, timeout_s=7200)]  # would delay it: must wait
-    run = _Pass(snapshot(nodes, pending, running=running))
+    run = Pass(snapshot(nodes, pending, running=running))
     plan = run.run()
     res = run.reservation
     assert res.task_id == 7 and res.time == NOW + timedelta(seconds=3600)
@@ -98,7 +98,7 @@ def test_a_running_gang_is_replayed_on_every_server_it_holds():
     gang = occupy(nodes, 90, 1, list(range(8)), ends_in_s=600)
     gang.gpu_ids += occupy(nodes, 91, 2, list(range(8)), ends_in_s=600).gpu_ids
     # Only server 2 matches: its GPUs come back when the gang (rank 0 on server 1) ends.
-    run = _Pass(snapshot(nodes, [task(7, gpus=8, selector={"zone": "b"})], running=[gang]))
+    run = Pass(snapshot(nodes, [task(7, gpus=8, selector={"zone": "b"})], running=[gang]))
     run.run()
     assert run.reservation.time == NOW + timedelta(seconds=600)
     assert [run.n_id[n] for n in run.reservation.nodes] == [2]
@@ -200,7 +200,7 @@ def test_a_16_gpu_gang_at_the_head_starts_no_later_than_its_reservation(scenario
             states.append(first)
         snap = snapshot(nodes, list(pending.values()), running=states)
         snap.now = now
-        run = _Pass(snap)
+        run = Pass(snap)
         plan = run.run()
         if promised is None and 1 in plan.pending:
             # Blocked at the head: it must get the reservation at once.

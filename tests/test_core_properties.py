@@ -8,8 +8,7 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduling.core import queue_order, schedule
-from scheduling.core_types import NodeState
+from scheduling.placement import NodeState, Pass, queue_order, schedule
 from tests.core_factory import gpu, occupy, snapshot, task, tenant
 
 MODELS = ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", "NVIDIA L4")
@@ -323,9 +322,7 @@ def test_a_task_said_to_wait_for_capacity_really_fits_nowhere(snap):
 def test_no_backfilled_task_delays_the_reserved_start_of_the_blocked_head(snap):
     from datetime import timedelta
 
-    from scheduling.core import _Pass
-
-    run = _Pass(snap)
+    run = Pass(snap)
     plan = run.run()
     res = run.reservation
     if res is None or plan.preemptions:

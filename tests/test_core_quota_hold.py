@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduling.core import schedule
+from scheduling.placement import schedule
 from tests.core_factory import node, occupy, snapshot, task, tenant
 
 LONG = 3 * 3600  # still running when the wide task could start

@@ -9,8 +9,7 @@ from datetime import timedelta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduling.core import schedule
-from scheduling.core_types import ReservationWindow
+from scheduling.placement import ReservationWindow, schedule
 from tests.core_factory import NOW, node, occupy, snapshot, task, tenant
 from tests.test_core_properties import clusters
 

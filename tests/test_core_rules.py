@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduling.core import schedule
+from scheduling.placement import schedule
 from tests.core_factory import NOW, gpu, node, occupy, snapshot, task, tenant
 
 CRITICAL, HIGH, NORMAL, LOW = 3, 2, 1, 0

@@ -13,9 +13,9 @@ from django.utils import timezone
 
 from nodes.models import GPU, GPUHealth, NodeStatus
 from scheduling.choices import ShareMode, TaskStatus
-from scheduling.core_types import PendingInfo, Placement, Plan, Preemption, Snapshot
 from scheduling.models import Allocation, ModelMemoryEstimate, SchedulerLock, Task, TaskEvent
 from scheduling.passes import run_pass
+from scheduling.placement import PendingInfo, Placement, Plan, Preemption, Snapshot
 from tenants.choices import Priority
 from tests.conftest import make_server
 
@@ -25,7 +25,7 @@ def submit(tenant, name: str = "job", **fields) -> Task:
 
 
 class Recorder:
-    """A stand-in for scheduling.core.schedule that returns a given plan and keeps the snapshot."""
+    """A stand-in for scheduling.placement.schedule that returns a given plan and keeps the snapshot."""
 
     def __init__(self, plan: Plan | None = None) -> None:
         self.plan = plan or Plan()

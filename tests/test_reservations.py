@@ -88,7 +88,7 @@ def test_a_named_task_waits_with_the_start_then_the_sweep_wakes_the_pass_at_the_
     assert task.pending_reason == "waiting for reservation paper-deadline, starts in 2 h"
     # The snapshot at the window's start (the pass's clock) places it there.
     snap = load_snapshot(res.starts_at).snapshot
-    from scheduling.core import schedule
+    from scheduling.placement import schedule
 
     assert [p.task_id for p in schedule(snap).placements] == [task.pk]
     # The sweep wakes the scheduler once the bound has passed, and moves on to the end.

@@ -21,9 +21,9 @@ from django_q.conf import Conf
 from kernel.models import ControlPlaneServer
 from scheduling import triggers
 from scheduling.choices import TaskStatus
-from scheduling.core_types import Placement, Plan, Snapshot
 from scheduling.models import Allocation, Task
 from scheduling.passes import run_pass
+from scheduling.placement import Placement, Plan, Snapshot
 from tests.conftest import database_url, subprocess_env, wait_for
 
 BASE_DIR = Path(settings.BASE_DIR)

@@ -10,9 +10,9 @@ from django.utils import timezone
 
 from portal.api.scheduling.serializers import TaskSubmitSerializer
 from scheduling import submission, task_fields
-from scheduling.core_types import PendingTask
 from scheduling.models import Task
 from scheduling.passes import load_snapshot
+from scheduling.placement import PendingTask
 
 
 def test_the_pending_snapshot_fills_every_attribute_the_placement_core_takes():

@@ -9,9 +9,9 @@ from django_q.models import OrmQ
 
 from scheduling import passes, triggers
 from scheduling.choices import TaskStatus
-from scheduling.core_types import Placement, Plan, Snapshot
 from scheduling.models import SchedulerLock, Task
 from scheduling.passes import run_pass, run_requested_pass
+from scheduling.placement import Placement, Plan, Snapshot
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ anything that decides whether a token is accepted changes (a token revoked, expi
 deleted or re-issued; a user disabled, demoted or deleted; a server renamed, deleted
 or given a new token or another status). Web processes cache verified tokens only for as long as this
 number is unchanged, so a revocation refuses the very next request in every process
-(``portal.tokens.VerifiedTokens``).
+(``kernel.tokens.VerifiedTokens``).
 
 Triggers rather than Python hooks: a change made in the admin, a shell or a raw
 UPDATE counts the same. The value comes from a sequence, so a number once used

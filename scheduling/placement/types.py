@@ -1,7 +1,7 @@
 """Plain data types of the placement core: its input snapshot and its output plan.
 
 The DB layer (``scheduling.passes``) builds a ``Snapshot`` in a handful of
-queries, calls ``scheduling.core.schedule(snapshot)`` and applies the returned
+queries, calls ``scheduling.placement.schedule(snapshot)`` and applies the returned
 ``Plan``. Nothing here touches the ORM or reads the clock (``Snapshot.now``).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from portal.config import SchedulerConfig
+from scheduling.placement.config import SchedulerConfig
 
 
 @dataclass(slots=True)
