@@ -33,10 +33,10 @@ from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
 from nodes.models import Node, NodeStatus
-from portal import hearing, live
+from portal import hearing
 from portal.alerts import raise_alert
 from portal.models import Alert
-from scheduling import reservations, triggers
+from scheduling import lifecycle, reservations
 from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, ClockTimestamp, Task
 from scheduling.passes import lock_scheduler
@@ -114,9 +114,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
             _note_guard(None)
             return result
 
-    changed: list[tuple[int, int]] = []
-    nodes_told: set[int] = set()
-    with transaction.atomic():
+    with transaction.atomic(), lifecycle.batch() as fan:
         # Serialise with passes: no placement onto a server being declared lost.
         lock_scheduler()
 
@@ -132,18 +130,14 @@ def sweep(actor: str = "sweep") -> SweepResult:
             node.save(update_fields=["status", "status_reason", "updated_at"])
             tasks = (Task.active_on(node.pk).select_for_update(of=("self",)).order_by("pk"))
             for task in tasks:
-                if task.is_gang:
-                    nodes_told.update(task.node_ids())  # the other ranks must stop too
-                task.requeue(actor=actor, reason=f"server {node.name} lost")
+                # A gang's other ranks are told to stop too.
+                lifecycle.requeue(task, actor=actor, reason=f"server {node.name} lost", fan=fan)
                 _count(result, task)
-                changed.append((task.tenant_id, task.pk))
             # Whatever is still held there (nothing, normally) is released with the server.
             Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=ClockTimestamp())
-            # Row now; live banner and webhook after commit.
-            raise_alert(Alert.Kind.SERVER_LOST, f"{reason}; its tasks were requeued or failed", node=node)
+            fan.alert(Alert.Kind.SERVER_LOST, f"{reason}; its tasks were requeued or failed", node=node)
+            fan.gpus.add(node.pk)
             result.servers_lost += 1
-        if lost:
-            live.gpus_changed(n.pk for n in lost)
 
         barrier = config.gang_start_timeout_s
         late = Q(pk__in=[])
@@ -155,37 +149,27 @@ def sweep(actor: str = "sweep") -> SweepResult:
                  .filter(late, status=TaskStatus.ASSIGNED)
                  .order_by("pk"))
         for task in stale:
-            nodes_told.update(task.node_ids())
             if task.is_gang:
                 missing = [f"rank {r.rank} on {r.node.name}" for r in task.current_ranks() if r.started_at is None]
                 reason = f"start barrier timed out after {barrier} s: {', '.join(missing)} not started"
             else:
                 reason = f"not started within {grace} s of assignment"
-            task.requeue(actor=actor, reason=reason)
+            lifecycle.requeue(task, actor=actor, reason=reason, fan=fan)
             _count(result, task)
-            changed.append((task.tenant_id, task.pk))
 
         timeout_of = ExpressionWrapper(F("timeout_s") * timedelta(seconds=1), output_field=DurationField())
         expired = (Task.objects.select_for_update(of=("self",))
                    .filter(status=TaskStatus.RUNNING, started_at__lt=Now() - timeout_of).order_by("pk"))
         for task in expired:
-            nodes_told.update(task.node_ids())
-            task.finish(exit_code=None, timed_out=True, actor=actor)
+            # The agents drop (kill) what is no longer assigned to them.
+            lifecycle.time_out(task, actor=actor, fan=fan)
             result.timed_out += 1
-            changed.append((task.tenant_id, task.pk))
 
         db_now = _db_now()
         result.grants_changed = _quota_grant_bounds(db_now)
         result.reservation_bounds = reservations.wake_at_bounds(db_now)
-
-        if nodes_told:
-            # The agents drop (kill) what is no longer assigned to them.
-            live.assignments_changed(nodes_told)
-            live.gpus_changed(nodes_told)
-        if changed:
-            live.tasks_changed(changed)
         if result:
-            triggers.request_pass(f"sweep: {result}")
+            fan.wake_as(f"sweep: {result}")
     if result:
         log.info("sweep: %s", result)
     return result
