@@ -158,7 +158,7 @@ def _apply(task: Task, move: Move, fan: FanOut, change: Callable[[], TaskEvent],
     fan.tasks.add((task.tenant_id, task.pk))
     fan.agents.update(servers)
     if before in rule.wake_from:
-        fan.request_pass(f"task {task.pk} {move.replace('_', ' ')}")
+        fan.request_pass(f"task {task.pk}: {move}")
     if rule.alert:
         message, kwargs = alert or (f"task #{task.pk} {task.name}: {move}", {})
         fan.alert(rule.alert, message, task=task, **kwargs)
