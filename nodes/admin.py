@@ -10,9 +10,9 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import gettext_noop
 
 from nodes.enrolment import allow_reenrolment, issue_join_token
+from nodes.gpu_state import gpu_state
 from nodes.models import GPU, JoinToken, Node, NodeStatus
 from portal import live
-from portal.livedata import GPU_STATE_LABELS, gpu_state
 from scheduling import triggers
 
 
@@ -157,8 +157,8 @@ class GPUAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("state"))
     def live_state(self, obj: GPU):
-        state = gpu_state(obj, obj.node, getattr(obj, "task_now", None) is not None)
-        return _live("gpu", obj.pk, "state", GPU_STATE_LABELS[state], f"gpu-state state-{state}")
+        state = gpu_state(obj, obj.node, allocated=getattr(obj, "task_now", None) is not None)
+        return _live("gpu", obj.pk, "state", state.label, f"gpu-state state-{state}")
 
     @admin.display(description=_("util %"), ordering="utilization_pct")
     def utilization(self, obj: GPU):

@@ -42,7 +42,7 @@ class GPUViewSet(HidesOtherTenantsModels, viewsets.ReadOnlyModelViewSet):
             return queryset
         if state not in inventory.GPU_STATES:
             raise ValidationError({"state": [f"Must be one of {', '.join(inventory.GPU_STATES)}."]})
-        return [g for g in queryset if inventory.gpu_state(g) == state]
+        return [g for g in queryset if inventory.state_of(g) == state]
 
 
 @extend_schema_view(list=extend_schema(parameters=[
