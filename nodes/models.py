@@ -25,6 +25,8 @@ class NodeStatus(models.TextChoices):
 
 # What an operator can ask of a server; "offline" is only ever observed, never intended.
 INTENTS = (NodeStatus.ACTIVE, NodeStatus.DRAINING, NodeStatus.MAINTENANCE)
+# Servers that run work and are expected to send heartbeats (sampled, swept, counted up).
+MONITORED = (NodeStatus.ACTIVE, NodeStatus.DRAINING)
 
 
 class GPUHealth(models.TextChoices):

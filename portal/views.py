@@ -24,12 +24,19 @@ from nodes import inventory
 from nodes.models import Node
 from portal.api.authentication import create_token
 from scheduling import access, lifecycle, logs, submission
-from scheduling.choices import FINAL_STATUSES, Priority, ShareMode, TaskStatus, WorkloadClass
+from scheduling.choices import (
+    FINAL_STATUSES,
+    OPEN_STATUSES,
+    STATUS_GROUPS,
+    Priority,
+    ShareMode,
+    TaskStatus,
+    WorkloadClass,
+)
 from scheduling.models import TaskLogChunk
 from tenants.models import ApiToken
 from tenants.quotas import quota_report
 
-ACTIVE_OR_PENDING = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 FORM_FIELDS = ("tenant", "name", "command", "gpu_count", "gpu_memory_mb", "share_mode", "priority", "workload_class",
                "timeout_s", "env", "working_dir", "model_name", "gpu_model", "node_selector", "nodes", "gpus_per_node",
                "topology_key", "dependency", "array")
@@ -54,7 +61,7 @@ def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
-    mine = (access.tasks_for(request.user).filter(submitter=request.user, status__in=ACTIVE_OR_PENDING)
+    mine = (access.tasks_for(request.user).filter(submitter=request.user, status__in=OPEN_STATUSES)
             .select_related("tenant", "node").order_by("status", "queue_position", "-created_at")[:50])
     return render(request, "portal/dashboard.html", {
         "quotas": _bars(quota_report(request.user)),
@@ -105,8 +112,8 @@ def task_list(request: HttpRequest) -> HttpResponse:
     qs = access.tasks_for(request.user).select_related("tenant", "submitter", "node")
     status = request.GET.get("status", "")
     tenant = request.GET.get("tenant", "")
-    if status == "active":
-        qs = qs.filter(status__in=ACTIVE_OR_PENDING)
+    if status in STATUS_GROUPS:
+        qs = qs.filter(status__in=STATUS_GROUPS[status])
     elif status in TaskStatus.values:
         qs = qs.filter(status=status)
     if tenant:
@@ -116,7 +123,7 @@ def task_list(request: HttpRequest) -> HttpResponse:
     page = Paginator(qs.order_by("-created_at", "-id"), 50).get_page(request.GET.get("page"))
     return render(request, "portal/task_list.html", {
         "page": page, "status": status, "tenant": tenant, "mine": bool(request.GET.get("mine")),
-        "statuses": ["active", *TaskStatus.values], "tenants": list(access.tenants_for(request.user)
+        "statuses": [*STATUS_GROUPS, *TaskStatus.values], "tenants": list(access.tenants_for(request.user)
                                                                    .values_list("slug", flat=True)),
     })
 
@@ -260,9 +267,8 @@ def quota_grants(request: HttpRequest) -> HttpResponse:
         messages.success(request, f"Quota grant #{grant.pk} requested: an operator will approve or reject it.")
         return redirect("portal:grants")
     now = timezone.now()
-    rows = [(g, "active" if g.active_at(now) else "expired" if g.state == "approved" and g.ends_at <= now
-             else "upcoming" if g.state == "approved" else g.state)
-            for g in grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]]
+    grants = grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]
+    rows = [(g, g.status_at(now)) for g in grants]
     return render(request, "portal/grants.html", {
         "form": form, "rows": rows, "can_request": requestable_tenants(request.user).exists(),
     }, status=400 if form.errors else 200)

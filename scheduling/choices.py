@@ -39,6 +39,8 @@ class TaskStatus(models.TextChoices):
 ACTIVE_STATUSES = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 OPEN_STATUSES = (TaskStatus.PENDING, *ACTIVE_STATUSES)
 FINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT)
+# The groups a listing's status filter offers beside single statuses (``?status=open``).
+STATUS_GROUPS: dict[str, tuple[str, ...]] = {"open": OPEN_STATUSES, "active": ACTIVE_STATUSES}
 
 # Which transitions the state machine allows (anything else is a bug).
 TRANSITIONS: dict[str, frozenset[str]] = {

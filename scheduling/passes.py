@@ -100,15 +100,15 @@ ORDER BY g.node_id, g.index
 
 # Tasks holding GPUs (assigned or running) with their active allocations. LEFT JOIN:
 # an active task without allocations still counts against its tenant's running limit.
-_HOLDING_SQL = """
+_HOLDING_SQL = f"""
 SELECT t.id, t.tenant_id, t.priority, t.workload_class, coalesce(t.started_at, t.assigned_at, t.created_at),
        t.timeout_s, min(a.node_id), array_remove(array_agg(a.gpu_id ORDER BY a.gpu_id), NULL),
        coalesce(max(a.memory_mb), 0), coalesce(bool_and(a.exclusive), true), coalesce(sum(a.memory_mb), 0)
 FROM scheduling_task t
 LEFT JOIN scheduling_allocation a ON a.task_id = t.id AND a.released_at IS NULL
-WHERE t.status IN ('assigned', 'running')
+WHERE t.status IN ('{TaskStatus.ASSIGNED}', '{TaskStatus.RUNNING}')
 GROUP BY t.id
-"""
+"""  # noqa: S608
 
 # The fair-share factor is refreshed once a minute by scheduling.usage, not computed here.
 _TENANTS_SQL = """
@@ -119,16 +119,16 @@ LEFT JOIN tenants_fairshare f ON f.tenant_id = t.id
 
 # The queue in its index order (task_pending_queue_idx). A task that names a model but
 # no memory asks for the model's remembered estimate (raised x1.2 after each OOM).
-_PENDING_SQL = """
+_PENDING_SQL = f"""
 SELECT t.id, t.tenant_id, t.priority, t.created_at, t.gpu_count, coalesce(t.gpu_memory_mb, e.memory_mb),
        t.share_mode, t.workload_class, t.timeout_s, t.model_name, t.node_selector, t.gpu_model,
        t.pending_reason, t.queue_position, t.nodes, t.topology_key, t.reservation_id
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
-WHERE t.status = 'pending'
+WHERE t.status = '{TaskStatus.PENDING}'
 ORDER BY t.priority DESC, t.created_at, t.id
-"""
+"""  # noqa: S608
 
 
 def _json(raw: str | dict | None) -> dict:
@@ -286,11 +286,11 @@ def load_snapshot(now: datetime) -> _Loaded:
 
 # Approved grants whose window holds ``now`` (the pass's clock, not the database's):
 # the scheduler's limits are base + these (tenants.models.effective_limits).
-_GRANTS_SQL = """
+_GRANTS_SQL = f"""
 SELECT tenant_id, extra_gpus, extra_gpu_memory_mb, extra_running_tasks, starts_at, ends_at, state
 FROM tenants_quotagrant
-WHERE state = 'approved' AND starts_at <= %(now)s AND ends_at > %(now)s
-"""
+WHERE state = '{QuotaGrant.State.APPROVED}' AND starts_at <= %(now)s AND ends_at > %(now)s
+"""  # noqa: S608
 
 
 def _add_quota_grants(cursor, tenants: dict[int, TenantState], now: datetime) -> None:

@@ -32,14 +32,15 @@ from django.db import connection, transaction
 from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
-from nodes.models import Node, NodeStatus
+from nodes.models import MONITORED, Node, NodeStatus
 from portal import hearing
 from portal.alerts import raise_alert
 from portal.models import Alert
 from scheduling import lifecycle, reservations
 from scheduling.choices import TaskStatus
-from scheduling.models import Allocation, ClockTimestamp, Task
+from scheduling.models import Allocation, ClockTimestamp, Reservation, Task
 from scheduling.passes import lock_scheduler
+from tenants.models import QuotaGrant
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +49,30 @@ SWEEP_SCHEDULE_NAME = "scheduler sweep"
 # (Constant SQL fragments only: nothing user-given is formatted into these.)
 _LOST_NODES = f"""
 SELECT id FROM nodes_node
-WHERE status IN ('active', 'draining') AND last_heartbeat_at < now() - make_interval(secs => %s)
+WHERE status IN ('{NodeStatus.ACTIVE}', '{NodeStatus.DRAINING}')
+  AND last_heartbeat_at < now() - make_interval(secs => %s)
   AND {hearing.LISTENED_FOR_SQL}
 """  # noqa: S608
 # A gang waits for all its ranks (the start barrier) up to gang_start_timeout_s: the cheap
 # check uses the shorter of the two waits, the repair below each kind's own.
 _STALE_ASSIGNED = f"""
 SELECT id FROM scheduling_task
-WHERE status = 'assigned' AND assigned_at < now() - make_interval(secs => %s)
+WHERE status = '{TaskStatus.ASSIGNED}' AND assigned_at < now() - make_interval(secs => %s)
   AND {hearing.LISTENED_FOR_SQL}
 """  # noqa: S608
-_TIMED_OUT = """
+_TIMED_OUT = f"""
 SELECT id FROM scheduling_task
-WHERE status = 'running' AND started_at + timeout_s * interval '1 second' < now()
-"""
+WHERE status = '{TaskStatus.RUNNING}' AND started_at + timeout_s * interval '1 second' < now()
+"""  # noqa: S608
 # Approved quota grants whose window opened or closed since the last sweep.
-_GRANTS_DUE = """
+_GRANTS_DUE = f"""
 SELECT id FROM tenants_quotagrant
-WHERE state = 'approved' AND ((applied_at IS NULL AND starts_at <= now() AND ends_at > now())
+WHERE state = '{QuotaGrant.State.APPROVED}' AND ((applied_at IS NULL AND starts_at <= now() AND ends_at > now())
                               OR (expired_at IS NULL AND ends_at <= now()))
-"""
+"""  # noqa: S608
 # Approved reservations whose window opened or closed: the scheduler must look again.
-_RESERVATION_BOUNDS = "SELECT id FROM scheduling_reservation WHERE state = 'approved' AND next_bound_at <= now()"
+_RESERVATION_BOUNDS = (f"SELECT id FROM scheduling_reservation WHERE state = '{Reservation.State.APPROVED}'"  # noqa: S608
+                       " AND next_bound_at <= now()")
 _ANYTHING = (f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT}), "
              f"EXISTS({_GRANTS_DUE}), EXISTS({_RESERVATION_BOUNDS})")
 
@@ -186,7 +189,7 @@ def _silent_servers(timeout: int) -> list[Node]:
     if not _listened_for(timeout):
         return []
     return list(Node.objects.select_for_update()
-                .filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING))
+                .filter(status__in=MONITORED)
                 .filter(last_heartbeat_at__lt=Now() - timedelta(seconds=timeout)).order_by("pk"))
 
 
@@ -195,7 +198,7 @@ def _mass_silence(silent: list[Node]) -> bool:
     at once: the likelier cause is the control plane or the network, not the servers."""
     if len(silent) < 2:
         return False
-    monitored = Node.objects.filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING),
+    monitored = Node.objects.filter(status__in=MONITORED,
                                     last_heartbeat_at__isnull=False).count()
     if len(silent) <= settings.SCHEDULER.lost_guard_fraction * monitored:
         return False
@@ -233,8 +236,6 @@ def _quota_grant_bounds(now) -> int:
     this sweep then requests applies (or stops applying) the extra quota. The quota itself
     follows the clock (passes.load_snapshot), so a late sweep delays only the notice and
     the wake-up, never the bound."""
-    from tenants.models import QuotaGrant
-
     changed = 0
     due = (QuotaGrant.objects.select_for_update(of=("self",)).select_related("tenant")
            .filter(Q(applied_at__isnull=True, starts_at__lte=now, ends_at__gt=now)

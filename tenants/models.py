@@ -13,7 +13,7 @@ from django.db import models
 from django.db.models import Count, Q, Sum
 from django.utils.translation import gettext_lazy as _
 
-from scheduling.choices import ACTIVE_STATUSES, Priority, WorkloadClass
+from scheduling.choices import ACTIVE_STATUSES, Priority, TaskStatus, WorkloadClass
 
 
 def default_classes() -> list[str]:
@@ -63,7 +63,7 @@ def usage_of(tenant_ids: Iterable[int]) -> dict[int, Usage]:
         r["tenant_id"]: r
         for r in Task.objects.filter(tenant_id__in=ids).values("tenant_id").annotate(
             running=Count("id", filter=Q(status__in=ACTIVE_STATUSES)),
-            pending=Count("id", filter=Q(status="pending")),
+            pending=Count("id", filter=Q(status=TaskStatus.PENDING)),
         )
     }
     return {
@@ -216,6 +216,15 @@ class QuotaGrant(models.Model):
         APPROVED = "approved", "approved"
         REJECTED = "rejected", "rejected"
 
+    class Status(models.TextChoices):
+        """What a grant is at a moment (``status_at``): its state until approved, then where its window stands."""
+
+        REQUESTED = "requested", "requested"
+        REJECTED = "rejected", "rejected"
+        UPCOMING = "upcoming", "upcoming"
+        ACTIVE = "active", "active"
+        EXPIRED = "expired", "expired"
+
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quota_grants")
     extra_gpus = models.PositiveIntegerField(default=0)
     extra_gpu_memory_mb = models.PositiveBigIntegerField(default=0)
@@ -269,6 +278,13 @@ class QuotaGrant(models.Model):
 
     def active_at(self, now) -> bool:
         return self.state == self.State.APPROVED and self.starts_at <= now < self.ends_at
+
+    def status_at(self, now) -> QuotaGrant.Status:
+        if self.state != self.State.APPROVED:
+            return self.Status(self.state)
+        if self.ends_at <= now:
+            return self.Status.EXPIRED
+        return self.Status.ACTIVE if self.starts_at <= now else self.Status.UPCOMING
 
 
 
