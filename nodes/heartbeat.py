@@ -262,8 +262,7 @@ def _remember_loaded_models(reports: list[dict[str, Any]], gpus: list[GPU]) -> N
         return
     by_index = {g.index: g for g in gpus}
     with transaction.atomic():  # remember_models locks the GPU rows it updates
-        for report in loaded:
-            remember_models([by_index[report["index"]].pk], report["loaded_models"])
+        remember_models({by_index[report["index"]].pk: report["loaded_models"] for report in loaded})
 
 
 def _ingest_in_transaction(node: Node, data: dict[str, Any], result: HeartbeatResult, to_update: list[GPU],

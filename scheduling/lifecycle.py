@@ -191,7 +191,7 @@ def _remember_model(task: Task) -> None:
     """The task's model is now loaded on its GPUs: the model-affinity score will prefer them."""
     if task.model_name:
         gpu_ids = task.allocations.filter(released_at__isnull=True).values_list("gpu_id", flat=True)
-        remember_models(gpu_ids, [task.model_name])
+        remember_models({gpu_id: [task.model_name] for gpu_id in gpu_ids})
 
 
 def _my_rank(task: Task, node_id: int) -> TaskRank:
