@@ -201,3 +201,24 @@ def test_nothing_is_told_when_the_transaction_fails(acme, servers, told):
         raise RuntimeError("the caller failed after the move")
     assert told == Told()
     assert Task.objects.get(pk=task.pk).status == R
+
+
+def test_a_pass_that_places_many_tasks_tells_each_sink_once(acme, servers, monkeypatch, settings):
+    import dataclasses
+
+    from scheduling.passes import run_pass
+
+    settings.SCHEDULER = dataclasses.replace(settings.SCHEDULER, online_share=1.0, batch_share=1.0)
+    calls: list[tuple[str, list]] = []
+    for sink in ("tasks_changed", "assignments_changed", "gpus_changed"):
+        monkeypatch.setattr(f"portal.live.{sink}", lambda ids, sink=sink: calls.append((sink, sorted(ids))))
+    monkeypatch.setattr("scheduling.triggers.request_pass", lambda reason: calls.append(("wake", [reason])))
+    tasks = [_task(acme, status=P) for _ in range(8)]  # acme may run 8
+    result = run_pass()
+    assert result.placements == 8
+    assert [name for name, _ids in calls] == ["assignments_changed", "gpus_changed", "tasks_changed"]
+    assert dict(calls)["tasks_changed"] == sorted((acme.pk, t.pk) for t in tasks)
+    placed = Task.objects.filter(pk__in=[t.pk for t in tasks], status=A)
+    assert dict(calls)["assignments_changed"] == sorted({t.node_id for t in placed})
+    assert placed.count() == 8
+    assert all(t.events.get().reason.startswith("placed") for t in placed)
