@@ -1,7 +1,8 @@
 """Every change of a task's state, and who must hear of it.
 
-Each transition is a row of ``TRANSITIONS``: the states it may start from, the
-states it may end in, whether the agents of the task's servers are told (they
+Each transition is a row of ``MOVES``: the states it may start from, the
+states it may end in (every such edge is also one ``choices.TRANSITIONS`` allows,
+which the Task model enforces on every write), whether the agents of the task's servers are told (they
 start or kill processes), whether the scheduler is woken (GPUs were freed or a
 task joined the queue) and which operator alert it raises. The functions below
 lock the task row, check the move against its row (``IllegalTransition`` if it
@@ -62,11 +63,12 @@ class Rule:
     tell_agents: bool  # assignments and GPU cells of the servers the task held
     wake_from: frozenset[str]  # wake the scheduler when the task left one of these
     alert: str = ""  # the Alert kind raised
+    keeps_status: bool = False  # an event without a change of state (ends where it started)
 
 
 _RETRY = frozenset({P, TaskStatus.FAILED})  # back to the queue, or failed with no retries left
 
-TRANSITIONS: dict[Move, Rule] = {
+MOVES: dict[Move, Rule] = {
     Move.SUBMIT: Rule(frozenset({""}), frozenset({P}), tell_agents=False, wake_from=frozenset({""})),
     Move.PLACE: Rule(frozenset({P}), frozenset({A}), tell_agents=True, wake_from=frozenset()),
     Move.START: Rule(frozenset({A}), frozenset({R}), tell_agents=False, wake_from=frozenset()),
@@ -77,7 +79,8 @@ TRANSITIONS: dict[Move, Rule] = {
     Move.REQUEUE: Rule(HELD, _RETRY, tell_agents=True, wake_from=HELD),
     Move.PREEMPT: Rule(HELD, _RETRY, tell_agents=True, wake_from=HELD),
     Move.LOSE: Rule(HELD, _RETRY, tell_agents=True, wake_from=HELD),
-    Move.REPRIORITISE: Rule(frozenset({P, A, R}), frozenset({P, A, R}), tell_agents=False, wake_from=frozenset({P})),
+    Move.REPRIORITISE: Rule(frozenset({P, A, R}), frozenset({P, A, R}), tell_agents=False, wake_from=frozenset({P}),
+                            keeps_status=True),
 }
 
 
@@ -146,14 +149,14 @@ def batch(fan: FanOut | None = None) -> Iterator[FanOut]:
 def _apply(task: Task, move: Move, fan: FanOut, change: Callable[[], TaskEvent], *,
            alert: tuple[str, dict[str, Any]] | None = None) -> TaskEvent:
     """Make ``change`` (a Task state-machine method writing the event) as ``move`` and note its fan-out."""
-    rule = TRANSITIONS[move]
+    rule = MOVES[move]
     before = task.status
     if before not in rule.sources:
         raise IllegalTransition(f"task {task.pk}: {move} is not allowed from {before}")
     # Before the change: a requeue forgets the task's servers, and those agents must stop it.
     servers = task.node_ids() if rule.tell_agents and before in HELD else []
     event = change()
-    if event.to_status not in rule.targets:
+    if event.to_status not in rule.targets or (rule.keeps_status and event.to_status != before):
         raise IllegalTransition(f"task {task.pk}: {move} may not end in {event.to_status}")
     fan.tasks.add((task.tenant_id, task.pk))
     fan.agents.update(servers)
@@ -431,7 +434,7 @@ def reprioritise(task_id: int, priority: Priority, *, actor: str) -> Task | None
 
 def _bulk_fan_out(move: Move, tasks: Iterable[tuple[int, int]], servers: Iterable[int], fan: FanOut,
                   reason: str) -> None:
-    rule = TRANSITIONS[move]
+    rule = MOVES[move]
     tasks = list(tasks)
     fan.tasks.update(tasks)
     if rule.tell_agents:

@@ -3,7 +3,7 @@
 Each move is made through the entry point its callers use (the agent's reports, a user's
 cancel, the admin's actions, the pass's bulk placement, submission), and what reached the
 fan-out sinks (live pushes, the scheduler wake-up, alerts) is recorded and compared with
-what the move must tell. A new row in ``TRANSITIONS`` without a scenario here fails.
+what the move must tell. A new row in ``MOVES`` without a scenario here fails.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from scheduling import lifecycle
-from scheduling.choices import Priority, TaskStatus
+from scheduling.choices import TRANSITIONS, Priority, TaskStatus
 from scheduling.lifecycle import Move
 from scheduling.models import Allocation, Task
 
@@ -145,7 +145,15 @@ SCENARIOS: dict[Move, Callable] = {
 
 
 def test_every_transition_in_the_table_has_a_scenario_here():
-    assert set(SCENARIOS) == set(lifecycle.TRANSITIONS)
+    assert set(SCENARIOS) == set(lifecycle.MOVES)
+
+
+@pytest.mark.parametrize("move", list(lifecycle.MOVES), ids=str)
+def test_every_edge_of_a_move_is_one_the_task_state_machine_allows(move):
+    rule = lifecycle.MOVES[move]
+    sources = rule.sources - {""}  # "" is before the task exists (submit)
+    edges = {(s, s) for s in sources} if rule.keeps_status else {(s, t) for s in sources for t in rule.targets}
+    assert all(t in TRANSITIONS[s] for s, t in edges if s != t), edges
 
 
 @pytest.mark.parametrize("move", list(SCENARIOS), ids=str)
@@ -155,7 +163,7 @@ def test_each_transition_writes_its_event_and_tells_whom_it_must(move, acme, ser
 
     event = task.events.order_by("pk").last()
     assert (event.from_status, event.to_status, event.actor, event.reason) == expect.event
-    rule = lifecycle.TRANSITIONS[move]
+    rule = lifecycle.MOVES[move]
     assert expect.event[0] in rule.sources and expect.event[1] in rule.targets
     assert told.tasks == {(acme.pk, task.pk)}
     assert told.assignments == ({node.pk} if expect.agents else set())
