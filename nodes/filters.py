@@ -25,9 +25,9 @@ class GPUFilter(django_filters.FilterSet):
         fields = ["server", "state"]
 
     def filter_state(self, qs: QuerySet, name: str, value: str) -> QuerySet:
-        # A GPU's state is named by one function (inventory.gpu_state), in Python: the
+        # A GPU's state is named by one function (nodes.gpu_state, through inventory.state_of), in Python: the
         # listing is every GPU of the cluster at most, so the rows are read once here.
-        return qs.filter(pk__in=[gpu.pk for gpu in qs if inventory.gpu_state(gpu) == value])
+        return qs.filter(pk__in=[gpu.pk for gpu in qs if inventory.state_of(gpu) == value])
 
 
 class ServerFilter(django_filters.FilterSet):

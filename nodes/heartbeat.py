@@ -46,17 +46,17 @@ _METRIC_COLUMNS = ("pk", "uuid", "model_name", "memory_total_mb", "memory_used_m
 
 
 # Heartbeat time is the database's clock; the old status tells whether the server came back.
-_TOUCH_NODE = """
+_TOUCH_NODE = f"""
 UPDATE nodes_node AS n SET
     last_heartbeat_at = statement_timestamp(), updated_at = statement_timestamp(),
     agent_version = COALESCE(NULLIF(%s, ''), n.agent_version),
     hostname = COALESCE(NULLIF(%s, ''), n.hostname),
-    status = CASE WHEN o.status = 'offline' THEN n.intent ELSE n.status END,
-    status_reason = CASE WHEN o.status = 'offline' THEN 'heartbeat received' ELSE n.status_reason END
+    status = CASE WHEN o.status = '{NodeStatus.OFFLINE}' THEN n.intent ELSE n.status END,
+    status_reason = CASE WHEN o.status = '{NodeStatus.OFFLINE}' THEN 'heartbeat received' ELSE n.status_reason END
 FROM (SELECT id, status FROM nodes_node WHERE id = %s FOR UPDATE) AS o
 WHERE n.id = o.id
 RETURNING o.status
-"""
+"""  # noqa: S608
 
 # Both in one statement (each a data-modifying CTE): the usual heartbeat's one round trip.
 _TOUCH_AND_UPDATE_METRICS = (
@@ -261,8 +261,7 @@ def _remember_loaded_models(reports: list[dict[str, Any]], gpus: list[GPU]) -> N
         return
     by_index = {g.index: g for g in gpus}
     with transaction.atomic():  # remember_models locks the GPU rows it updates
-        for report in loaded:
-            remember_models([by_index[report["index"]].pk], report["loaded_models"])
+        remember_models({by_index[report["index"]].pk: report["loaded_models"] for report in loaded})
 
 
 def _ingest_in_transaction(node: Node, data: dict[str, Any], result: HeartbeatResult, to_update: list[GPU],

@@ -1,17 +1,18 @@
-"""What users see of the GPU servers: each GPU's state in one word, per-server
-load, and cluster totals. Read-only; shared by the REST API and portal pages."""
+"""What users see of the GPU servers: each GPU's state in one word (named by
+``nodes.gpu_state``), per-server load, and cluster totals. Read-only; shared by
+the REST API and portal pages."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.db.models import Count, Prefetch, Q, QuerySet
 
-from nodes.models import GPU, GPUHealth, Node, NodeStatus
+from nodes.gpu_state import GPUState, gpu_state
+from nodes.models import GPU, Node
 
-GPU_STATES = ("free", "allocated", "cordoned", "reserved", "error", "unavailable")
+GPU_STATES = tuple(GPUState.values)
 
 
 def gpus_with_usage() -> QuerySet[GPU]:
@@ -24,30 +25,9 @@ def nodes_with_gpus() -> QuerySet[Node]:
     return Node.objects.prefetch_related(Prefetch("gpus", queryset=gpus_with_usage().order_by("index")))
 
 
-def is_reserved_by_config(gpu: GPU, node: Node) -> bool:
-    """Listed in the scheduler's ``reserved_gpus`` (by UUID or ``server:index``)."""
-    reserved = settings.SCHEDULER.reserved_gpus
-    return bool(reserved) and (gpu.uuid in reserved or f"{node.name}:{gpu.index}" in reserved)
-
-
-def is_reserved(gpu: GPU) -> bool:
-    return gpu.reserved or is_reserved_by_config(gpu, gpu.node)
-
-
-def gpu_state(gpu: GPU) -> str:
-    """One word: unavailable (its server is not active), error, cordoned, reserved,
-    allocated (held by a task) or free. Needs ``gpus_with_usage()`` rows."""
-    if gpu.node.status != NodeStatus.ACTIVE:
-        return "unavailable"
-    if gpu.health == GPUHealth.ERROR:
-        return "error"
-    if gpu.cordoned:
-        return "cordoned"
-    if is_reserved(gpu):
-        return "reserved"
-    if getattr(gpu, "active_allocations", 0):
-        return "allocated"
-    return "free"
+def state_of(gpu: GPU) -> GPUState:
+    """The state of a ``gpus_with_usage()`` row (``nodes.gpu_state`` names it)."""
+    return gpu_state(gpu, gpu.node, allocated=bool(gpu.active_allocations))
 
 
 @dataclass(frozen=True)
@@ -68,5 +48,5 @@ def node_load(node: Node) -> NodeLoad:
 
 
 def gpu_totals() -> dict[str, int]:
-    counts = Counter(gpu_state(g) for g in gpus_with_usage())
+    counts = Counter(state_of(g) for g in gpus_with_usage())
     return {"total": sum(counts.values()), **{state: counts.get(state, 0) for state in GPU_STATES}}

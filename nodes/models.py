@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 import pghistory
@@ -25,6 +25,8 @@ class NodeStatus(models.TextChoices):
 
 # What an operator can ask of a server; "offline" is only ever observed, never intended.
 INTENTS = (NodeStatus.ACTIVE, NodeStatus.DRAINING, NodeStatus.MAINTENANCE)
+# Servers that run work and are expected to send heartbeats (sampled, swept, counted up).
+MONITORED = (NodeStatus.ACTIVE, NodeStatus.DRAINING)
 
 
 class GPUHealth(models.TextChoices):
@@ -124,20 +126,23 @@ def model_cache(cache: dict[str, str], *, now: datetime, ttl_s: int, used: Itera
     return ordered
 
 
-def remember_models(gpu_ids: Iterable[int], names: Iterable[str]) -> None:
-    """Record that ``names`` were just used on these GPUs (a task naming a model started there,
-    or an agent saw the model loaded). Feeds the model-affinity score."""
-    names = [n for n in names if n]
-    gpu_ids = sorted(set(gpu_ids))
-    if not names or not gpu_ids:
+def remember_models(used: Mapping[int, Iterable[str]]) -> None:
+    """Record that these models were just used on these GPUs (gpu id -> model names: a task
+    naming a model started there, or an agent saw the models loaded). Feeds the model-affinity
+    score. Locks the GPU rows (call inside ``transaction.atomic()``) and writes them in one statement."""
+    used = {gpu_id: [n for n in names if n] for gpu_id, names in used.items()}
+    used = {gpu_id: names for gpu_id, names in used.items() if names}
+    if not used:
         return
     config = settings.SCHEDULER
     now = timezone.now()
     # Stable order: the same rows are locked in the same order by every writer.
-    for gpu in GPU.objects.select_for_update().filter(pk__in=gpu_ids).order_by("pk").only("pk", "loaded_models"):
-        cache = model_cache(gpu.loaded_models, now=now, ttl_s=config.model_cache_ttl_seconds, used=names,
+    gpus = list(GPU.objects.select_for_update().filter(pk__in=sorted(used)).order_by("pk").only("pk", "loaded_models"))
+    for gpu in gpus:
+        cache = model_cache(gpu.loaded_models, now=now, ttl_s=config.model_cache_ttl_seconds, used=used[gpu.pk],
                             max_models=config.max_models_per_gpu)
-        GPU.objects.filter(pk=gpu.pk).update(loaded_models={k: v.isoformat() for k, v in cache.items()})
+        gpu.loaded_models = {k: v.isoformat() for k, v in cache.items()}
+    GPU.objects.bulk_update(gpus, ["loaded_models"])
 
 
 class GPU(models.Model):

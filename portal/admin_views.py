@@ -9,10 +9,12 @@ from django.utils.translation import gettext as _
 
 from kernel import control_plane
 from kernel.models import Alert
+from nodes.gpu_state import GPUState
 from nodes.models import Node, NodeStatus
 from portal import livedata
 from portal.views import usage_table
 from scheduling import reservations, usage, whatif
+from scheduling.choices import TaskStatus
 from scheduling.models import Reservation, Task
 from tenants.models import QuotaGrant, Tenant
 
@@ -24,18 +26,18 @@ def cluster_overview(request: HttpRequest) -> HttpResponse:
     gpus = livedata.gpu_rows()
     by_node: dict[int, list] = {}
     for g in gpus:
-        g["hue"] = g["tenant_hue"] if g["state"] == "busy" else None
-        g["state_label"] = livedata.GPU_STATE_LABELS[g["state"]]
+        g["hue"] = g["tenant_hue"] if g["state"] == GPUState.ALLOCATED else None
+        g["state_label"] = GPUState(g["state"]).label
         by_node.setdefault(g["node_id"], []).append(g)
     for n in nodes:
         n["gpu_list"] = by_node.get(n["id"], [])
         n["status_label"] = NodeStatus(n["status"]).label
     states = [g["state"] for g in gpus]
     summary = {
-        "nodes": len(nodes), "nodes_active": sum(n["status"] == "active" for n in nodes), "gpus": len(gpus),
-        "busy": states.count("busy"), "idle": states.count("idle"),
-        "unavailable": len(states) - states.count("busy") - states.count("idle"),
-        "pending": Task.objects.filter(status="pending").count(),
+        "nodes": len(nodes), "nodes_active": sum(n["status"] == NodeStatus.ACTIVE for n in nodes), "gpus": len(gpus),
+        "allocated": states.count(GPUState.ALLOCATED), "free": states.count(GPUState.FREE),
+        "other": len(states) - states.count(GPUState.ALLOCATED) - states.count(GPUState.FREE),
+        "pending": Task.objects.filter(status=TaskStatus.PENDING).count(),
         "alerts": Alert.objects.filter(acknowledged_at__isnull=True).count(),
     }
     context = {**admin.site.each_context(request), "title": _("Cluster overview"), "nodes": nodes, "summary": summary,

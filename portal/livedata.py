@@ -13,46 +13,22 @@ from typing import Any
 
 from django.db.models import Count, Q
 from django.utils import timezone
-from django.utils.translation import gettext_lazy as _
 
-from nodes.inventory import is_reserved_by_config
-from nodes.models import GPU, GPUHealth, Node, NodeStatus
+from nodes.gpu_state import GPUState, gpu_state
+from nodes.models import GPU, Node
 from scheduling.models import Allocation, Task
 from scheduling.quotas import usage_of
 from tenants.choices import Priority
 from tenants.models import Limits, Quota, QuotaGrant, Tenant, effective_limits
 
-GPU_STATES = ("idle", "busy", "cordoned", "reserved", "error", "offline")
-
-
-# Tenant colours on the cluster grid: blues, purples, magentas and teal only, so a busy GPU
-# never looks like a state (idle is green, cordoned amber, error red, offline/reserved grey).
+# Tenant colours on the cluster grid: blues, purples, magentas and teal only, so an allocated
+# GPU never looks like a state (free is green, cordoned amber, error red, unavailable/reserved grey).
 TENANT_HUES = (205, 265, 185, 305, 230, 285, 195, 250, 220, 295)
-STATE_HUES = {"idle": 120, "cordoned": 40, "error": 0}
-
-
-# What people read for each GPU state (the admin's cells; live.js has the same words in its catalogue).
-GPU_STATE_LABELS = {"idle": _("idle"), "busy": _("busy"), "cordoned": _("cordoned"), "reserved": _("reserved"),
-                    "error": _("error"), "offline": _("offline")}
+STATE_HUES = {GPUState.FREE: 120, GPUState.CORDONED: 40, GPUState.ERROR: 0}
 
 
 def tenant_hue(tenant_id: int) -> int:
     return TENANT_HUES[tenant_id % len(TENANT_HUES)]
-
-
-def gpu_state(gpu: GPU, node: Node, busy: bool) -> str:
-    """One word for the colour of a GPU cell: what an operator needs first."""
-    if node.status in (NodeStatus.OFFLINE, NodeStatus.MAINTENANCE):
-        return "offline"
-    if gpu.health == GPUHealth.ERROR:
-        return "error"
-    if gpu.cordoned:
-        return "cordoned"
-    if busy:
-        return "busy"
-    if gpu.reserved or is_reserved_by_config(gpu, node):
-        return "reserved"
-    return "idle"
 
 
 def _iso(value) -> str | None:
@@ -106,7 +82,7 @@ def gpu_rows(node_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
             "memory_pct": round(100 * gpu.memory_used_mb / gpu.memory_total_mb) if gpu.memory_total_mb else 0,
             "temperature_c": gpu.temperature_c, "power_w": gpu.power_w, "health": gpu.health,
             "cordoned": gpu.cordoned, "cordon_reason": gpu.cordon_reason, "reserved": gpu.reserved,
-            "state": gpu_state(gpu, gpu.node, bool(tasks)),
+            "state": gpu_state(gpu, gpu.node, allocated=bool(tasks)),
             "tasks": tasks,
             "task": f"#{first['id']} {first['name']}" if first else "",
             "tenant": ", ".join(sorted({t["tenant"] for t in tasks})),

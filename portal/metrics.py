@@ -28,6 +28,8 @@ from prometheus_client.utils import floatToGoString
 
 from kernel.counters import PASS_BUCKETS
 from kernel.models import Alert
+from nodes.models import MONITORED, GPUHealth
+from scheduling.choices import ACTIVE_STATUSES, OPEN_STATUSES, TaskStatus
 from tenants.choices import Priority
 
 log = logging.getLogger(__name__)
@@ -85,10 +87,11 @@ def collect_families() -> list[Metric]:
     f = _families()
     now = timezone.now()
 
-    by_priority = dict(_query("SELECT priority, count(*) FROM scheduling_task WHERE status = 'pending' GROUP BY 1"))
+    pending = [TaskStatus.PENDING]
+    by_priority = dict(_query("SELECT priority, count(*) FROM scheduling_task WHERE status = %s GROUP BY 1", pending))
     for p in Priority:
         f["queue_size"].add_metric([p.label], by_priority.get(p.value, 0))
-    (oldest,) = _query("SELECT min(created_at) FROM scheduling_task WHERE status = 'pending'")[0]
+    (oldest,) = _query("SELECT min(created_at) FROM scheduling_task WHERE status = %s", pending)[0]
     f["queue_oldest"].add_metric([], max((now - oldest).total_seconds(), 0) if oldest else 0)
 
     filters = ", ".join(f"count(*) FILTER (WHERE w <= {float(b)})" for b in QUEUE_WAIT_BUCKETS)
@@ -101,7 +104,7 @@ def collect_families() -> list[Metric]:
     buckets, total = _histogram(QUEUE_WAIT_BUCKETS, list(row[:n]), row[n + 1], row[n])
     f["queue_wait"].add_metric([], buckets, total)
 
-    (placed,) = _query("SELECT count(*) FROM scheduling_taskevent WHERE to_status = 'assigned'")[0]
+    (placed,) = _query("SELECT count(*) FROM scheduling_taskevent WHERE to_status = %s", [TaskStatus.ASSIGNED])[0]
     f["schedule"].add_metric([], placed)
 
     counters = {(name, labels): value for name, labels, value in _query(
@@ -132,13 +135,13 @@ def collect_families() -> list[Metric]:
         f["temp"].add_metric(labels, temp)
         f["gpu_tasks"].add_metric(labels, ever)
         f["gpu_busy"].add_metric(labels, now_n)
-        f["gpu_error"].add_metric(labels, 1 if health == "error" else 0)
+        f["gpu_error"].add_metric(labels, 1 if health == GPUHealth.ERROR else 0)
         f["gpu_cordoned"].add_metric(labels, 1 if cordoned else 0)
 
     timeout = settings.SCHEDULER.heartbeat_timeout_s
     for name, status, seen in _query("SELECT name, status, last_heartbeat_at FROM nodes_node ORDER BY name"):
         age = (now - seen).total_seconds() if seen else None
-        up = status in ("active", "draining") and age is not None and age <= timeout
+        up = status in MONITORED and age is not None and age <= timeout
         f["node_up"].add_metric([name, status], 1 if up else 0)
         if age is not None:
             f["node_age"].add_metric([name], max(age, 0))
@@ -150,11 +153,11 @@ def collect_families() -> list[Metric]:
         " LEFT JOIN (SELECT k.tenant_id, count(DISTINCT a.gpu_id) AS gpus, sum(a.memory_mb) AS memory"
         "            FROM scheduling_allocation a JOIN scheduling_task k ON k.id = a.task_id"
         "            WHERE a.released_at IS NULL GROUP BY k.tenant_id) a ON a.tenant_id = t.id"
-        " LEFT JOIN (SELECT tenant_id, count(*) FILTER (WHERE status IN ('assigned', 'running')) AS running,"
-        "            count(*) FILTER (WHERE status = 'pending') AS pending"
-        "            FROM scheduling_task WHERE status IN ('pending', 'assigned', 'running') GROUP BY tenant_id) k"
+        " LEFT JOIN (SELECT tenant_id, count(*) FILTER (WHERE status = ANY(%s)) AS running,"
+        "            count(*) FILTER (WHERE status = %s) AS pending"
+        "            FROM scheduling_task WHERE status = ANY(%s) GROUP BY tenant_id) k"
         "   ON k.tenant_id = t.id"
-        " ORDER BY t.slug"
+        " ORDER BY t.slug", [list(ACTIVE_STATUSES), TaskStatus.PENDING, list(OPEN_STATUSES)]
     )
     resources = ("gpus", "gpu_memory_mb", "running_tasks", "pending_tasks")
     for slug, *values in usage:

@@ -25,16 +25,14 @@ from nodes.models import Node
 from portal.api.authentication import create_token
 from scheduling import access, lifecycle, logs, reservations, submission, task_fields, usage
 from scheduling.calendar import events
-from scheduling.choices import FINAL_STATUSES, ShareMode, TaskStatus
-from scheduling.filters import ACTIVE, TaskFilter
+from scheduling.choices import FINAL_STATUSES, OPEN_STATUSES, STATUS_GROUPS, ShareMode, TaskStatus
+from scheduling.filters import TaskFilter
 from scheduling.grants import GrantRequestForm, grants_for, requestable_tenants
 from scheduling.models import TaskLogChunk
 from scheduling.preview import would_fit
 from scheduling.quotas import quota_report
 from tenants.choices import Priority, WorkloadClass
 from tenants.models import ApiToken
-
-ACTIVE_OR_PENDING = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING)
 
 
 def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,7 +54,7 @@ def _bars(report: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
-    mine = (access.tasks_for(request.user).filter(submitter=request.user, status__in=ACTIVE_OR_PENDING)
+    mine = (access.tasks_for(request.user).filter(submitter=request.user, status__in=OPEN_STATUSES)
             .select_related("tenant", "node").order_by("status", "queue_position", "-created_at")[:50])
     return render(request, "portal/dashboard.html", {
         "quotas": _bars(quota_report(request.user)),
@@ -104,7 +102,6 @@ def submit(request: HttpRequest) -> HttpResponse:
 
 
 # The state menu of the task page: not ended, the tasks holding GPUs (``active``), then each state.
-NOT_ENDED = ",".join(ACTIVE_OR_PENDING)
 
 
 @login_required
@@ -121,7 +118,7 @@ def task_list(request: HttpRequest) -> HttpResponse:
     return render(request, "portal/task_list.html", {
         "page": page, "status": request.GET.get("status", ""), "tenant": request.GET.get("tenant", ""),
         "mine": valid and filters.form.cleaned_data.get("mine"), "errors": filters.errors, "query": query.urlencode(),
-        "statuses": [NOT_ENDED, ACTIVE, *TaskStatus.values],
+        "statuses": [*STATUS_GROUPS, *TaskStatus.values],
         "tenants": list(access.tenants_for(request.user).values_list("slug", flat=True)),
     }, status=200 if valid else 400)
 
@@ -263,9 +260,8 @@ def quota_grants(request: HttpRequest) -> HttpResponse:
         messages.success(request, f"Quota grant #{grant.pk} requested: an operator will approve or reject it.")
         return redirect("portal:grants")
     now = timezone.now()
-    rows = [(g, "active" if g.active_at(now) else "expired" if g.state == "approved" and g.ends_at <= now
-             else "upcoming" if g.state == "approved" else g.state)
-            for g in grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]]
+    grants = grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]
+    rows = [(g, g.status_at(now)) for g in grants]
     return render(request, "portal/grants.html", {
         "form": form, "rows": rows, "can_request": requestable_tenants(request.user).exists(),
     }, status=400 if form.errors else 200)

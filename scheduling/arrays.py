@@ -14,6 +14,8 @@ import re
 
 from django.db import connection
 
+from scheduling.choices import TaskStatus
+
 MAX_INDEX = 1_000_000
 _PART = re.compile(r"^(\d{1,7})(?:-(\d{1,7})(?::(\d{1,7}))?)?$")
 
@@ -52,13 +54,13 @@ def environment(array_id: int, index: int) -> dict[str, str]:
 
 
 # Live elements of throttled arrays, pending ones in queue order.
-_THROTTLED_SQL = """
+_THROTTLED_SQL = f"""
 SELECT t.array_id, a.throttle, t.id, t.status
 FROM scheduling_taskarray a
 JOIN scheduling_task t ON t.array_id = a.id
-WHERE a.throttle > 0 AND t.status IN ('pending', 'assigned', 'running')
+WHERE a.throttle > 0 AND t.status IN ('{TaskStatus.PENDING}', '{TaskStatus.ASSIGNED}', '{TaskStatus.RUNNING}')
 ORDER BY t.array_id, t.priority DESC, t.created_at, t.id
-"""
+"""  # noqa: S608
 
 
 def throttled() -> dict[int, str]:
@@ -68,12 +70,12 @@ def throttled() -> dict[int, str]:
         rows = cursor.fetchall()
     active: dict[int, int] = {}
     for array_id, _throttle, _task, status in rows:
-        if status != "pending":
+        if status != TaskStatus.PENDING:
             active[array_id] = active.get(array_id, 0) + 1
     held: dict[int, str] = {}
     let_through: dict[int, int] = {}
     for array_id, throttle, task_id, status in rows:
-        if status != "pending":
+        if status != TaskStatus.PENDING:
             continue
         room = throttle - active.get(array_id, 0)
         if let_through.get(array_id, 0) < room:

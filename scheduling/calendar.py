@@ -15,7 +15,7 @@ from typing import Any
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.db.models import Q
 
-from nodes.models import GPU
+from nodes.models import GPU, NodeStatus
 from scheduling import access
 from scheduling.models import Reservation, ReservationSlot
 
@@ -26,7 +26,7 @@ COLOURS = {"approved": "#2563eb", "requested": "#d97706"}
 def events(user, start: datetime, end: datetime, server: str | None = None) -> list[dict[str, Any]]:
     window = DateTimeTZRange(start, end)
     slots = ReservationSlot.objects.filter(period__overlap=window, reservation__state=Reservation.State.APPROVED)
-    gpus = GPU.objects.filter(reserved=False).exclude(node__status="offline")
+    gpus = GPU.objects.filter(reserved=False).exclude(node__status=NodeStatus.OFFLINE)
     if server:
         slots = slots.filter(gpu__node__name=server)
         gpus = gpus.filter(node__name=server)

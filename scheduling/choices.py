@@ -20,8 +20,13 @@ class TaskStatus(models.TextChoices):
     TIMED_OUT = "timed_out", _("timed out")
 
 
+# "active": holds GPUs on a server (assigned or running). "open": not final yet, queued or
+# active. Every filter, page and SQL statement uses these two words in these two senses.
 ACTIVE_STATUSES = (TaskStatus.ASSIGNED, TaskStatus.RUNNING)
+OPEN_STATUSES = (TaskStatus.PENDING, *ACTIVE_STATUSES)
 FINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT)
+# The groups a listing's status filter offers beside single statuses (``?status=open``).
+STATUS_GROUPS: dict[str, tuple[str, ...]] = {"open": OPEN_STATUSES, "active": ACTIVE_STATUSES}
 
 # Which transitions the state machine allows (anything else is a bug).
 TRANSITIONS: dict[str, frozenset[str]] = {

@@ -76,13 +76,13 @@ def state_of(kind: str, status: str) -> str:
 _GOAL = {AFTER_OK: "succeed", AFTER_ANY: "end", AFTER_NOT_OK: "fail"}
 
 # Only pending tasks with dependencies: nothing to read when nobody uses them.
-_PENDING_DEPENDENCIES_SQL = """
+_PENDING_DEPENDENCIES_SQL = f"""
 SELECT d.task_id, d.depends_on_id, d.kind, p.status
 FROM scheduling_taskdependency d
-JOIN scheduling_task t ON t.id = d.task_id AND t.status = 'pending'
+JOIN scheduling_task t ON t.id = d.task_id AND t.status = '{TaskStatus.PENDING}'
 JOIN scheduling_task p ON p.id = d.depends_on_id
 ORDER BY d.task_id, d.depends_on_id
-"""
+"""  # noqa: S608
 
 
 def blocked() -> tuple[dict[int, str], dict[int, str]]:

@@ -1,8 +1,8 @@
 """The task listing's filters, one ``FilterSet`` shared by ``GET /api/v1/tasks`` and the
 portal's task page, so a query means the same in both.
 
-Query parameters (README, "REST API"): ``status`` (comma-separated states, or ``active``
-= assigned and running, the tasks holding GPUs: ``choices.ACTIVE_STATUSES``), ``tenant``
+Query parameters (README, "REST API"): ``status`` (comma-separated states, or a group of
+``choices.STATUS_GROUPS``: ``open`` = not ended, ``active`` = holding GPUs), ``tenant``
 (comma-separated slugs), ``priority`` (comma-separated names, any case), ``array`` (an
 array's id), ``mine`` (true/false: only tasks I submitted) and ``ordering``
 (``-created_at``, the default, or ``queue``). A bad value is a form error, which the API
@@ -21,11 +21,12 @@ from django.core.exceptions import ValidationError
 from django.db.models import Case, IntegerField, QuerySet, Value, When
 from drf_spectacular.drainage import set_override
 
-from scheduling.choices import ACTIVE_STATUSES, TaskStatus
+from scheduling.choices import STATUS_GROUPS, TaskStatus
 from scheduling.models import Task
 from tenants.choices import Priority
 
-ACTIVE = "active"  # an alias of ACTIVE_STATUSES in ?status=
+# The groups ?status= takes beside single states: open (not ended), active (holding GPUs).
+_GROUPS_TEXT = "; ".join(f"{name}: {', '.join(states)}" for name, states in STATUS_GROUPS.items())
 _WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")  # ASCII digits only: int() also takes " 1", "1_0" and "١٢"
 
 
@@ -116,8 +117,8 @@ class StrictBooleanFilter(_Typed):
 
 
 def _status(word: str) -> list[str] | None:
-    if word == ACTIVE:
-        return [str(s) for s in ACTIVE_STATUSES]
+    if word in STATUS_GROUPS:
+        return [str(s) for s in STATUS_GROUPS[word]]
     return [word] if word in TaskStatus.values else None
 
 
@@ -157,9 +158,8 @@ class OrderingFilter(django_filters.ChoiceFilter):
 
 class TaskFilter(django_filters.FilterSet):
     status = CsvFilter(parse=_status, unknown=f"Unknown state %(value)r: use {', '.join(TaskStatus.values)} "
-                                              f"(or {ACTIVE}: {', '.join(ACTIVE_STATUSES)}).",
-                       help_text=f"comma-separated states, e.g. pending,running; {ACTIVE}: "
-                                 f"{', '.join(ACTIVE_STATUSES)}")
+                                              f"(or {_GROUPS_TEXT}).",
+                       help_text=f"comma-separated states, e.g. pending,running; {_GROUPS_TEXT}")
     tenant = CsvFilter(field_name="tenant__slug", parse=_tenant, unknown="Unknown tenant %(value)r.",
                        help_text="comma-separated tenant slugs")
     priority = CsvFilter(parse=_priority, unknown=f"Unknown priority %(value)r: use {', '.join(Priority.labels)}.",

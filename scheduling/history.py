@@ -33,6 +33,7 @@ from django.db import connection
 from django.utils import timezone
 
 from kernel.models import HistoryResolution as Tier
+from nodes.models import NodeStatus
 
 MAX_POINTS = 600
 ROLLUP_EVERY_S = 60.0
@@ -54,13 +55,13 @@ def _bucket(now: datetime, seconds: int) -> datetime:
     return datetime.fromtimestamp(stamp - stamp % seconds, tz=now.tzinfo or timezone.get_current_timezone())
 
 
-_SAMPLE_GPUS = """
+_SAMPLE_GPUS = f"""
 INSERT INTO portal_gpusample (gpu_id, resolution, at, utilization_pct, memory_used_mb, temperature_c)
 SELECT g.id, 0, %(at)s, g.utilization_pct, g.memory_used_mb, g.temperature_c
 FROM nodes_gpu g JOIN nodes_node n ON n.id = g.node_id
-WHERE n.status IN ('active', 'draining') AND n.last_heartbeat_at >= %(fresh)s
+WHERE n.status IN ('{NodeStatus.ACTIVE}', '{NodeStatus.DRAINING}') AND n.last_heartbeat_at >= %(fresh)s
 ON CONFLICT (gpu_id, resolution, at) DO NOTHING
-"""
+"""  # noqa: S608
 _SAMPLE_TENANTS = """
 INSERT INTO portal_tenantsample (tenant_id, resolution, at, gpus_in_use, gpu_quota)
 SELECT t.id, 0, %(at)s, COALESCE(u.n, 0), q.max_gpus

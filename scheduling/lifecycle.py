@@ -1,45 +1,201 @@
-"""What happens to a task when its agent, its user or an operator acts on it.
+"""Every change of a task's state, and who must hear of it.
 
-Each function locks the task row, changes state, allocations and events in one
-transaction, and after commit tells whoever must know: the scheduler (GPUs were
-freed), the agent (a process must be killed), websocket viewers.
+Each transition is a row of ``MOVES``: the states it may start from, the
+states it may end in (every such edge is also one ``choices.TRANSITIONS`` allows,
+which the Task model enforces on every write), whether the agents of the task's servers are told (they
+start or kill processes), whether the scheduler is woken (GPUs were freed or a
+task joined the queue) and which operator alert it raises. The functions below
+lock the task row, check the move against its row (``IllegalTransition`` if it
+does not fit), change state, allocations and the ``TaskEvent`` in one
+transaction, and collect what must be told in a ``FanOut``. ``_fan_out`` is the
+one place that hands a ``FanOut`` to the live pushes, the scheduler wake-up and
+the alerts, each of which sends only after commit.
+
+Bulk callers (the pass, the sweep, submission) pass one ``FanOut`` through many
+transitions (``batch()``): a pass that places thousands of tasks pushes once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F
+from django.db import connection, transaction
+from django.db.models import F, Max
+from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
 from kernel import live
 from kernel.alerts import raise_alert
-from nodes.models import remember_models
+from kernel.models import Alert
+from nodes.models import GPU, remember_models
 from scheduling import triggers
 from scheduling.choices import TaskStatus
-from scheduling.models import ModelMemoryEstimate, Task, TaskRank
-from scheduling.submission import ClusterLimits
+from scheduling.models import InvalidTransition, ModelMemoryEstimate, Task, TaskEvent, TaskRank
+from tenants.choices import Priority
+
+P, A, R = TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.RUNNING
+HELD = frozenset({A, R})  # a task holding GPUs on servers whose agents run it
 
 
-def _changed(task: Task, *, node_id: int | None) -> None:
-    live.tasks_changed([(task.tenant_id, task.pk)])
-    if node_id is not None:
-        live.assignments_changed([node_id])
-        live.gpus_changed([node_id])
+class Move(StrEnum):
+    SUBMIT = "submit"
+    PLACE = "place"
+    START = "start"
+    FINISH = "finish"  # the process ended: succeeded, or failed with its exit code
+    OOM = "oom"  # out of GPU memory: retried with more, or failed when retries are spent
+    TIME_OUT = "time_out"
+    CANCEL = "cancel"
+    REQUEUE = "requeue"  # an operator sent it back to the queue
+    PREEMPT = "preempt"
+    LOSE = "lose"  # its process or server is gone, or it never started: retried while retries remain
+    REPRIORITISE = "reprioritise"  # not a state change, but an event, and the queue order changes
+
+
+@dataclass(frozen=True)
+class Rule:
+    sources: frozenset[str]
+    targets: frozenset[str]
+    tell_agents: bool  # assignments and GPU cells of the servers the task held
+    wake_from: frozenset[str]  # wake the scheduler when the task left one of these
+    alert: str = ""  # the Alert kind raised
+    keeps_status: bool = False  # an event without a change of state (ends where it started)
+
+
+_RETRY = frozenset({P, TaskStatus.FAILED})  # back to the queue, or failed with no retries left
+
+MOVES: dict[Move, Rule] = {
+    Move.SUBMIT: Rule(frozenset({""}), frozenset({P}), tell_agents=False, wake_from=frozenset({""})),
+    Move.PLACE: Rule(frozenset({P}), frozenset({A}), tell_agents=True, wake_from=frozenset()),
+    Move.START: Rule(frozenset({A}), frozenset({R}), tell_agents=False, wake_from=frozenset()),
+    Move.FINISH: Rule(HELD, frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED}), tell_agents=True, wake_from=HELD),
+    Move.OOM: Rule(HELD, _RETRY, tell_agents=True, wake_from=HELD, alert=Alert.Kind.TASK_OOM),
+    Move.TIME_OUT: Rule(HELD, frozenset({TaskStatus.TIMED_OUT}), tell_agents=True, wake_from=HELD),
+    Move.CANCEL: Rule(frozenset({P, A, R}), frozenset({TaskStatus.CANCELLED}), tell_agents=True, wake_from=HELD),
+    Move.REQUEUE: Rule(HELD, _RETRY, tell_agents=True, wake_from=HELD),
+    Move.PREEMPT: Rule(HELD, _RETRY, tell_agents=True, wake_from=HELD),
+    Move.LOSE: Rule(HELD, _RETRY, tell_agents=True, wake_from=HELD),
+    Move.REPRIORITISE: Rule(frozenset({P, A, R}), frozenset({P, A, R}), tell_agents=False, wake_from=frozenset({P}),
+                            keeps_status=True),
+}
+
+
+class IllegalTransition(InvalidTransition):
+    """A move the table does not allow from the task's state (a bug in the caller)."""
+
+
+@dataclass
+class FanOut:
+    """What the transitions of one transaction must tell once it commits."""
+
+    tasks: set[tuple[int, int]] = field(default_factory=set)  # (tenant_id, task_id): pages
+    agents: set[int] = field(default_factory=set)  # servers whose assignments changed (and GPU cells)
+    gpus: set[int] = field(default_factory=set)  # servers whose GPU cells changed, agents not concerned
+    wakes: list[str] = field(default_factory=list)  # why the scheduler should run (empty: it need not)
+    alerts: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    def task_changed(self, tenant_id: int, task_id: int) -> None:
+        """A task's page row changed without a transition (a gang rank's report, a pending reason)."""
+        self.tasks.add((tenant_id, task_id))
+
+    def request_pass(self, reason: str) -> None:
+        self.wakes.append(reason)
+
+    def wake_as(self, reason: str) -> None:
+        """One wake-up that names the whole batch, instead of its transitions one by one."""
+        self.wakes = [reason]
+
+    def alert(self, kind: str, message: str, **kwargs: Any) -> None:
+        self.alerts.append((kind, message, kwargs))
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.agents or self.gpus or self.wakes or self.alerts)
+
+
+def _fan_out(fan: FanOut) -> None:
+    """The one place a transition's news leaves lifecycle. Called inside the transaction:
+    an alert's row is part of it, and each push and the wake-up are sent after commit
+    (``live`` and ``triggers`` queue them on ``transaction.on_commit``)."""
+    for kind, message, kwargs in fan.alerts:
+        raise_alert(kind, message, **kwargs)
+    if fan.agents:
+        live.assignments_changed(fan.agents)
+    if fan.agents or fan.gpus:
+        live.gpus_changed(fan.agents | fan.gpus)
+    if fan.tasks:
+        live.tasks_changed(fan.tasks)
+    if fan.wakes:
+        more = f" (+{len(fan.wakes) - 1} more)" if len(fan.wakes) > 1 else ""
+        triggers.request_pass(fan.wakes[0] + more)
+
+
+@contextmanager
+def batch(fan: FanOut | None = None) -> Iterator[FanOut]:
+    """Collect the fan-out of the transitions made inside; hand it on once at the end
+    (call inside the transaction). Given an outer ``fan``, add to it and let its own
+    batch hand it on. Nothing is handed on when the block raises."""
+    if fan is not None:
+        yield fan
+        return
+    fan = FanOut()
+    yield fan
+    _fan_out(fan)
+
+
+def _apply(task: Task, move: Move, fan: FanOut, change: Callable[[], TaskEvent], *,
+           alert: tuple[str, dict[str, Any]] | None = None) -> TaskEvent:
+    """Make ``change`` (a Task state-machine method writing the event) as ``move`` and note its fan-out."""
+    rule = MOVES[move]
+    before = task.status
+    if before not in rule.sources:
+        raise IllegalTransition(f"task {task.pk}: {move} is not allowed from {before}")
+    # Before the change: a requeue forgets the task's servers, and those agents must stop it.
+    servers = task.node_ids() if rule.tell_agents and before in HELD else []
+    event = change()
+    if event.to_status not in rule.targets or (rule.keeps_status and event.to_status != before):
+        raise IllegalTransition(f"task {task.pk}: {move} may not end in {event.to_status}")
+    fan.tasks.add((task.tenant_id, task.pk))
+    fan.agents.update(servers)
+    if before in rule.wake_from:
+        fan.request_pass(f"task {task.pk}: {move}")
+    if rule.alert:
+        message, kwargs = alert or (f"task #{task.pk} {task.name}: {move}", {})
+        fan.alert(rule.alert, message, task=task, **kwargs)
+    return event
+
+
+# --- transitions of a task whose row the caller has locked -------------------------------
+
+def requeue(task: Task, *, actor: str, reason: str, fan: FanOut, move: Move = Move.LOSE) -> TaskEvent:
+    """Back to pending with one more attempt (failed once retries are spent); its agents stop it."""
+    return _apply(task, move, fan, lambda: task.requeue(actor=actor, reason=reason))
+
+
+def time_out(task: Task, *, actor: str, fan: FanOut, exit_code: int | None = None, reason: str = "") -> TaskEvent:
+    return _apply(task, Move.TIME_OUT, fan,
+                  lambda: task.finish(exit_code=exit_code, actor=actor, reason=reason, timed_out=True))
+
+
+def finish(task: Task, *, exit_code: int | None, actor: str, fan: FanOut, reason: str = "") -> TaskEvent:
+    return _apply(task, Move.FINISH, fan, lambda: task.finish(exit_code=exit_code, actor=actor, reason=reason))
+
+
+def _start(task: Task, *, actor: str, reason: str, fan: FanOut) -> TaskEvent:
+    event = _apply(task, Move.START, fan, lambda: task.transition(R, actor=actor, reason=reason))
+    _remember_model(task)
+    return event
 
 
 def _remember_model(task: Task) -> None:
     """The task's model is now loaded on its GPUs: the model-affinity score will prefer them."""
     if task.model_name:
         gpu_ids = task.allocations.filter(released_at__isnull=True).values_list("gpu_id", flat=True)
-        remember_models(gpu_ids, [task.model_name])
-
-
-def _gang_changed(task: Task, node_ids: list[int]) -> None:
-    live.tasks_changed([(task.tenant_id, task.pk)])
-    if node_ids:
-        live.assignments_changed(node_ids)
-        live.gpus_changed(node_ids)
+        remember_models({gpu_id: [task.model_name] for gpu_id in gpu_ids})
 
 
 def _my_rank(task: Task, node_id: int) -> TaskRank:
@@ -50,18 +206,20 @@ def _my_rank(task: Task, node_id: int) -> TaskRank:
     return rank
 
 
+# --- reports from agents, users and operators (each locks the task itself) ---------------
+
 def report_ready(task_id: int, *, node_id: int, actor: str, attempt: int, address: str = "",
                  port: int | None = None, rank: int | None = None) -> Task:
     """A gang's rank reached the start barrier. Once every rank is ready, rank 0's address and
     port become the gang's MASTER_ADDR/MASTER_PORT and every agent is told to start its process."""
-    with transaction.atomic():
+    with transaction.atomic(), batch() as fan:
         task = Task.locked(task_id)
         if not task.is_gang:
             raise PermissionError(f"task {task_id} is not a gang")
         if attempt != task.attempt:
             return task
         mine = _my_rank(task, node_id)
-        if task.status != TaskStatus.ASSIGNED or mine.ready_at is not None:
+        if task.status != A or mine.ready_at is not None:
             return task
         if mine.rank == 0 and (not address or port is None):
             raise ValueError("rank 0 must report its address and port")
@@ -71,20 +229,9 @@ def report_ready(task_id: int, *, node_id: int, actor: str, attempt: int, addres
         if all(r.ready_at is not None for r in ranks):
             task.master_addr, task.master_port = ranks[0].address, ranks[0].port
             task.save(update_fields=["master_addr", "master_port", "updated_at"])
-            _gang_changed(task, [r.node_id for r in ranks])
+            fan.task_changed(task.tenant_id, task.pk)
+            fan.agents.update(r.node_id for r in ranks)  # start now, with the master address
         return task
-
-
-def _gang_started(task: Task, node_id: int, actor: str) -> None:
-    mine = _my_rank(task, node_id)
-    if mine.started_at is None:
-        mine.started_at = timezone.now()
-        mine.save(update_fields=["started_at"])
-    ranks = task.current_ranks()
-    if task.status == TaskStatus.ASSIGNED and all(r.started_at is not None for r in ranks):
-        task.transition(TaskStatus.RUNNING, actor=actor, reason=f"all {len(ranks)} ranks started")
-        _remember_model(task)
-        _changed(task, node_id=None)
 
 
 def report_started(task_id: int, *, node_id: int, actor: str, attempt: int | None = None,
@@ -92,20 +239,24 @@ def report_started(task_id: int, *, node_id: int, actor: str, attempt: int | Non
     """The agent started the task's process. Idempotent: a repeat changes nothing,
     and so does a report about an earlier ``attempt`` than the task's current one.
     A gang runs once every rank has started."""
-    with transaction.atomic():
+    with transaction.atomic(), batch() as fan:
         task = Task.locked(task_id)
         if task.is_gang:
             if attempt is None or attempt == task.attempt:
-                _gang_started(task, node_id, actor)
+                mine = _my_rank(task, node_id)
+                if mine.started_at is None:
+                    mine.started_at = timezone.now()
+                    mine.save(update_fields=["started_at"])
+                ranks = task.current_ranks()
+                if task.status == A and all(r.started_at is not None for r in ranks):
+                    _start(task, actor=actor, reason=f"all {len(ranks)} ranks started", fan=fan)
             return task
         if task.node_id != node_id:
             raise PermissionError(f"task {task_id} is not assigned to this server")
         if attempt is not None and attempt != task.attempt:
             return task
-        if task.status == TaskStatus.ASSIGNED:
-            task.mark_running(actor=actor)
-            _remember_model(task)
-            _changed(task, node_id=None)
+        if task.status == A:
+            _start(task, actor=actor, reason="process started", fan=fan)
         return task
 
 
@@ -130,54 +281,67 @@ def record_oom(task: Task) -> ModelMemoryEstimate | None:
 
 def _retry_memory_mb(task: Task, estimate: ModelMemoryEstimate | None) -> int | None:
     """What the next attempt asks for per GPU: the model's raised estimate, else the
-    task's own request raised by the OOM factor (never past what a GPU can hold);
+    task's own request raised by the OOM factor (never past what a GPU can hold: the
+    largest GPU less the safety margin, as submission's ClusterLimits.max_task_memory_mb);
     a whole-GPU task stays whole."""
     if estimate is not None:
         return estimate.memory_mb
     if task.gpu_memory_mb is None:
         return None
+    config = settings.SCHEDULER
+    largest = GPU.objects.aggregate(m=Max("memory_total_mb"))["m"] or 0
+    raised = int(task.gpu_memory_mb * config.oom_memory_factor)
+    return max(min(raised, max(largest - config.memory_safety_margin_mb, 0)), task.gpu_memory_mb)
 
-    raised = int(task.gpu_memory_mb * settings.SCHEDULER.oom_memory_factor)
-    return max(min(raised, ClusterLimits.load().max_task_memory_mb), task.gpu_memory_mb)
 
-
-def _alert_oom(task: Task, *, node_id: int, estimate: ModelMemoryEstimate | None, final: bool) -> None:
-
+def _oom(task: Task, *, node_id: int, actor: str, reason: str, exit_code: int | None, fan: FanOut) -> None:
+    """Raise the model's estimate; retry with more memory while retries remain, else fail."""
+    estimate = record_oom(task)
+    task.oom = True
+    final = task.attempt >= task.max_retries
     retry = (f"requeued (retry {task.attempt + 1} of {task.max_retries})" if not final
              else "failed: no retries left")
     raised = f"; {task.model_name} now needs {estimate.memory_mb} MB" if estimate else ""
     # The final OOM is news even while an earlier OOM alert of this task is still open.
-    raise_alert("task_oom", f"task #{task.pk} {task.name} ran out of GPU memory{raised}; {retry}",
-                node=node_id, task=task, repeat=final)
+    alert = (f"task #{task.pk} {task.name} ran out of GPU memory{raised}; {retry}", {"node": node_id, "repeat": final})
+    # Say it was an OOM whatever else the agent saw (an exit code is not the story).
+    why = f"CUDA out of memory ({reason})" if reason and "out of memory" not in reason else (
+        reason or "CUDA out of memory")
+    if final:
+        _apply(task, Move.OOM, fan, lambda: task.finish(exit_code=exit_code, oom=True, actor=actor, reason=why),
+               alert=alert)
+        return
+    # The next try asks for more than the size that failed, and the task shows how much.
+    task.gpu_memory_mb = _retry_memory_mb(task, estimate)
+    task.failure_reason = why[:500]
+    more = f"; retrying with {task.gpu_memory_mb} MB per GPU" if task.gpu_memory_mb else ""
+    _apply(task, Move.OOM, fan, lambda: task.requeue(actor=actor, reason=why + more), alert=alert)
+    task.save(update_fields=["oom", "gpu_memory_mb", "failure_reason"])
 
 
 def _gang_finished(task: Task, node_id: int, *, exit_code: int | None, actor: str, oom: bool, reason: str,
-                   timed_out: bool) -> bool:
+                   timed_out: bool, fan: FanOut) -> bool:
     """One rank ended. Success waits for every rank; anything else ends the whole gang:
     its other ranks are stopped by their agents when the portal stops assigning them.
     Returns True when the caller should go on to end the task the one-server way."""
     mine = _my_rank(task, node_id)
     mine.exit_code, mine.finished_at = exit_code, timezone.now()
     mine.save(update_fields=["exit_code", "finished_at"])
-    ranks = task.current_ranks()
     where = f"rank {mine.rank} on {mine.node.name}"
     if exit_code == 0 and not oom and not timed_out:
-        if all(r.exit_code == 0 for r in ranks):
-            task.finish(exit_code=0, actor=actor)
-            _gang_changed(task, [r.node_id for r in ranks])
-            triggers.request_pass(f"task {task.pk} finished")
+        if all(r.exit_code == 0 for r in task.current_ranks()):
+            finish(task, exit_code=0, actor=actor, fan=fan)
         return False
     if oom or timed_out:
         return True
     if exit_code is None or exit_code < 0 or exit_code > 128:
         # Killed by a signal or lost: the infrastructure, not the program; run it again.
         how = f"killed by signal {abs(exit_code) % 128 or 9}" if exit_code is not None else "lost"
-        task.requeue(actor=actor, reason=f"{where} {how}{'; ' + reason if reason else ''}; every rank was stopped")
+        requeue(task, actor=actor, fan=fan,
+                reason=f"{where} {how}{'; ' + reason if reason else ''}; every rank was stopped")
     else:
-        task.finish(exit_code=exit_code, actor=actor,
-                    reason=f"{where} failed: {reason or f'exit code {exit_code}'}; every rank was stopped")
-    _gang_changed(task, [r.node_id for r in ranks])
-    triggers.request_pass(f"task {task.pk} ended")
+        finish(task, exit_code=exit_code, actor=actor, fan=fan,
+               reason=f"{where} failed: {reason or f'exit code {exit_code}'}; every rank was stopped")
     return False
 
 
@@ -188,58 +352,23 @@ def report_finished(task_id: int, *, node_id: int, exit_code: int | None, actor:
     while retries remain; ``timed_out`` means the agent killed it at its timeout.
     Idempotent: a report for a task already final, or for an earlier ``attempt``
     (the task was requeued meanwhile), changes nothing."""
-    with transaction.atomic():
+    with transaction.atomic(), batch() as fan:
         task = Task.locked(task_id)
         if not task.runs_on(node_id):
             raise PermissionError(f"task {task_id} is not assigned to this server")
-        if task.is_final or task.status == TaskStatus.PENDING:
+        if task.is_final or task.status == P:
             return task
         if attempt is not None and attempt != task.attempt:
             return task
-        gang_nodes = task.node_ids() if task.is_gang else []
         if task.is_gang and not _gang_finished(task, node_id, exit_code=exit_code, actor=actor, oom=oom,
-                                               reason=reason, timed_out=timed_out):
+                                               reason=reason, timed_out=timed_out, fan=fan):
             return task
         if oom:
-            estimate = record_oom(task)
-            task.oom = True
-            final = task.attempt >= task.max_retries
-            _alert_oom(task, node_id=node_id, estimate=estimate, final=final)
-            # Say it was an OOM whatever else the agent saw (an exit code is not the story).
-            why = f"CUDA out of memory ({reason})" if reason and "out of memory" not in reason else (
-                reason or "CUDA out of memory")
-            if not final:
-                # The next try asks for more than the size that failed, and the task shows how much.
-                task.gpu_memory_mb = _retry_memory_mb(task, estimate)
-                task.failure_reason = why[:500]
-                retry = f"; retrying with {task.gpu_memory_mb} MB per GPU" if task.gpu_memory_mb else ""
-                task.requeue(actor=actor, reason=why + retry)
-                task.save(update_fields=["oom", "gpu_memory_mb", "failure_reason"])
-            else:
-                task.finish(exit_code=exit_code, oom=True, actor=actor, reason=why)
+            _oom(task, node_id=node_id, actor=actor, reason=reason, exit_code=exit_code, fan=fan)
+        elif timed_out:
+            time_out(task, exit_code=exit_code, actor=actor, reason=reason, fan=fan)
         else:
-            task.finish(exit_code=exit_code, actor=actor, reason=reason, timed_out=timed_out)
-        _changed(task, node_id=node_id)
-        if gang_nodes:
-            _gang_changed(task, gang_nodes)
-        triggers.request_pass(f"task {task_id} finished")
-        return task
-
-
-def cancel(task_id: int, *, actor: str, reason: str = "cancelled") -> Task:
-    """Cancel a task in any non-final state; a running process is killed by its agent."""
-    with transaction.atomic():
-        task = Task.locked(task_id)
-        if task.is_final:
-            return task
-        node_id = task.node_id if task.is_active else None
-        gang_nodes = task.node_ids() if task.is_gang and task.is_active else []
-        task.cancel(actor=actor, reason=reason)
-        _changed(task, node_id=node_id)
-        if gang_nodes:
-            _gang_changed(task, gang_nodes)
-        if node_id is not None:
-            triggers.request_pass(f"task {task_id} cancelled")
+            finish(task, exit_code=exit_code, actor=actor, reason=reason, fan=fan)
         return task
 
 
@@ -248,19 +377,199 @@ def report_lost(task_id: int, *, node_id: int, actor: str, reason: str, attempt:
     """The agent no longer knows the task's process (it restarted without it): the
     task goes back to pending while it has retries left, like a lost server's. A gang
     is requeued whole when any of its ranks is lost."""
-    with transaction.atomic():
+    with transaction.atomic(), batch() as fan:
         task = Task.locked(task_id)
         if not task.runs_on(node_id):
             raise PermissionError(f"task {task_id} is not assigned to this server")
         if not task.is_active or (attempt is not None and attempt != task.attempt):
             return task
-        gang_nodes = task.node_ids() if task.is_gang else []
-        if gang_nodes:
+        if task.is_gang:
             mine = _my_rank(task, node_id)
             reason = f"rank {mine.rank} on {mine.node.name} lost: {reason}; every rank was stopped"
-        task.requeue(actor=actor, reason=reason)
-        _changed(task, node_id=node_id)
-        if gang_nodes:
-            _gang_changed(task, gang_nodes)
-        triggers.request_pass(f"task {task_id} lost")
+        requeue(task, actor=actor, reason=reason, fan=fan)
         return task
+
+
+def cancel(task_id: int, *, actor: str, reason: str = "cancelled", fan: FanOut | None = None) -> Task:
+    """Cancel a task in any non-final state; a running process is killed by its agent."""
+    with transaction.atomic(), batch(fan) as fan:
+        task = Task.locked(task_id)
+        if not task.is_final:
+            _apply(task, Move.CANCEL, fan, lambda: task.cancel(actor=actor, reason=reason))
+        return task
+
+
+def operator_requeue(task_id: int, *, actor: str, reason: str) -> Task | None:
+    """An operator sends an assigned or running task back to the queue, even with its
+    retries spent. None when the task is not assigned or running (left as it is)."""
+    with transaction.atomic(), batch() as fan:
+        task = Task.locked(task_id)
+        if not task.is_active:  # pending is already queued; final tasks are history
+            return None
+        if task.attempt >= task.max_retries:
+            task.max_retries = task.attempt + 1
+            task.save(update_fields=["max_retries"])
+        requeue(task, actor=actor, reason=reason, fan=fan, move=Move.REQUEUE)
+        return task
+
+
+def reprioritise(task_id: int, priority: Priority, *, actor: str) -> Task | None:
+    """Give a task that is not final another priority; None when nothing changed."""
+    with transaction.atomic(), batch() as fan:
+        task = Task.locked(task_id)
+        if task.is_final or task.priority == priority:
+            return None
+        before = Priority(task.priority).label
+
+        def change() -> TaskEvent:
+            task.priority = priority
+            task.save(update_fields=["priority", "updated_at"])
+            return TaskEvent.objects.create(task=task, from_status=task.status, to_status=task.status, actor=actor,
+                                            reason=f"priority {before} -> {priority.label}")
+
+        _apply(task, Move.REPRIORITISE, fan, change)
+        return task
+
+
+# --- bulk transitions: the pass and submission write many rows in one statement ----------
+
+def _bulk_fan_out(move: Move, tasks: Iterable[tuple[int, int]], servers: Iterable[int], fan: FanOut,
+                  reason: str) -> None:
+    rule = MOVES[move]
+    tasks = list(tasks)
+    fan.tasks.update(tasks)
+    if rule.tell_agents:
+        fan.agents.update(servers)
+    if tasks and rule.sources & rule.wake_from:
+        fan.request_pass(reason)
+
+
+# The tasks' INSERT (compiled by Django from the model, so every field and default
+# is the ORM's), their "submitted" events and each tenant's bounded pending count,
+# in one statement: one round trip for any number of tasks.
+_INSERT_WITH_EVENTS = """
+WITH new_task AS ({insert} RETURNING id),
+event AS (
+    INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
+    SELECT id, '', %s, %s, 'submitted', %s FROM new_task
+),
+pending AS (
+    SELECT q.tenant_id, (SELECT count(*) FROM (
+        SELECT 1 FROM scheduling_task t WHERE t.tenant_id = q.tenant_id AND t.status = %s LIMIT q.lim + 1
+    ) AS bounded) AS n
+    FROM unnest(%s::bigint[], %s::bigint[]) AS q(tenant_id, lim)
+)
+SELECT id, NULL, NULL FROM new_task
+UNION ALL
+SELECT NULL, tenant_id, n FROM pending
+"""
+
+
+def submit_many(tasks: list[Task], *, actor: str, limits: dict[int, int], fan: FanOut) -> dict[int, int]:
+    """Insert pending ``tasks`` (setting their ids) with their "submitted" events; returns
+    the tenants' pending-task counts from before the insert, each counted up to its limit + 1."""
+    if any(t.status != P for t in tasks):
+        raise IllegalTransition(f"{Move.SUBMIT} makes pending tasks only")
+    fields = [f for f in Task._meta.concrete_fields if not f.primary_key and not f.generated]
+    query = InsertQuery(Task)
+    query.insert_values(fields, tasks)
+    (insert, params), = query.get_compiler(connection=connection).as_sql()
+    tenant_ids = sorted(limits)
+    with connection.cursor() as cursor:
+        cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
+            *params, P, actor, timezone.now(),
+            P, tenant_ids, [limits[t] for t in tenant_ids],
+        ])
+        rows = cursor.fetchall()
+    ids = [task_id for task_id, _, _ in rows if task_id is not None]
+    for task, task_id in zip(tasks, ids, strict=True):
+        task.pk = task_id
+        task._state.adding, task._state.db = False, connection.alias
+    _bulk_fan_out(Move.SUBMIT, ((t.tenant_id, t.pk) for t in tasks), (), fan, "submit")
+    return {tenant_id: n for task_id, tenant_id, n in rows if task_id is None}
+
+
+@dataclass(frozen=True)
+class Placing:
+    """One task the pass places: its GPUs as (gpu_id, node_id) and, for a gang, its ranks' servers."""
+
+    task_id: int
+    tenant_id: int
+    node_id: int
+    reason: str
+    memory_mb: int
+    exclusive: bool
+    gpus: tuple[tuple[int, int], ...]
+    ranks: tuple[int, ...] = ()
+
+
+# All of a plan's placements in one statement. The UPDATE is the check: it only takes
+# tasks still pending (a user may have cancelled one since the snapshot; lifecycle locks
+# task rows, not the scheduler lock), and allocations and events are written for the
+# tasks it took. Passes serialise on the scheduler lock, so locking these task rows in
+# any order cannot deadlock with another pass.
+_PLACE_SQL = """
+WITH placed AS (
+    UPDATE scheduling_task t
+    SET status = %(to)s, node_id = v.node_id, assigned_at = %(now)s, updated_at = %(now)s,
+        pending_reason = '', queue_position = NULL
+    FROM unnest(%(task)s::bigint[], %(task_node)s::bigint[]) AS v(id, node_id)
+    WHERE t.id = v.id AND t.status = %(from)s
+    RETURNING t.id
+), events AS (
+    INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
+    SELECT e.task_id, %(from)s, %(to)s, %(actor)s, e.reason, %(now)s
+    FROM unnest(%(task)s::bigint[], %(reason)s::text[]) AS e(task_id, reason)
+    WHERE e.task_id IN (SELECT id FROM placed)
+), allocations AS (
+    -- clock_timestamp(), not the pass's start: a GPU released while this pass waited for
+    -- the lock must not get an interval that begins before that release.
+    INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, allocated_at)
+    SELECT a.task_id, a.gpu_id, a.node_id, a.memory_mb, a.exclusive, clock_timestamp()
+    FROM unnest(%(a_task)s::bigint[], %(a_gpu)s::bigint[], %(a_node)s::bigint[], %(a_mem)s::integer[],
+                %(a_excl)s::boolean[]) AS a(task_id, gpu_id, node_id, memory_mb, exclusive)
+    WHERE a.task_id IN (SELECT id FROM placed)
+)
+SELECT id FROM placed
+"""
+
+# A gang's ranks, for the tasks the placement took (its attempt as it stands).
+_RANKS_SQL = """
+INSERT INTO scheduling_taskrank (task_id, attempt, rank, node_id, address)
+SELECT r.task_id, t.attempt, r.rank, r.node_id, ''
+FROM unnest(%s::bigint[], %s::integer[], %s::bigint[]) AS r(task_id, rank, node_id)
+JOIN scheduling_task t ON t.id = r.task_id
+WHERE r.task_id = ANY(%s::bigint[])
+"""
+
+
+def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut) -> list[Placing]:
+    """Assign pending tasks to their GPUs, in one statement; returns those it took (a task
+    no longer pending is left out). Their servers' agents are told once, for all of them."""
+    if not placing:
+        return []
+    a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
+    for p in placing:
+        for gpu_id, node_id in p.gpus:
+            a_task.append(p.task_id)
+            a_gpu.append(gpu_id)
+            a_node.append(node_id)
+            a_mem.append(p.memory_mb)
+            a_excl.append(p.exclusive)
+    with connection.cursor() as cursor:
+        cursor.execute(_PLACE_SQL, {
+            "now": now, "actor": actor, "from": P, "to": A,
+            "task": [p.task_id for p in placing], "task_node": [p.node_id for p in placing],
+            "reason": [p.reason for p in placing],
+            "a_task": a_task, "a_gpu": a_gpu, "a_node": a_node, "a_mem": a_mem, "a_excl": a_excl,
+        })
+        taken = {row[0] for row in cursor.fetchall()}
+        placed = [p for p in placing if p.task_id in taken]
+        gangs = [p for p in placed if p.ranks]
+        if gangs:
+            cursor.execute(_RANKS_SQL, [[p.task_id for p in gangs for _ in p.ranks],
+                                        [i for p in gangs for i in range(len(p.ranks))],
+                                        [n for p in gangs for n in p.ranks], [p.task_id for p in gangs]])
+    servers = {p.node_id for p in placed} | {n for p in gangs for n in p.ranks}
+    _bulk_fan_out(Move.PLACE, ((p.tenant_id, p.task_id) for p in placed), servers, fan, "placed")
+    return placed

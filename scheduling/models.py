@@ -107,7 +107,7 @@ class Task(models.Model):
         indexes = [
             # The scheduler's queue scan: pending tasks in priority, then FIFO order.
             models.Index(F("priority").desc(), "created_at", "id", name="task_pending_queue_idx",
-                         condition=Q(status="pending")),
+                         condition=Q(status=TaskStatus.PENDING)),
             models.Index(fields=["tenant", "status"], name="task_tenant_status_idx"),
             models.Index(fields=["status", "node"], name="task_status_node_idx"),
             models.Index(fields=["-created_at"], name="task_created_idx"),

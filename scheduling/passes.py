@@ -28,10 +28,10 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.db import connection, transaction
 
-from kernel import counters, live
+from kernel import counters
 from nodes.models import GPUHealth, NodeStatus, model_cache
 from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
-from scheduling.choices import TaskStatus
+from scheduling.choices import ACTIVE_STATUSES, TaskStatus
 from scheduling.lock import lock_scheduler
 from scheduling.models import SchedulerLock, Task
 from scheduling.placement import (
@@ -101,15 +101,15 @@ ORDER BY g.node_id, g.index
 
 # Tasks holding GPUs (assigned or running) with their active allocations. LEFT JOIN:
 # an active task without allocations still counts against its tenant's running limit.
-_HOLDING_SQL = """
+_HOLDING_SQL = f"""
 SELECT t.id, t.tenant_id, t.priority, t.workload_class, coalesce(t.started_at, t.assigned_at, t.created_at),
        t.timeout_s, min(a.node_id), array_remove(array_agg(a.gpu_id ORDER BY a.gpu_id), NULL),
        coalesce(max(a.memory_mb), 0), coalesce(bool_and(a.exclusive), true), coalesce(sum(a.memory_mb), 0)
 FROM scheduling_task t
 LEFT JOIN scheduling_allocation a ON a.task_id = t.id AND a.released_at IS NULL
-WHERE t.status IN ('assigned', 'running')
+WHERE t.status IN ('{TaskStatus.ASSIGNED}', '{TaskStatus.RUNNING}')
 GROUP BY t.id
-"""
+"""  # noqa: S608
 
 # The fair-share factor is refreshed once a minute by scheduling.usage, not computed here.
 _TENANTS_SQL = """
@@ -126,7 +126,7 @@ SELECT t.id, t.created_at, t.pending_reason, t.queue_position, {task_fields.pend
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
-WHERE t.status = 'pending'
+WHERE t.status = '{TaskStatus.PENDING}'
 ORDER BY t.priority DESC, t.created_at, t.id
 """  # noqa: S608 - column names from the field table, no input
 
@@ -280,11 +280,11 @@ def load_snapshot(now: datetime) -> _Loaded:
 
 # Approved grants whose window holds ``now`` (the pass's clock, not the database's):
 # the scheduler's limits are base + these (tenants.models.effective_limits).
-_GRANTS_SQL = """
+_GRANTS_SQL = f"""
 SELECT tenant_id, extra_gpus, extra_gpu_memory_mb, extra_running_tasks, starts_at, ends_at, state
 FROM tenants_quotagrant
-WHERE state = 'approved' AND starts_at <= %(now)s AND ends_at > %(now)s
-"""
+WHERE state = '{QuotaGrant.State.APPROVED}' AND starts_at <= %(now)s AND ends_at > %(now)s
+"""  # noqa: S608
 
 
 def _add_quota_grants(cursor, tenants: dict[int, TenantState], now: datetime) -> None:
@@ -307,50 +307,11 @@ def _add_quota_grants(cursor, tenants: dict[int, TenantState], now: datetime) ->
 
 # --- applying -------------------------------------------------------------------------
 
-# All of a plan's placements in one statement. The UPDATE is the check: it only takes
-# tasks still pending (a user may have cancelled one since the snapshot; lifecycle locks
-# task rows, not the scheduler lock), and allocations and events are written for the
-# tasks it took. Passes serialise on the scheduler lock, so locking these task rows in
-# any order cannot deadlock with another pass.
-_PLACE_SQL = """
-WITH placed AS (
-    UPDATE scheduling_task t
-    SET status = 'assigned', node_id = v.node_id, assigned_at = %(now)s, updated_at = %(now)s,
-        pending_reason = '', queue_position = NULL
-    FROM unnest(%(task)s::bigint[], %(task_node)s::bigint[]) AS v(id, node_id)
-    WHERE t.id = v.id AND t.status = 'pending'
-    RETURNING t.id
-), events AS (
-    INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
-    SELECT e.task_id, 'pending', 'assigned', %(actor)s, e.reason, %(now)s
-    FROM unnest(%(task)s::bigint[], %(reason)s::text[]) AS e(task_id, reason)
-    WHERE e.task_id IN (SELECT id FROM placed)
-), allocations AS (
-    -- clock_timestamp(), not the pass's start: a GPU released while this pass waited for
-    -- the lock must not get an interval that begins before that release.
-    INSERT INTO scheduling_allocation (task_id, gpu_id, node_id, memory_mb, exclusive, allocated_at)
-    SELECT a.task_id, a.gpu_id, a.node_id, a.memory_mb, a.exclusive, clock_timestamp()
-    FROM unnest(%(a_task)s::bigint[], %(a_gpu)s::bigint[], %(a_node)s::bigint[], %(a_mem)s::integer[],
-                %(a_excl)s::boolean[]) AS a(task_id, gpu_id, node_id, memory_mb, exclusive)
-    WHERE a.task_id IN (SELECT id FROM placed)
-)
-SELECT id FROM placed
-"""
-
-# A gang's ranks, for the tasks the placement took (its attempt as it stands).
-_RANKS_SQL = """
-INSERT INTO scheduling_taskrank (task_id, attempt, rank, node_id, address)
-SELECT r.task_id, t.attempt, r.rank, r.node_id, ''
-FROM unnest(%s::bigint[], %s::integer[], %s::bigint[]) AS r(task_id, rank, node_id)
-JOIN scheduling_task t ON t.id = r.task_id
-WHERE r.task_id = ANY(%s::bigint[])
-"""
-
 _UPDATE_PENDING_SQL = """
 UPDATE scheduling_task t
 SET pending_reason = v.reason, queue_position = v.position
 FROM unnest(%s::bigint[], %s::text[], %s::integer[]) AS v(id, reason, position)
-WHERE t.id = v.id AND t.status = 'pending'
+WHERE t.id = v.id AND t.status = %s
 """
 
 
@@ -362,63 +323,48 @@ WHERE id IN (SELECT id FROM nodes_gpu WHERE id = ANY(%s::bigint[]) ORDER BY id F
 """
 
 
-def _apply_preemptions(plan: Plan, actor: str, notify_nodes: set[int], changed: list[tuple[int, int]]) -> int:
+def _apply_preemptions(plan: Plan, actor: str, fan: lifecycle.FanOut) -> int:
     if not plan.preemptions:
         return 0
     by_victim = {p.task_id: p for p in plan.preemptions}
     done = 0
     victims = (Task.objects.select_for_update(of=("self",))
-               .filter(pk__in=list(by_victim), status__in=(TaskStatus.ASSIGNED, TaskStatus.RUNNING))
+               .filter(pk__in=list(by_victim), status__in=ACTIVE_STATUSES)
                .order_by("pk"))
     for victim in victims:
         preemption = by_victim[victim.pk]
-        notify_nodes.update(victim.node_ids())  # every server of a gang stops its rank
         reason = preemption.reason or f"preempted by task {preemption.by_task_id}"
-        victim.requeue(actor=actor, reason=reason)
-        changed.append((victim.tenant_id, victim.pk))
+        lifecycle.requeue(victim, actor=actor, reason=reason, fan=fan, move=lifecycle.Move.PREEMPT)
         done += 1
     return done
 
 
-def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: PassResult) -> None:
-    notify_nodes: set[int] = set()
-    changed: list[tuple[int, int]] = []
-    result.preemptions = _apply_preemptions(plan, actor, notify_nodes, changed)
+def _placing(loaded: _Loaded, p: Placement) -> lifecycle.Placing:
+    ranks = p.ranks or ((p.node_id, p.gpu_ids),)
+    return lifecycle.Placing(
+        task_id=p.task_id, tenant_id=loaded.tenant_of[p.task_id], node_id=p.node_id,
+        reason=loaded.placement_reason(p), memory_mb=p.memory_mb, exclusive=p.exclusive,
+        gpus=tuple((gpu_id, node_id) for node_id, gpu_ids in ranks for gpu_id in gpu_ids),
+        ranks=tuple(node_id for node_id, _gpus in p.ranks))
+
+
+def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: PassResult,
+           fan: lifecycle.FanOut) -> None:
+    result.preemptions = _apply_preemptions(plan, actor, fan)
+    if result.preemptions:
+        # Victims are pending again and may fit elsewhere now.
+        fan.wake_as("tasks preempted")
+
+    placements = [p for p in plan.placements if p.task_id in loaded.stored_pending]
+    result.skipped = len(plan.placements) - len(placements)
+    by_id = {p.task_id: p for p in placements}
+    taken = lifecycle.place_many([_placing(loaded, p) for p in placements], actor=actor, now=now, fan=fan)
+    result.skipped += len(placements) - len(taken)
+    placements = [by_id[p.task_id] for p in taken]
+    result.placed_task_ids = [p.task_id for p in placements]
+    result.placements = len(placements)
 
     with connection.cursor() as cursor:
-        placements = [p for p in plan.placements if p.task_id in loaded.stored_pending]
-        result.skipped = len(plan.placements) - len(placements)
-        if placements:
-            a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
-            for p in placements:
-                for node_id, gpu_ids in (p.ranks or ((p.node_id, p.gpu_ids),)):
-                    for gpu_id in gpu_ids:
-                        a_task.append(p.task_id)
-                        a_gpu.append(gpu_id)
-                        a_node.append(node_id)
-                        a_mem.append(p.memory_mb)
-                        a_excl.append(p.exclusive)
-            cursor.execute(_PLACE_SQL, {
-                "now": now, "actor": actor,
-                "task": [p.task_id for p in placements], "task_node": [p.node_id for p in placements],
-                "reason": [loaded.placement_reason(p) for p in placements],
-                "a_task": a_task, "a_gpu": a_gpu, "a_node": a_node, "a_mem": a_mem, "a_excl": a_excl,
-            })
-            taken = {row[0] for row in cursor.fetchall()}
-            result.skipped += len(placements) - len(taken)
-            placements = [p for p in placements if p.task_id in taken]
-            gangs = [p for p in placements if p.ranks]
-            if gangs:
-                r_task = [p.task_id for p in gangs for _ in p.ranks]
-                r_rank = [i for p in gangs for i in range(len(p.ranks))]
-                r_node = [n for p in gangs for n, _gpus in p.ranks]
-                cursor.execute(_RANKS_SQL, [r_task, r_rank, r_node, [p.task_id for p in gangs]])
-                notify_nodes.update(r_node)
-            notify_nodes.update(p.node_id for p in placements)
-            changed.extend((loaded.tenant_of[p.task_id], p.task_id) for p in placements)
-            result.placed_task_ids = [p.task_id for p in placements]
-        result.placements = len(placements)
-
         # A GPU never seen idle starts its idle clock here, once; afterwards releasing a GPU's
         # last allocation restarts it (Task.release_allocations), and the snapshot shows busy
         # GPUs as not idle, so placing never has to write GPU rows.
@@ -441,19 +387,10 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
                 u_reason.append(reason)
                 u_pos.append(info.position)
                 if stored[0] != reason:
-                    changed.append((loaded.tenant_of[task_id], task_id))
+                    fan.task_changed(loaded.tenant_of[task_id], task_id)
         if u_id:
-            cursor.execute(_UPDATE_PENDING_SQL, [u_id, u_reason, u_pos])
+            cursor.execute(_UPDATE_PENDING_SQL, [u_id, u_reason, u_pos, TaskStatus.PENDING])
         result.pending = len(plan.pending)
-
-    if notify_nodes:
-        live.assignments_changed(notify_nodes)
-        live.gpus_changed(notify_nodes)
-    if changed:
-        live.tasks_changed(changed)
-    if result.preemptions:
-        # Victims are pending again and may fit elsewhere now.
-        triggers.request_pass("tasks preempted")
 
 
 def _default_schedule() -> Schedule:
@@ -503,18 +440,20 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         _lock_id, now = lock_scheduler()
         SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
         loaded = load_snapshot(now)
-        held = _hold_dependents(loaded, actor)
-        core_started = time.perf_counter()
-        plan = decide(loaded.snapshot)
-        result.core_s = time.perf_counter() - core_started
-        position = len(plan.pending)
-        for task_id, reason in held.items():
-            position += 1
-            plan.pending[task_id] = PendingInfo(reason=reason, position=position)
-        _apply(loaded, plan, actor=actor, now=now, result=result)
+        # One fan-out for the whole pass: agents, pages and the next wake-up are told once.
+        with lifecycle.batch() as fan:
+            held = _hold_dependents(loaded, actor, fan)
+            core_started = time.perf_counter()
+            plan = decide(loaded.snapshot)
+            result.core_s = time.perf_counter() - core_started
+            position = len(plan.pending)
+            for task_id, reason in held.items():
+                position += 1
+                plan.pending[task_id] = PendingInfo(reason=reason, position=position)
+            _apply(loaded, plan, actor=actor, now=now, result=result, fan=fan)
 
 
-def _hold_dependents(loaded: _Loaded, actor: str) -> dict[int, str]:
+def _hold_dependents(loaded: _Loaded, actor: str, fan: lifecycle.FanOut) -> dict[int, str]:
     """Take tasks waiting for their dependencies, or beyond their array's throttle, out of the
     core's queue (they are listed after it, with their reason); cancel those whose dependencies
     can never be satisfied."""
@@ -525,11 +464,11 @@ def _hold_dependents(loaded: _Loaded, actor: str) -> dict[int, str]:
         return {}
     if settings.SCHEDULER.cancel_invalid_dependents:
         for task_id, reason in never.items():
-            lifecycle.cancel(task_id, actor=actor, reason=reason)
+            lifecycle.cancel(task_id, actor=actor, reason=reason, fan=fan)
             loaded.stored_pending.pop(task_id, None)
         if never:
             # Their own dependents may now be unsatisfiable in turn.
-            triggers.request_pass("dependents cancelled")
+            fan.request_pass("dependents cancelled")
     else:
         waiting.update(never)
     held = waiting.keys() | never.keys()

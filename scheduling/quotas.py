@@ -66,14 +66,7 @@ def grants_of(tenant_ids, now) -> dict[int, list[QuotaGrant]]:
 
 
 def grant_row(g: QuotaGrant, now) -> dict[str, Any]:
-    if g.state != QuotaGrant.State.APPROVED:
-        status = g.state
-    elif g.ends_at <= now:
-        status = "expired"
-    elif g.starts_at <= now:
-        status = "active"
-    else:
-        status = "upcoming"
+    status = g.status_at(now)
     return {"id": g.pk, "extra_gpus": g.extra_gpus, "extra_gpu_memory_mb": g.extra_gpu_memory_mb,
             "extra_running_tasks": g.extra_running_tasks, "starts_at": g.starts_at, "ends_at": g.ends_at,
             "reason": g.reason, "state": g.state, "status": status, "text": g.extras_text(),

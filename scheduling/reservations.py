@@ -26,7 +26,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.utils import timezone
 
-from nodes.models import GPU, Node
+from nodes.models import GPU, Node, NodeStatus
 from scheduling import access, triggers
 from scheduling.lock import lock_scheduler
 from scheduling.models import Allocation, Reservation, ReservationPolicy, ReservationSlot
@@ -132,7 +132,7 @@ def can_manage(user, reservation: Reservation) -> bool:
 
 def _candidates(res: Reservation, node_names: list[str] | None = None) -> list[tuple[int, int, str]]:
     """(gpu id, node id, node name) of GPUs matching the request, on servers not offline."""
-    qs = GPU.objects.filter(reserved=False).exclude(node__status="offline").select_related("node")
+    qs = GPU.objects.filter(reserved=False).exclude(node__status=NodeStatus.OFFLINE).select_related("node")
     if res.gpu_model:
         qs = qs.filter(model_name__icontains=res.gpu_model)
     if res.pk and node_names is None:
@@ -317,13 +317,13 @@ def release_unused(res_id: int, *, by) -> int:
 
 # --- the scheduler's view ---------------------------------------------------------------------
 
-_WINDOWS_SQL = """
+_WINDOWS_SQL = f"""
 SELECT r.id, r.name, r.tenant_id, lower(s.period), upper(s.period), array_agg(s.gpu_id ORDER BY s.gpu_id)
 FROM scheduling_reservationslot s JOIN scheduling_reservation r ON r.id = s.reservation_id
-WHERE r.state = 'approved' AND upper(s.period) > %s
+WHERE r.state = '{Reservation.State.APPROVED}' AND upper(s.period) > %s
 GROUP BY r.id, r.name, r.tenant_id, lower(s.period), upper(s.period)
 ORDER BY r.id, lower(s.period)
-"""
+"""  # noqa: S608
 
 
 def snapshot_windows(now: datetime) -> list[ReservationWindow]:

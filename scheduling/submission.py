@@ -22,12 +22,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models.sql import InsertQuery
-from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from kernel import live
-from scheduling import access, arrays, dependencies, task_fields, triggers
+from scheduling import access, arrays, dependencies, lifecycle, task_fields
 from scheduling.choices import ShareMode, TaskStatus
 from scheduling.models import Reservation, Task, TaskArray, TaskDependency
 from tenants.choices import Priority, WorkloadClass
@@ -563,7 +560,7 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
     wanted: dict[int, int] = {}
     for spec in specs:
         wanted[spec.tenant.pk] = wanted.get(spec.tenant.pk, 0) + spec.count
-    with transaction.atomic():
+    with transaction.atomic(), lifecycle.batch() as fan:
         # The quota rows serialise concurrent submitters of one tenant, so the
         # pending limit holds exactly; other tenants are not held up.
         with connection.cursor() as cursor:
@@ -588,7 +585,7 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
         tasks = [task for task, _spec in rows]
         # Counted by the same statement that inserts, which starts after the lock above
         # is held: it sees every task committed by an earlier holder, and not its own.
-        pending = _insert_with_events(tasks, actor, limits)
+        pending = lifecycle.submit_many(tasks, actor=actor, limits=limits, fan=fan)
         for tenant_id, limit in sorted(limits.items()):
             if pending[tenant_id] + wanted[tenant_id] > limit:
                 slug = next(s.tenant.slug for s in specs if s.tenant.pk == tenant_id)
@@ -600,51 +597,7 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
             TaskDependency(task=task, depends_on_id=other, kind=kind)
             for task, (_row, spec) in zip(tasks, rows, strict=True) for kind, other in spec.dependencies
         )
-        live.tasks_changed((task.tenant_id, task.pk) for task in tasks)
-        triggers.request_pass("submit")
     return tasks
-
-
-# The tasks' INSERT (compiled by Django from the model, so every field and default
-# is the ORM's), their "submitted" events and each tenant's bounded pending count,
-# in one statement: one round trip for any number of tasks.
-_INSERT_WITH_EVENTS = """
-WITH new_task AS ({insert} RETURNING id),
-event AS (
-    INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
-    SELECT id, '', %s, %s, 'submitted', %s FROM new_task
-),
-pending AS (
-    SELECT q.tenant_id, (SELECT count(*) FROM (
-        SELECT 1 FROM scheduling_task t WHERE t.tenant_id = q.tenant_id AND t.status = %s LIMIT q.lim + 1
-    ) AS bounded) AS n
-    FROM unnest(%s::bigint[], %s::bigint[]) AS q(tenant_id, lim)
-)
-SELECT id, NULL, NULL FROM new_task
-UNION ALL
-SELECT NULL, tenant_id, n FROM pending
-"""
-
-
-def _insert_with_events(tasks: list[Task], actor: str, limits: dict[int, int]) -> dict[int, int]:
-    """Insert ``tasks`` (setting their ids) with their events; returns the tenants'
-    pending-task counts from before the insert, each counted up to its limit + 1."""
-    fields = [f for f in Task._meta.concrete_fields if not f.primary_key and not f.generated]
-    query = InsertQuery(Task)
-    query.insert_values(fields, tasks)
-    (insert, params), = query.get_compiler(connection=connection).as_sql()
-    tenant_ids = sorted(limits)
-    with connection.cursor() as cursor:
-        cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
-            *params, TaskStatus.PENDING, actor, timezone.now(),
-            TaskStatus.PENDING, tenant_ids, [limits[t] for t in tenant_ids],
-        ])
-        rows = cursor.fetchall()
-    ids = [task_id for task_id, _, _ in rows if task_id is not None]
-    for task, task_id in zip(tasks, ids, strict=True):
-        task.pk = task_id
-        task._state.adding, task._state.db = False, connection.alias
-    return {tenant_id: n for task_id, tenant_id, n in rows if task_id is None}
 
 
 def submit(ctx: SubmitContext, data: Any) -> Task:

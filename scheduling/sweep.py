@@ -32,14 +32,14 @@ from django.db import connection, transaction
 from django.db.models import DurationField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 
-from kernel import hearing, live
+from kernel import hearing
 from kernel.alerts import raise_alert
 from kernel.models import Alert
-from nodes.models import Node, NodeStatus
-from scheduling import history, reservations, triggers, usage
+from nodes.models import MONITORED, Node, NodeStatus
+from scheduling import history, lifecycle, reservations, usage
 from scheduling.choices import TaskStatus
 from scheduling.lock import lock_scheduler
-from scheduling.models import Allocation, ClockTimestamp, Task
+from scheduling.models import Allocation, ClockTimestamp, Reservation, Task
 from scheduling.queue_wait import check_queue_wait
 from tenants.models import QuotaGrant
 
@@ -50,28 +50,30 @@ SWEEP_SCHEDULE_NAME = "scheduler sweep"
 # (Constant SQL fragments only: nothing user-given is formatted into these.)
 _LOST_NODES = f"""
 SELECT id FROM nodes_node
-WHERE status IN ('active', 'draining') AND last_heartbeat_at < now() - make_interval(secs => %s)
+WHERE status IN ('{NodeStatus.ACTIVE}', '{NodeStatus.DRAINING}')
+  AND last_heartbeat_at < now() - make_interval(secs => %s)
   AND {hearing.LISTENED_FOR_SQL}
 """  # noqa: S608
 # A gang waits for all its ranks (the start barrier) up to gang_start_timeout_s: the cheap
 # check uses the shorter of the two waits, the repair below each kind's own.
 _STALE_ASSIGNED = f"""
 SELECT id FROM scheduling_task
-WHERE status = 'assigned' AND assigned_at < now() - make_interval(secs => %s)
+WHERE status = '{TaskStatus.ASSIGNED}' AND assigned_at < now() - make_interval(secs => %s)
   AND {hearing.LISTENED_FOR_SQL}
 """  # noqa: S608
-_TIMED_OUT = """
+_TIMED_OUT = f"""
 SELECT id FROM scheduling_task
-WHERE status = 'running' AND started_at + timeout_s * interval '1 second' < now()
-"""
+WHERE status = '{TaskStatus.RUNNING}' AND started_at + timeout_s * interval '1 second' < now()
+"""  # noqa: S608
 # Approved quota grants whose window opened or closed since the last sweep.
-_GRANTS_DUE = """
+_GRANTS_DUE = f"""
 SELECT id FROM tenants_quotagrant
-WHERE state = 'approved' AND ((applied_at IS NULL AND starts_at <= now() AND ends_at > now())
+WHERE state = '{QuotaGrant.State.APPROVED}' AND ((applied_at IS NULL AND starts_at <= now() AND ends_at > now())
                               OR (expired_at IS NULL AND ends_at <= now()))
-"""
+"""  # noqa: S608
 # Approved reservations whose window opened or closed: the scheduler must look again.
-_RESERVATION_BOUNDS = "SELECT id FROM scheduling_reservation WHERE state = 'approved' AND next_bound_at <= now()"
+_RESERVATION_BOUNDS = (f"SELECT id FROM scheduling_reservation WHERE state = '{Reservation.State.APPROVED}'"  # noqa: S608
+                       " AND next_bound_at <= now()")
 _ANYTHING = (f"SELECT EXISTS({_LOST_NODES}), EXISTS({_STALE_ASSIGNED}), EXISTS({_TIMED_OUT}), "
              f"EXISTS({_GRANTS_DUE}), EXISTS({_RESERVATION_BOUNDS})")
 
@@ -116,9 +118,7 @@ def sweep(actor: str = "sweep") -> SweepResult:
             _note_guard(None)
             return result
 
-    changed: list[tuple[int, int]] = []
-    nodes_told: set[int] = set()
-    with transaction.atomic():
+    with transaction.atomic(), lifecycle.batch() as fan:
         # Serialise with passes: no placement onto a server being declared lost.
         lock_scheduler()
 
@@ -134,18 +134,14 @@ def sweep(actor: str = "sweep") -> SweepResult:
             node.save(update_fields=["status", "status_reason", "updated_at"])
             tasks = (Task.active_on(node.pk).select_for_update(of=("self",)).order_by("pk"))
             for task in tasks:
-                if task.is_gang:
-                    nodes_told.update(task.node_ids())  # the other ranks must stop too
-                task.requeue(actor=actor, reason=f"server {node.name} lost")
+                # A gang's other ranks are told to stop too.
+                lifecycle.requeue(task, actor=actor, reason=f"server {node.name} lost", fan=fan)
                 _count(result, task)
-                changed.append((task.tenant_id, task.pk))
             # Whatever is still held there (nothing, normally) is released with the server.
             Allocation.objects.filter(node=node, released_at__isnull=True).update(released_at=ClockTimestamp())
-            # Row now; live banner and webhook after commit.
-            raise_alert(Alert.Kind.SERVER_LOST, f"{reason}; its tasks were requeued or failed", node=node)
+            fan.alert(Alert.Kind.SERVER_LOST, f"{reason}; its tasks were requeued or failed", node=node)
+            fan.gpus.add(node.pk)
             result.servers_lost += 1
-        if lost:
-            live.gpus_changed(n.pk for n in lost)
 
         barrier = config.gang_start_timeout_s
         late = Q(pk__in=[])
@@ -157,37 +153,27 @@ def sweep(actor: str = "sweep") -> SweepResult:
                  .filter(late, status=TaskStatus.ASSIGNED)
                  .order_by("pk"))
         for task in stale:
-            nodes_told.update(task.node_ids())
             if task.is_gang:
                 missing = [f"rank {r.rank} on {r.node.name}" for r in task.current_ranks() if r.started_at is None]
                 reason = f"start barrier timed out after {barrier} s: {', '.join(missing)} not started"
             else:
                 reason = f"not started within {grace} s of assignment"
-            task.requeue(actor=actor, reason=reason)
+            lifecycle.requeue(task, actor=actor, reason=reason, fan=fan)
             _count(result, task)
-            changed.append((task.tenant_id, task.pk))
 
         timeout_of = ExpressionWrapper(F("timeout_s") * timedelta(seconds=1), output_field=DurationField())
         expired = (Task.objects.select_for_update(of=("self",))
                    .filter(status=TaskStatus.RUNNING, started_at__lt=Now() - timeout_of).order_by("pk"))
         for task in expired:
-            nodes_told.update(task.node_ids())
-            task.finish(exit_code=None, timed_out=True, actor=actor)
+            # The agents drop (kill) what is no longer assigned to them.
+            lifecycle.time_out(task, actor=actor, fan=fan)
             result.timed_out += 1
-            changed.append((task.tenant_id, task.pk))
 
         db_now = _db_now()
         result.grants_changed = _quota_grant_bounds(db_now)
         result.reservation_bounds = reservations.wake_at_bounds(db_now)
-
-        if nodes_told:
-            # The agents drop (kill) what is no longer assigned to them.
-            live.assignments_changed(nodes_told)
-            live.gpus_changed(nodes_told)
-        if changed:
-            live.tasks_changed(changed)
         if result:
-            triggers.request_pass(f"sweep: {result}")
+            fan.wake_as(f"sweep: {result}")
     if result:
         log.info("sweep: %s", result)
     return result
@@ -204,7 +190,7 @@ def _silent_servers(timeout: int) -> list[Node]:
     if not _listened_for(timeout):
         return []
     return list(Node.objects.select_for_update()
-                .filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING))
+                .filter(status__in=MONITORED)
                 .filter(last_heartbeat_at__lt=Now() - timedelta(seconds=timeout)).order_by("pk"))
 
 
@@ -213,7 +199,7 @@ def _mass_silence(silent: list[Node]) -> bool:
     at once: the likelier cause is the control plane or the network, not the servers."""
     if len(silent) < 2:
         return False
-    monitored = Node.objects.filter(status__in=(NodeStatus.ACTIVE, NodeStatus.DRAINING),
+    monitored = Node.objects.filter(status__in=MONITORED,
                                     last_heartbeat_at__isnull=False).count()
     if len(silent) <= settings.SCHEDULER.lost_guard_fraction * monitored:
         return False

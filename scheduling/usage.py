@@ -52,7 +52,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from django.db import connection, transaction
 from django.utils import timezone
 
-from nodes.models import Node
+from nodes.models import Node, NodeStatus
 from tenants.models import FairShare, Quota, Tenant
 
 ROLLUP_NAME = "usage"
@@ -174,14 +174,14 @@ def roll_up(now: datetime | None = None) -> datetime:
     return target
 
 
-_SAMPLE_SQL = """
+_SAMPLE_SQL = f"""
 INSERT INTO scheduling_gpuutilisationday AS u (gpu_id, day, samples, utilization_sum)
 SELECT g.id, %(day)s, 1, g.utilization_pct
 FROM nodes_gpu g JOIN nodes_node n ON n.id = g.node_id
-WHERE n.status IN ('active', 'draining') AND n.last_heartbeat_at > %(fresh)s
+WHERE n.status IN ('{NodeStatus.ACTIVE}', '{NodeStatus.DRAINING}') AND n.last_heartbeat_at > %(fresh)s
 ON CONFLICT ON CONSTRAINT gpuutilisationday_unique DO UPDATE SET
     samples = u.samples + 1, utilization_sum = u.utilization_sum + EXCLUDED.utilization_sum
-"""
+"""  # noqa: S608
 
 
 def sample_utilisation(now: datetime | None = None, *, fresh_s: float = 120.0) -> int:

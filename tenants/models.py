@@ -184,6 +184,15 @@ class QuotaGrant(models.Model):
         APPROVED = "approved", "approved"
         REJECTED = "rejected", "rejected"
 
+    class Status(models.TextChoices):
+        """What a grant is at a moment (``status_at``): its state until approved, then where its window stands."""
+
+        REQUESTED = "requested", "requested"
+        REJECTED = "rejected", "rejected"
+        UPCOMING = "upcoming", "upcoming"
+        ACTIVE = "active", "active"
+        EXPIRED = "expired", "expired"
+
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quota_grants")
     extra_gpus = models.PositiveIntegerField(default=0)
     extra_gpu_memory_mb = models.PositiveBigIntegerField(default=0)
@@ -237,6 +246,13 @@ class QuotaGrant(models.Model):
 
     def active_at(self, now) -> bool:
         return self.state == self.State.APPROVED and self.starts_at <= now < self.ends_at
+
+    def status_at(self, now) -> QuotaGrant.Status:
+        if self.state != self.State.APPROVED:
+            return self.Status(self.state)
+        if self.ends_at <= now:
+            return self.Status.EXPIRED
+        return self.Status.ACTIVE if self.starts_at <= now else self.Status.UPCOMING
 
 
 

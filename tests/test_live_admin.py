@@ -41,7 +41,7 @@ def test_the_gpu_list_draws_live_cells_for_each_gpu(client, staff, running):
     assert f'data-gpu="{gpu.pk}" data-field="utilization_pct"' in page
     assert f'data-gpu="{gpu.pk}" data-field="memory"' in page and "width:49%" in page
     assert f'>#{running.pk} train<' in page and ">acme<" in page
-    assert "state-busy" in page and "portal/live.js" in page
+    assert "state-allocated" in page and "portal/live.js" in page
 
 
 def test_the_cluster_overview_is_linked_from_the_index_and_draws_every_gpu(client, staff, running, servers):
@@ -50,7 +50,7 @@ def test_the_cluster_overview_is_linked_from_the_index_and_draws_every_gpu(clien
     assert reverse("admin-cluster") in index
     page = client.get(reverse("admin-cluster")).content.decode()
     assert page.count('class="gpu-cell') == 16
-    assert "2 servers (2 active), 16 GPUs: 1 busy, 15 idle" in page
+    assert "2 servers (2 active), 16 GPUs: 1 allocated, 15 free" in page
     assert 'id="cluster-grid"' in page
 
 
@@ -159,13 +159,13 @@ def test_a_gpu_reserved_in_the_config_shows_as_reserved_on_the_live_grid(servers
     settings.SCHEDULER = dataclasses.replace(settings.SCHEDULER, reserved_gpus=("gpu-01:3",))
     states = {(row["node"], row["index"]): row["state"] for row in livedata.gpu_rows()}
     assert states[("gpu-01", 3)] == "reserved"
-    assert states[("gpu-01", 2)] == "idle"
+    assert states[("gpu-01", 2)] == "free"
 
 
 def test_tenant_colours_on_the_cluster_grid_never_look_like_a_state():
     from portal.livedata import STATE_HUES, TENANT_HUES, tenant_hue
 
     for hue in TENANT_HUES:
-        # At least 45 degrees of hue from idle (green), cordoned (amber) and error (red).
+        # At least 45 degrees of hue from free (green), cordoned (amber) and error (red).
         assert all(min(abs(hue - s), 360 - abs(hue - s)) >= 45 for s in STATE_HUES.values()), hue
     assert len({tenant_hue(t) for t in range(1, 11)}) == 10  # ten tenants, ten colours

@@ -110,7 +110,7 @@ def test_staff_see_every_gpu_first_and_then_its_changes(staff, servers):
     assert {g["node_id"] for g in update["gpus"]} == {gpu.node_id}
     row = next(g for g in update["gpus"] if g["id"] == gpu.pk)
     assert (row["utilization_pct"], row["temperature_c"], row["memory_used_mb"]) == (87, 71, 40_000)
-    assert row["state"] == "idle"
+    assert row["state"] == "free"
 
 
 def test_a_gpu_row_names_its_current_task_and_tenant(staff, acme, alice, servers):
@@ -128,7 +128,7 @@ def test_a_gpu_row_names_its_current_task_and_tenant(staff, acme, alice, servers
         return first
 
     row = next(g for g in async_to_sync(scenario)()["gpus"] if g["id"] == gpu.pk)
-    assert row["state"] == "busy" and row["task"] == f"#{task.pk} train" and row["tenant"] == "acme"
+    assert row["state"] == "allocated" and row["task"] == f"#{task.pk} train" and row["tenant"] == "acme"
 
 
 def test_members_receive_only_their_own_tenants_tasks(acme, globex, alice, carol):

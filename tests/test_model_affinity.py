@@ -62,3 +62,20 @@ def test_an_agent_may_report_models_it_sees_loaded(enrolled):  # noqa: F811 - th
     assert r.status_code == 200, r.json()
     assert GPU.objects.get(node=node, index=0).loaded_models == {}
     assert list(GPU.objects.get(node=node, index=1).loaded_models) == ["qwen2-7b"]
+
+
+def test_a_report_of_models_on_several_gpus_is_remembered_in_one_write(enrolled, monkeypatch):  # noqa: F811
+    from nodes import heartbeat
+
+    node, token = enrolled
+    calls: list[dict] = []
+    remember = heartbeat.remember_models
+    monkeypatch.setattr(heartbeat, "remember_models", lambda used: calls.append(dict(used)) or remember(used))
+    reports = [gpu_report(i, f"GPU-sim-01-{i}") for i in range(3)]
+    reports[0]["loaded_models"] = ["qwen2-7b"]
+    reports[2]["loaded_models"] = ["deepseek-7b", "llama-3-8b"]
+    r = agent_client(token).post(f"{API}/heartbeat", {"name": "sim-01", "gpus": reports}, format="json")
+    assert r.status_code == 200, r.json()
+    assert len(calls) == 1 and len(calls[0]) == 2
+    models = {g.index: sorted(g.loaded_models) for g in GPU.objects.filter(node=node)}
+    assert models == {0: ["qwen2-7b"], 1: [], 2: ["deepseek-7b", "llama-3-8b"]}

@@ -12,8 +12,8 @@ from django.utils.translation import gettext_noop
 from kernel import live
 from kernel.alerts import raise_alert
 from nodes.enrolment import allow_reenrolment, issue_join_token
+from nodes.gpu_state import gpu_state
 from nodes.models import GPU, JoinToken, Node, NodeStatus
-from portal.livedata import GPU_STATE_LABELS, gpu_state
 from scheduling import triggers
 from scheduling.models import Allocation
 
@@ -158,8 +158,8 @@ class GPUAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("state"))
     def live_state(self, obj: GPU):
-        state = gpu_state(obj, obj.node, getattr(obj, "task_now", None) is not None)
-        return _live("gpu", obj.pk, "state", GPU_STATE_LABELS[state], f"gpu-state state-{state}")
+        state = gpu_state(obj, obj.node, allocated=getattr(obj, "task_now", None) is not None)
+        return _live("gpu", obj.pk, "state", state.label, f"gpu-state state-{state}")
 
     @admin.display(description=_("util %"), ordering="utilization_pct")
     def utilization(self, obj: GPU):

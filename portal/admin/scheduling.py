@@ -3,14 +3,13 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
-from django.db import transaction
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 from django.utils.translation import gettext_lazy as _
 
-from kernel import live
 from portal.livedata import tenant_hue
-from scheduling import lifecycle, reservations, triggers
+from scheduling import lifecycle, reservations
+from scheduling.choices import OPEN_STATUSES, TaskStatus
 from scheduling.models import (
     Allocation,
     ModelMemoryEstimate,
@@ -146,10 +145,10 @@ class TaskAdmin(admin.ModelAdmin):
     def cancel_tasks(self, request, queryset) -> None:
         actor = f"admin:{request.user.username}"
         done = 0
-        for pk in queryset.filter(status__in=["pending", "assigned", "running"]).order_by("pk") \
+        for pk in queryset.filter(status__in=OPEN_STATUSES).order_by("pk") \
                 .values_list("pk", flat=True):
             task = lifecycle.cancel(pk, actor=actor, reason=f"cancelled by operator {request.user.username}")
-            done += task.status == "cancelled"
+            done += task.status == TaskStatus.CANCELLED
         self.message_user(request, _("%(n)s task(s) cancelled.") % {"n": done}, messages.SUCCESS)
 
     @admin.action(description=_("Requeue (back to pending; counts as a retry)"))
@@ -157,21 +156,11 @@ class TaskAdmin(admin.ModelAdmin):
         actor = f"admin:{request.user.username}"
         requeued, skipped = 0, 0
         for pk in queryset.order_by("pk").values_list("pk", flat=True):
-            with transaction.atomic():
-                task = Task.locked(pk)
-                if not task.is_active:  # pending is already queued; final tasks are history
-                    skipped += 1
-                    continue
-                node_id = task.node_id
-                # An operator's requeue always returns the task to the queue, even with retries spent.
-                if task.attempt >= task.max_retries:
-                    task.max_retries = task.attempt + 1
-                    task.save(update_fields=["max_retries"])
-                task.requeue(actor=actor, reason=f"requeued by operator {request.user.username}")
-                live.tasks_changed([(task.tenant_id, task.pk)])
-                live.assignments_changed([node_id])
-                live.gpus_changed([node_id])
-                triggers.request_pass(f"task {pk} requeued by operator")
+            # An operator's requeue always returns the task to the queue, even with retries spent.
+            task = lifecycle.operator_requeue(pk, actor=actor, reason=f"requeued by operator {request.user.username}")
+            if task is None:  # pending is already queued; final tasks are history
+                skipped += 1
+            else:
                 requeued += 1
         level = messages.SUCCESS if requeued else messages.WARNING
         note = _(" (%(n)s not assigned or running, left as they were)") % {"n": skipped} if skipped else ""
@@ -187,19 +176,7 @@ class TaskAdmin(admin.ModelAdmin):
         actor = f"admin:{request.user.username}"
         changed = 0
         for pk in queryset.order_by("pk").values_list("pk", flat=True):
-            with transaction.atomic():
-                task = Task.locked(pk)
-                if task.is_final or task.priority == new:
-                    continue
-                before = Priority(task.priority).label
-                task.priority = new
-                task.save(update_fields=["priority", "updated_at"])
-                TaskEvent.objects.create(task=task, from_status=task.status, to_status=task.status, actor=actor,
-                                         reason=f"priority {before} -> {new.label}")
-                live.tasks_changed([(task.tenant_id, task.pk)])
-                if task.status == "pending":
-                    triggers.request_pass(f"task {pk} priority changed")
-                changed += 1
+            changed += lifecycle.reprioritise(pk, new, actor=actor) is not None
         self.message_user(request, _("%(n)s task(s) now %(priority)s.") % {"n": changed, "priority": new.label},
                           messages.SUCCESS)
 

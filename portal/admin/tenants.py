@@ -224,7 +224,7 @@ class QuotaGrantAdmin(admin.ModelAdmin):
         now = timezone.now()
         if obj.state != QuotaGrant.State.APPROVED:
             return "—"
-        return "active" if obj.active_at(now) else ("expired" if obj.ends_at <= now else "upcoming")
+        return obj.status_at(now)
 
     def save_model(self, request, obj, form, change) -> None:
         if not change:

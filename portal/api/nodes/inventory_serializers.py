@@ -18,7 +18,7 @@ class GPUSerializer(serializers.ModelSerializer):
                   "cordon_reason", "loaded_models"]
 
     def get_state(self, gpu: GPU) -> str:
-        return inventory.gpu_state(gpu)
+        return inventory.state_of(gpu)
 
     def to_representation(self, gpu: GPU) -> dict:
         data = super().to_representation(gpu)

@@ -11,10 +11,11 @@
   var gettext = window.gettext || function (s) { return s; };
   var gettext_noop = function (s) { return s; };
   function t(s) { return gettext(s); }
-  // Words that arrive as data (GPU states, server statuses): marked here so the catalogue has them.
-  void [gettext_noop("idle"), gettext_noop("busy"), gettext_noop("cordoned"), gettext_noop("reserved"),
-        gettext_noop("error"), gettext_noop("offline"), gettext_noop("active"), gettext_noop("draining"),
-        gettext_noop("maintenance")];
+  // Words that arrive as data (GPU states: nodes.gpu_state.GPUState; server statuses): marked here
+  // so the catalogue has them.
+  void [gettext_noop("free"), gettext_noop("allocated"), gettext_noop("cordoned"), gettext_noop("reserved"),
+        gettext_noop("error"), gettext_noop("unavailable"), gettext_noop("active"), gettext_noop("draining"),
+        gettext_noop("maintenance"), gettext_noop("offline")];
 
   function mb(v) { return v >= 1024 ? (v / 1024).toFixed(1) + " GB" : v + " MB"; }
   function $all(sel) { return Array.prototype.slice.call(document.querySelectorAll(sel)); }
@@ -95,7 +96,7 @@
       var n = nodes[nid];
       var cells = (byNode[nid] || []).sort(function (a, b) { return a.index - b.index; }).map(function (g) {
         // Tenant hues come from the server (portal.livedata.TENANT_HUES): never a state's colour.
-        var style = g.state === "busy" && g.tenant_hue !== null ? ' style="background:hsl(' + g.tenant_hue + ',65%,55%)"' : "";
+        var style = g.state === "allocated" && g.tenant_hue !== null ? ' style="background:hsl(' + g.tenant_hue + ',65%,55%)"' : "";
         var title = [n.name + ":" + g.index, g.model, t(g.state), g.task, g.tenant,
                      g.utilization_pct + "% " + gettext("util"), mb(g.memory_used_mb) + " / " + mb(g.memory_total_mb),
                      g.temperature_c + " °C"].filter(Boolean).join("\n");

@@ -20,6 +20,8 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from django.conf import settings
@@ -169,34 +171,20 @@ class Command(BaseCommand):
         return result.placements > 0
 
     def sweep_step(self) -> bool:
-        try:
-            result = sweep(actor="sweep")
-        except Exception as exc:
-            self.failed("sweep", exc)
-            return False
-        return bool(result)
+        return bool(self.guarded("sweep", lambda: sweep(actor="sweep")))
 
     def usage_step(self) -> bool:
         """The usage ledger's upkeep: sample GPU utilisation, roll closed intervals up."""
-        try:
-            usage.maintain()
-        except Exception as exc:
-            self.failed("usage roll-up", exc)
+        self.guarded("usage roll-up", usage.maintain)
         return False
 
     def history_step(self) -> bool:
         """Sample GPU and tenant figures for the charts (scheduling.history): set-based, off the heartbeat path."""
-        try:
-            history.record()
-        except Exception as exc:
-            self.failed("history sampling", exc)
+        self.guarded("history sampling", history.record)
         return False
 
     def heartbeat_step(self) -> bool:
-        try:
-            registry.heartbeat(ControlPlaneServer.Role.SCHEDULER, info=self.info())
-        except Exception as exc:
-            self.failed("heartbeat", exc)
+        self.guarded("heartbeat", lambda: registry.heartbeat(ControlPlaneServer.Role.SCHEDULER, info=self.info()))
         return False
 
     def database_step(self) -> bool:
@@ -217,6 +205,15 @@ class Command(BaseCommand):
         self.close_listener()  # its connection died with the old server: LISTEN again
         self.listen()
         return True
+
+    def guarded(self, what: str, work: Callable[[], Any]) -> Any:
+        """Run one unit of work; a failure is ``failed(what)`` (a database outage switches the loop
+        to probing) and returns None, so one broken step never stops the loop."""
+        try:
+            return work()
+        except Exception as exc:
+            self.failed(what, exc)
+            return None
 
     def failed(self, what: str, exc: Exception) -> None:
         """A step failed: an unreachable database switches to probing (logged once), any
@@ -242,11 +239,7 @@ class Command(BaseCommand):
 
     def work_waiting(self) -> bool:
         """Without a wake-up, run a pass only if tasks are waiting (GPUs may have freed up)."""
-        try:
-            return Task.objects.filter(status=TaskStatus.PENDING).exists()
-        except Exception as exc:
-            self.failed("queue check", exc)
-            return False
+        return bool(self.guarded("queue check", Task.objects.filter(status=TaskStatus.PENDING).exists))
 
     def wait_step(self) -> bool:
         """Wait up to the poll interval for a NOTIFY; True if woken by one."""
