@@ -28,6 +28,7 @@ def _q_worker_spawned(sender, proc_name: str = "", **kwargs) -> None:
     if multiprocessing.parent_process() is None:
         return  # a synchronous q cluster (Q_SYNC, tests) runs the worker in this very process
 
+    # Imported here: an apps module loads before the models do.
     from django.db import connection
 
     from kernel import control_plane, registry

@@ -14,6 +14,6 @@ class PortalConfig(AppConfig):
     verbose_name = _("Portal")
 
     def ready(self) -> None:
-        from portal import metrics
+        from portal import metrics  # it reads models: importable only once the registry is ready
 
         metrics.register()

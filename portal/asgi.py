@@ -12,7 +12,9 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
+from kernel import registry  # noqa: E402
 from portal.routing import websocket_urlpatterns  # noqa: E402
 
 
@@ -28,11 +30,7 @@ class RegisterOnFirstRequest:
     async def __call__(self, scope, receive, send):
         if not self.started and scope["type"] == "http":
             self.started = True
-            from django.conf import settings
-
             if settings.REGISTRY_ENABLED:
-                from kernel import registry
-
                 registry.start_background("web")
         return await self.app(scope, receive, send)
 
