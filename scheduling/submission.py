@@ -275,31 +275,32 @@ def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, A
         return
     count, nodes, per = parsed["gpu_count"], parsed["nodes"], parsed["gpus_per_node"]
     if nodes is not None and not 1 <= nodes <= servers:
-        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+        errors["nodes"] = [_("Must be between 1 and %(n)s (the servers registered).") % {"n": servers}]
     if per is not None and not 1 <= per <= top:
         errors["gpus_per_node"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has).")
                                     % {"top": top}]
     if count is not None and count < 1:
-        errors["gpu_count"] = [f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple "
-                               f"of {top} to span whole servers."]
+        errors["gpu_count"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has), or a multiple "
+                                 "of %(top)s to span whole servers.") % {"top": top}]
     if errors.keys() & parsed.keys():
         return
     if nodes is not None and per is not None:
         if count is not None and count != nodes * per:
-            errors["gpu_count"] = [f"Must equal nodes x gpus_per_node ({nodes * per}), or be left out."]
+            errors["gpu_count"] = [_("Must equal nodes x gpus_per_node (%(n)s), or be left out.") % {"n": nodes * per}]
             return
         count = nodes * per
     elif nodes is not None:
         if count is None:
-            errors["gpus_per_node"] = ["Required with nodes (or give gpu_count)."]
+            errors["gpus_per_node"] = [_("Required with nodes (or give gpu_count).")]
             return
         if count % nodes:
-            errors["gpu_count"] = [f"Must be a multiple of nodes ({nodes}): every server gets as many GPUs."]
+            errors["gpu_count"] = [_("Must be a multiple of nodes (%(n)s): every server gets as many GPUs.")
+                                   % {"n": nodes}]
             return
     elif per is not None:
         count = per if count is None else count
         if count % per:
-            errors["gpu_count"] = [f"Must be a multiple of gpus_per_node ({per})."]
+            errors["gpu_count"] = [_("Must be a multiple of gpus_per_node (%(n)s).") % {"n": per}]
             return
         nodes = count // per
     else:
@@ -315,7 +316,7 @@ def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, A
                 return
             nodes = count // top
     if nodes > servers:
-        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+        errors["nodes"] = [_("Must be between 1 and %(n)s (the servers registered).") % {"n": servers}]
     elif count // nodes > top:
         errors["gpus_per_node"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has).")
                                     % {"top": top}]
@@ -410,7 +411,7 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     _check_gpus(data, limits, values, errors)
     values["topology_key"] = _check_text(data, "topology_key", TOPOLOGY_KEY_MAX_CHARS, errors)
     if values["topology_key"] and values.get("nodes", 1) == 1 and "topology_key" not in errors:
-        errors["topology_key"] = ["Only for a task over several servers (nodes above 1)."]
+        errors["topology_key"] = [_("Only for a task over several servers (nodes above 1).")]
 
     raw = data.get("gpu_memory_mb")
     memory = None
@@ -431,7 +432,7 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
     if share_mode not in ShareMode.values:
         errors["share_mode"] = [_("Must be one of %(choices)s.") % {"choices": ", ".join(ShareMode.values)}]
     elif share_mode == ShareMode.SHARED and values.get("nodes", 1) > 1:
-        errors["share_mode"] = ["A task over several servers takes whole GPUs: share_mode must be exclusive."]
+        errors["share_mode"] = [_("A task over several servers takes whole GPUs: share_mode must be exclusive.")]
     elif share_mode == ShareMode.SHARED and memory is None and not values.get("model_name"):
         errors["share_mode"] = [_("A shared task must give gpu_memory_mb (or a model_name with a known estimate).")]
     values["share_mode"] = share_mode
@@ -473,9 +474,10 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
 
         res = Reservation.objects.filter(name=str(name).strip()).first() if isinstance(name, str) else None
         if res is None or (tenant is not None and res.tenant_id != tenant.pk):
-            errors["reservation"] = [f"No reservation {name!r} of this tenant."]
+            errors["reservation"] = [_("No reservation %(name)r of this tenant.") % {"name": name}]
         elif res.state in (Reservation.State.REJECTED, Reservation.State.RELEASED):
-            errors["reservation"] = [f"Reservation {res.name} is {res.state}."]
+            errors["reservation"] = [_("Reservation %(name)s is %(state)s.") % {"name": res.name,
+                                                                              "state": res.get_state_display()}]
         else:
             values["reservation"] = res
 
@@ -487,8 +489,8 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         visible = set(access.tasks_for(ctx.user).filter(pk__in=wanted).values_list("pk", flat=True))
         unknown = dependencies.unknown_ids(deps, visible)
         if unknown:
-            errors["dependency"] = [f"Unknown task {', '.join(f'#{i}' for i in unknown)} "
-                                    f"(or not one you can see)."]
+            errors["dependency"] = [_("Unknown task %(ids)s (or not one you can see).")
+                                    % {"ids": ", ".join(f"#{i}" for i in unknown)}]
 
     array = None
     if data.get("array") not in (None, ""):
@@ -496,7 +498,8 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
         if problem:
             errors["array"] = [problem]
         elif len(values.get("env") or {}) + 4 > ENV_MAX_VARS:
-            errors["env"] = [f"At most {ENV_MAX_VARS - 4} variables in an array (each element gets 4 more)."]
+            errors["env"] = [_("At most %(n)s variables in an array (each element gets 4 more).")
+                              % {"n": ENV_MAX_VARS - 4}]
         else:
             array = (data["array"].strip()[:200], indexes, throttle)
 
@@ -544,8 +547,9 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
             if pending[tenant_id] + wanted[tenant_id] > limit:
                 slug = next(s.tenant.slug for s in specs if s.tenant.pk == tenant_id)
                 raise SubmitError({"tenant": [  # raised inside atomic(): the insert is rolled back
-                    f"Tenant {slug} would have more than {limit} pending tasks (it has {pending[tenant_id]}, "
-                    f"this adds {wanted[tenant_id]}); wait for some to start or cancel some."
+                    _("Tenant %(slug)s would have more than %(limit)s pending tasks (it has %(has)s, this adds "
+                      "%(adds)s); wait for some to start or cancel some.")
+                    % {"slug": slug, "limit": limit, "has": pending[tenant_id], "adds": wanted[tenant_id]}
                 ]})
         TaskDependency.objects.bulk_create(
             TaskDependency(task=task, depends_on_id=other, kind=kind)

@@ -261,9 +261,9 @@ class QuotaGrant(models.Model):
     def clean(self) -> None:
         errors = {}
         if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
-            errors["ends_at"] = "The window must end after it starts."
+            errors["ends_at"] = _("The window must end after it starts.")
         if not (self.extra_gpus or self.extra_gpu_memory_mb or self.extra_running_tasks):
-            errors["extra_gpus"] = "Grant at least one extra GPU, MB of GPU memory or running task."
+            errors["extra_gpus"] = _("Grant at least one extra GPU, MB of GPU memory or running task.")
         if errors:
             raise ValidationError(errors)
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict
 
 from django.db.models import Case, Count, IntegerField, Q, Value, When
+from django.utils.translation import gettext as _
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -40,10 +41,10 @@ def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int
     if raw in (None, ""):
         return default
     if not _WHOLE_NUMBER.fullmatch(raw):  # int() would also take " 1", "1_0" and "١٢"
-        raise ValidationError({name: ["Must be a whole number."]})
+        raise ValidationError({name: [_("Must be a whole number.")]})
     value = int(raw)
     if not lo <= value <= hi:
-        raise ValidationError({name: [f"Must be between {lo} and {hi}."]})
+        raise ValidationError({name: [_("Must be between %(lo)s and %(hi)s.") % {"lo": lo, "hi": hi}]})
     return value
 
 
@@ -53,7 +54,7 @@ def _bool_param(request, name: str) -> bool:
         return False
     if raw in ("1", "true", "yes"):
         return True
-    raise ValidationError({name: ["Must be true or false."]})
+    raise ValidationError({name: [_("Must be true or false.")]})
 
 
 # The filters apply to the list only: documented there, not on every action.
@@ -80,7 +81,8 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         states = _csv(params.get("status"))
         unknown = sorted(set(states) - set(TaskStatus.values))
         if unknown:
-            raise ValidationError({"status": [f"Unknown state {unknown[0]!r}: use {', '.join(TaskStatus.values)}."]})
+            raise ValidationError({"status": [_("Unknown state %(state)r: use %(states)s.")
+                                              % {"state": unknown[0], "states": ", ".join(TaskStatus.values)}]})
         if states:
             qs = qs.filter(status__in=states)
         tenants = _csv(params.get("tenant"))
@@ -91,14 +93,14 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             try:
                 priorities.append(Priority.from_name(name))
             except KeyError:
-                raise ValidationError({"priority": [f"Unknown priority {name!r}: use "
-                                                    f"{', '.join(Priority.labels)}."]}) from None
+                raise ValidationError({"priority": [_("Unknown priority %(name)r: use %(names)s.")
+                                                    % {"name": name, "names": ", ".join(Priority.labels)}]}) from None
         if priorities:
             qs = qs.filter(priority__in=priorities)
         if params.get("array"):
             array = params["array"]
             if not array.isdigit():
-                raise ValidationError({"array": ["Must be an array id (a whole number)."]})
+                raise ValidationError({"array": [_("Must be an array id (a whole number).")]})
             qs = qs.filter(array_id=int(array))
         if _bool_param(self.request, "mine"):
             qs = qs.filter(submitter=self.request.user)
@@ -108,7 +110,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                         When(status=TaskStatus.PENDING, then=Value(2)), default=Value(3), output_field=IntegerField())
             return qs.annotate(rank=rank).order_by("rank", "queue_position", "-priority", "created_at", "id")
         if ordering != "-created_at":
-            raise ValidationError({"ordering": ["Use '-created_at' or 'queue'."]})
+            raise ValidationError({"ordering": [_("Use '-created_at' or 'queue'.")]})
         return qs.order_by("-created_at", "-id")
 
     @extend_schema(request=TaskSubmitSerializer, responses={201: TaskSerializer})
@@ -127,12 +129,12 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         items = request.data.get("tasks") if isinstance(request.data, dict) else None
         extra = sorted(set(request.data) - {"tasks"}) if isinstance(request.data, dict) else []
         if extra:
-            raise ValidationError({extra[0]: ["Unknown field. A batch is {\"tasks\": [...]}."]})
+            raise ValidationError({extra[0]: [_('Unknown field. A batch is {"tasks": [...]}.')]})
         if not isinstance(items, list) or not items:
-            raise ValidationError({"tasks": ["Required: a non-empty list of tasks."]})
+            raise ValidationError({"tasks": [_("Required: a non-empty list of tasks.")]})
         if len(items) > submission.BATCH_MAX_TASKS:
-            raise ValidationError({"tasks": [f"At most {submission.BATCH_MAX_TASKS} tasks per batch "
-                                             f"(got {len(items)})."]})
+            raise ValidationError({"tasks": [_("At most %(limit)s tasks per batch (got %(got)s).")
+                                             % {"limit": submission.BATCH_MAX_TASKS, "got": len(items)}]})
         ctx = submission.SubmitContext.load(request.user)
         specs, errors, bad = [], [], False
         for item in items:
@@ -166,9 +168,10 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         """Cancel a pending, assigned or running task (yours, or any of your tenant's as its admin)."""
         task = self.get_object()
         if not access.can_cancel(request.user, task):
-            raise PermissionDenied("Only the submitter, a tenant admin or an operator may cancel this task.")
+            raise PermissionDenied(_("Only the submitter, a tenant admin or an operator may cancel this task."))
         if task.is_final:
-            return Response({"detail": f"Task {task.pk} already ended ({task.status})."},
+            detail = _("Task %(id)s already ended (%(state)s).") % {"id": task.pk, "state": task.get_status_display()}
+            return Response({"detail": detail},
                             status=status.HTTP_409_CONFLICT)
         task = lifecycle.cancel(task.pk, actor=f"user:{request.user.get_username()}")
         task = self.get_queryset().get(pk=task.pk)
@@ -201,7 +204,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         rank = _int_param(request, "rank", 0, 0, max(task.nodes - 1, 0))
         if lines is not None:
             if "offset" in request.query_params:
-                raise ValidationError({"tail": ["Give either tail or offset, not both."]})
+                raise ValidationError({"tail": [_("Give either tail or offset, not both.")]})
             page = logs.tail(task, lines, attempt, rank=rank)
         else:
             page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt, rank=rank)
@@ -237,5 +240,5 @@ class TaskArrayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
             else:
                 refused += 1
         if refused and refused == len(live):
-            raise PermissionDenied("Only the submitter, a tenant admin or an operator may cancel this array.")
+            raise PermissionDenied(_("Only the submitter, a tenant admin or an operator may cancel this array."))
         return Response(TaskArraySerializer(self.get_queryset().get(pk=array.pk)).data)
