@@ -124,13 +124,29 @@ def task_list(request: HttpRequest) -> HttpResponse:
 @login_required
 def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     task = get_object_or_404(access.tasks_for(request.user).select_related("tenant", "submitter", "node"), pk=pk)
+    rank = _rank_param(request, task)
+    if rank is None:
+        return HttpResponse(_("rank must be a whole number from 0 to %(last)s\n") % {"last": max(task.nodes - 1, 0)},
+                            status=400, content_type="text/plain; charset=utf-8")
     gpus = [f"{a.node.name}:{a.gpu.index}" for a in
             task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
+    # A gang keeps one log per rank (server): the page shows one, with a selector for the others.
+    servers = {r.rank: r.node.name for r in task.current_ranks()}
+    ranks = [(r, servers.get(r, "")) for r in range(task.nodes)] if task.nodes > 1 else []
     return render(request, "portal/task_detail.html", {
         "task": task, "gpus": gpus, "events": task.events.order_by("created_at", "id"),
-        "log": logs.tail(task, logs.VIEW_TAIL_LINES), "earlier_attempts": range(task.attempt),
+        "log": logs.tail(task, logs.VIEW_TAIL_LINES, rank=rank), "earlier_attempts": range(task.attempt),
         "can_cancel": not task.is_final and access.can_cancel(request.user, task),
+        "rank": rank, "ranks": ranks,
     })
+
+
+def _rank_param(request: HttpRequest, task) -> int | None:
+    """``?rank=`` (a gang's rank; 0 when absent), or None when it names no rank of the task."""
+    raw = request.GET.get("rank", "0")
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 5) or int(raw) >= max(task.nodes, 1):
+        return None
+    return int(raw)
 
 
 @login_required
@@ -144,10 +160,15 @@ def task_log(request: HttpRequest, pk: int) -> HttpResponse:
     if not 0 <= attempt <= task.attempt:
         return HttpResponse(f"task {task.pk} has attempts 0 to {task.attempt}\n", status=400,
                             content_type="text/plain")
-    chunks = (TaskLogChunk.objects.filter(task=task, attempt=attempt).order_by("offset")
+    rank = _rank_param(request, task)
+    if rank is None:
+        return HttpResponse(f"task {task.pk} has ranks 0 to {max(task.nodes - 1, 0)}\n", status=400,
+                            content_type="text/plain")
+    chunks = (TaskLogChunk.objects.filter(task=task, attempt=attempt, rank=rank).order_by("offset")
               .values_list("data", flat=True).iterator(chunk_size=200))
     response = StreamingHttpResponse(chunks, content_type="text/plain; charset=utf-8")
-    response["Content-Disposition"] = f'inline; filename="task-{task.pk}-attempt-{attempt}.log"'
+    suffix = f"-rank-{rank}" if task.nodes > 1 else ""
+    response["Content-Disposition"] = f'inline; filename="task-{task.pk}-attempt-{attempt}{suffix}.log"'
     return response
 
 
@@ -257,7 +278,8 @@ def quota_grants(request: HttpRequest) -> HttpResponse:
     form = GrantRequestForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
         grant = form.save()
-        messages.success(request, f"Quota grant #{grant.pk} requested: an operator will approve or reject it.")
+        messages.success(request, _("Quota grant #%(id)s requested: an operator will approve or reject it.")
+                         % {"id": grant.pk})
         return redirect("portal:grants")
     now = timezone.now()
     rows = [(g, "active" if g.active_at(now) else "expired" if g.state == "approved" and g.ends_at <= now
@@ -283,9 +305,11 @@ def reservation_list(request: HttpRequest) -> HttpResponse:
             form.add_error(None, exc.message)
         else:
             if res.state == res.State.APPROVED:
-                messages.success(request, f"Reservation {res.name} approved by your tenant's policy.")
+                messages.success(request, _("Reservation %(name)s approved by your tenant's policy.")
+                                 % {"name": res.name})
             else:
-                messages.success(request, f"Reservation {res.name} requested: an operator will approve or reject it.")
+                messages.success(request, _("Reservation %(name)s requested: an operator will approve or reject it.")
+                                 % {"name": res.name})
             return redirect("portal:reservations")
     now = timezone.now()
     rows = [(r, reservations.as_row(r, now)["status"], reservations.can_manage(request.user, r))
@@ -312,7 +336,8 @@ def reservation_release(request: HttpRequest, pk: int) -> HttpResponse:
     except reservations.ReservationError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Reservation {res.name}: released {freed} unused GPU booking(s).")
+        messages.success(request, _("Reservation %(name)s: released %(n)s unused GPU booking(s).")
+                         % {"name": res.name, "n": freed})
     return redirect("portal:reservations")
 
 
