@@ -13,6 +13,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Count, Max, Min, Q
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -102,7 +103,7 @@ def submit(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def task_list(request: HttpRequest) -> HttpResponse:
-    qs = access.tasks_for(request.user).select_related("tenant", "submitter", "node")
+    qs = access.tasks_for(request.user).select_related("tenant", "submitter", "node", "array")
     status = request.GET.get("status", "")
     tenant = request.GET.get("tenant", "")
     if status == "active":
@@ -113,12 +114,58 @@ def task_list(request: HttpRequest) -> HttpResponse:
         qs = qs.filter(tenant__slug=tenant)
     if request.GET.get("mine"):
         qs = qs.filter(submitter=request.user)
-    page = Paginator(qs.order_by("-created_at", "-id"), 50).get_page(request.GET.get("page"))
+    array = request.GET.get("array", "")
+    if array:
+        # One array's elements, each on its own line (the list folds them otherwise).
+        if not (array.isascii() and array.isdigit() and len(array) < 19):
+            return HttpResponse(_("array must be an array id (a whole number)\n"), status=400,
+                                content_type="text/plain; charset=utf-8")
+        qs = qs.filter(array_id=int(array))
+        listed = qs
+    else:
+        listed = _folded(qs)
+    page = Paginator(listed.order_by("-created_at", "-id"), 50).get_page(request.GET.get("page"))
+    if not array:
+        _summarise_arrays(qs, page.object_list)
     return render(request, "portal/task_list.html", {
-        "page": page, "status": status, "tenant": tenant, "mine": bool(request.GET.get("mine")),
+        "page": page, "status": status, "tenant": tenant, "mine": bool(request.GET.get("mine")), "array": array,
         "statuses": ["active", *TaskStatus.values], "tenants": list(access.tenants_for(request.user)
                                                                    .values_list("slug", flat=True)),
     })
+
+
+def _folded(qs):
+    """``qs`` with each array reduced to one task (its first element in ``qs``), like ``gpuctl queue``."""
+    firsts = qs.filter(array__isnull=False).order_by().values("array_id").annotate(first=Min("id")).values("first")
+    return qs.filter(Q(array__isnull=True) | Q(pk__in=firsts))
+
+
+def _summarise_arrays(qs, tasks) -> None:
+    """Give each listed array's task an ``array_summary``: its elements in ``qs`` counted by state
+    (in the states' order), the earliest queue position and a pending element's reason."""
+    tasks = list(tasks)
+    ids = {t.array_id for t in tasks if t.array_id is not None}
+    if not ids:
+        return
+    counts: dict[int, dict[str, int]] = {i: {} for i in ids}
+    position: dict[int, int | None] = dict.fromkeys(ids)
+    reason: dict[int, str] = dict.fromkeys(ids, "")
+    rows = (qs.filter(array_id__in=ids).order_by().values("array_id", "status")
+            .annotate(n=Count("id"), pos=Min("queue_position"), why=Max("pending_reason")))
+    for row in rows:
+        counts[row["array_id"]][row["status"]] = row["n"]
+        if row["pos"] is not None and (position[row["array_id"]] is None or row["pos"] < position[row["array_id"]]):
+            position[row["array_id"]] = row["pos"]
+        if row["status"] == TaskStatus.PENDING and row["why"]:
+            reason[row["array_id"]] = row["why"]
+    for t in tasks:
+        if t.array_id is not None:
+            by_state = counts[t.array_id]
+            t.array_summary = {
+                "counts": [(value, label, by_state[value]) for value, label in TaskStatus.choices if value in by_state],
+                "total": sum(by_state.values()), "queue_position": position[t.array_id],
+                "pending_reason": reason[t.array_id],
+            }
 
 
 @login_required
