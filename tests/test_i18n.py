@@ -186,6 +186,17 @@ def test_the_usage_calendar_reservations_and_gang_pages_read_in_chinese(client, 
     assert "预约日历" in calendar and "所有服务器" in calendar and "Booking calendar" not in calendar
     reservations = client.get("/reservations/", **ZH).content.decode()
     assert "申请预约" in reservations and "没有预约。" in reservations and "Weekly repeats" not in reservations
+    assert "每周重复次数" in reservations and "GPU 型号的一部分" in reservations  # the form's labels and help
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from scheduling.models import Reservation
+
+    soon = timezone.now() + timedelta(days=1)
+    Reservation.objects.create(name="paper", tenant=acme, gpu_count=2, starts_at=soon, ends_at=soon + timedelta(hours=2))
+    row = client.get("/reservations/", **ZH).content.decode()
+    assert '<td class="reservation-status">待审批' in row
     gang = Task.objects.create(tenant=acme, submitter=alice, name="ddp", command="torchrun train.py", gpu_count=16,
                                nodes=2, pending_reason="no 2 servers with 8 free GPUs sharing rack; best has 1")
     page = client.get(f"/tasks/{gang.pk}/", **ZH).content.decode()
