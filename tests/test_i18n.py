@@ -194,7 +194,8 @@ def test_the_usage_calendar_reservations_and_gang_pages_read_in_chinese(client, 
     from scheduling.models import Reservation
 
     soon = timezone.now() + timedelta(days=1)
-    Reservation.objects.create(name="paper", tenant=acme, gpu_count=2, starts_at=soon, ends_at=soon + timedelta(hours=2))
+    Reservation.objects.create(name="paper", tenant=acme, gpu_count=2, starts_at=soon,
+                               ends_at=soon + timedelta(hours=2))
     row = client.get("/reservations/", **ZH).content.decode()
     assert '<td class="reservation-status">待审批' in row
     gang = Task.objects.create(tenant=acme, submitter=alice, name="ddp", command="torchrun train.py", gpu_count=16,
