@@ -82,6 +82,7 @@ def test_the_admin_reads_in_chinese(client, staff, servers):
     assert "GPU 服务器" in page and "实时控制台" in page and "集群总览" in page
     grid = client.get("/admin/cluster/", **ZH).content.decode()
     assert "台服务器" in grid and "<small>空闲</small>" in grid and ">在线</span></h3>" in grid  # cells and servers
+    assert "<h2>控制平面</h2>" in grid and "调度锁（来自 pg_locks）" in grid  # the control-plane panel
     catalogue = client.get("/jsi18n/", **ZH).content.decode()  # what live.js redraws the grid with
     assert "空闲" in catalogue or r"\u7a7a\u95f2" in catalogue  # JSON may escape it
     gpus = client.get("/admin/nodes/gpu/", **ZH).content.decode()
