@@ -90,6 +90,9 @@ ZH_HANS = {
     "reservation {name} (#{id}) {state}": "预约 {name}（#{id}）{state}",
     "START": "开始", "END": "结束", "WEEKLY": "每周重复", "STATUS": "状态",
     "quota grant #{id} for {tenant} {state}: {text}": "租户 {tenant} 的临时配额 #{id} {state}：{text}",
+    # Task states (the queue's STATE column and an array's counts), as the portal words them.
+    "pending": "等待中", "assigned": "已分配", "running": "运行中", "succeeded": "成功", "failed": "失败",
+    "cancelled": "已取消", "timed_out": "超时",
 }
 
 
@@ -387,7 +390,7 @@ def fold_arrays(tasks: list[dict[str, Any]]) -> list[list[Any]]:
     for t in tasks:
         array_id = t.get("array_id")
         if array_id is None:
-            rows.append([t["id"], t["name"][:24], t["tenant"], t["status"], t["priority"], _gpus(t),
+            rows.append([t["id"], t["name"][:24], t["tenant"], _(t["status"]), t["priority"], _gpus(t),
                          t["queue_position"], t["pending_reason"] or t["server"] or t["failure_reason"] or ""])
             continue
         if array_id not in arrays:
@@ -401,7 +404,7 @@ def fold_arrays(tasks: list[dict[str, Any]]) -> list[list[Any]]:
             row[6] = t["queue_position"]
         row[7] = row[7] or t["pending_reason"] or ""
     for array_id, row in arrays.items():
-        row[3] = ",".join(f"{n} {state}" for state, n in sorted(counts[array_id].items()))
+        row[3] = ",".join(f"{n} {_(state)}" for state, n in sorted(counts[array_id].items()))
     return rows
 
 
