@@ -96,7 +96,7 @@ ZH_HANS = {
 }
 
 
-def _(text: str, **values: Any) -> str:
+def _(text: str, /, **values: Any) -> str:
     """``text`` in the user's language, with ``{name}`` values filled in."""
     if user_language() == "zh-hans":
         text = ZH_HANS.get(text, text)
