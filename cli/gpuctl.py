@@ -73,10 +73,30 @@ ZH_HANS = {
     "REASON/SERVER": "原因/服务器", "GPU": "GPU", "MODEL": "型号", "MEM USED/TOTAL MB": "显存 已用/总量 MB",
     "UTIL": "利用率", "TEMP": "温度", "GPU MEM MB": "显存 MB", "RUNNING": "运行中", "PENDING": "排队",
     "MAX PRIO": "最高优先级", "CLASSES": "类别", "FAIR SHARE": "公平份额",
+    # Batch scripts, arrays, usage, reservations and quota grants (issues 11-13).
+    "cannot read the batch script {path}: {why}": "无法读取批处理脚本 {path}：{why}",
+    "{path}:{number}: cannot read the {directive} line: {why}": "{path}:{number}：无法解析 {directive} 行：{why}",
+    "{path}: bad {directive} option: {message}": "{path}：{directive} 选项有误：{message}",
+    "{path}: {directive} lines take options only, not a command": "{path}：{directive} 行只能写选项，不能写命令",
+    "array {id} (first task {first})": "任务数组 {id}（第一个任务 {first}）",
+    "array {id}: {counts}": "任务数组 {id}：{counts}",
+    "GPU usage {start} - {end} (GPU-hours; utilisation: mean reported by the agents)":
+        "GPU 用量 {start} - {end}（GPU 小时；利用率：代理上报的平均值）",
+    "GPU-HOURS": "GPU 小时", "GPU-MEM GB-H": "显存 GB 小时", "USER": "用户", "GPU MODEL": "GPU 型号",
+    "SERVER": "服务器",
+    "WORKLOAD CLASS": "负载类别", "TASK": "任务",
+    "total: {hours} GPU-hours": "合计：{hours} GPU 小时",
+    "bad time {text!r} (e.g. 2026-12-01 09:00, UTC)": "时间 {text!r} 有误（例如 2026-12-01 09:00，UTC）",
+    "reservation {name} (#{id}) {state}": "预约 {name}（#{id}）{state}",
+    "START": "开始", "END": "结束", "WEEKLY": "每周重复", "STATUS": "状态",
+    "quota grant #{id} for {tenant} {state}: {text}": "租户 {tenant} 的临时配额 #{id} {state}：{text}",
+    # Task states (the queue's STATE column and an array's counts), as the portal words them.
+    "pending": "等待中", "assigned": "已分配", "running": "运行中", "succeeded": "成功", "failed": "失败",
+    "cancelled": "已取消", "timed_out": "超时",
 }
 
 
-def _(text: str, **values: Any) -> str:
+def _(text: str, /, **values: Any) -> str:
     """``text`` in the user's language, with ``{name}`` values filled in."""
     if user_language() == "zh-hans":
         text = ZH_HANS.get(text, text)
@@ -276,7 +296,7 @@ def read_script(path: str, parser: argparse.ArgumentParser) -> tuple[str, argpar
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read the batch script {path}: {exc}") from None
+        raise CliError(_("cannot read the batch script {path}: {why}", path=path, why=exc)) from None
     words: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
@@ -284,11 +304,12 @@ def read_script(path: str, parser: argparse.ArgumentParser) -> tuple[str, argpar
             try:
                 words += shlex.split(stripped[len(DIRECTIVE):])
             except ValueError as exc:
-                raise CliError(f"{path}:{number}: cannot read the {DIRECTIVE} line: {exc}") from None
+                raise CliError(_("{path}:{number}: cannot read the {directive} line: {why}", path=path, number=number,
+                                   directive=DIRECTIVE, why=exc)) from None
         elif stripped and not stripped.startswith("#"):
             break
     def refuse(message: str):
-        raise CliError(f"{path}: bad {DIRECTIVE} option: {message}")
+        raise CliError(_("{path}: bad {directive} option: {message}", path=path, directive=DIRECTIVE, message=message))
 
     usual, parser.error = parser.error, refuse  # one line naming the script, not argparse's usage
     try:
@@ -296,7 +317,7 @@ def read_script(path: str, parser: argparse.ArgumentParser) -> tuple[str, argpar
     finally:
         parser.error = usual
     if directives.command:
-        raise CliError(f"{path}: {DIRECTIVE} lines take options only, not a command")
+        raise CliError(_("{path}: {directive} lines take options only, not a command", path=path, directive=DIRECTIVE))
     return text, directives
 
 
@@ -350,7 +371,7 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         emit_json(task)
     elif task.get("array_id"):
-        print(f"array {task['array_id']} (first task {task['id']})")
+        print(_("array {id} (first task {first})", id=task["array_id"], first=task["id"]))
     else:
         print(task["id"])
     return 0
@@ -369,7 +390,7 @@ def fold_arrays(tasks: list[dict[str, Any]]) -> list[list[Any]]:
     for t in tasks:
         array_id = t.get("array_id")
         if array_id is None:
-            rows.append([t["id"], t["name"][:24], t["tenant"], t["status"], t["priority"], _gpus(t),
+            rows.append([t["id"], t["name"][:24], t["tenant"], _(t["status"]), t["priority"], _gpus(t),
                          t["queue_position"], t["pending_reason"] or t["server"] or t["failure_reason"] or ""])
             continue
         if array_id not in arrays:
@@ -383,7 +404,7 @@ def fold_arrays(tasks: list[dict[str, Any]]) -> list[list[Any]]:
             row[6] = t["queue_position"]
         row[7] = row[7] or t["pending_reason"] or ""
     for array_id, row in arrays.items():
-        row[3] = ",".join(f"{n} {state}" for state, n in sorted(counts[array_id].items()))
+        row[3] = ",".join(f"{n} {_(state)}" for state, n in sorted(counts[array_id].items()))
     return rows
 
 
@@ -474,7 +495,8 @@ def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
     if args.array:
         for array_id in args.ids:
             array = client.post(f"arrays/{array_id}/cancel")
-            print(f"array {array['id']}: {', '.join(f'{n} {s}' for s, n in array['counts'].items())}")
+            counts = ", ".join(f"{n} {s}" for s, n in array["counts"].items())
+            print(_("array {id}: {counts}", id=array["id"], counts=counts))
         return 0
     failed = 0
     for task_id in args.ids:
@@ -533,13 +555,15 @@ def cmd_usage(args: argparse.Namespace, client: Client) -> int:
         return 0
     keys = report["group_by"]
     # sreport-like: a header saying what and when, a rule, then one line per group.
-    print(f"GPU usage {report['from']} - {report['to']} (GPU-hours; utilisation: mean reported by the agents)")
+    print(_("GPU usage {start} - {end} (GPU-hours; utilisation: mean reported by the agents)", start=report["from"],
+            end=report["to"]))
     print("-" * 80)
     rows = [[*(r[k] for k in keys), _hours(r["gpu_hours"]), _hours(r["gpu_memory_gb_hours"]),
              "-" if r["utilization_pct"] is None else f"{r['utilization_pct']:.0f}%"] for r in report["rows"]]
     total = sum(r["gpu_hours"] for r in report["rows"])
-    print(table(rows, [*(k.upper().replace("_", " ") for k in keys), "GPU-HOURS", "GPU-MEM GB-H", "UTIL"]))
-    print(f"total: {_hours(total)} GPU-hours")
+    print(table(rows, [*(_(k.upper().replace("_", " ")) for k in keys), *(_(h) for h in ["GPU-HOURS", "GPU-MEM GB-H",
+                                                                                         "UTIL"])]))
+    print(_("total: {hours} GPU-hours", hours=_hours(total)))
     return 0
 
 
@@ -550,7 +574,7 @@ def parse_when(text: str) -> str:
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad time {text!r} (e.g. 2026-12-01 09:00, UTC)") from None
+        raise argparse.ArgumentTypeError(_("bad time {text!r} (e.g. 2026-12-01 09:00, UTC)", text=text)) from None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).isoformat()
 
 
@@ -567,7 +591,7 @@ def cmd_reserve(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         emit_json(res)
     else:
-        print(f"reservation {res['name']} (#{res['id']}) {res['state']}")
+        print(_("reservation {name} (#{id}) {state}", name=res["name"], id=res["id"], state=res["state"]))
     return 0
 
 
@@ -578,7 +602,7 @@ def cmd_reservations(args: argparse.Namespace, client: Client) -> int:
         return 0
     print(table([[r["id"], r["name"], r["tenant"], r["gpu_count"], r["starts_at"], r["ends_at"], r["repeat_weeks"],
                   r["status"]] for r in rows],
-                ["ID", "NAME", "TENANT", "GPUS", "START", "END", "WEEKLY", "STATUS"]))
+                [_(h) for h in ["ID", "NAME", "TENANT", "GPUS", "START", "END", "WEEKLY", "STATUS"]]))
     return 0
 
 
@@ -592,7 +616,8 @@ def cmd_grant_request(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         emit_json(grant)
     else:
-        print(f"quota grant #{grant['id']} for {grant['tenant']} {grant['state']}: {grant['text']}")
+        print(_("quota grant #{id} for {tenant} {state}: {text}", id=grant["id"], tenant=grant["tenant"],
+                state=grant["state"], text=grant["text"]))
     return 0
 
 

@@ -121,16 +121,19 @@ def what_if(request: HttpRequest, tenant_id: int | None = None) -> HttpResponse:
             answer = whatif.simulate(whatif.grant_approval(grant.pk))
         elif request.GET.get("reservation", "").isdigit():
             res = get_object_or_404(Reservation, pk=int(request.GET["reservation"]))
-            subject = f"approving reservation {res.name} ({res.gpu_count} GPUs for {res.tenant.slug})"
+            subject = _("approving reservation %(name)s (%(n)s GPUs for %(tenant)s)") % {
+                "name": res.name, "n": res.gpu_count, "tenant": res.tenant.slug}
             if res.state != Reservation.State.REQUESTED:
-                error = f"reservation {res.name} is {res.state}: only requests are simulated"
+                error = _("reservation %(name)s is %(state)s: only requests are simulated") % {
+                    "name": res.name, "state": res.get_state_display()}
             else:
                 answer = whatif.simulate(whatif.reservation_approval(res.pk))
         else:
-            error = "Nothing to simulate: use Simulate on a tenant's quota form, or on grant or reservation requests."
+            error = _("Nothing to simulate: use Simulate on a tenant's quota form, or on grant or reservation "
+                      "requests.")
     except reservations.ReservationError as exc:
         error = exc.message
-    context = {**admin.site.each_context(request), "title": "What-if", "subject": subject, "answer": answer,
+    context = {**admin.site.each_context(request), "title": _("What-if"), "subject": subject, "answer": answer,
                "error": error}
     return TemplateResponse(request, "admin/what_if.html", context, status=400 if error else 200)
 
@@ -138,6 +141,6 @@ def what_if(request: HttpRequest, tenant_id: int | None = None) -> HttpResponse:
 def booking_calendar(request: HttpRequest) -> HttpResponse:
     """The booking calendar inside the admin (the portal's Calendar page has the request form)."""
 
-    context = {**admin.site.each_context(request), "title": "Booking calendar",
+    context = {**admin.site.each_context(request), "title": _("Booking calendar"),
                "servers": list(Node.objects.order_by("name").values_list("name", flat=True))}
     return TemplateResponse(request, "admin/calendar.html", context)

@@ -309,7 +309,8 @@ class TenantTasksConsumer(CoalescingConsumer):
 
 
 class TaskLogConsumer(AsyncJsonWebsocketConsumer):
-    """``/ws/tasks/<id>/log/?attempt=A&offset=N``: one task's output as it is stored.
+    """``/ws/tasks/<id>/log/?attempt=A&offset=N&rank=R``: one task's output as it is stored
+    (a gang's rank ``R``, the server the page's selector chose; 0 by default).
 
     Opens at the newest lines (the page rendered up to ``offset`` of ``attempt``; without
     them the last ``logs.VIEW_TAIL_LINES`` lines come first), then sends each increment:
@@ -329,6 +330,8 @@ class TaskLogConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=4403)
             return
         query = parse_qs(self.scope.get("query_string", b"").decode())
+        raw_rank = (query.get("rank") or ["0"])[0]
+        self.rank = int(raw_rank) if raw_rank.isascii() and raw_rank.isdigit() and len(raw_rank) < 5 else 0
         try:
             self.attempt: int | None = int(query["attempt"][0])
             self.offset: int | None = max(int(query["offset"][0]), 0)
@@ -355,18 +358,18 @@ class TaskLogConsumer(AsyncJsonWebsocketConsumer):
         task = Task.objects.only("attempt", "status").get(pk=self.task_id)
         frames = []
         if self.offset is None or self.attempt is None:
-            page = logs.tail(task, logs.VIEW_TAIL_LINES)
+            page = logs.tail(task, logs.VIEW_TAIL_LINES, rank=self.rank)
             frames.append({"reset": True, **vars(page)})
         elif self.attempt != task.attempt:
             # Requeued: the new attempt writes a new log from its start.
-            page = logs.read_from(task, 0)
+            page = logs.read_from(task, 0, rank=self.rank)
             frames.append({"reset": True, **vars(page)})
         else:
-            page = logs.read_from(task, self.offset)
+            page = logs.read_from(task, self.offset, rank=self.rank)
             frames.append({"reset": False, **vars(page)})
         while page.data and page.next_offset > page.offset and len(frames) < 8:
             # Large bursts come in several pages; the rest follows with the next event.
-            more = logs.read_from(task, page.next_offset, page.attempt)
+            more = logs.read_from(task, page.next_offset, page.attempt, rank=self.rank)
             if not more.data:
                 break
             frames.append({"reset": False, **vars(more)})

@@ -25,7 +25,7 @@ from scheduling import access, history
 def _window(request: HttpRequest) -> tuple[str, history.Window] | JsonResponse:
     name = request.GET.get("range", history.DEFAULT_RANGE)
     if name not in history.RANGES:
-        return JsonResponse({"range": [f"One of {', '.join(history.RANGES)}."]}, status=400)
+        return JsonResponse({"range": [_("One of %(names)s.") % {"names": ", ".join(history.RANGES)}]}, status=400)
     now = timezone.now()
     return name, history.window(now - history.RANGES[name], now, now)
 

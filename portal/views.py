@@ -13,6 +13,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Count, Max, Min, Q
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -106,33 +107,87 @@ def submit(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def task_list(request: HttpRequest) -> HttpResponse:
-    """The tasks I may see, filtered like ``GET /api/v1/tasks`` (``scheduling.filters.TaskFilter``);
-    a bad filter value is shown above an empty list, with a 400."""
+    """The tasks I may see, filtered like ``GET /api/v1/tasks`` (``scheduling.filters.TaskFilter``),
+    each array folded onto one line (``?array=ID`` lists one array's elements); a bad filter
+    value is shown above an empty list, with a 400."""
     filters = TaskFilter(request.GET, queryset=access.tasks_for(request.user)
-                         .select_related("tenant", "submitter", "node"), request=request)
+                         .select_related("tenant", "submitter", "node", "array"), request=request)
     valid = filters.is_valid()
     qs = filters.qs if valid else filters.queryset.none()
-    page = Paginator(qs, 50).get_page(request.GET.get("page"))
+    array = request.GET.get("array", "") if valid else ""
+    page = Paginator(qs if array else _folded(qs), 50).get_page(request.GET.get("page"))
+    if not array:
+        _summarise_arrays(qs, page.object_list)
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "portal/task_list.html", {
         "page": page, "status": request.GET.get("status", ""), "tenant": request.GET.get("tenant", ""),
         "mine": valid and filters.form.cleaned_data.get("mine"), "errors": filters.errors, "query": query.urlencode(),
-        "statuses": [*STATUS_GROUPS, *TaskStatus.values],
+        "array": array, "statuses": [*STATUS_GROUPS, *TaskStatus.values],
         "tenants": list(access.tenants_for(request.user).values_list("slug", flat=True)),
     }, status=200 if valid else 400)
+
+
+def _folded(qs):
+    """``qs`` with each array reduced to one task (its first element in ``qs``), like ``gpuctl queue``."""
+    firsts = qs.filter(array__isnull=False).order_by().values("array_id").annotate(first=Min("id")).values("first")
+    return qs.filter(Q(array__isnull=True) | Q(pk__in=firsts))
+
+
+def _summarise_arrays(qs, tasks) -> None:
+    """Give each listed array's task an ``array_summary``: its elements in ``qs`` counted by state
+    (in the states' order), the earliest queue position and a pending element's reason."""
+    tasks = list(tasks)
+    ids = {t.array_id for t in tasks if t.array_id is not None}
+    if not ids:
+        return
+    counts: dict[int, dict[str, int]] = {i: {} for i in ids}
+    position: dict[int, int | None] = dict.fromkeys(ids)
+    reason: dict[int, str] = dict.fromkeys(ids, "")
+    rows = (qs.filter(array_id__in=ids).order_by().values("array_id", "status")
+            .annotate(n=Count("id"), pos=Min("queue_position"), why=Max("pending_reason")))
+    for row in rows:
+        counts[row["array_id"]][row["status"]] = row["n"]
+        if row["pos"] is not None and (position[row["array_id"]] is None or row["pos"] < position[row["array_id"]]):
+            position[row["array_id"]] = row["pos"]
+        if row["status"] == TaskStatus.PENDING and row["why"]:
+            reason[row["array_id"]] = row["why"]
+    for t in tasks:
+        if t.array_id is not None:
+            by_state = counts[t.array_id]
+            t.array_summary = {
+                "counts": [(value, label, by_state[value]) for value, label in TaskStatus.choices if value in by_state],
+                "total": sum(by_state.values()), "queue_position": position[t.array_id],
+                "pending_reason": reason[t.array_id],
+            }
 
 
 @login_required
 def task_detail(request: HttpRequest, pk: int) -> HttpResponse:
     task = get_object_or_404(access.tasks_for(request.user).select_related("tenant", "submitter", "node"), pk=pk)
+    rank = _rank_param(request, task)
+    if rank is None:
+        return HttpResponse(_("rank must be a whole number from 0 to %(last)s\n") % {"last": max(task.nodes - 1, 0)},
+                            status=400, content_type="text/plain; charset=utf-8")
     gpus = [f"{a.node.name}:{a.gpu.index}" for a in
             task.allocations.filter(released_at__isnull=True).select_related("node", "gpu").order_by("gpu_id")]
+    # A gang keeps one log per rank (server): the page shows one, with a selector for the others.
+    servers = {r.rank: r.node.name for r in task.current_ranks()}
+    ranks = [(r, servers.get(r, "")) for r in range(task.nodes)] if task.nodes > 1 else []
     return render(request, "portal/task_detail.html", {
         "task": task, "gpus": gpus, "events": task.events.order_by("created_at", "id"),
-        "log": logs.tail(task, logs.VIEW_TAIL_LINES), "earlier_attempts": range(task.attempt),
+        "log": logs.tail(task, logs.VIEW_TAIL_LINES, rank=rank), "earlier_attempts": range(task.attempt),
         "can_cancel": not task.is_final and access.can_cancel(request.user, task),
+        "rank": rank, "ranks": ranks,
     })
+
+
+def _rank_param(request: HttpRequest, task) -> int | None:
+    """``?rank=`` (a gang's rank; 0 when absent), or None when it names no rank of the task."""
+    raw = request.GET.get("rank", "0")
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 5) or int(raw) >= max(task.nodes, 1):
+        return None
+    return int(raw)
 
 
 @login_required
@@ -146,10 +201,15 @@ def task_log(request: HttpRequest, pk: int) -> HttpResponse:
     if not 0 <= attempt <= task.attempt:
         return HttpResponse(f"task {task.pk} has attempts 0 to {task.attempt}\n", status=400,
                             content_type="text/plain")
-    chunks = (TaskLogChunk.objects.filter(task=task, attempt=attempt).order_by("offset")
+    rank = _rank_param(request, task)
+    if rank is None:
+        return HttpResponse(f"task {task.pk} has ranks 0 to {max(task.nodes - 1, 0)}\n", status=400,
+                            content_type="text/plain")
+    chunks = (TaskLogChunk.objects.filter(task=task, attempt=attempt, rank=rank).order_by("offset")
               .values_list("data", flat=True).iterator(chunk_size=200))
     response = StreamingHttpResponse(chunks, content_type="text/plain; charset=utf-8")
-    response["Content-Disposition"] = f'inline; filename="task-{task.pk}-attempt-{attempt}.log"'
+    suffix = f"-rank-{rank}" if task.nodes > 1 else ""
+    response["Content-Disposition"] = f'inline; filename="task-{task.pk}-attempt-{attempt}{suffix}.log"'
     return response
 
 
@@ -257,7 +317,8 @@ def quota_grants(request: HttpRequest) -> HttpResponse:
     form = GrantRequestForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
         grant = form.save()
-        messages.success(request, f"Quota grant #{grant.pk} requested: an operator will approve or reject it.")
+        messages.success(request, _("Quota grant #%(id)s requested: an operator will approve or reject it.")
+                         % {"id": grant.pk})
         return redirect("portal:grants")
     now = timezone.now()
     grants = grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]
@@ -281,9 +342,11 @@ def reservation_list(request: HttpRequest) -> HttpResponse:
             form.add_error(None, exc.message)
         else:
             if res.state == res.State.APPROVED:
-                messages.success(request, f"Reservation {res.name} approved by your tenant's policy.")
+                messages.success(request, _("Reservation %(name)s approved by your tenant's policy.")
+                                 % {"name": res.name})
             else:
-                messages.success(request, f"Reservation {res.name} requested: an operator will approve or reject it.")
+                messages.success(request, _("Reservation %(name)s requested: an operator will approve or reject it.")
+                                 % {"name": res.name})
             return redirect("portal:reservations")
     now = timezone.now()
     rows = [(r, reservations.as_row(r, now)["status"], reservations.can_manage(request.user, r))
@@ -309,7 +372,8 @@ def reservation_release(request: HttpRequest, pk: int) -> HttpResponse:
     except reservations.ReservationError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Reservation {res.name}: released {freed} unused GPU booking(s).")
+        messages.success(request, _("Reservation %(name)s: released %(n)s unused GPU booking(s).")
+                         % {"name": res.name, "n": freed})
     return redirect("portal:reservations")
 
 

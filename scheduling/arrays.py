@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from django.db import connection
+from django.utils.translation import gettext
 
 from scheduling.choices import TaskStatus
 
@@ -23,26 +24,29 @@ _PART = re.compile(r"^(\d{1,7})(?:-(\d{1,7})(?::(\d{1,7}))?)?$")
 def parse(value: object, max_elements: int) -> tuple[list[int], int, str | None]:
     """``(indexes, throttle, error)`` for an array spec; throttle 0 means no limit."""
     if not isinstance(value, str) or not value.strip():
-        return [], 0, 'Must be a string like "0-99%8" (indexes, ranges with an optional :step, %throttle).'
+        return [], 0, gettext('Must be a string like "0-99%8" (indexes, ranges with an optional :step, %throttle).')
     text = value.replace(" ", "")
     throttle = 0
     if "%" in text:
         text, _, limit = text.partition("%")
         if not limit.isdigit() or int(limit) < 1:
-            return [], 0, f"The throttle after % must be a whole number of at least 1 (got {limit!r})."
+            return [], 0, (gettext("The throttle after %% must be a whole number of at least 1 (got %(got)r).")
+                           % {"got": limit})
         throttle = int(limit)
     indexes: list[int] = []
     for part in text.split(","):
         m = _PART.match(part)
         if m is None:
-            return [], 0, f"Cannot read {part!r}: use N, N-M or N-M:STEP, comma-separated, then %LIMIT."
+            return [], 0, (gettext("Cannot read %(part)r: use N, N-M or N-M:STEP, comma-separated, then %%LIMIT.")
+                           % {"part": part})
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         step = int(m.group(3)) if m.group(3) is not None else 1
         if hi < lo or step < 1 or hi > MAX_INDEX:
-            return [], 0, f"Bad range {part!r}: from low to high (at most {MAX_INDEX}), step at least 1."
+            return [], 0, (gettext("Bad range %(part)r: from low to high (at most %(max)s), step at least 1.")
+                           % {"part": part, "max": MAX_INDEX})
         if (hi - lo) // step + 1 + len(indexes) > max_elements:
-            return [], 0, f"At most {max_elements} elements in one array."
+            return [], 0, gettext("At most %(n)s elements in one array.") % {"n": max_elements}
         indexes.extend(range(lo, hi + 1, step))
     indexes = sorted(set(indexes))
     return indexes, throttle, None

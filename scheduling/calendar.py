@@ -14,6 +14,7 @@ from typing import Any
 
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.db.models import Q
+from django.utils.translation import gettext
 
 from nodes.models import GPU, NodeStatus
 from scheduling import access
@@ -42,8 +43,10 @@ def events(user, start: datetime, end: datetime, server: str | None = None) -> l
     out: list[dict[str, Any]] = []
     for (res_id, _s), ev in sorted(booked.items(), key=lambda kv: kv[1]["start"]):
         servers = ", ".join(sorted(ev["servers"]))
-        out.append({"id": f"r{res_id}-{ev['start'].isoformat()}", "title": f"{ev['name']} · {ev['tenant']} · "
-                    f"{ev['gpus']} GPUs ({servers})", "start": ev["start"].isoformat(), "end": ev["end"].isoformat(),
+        title = gettext("%(name)s · %(tenant)s · %(n)s GPUs (%(servers)s)") % {
+            "name": ev["name"], "tenant": ev["tenant"], "n": ev["gpus"], "servers": servers}
+        out.append({"id": f"r{res_id}-{ev['start'].isoformat()}", "title": title,
+                    "start": ev["start"].isoformat(), "end": ev["end"].isoformat(),
                     "color": COLOURS["approved"],
                     "extendedProps": {"reservation": ev["name"], "tenant": ev["tenant"], "gpus": ev["gpus"],
                                       "servers": servers, "state": "approved"}})
@@ -52,7 +55,8 @@ def events(user, start: datetime, end: datetime, server: str | None = None) -> l
         for s, e in res.occurrences():
             if e > start and s < end:
                 out.append({"id": f"q{res.pk}-{s.isoformat()}",
-                            "title": f"{res.name} · {res.tenant.slug} · {res.gpu_count} GPUs (requested)",
+                            "title": gettext("%(name)s · %(tenant)s · %(n)s GPUs (requested)")
+                            % {"name": res.name, "tenant": res.tenant.slug, "n": res.gpu_count},
                             "start": s.isoformat(), "end": e.isoformat(), "color": COLOURS["requested"],
                             "extendedProps": {"reservation": res.name, "tenant": res.tenant.slug,
                                               "gpus": res.gpu_count, "state": "requested"}})
@@ -78,7 +82,8 @@ def _free_per_day(booked, total: int, start: datetime, end: datetime) -> list[di
             level += changes[t]
             peak = max(peak, level)
         free = max(0, total - peak)
-        out.append({"id": f"free-{day.date().isoformat()}", "title": f"{free} of {total} GPUs free",
+        title = gettext("%(free)s of %(total)s GPUs free") % {"free": free, "total": total}
+        out.append({"id": f"free-{day.date().isoformat()}", "title": title,
                     "start": day.date().isoformat(), "allDay": True, "display": "block",
                     "color": "#16a34a" if free else "#dc2626", "classNames": ["free-capacity"],
                     "extendedProps": {"free": free, "total": total}})

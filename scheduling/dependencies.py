@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from django.db import connection
+from django.utils.translation import gettext as _
 
 from scheduling.choices import FINAL_STATUSES, TaskStatus
 
@@ -38,23 +39,23 @@ def parse(value: Any) -> tuple[list[tuple[str, int]], str | None]:
             words = part.split(":")
             kind = _SLURM.get(words[0].lower(), words[0].lower() if words[0].lower() in KINDS else None)
             if kind is None or len(words) < 2 or not all(_ID.match(w) for w in words[1:]):
-                return [], (f"Cannot read {part!r}: use afterok:ID[:ID...], afterany:ID or afternotok:ID, "
-                            f"comma-separated.")
+                return [], (_("Cannot read %(part)r: use afterok:ID[:ID...], afterany:ID or afternotok:ID, "
+                              "comma-separated.") % {"part": part})
             pairs += [(kind, int(w)) for w in words[1:]]
     elif isinstance(value, dict):
         for kind, ids in value.items():
             if kind not in KINDS:
-                return [], f"Unknown kind {kind!r}: use {', '.join(KINDS)}."
+                return [], _("Unknown kind %(kind)r: use %(kinds)s.") % {"kind": kind, "kinds": ", ".join(KINDS)}
             ids = ids if isinstance(ids, list) else [ids]
             for raw in ids:
                 if isinstance(raw, bool) or not (isinstance(raw, int) or (isinstance(raw, str) and _ID.match(raw))):
-                    return [], f"{kind}: task ids must be whole numbers."
+                    return [], _("%(kind)s: task ids must be whole numbers.") % {"kind": kind}
                 pairs.append((kind, int(raw)))
     else:
-        return [], 'Must be an object like {"after_ok": [12, 13]} or a string like "afterok:12:13".'
+        return [], _('Must be an object like {"after_ok": [12, 13]} or a string like "afterok:12:13".')
     pairs = list(dict.fromkeys(pairs))
     if len(pairs) > MAX_DEPENDENCIES:
-        return [], f"At most {MAX_DEPENDENCIES} dependencies (got {len(pairs)})."
+        return [], _("At most %(limit)s dependencies (got %(got)s).") % {"limit": MAX_DEPENDENCIES, "got": len(pairs)}
     return pairs, None
 
 

@@ -19,6 +19,7 @@ import django_filters
 from django import forms
 from django.core.exceptions import ValidationError
 from django.db.models import Case, IntegerField, QuerySet, Value, When
+from django.utils.translation import gettext_lazy as _
 from drf_spectacular.drainage import set_override
 
 from scheduling.choices import STATUS_GROUPS, TaskStatus
@@ -37,11 +38,12 @@ def _no_nul(value: str) -> None:
 
 class CsvField(forms.CharField):
     """Comma-separated words, each turned into a value by ``parse`` (None: unknown, with
-    ``unknown`` as the message); returns the values, or [] when none was given."""
+    ``unknown`` as the message: a translatable text with ``%(value)r`` for the word and
+    ``params`` for the rest); returns the values, or [] when none was given."""
 
-    def __init__(self, *, parse, unknown: str, **kwargs: Any) -> None:
+    def __init__(self, *, parse, unknown: str, params: dict | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.parse, self.unknown = parse, unknown
+        self.parse, self.unknown, self.params = parse, unknown, params or {}
 
     def to_python(self, value: Any) -> list:
         text = super().to_python(value)
@@ -51,7 +53,7 @@ class CsvField(forms.CharField):
                 continue
             parsed = self.parse(word)
             if parsed is None:
-                raise ValidationError(self.unknown % {"value": word[:80]})
+                raise ValidationError(self.unknown, params={**self.params, "value": word[:80]})
             out.extend(parsed if isinstance(parsed, (list, tuple)) else [parsed])
         return out
 
@@ -72,8 +74,8 @@ class CsvFilter(_Typed):
 
     field_class = CsvField
 
-    def __init__(self, *, parse, unknown: str, **kwargs: Any) -> None:
-        super().__init__(lookup_expr="in", parse=parse, unknown=unknown, **kwargs)
+    def __init__(self, *, parse, unknown: str, params: dict | None = None, **kwargs: Any) -> None:
+        super().__init__(lookup_expr="in", parse=parse, unknown=unknown, params=params, **kwargs)
 
     def filter(self, qs: QuerySet, value: list) -> QuerySet:
         return super().filter(qs, list(dict.fromkeys(value)) or None)
@@ -89,13 +91,13 @@ class StrictBooleanField(forms.CharField):
             return False
         if text in ("1", "true", "yes"):
             return True
-        raise ValidationError("Must be true or false.")
+        raise ValidationError(_("Must be true or false."))
 
 
 class WholeNumberField(forms.CharField):
     """ASCII digits (``forms.IntegerField`` also takes " 1", "1.0" and other scripts' digits)."""
 
-    default_error_messages = {"invalid": "Must be a whole number."}
+    default_error_messages = {"invalid": _("Must be a whole number.")}
 
     def to_python(self, value: Any) -> int | None:
         text = super().to_python(value)
@@ -149,23 +151,24 @@ class OrderingFilter(django_filters.ChoiceFilter):
 
     def __init__(self, **kwargs: Any) -> None:
         choices = [(name, name) for name in ORDERINGS]
-        message = "Use " + " or ".join(f"'{name}'" for name in ORDERINGS) + "."
-        super().__init__(choices=choices, error_messages={"invalid_choice": message}, **kwargs)
+        super().__init__(choices=choices, error_messages={"invalid_choice": _("Use '-created_at' or 'queue'.")},
+                         **kwargs)
 
     def filter(self, qs: QuerySet, value: str) -> QuerySet:
         return ORDERINGS[value or next(iter(ORDERINGS))](qs)
 
 
 class TaskFilter(django_filters.FilterSet):
-    status = CsvFilter(parse=_status, unknown=f"Unknown state %(value)r: use {', '.join(TaskStatus.values)} "
-                                              f"(or {_GROUPS_TEXT}).",
+    status = CsvFilter(parse=_status, unknown=_("Unknown state %(value)r: use %(states)s."),
+                       params={"states": f"{', '.join(TaskStatus.values)} (or {_GROUPS_TEXT})"},
                        help_text=f"comma-separated states, e.g. pending,running; {_GROUPS_TEXT}")
-    tenant = CsvFilter(field_name="tenant__slug", parse=_tenant, unknown="Unknown tenant %(value)r.",
+    tenant = CsvFilter(field_name="tenant__slug", parse=_tenant, unknown=_("Unknown tenant %(value)r."),
                        help_text="comma-separated tenant slugs")
-    priority = CsvFilter(parse=_priority, unknown=f"Unknown priority %(value)r: use {', '.join(Priority.labels)}.",
+    priority = CsvFilter(parse=_priority, unknown=_("Unknown priority %(value)r: use %(names)s."),
+                         params={"names": ", ".join(Priority.labels)},
                          help_text=f"comma-separated: {', '.join(Priority.labels)}")
     array = WholeNumberFilter(field_name="array_id", help_text="an array's id: its elements only",
-                              error_messages={"invalid": "Must be an array id (a whole number)."})
+                              error_messages={"invalid": _("Must be an array id (a whole number).")})
     mine = StrictBooleanFilter(method="filter_mine",
                                  help_text="only tasks I submitted")
     ordering = OrderingFilter(help_text="'-created_at' (default) or 'queue' (running, then pending in queue order)")

@@ -12,6 +12,7 @@ from django import forms
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from scheduling import access, triggers
 from tenants.models import QuotaGrant, Tenant
@@ -37,14 +38,14 @@ class GrantRequestForm(forms.ModelForm):
         self.fields["tenant"].required = False
         self.fields["tenant"].queryset = requestable_tenants(user)
         self.fields["tenant"].error_messages["invalid_choice"] = (
-            "Pick a tenant you are an admin of (only tenant admins may ask for extra quota).")
+            _("Pick a tenant you are an admin of (only tenant admins may ask for extra quota)."))
 
     def clean_tenant(self):
         tenant = self.cleaned_data.get("tenant")
         if tenant is None:
             mine = list(self.fields["tenant"].queryset[:2])
             if len(mine) != 1:
-                raise forms.ValidationError("Required: name the tenant.")
+                raise forms.ValidationError(_("Required: name the tenant."))
             tenant = mine[0]
         return tenant
 
@@ -53,13 +54,13 @@ class GrantRequestForm(forms.ModelForm):
         start, end = data.get("starts_at"), data.get("ends_at")
         if start and end:
             if end <= start:
-                self.add_error("ends_at", "The window must end after it starts.")
+                self.add_error("ends_at", _("The window must end after it starts."))
             elif end <= timezone.now():
-                self.add_error("ends_at", "The window is already over.")
+                self.add_error("ends_at", _("The window is already over."))
             elif (end - start).days > MAX_GRANT_DAYS:
-                self.add_error("ends_at", f"A grant covers at most {MAX_GRANT_DAYS} days.")
+                self.add_error("ends_at", _("A grant covers at most %(n)s days.") % {"n": MAX_GRANT_DAYS})
         if not (data.get("extra_gpus") or data.get("extra_gpu_memory_mb") or data.get("extra_running_tasks")):
-            self.add_error("extra_gpus", "Ask for at least one extra GPU, MB of GPU memory or running task.")
+            self.add_error("extra_gpus", _("Ask for at least one extra GPU, MB of GPU memory or running task."))
         return data
 
     def save(self, commit: bool = True) -> QuotaGrant:
@@ -86,7 +87,7 @@ def grants_for(user):
 def decide(grant_id: int, *, approve: bool, by) -> QuotaGrant:
     """Approve or reject a requested grant (staff only). Deciding twice is refused."""
     if not by.is_staff:
-        raise PermissionDenied("Only staff approve or reject quota grants.")
+        raise PermissionDenied(_("Only staff approve or reject quota grants."))
     with transaction.atomic():
         grant = QuotaGrant.objects.select_for_update().select_related("tenant").get(pk=grant_id)
         if grant.state != QuotaGrant.State.REQUESTED:

@@ -549,37 +549,43 @@ class Reservation(models.Model):
     for the same time. The rules live in ``scheduling.reservations``."""
 
     class State(models.TextChoices):
-        REQUESTED = "requested", "requested"
-        APPROVED = "approved", "approved"
-        REJECTED = "rejected", "rejected"
-        RELEASED = "released", "released"
+        REQUESTED = "requested", _("requested")
+        APPROVED = "approved", _("approved")
+        REJECTED = "rejected", _("rejected")
+        RELEASED = "released", _("released")
 
-    name = models.SlugField(max_length=60, unique=True,
-                            help_text="Short name tasks and the CLI use, e.g. paper-deadline.")
-    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="reservations")
-    gpu_count = models.PositiveIntegerField()
-    gpu_model = models.CharField(max_length=100, blank=True, help_text="Substring of the GPU model, e.g. H100.")
-    node_selector = models.JSONField(default=dict, blank=True, help_text="Labels the servers must carry.")
-    nodes = models.ManyToManyField("nodes.Node", blank=True, related_name="reservations",
-                                   help_text="Only these servers (empty: any).")
-    starts_at = models.DateTimeField()
-    ends_at = models.DateTimeField()
-    repeat_weeks = models.PositiveSmallIntegerField(default=0, help_text="Further weekly occurrences (0: once).")
-    reason = models.CharField(max_length=500, blank=True)
-    state = models.CharField(max_length=10, choices=State.choices, default=State.REQUESTED)
+    name = models.SlugField(_("name"), max_length=60, unique=True,
+                            help_text=_("Short name tasks and the CLI use, e.g. paper-deadline."))
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="reservations",
+                               verbose_name=_("tenant"))
+    gpu_count = models.PositiveIntegerField(_("GPUs"))
+    gpu_model = models.CharField(_("GPU model"), max_length=100, blank=True,
+                                 help_text=_("Substring of the GPU model, e.g. H100."))
+    node_selector = models.JSONField(_("server labels"), default=dict, blank=True,
+                                     help_text=_("Labels the servers must carry."))
+    nodes = models.ManyToManyField("nodes.Node", blank=True, related_name="reservations", verbose_name=_("servers"),
+                                   help_text=_("Only these servers (empty: any)."))
+    starts_at = models.DateTimeField(_("from"))
+    ends_at = models.DateTimeField(_("until"))
+    repeat_weeks = models.PositiveSmallIntegerField(_("weekly repeats"), default=0,
+                                                    help_text=_("Further weekly occurrences (0: once)."))
+    reason = models.CharField(_("reason"), max_length=500, blank=True)
+    state = models.CharField(_("state"), max_length=10, choices=State.choices, default=State.REQUESTED)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                     related_name="reservations_requested")
+                                     related_name="reservations_requested", verbose_name=_("requested by"))
     decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                   related_name="reservations_decided")
-    decided_at = models.DateTimeField(null=True, blank=True)
-    decision_note = models.CharField(max_length=500, blank=True)
-    released_at = models.DateTimeField(null=True, blank=True)
+                                   related_name="reservations_decided", verbose_name=_("decided by"))
+    decided_at = models.DateTimeField(_("decided at"), null=True, blank=True)
+    decision_note = models.CharField(_("decision note"), max_length=500, blank=True)
+    released_at = models.DateTimeField(_("released at"), null=True, blank=True)
     # The next window bound (an occurrence's start or end) the sweep wakes the scheduler for.
     next_bound_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["starts_at", "id"]
+        verbose_name = _("reservation")
+        verbose_name_plural = _("reservations")
         constraints = [
             models.CheckConstraint(condition=Q(ends_at__gt=F("starts_at")), name="reservation_window_valid"),
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="reservation_gpu_count_positive"),
@@ -629,12 +635,15 @@ class ReservationPolicy(models.Model):
     """Per tenant: requests are approved on the spot while the tenant's approved reservations
     in the coming week (this one included) stay within ``auto_approve_gpu_hours_per_week``."""
 
-    tenant = models.OneToOneField("tenants.Tenant", on_delete=models.CASCADE, related_name="reservation_policy")
+    tenant = models.OneToOneField("tenants.Tenant", on_delete=models.CASCADE, related_name="reservation_policy",
+                                  verbose_name=_("tenant"))
     auto_approve_gpu_hours_per_week = models.PositiveIntegerField(
-        default=0, help_text="GPU-hours a week ahead approved without staff (0: staff approve every request).")
+        _("GPU-hours a week approved on the spot"), default=0,
+        help_text=_("GPU-hours a week ahead approved without staff (0: staff approve every request)."))
 
     class Meta:
-        verbose_name_plural = "reservation policies"
+        verbose_name = _("reservation policy")
+        verbose_name_plural = _("reservation policies")
 
     def __str__(self) -> str:
         return f"reservation policy of {self.tenant}"

@@ -25,6 +25,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, connection, transaction
 from django.db.backends.postgresql.psycopg_any import DateTimeTZRange
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from nodes.models import GPU, Node, NodeStatus
 from scheduling import access, triggers
@@ -71,13 +72,13 @@ class ReservationRequestForm(forms.ModelForm):
         self.fields["tenant"].required = False
         self.fields["tenant"].queryset = requestable_tenants(user)
         self.fields["tenant"].error_messages["invalid_choice"] = (
-            "Pick a tenant you are an admin of (only tenant admins may reserve GPUs).")
+            gettext("Pick a tenant you are an admin of (only tenant admins may reserve GPUs)."))
         self.fields["node_selector"].required = False
 
     def clean_node_selector(self) -> dict[str, str]:
         value = self.cleaned_data.get("node_selector") or {}
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise forms.ValidationError('An object of label names to strings, e.g. {"zone": "a"}.')
+            raise forms.ValidationError(gettext('An object of label names to strings, e.g. {"zone": "a"}.'))
         return value
 
     def clean_tenant(self):
@@ -85,7 +86,7 @@ class ReservationRequestForm(forms.ModelForm):
         if tenant is None:
             mine = list(self.fields["tenant"].queryset[:2])
             if len(mine) != 1:
-                raise forms.ValidationError("Required: name the tenant.")
+                raise forms.ValidationError(gettext("Required: name the tenant."))
             tenant = mine[0]
         return tenant
 
@@ -96,17 +97,17 @@ class ReservationRequestForm(forms.ModelForm):
         if start and end:
             now = timezone.now()
             if end <= start:
-                self.add_error("ends_at", "The window must end after it starts.")
+                self.add_error("ends_at", gettext("The window must end after it starts."))
             elif end <= now:
-                self.add_error("ends_at", "The window is already over.")
+                self.add_error("ends_at", gettext("The window is already over."))
             elif end - start > timedelta(days=MAX_WINDOW_DAYS):
-                self.add_error("ends_at", f"A window lasts at most {MAX_WINDOW_DAYS} days.")
+                self.add_error("ends_at", gettext("A window lasts at most %(n)s days.") % {"n": MAX_WINDOW_DAYS})
             elif repeat and end - start > WEEK:
-                self.add_error("repeat_weeks", "A weekly reservation's window lasts at most a week.")
+                self.add_error("repeat_weeks", gettext("A weekly reservation's window lasts at most a week."))
             elif start - now > timedelta(days=MAX_AHEAD_DAYS):
-                self.add_error("starts_at", f"Reserve at most {MAX_AHEAD_DAYS} days ahead.")
+                self.add_error("starts_at", gettext("Reserve at most %(n)s days ahead.") % {"n": MAX_AHEAD_DAYS})
         if repeat > MAX_REPEAT_WEEKS:
-            self.add_error("repeat_weeks", f"At most {MAX_REPEAT_WEEKS} weekly repeats.")
+            self.add_error("repeat_weeks", gettext("At most %(n)s weekly repeats.") % {"n": MAX_REPEAT_WEEKS})
         return data
 
 
@@ -175,12 +176,14 @@ def plan_booking(res: Reservation, node_names: list[str] | None = None) -> list[
         for slot in clash.values():
             holders[slot.reservation_id].append(slot)
         who = "; ".join(
-            f"{slots[0].reservation.name} ({slots[0].reservation.tenant.slug}) books {len(slots)} of them from "
-            f"{_utc(slots[0].period.lower)} to {_utc(slots[0].period.upper)}"
+            gettext("%(name)s (%(tenant)s) books %(n)s of them from %(start)s to %(end)s") % {
+                "name": slots[0].reservation.name, "tenant": slots[0].reservation.tenant.slug, "n": len(slots),
+                "start": _utc(slots[0].period.lower), "end": _utc(slots[0].period.upper)}
             for slots in holders.values())
         raise ReservationError(
-            f"conflict: only {free} of the {len(candidates)} matching GPUs are free over that window, "
-            f"{res.gpu_count} asked; {who}")
+            gettext("conflict: only %(free)s of the %(n)s matching GPUs are free over that window, %(asked)s asked; "
+                    "%(who)s")
+            % {"free": free, "n": len(candidates), "asked": res.gpu_count, "who": who})
     # GPUs held by work that may still run at the start are taken last (that work is never
     # killed: it keeps them until it ends, and the window waits for them).
     busy = _busy_at(res.starts_at, [g for gl in free_by_node.values() for g in gl])
@@ -208,10 +211,11 @@ def _busy_at(when: datetime, gpu_ids: list[int]) -> set[int]:
 def _refuse_none(res: Reservation) -> list[int]:
     what = []
     if res.gpu_model:
-        what.append(f"GPU model '{res.gpu_model}'")
+        what.append(gettext("GPU model '%(model)s'") % {"model": res.gpu_model})
     if res.node_selector:
-        what.append("labels " + ", ".join(f"{k}={v}" for k, v in res.node_selector.items()))
-    raise ReservationError("no GPU matches the request" + (f" ({'; '.join(what)})" if what else ""))
+        labels = ", ".join(f"{k}={v}" for k, v in res.node_selector.items())
+        what.append(gettext("labels %(labels)s") % {"labels": labels})
+    raise ReservationError(gettext("no GPU matches the request") + (f" ({'; '.join(what)})" if what else ""))
 
 
 def next_bound(res: Reservation, now: datetime) -> datetime | None:
@@ -261,13 +265,14 @@ def decide(res_id: int, *, approve: bool, by, note: str = "") -> Reservation:
     """Approve (book its GPUs) or reject a requested reservation. ``by`` None: the policy."""
 
     if by is not None and not by.is_staff:
-        raise PermissionDenied("Only staff approve or reject reservations.")
+        raise PermissionDenied(gettext("Only staff approve or reject reservations."))
     with transaction.atomic():
         # Serialise with passes and other approvals: a pass sees all of a booking or none.
         lock_scheduler()
         res = Reservation.objects.select_for_update().select_related("tenant").get(pk=res_id)
         if res.state != Reservation.State.REQUESTED:
-            raise ReservationError(f"reservation {res.name} was already {res.state}", "state")
+            raise ReservationError(gettext("reservation %(name)s was already %(state)s") % {
+                "name": res.name, "state": res.get_state_display()}, "state")
         now = timezone.now()
         res.decided_by, res.decided_at, res.decision_note = by, now, note[:500]
         if not approve:
@@ -295,9 +300,10 @@ def release_unused(res_id: int, *, by) -> int:
     with transaction.atomic():
         res = Reservation.objects.select_for_update().get(pk=res_id)
         if not can_manage(by, res):
-            raise PermissionDenied("Only a tenant admin of its tenant or staff may release a reservation.")
+            raise PermissionDenied(gettext("Only a tenant admin of its tenant or staff may release a reservation."))
         if res.state != Reservation.State.APPROVED:
-            raise ReservationError(f"reservation {res.name} is {res.state}, not approved", "state")
+            raise ReservationError(gettext("reservation %(name)s is %(state)s, not approved") % {
+                "name": res.name, "state": res.get_state_display()}, "state")
         now = timezone.now()
         in_use = set(Allocation.objects.filter(released_at__isnull=True, task__tenant_id=res.tenant_id)
                      .values_list("gpu_id", flat=True))

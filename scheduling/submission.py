@@ -267,31 +267,32 @@ def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, A
         return
     count, nodes, per = parsed["gpu_count"], parsed["nodes"], parsed["gpus_per_node"]
     if nodes is not None and not 1 <= nodes <= servers:
-        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+        errors["nodes"] = [_("Must be between 1 and %(n)s (the servers registered).") % {"n": servers}]
     if per is not None and not 1 <= per <= top:
         errors["gpus_per_node"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has).")
                                     % {"top": top}]
     if count is not None and count < 1:
-        errors["gpu_count"] = [f"Must be between 1 and {top} (the most GPUs any one server has), or a multiple "
-                               f"of {top} to span whole servers."]
+        errors["gpu_count"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has), or a multiple "
+                                 "of %(top)s to span whole servers.") % {"top": top}]
     if errors.keys() & parsed.keys():
         return
     if nodes is not None and per is not None:
         if count is not None and count != nodes * per:
-            errors["gpu_count"] = [f"Must equal nodes x gpus_per_node ({nodes * per}), or be left out."]
+            errors["gpu_count"] = [_("Must equal nodes x gpus_per_node (%(n)s), or be left out.") % {"n": nodes * per}]
             return
         count = nodes * per
     elif nodes is not None:
         if count is None:
-            errors["gpus_per_node"] = ["Required with nodes (or give gpu_count)."]
+            errors["gpus_per_node"] = [_("Required with nodes (or give gpu_count).")]
             return
         if count % nodes:
-            errors["gpu_count"] = [f"Must be a multiple of nodes ({nodes}): every server gets as many GPUs."]
+            errors["gpu_count"] = [_("Must be a multiple of nodes (%(n)s): every server gets as many GPUs.")
+                                   % {"n": nodes}]
             return
     elif per is not None:
         count = per if count is None else count
         if count % per:
-            errors["gpu_count"] = [f"Must be a multiple of gpus_per_node ({per})."]
+            errors["gpu_count"] = [_("Must be a multiple of gpus_per_node (%(n)s).") % {"n": per}]
             return
         nodes = count // per
     else:
@@ -307,7 +308,7 @@ def _check_gpus(data: dict[str, Any], limits: ClusterLimits, values: dict[str, A
                 return
             nodes = count // top
     if nodes > servers:
-        errors["nodes"] = [f"Must be between 1 and {servers} (the servers registered)."]
+        errors["nodes"] = [_("Must be between 1 and %(n)s (the servers registered).") % {"n": servers}]
     elif count // nodes > top:
         errors["gpus_per_node"] = [_("Must be between 1 and %(top)s (the most GPUs any one server has).")
                                     % {"top": top}]
@@ -426,7 +427,7 @@ def _check_gang(c: _Check) -> None:
     """How many GPUs on how many servers (``_check_gpus``); a topology key only for a gang."""
     _check_gpus(c.data, c.ctx.limits, c.values, c.errors)
     if c.values["topology_key"] and c.values.get("nodes", 1) == 1 and "topology_key" not in c.errors:
-        c.fail("topology_key", "Only for a task over several servers (nodes above 1).")
+        c.fail("topology_key", _("Only for a task over several servers (nodes above 1)."))
 
 
 def _check_memory_and_sharing(c: _Check) -> None:
@@ -448,7 +449,7 @@ def _check_memory_and_sharing(c: _Check) -> None:
     if share_mode not in ShareMode.values:
         c.fail("share_mode", _("Must be one of %(choices)s.") % {"choices": ", ".join(ShareMode.values)})
     elif share_mode == ShareMode.SHARED and c.values.get("nodes", 1) > 1:
-        c.fail("share_mode", "A task over several servers takes whole GPUs: share_mode must be exclusive.")
+        c.fail("share_mode", _("A task over several servers takes whole GPUs: share_mode must be exclusive."))
     elif share_mode == ShareMode.SHARED and memory is None and not c.values.get("model_name"):
         c.fail("share_mode", _("A shared task must give gpu_memory_mb (or a model_name with a known estimate)."))
     c.values["share_mode"] = share_mode
@@ -494,9 +495,10 @@ def _check_reservation(c: _Check) -> None:
         return
     res = Reservation.objects.filter(name=str(name).strip()).first() if isinstance(name, str) else None
     if res is None or (c.tenant is not None and res.tenant_id != c.tenant.pk):
-        c.fail("reservation", f"No reservation {name!r} of this tenant.")
+        c.fail("reservation", _("No reservation %(name)r of this tenant.") % {"name": name})
     elif res.state in (Reservation.State.REJECTED, Reservation.State.RELEASED):
-        c.fail("reservation", f"Reservation {res.name} is {res.state}.")
+        c.fail("reservation", _("Reservation %(name)s is %(state)s.")
+               % {"name": res.name, "state": res.get_state_display()})
     else:
         c.values["reservation"] = res
 
@@ -513,7 +515,8 @@ def _check_dependency(c: _Check) -> None:
         visible = set(access.tasks_for(c.ctx.user).filter(pk__in=wanted).values_list("pk", flat=True))
         unknown = dependencies.unknown_ids(deps, visible)
         if unknown:
-            c.fail("dependency", f"Unknown task {', '.join(f'#{i}' for i in unknown)} (or not one you can see).")
+            c.fail("dependency", _("Unknown task %(ids)s (or not one you can see).")
+                   % {"ids": ", ".join(f"#{i}" for i in unknown)})
 
 
 def _check_array(c: _Check) -> None:
@@ -525,8 +528,8 @@ def _check_array(c: _Check) -> None:
     if problem:
         c.fail("array", problem)
     elif len(c.values.get("env") or {}) + task_fields.ARRAY_EXTRA_ENV_VARS > ENV_MAX_VARS:
-        c.fail("env", f"At most {ENV_MAX_VARS - task_fields.ARRAY_EXTRA_ENV_VARS} variables in an array "
-                      f"(each element gets {task_fields.ARRAY_EXTRA_ENV_VARS} more).")
+        c.fail("env", _("At most %(n)s variables in an array (each element gets %(extra)s more).")
+               % {"n": ENV_MAX_VARS - task_fields.ARRAY_EXTRA_ENV_VARS, "extra": task_fields.ARRAY_EXTRA_ENV_VARS})
     else:
         c.array = (spec.strip()[:task_fields.ARRAY_SPEC_MAX_CHARS], indexes, throttle)
 
@@ -590,8 +593,9 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
             if pending[tenant_id] + wanted[tenant_id] > limit:
                 slug = next(s.tenant.slug for s in specs if s.tenant.pk == tenant_id)
                 raise SubmitError({"tenant": [  # raised inside atomic(): the insert is rolled back
-                    f"Tenant {slug} would have more than {limit} pending tasks (it has {pending[tenant_id]}, "
-                    f"this adds {wanted[tenant_id]}); wait for some to start or cancel some."
+                    _("Tenant %(slug)s would have more than %(limit)s pending tasks (it has %(has)s, this adds "
+                      "%(adds)s); wait for some to start or cancel some.")
+                    % {"slug": slug, "limit": limit, "has": pending[tenant_id], "adds": wanted[tenant_id]}
                 ]})
         TaskDependency.objects.bulk_create(
             TaskDependency(task=task, depends_on_id=other, kind=kind)

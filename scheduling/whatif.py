@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connection, transaction
+from django.utils.translation import gettext
 
 from scheduling import reservations
 from scheduling.models import Task
@@ -94,8 +95,8 @@ def _describe(loaded, plan, baseline, now: datetime, reservation_id: int | None)
     return {
         "now": now, "would_start": start, "keep_waiting": keep_waiting, "waiting_count": len(plan.pending),
         "would_no_longer_start": no_longer, "over_quota": over, "overlapping_running": overlapping,
-        "note": "Nothing was saved. Running tasks are never killed by a quota change; "
-                "over-quota tenants only get no new placements until usage falls.",
+        "note": gettext("Nothing was saved. Running tasks are never killed by a quota change; "
+                        "over-quota tenants only get no new placements until usage falls."),
     }
 
 

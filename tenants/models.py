@@ -88,7 +88,7 @@ class Quota(models.Model):
     )
     fair_share_weight = models.PositiveIntegerField(
         null=True, blank=True,
-        help_text="Fair-share weight; empty: max GPUs. Its share is its weight over all tenants' weights.",
+        help_text=_("Fair-share weight; empty: max GPUs. Its share is its weight over all tenants' weights."),
     )
 
     class Meta:
@@ -180,9 +180,9 @@ class QuotaGrant(models.Model):
     notice, and wakes the scheduler at both bounds."""
 
     class State(models.TextChoices):
-        REQUESTED = "requested", "requested"
-        APPROVED = "approved", "approved"
-        REJECTED = "rejected", "rejected"
+        REQUESTED = "requested", _("requested")
+        APPROVED = "approved", _("approved")
+        REJECTED = "rejected", _("rejected")
 
     class Status(models.TextChoices):
         """What a grant is at a moment (``status_at``): its state until approved, then where its window stands."""
@@ -193,26 +193,28 @@ class QuotaGrant(models.Model):
         ACTIVE = "active", "active"
         EXPIRED = "expired", "expired"
 
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quota_grants")
-    extra_gpus = models.PositiveIntegerField(default=0)
-    extra_gpu_memory_mb = models.PositiveBigIntegerField(default=0)
-    extra_running_tasks = models.PositiveIntegerField(default=0)
-    starts_at = models.DateTimeField()
-    ends_at = models.DateTimeField()
-    reason = models.CharField(max_length=500)
-    state = models.CharField(max_length=10, choices=State.choices, default=State.REQUESTED)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quota_grants", verbose_name=_("tenant"))
+    extra_gpus = models.PositiveIntegerField(_("extra GPUs"), default=0)
+    extra_gpu_memory_mb = models.PositiveBigIntegerField(_("extra GPU memory (MB)"), default=0)
+    extra_running_tasks = models.PositiveIntegerField(_("extra running tasks"), default=0)
+    starts_at = models.DateTimeField(_("from"))
+    ends_at = models.DateTimeField(_("until"))
+    reason = models.CharField(_("reason"), max_length=500)
+    state = models.CharField(_("state"), max_length=10, choices=State.choices, default=State.REQUESTED)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                     related_name="quota_grants_requested")
+                                     related_name="quota_grants_requested", verbose_name=_("requested by"))
     decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                   related_name="quota_grants_decided")
-    decided_at = models.DateTimeField(null=True, blank=True)
+                                   related_name="quota_grants_decided", verbose_name=_("decided by"))
+    decided_at = models.DateTimeField(_("decided at"), null=True, blank=True)
     # Stamped by the sweep when the window opens / closes for an approved grant (one notice each).
-    applied_at = models.DateTimeField(null=True, blank=True)
-    expired_at = models.DateTimeField(null=True, blank=True)
+    applied_at = models.DateTimeField(_("applied at"), null=True, blank=True)
+    expired_at = models.DateTimeField(_("expired at"), null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-starts_at", "-id"]
+        verbose_name = _("quota grant")
+        verbose_name_plural = _("quota grants")
         constraints = [
             models.CheckConstraint(condition=Q(ends_at__gt=models.F("starts_at")), name="quotagrant_window_valid"),
             models.CheckConstraint(
@@ -238,9 +240,9 @@ class QuotaGrant(models.Model):
     def clean(self) -> None:
         errors = {}
         if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
-            errors["ends_at"] = "The window must end after it starts."
+            errors["ends_at"] = _("The window must end after it starts.")
         if not (self.extra_gpus or self.extra_gpu_memory_mb or self.extra_running_tasks):
-            errors["extra_gpus"] = "Grant at least one extra GPU, MB of GPU memory or running task."
+            errors["extra_gpus"] = _("Grant at least one extra GPU, MB of GPU memory or running task.")
         if errors:
             raise ValidationError(errors)
 

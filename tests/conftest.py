@@ -52,6 +52,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _language_of_the_test_thread():
+    """Each test starts in the default language: a request with ``Accept-Language: zh-hans`` leaves
+    Chinese active in this thread (LocaleMiddleware activates it and nothing resets it), which
+    would leak into the next test's messages."""
+    from django.utils import translation
+
+    translation.deactivate()
+    yield
+    translation.deactivate()
+
+
 @pytest.fixture
 def staff(db):
     return get_user_model().objects.create_user("operator", "op@example.com", "pw-operator", is_staff=True,

@@ -73,3 +73,31 @@ def test_another_tenant_cannot_see_an_array(as_alice, api_client_for, carol):
     array_id = as_alice.post("/api/v1/tasks", {"command": "x", "array": "0-1"}, format="json").json()["array_id"]
     assert api_client_for(carol).get(f"/api/v1/arrays/{array_id}").status_code == 404
     assert api_client_for(carol).post(f"/api/v1/arrays/{array_id}/cancel").status_code == 404
+
+
+def test_the_portal_task_list_folds_an_array_onto_one_line_with_counts_by_state(as_alice, alice, client):
+    import re
+
+    r = as_alice.post("/api/v1/tasks", {"command": "python sweep.py", "name": "sweep", "array": "0-5%2"},
+                      format="json")
+    array_id = r.json()["array_id"]
+    single = as_alice.post("/api/v1/tasks", {"command": "python eval.py", "name": "evaluate"}, format="json").json()
+    run_pass()  # two elements start (the throttle), four wait
+    client.force_login(alice)
+    page = client.get("/tasks/").content.decode()
+    rows = re.findall(r"<tr data-(?:array|task)-row=\"(\d+)\"", page)
+    assert len(rows) == 2 and str(single["id"]) in rows and str(array_id) in rows  # one line for six tasks
+    row = page[page.index(f'data-array-row="{array_id}"'):]
+    row = row[:row.index("</tr>")]
+    assert re.findall(r'data-state="(\w+)">(\d+) ', row) == [("pending", "4"), ("assigned", "2")]
+    assert "6 elements" in row and "runs at most 2 elements at once" in row
+    assert f'href="/tasks/?array={array_id}"' in row  # the way to its elements
+    # Expanded: each element on its own line, with the filters kept.
+    expanded = client.get(f"/tasks/?array={array_id}").content.decode()
+    assert len(re.findall(r'<tr data-task-row="\d+"', expanded)) == 6 and "data-array-row" not in expanded
+    running = client.get(f"/tasks/?array={array_id}&status=assigned").content.decode()
+    assert len(re.findall(r'<tr data-task-row="\d+"', running)) == 2
+    # A state filter folds what it keeps.
+    pending = client.get("/tasks/?status=pending").content.decode()
+    assert re.findall(r'data-state="(\w+)">(\d+) ', pending) == [("pending", "4")]
+    assert client.get("/tasks/?array=x").status_code == 400

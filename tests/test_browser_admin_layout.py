@@ -53,18 +53,15 @@ def _change_reason(task: Task) -> None:
     connection.close()
 
 
-# Known defect, open: with the Redis channel layer (CI sets REDIS_URL) the live cell's push made
-# from a worker thread never reaches this page, while the same test passes on the Postgres layer.
-# Skipped there until it is found; the layout assertions run on every machine without REDIS_URL.
-@pytest.mark.skipif(bool(os.environ.get("REDIS_URL")),
-                    reason="live admin cell does not follow under the Redis channel layer: open defect")
 def test_the_task_list_reads_on_one_line_per_task_at_1366_px(tmp_path, static_root, acme, globex, alice,  # noqa: F811
                                                              channel_layer_on_test_db):
     from playwright.sync_api import sync_playwright
 
     tasks = _tasks(acme, globex, alice)
     get_user_model().objects.create_user("op", password="pw-op-123456", is_staff=True, is_superuser=True)
-    host, proc = _daphne(tmp_path, "layout", static_root=static_root)
+    # daphne on the layer the test process pushes on (channel_layer_on_test_db: Redis when REDIS_URL
+    # is set); _daphne alone would drop REDIS_URL and listen on Postgres, where no push arrives.
+    host, proc = _daphne(tmp_path, "layout", static_root=static_root, redis=bool(os.environ.get("REDIS_URL")))
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

@@ -64,3 +64,57 @@ def test_the_task_page_opens_at_the_newest_lines_and_follows_a_running_task(
     finally:
         agents.stop_all()
         stop(portal)
+
+
+def test_a_gangs_task_page_switches_its_live_log_to_the_chosen_rank(
+        tmp_path, static_root, acme, alice, channel_layer_on_test_db):  # noqa: F811
+    from concurrent.futures import ThreadPoolExecutor
+
+    from playwright.sync_api import sync_playwright
+
+    from kernel import live
+    from scheduling.models import Task, TaskLogChunk, TaskRank
+    from tests.conftest import make_server
+
+    nodes = [make_server("rank-a", gpus=1), make_server("rank-b", gpus=1)]
+    task = Task.objects.create(tenant=acme, submitter=alice, name="ddp", command="torchrun train.py",
+                               status="running", gpu_count=2, nodes=2)
+    for rank, node in enumerate(nodes):
+        TaskRank.objects.create(task=task, attempt=0, rank=rank, node=node)
+        TaskLogChunk.objects.create(task=task, attempt=0, rank=rank, offset=0, data=f"hello from rank {rank}\n")
+
+    def write(rank: int, text: str) -> None:
+        from django.db import connection
+
+        last = TaskLogChunk.objects.filter(task=task, rank=rank).order_by("-offset").first()
+        TaskLogChunk.objects.create(task=task, attempt=0, rank=rank, offset=last.offset + len(last.data), data=text)
+        live.log_appended(task.pk)
+        connection.close()
+
+    # daphne on the layer this process pushes on (Redis when REDIS_URL is set).
+    host, portal = _daphne(tmp_path, "ranks", static_root=static_root, redis=bool(os.environ.get("REDIS_URL")))
+    try:
+        with sync_playwright() as p, ThreadPoolExecutor(1) as pool:  # (no ORM inside playwright's loop)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            page.goto(f"http://{host}/accounts/login/?next=/tasks/{task.pk}/")
+            page.fill("#id_username", "alice")
+            page.fill("#id_password", "pw-alice")
+            page.click("button[type=submit]")
+            page.wait_for_url(f"**/tasks/{task.pk}/")
+            assert page.locator("#task-log").inner_text() == "hello from rank 0\n"
+            page.select_option("#task-log-rank", "1")
+            page.wait_for_function("document.getElementById('task-log').textContent === 'hello from rank 1\\n'",
+                                   timeout=20_000)
+            assert page.url.endswith("?rank=1")
+            page.wait_for_function("document.getElementById('task-log').getAttribute('data-log-live') === 'open'",
+                                   timeout=20_000)
+            pool.submit(write, 0, "rank 0 again\n").result()
+            pool.submit(write, 1, "rank 1 again\n").result()
+            page.wait_for_function("document.getElementById('task-log').textContent.includes('rank 1 again')",
+                                   timeout=20_000)
+            assert page.locator("#task-log").inner_text() == "hello from rank 1\nrank 1 again\n"
+            assert "rank=1" in page.get_attribute("#task-log-full", "href")
+            browser.close()
+    finally:
+        stop(portal)

@@ -82,3 +82,18 @@ def test_dependencies_and_arrays_through_the_cli_and_a_folded_queue(gpuctl, sett
     assert json.loads(gpuctl("queue", "--json").stdout)[0]["id"] == first
     proc = gpuctl("submit", "--dependency", "afterok:999999", "--", "x", check=False)
     assert proc.returncode == 1 and "dependency: Unknown task #999999" in proc.stderr
+
+
+
+def test_a_folded_queue_reads_in_chinese(monkeypatch):
+    from cli import gpuctl as cli
+
+    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LANG", "zh_CN.UTF-8")
+    tasks = [{"id": i, "name": "sweep", "tenant": "acme", "status": status, "priority": "normal", "gpu_count": 1,
+              "nodes": 1, "queue_position": None, "pending_reason": "", "server": "", "failure_reason": "",
+              "array_id": 7 if i < 4 else None} for i, status in [(1, "running"), (2, "pending"), (3, "pending"),
+                                                                 (4, "timed_out")]]
+    rows = cli.fold_arrays(tasks)
+    assert [row[3] for row in rows] == ["2 等待中,1 运行中", "超时"]

@@ -27,10 +27,18 @@ ZH = {"HTTP_ACCEPT_LANGUAGE": "zh-CN,zh;q=0.9,en;q=0.5"}
 def test_every_committed_message_has_a_chinese_translation(domain):
     po = polib.pofile(str(CATALOGUES / f"{domain}.po"))
     assert len(po) > (200 if domain == "django" else 10)
-    assert [e.msgid for e in po if not e.msgstr or "fuzzy" in e.flags] == []
+    assert [e.msgid for e in po if not _translated(e) or "fuzzy" in e.flags] == []
     # Placeholders survive translation (a missing %(name)s would raise at display time).
-    bad = [e.msgid for e in po if sorted(_placeholders(e.msgid)) != sorted(_placeholders(e.msgstr))]
+    bad = [e.msgid for e in po if any(sorted(_placeholders(e.msgid)) != sorted(_placeholders(text))
+                                      for text in ([e.msgstr] if not e.msgid_plural else e.msgstr_plural.values()))]
     assert bad == []
+
+
+def _translated(entry: polib.POEntry) -> bool:
+    """A msgstr, or (a plural message) every msgstr[n]."""
+    if entry.msgid_plural:
+        return bool(entry.msgstr_plural) and all(entry.msgstr_plural.values())
+    return bool(entry.msgstr)
 
 
 def _placeholders(text: str) -> list[str]:
@@ -51,7 +59,7 @@ def test_no_user_visible_string_in_the_code_lacks_a_translation(tmp_path):
                         "--no-location", *IGNORE], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
         fresh = polib.pofile(str(tmp_path / "locale" / "zh_Hans" / "LC_MESSAGES" / f"{domain}.po"))
         untranslated += [f"{domain}: {e.msgid}" for e in fresh
-                         if not e.obsolete and (not e.msgstr or "fuzzy" in e.flags)]
+                         if not e.obsolete and (not _translated(e) or "fuzzy" in e.flags)]
     assert untranslated == [], "translate these in locale/zh_Hans/LC_MESSAGES/"
 
 
@@ -74,6 +82,7 @@ def test_the_admin_reads_in_chinese(client, staff, servers):
     assert "GPU 服务器" in page and "实时控制台" in page and "集群总览" in page
     grid = client.get("/admin/cluster/", **ZH).content.decode()
     assert "台服务器" in grid and "<small>空闲</small>" in grid and ">在线</span></h3>" in grid  # cells and servers
+    assert "<h2>控制平面</h2>" in grid and "调度锁（来自 pg_locks）" in grid  # the control-plane panel
     catalogue = client.get("/jsi18n/", **ZH).content.decode()  # what live.js redraws the grid with
     assert "空闲" in catalogue or r"\u7a7a\u95f2" in catalogue  # JSON may escape it
     gpus = client.get("/admin/nodes/gpu/", **ZH).content.decode()
@@ -148,3 +157,53 @@ def test_live_frames_carry_reasons_and_states_in_the_viewers_language():
     (zh,) = localised([row], "zh-hans")
     assert (zh["status_label"], zh["pending_reason"]) == ("等待中", "排在 2 个更高优先级任务之后")
     assert localised([row], "en") == [row]
+
+
+def test_the_reasons_of_reservations_gangs_dependencies_and_arrays_read_in_chinese():
+    with translation.override("zh-hans"):
+        assert translate_reason("no 2 servers with 8 free GPUs sharing rack; best has 1") == (
+            "没有 2 台各有 8 块空闲 GPU 的服务器，且 rack 相同；最多只有 1 台这样的服务器")
+        assert translate_reason("can never fit on the active servers: no 3 servers with 8 GPUs with 70 GB (labels "
+                                "zone=a) even when idle; the most there are is 2") == (
+            "在线服务器永远放不下：即使全部空闲也没有 3 台各有 8 块 GPU 的服务器（每块 70 GB） (labels zone=a)；"
+            "最多只有 2 台")
+        assert translate_reason("waiting for task #12 to succeed") == "等待任务 #12 成功"
+        assert translate_reason("array #7 runs at most 8 elements at once (%8)") == (
+            "任务数组 #7 最多同时运行 8 个元素（%8）")
+        assert translate_reason("waiting for reservation train-week, starts in 2 h") == (
+            "等待预约 train-week，2 h 后开始")
+        assert translate_reason("dependency can never be satisfied: task #4 ended timed out, it was to succeed") == (
+            "依赖永远无法满足：任务 #4 以“超时”结束，而要求它成功")
+        assert translate_reason("rank 1 on gpu-02 failed: exit code 3; every rank was stopped") == (
+            "gpu-02 上的 rank 1 失败：退出码 3；所有 rank 均已停止")
+
+
+@pytest.mark.django_db
+def test_the_usage_calendar_reservations_and_gang_pages_read_in_chinese(client, alice, acme, servers):
+    client.force_login(alice)
+    usage = client.get("/usage/", **ZH).content.decode()
+    assert "平均利用率" in usage and "按 GPU 型号" in usage and "Mean utilisation" not in usage
+    calendar = client.get("/calendar/", **ZH).content.decode()
+    assert "预约日历" in calendar and "所有服务器" in calendar and "Booking calendar" not in calendar
+    reservations = client.get("/reservations/", **ZH).content.decode()
+    assert "申请预约" in reservations and "没有预约。" in reservations and "Weekly repeats" not in reservations
+    assert "每周重复次数" in reservations and "GPU 型号的一部分" in reservations  # the form's labels and help
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from scheduling.models import Reservation
+
+    soon = timezone.now() + timedelta(days=1)
+    Reservation.objects.create(name="paper", tenant=acme, gpu_count=2, starts_at=soon,
+                               ends_at=soon + timedelta(hours=2))
+    row = client.get("/reservations/", **ZH).content.decode()
+    assert '<td class="reservation-status">待审批' in row
+    gang = Task.objects.create(tenant=acme, submitter=alice, name="ddp", command="torchrun train.py", gpu_count=16,
+                               nodes=2, pending_reason="no 2 servers with 8 free GPUs sharing rack; best has 1")
+    page = client.get(f"/tasks/{gang.pk}/", **ZH).content.decode()
+    assert "没有 2 台各有 8 块空闲 GPU 的服务器，且 rack 相同；最多只有 1 台这样的服务器" in page
+    assert "查看哪台服务器（rank）的输出" in page
+    # The calendar's events (titles drawn by the page's script) follow the language too.
+    events = client.get("/calendar/events?start=2026-12-01T00:00:00Z&end=2026-12-02T00:00:00Z", **ZH).json()
+    assert events and all("块 GPU 中" in e["title"] for e in events if "free-capacity" in e.get("classNames", []))

@@ -89,19 +89,19 @@ class AuditEventsAdmin(pghistory.admin.EventsAdmin):
         return queryset.filter(Q(pgh_obj_model__icontains=term) | Q(pgh_obj_id=term) | Q(pgh_label__icontains=term)
                                | Q(_data__icontains=term) | Q(_context__icontains=term)), False
 
-    @admin.display(description="old → new")
+    @admin.display(description=_("old → new"))
     def changes(self, event) -> str:
         return describe_changes(event)
 
-    @admin.display(description="source")
+    @admin.display(description=_("source"))
     def source(self, event) -> str:
         return describe_actor(event)[0]
 
-    @admin.display(description="actor")
+    @admin.display(description=_("actor"))
     def actor(self, event) -> str:
         return describe_actor(event)[1]
 
-    @admin.action(description="Export selected events as CSV")
+    @admin.action(description=_("Export selected events as CSV"))
     def export_csv(self, request, queryset) -> HttpResponse:
         response = HttpResponse(content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = 'attachment; filename="audit.csv"'

@@ -264,7 +264,7 @@ class ReservationAdmin(admin.ModelAdmin):
             return [f.name for f in Reservation._meta.fields if f.name != "id"] + ["nodes"]
         return self.readonly_fields
 
-    @admin.display(description="now")
+    @admin.display(description=_("now"))
     def window(self, obj: Reservation) -> str:
         return reservations.as_row(obj)["status"]
 
@@ -275,17 +275,18 @@ class ReservationAdmin(admin.ModelAdmin):
             except reservations.ReservationError as exc:
                 messages.error(request, str(exc))
             else:
-                messages.success(request, f"Reservation {res.name} {res.state}.")
+                messages.success(request, _("Reservation %(name)s %(state)s.") % {"name": res.name,
+                                                                                   "state": res.get_state_display()})
 
-    @admin.action(description="Approve selected reservations (book their GPUs)")
+    @admin.action(description=_("Approve selected reservations (book their GPUs)"))
     def approve(self, request, queryset) -> None:
         self._decide(request, queryset, True)
 
-    @admin.action(description="Reject selected reservations")
+    @admin.action(description=_("Reject selected reservations"))
     def reject(self, request, queryset) -> None:
         self._decide(request, queryset, False)
 
-    @admin.action(description="Simulate approving (what-if; saves nothing)")
+    @admin.action(description=_("Simulate approving (what-if; saves nothing)"))
     def simulate(self, request, queryset):
         from django.shortcuts import redirect
         from django.urls import reverse

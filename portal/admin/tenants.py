@@ -173,8 +173,9 @@ class TenantAdmin(admin.ModelAdmin):
         if over:
             messages.warning(
                 request,
-                f"Quota of {tenant.slug} saved below current usage ({'; '.join(over)}). Running tasks keep "
-                "running; no new task of this tenant is placed until usage falls below the limits.",
+                _("Quota of %(slug)s saved below current usage (%(over)s). Running tasks keep running; no new task of "
+                  "this tenant is placed until usage falls below the limits.") % {"slug": tenant.slug,
+                                                                                   "over": "; ".join(over)},
             )
 
 
@@ -213,11 +214,11 @@ class QuotaGrantAdmin(admin.ModelAdmin):
     readonly_fields = ["requested_by", "decided_by", "decided_at", "applied_at", "expired_at", "created_at"]
     actions = ["approve", "reject", "simulate"]
 
-    @admin.display(description="grants")
+    @admin.display(description=_("grants"))
     def extras(self, obj: QuotaGrant) -> str:
         return obj.extras_text()
 
-    @admin.display(description="now")
+    @admin.display(description=_("now"))
     def window(self, obj: QuotaGrant) -> str:
         from django.utils import timezone
 
@@ -247,19 +248,20 @@ class QuotaGrantAdmin(admin.ModelAdmin):
             except ValueError as exc:
                 refused.append(str(exc))
         if done:
-            messages.success(request, f"{'Approved' if approve else 'Rejected'} {', '.join(done)}.")
+            text = _("Approved %(ids)s.") if approve else _("Rejected %(ids)s.")
+            messages.success(request, text % {"ids": ", ".join(done)})
         for text in refused:
             messages.warning(request, text)
 
-    @admin.action(description="Approve selected grant requests")
+    @admin.action(description=_("Approve selected grant requests"))
     def approve(self, request, queryset) -> None:
         self._decide(request, queryset, True)
 
-    @admin.action(description="Reject selected grant requests")
+    @admin.action(description=_("Reject selected grant requests"))
     def reject(self, request, queryset) -> None:
         self._decide(request, queryset, False)
 
-    @admin.action(description="Simulate approving (what-if; saves nothing)")
+    @admin.action(description=_("Simulate approving (what-if; saves nothing)"))
     def simulate(self, request, queryset):
         from django.shortcuts import redirect
         from django.urls import reverse

@@ -7,6 +7,7 @@ import json
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.utils.datastructures import MultiValueDict
+from django.utils.translation import gettext as _
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
@@ -75,12 +76,12 @@ class ReleaseResultSerializer(serializers.Serializer):
 def _form_data(data) -> MultiValueDict:
     """JSON body -> the request form's input (the portal page posts the same fields)."""
     if not isinstance(data, dict):
-        raise ValidationError({"non_field_errors": ["Expected a JSON object describing one reservation."]})
+        raise ValidationError({"non_field_errors": [_("Expected a JSON object describing one reservation.")]})
     out = MultiValueDict()
     for key, value in data.items():
         if key == "nodes":
             if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-                raise ValidationError({"nodes": ["A list of server names."]})
+                raise ValidationError({"nodes": [_("A list of server names.")]})
             out.setlist("nodes", value)
         elif key == "node_selector":
             out[key] = json.dumps(value)
@@ -96,7 +97,7 @@ class ReservationViewSet(viewsets.ViewSet):
     def _get(self, request, pk) -> Reservation:
         res = reservations.reservations_for(request.user).select_related("tenant").filter(pk=pk).first()
         if res is None:
-            raise NotFound("No such reservation.")
+            raise NotFound(_("No such reservation."))
         return res
 
     @extend_schema(responses={200: ReservationSerializer(many=True)})
@@ -126,7 +127,7 @@ class ReservationViewSet(viewsets.ViewSet):
 
     def _decide(self, request, pk, approve: bool):
         if not request.user.is_staff:
-            raise PermissionDenied("Only staff approve or reject reservations.")
+            raise PermissionDenied(_("Only staff approve or reject reservations."))
         res = self._get(request, pk)
         note = request.data.get("note", "") if isinstance(request.data, dict) else ""
         try:
@@ -166,7 +167,7 @@ class ReservationViewSet(viewsets.ViewSet):
         """What-if (staff): what the next pass would do if this request were approved now;
         which running tasks of other tenants overlap its window. Writes nothing."""
         if not request.user.is_staff:
-            raise PermissionDenied("Only staff simulate approvals.")
+            raise PermissionDenied(_("Only staff simulate approvals."))
         res = self._get(request, pk)
         if res.state != Reservation.State.REQUESTED:
             raise ValidationError({"state": [f"reservation {res.name} is {res.state}: only requests are simulated"]})

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from django.http import Http404
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -47,7 +48,8 @@ class UsageQuerySerializer(serializers.Serializer):
         keys = [v.strip() for v in value.split(",") if v.strip()]
         unknown = [k for k in keys if k not in DIMENSIONS]
         if unknown:
-            raise serializers.ValidationError(f"Unknown dimension {unknown[0]!r}: use {', '.join(DIMENSIONS)}.")
+            raise serializers.ValidationError(_("Unknown dimension %(name)r: use %(names)s.")
+                                              % {"name": unknown[0], "names": ", ".join(DIMENSIONS)})
         return list(dict.fromkeys(keys))
 
     def validate(self, attrs: dict) -> dict:
@@ -55,9 +57,10 @@ class UsageQuerySerializer(serializers.Serializer):
         start = attrs.get("from") or datetime(now.year, now.month, 1, tzinfo=UTC)
         end = attrs.get("to") or now
         if end <= start:
-            raise serializers.ValidationError({"to": ["Must be after from."]})
+            raise serializers.ValidationError({"to": [_("Must be after from.")]})
         if (end - start).days > MAX_PERIOD_DAYS:
-            raise serializers.ValidationError({"to": [f"The period may span at most {MAX_PERIOD_DAYS} days."]})
+            raise serializers.ValidationError({"to": [_("The period may span at most %(n)s days.")
+                                                      % {"n": MAX_PERIOD_DAYS}]})
         attrs["from"], attrs["to"] = start, end
         return attrs
 
@@ -99,7 +102,7 @@ class UsageView(APIView):
             if force:  # rendering that 400 itself: in JSON
                 renderer = JSONRenderer()
                 return renderer, renderer.media_type
-            raise ValidationError({"format": ["Use json or csv."]}) from None
+            raise ValidationError({"format": [_("Use json or csv.")]}) from None
 
     @extend_schema(parameters=[
         OpenApiParameter("from", str, description="start (inclusive): YYYY-MM-DD (midnight UTC) or ISO 8601; "

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict
 
 from django.db.models import Count, Q
+from django.utils.translation import gettext as _
 from django_filters.rest_framework import DjangoFilterBackend
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
@@ -39,10 +40,10 @@ def _int_param(request, name: str, default: int | None, lo: int, hi: int) -> int
     if raw in (None, ""):
         return default
     if not _WHOLE_NUMBER.fullmatch(raw):  # int() would also take " 1", "1_0" and "١٢"
-        raise ValidationError({name: ["Must be a whole number."]})
+        raise ValidationError({name: [_("Must be a whole number.")]})
     value = int(raw)
     if not lo <= value <= hi:
-        raise ValidationError({name: [f"Must be between {lo} and {hi}."]})
+        raise ValidationError({name: [_("Must be between %(lo)s and %(hi)s.") % {"lo": lo, "hi": hi}]})
     return value
 
 
@@ -80,12 +81,12 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         items = request.data.get("tasks") if isinstance(request.data, dict) else None
         extra = sorted(set(request.data) - {"tasks"}) if isinstance(request.data, dict) else []
         if extra:
-            raise ValidationError({extra[0]: ["Unknown field. A batch is {\"tasks\": [...]}."]})
+            raise ValidationError({extra[0]: [_('Unknown field. A batch is {"tasks": [...]}.')]})
         if not isinstance(items, list) or not items:
-            raise ValidationError({"tasks": ["Required: a non-empty list of tasks."]})
+            raise ValidationError({"tasks": [_("Required: a non-empty list of tasks.")]})
         if len(items) > submission.BATCH_MAX_TASKS:
-            raise ValidationError({"tasks": [f"At most {submission.BATCH_MAX_TASKS} tasks per batch "
-                                             f"(got {len(items)})."]})
+            raise ValidationError({"tasks": [_("At most %(limit)s tasks per batch (got %(got)s).")
+                                             % {"limit": submission.BATCH_MAX_TASKS, "got": len(items)}]})
         ctx = submission.SubmitContext.load(request.user)
         specs, errors, bad = [], [], False
         for item in items:
@@ -118,9 +119,10 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         """Cancel a pending, assigned or running task (yours, or any of your tenant's as its admin)."""
         task = self.get_object()
         if not access.can_cancel(request.user, task):
-            raise PermissionDenied("Only the submitter, a tenant admin or an operator may cancel this task.")
+            raise PermissionDenied(_("Only the submitter, a tenant admin or an operator may cancel this task."))
         if task.is_final:
-            return Response({"detail": f"Task {task.pk} already ended ({task.status})."},
+            detail = _("Task %(id)s already ended (%(state)s).") % {"id": task.pk, "state": task.get_status_display()}
+            return Response({"detail": detail},
                             status=status.HTTP_409_CONFLICT)
         task = lifecycle.cancel(task.pk, actor=f"user:{request.user.get_username()}")
         task = self.get_queryset().get(pk=task.pk)
@@ -153,7 +155,7 @@ class TaskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         rank = _int_param(request, "rank", 0, 0, max(task.nodes - 1, 0))
         if lines is not None:
             if "offset" in request.query_params:
-                raise ValidationError({"tail": ["Give either tail or offset, not both."]})
+                raise ValidationError({"tail": [_("Give either tail or offset, not both.")]})
             page = logs.tail(task, lines, attempt, rank=rank)
         else:
             page = logs.read_from(task, _int_param(request, "offset", 0, 0, 2**62), attempt, rank=rank)
@@ -189,5 +191,5 @@ class TaskArrayViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewset
             else:
                 refused += 1
         if refused and refused == len(live):
-            raise PermissionDenied("Only the submitter, a tenant admin or an operator may cancel this array.")
+            raise PermissionDenied(_("Only the submitter, a tenant admin or an operator may cancel this array."))
         return Response(TaskArraySerializer(self.get_queryset().get(pk=array.pk)).data)
