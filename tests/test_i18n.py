@@ -50,14 +50,18 @@ def _placeholders(text: str) -> list[str]:
 @pytest.mark.skipif(not shutil.which("xgettext"), reason="gettext not installed: apt-get install -y gettext (.ci/run)")
 def test_no_user_visible_string_in_the_code_lacks_a_translation(tmp_path):
     """Extract the marked strings afresh (Django's makemessages) into a copy of the catalogue:
-    a string wrapped for translation but not translated shows up empty there."""
-    shutil.copytree(ROOT / "locale", tmp_path / "locale")
-    env = {**__import__("os").environ, "LOCALE_DIR": str(tmp_path / "locale")}
+    a string wrapped for translation but not translated shows up empty there. makemessages
+    writes into every ``locale`` directory above the files it reads, so it runs in a copy of
+    the source, never touching the checkout's catalogue."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "var", "tests", "bench", "staticfiles", "__pycache__", "*.mo", ".import_linter_cache"))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LOCALE_DIR"}
     untranslated = []
     for domain in ("django", "djangojs"):
         subprocess.run([sys.executable, "manage.py", "makemessages", "-l", "zh_Hans", "-d", domain, "--no-obsolete",
-                        "--no-location", *IGNORE], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-        fresh = polib.pofile(str(tmp_path / "locale" / "zh_Hans" / "LC_MESSAGES" / f"{domain}.po"))
+                        "--no-location", *IGNORE], cwd=src, env=env, check=True, capture_output=True, timeout=300)
+        fresh = polib.pofile(str(src / "locale" / "zh_Hans" / "LC_MESSAGES" / f"{domain}.po"))
         untranslated += [f"{domain}: {e.msgid}" for e in fresh
                          if not e.obsolete and (not _translated(e) or "fuzzy" in e.flags)]
     assert untranslated == [], "translate these in locale/zh_Hans/LC_MESSAGES/"
