@@ -83,18 +83,35 @@ def holder_name(actor: str) -> str:
 
 _NODES_SQL = "SELECT id, name, labels, status FROM nodes_node ORDER BY id"
 
-_GPUS_SQL = """
-SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
-       g.utilization_pct, g.temperature_c, date_part('epoch', g.idle_since), g.loaded_models, g.cordoned,
-       g.reserved, g.health,
-       coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0)
+# The GPUs with their active allocations aggregated, in two steps: every GPU's row as one
+# text (its key), then the full columns of only the GPUs whose key the previous load did not
+# see (or that hold models, whose cache ages with the clock). Parsing 17 columns of every GPU
+# cost a lone task's pass more than the rest of its reads together.
+_GPU_JOIN = """
 FROM nodes_gpu g
 LEFT JOIN (
     SELECT gpu_id, sum(memory_mb) AS claimed, bool_or(exclusive) AS exclusive,
            count(*) FILTER (WHERE NOT exclusive) AS shared
     FROM scheduling_allocation WHERE released_at IS NULL GROUP BY gpu_id
 ) a ON a.gpu_id = g.id
+"""
+_GPU_KEY = """ROW(g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb, g.utilization_pct,
+    g.temperature_c, g.idle_since, g.loaded_models, g.cordoned, g.reserved, g.health, a.claimed, a.exclusive,
+    a.shared)::text"""
+
+_GPU_KEYS_SQL = f"""
+SELECT g.id, {_GPU_KEY}, g.loaded_models <> '{{}}'::jsonb
+{_GPU_JOIN}
 ORDER BY g.node_id, g.index
+"""
+
+_GPUS_SQL = f"""
+SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
+       g.utilization_pct, g.temperature_c, date_part('epoch', g.idle_since), g.loaded_models, g.cordoned,
+       g.reserved, g.health,
+       coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0), {_GPU_KEY}
+{_GPU_JOIN}
+WHERE g.id = ANY(%s::bigint[])
 """
 
 # (idle_since comes as epoch seconds: parsing 8,000 timestamps from text costs more than the query.
@@ -178,13 +195,16 @@ class _Loaded:
         return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
 
 
-# The previous load's GPU objects by their row: an unchanged row gives the same GpuState, so a
-# pass builds objects only for the GPUs that heartbeats or allocations changed since (a lone
-# task's pass on a quiet cluster is otherwise mostly this). Sound because a GpuState is a
-# function of its row alone (and of the configured reserved GPUs and its server name, then part of the
-# key), except for its model cache, which ages with the clock: rows with loaded models are
-# always rebuilt. The placement core copies what it changes and never writes to a GpuState.
-_gpu_states: dict[tuple, GpuState] = {}
+# The previous load's GPU objects by their key (the row as text): an unchanged row gives the
+# same GpuState, so a pass builds objects only for the GPUs that heartbeats or allocations
+# changed since (a lone task's pass on a quiet cluster was otherwise mostly this). Sound
+# because a GpuState is a function of its row alone (and of the configured reserved GPUs and
+# its server's name, then part of the key), except for its model cache, which ages with the
+# clock: GPUs holding models are always read afresh. The key is the row's own content, never
+# a version number, so a transaction that reads its own uncommitted changes (what-if, tests)
+# cannot leave a stale object behind. The placement core copies what it changes and never
+# writes to a GpuState. Values: (GpuState, whether the idle_since column is NULL).
+_gpu_states: dict[tuple | str, tuple[GpuState, bool]] = {}
 
 
 # Transaction-local (like SET LOCAL), so nothing leaks past the pass's transaction.
@@ -206,7 +226,7 @@ def load_snapshot(now: datetime) -> _Loaded:
         # off for them alone: each read is a bulk scan, and right after a burst of placements
         # the planner's statistics still say the allocation table is nearly empty, so it
         # picked nested loops that went quadratic (8,000 GPUs: 3 s instead of 0.1 s).
-        cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPUS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
+        cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPU_KEYS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
                                     _NESTLOOP_ON)))
         cursor.fetchall()
         _next_result(cursor)
@@ -218,39 +238,7 @@ def load_snapshot(now: datetime) -> _Loaded:
             node_names[node_id] = name
 
         _next_result(cursor)
-        idle_since_null: set[int] = set()
-        idle_gpu_ids: set[int] = set()
-        global _gpu_states
-        cache = _gpu_states
-        states: dict[tuple, GpuState] = {}
-        ttl_s = config.model_cache_ttl_seconds
-        for row in cursor.fetchall():
-            (gpu_id, node_id, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
-             flagged_reserved, health, claimed, exclusive, shared) = row
-            node = nodes.get(node_id)
-            if node is None:  # pragma: no cover - a GPU always has its node (FK)
-                continue
-            if idle_since is None:
-                idle_since_null.add(gpu_id)
-            if not exclusive and not shared:
-                idle_gpu_ids.add(gpu_id)
-            key = (row, reserved, node_names[node_id]) if reserved else row
-            gpu = cache.get(key)
-            if gpu is None or (loaded is not None and loaded != "{}"):
-                gpu = GpuState(
-                    id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
-                    memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
-                    shared_count=int(shared), utilization_pct=util, temperature_c=temp,
-                    # A GPU holding allocations is busy whatever the column still says.
-                    idle_since=(datetime.fromtimestamp(idle_since, UTC)
-                                if idle_since is not None and not (exclusive or shared) else None),
-                    loaded_models=_loaded_models(loaded, now, ttl_s),
-                    schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
-                                     or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
-                )
-            states[key] = gpu
-            node.gpus.append(gpu)
-        _gpu_states = states
+        gpu_keys = cursor.fetchall()
 
         _next_result(cursor)
         tenants: dict[int, TenantState] = {}
@@ -295,12 +283,70 @@ def load_snapshot(now: datetime) -> _Loaded:
             stored[task_id] = (reason, position)
             tenant_of[task_id] = task.tenant_id
 
+        idle_since_null, idle_gpu_ids = _load_gpus(cursor, gpu_keys, nodes, node_names, now, reserved,
+                                                   config.model_cache_ttl_seconds)
         _add_quota_grants(cursor, tenants, now)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
                         pending=pending, reservations=snapshot_windows(now))
     gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
     return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
+
+
+def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str],
+               now: datetime, reserved: tuple[str, ...], ttl_s: int) -> tuple[set[int], set[int]]:
+    """Put every GPU on its node (in index order), reusing the previous load's objects for
+    unchanged rows and reading the rest; returns the GPUs whose idle clock is unset and the
+    GPUs without allocations. With reserved GPUs in the configuration (matched by server
+    name) every GPU is read afresh."""
+    global _gpu_states
+    cache = {} if reserved else _gpu_states
+    kept: dict[str, tuple[GpuState, bool]] = {}
+    found: dict[int, tuple[GpuState, bool]] = {}
+    missing: list[int] = []
+    for gpu_id, row_key, has_models in gpu_keys:
+        hit = None if has_models else cache.get(row_key)
+        if hit is None:
+            missing.append(gpu_id)
+        else:
+            found[gpu_id] = kept[row_key] = hit
+    if missing:
+        # Nested loops off here too (see load_snapshot): right after a burst of placements the
+        # planner still thinks the allocation table is nearly empty.
+        cursor.execute(";\n".join((_NESTLOOP_OFF, _GPUS_SQL, _NESTLOOP_ON)), [_ints(missing)])
+        _next_result(cursor)
+        rows = cursor.fetchall()
+        _next_result(cursor)
+        for (gpu_id, node_id, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
+             flagged_reserved, health, claimed, exclusive, shared, row_key) in rows:
+            found[gpu_id] = entry = (GpuState(
+                id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
+                memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
+                shared_count=int(shared), utilization_pct=util, temperature_c=temp,
+                # A GPU holding allocations is busy whatever the column still says.
+                idle_since=(datetime.fromtimestamp(idle_since, UTC)
+                            if idle_since is not None and not (exclusive or shared) else None),
+                loaded_models=_loaded_models(loaded, now, ttl_s),
+                schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
+                                 or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
+            ), idle_since is None)
+            if not reserved and (loaded is None or loaded == "{}"):
+                kept[row_key] = entry  # keyed by the row as this read saw it
+    idle_since_null: set[int] = set()
+    idle_gpu_ids: set[int] = set()
+    for gpu_id, _key, _models in gpu_keys:
+        entry = found.get(gpu_id)
+        node = nodes.get(entry[0].node_id) if entry is not None else None
+        if node is None:  # pragma: no cover - a GPU or server changed between the reads
+            continue
+        gpu, unset = entry
+        node.gpus.append(gpu)
+        if unset:
+            idle_since_null.add(gpu_id)
+        if not gpu.exclusive_taken and not gpu.shared_count:
+            idle_gpu_ids.add(gpu_id)
+    _gpu_states = kept
+    return idle_since_null, idle_gpu_ids
 
 
 # Approved grants whose window holds ``now`` (the pass's clock, not the database's):
