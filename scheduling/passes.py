@@ -2,8 +2,8 @@
 
 ``run_pass()`` is the only writer of new allocations. Passes anywhere in the
 cluster (runscheduler, django-q workers, several web nodes) serialise on the
-``SchedulerLock`` row named "scheduler", locked with ``SELECT ... FOR UPDATE``
-inside the pass's transaction: a holder that crashes loses the lock with its
+``SchedulerLock`` row named "scheduler", row-locked (by the UPDATE that records
+the holder, ``scheduling.lock``) inside the pass's transaction: a holder that crashes loses the lock with its
 connection, and a pass commits all of its decisions or none.
 
 The snapshot is read in a fixed handful of queries whatever the cluster size
@@ -33,7 +33,7 @@ from nodes.models import GPUHealth, NodeStatus, model_cache
 from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
 from scheduling.choices import TaskStatus
 from scheduling.lock import lock_scheduler
-from scheduling.models import SchedulerLock, Task
+from scheduling.models import Task
 from scheduling.placement import (
     GpuState,
     NodeState,
@@ -221,13 +221,13 @@ def load_snapshot(now: datetime) -> _Loaded:
     config = settings.SCHEDULER
     reserved = tuple(config.reserved_gpus)
     with connection.cursor() as cursor:
-        # One round trip for the five reads (a client-side cursor sends them as one simple
+        # One round trip for the six reads (a client-side cursor sends them as one simple
         # query; they all run in the pass's transaction, after the lock). Nested loops are
         # off for them alone: each read is a bulk scan, and right after a burst of placements
         # the planner's statistics still say the allocation table is nearly empty, so it
         # picked nested loops that went quadratic (8,000 GPUs: 3 s instead of 0.1 s).
         cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPU_KEYS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
-                                    _NESTLOOP_ON)))
+                                    _GRANTS_SQL, _NESTLOOP_ON)), {"now": now})
         cursor.fetchall()
         _next_result(cursor)
         nodes: dict[int, NodeState] = {}
@@ -283,9 +283,12 @@ def load_snapshot(now: datetime) -> _Loaded:
             stored[task_id] = (reason, position)
             tenant_of[task_id] = task.tenant_id
 
+        _next_result(cursor)
+        _add_quota_grants(cursor.fetchall(), tenants, now)
+        _next_result(cursor)  # nested loops back on: the GPUs' second read may join differently
+
         idle_since_null, idle_gpu_ids = _load_gpus(cursor, gpu_keys, nodes, node_names, now, reserved,
                                                    config.model_cache_ttl_seconds)
-        _add_quota_grants(cursor, tenants, now)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
                         pending=pending, reservations=snapshot_windows(now))
@@ -358,10 +361,9 @@ WHERE state = 'approved' AND starts_at <= %(now)s AND ends_at > %(now)s
 """
 
 
-def _add_quota_grants(cursor, tenants: dict[int, TenantState], now: datetime) -> None:
-    cursor.execute(_GRANTS_SQL, {"now": now})
+def _add_quota_grants(rows: list[tuple], tenants: dict[int, TenantState], now: datetime) -> None:
     by_tenant: dict[int, list[QuotaGrant]] = {}
-    for tenant_id, gpus, mem, running, starts, ends, state in cursor.fetchall():
+    for tenant_id, gpus, mem, running, starts, ends, state in rows:
         by_tenant.setdefault(tenant_id, []).append(QuotaGrant(
             tenant_id=tenant_id, extra_gpus=gpus, extra_gpu_memory_mb=mem, extra_running_tasks=running,
             starts_at=starts, ends_at=ends, state=state))
@@ -585,8 +587,7 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         # First of the after-commit hooks: marks the commit, before the pushes to agents
         # and websockets run (they are not part of the pass's duration; see notify_s).
         transaction.on_commit(lambda: committed.append(time.perf_counter()))
-        _lock_id, now = lock_scheduler()
-        SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
+        _lock_id, now = lock_scheduler(holder=holder_name(actor))
         loaded = load_snapshot(now)
         held = _hold_dependents(loaded, actor)
         core_started = time.perf_counter()
