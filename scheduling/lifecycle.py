@@ -30,7 +30,7 @@ from django.db.models import F, Max
 from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
-from kernel import live
+from kernel import live, pgarrays
 from kernel.alerts import raise_alert
 from kernel.models import Alert
 from nodes.models import GPU, remember_models
@@ -559,9 +559,10 @@ def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut
     with connection.cursor() as cursor:
         cursor.execute(_PLACE_SQL, {
             "now": now, "actor": actor, "from": P, "to": A,
-            "task": [p.task_id for p in placing], "task_node": [p.node_id for p in placing],
-            "reason": [p.reason for p in placing],
-            "a_task": a_task, "a_gpu": a_gpu, "a_node": a_node, "a_mem": a_mem, "a_excl": a_excl,
+            "task": pgarrays.ints([p.task_id for p in placing]),
+            "task_node": pgarrays.ints([p.node_id for p in placing]), "reason": [p.reason for p in placing],
+            "a_task": pgarrays.ints(a_task), "a_gpu": pgarrays.ints(a_gpu), "a_node": pgarrays.ints(a_node),
+            "a_mem": pgarrays.ints(a_mem), "a_excl": pgarrays.bools(a_excl),
         })
         taken = {row[0] for row in cursor.fetchall()}
         placed = [p for p in placing if p.task_id in taken]

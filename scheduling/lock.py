@@ -21,8 +21,30 @@ LOCK_NAME = "scheduler"
 SCHEDULER_ADVISORY_KEY = 0x5C4ED
 
 
-def lock_scheduler() -> tuple[int, datetime]:
-    """Take the scheduler lock (inside the pass's transaction); return its id and DB time."""
+# With a holder name, one round trip: the UPDATE takes the row lock (waiting for a holder as
+# SELECT ... FOR UPDATE would) and records the holder; the advisory lock is taken after it, in
+# the outer SELECT. acquired_at is the statement's start, as Now() is in the two-step form.
+_LOCK_AS_SQL = """
+WITH locked AS (
+    UPDATE scheduling_schedulerlock SET holder = %s, acquired_at = statement_timestamp()
+    WHERE id = (SELECT id FROM scheduling_schedulerlock WHERE name = %s ORDER BY id LIMIT 1)
+    RETURNING id, acquired_at
+)
+SELECT id, acquired_at, pg_advisory_xact_lock(%s) FROM locked
+"""
+
+
+def lock_scheduler(holder: str | None = None) -> tuple[int, datetime]:
+    """Take the scheduler lock (inside the pass's transaction); return its id and DB time.
+    ``holder``: also record who holds it (the row's ``holder`` and ``acquired_at``)."""
+    if holder is not None:
+        with connection.cursor() as cursor:
+            cursor.execute(_LOCK_AS_SQL, [holder[:200], LOCK_NAME, SCHEDULER_ADVISORY_KEY])
+            row = cursor.fetchone()
+        if row is not None:
+            return row[0], row[1]
+        SchedulerLock.objects.get_or_create(name=LOCK_NAME)
+        return lock_scheduler(holder)
     locked = (SchedulerLock.objects.select_for_update().filter(name=LOCK_NAME).order_by("pk")
               .annotate(db_now=Now()).values_list("pk", "db_now"))
     try:

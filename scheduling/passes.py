@@ -2,8 +2,8 @@
 
 ``run_pass()`` is the only writer of new allocations. Passes anywhere in the
 cluster (runscheduler, django-q workers, several web nodes) serialise on the
-``SchedulerLock`` row named "scheduler", locked with ``SELECT ... FOR UPDATE``
-inside the pass's transaction: a holder that crashes loses the lock with its
+``SchedulerLock`` row named "scheduler", row-locked (by the UPDATE that records
+the holder, ``scheduling.lock``) inside the pass's transaction: a holder that crashes loses the lock with its
 connection, and a pass commits all of its decisions or none.
 
 The snapshot is read in a fixed handful of queries whatever the cluster size
@@ -28,12 +28,12 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.db import connection, transaction
 
-from kernel import counters
+from kernel import counters, pgarrays
 from nodes.models import GPUHealth, NodeStatus, model_cache
 from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
 from scheduling.lock import lock_scheduler
-from scheduling.models import SchedulerLock, Task
+from scheduling.models import Task
 from scheduling.placement import (
     GpuState,
     NodeState,
@@ -83,26 +83,46 @@ def holder_name(actor: str) -> str:
 
 _NODES_SQL = "SELECT id, name, labels, status FROM nodes_node ORDER BY id"
 
-_GPUS_SQL = """
-SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
-       g.utilization_pct, g.temperature_c, date_part('epoch', g.idle_since), g.loaded_models, g.cordoned,
-       g.reserved, g.health,
-       coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0)
+# The GPUs with their active allocations aggregated, in two steps: every GPU's row as one
+# text (its key), then the full columns of only the GPUs whose key the previous load did not
+# see (or that hold models, whose cache ages with the clock). Parsing 17 columns of every GPU
+# cost a lone task's pass more than the rest of its reads together.
+_GPU_JOIN = """
 FROM nodes_gpu g
 LEFT JOIN (
     SELECT gpu_id, sum(memory_mb) AS claimed, bool_or(exclusive) AS exclusive,
            count(*) FILTER (WHERE NOT exclusive) AS shared
     FROM scheduling_allocation WHERE released_at IS NULL GROUP BY gpu_id
 ) a ON a.gpu_id = g.id
+"""
+_GPU_KEY = """ROW(g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb, g.utilization_pct,
+    g.temperature_c, g.idle_since, g.loaded_models, g.cordoned, g.reserved, g.health, a.claimed, a.exclusive,
+    a.shared)::text"""
+
+_GPU_KEYS_SQL = f"""
+SELECT g.id, {_GPU_KEY}, g.loaded_models <> '{{}}'::jsonb
+{_GPU_JOIN}
 ORDER BY g.node_id, g.index
 """
 
-# (idle_since comes as epoch seconds: parsing 8,000 timestamps from text costs more than the query.)
+_GPUS_SQL = f"""
+SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
+       g.utilization_pct, g.temperature_c, date_part('epoch', g.idle_since), g.loaded_models, g.cordoned,
+       g.reserved, g.health,
+       coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0), {_GPU_KEY}
+{_GPU_JOIN}
+WHERE g.id = ANY(%s::bigint[])
+"""
+
+# (idle_since comes as epoch seconds: parsing 8,000 timestamps from text costs more than the query.
+# So do the tasks' times below. A double holds a timestamp to well under a microsecond, and
+# fromtimestamp rounds to the nearest one: the exact stored value comes back.)
 
 # Tasks holding GPUs (assigned or running) with their active allocations. LEFT JOIN:
 # an active task without allocations still counts against its tenant's running limit.
 _HOLDING_SQL = f"""
-SELECT t.id, t.tenant_id, t.priority, t.workload_class, coalesce(t.started_at, t.assigned_at, t.created_at),
+SELECT t.id, t.tenant_id, t.priority, t.workload_class,
+       date_part('epoch', coalesce(t.started_at, t.assigned_at, t.created_at)),
        t.timeout_s, min(a.node_id), array_remove(array_agg(a.gpu_id ORDER BY a.gpu_id), NULL),
        coalesce(max(a.memory_mb), 0), coalesce(bool_and(a.exclusive), true), coalesce(sum(a.memory_mb), 0)
 FROM scheduling_task t
@@ -122,7 +142,8 @@ LEFT JOIN tenants_fairshare f ON f.tenant_id = t.id
 # no memory asks for the model's remembered estimate (raised x1.2 after each OOM).
 # The task's own columns come from its field table (scheduling.task_fields.PENDING).
 _PENDING_SQL = f"""
-SELECT t.id, t.created_at, t.pending_reason, t.queue_position, {task_fields.pending_columns()}
+SELECT t.id, date_part('epoch', t.created_at), t.pending_reason, t.queue_position,
+       {task_fields.pending_columns()}
 FROM scheduling_task t
 LEFT JOIN scheduling_modelmemoryestimate e
        ON t.gpu_memory_mb IS NULL AND t.model_name <> '' AND e.model_name = t.model_name
@@ -174,6 +195,18 @@ class _Loaded:
         return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
 
 
+# The previous load's GPU objects by their key (the row as text): an unchanged row gives the
+# same GpuState, so a pass builds objects only for the GPUs that heartbeats or allocations
+# changed since (a lone task's pass on a quiet cluster was otherwise mostly this). Sound
+# because a GpuState is a function of its row alone (and of the configured reserved GPUs and
+# its server's name, then part of the key), except for its model cache, which ages with the
+# clock: GPUs holding models are always read afresh. The key is the row's own content, never
+# a version number, so a transaction that reads its own uncommitted changes (what-if, tests)
+# cannot leave a stale object behind. The placement core copies what it changes and never
+# writes to a GpuState. Values: (GpuState, whether the idle_since column is NULL).
+_gpu_states: dict[tuple | str, tuple[GpuState, bool]] = {}
+
+
 # Transaction-local (like SET LOCAL), so nothing leaks past the pass's transaction.
 _NESTLOOP_OFF = "SELECT set_config('enable_nestloop', 'off', true)"
 _NESTLOOP_ON = "SELECT set_config('enable_nestloop', 'on', true)"
@@ -188,13 +221,13 @@ def load_snapshot(now: datetime) -> _Loaded:
     config = settings.SCHEDULER
     reserved = tuple(config.reserved_gpus)
     with connection.cursor() as cursor:
-        # One round trip for the five reads (a client-side cursor sends them as one simple
+        # One round trip for the six reads (a client-side cursor sends them as one simple
         # query; they all run in the pass's transaction, after the lock). Nested loops are
         # off for them alone: each read is a bulk scan, and right after a burst of placements
         # the planner's statistics still say the allocation table is nearly empty, so it
         # picked nested loops that went quadratic (8,000 GPUs: 3 s instead of 0.1 s).
-        cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPUS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
-                                    _NESTLOOP_ON)))
+        cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPU_KEYS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
+                                    _GRANTS_SQL, _NESTLOOP_ON)), {"now": now})
         cursor.fetchall()
         _next_result(cursor)
         nodes: dict[int, NodeState] = {}
@@ -205,28 +238,7 @@ def load_snapshot(now: datetime) -> _Loaded:
             node_names[node_id] = name
 
         _next_result(cursor)
-        idle_since_null: set[int] = set()
-        idle_gpu_ids: set[int] = set()
-        for (gpu_id, node_id, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
-             flagged_reserved, health, claimed, exclusive, shared) in cursor.fetchall():
-            node = nodes.get(node_id)
-            if node is None:  # pragma: no cover - a GPU always has its node (FK)
-                continue
-            if idle_since is None:
-                idle_since_null.add(gpu_id)
-            if not exclusive and not shared:
-                idle_gpu_ids.add(gpu_id)
-            node.gpus.append(GpuState(
-                id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
-                memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
-                shared_count=int(shared), utilization_pct=util, temperature_c=temp,
-                # A GPU holding allocations is busy whatever the column still says.
-                idle_since=(datetime.fromtimestamp(idle_since, UTC)
-                            if idle_since is not None and not (exclusive or shared) else None),
-                loaded_models=_loaded_models(loaded, now, config.model_cache_ttl_seconds),
-                schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
-                                 or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
-            ))
+        gpu_keys = cursor.fetchall()
 
         _next_result(cursor)
         tenants: dict[int, TenantState] = {}
@@ -255,7 +267,7 @@ def load_snapshot(now: datetime) -> _Loaded:
             running.append(RunningTask(
                 id=task_id, tenant_id=tenant_id, priority=priority, workload_class=wclass, node_id=node_id,
                 gpu_ids=tuple(gpu_ids), memory_mb=mem, exclusive=exclusive,
-                expected_end=since + timedelta(seconds=timeout_s),
+                expected_end=datetime.fromtimestamp(since, UTC) + timedelta(seconds=timeout_s),
             ))
         for tenant_id, gpus in tenant_gpus.items():
             tenants[tenant_id].used_gpus = len(gpus)
@@ -265,17 +277,79 @@ def load_snapshot(now: datetime) -> _Loaded:
         stored: dict[int, tuple[str, int | None]] = {}
         tenant_of: dict[int, int] = {}
         for task_id, created_at, reason, position, *columns in cursor.fetchall():
-            task = PendingTask(id=task_id, created_at=created_at, **task_fields.pending_kwargs(columns))
+            task = PendingTask(id=task_id, created_at=datetime.fromtimestamp(created_at, UTC),
+                               **task_fields.pending_kwargs(columns))
             pending.append(task)
             stored[task_id] = (reason, position)
             tenant_of[task_id] = task.tenant_id
 
-        _add_quota_grants(cursor, tenants, now)
+        _next_result(cursor)
+        _add_quota_grants(cursor.fetchall(), tenants, now)
+        _next_result(cursor)  # nested loops back on: the GPUs' second read may join differently
+
+        idle_since_null, idle_gpu_ids = _load_gpus(cursor, gpu_keys, nodes, node_names, now, reserved,
+                                                   config.model_cache_ttl_seconds)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
                         pending=pending, reservations=snapshot_windows(now))
     gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
     return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
+
+
+def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str],
+               now: datetime, reserved: tuple[str, ...], ttl_s: int) -> tuple[set[int], set[int]]:
+    """Put every GPU on its node (in index order), reusing the previous load's objects for
+    unchanged rows and reading the rest; returns the GPUs whose idle clock is unset and the
+    GPUs without allocations. With reserved GPUs in the configuration (matched by server
+    name) every GPU is read afresh."""
+    global _gpu_states
+    cache = {} if reserved else _gpu_states
+    kept: dict[str, tuple[GpuState, bool]] = {}
+    found: dict[int, tuple[GpuState, bool]] = {}
+    missing: list[int] = []
+    for gpu_id, row_key, has_models in gpu_keys:
+        hit = None if has_models else cache.get(row_key)
+        if hit is None:
+            missing.append(gpu_id)
+        else:
+            found[gpu_id] = kept[row_key] = hit
+    if missing:
+        # Nested loops off here too (see load_snapshot): right after a burst of placements the
+        # planner still thinks the allocation table is nearly empty.
+        cursor.execute(";\n".join((_NESTLOOP_OFF, _GPUS_SQL, _NESTLOOP_ON)), [pgarrays.ints(missing)])
+        _next_result(cursor)
+        rows = cursor.fetchall()
+        _next_result(cursor)
+        for (gpu_id, node_id, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
+             flagged_reserved, health, claimed, exclusive, shared, row_key) in rows:
+            found[gpu_id] = entry = (GpuState(
+                id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
+                memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
+                shared_count=int(shared), utilization_pct=util, temperature_c=temp,
+                # A GPU holding allocations is busy whatever the column still says.
+                idle_since=(datetime.fromtimestamp(idle_since, UTC)
+                            if idle_since is not None and not (exclusive or shared) else None),
+                loaded_models=_loaded_models(loaded, now, ttl_s),
+                schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
+                                 or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
+            ), idle_since is None)
+            if not reserved and (loaded is None or loaded == "{}"):
+                kept[row_key] = entry  # keyed by the row as this read saw it
+    idle_since_null: set[int] = set()
+    idle_gpu_ids: set[int] = set()
+    for gpu_id, _key, _models in gpu_keys:
+        entry = found.get(gpu_id)
+        node = nodes.get(entry[0].node_id) if entry is not None else None
+        if node is None:  # pragma: no cover - a GPU or server changed between the reads
+            continue
+        gpu, unset = entry
+        node.gpus.append(gpu)
+        if unset:
+            idle_since_null.add(gpu_id)
+        if not gpu.exclusive_taken and not gpu.shared_count:
+            idle_gpu_ids.add(gpu_id)
+    _gpu_states = kept
+    return idle_since_null, idle_gpu_ids
 
 
 # Approved grants whose window holds ``now`` (the pass's clock, not the database's):
@@ -287,10 +361,9 @@ WHERE state = '{QuotaGrant.State.APPROVED}' AND starts_at <= %(now)s AND ends_at
 """  # noqa: S608
 
 
-def _add_quota_grants(cursor, tenants: dict[int, TenantState], now: datetime) -> None:
-    cursor.execute(_GRANTS_SQL, {"now": now})
+def _add_quota_grants(rows: list[tuple], tenants: dict[int, TenantState], now: datetime) -> None:
     by_tenant: dict[int, list[QuotaGrant]] = {}
-    for tenant_id, gpus, mem, running, starts, ends, state in cursor.fetchall():
+    for tenant_id, gpus, mem, running, starts, ends, state in rows:
         by_tenant.setdefault(tenant_id, []).append(QuotaGrant(
             tenant_id=tenant_id, extra_gpus=gpus, extra_gpu_memory_mb=mem, extra_running_tasks=running,
             starts_at=starts, ends_at=ends, state=state))
@@ -371,7 +444,7 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         placed_gpus = {g for p in placements for g in p.gpu_ids}
         never_idle = [g for g in loaded.idle_gpu_ids & loaded.idle_since_null if g not in placed_gpus]
         if never_idle:
-            cursor.execute(_SET_IDLE_SINCE_SQL, [now, never_idle])
+            cursor.execute(_SET_IDLE_SINCE_SQL, [now, pgarrays.ints(never_idle)])
 
         # Reasons and positions, written only where they changed.
         placed_ids = set(result.placed_task_ids)
@@ -389,7 +462,8 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
                 if stored[0] != reason:
                     fan.task_changed(loaded.tenant_of[task_id], task_id)
         if u_id:
-            cursor.execute(_UPDATE_PENDING_SQL, [u_id, u_reason, u_pos, TaskStatus.PENDING])
+            cursor.execute(_UPDATE_PENDING_SQL,
+                           [pgarrays.ints(u_id), u_reason, pgarrays.ints(u_pos), TaskStatus.PENDING])
         result.pending = len(plan.pending)
 
 
@@ -437,8 +511,7 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         # First of the after-commit hooks: marks the commit, before the pushes to agents
         # and websockets run (they are not part of the pass's duration; see notify_s).
         transaction.on_commit(lambda: committed.append(time.perf_counter()))
-        _lock_id, now = lock_scheduler()
-        SchedulerLock.objects.filter(pk=_lock_id).update(holder=holder_name(actor), acquired_at=now)
+        _lock_id, now = lock_scheduler(holder=holder_name(actor))
         loaded = load_snapshot(now)
         # One fan-out for the whole pass: agents, pages and the next wake-up are told once.
         with lifecycle.batch() as fan:

@@ -22,7 +22,6 @@ throw-away copy of one server's GPU columns on which backfill and preemption rep
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 from functools import partial
 
 from scheduling.placement.fit import SHARED, Gpus, empty_gpus, is_empty
@@ -40,41 +39,40 @@ class WorkingState:
         self.binpack = cfg.strategy != "spread"
         self.now = snapshot.now
 
-        self.g_id: list[int] = []
-        self.g_node: list[int] = []
-        self.g_total: list[int] = []
-        self.g_claimed: list[int] = []
-        self.g_live: list[int] = []
-        self.g_excl: list[bool] = []
-        self.g_shared: list[int] = []
-        self.g_models: list[Iterable[str]] = []
-        self.g_model_lower: list[str] = []
-        self.g_static: list[float] = []  # utilisation + temperature + idle part of the score
-        self.gpu_index: dict[int, int] = {}
+        # The GPU columns, each built in one comprehension over all GPUs (a pass's fixed cost
+        # grows with the cluster, and a lone task's pass is mostly this).
+        now = snapshot.now
+        nodes = snapshot.nodes
+        all_gpus: list[GpuState] = [gpu for node in nodes for gpu in node.gpus]
+        self.g_id: list[int] = [gpu.id for gpu in all_gpus]
+        self.g_node: list[int] = [n for n, node in enumerate(nodes) for _ in node.gpus]
+        self.g_total: list[int] = [gpu.memory_total_mb for gpu in all_gpus]
+        self.g_claimed: list[int] = [gpu.memory_claimed_mb for gpu in all_gpus]
+        self.g_live: list[int] = [gpu.memory_used_live_mb for gpu in all_gpus]
+        self.g_excl: list[bool] = [bool(gpu.exclusive_taken) for gpu in all_gpus]
+        self.g_shared: list[int] = [gpu.shared_count for gpu in all_gpus]
+        # Kept as the snapshot's dict until a placement adds a model (copy on write).
+        self.g_models: list[Iterable[str]] = [gpu.loaded_models or () for gpu in all_gpus]
+        self.g_model_lower: list[str] = [(gpu.model_name or "").lower() for gpu in all_gpus]
+        # utilisation + temperature + idle part of the score
+        self.g_static: list[float] = [static_score(gpu, now) for gpu in all_gpus]
+        self.gpu_index: dict[int, int] = {gpu_id: g for g, gpu_id in enumerate(self.g_id)}
 
-        self.n_id: list[int] = []
-        self.n_name: list[str] = []
-        self.n_labels: list[dict[str, str]] = []
-        self.n_ok: list[bool] = []
+        self.n_id: list[int] = [node.id for node in nodes]
+        self.n_name: list[str] = [node.name for node in nodes]
+        self.n_labels: list[dict[str, str]] = [node.labels or {} for node in nodes]
+        self.n_ok: list[bool] = [bool(node.schedulable) for node in nodes]
         self.n_gpus: list[tuple[int, ...]] = []  # schedulable GPUs of an active server
         self.n_free: list[int] = []  # empty schedulable GPUs
 
-        now = snapshot.now
         max_gpus = 0
         schedulable_total = 0
-        for node in snapshot.nodes:
-            n = len(self.n_id)
-            self.n_id.append(node.id)
-            self.n_name.append(node.name)
-            self.n_labels.append(node.labels or {})
-            self.n_ok.append(bool(node.schedulable))
-            ok_gpus: list[int] = []
-            for gpu in node.gpus:
-                g = len(self.g_id)
-                self._add_gpu(gpu, n, now)
-                if node.schedulable and gpu.schedulable:
-                    ok_gpus.append(g)
-            self.n_gpus.append(tuple(ok_gpus))
+        g = 0
+        for node in nodes:
+            ok_gpus = (tuple(g + i for i, gpu in enumerate(node.gpus) if gpu.schedulable) if node.schedulable
+                       else ())
+            g += len(node.gpus)
+            self.n_gpus.append(ok_gpus)
             self.n_free.append(len(self._empty_of(ok_gpus)))
             schedulable_total += len(ok_gpus)
             max_gpus = max(max_gpus, len(ok_gpus))
@@ -143,21 +141,6 @@ class WorkingState:
         self.placed_by_tenant: dict[int, list[tuple[int, int, int]]] = {}
 
     # ------------------------------------------------------------------ building and reading
-
-    def _add_gpu(self, gpu: GpuState, n: int, now: datetime) -> None:
-        g = len(self.g_id)
-        self.gpu_index[gpu.id] = g
-        self.g_id.append(gpu.id)
-        self.g_node.append(n)
-        self.g_total.append(gpu.memory_total_mb)
-        self.g_claimed.append(gpu.memory_claimed_mb)
-        self.g_live.append(gpu.memory_used_live_mb)
-        self.g_excl.append(bool(gpu.exclusive_taken))
-        self.g_shared.append(gpu.shared_count)
-        # Kept as the snapshot's dict until a placement adds a model (copy on write).
-        self.g_models.append(gpu.loaded_models or ())
-        self.g_model_lower.append((gpu.model_name or "").lower())
-        self.g_static.append(static_score(gpu, now))
 
     def _base_score(self, g: int) -> float:
         return base_score(self.g_total[g], self.g_claimed[g], self.g_live[g], self.g_static[g], self.binpack)

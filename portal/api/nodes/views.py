@@ -26,6 +26,7 @@ from portal.api.nodes.serializers import (
     LogChunksSerializer,
     RegisterSerializer,
     TaskEventSerializer,
+    canonical_heartbeat,
 )
 from scheduling import assignments, lifecycle
 from scheduling.models import Task, TaskLogChunk
@@ -71,11 +72,16 @@ class RegisterView(APIView):
 
 class HeartbeatView(AgentView):
     def post(self, request: Request) -> Response:
-        serializer = HeartbeatSerializer(data=request.data, context={"node": request.auth})
-        if not serializer.is_valid():
-            return self.refused(request.auth, serializer.errors)
+        # A well-formed report skips DRF's nested validation (serializers.canonical_heartbeat);
+        # any other goes through the serializer, which refuses it with field messages.
+        data = canonical_heartbeat(request.data, request.auth)
+        if data is None:
+            serializer = HeartbeatSerializer(data=request.data, context={"node": request.auth})
+            if not serializer.is_valid():
+                return self.refused(request.auth, serializer.errors)
+            data = serializer.validated_data
         try:
-            result = heartbeat.ingest(request.auth, serializer.validated_data)
+            result = heartbeat.ingest(request.auth, data)
         except heartbeat.HeartbeatRejected as exc:
             return self.refused(request.auth, exc.field_errors)
         return Response({
