@@ -93,6 +93,7 @@ class Command(BaseCommand):
         call_command("collectstatic", interactive=False, verbosity=0)
 
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.stopping = False
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
@@ -176,6 +177,12 @@ class Command(BaseCommand):
         self.stdout.write(f"started {name} (pid {proc.pid})")
 
     def _on_signal(self, signum, frame) -> None:
+        # The first SIGTERM/SIGINT stops the supervision loop; one arriving while the
+        # children are being stopped must not break off that stop (an uncaught
+        # KeyboardInterrupt there would leave children running and exit by SIGINT).
+        if self.stopping:
+            return
+        self.stopping = True
         raise KeyboardInterrupt
 
     def _supervise(self) -> None:
