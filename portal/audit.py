@@ -1,8 +1,8 @@
 """The audit's context: who changed governance rows, and through what.
 
 The old -> new values themselves are recorded by django-pghistory's database triggers
-(the ``pghistory.track`` calls at the bottom of ``tenants/models.py`` and
-``nodes/models.py``), so a change made in a shell, a management command or a raw
+(the ``pghistory.track`` calls at the bottom of ``tenants/models.py``,
+``nodes/models.py`` and ``scheduling/models.py``), so a change made in a shell, a management command or a raw
 UPDATE is recorded like one made in the admin. What rides along here is the context
 attached to those events:
 

@@ -7,6 +7,7 @@ Python bug must never break (see ``Allocation.Meta``).
 
 from __future__ import annotations
 
+import pghistory
 from django.conf import settings
 from django.contrib.postgres.constraints import ExclusionConstraint
 from django.contrib.postgres.fields import DateTimeRangeField, RangeOperators
@@ -647,3 +648,10 @@ class ReservationPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"reservation policy of {self.tenant}"
+
+
+# The audit (issue 11) of plans: who requested, approved, rejected or released a booking and
+# who changed a tenant's booking policy, with old -> new values (django-pghistory triggers,
+# whoever makes the change; who and through what is in portal.audit). Fresh trackers per model.
+pghistory.track(pghistory.InsertEvent(), pghistory.UpdateEvent(), pghistory.DeleteEvent())(Reservation)
+pghistory.track(pghistory.InsertEvent(), pghistory.UpdateEvent(), pghistory.DeleteEvent())(ReservationPolicy)

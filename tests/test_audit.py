@@ -122,3 +122,25 @@ def test_the_admin_log_is_searchable_per_object_and_exportable(client, staff, ac
     assert ("tenants.Quota", "admin", "max_gpus: 8 → 12") in changes
     assert ("tenants.Quota", "system", "max_gpus: 4 → 1") in changes
 
+
+
+@pytest.mark.django_db
+def test_a_reservations_life_and_a_booking_policy_are_audited(acme, staff):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from scheduling.models import Reservation, ReservationPolicy
+
+    start = timezone.now() + timedelta(days=1)
+    booking = Reservation.objects.create(name="paper-deadline", tenant=acme, gpu_count=8, starts_at=start,
+                                         ends_at=start + timedelta(days=3))
+    Reservation.objects.filter(pk=booking.pk).update(state=Reservation.State.APPROVED, decided_by=staff)
+    created, approved = events_of(booking)
+    assert created.pgh_label == "insert" and created.pgh_data["gpu_count"] == 8
+    assert approved.pgh_diff == {"state": ["requested", "approved"], "decided_by_id": [None, staff.pk]}
+
+    policy = ReservationPolicy.objects.create(tenant=acme, auto_approve_gpu_hours_per_week=0)
+    policy.auto_approve_gpu_hours_per_week = 200
+    policy.save()
+    assert events_of(policy)[-1].pgh_diff == {"auto_approve_gpu_hours_per_week": [0, 200]}
