@@ -91,7 +91,7 @@ PATTERNS: list[tuple[re.Pattern[str], str]] = [(re.compile(p), m) for p, m in [
     (r"all (?P<n>\d+) ranks started", gettext_noop("all %(n)s ranks started")),
     (r"every rank was stopped", gettext_noop("every rank was stopped")),
 ]]
-# A gang's capacity (scheduling.core._gang_text), put together from translated pieces.
+# A gang's capacity (scheduling.placement.reasons.gang_capacity), put together from translated pieces.
 _GANG = re.compile(r"no (?P<nn>\d+) servers with (?P<n>\d+) (?:(?P<kind>free|empty) )?GPUs?(?: with (?P<mem>[^()]+?))?"
                    r"(?P<labels> \(.+\))?(?: sharing (?P<topo>\S+))?(?P<when> even when idle| at its turn)?")
 _GANG_WHAT = {None: gettext_noop("%(nn)s servers with %(n)s GPU(s) each"),
