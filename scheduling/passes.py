@@ -32,9 +32,10 @@ from kernel import counters, pgarrays
 from nodes.models import GPUHealth, NodeStatus, model_cache
 from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
-from scheduling.lock import lock_scheduler
+from scheduling.lock import LOCK_IN_BATCH_SQL, lock_in_batch_params, lock_scheduler
 from scheduling.models import Task
 from scheduling.placement import (
+    ColumnCache,
     GpuState,
     NodeState,
     PendingInfo,
@@ -46,7 +47,7 @@ from scheduling.placement import (
     TenantState,
 )
 from scheduling.placement import schedule as core_schedule
-from scheduling.reservations import snapshot_windows
+from scheduling.reservations import WINDOWS_SQL, windows_from_rows
 from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,9 @@ class _Loaded:
     idle_gpu_ids: set[int]
     node_names: dict[int, str]
     gpu_index: dict[int, int]
+    # The rows of dependencies.PENDING_DEPENDENCIES_SQL and arrays.THROTTLED_SQL (read in the batch).
+    dependency_rows: list[tuple]
+    throttle_rows: list[tuple]
 
     def placement_reason(self, placement: Placement) -> str:
         mode = "exclusive" if placement.exclusive else "shared"
@@ -206,6 +210,11 @@ class _Loaded:
 # writes to a GpuState. Values: (GpuState, whether the idle_since column is NULL).
 _gpu_states: dict[tuple | str, tuple[GpuState, bool]] = {}
 
+# Each server's working columns as the placement core built them from these GpuStates
+# (Snapshot.columns): a server whose GPUs are all unchanged objects is not rebuilt. Sound for
+# the same reason as above: this module never changes a GpuState it handed to the core.
+_columns = ColumnCache()
+
 
 # Transaction-local (like SET LOCAL), so nothing leaks past the pass's transaction.
 _NESTLOOP_OFF = "SELECT set_config('enable_nestloop', 'off', true)"
@@ -217,17 +226,36 @@ def _next_result(cursor) -> None:
         raise RuntimeError("the snapshot reads need a client-side cursor (multiple statements per query)")
 
 
-def load_snapshot(now: datetime) -> _Loaded:
+def load_snapshot(now: datetime | None, *, lock_holder: str | None = None) -> _Loaded:
+    """The snapshot at ``now``. With ``lock_holder`` (and ``now`` None), take the scheduler lock
+    first, in the same round trip (``scheduling.lock.LOCK_IN_BATCH_SQL``): the snapshot's
+    ``now`` is then the lock's database time, as ``lock_scheduler`` returns it."""
     config = settings.SCHEDULER
     reserved = tuple(config.reserved_gpus)
+    reads = (_NESTLOOP_OFF, _NODES_SQL, _GPU_KEYS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL, _GRANTS_SQL,
+             _NESTLOOP_ON, WINDOWS_SQL, dependencies.PENDING_DEPENDENCIES_SQL, arrays.THROTTLED_SQL)
+    params: dict = {"now": now}
+    if lock_holder is not None:
+        reads = (LOCK_IN_BATCH_SQL, *reads)
+        params.update(lock_in_batch_params(lock_holder))
     with connection.cursor() as cursor:
-        # One round trip for the six reads (a client-side cursor sends them as one simple
+        # One round trip for the nine reads (a client-side cursor sends them as one simple
         # query; they all run in the pass's transaction, after the lock). Nested loops are
         # off for them alone: each read is a bulk scan, and right after a burst of placements
         # the planner's statistics still say the allocation table is nearly empty, so it
         # picked nested loops that went quadratic (8,000 GPUs: 3 s instead of 0.1 s).
-        cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPU_KEYS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
-                                    _GRANTS_SQL, _NESTLOOP_ON)), {"now": now})
+        # The reservations' windows, the dependencies and the arrays' throttles come in the same
+        # round trip, after nested loops are back on (they join a few rows to the task table by
+        # its key, which a hash join would scan whole).
+        cursor.execute(";\n".join(reads), params)
+        if lock_holder is not None:
+            locked = cursor.fetchone()
+            if locked is None:
+                # No lock row (a table flush): nothing was locked, so these reads are void.
+                _lock_id, now = lock_scheduler(holder=lock_holder)
+                return load_snapshot(now)
+            now = locked[1]
+            _next_result(cursor)
         cursor.fetchall()
         _next_result(cursor)
         nodes: dict[int, NodeState] = {}
@@ -286,14 +314,21 @@ def load_snapshot(now: datetime) -> _Loaded:
         _next_result(cursor)
         _add_quota_grants(cursor.fetchall(), tenants, now)
         _next_result(cursor)  # nested loops back on: the GPUs' second read may join differently
+        _next_result(cursor)
+        windows = windows_from_rows(cursor.fetchall())
+        _next_result(cursor)
+        dependency_rows = cursor.fetchall()
+        _next_result(cursor)
+        throttle_rows = cursor.fetchall()
 
         idle_since_null, idle_gpu_ids = _load_gpus(cursor, gpu_keys, nodes, node_names, now, reserved,
                                                    config.model_cache_ttl_seconds)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
-                        pending=pending, reservations=snapshot_windows(now))
+                        pending=pending, reservations=windows, columns=_columns)
     gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
-    return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
+    return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index,
+                   dependency_rows, throttle_rows)
 
 
 def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str],
@@ -352,12 +387,16 @@ def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_
     return idle_since_null, idle_gpu_ids
 
 
+# The pass's clock in its reads: the ``now`` given, else (the lock leads the batch) the lock's
+# acquired_at, statement_timestamp(), which is the same for every statement of one batch.
+_NOW = "coalesce(%(now)s::timestamptz, statement_timestamp())"
+
 # Approved grants whose window holds ``now`` (the pass's clock, not the database's):
 # the scheduler's limits are base + these (tenants.models.effective_limits).
 _GRANTS_SQL = f"""
 SELECT tenant_id, extra_gpus, extra_gpu_memory_mb, extra_running_tasks, starts_at, ends_at, state
 FROM tenants_quotagrant
-WHERE state = '{QuotaGrant.State.APPROVED}' AND starts_at <= %(now)s AND ends_at > %(now)s
+WHERE state = '{QuotaGrant.State.APPROVED}' AND starts_at <= {_NOW} AND ends_at > {_NOW}
 """  # noqa: S608
 
 
@@ -511,8 +550,9 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         # First of the after-commit hooks: marks the commit, before the pushes to agents
         # and websockets run (they are not part of the pass's duration; see notify_s).
         transaction.on_commit(lambda: committed.append(time.perf_counter()))
-        _lock_id, now = lock_scheduler(holder=holder_name(actor))
-        loaded = load_snapshot(now)
+        # The lock and the snapshot's reads in one round trip.
+        loaded = load_snapshot(None, lock_holder=holder_name(actor))
+        now = loaded.snapshot.now
         # One fan-out for the whole pass: agents, pages and the next wake-up are told once.
         with lifecycle.batch() as fan:
             held = _hold_dependents(loaded, actor, fan)
@@ -530,8 +570,8 @@ def _hold_dependents(loaded: _Loaded, actor: str, fan: lifecycle.FanOut) -> dict
     """Take tasks waiting for their dependencies, or beyond their array's throttle, out of the
     core's queue (they are listed after it, with their reason); cancel those whose dependencies
     can never be satisfied."""
-    waiting, never = dependencies.blocked()
-    for task_id, reason in arrays.throttled().items():
+    waiting, never = dependencies.blocked_from_rows(loaded.dependency_rows)
+    for task_id, reason in arrays.throttled_from_rows(loaded.throttle_rows).items():
         waiting.setdefault(task_id, reason)
     if not (waiting or never):
         return {}
