@@ -43,6 +43,16 @@ def test_reused_columns_equal_fresh_ones_through_changes():
     assert cache.nodes[1] is not kept[1] and cache.nodes[2] is not kept[2]
     assert cache.nodes[3] is kept[3] and cache.nodes[4] is kept[4]
 
+    # A GPU swapped for another (a new id at the same place), a server with fewer GPUs, a
+    # server gone: the cluster's columns are patched or laid out again, and still the same.
+    nodes[2].gpus[5] = gpu(7, 5, idle_s=7200)
+    assert_same_as_fresh(snap)
+    nodes[3] = node(4, gpus=4, idle_s=7200)
+    assert_same_as_fresh(snap)
+    del nodes[0]
+    assert_same_as_fresh(snap)
+    assert_same_as_fresh(snap)
+
     # The plan is the one a pass without the cache makes.
     assert schedule(snap) == schedule(dataclasses.replace(snap, columns=None))
 

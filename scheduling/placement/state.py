@@ -110,12 +110,65 @@ class _NodeColumns:
         return all(map(is_, gpus, mine))
 
 
+# The per-GPU columns of ``_NodeColumns`` that the working state lays end to end.
+_FLAT = ("ids", "total", "claimed", "live", "excl", "shared", "models", "model_lower", "static", "base")
+
+
+class _Flat:
+    """The whole cluster's GPU columns (``_FLAT``, in order), laid end to end from its servers'
+    columns ``entries``; never changed once built (the working state copies the lists)."""
+
+    __slots__ = ("columns", "entries", "g_node", "gpu_index", "offsets")
+
+    def __init__(self, entries: list[_NodeColumns], prev: _Flat | None) -> None:
+        self.entries = entries
+        if prev is not None and self._patch(prev):
+            return
+        self.columns = tuple([x for e in entries for x in getattr(e, name)] for name in _FLAT)
+        self.offsets = []
+        g = 0
+        for e in entries:
+            self.offsets.append(g)
+            g += len(e.ids)
+        self.g_node = [n for n, e in enumerate(entries) for _ in e.ids]
+        self.gpu_index = {gpu_id: g for g, gpu_id in enumerate(self.columns[0])}
+
+    def _patch(self, prev: _Flat) -> bool:
+        """The previous columns with only the servers whose columns changed written over,
+        when every such server has as many GPUs as the one it replaces (same layout)."""
+        entries, before = self.entries, prev.entries
+        if len(entries) != len(before):
+            return False
+        changed = [n for n, (a, b) in enumerate(zip(entries, before)) if a is not b]  # noqa: B905 - same length
+        if any(len(entries[n].ids) != len(before[n].ids) for n in changed):
+            return False
+        if len(changed) * 2 > len(entries):
+            return False  # mostly new: building afresh is as quick
+        self.offsets, self.g_node = prev.offsets, prev.g_node
+        if not changed:
+            self.columns, self.gpu_index = prev.columns, prev.gpu_index
+            return True
+        self.columns = tuple(list(column) for column in prev.columns)
+        same_ids = True
+        for n in changed:
+            e = entries[n]
+            start = self.offsets[n]
+            end = start + len(e.ids)
+            for column, name in zip(self.columns, _FLAT):  # noqa: B905 - same length
+                column[start:end] = getattr(e, name)
+            same_ids = same_ids and e.ids == before[n].ids
+        self.gpu_index = prev.gpu_index if same_ids else {gpu_id: g for g, gpu_id in enumerate(self.columns[0])}
+        return True
+
+
 class ColumnCache:
     """Each server's columns as the last pass built them (``Snapshot.columns``), reused by the
-    next pass for a server whose GpuStates are the same objects (see ``Snapshot.columns``)."""
+    next pass for a server whose GpuStates are the same objects (see ``Snapshot.columns``), and
+    the cluster's columns laid end to end, patched where servers changed."""
 
     def __init__(self) -> None:
         self.nodes: dict[int, _NodeColumns] = {}
+        self.flat: _Flat | None = None
 
 
 class WorkingState:
@@ -144,23 +197,27 @@ class WorkingState:
             if entry.valid_from is not _NEVER:
                 kept[node.id] = entry
             entries.append(entry)
+        flat = _Flat(entries, cache.flat if cache is not None else None)
         if cache is not None:
             cache.nodes = kept
+            cache.flat = flat
 
-        self.g_id: list[int] = [x for e in entries for x in e.ids]
-        self.g_node: list[int] = [n for n, e in enumerate(entries) for _ in e.ids]
-        self.g_total: list[int] = [x for e in entries for x in e.total]
-        self.g_claimed: list[int] = [x for e in entries for x in e.claimed]
-        self.g_live: list[int] = [x for e in entries for x in e.live]
-        self.g_excl: list[bool] = [x for e in entries for x in e.excl]
-        self.g_shared: list[int] = [x for e in entries for x in e.shared]
+        # Copies: the pass changes these lists in place. (g_node and gpu_index it only reads.)
+        (ids, total, claimed, live, excl, shared, models, model_lower, static, base) = flat.columns
+        self.g_id: list[int] = list(ids)
+        self.g_node: list[int] = flat.g_node
+        self.g_total: list[int] = list(total)
+        self.g_claimed: list[int] = list(claimed)
+        self.g_live: list[int] = list(live)
+        self.g_excl: list[bool] = list(excl)
+        self.g_shared: list[int] = list(shared)
         # Kept as the snapshot's dict until a placement adds a model (copy on write).
-        self.g_models: list[Iterable[str]] = [x for e in entries for x in e.models]
-        self.g_model_lower: list[str] = [x for e in entries for x in e.model_lower]
+        self.g_models: list[Iterable[str]] = list(models)
+        self.g_model_lower: list[str] = list(model_lower)
         # utilisation + temperature + idle part of the score
-        self.g_static: list[float] = [x for e in entries for x in e.static]
-        self.g_base: list[float] = [x for e in entries for x in e.base]
-        self.gpu_index: dict[int, int] = {gpu_id: g for g, gpu_id in enumerate(self.g_id)}
+        self.g_static: list[float] = list(static)
+        self.g_base: list[float] = list(base)
+        self.gpu_index: dict[int, int] = flat.gpu_index
 
         self.n_id: list[int] = [node.id for node in nodes]
         self.n_name: list[str] = [node.name for node in nodes]
