@@ -116,9 +116,10 @@ _FLAT = ("ids", "total", "claimed", "live", "excl", "shared", "models", "model_l
 
 class _Flat:
     """The whole cluster's GPU columns (``_FLAT``, in order), laid end to end from its servers'
-    columns ``entries``; never changed once built (the working state copies the lists)."""
+    columns ``entries``, and each server's schedulable and sorted empty GPUs at their places in
+    them; never changed once built (the working state copies the lists it changes)."""
 
-    __slots__ = ("columns", "entries", "g_node", "gpu_index", "offsets")
+    __slots__ = ("columns", "entries", "g_node", "gpu_index", "n_gpus", "n_sorted", "offsets")
 
     def __init__(self, entries: list[_NodeColumns], prev: _Flat | None) -> None:
         self.entries = entries
@@ -132,6 +133,8 @@ class _Flat:
             g += len(e.ids)
         self.g_node = [n for n, e in enumerate(entries) for _ in e.ids]
         self.gpu_index = {gpu_id: g for g, gpu_id in enumerate(self.columns[0])}
+        self.n_gpus = [tuple(g + i for i in e.ok) if g else e.ok for g, e in zip(self.offsets, entries)]  # noqa: B905
+        self.n_sorted = [[g + i for i in e.sorted] for g, e in zip(self.offsets, entries)]  # noqa: B905
 
     def _patch(self, prev: _Flat) -> bool:
         """The previous columns with only the servers whose columns changed written over,
@@ -147,12 +150,16 @@ class _Flat:
         self.offsets, self.g_node = prev.offsets, prev.g_node
         if not changed:
             self.columns, self.gpu_index = prev.columns, prev.gpu_index
+            self.n_gpus, self.n_sorted = prev.n_gpus, prev.n_sorted
             return True
         self.columns = tuple(list(column) for column in prev.columns)
+        self.n_gpus, self.n_sorted = list(prev.n_gpus), list(prev.n_sorted)
         same_ids = True
         for n in changed:
             e = entries[n]
             start = self.offsets[n]
+            self.n_gpus[n] = tuple(start + i for i in e.ok) if start else e.ok
+            self.n_sorted[n] = [start + i for i in e.sorted]
             end = start + len(e.ids)
             for column, name in zip(self.columns, _FLAT):  # noqa: B905 - same length
                 column[start:end] = getattr(e, name)
@@ -223,13 +230,14 @@ class WorkingState:
         self.n_name: list[str] = [node.name for node in nodes]
         self.n_labels: list[dict[str, str]] = [node.labels or {} for node in nodes]
         self.n_ok: list[bool] = [bool(node.schedulable) for node in nodes]
-        self.n_gpus: list[tuple[int, ...]] = []  # schedulable GPUs of an active server
+        self.n_gpus: list[tuple[int, ...]] = list(flat.n_gpus)  # schedulable GPUs of an active server
         self.n_free: list[int] = [e.free for e in entries]  # empty schedulable GPUs
         # Per server, the most memory an exclusive request can get on one of its empty GPUs:
         # lets the scan skip servers whose GPUs are too small without looking at each GPU.
         self.n_room: list[int] = [e.room for e in entries]
         # Per server, its empty schedulable GPUs best score first (exclusive requests without a model).
-        self.n_sorted: list[list[int]] = []
+        # (Its lists are replaced, never changed in place: the copy of the outer list is enough.)
+        self.n_sorted: list[list[int]] = list(flat.n_sorted)
         # Per server, its GPUs' idle memory as the pass began (``_NodeColumns.sig``), and the
         # servers a placement or preemption has changed since (their signatures are recomputed).
         self.n_sig: list[tuple[int, ...]] = [e.sig for e in entries]
@@ -242,12 +250,8 @@ class WorkingState:
         self.model_free: dict[str, dict[int, int]] = {}
         max_gpus = 0
         schedulable_total = 0
-        g = 0
         for n, e in enumerate(entries):
             ok = e.ok
-            self.n_gpus.append(tuple(g + i for i in ok) if g else ok)
-            self.n_sorted.append([g + i for i in e.sorted])
-            g += len(e.ids)
             schedulable_total += len(ok)
             if len(ok) > max_gpus:
                 max_gpus = len(ok)
