@@ -58,7 +58,7 @@ def environment(array_id: int, index: int) -> dict[str, str]:
 
 
 # Live elements of throttled arrays, pending ones in queue order.
-_THROTTLED_SQL = f"""
+THROTTLED_SQL = f"""
 SELECT t.array_id, a.throttle, t.id, t.status
 FROM scheduling_taskarray a
 JOIN scheduling_task t ON t.array_id = a.id
@@ -70,8 +70,12 @@ ORDER BY t.array_id, t.priority DESC, t.created_at, t.id
 def throttled() -> dict[int, str]:
     """Pending elements that would exceed their array's throttle: task id -> reason."""
     with connection.cursor() as cursor:
-        cursor.execute(_THROTTLED_SQL)
-        rows = cursor.fetchall()
+        cursor.execute(THROTTLED_SQL)
+        return throttled_from_rows(cursor.fetchall())
+
+
+def throttled_from_rows(rows: list[tuple]) -> dict[int, str]:
+    """``throttled`` from the rows of ``THROTTLED_SQL`` (the pass reads them in its batch)."""
     active: dict[int, int] = {}
     for array_id, _throttle, _task, status in rows:
         if status != TaskStatus.PENDING:

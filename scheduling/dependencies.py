@@ -77,7 +77,7 @@ def state_of(kind: str, status: str) -> str:
 _GOAL = {AFTER_OK: "succeed", AFTER_ANY: "end", AFTER_NOT_OK: "fail"}
 
 # Only pending tasks with dependencies: nothing to read when nobody uses them.
-_PENDING_DEPENDENCIES_SQL = f"""
+PENDING_DEPENDENCIES_SQL = f"""
 SELECT d.task_id, d.depends_on_id, d.kind, p.status
 FROM scheduling_taskdependency d
 JOIN scheduling_task t ON t.id = d.task_id AND t.status = '{TaskStatus.PENDING}'
@@ -88,11 +88,15 @@ ORDER BY d.task_id, d.depends_on_id
 
 def blocked() -> tuple[dict[int, str], dict[int, str]]:
     """Pending tasks held by their dependencies: ``(waiting, unsatisfiable)``, task id -> reason."""
+    with connection.cursor() as cursor:
+        cursor.execute(PENDING_DEPENDENCIES_SQL)
+        return blocked_from_rows(cursor.fetchall())
+
+
+def blocked_from_rows(rows: list[tuple]) -> tuple[dict[int, str], dict[int, str]]:
+    """``blocked`` from the rows of ``PENDING_DEPENDENCIES_SQL`` (the pass reads them in its batch)."""
     waiting: dict[int, str] = {}
     never: dict[int, str] = {}
-    with connection.cursor() as cursor:
-        cursor.execute(_PENDING_DEPENDENCIES_SQL)
-        rows = cursor.fetchall()
     for task_id, other, kind, status in rows:
         state = state_of(kind, status)
         if state == "never" and task_id not in never:

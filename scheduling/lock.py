@@ -34,6 +34,25 @@ SELECT id, acquired_at, pg_advisory_xact_lock(%s) FROM locked
 """
 
 
+# The same statement with named parameters, to lead a batch of reads in one round trip
+# (scheduling.passes.load_snapshot): the reads after it run once it holds the lock, and
+# statement_timestamp(), the acquired_at it returns, is the same for every statement of the batch.
+LOCK_IN_BATCH_SQL = """
+WITH locked AS (
+    UPDATE scheduling_schedulerlock SET holder = %(lock_holder)s, acquired_at = statement_timestamp()
+    WHERE id = (SELECT id FROM scheduling_schedulerlock WHERE name = %(lock_name)s ORDER BY id LIMIT 1)
+    RETURNING id, acquired_at
+)
+SELECT id, acquired_at, pg_advisory_xact_lock(%(lock_key)s) FROM locked
+"""
+
+
+def lock_in_batch_params(holder: str) -> dict:
+    """The parameters of ``LOCK_IN_BATCH_SQL``. Its batch returns no row when the lock row is
+    missing: then nothing was locked, and the caller takes the lock with ``lock_scheduler``."""
+    return {"lock_holder": holder[:200], "lock_name": LOCK_NAME, "lock_key": SCHEDULER_ADVISORY_KEY}
+
+
 def lock_scheduler(holder: str | None = None) -> tuple[int, datetime]:
     """Take the scheduler lock (inside the pass's transaction); return its id and DB time.
     ``holder``: also record who holds it (the row's ``holder`` and ``acquired_at``)."""

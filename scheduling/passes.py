@@ -32,9 +32,10 @@ from kernel import counters, pgarrays
 from nodes.models import GPUHealth, NodeStatus, model_cache
 from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
-from scheduling.lock import lock_scheduler
+from scheduling.lock import LOCK_IN_BATCH_SQL, lock_in_batch_params, lock_scheduler
 from scheduling.models import Task
 from scheduling.placement import (
+    ColumnCache,
     GpuState,
     NodeState,
     PendingInfo,
@@ -46,7 +47,7 @@ from scheduling.placement import (
     TenantState,
 )
 from scheduling.placement import schedule as core_schedule
-from scheduling.reservations import snapshot_windows
+from scheduling.reservations import WINDOWS_SQL, windows_from_rows
 from tenants.models import Limits, Quota, QuotaGrant, effective_limits
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,11 @@ def holder_name(actor: str) -> str:
 
 _NODES_SQL = "SELECT id, name, labels, status FROM nodes_node ORDER BY id"
 
-# The GPUs with their active allocations aggregated, in two steps: every GPU's row as one
-# text (its key), then the full columns of only the GPUs whose key the previous load did not
-# see (or that hold models, whose cache ages with the clock). Parsing 17 columns of every GPU
-# cost a lone task's pass more than the rest of its reads together.
+# The GPUs with their active allocations aggregated, in two steps: every server's GPU rows as
+# one text (its key: each GPU's id and row, in index order), then the full columns of only the
+# servers whose key the previous load did not see (or with GPUs holding models, whose cache ages
+# with the clock). Parsing 17 columns of every GPU cost a lone task's pass more than the rest
+# of its reads together, and a row per GPU then still cost more than the pass's decision.
 _GPU_JOIN = """
 FROM nodes_gpu g
 LEFT JOIN (
@@ -99,19 +101,25 @@ _GPU_KEY = """ROW(g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g
     g.temperature_c, g.idle_since, g.loaded_models, g.cordoned, g.reserved, g.health, a.claimed, a.exclusive,
     a.shared)::text"""
 
+# A GPU's part of its server's key; _load_gpus joins them the same way to key what it reads.
+_GPU_KEY_PART = f"g.id::text || '/' || {_GPU_KEY}"
+_KEY_SEPARATOR = ";"
+
 _GPU_KEYS_SQL = f"""
-SELECT g.id, {_GPU_KEY}, g.loaded_models <> '{{}}'::jsonb
+SELECT g.node_id, string_agg({_GPU_KEY_PART}, '{_KEY_SEPARATOR}' ORDER BY g.index),
+       bool_or(g.loaded_models <> '{{}}'::jsonb)
 {_GPU_JOIN}
-ORDER BY g.node_id, g.index
+GROUP BY g.node_id
 """
 
 _GPUS_SQL = f"""
 SELECT g.id, g.node_id, g.index, g.uuid, g.model_name, g.memory_total_mb, g.memory_used_mb,
        g.utilization_pct, g.temperature_c, date_part('epoch', g.idle_since), g.loaded_models, g.cordoned,
        g.reserved, g.health,
-       coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0), {_GPU_KEY}
+       coalesce(a.claimed, 0), coalesce(a.exclusive, false), coalesce(a.shared, 0), {_GPU_KEY_PART}
 {_GPU_JOIN}
-WHERE g.id = ANY(%s::bigint[])
+WHERE g.node_id = ANY(%s::bigint[])
+ORDER BY g.node_id, g.index
 """
 
 # (idle_since comes as epoch seconds: parsing 8,000 timestamps from text costs more than the query.
@@ -177,34 +185,47 @@ class _Loaded:
     # task id -> (pending_reason, queue_position) as stored, to write only what changed
     stored_pending: dict[int, tuple[str, int | None]]
     tenant_of: dict[int, int]
-    idle_since_null: set[int]
-    idle_gpu_ids: set[int]
+    # GPUs without allocations whose idle clock never started (the idle_since column is NULL).
+    never_idle: list[int]
     node_names: dict[int, str]
-    gpu_index: dict[int, int]
+    nodes: dict[int, NodeState]
+    # The rows of dependencies.PENDING_DEPENDENCIES_SQL and arrays.THROTTLED_SQL (read in the batch).
+    dependency_rows: list[tuple]
+    throttle_rows: list[tuple]
+
+    def _gpu_indexes(self, node_id: int, gpu_ids: tuple[int, ...]) -> str:
+        node = self.nodes.get(node_id)
+        index = {g.id: g.index for g in node.gpus} if node is not None else {}
+        return ",".join(str(index.get(g, "?")) for g in gpu_ids)
 
     def placement_reason(self, placement: Placement) -> str:
         mode = "exclusive" if placement.exclusive else "shared"
         if placement.ranks:
             where = "; ".join(
-                f"rank {r} on {self.node_names.get(n, n)}, GPU "
-                + ",".join(str(self.gpu_index.get(g, "?")) for g in gids)
+                f"rank {r} on {self.node_names.get(n, n)}, GPU {self._gpu_indexes(n, gids)}"
                 for r, (n, gids) in enumerate(placement.ranks))
             return f"placed as a gang: {where} ({placement.memory_mb} MB each, {mode})"[:500]
-        indexes = ",".join(str(self.gpu_index.get(g, "?")) for g in placement.gpu_ids)
+        indexes = self._gpu_indexes(placement.node_id, placement.gpu_ids)
         node = self.node_names.get(placement.node_id, placement.node_id)
         return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
 
 
-# The previous load's GPU objects by their key (the row as text): an unchanged row gives the
-# same GpuState, so a pass builds objects only for the GPUs that heartbeats or allocations
-# changed since (a lone task's pass on a quiet cluster was otherwise mostly this). Sound
-# because a GpuState is a function of its row alone (and of the configured reserved GPUs and
-# its server's name, then part of the key), except for its model cache, which ages with the
-# clock: GPUs holding models are always read afresh. The key is the row's own content, never
-# a version number, so a transaction that reads its own uncommitted changes (what-if, tests)
-# cannot leave a stale object behind. The placement core copies what it changes and never
-# writes to a GpuState. Values: (GpuState, whether the idle_since column is NULL).
-_gpu_states: dict[tuple | str, tuple[GpuState, bool]] = {}
+# The previous load's GPU objects by their server's key (its GPU rows as text): unchanged rows
+# give the same GpuStates, so a pass builds objects only for the servers whose GPUs heartbeats
+# or allocations changed since (a lone task's pass on a quiet cluster was otherwise mostly
+# this). Sound because a GpuState is a function of its row alone (and of the configured
+# reserved GPUs and its server's name, then all read afresh), except for its model cache, which
+# ages with the clock: servers with GPUs holding models are always read afresh. The key is the
+# rows' own content, never a version number, so a transaction that reads its own uncommitted
+# changes (what-if, tests) cannot leave a stale object behind. The placement core copies what
+# it changes and never writes to a GpuState. Values: (the server's GpuStates in index order,
+# its GPUs without allocations whose idle_since column is NULL).
+_gpu_states: dict[str, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
+
+# Each server's working columns as the placement core built them from these GpuStates
+# (Snapshot.columns): a server whose GPUs are all unchanged objects is not rebuilt. Sound for
+# the same reason as above: this module never changes a GpuState it handed to the core.
+_columns = ColumnCache()
 
 
 # Transaction-local (like SET LOCAL), so nothing leaks past the pass's transaction.
@@ -217,17 +238,36 @@ def _next_result(cursor) -> None:
         raise RuntimeError("the snapshot reads need a client-side cursor (multiple statements per query)")
 
 
-def load_snapshot(now: datetime) -> _Loaded:
+def load_snapshot(now: datetime | None, *, lock_holder: str | None = None) -> _Loaded:
+    """The snapshot at ``now``. With ``lock_holder`` (and ``now`` None), take the scheduler lock
+    first, in the same round trip (``scheduling.lock.LOCK_IN_BATCH_SQL``): the snapshot's
+    ``now`` is then the lock's database time, as ``lock_scheduler`` returns it."""
     config = settings.SCHEDULER
     reserved = tuple(config.reserved_gpus)
+    reads = (_NESTLOOP_OFF, _NODES_SQL, _GPU_KEYS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL, _GRANTS_SQL,
+             _NESTLOOP_ON, WINDOWS_SQL, dependencies.PENDING_DEPENDENCIES_SQL, arrays.THROTTLED_SQL)
+    params: dict = {"now": now}
+    if lock_holder is not None:
+        reads = (LOCK_IN_BATCH_SQL, *reads)
+        params.update(lock_in_batch_params(lock_holder))
     with connection.cursor() as cursor:
-        # One round trip for the six reads (a client-side cursor sends them as one simple
+        # One round trip for the nine reads (a client-side cursor sends them as one simple
         # query; they all run in the pass's transaction, after the lock). Nested loops are
         # off for them alone: each read is a bulk scan, and right after a burst of placements
         # the planner's statistics still say the allocation table is nearly empty, so it
         # picked nested loops that went quadratic (8,000 GPUs: 3 s instead of 0.1 s).
-        cursor.execute(";\n".join((_NESTLOOP_OFF, _NODES_SQL, _GPU_KEYS_SQL, _TENANTS_SQL, _HOLDING_SQL, _PENDING_SQL,
-                                    _GRANTS_SQL, _NESTLOOP_ON)), {"now": now})
+        # The reservations' windows, the dependencies and the arrays' throttles come in the same
+        # round trip, after nested loops are back on (they join a few rows to the task table by
+        # its key, which a hash join would scan whole).
+        cursor.execute(";\n".join(reads), params)
+        if lock_holder is not None:
+            locked = cursor.fetchone()
+            if locked is None:
+                # No lock row (a table flush): nothing was locked, so these reads are void.
+                _lock_id, now = lock_scheduler(holder=lock_holder)
+                return load_snapshot(now)
+            now = locked[1]
+            _next_result(cursor)
         cursor.fetchall()
         _next_result(cursor)
         nodes: dict[int, NodeState] = {}
@@ -286,33 +326,38 @@ def load_snapshot(now: datetime) -> _Loaded:
         _next_result(cursor)
         _add_quota_grants(cursor.fetchall(), tenants, now)
         _next_result(cursor)  # nested loops back on: the GPUs' second read may join differently
+        _next_result(cursor)
+        windows = windows_from_rows(cursor.fetchall())
+        _next_result(cursor)
+        dependency_rows = cursor.fetchall()
+        _next_result(cursor)
+        throttle_rows = cursor.fetchall()
 
-        idle_since_null, idle_gpu_ids = _load_gpus(cursor, gpu_keys, nodes, node_names, now, reserved,
-                                                   config.model_cache_ttl_seconds)
+        never_idle = _load_gpus(cursor, gpu_keys, nodes, node_names, now, reserved,
+                                config.model_cache_ttl_seconds)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
-                        pending=pending, reservations=snapshot_windows(now))
-    gpu_index = {g.id: g.index for n in snapshot.nodes for g in n.gpus}
-    return _Loaded(snapshot, stored, tenant_of, idle_since_null, idle_gpu_ids, node_names, gpu_index)
+                        pending=pending, reservations=windows, columns=_columns)
+    return _Loaded(snapshot, stored, tenant_of, never_idle, node_names, nodes, dependency_rows, throttle_rows)
 
 
 def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str],
-               now: datetime, reserved: tuple[str, ...], ttl_s: int) -> tuple[set[int], set[int]]:
+               now: datetime, reserved: tuple[str, ...], ttl_s: int) -> list[int]:
     """Put every GPU on its node (in index order), reusing the previous load's objects for
-    unchanged rows and reading the rest; returns the GPUs whose idle clock is unset and the
-    GPUs without allocations. With reserved GPUs in the configuration (matched by server
-    name) every GPU is read afresh."""
+    servers whose rows did not change and reading the rest; returns the GPUs without
+    allocations whose idle clock is unset. With reserved GPUs in the configuration (matched by
+    server name) every GPU is read afresh."""
     global _gpu_states
     cache = {} if reserved else _gpu_states
-    kept: dict[str, tuple[GpuState, bool]] = {}
-    found: dict[int, tuple[GpuState, bool]] = {}
+    kept: dict[str, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
+    found: dict[int, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
     missing: list[int] = []
-    for gpu_id, row_key, has_models in gpu_keys:
-        hit = None if has_models else cache.get(row_key)
+    for node_id, node_key, has_models in gpu_keys:
+        hit = None if has_models else cache.get(node_key)
         if hit is None:
-            missing.append(gpu_id)
+            missing.append(node_id)
         else:
-            found[gpu_id] = kept[row_key] = hit
+            found[node_id] = kept[node_key] = hit
     if missing:
         # Nested loops off here too (see load_snapshot): right after a burst of placements the
         # planner still thinks the allocation table is nearly empty.
@@ -320,44 +365,54 @@ def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_
         _next_result(cursor)
         rows = cursor.fetchall()
         _next_result(cursor)
-        for (gpu_id, node_id, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
-             flagged_reserved, health, claimed, exclusive, shared, row_key) in rows:
-            found[gpu_id] = entry = (GpuState(
-                id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
-                memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
-                shared_count=int(shared), utilization_pct=util, temperature_c=temp,
-                # A GPU holding allocations is busy whatever the column still says.
-                idle_since=(datetime.fromtimestamp(idle_since, UTC)
-                            if idle_since is not None and not (exclusive or shared) else None),
-                loaded_models=_loaded_models(loaded, now, ttl_s),
-                schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
-                                 or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
-            ), idle_since is None)
-            if not reserved and (loaded is None or loaded == "{}"):
-                kept[row_key] = entry  # keyed by the row as this read saw it
-    idle_since_null: set[int] = set()
-    idle_gpu_ids: set[int] = set()
-    for gpu_id, _key, _models in gpu_keys:
-        entry = found.get(gpu_id)
-        node = nodes.get(entry[0].node_id) if entry is not None else None
-        if node is None:  # pragma: no cover - a GPU or server changed between the reads
+        by_node: dict[int, list[tuple]] = {}
+        for row in rows:
+            by_node.setdefault(row[1], []).append(row)
+        for node_id, node_rows in by_node.items():
+            gpus: list[GpuState] = []
+            unset: list[int] = []
+            models = False
+            for (gpu_id, _node, index, uuid, model, total, used, util, temp, idle_since, loaded, cordoned,
+                 flagged_reserved, health, claimed, exclusive, shared, _key) in node_rows:
+                gpus.append(GpuState(
+                    id=gpu_id, node_id=node_id, index=index, uuid=uuid, model_name=model, memory_total_mb=total,
+                    memory_used_live_mb=used, memory_claimed_mb=int(claimed), exclusive_taken=bool(exclusive),
+                    shared_count=int(shared), utilization_pct=util, temperature_c=temp,
+                    # A GPU holding allocations is busy whatever the column still says.
+                    idle_since=(datetime.fromtimestamp(idle_since, UTC)
+                                if idle_since is not None and not (exclusive or shared) else None),
+                    loaded_models=_loaded_models(loaded, now, ttl_s),
+                    schedulable=not (cordoned or flagged_reserved or health == GPUHealth.ERROR
+                                     or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
+                ))
+                if idle_since is None and not (exclusive or shared):
+                    unset.append(gpu_id)
+                models = models or not (loaded is None or loaded == "{}")
+            found[node_id] = entry = (tuple(gpus), tuple(unset))
+            if not reserved and not models:
+                # Keyed by the rows as this read saw them, joined as _GPU_KEYS_SQL joins them.
+                kept[_KEY_SEPARATOR.join(row[-1] for row in node_rows)] = entry
+    never_idle: list[int] = []
+    for node_id, entry in found.items():
+        node = nodes.get(node_id)
+        if node is None:  # pragma: no cover - a server changed between the reads
             continue
-        gpu, unset = entry
-        node.gpus.append(gpu)
-        if unset:
-            idle_since_null.add(gpu_id)
-        if not gpu.exclusive_taken and not gpu.shared_count:
-            idle_gpu_ids.add(gpu_id)
+        node.gpus = list(entry[0])
+        never_idle.extend(entry[1])
     _gpu_states = kept
-    return idle_since_null, idle_gpu_ids
+    return never_idle
 
+
+# The pass's clock in its reads: the ``now`` given, else (the lock leads the batch) the lock's
+# acquired_at, statement_timestamp(), which is the same for every statement of one batch.
+_NOW = "coalesce(%(now)s::timestamptz, statement_timestamp())"
 
 # Approved grants whose window holds ``now`` (the pass's clock, not the database's):
 # the scheduler's limits are base + these (tenants.models.effective_limits).
 _GRANTS_SQL = f"""
 SELECT tenant_id, extra_gpus, extra_gpu_memory_mb, extra_running_tasks, starts_at, ends_at, state
 FROM tenants_quotagrant
-WHERE state = '{QuotaGrant.State.APPROVED}' AND starts_at <= %(now)s AND ends_at > %(now)s
+WHERE state = '{QuotaGrant.State.APPROVED}' AND starts_at <= {_NOW} AND ends_at > {_NOW}
 """  # noqa: S608
 
 
@@ -442,7 +497,7 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
         # last allocation restarts it (Task.release_allocations), and the snapshot shows busy
         # GPUs as not idle, so placing never has to write GPU rows.
         placed_gpus = {g for p in placements for g in p.gpu_ids}
-        never_idle = [g for g in loaded.idle_gpu_ids & loaded.idle_since_null if g not in placed_gpus]
+        never_idle = [g for g in loaded.never_idle if g not in placed_gpus]
         if never_idle:
             cursor.execute(_SET_IDLE_SINCE_SQL, [now, pgarrays.ints(never_idle)])
 
@@ -511,8 +566,9 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         # First of the after-commit hooks: marks the commit, before the pushes to agents
         # and websockets run (they are not part of the pass's duration; see notify_s).
         transaction.on_commit(lambda: committed.append(time.perf_counter()))
-        _lock_id, now = lock_scheduler(holder=holder_name(actor))
-        loaded = load_snapshot(now)
+        # The lock and the snapshot's reads in one round trip.
+        loaded = load_snapshot(None, lock_holder=holder_name(actor))
+        now = loaded.snapshot.now
         # One fan-out for the whole pass: agents, pages and the next wake-up are told once.
         with lifecycle.batch() as fan:
             held = _hold_dependents(loaded, actor, fan)
@@ -530,8 +586,8 @@ def _hold_dependents(loaded: _Loaded, actor: str, fan: lifecycle.FanOut) -> dict
     """Take tasks waiting for their dependencies, or beyond their array's throttle, out of the
     core's queue (they are listed after it, with their reason); cancel those whose dependencies
     can never be satisfied."""
-    waiting, never = dependencies.blocked()
-    for task_id, reason in arrays.throttled().items():
+    waiting, never = dependencies.blocked_from_rows(loaded.dependency_rows)
+    for task_id, reason in arrays.throttled_from_rows(loaded.throttle_rows).items():
         waiting.setdefault(task_id, reason)
     if not (waiting or never):
         return {}

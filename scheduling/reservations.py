@@ -323,10 +323,12 @@ def release_unused(res_id: int, *, by) -> int:
 
 # --- the scheduler's view ---------------------------------------------------------------------
 
-_WINDOWS_SQL = f"""
+WINDOWS_SQL = f"""
 SELECT r.id, r.name, r.tenant_id, lower(s.period), upper(s.period), array_agg(s.gpu_id ORDER BY s.gpu_id)
 FROM scheduling_reservationslot s JOIN scheduling_reservation r ON r.id = s.reservation_id
-WHERE r.state = '{Reservation.State.APPROVED}' AND upper(s.period) > %s
+WHERE r.state = '{Reservation.State.APPROVED}'
+  -- the pass's clock: the given now, else its lock's (the same statement_timestamp() for its batch)
+  AND upper(s.period) > coalesce(%(now)s::timestamptz, statement_timestamp())
 GROUP BY r.id, r.name, r.tenant_id, lower(s.period), upper(s.period)
 ORDER BY r.id, lower(s.period)
 """  # noqa: S608
@@ -334,13 +336,18 @@ ORDER BY r.id, lower(s.period)
 
 def snapshot_windows(now: datetime) -> list[ReservationWindow]:
     """Each approved reservation's open or next occurrence, for the placement core."""
-    out: dict[int, ReservationWindow] = {}
     with connection.cursor() as cursor:
-        cursor.execute(_WINDOWS_SQL, [now])
-        for rid, name, tenant_id, start, end, gpu_ids in cursor.fetchall():
-            if rid not in out:  # the earliest occurrence not over yet
-                out[rid] = ReservationWindow(id=rid, name=name, tenant_id=tenant_id, gpu_ids=frozenset(gpu_ids),
-                                             starts_at=start, ends_at=end)
+        cursor.execute(WINDOWS_SQL, {"now": now})
+        return windows_from_rows(cursor.fetchall())
+
+
+def windows_from_rows(rows: list[tuple]) -> list[ReservationWindow]:
+    """``snapshot_windows`` from the rows of ``WINDOWS_SQL`` (the pass reads them in its batch)."""
+    out: dict[int, ReservationWindow] = {}
+    for rid, name, tenant_id, start, end, gpu_ids in rows:
+        if rid not in out:  # the earliest occurrence not over yet
+            out[rid] = ReservationWindow(id=rid, name=name, tenant_id=tenant_id, gpu_ids=frozenset(gpu_ids),
+                                         starts_at=start, ends_at=end)
     return list(out.values())
 
 

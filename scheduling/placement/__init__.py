@@ -134,6 +134,7 @@ from scheduling.placement.config import ConfigError, SchedulerConfig, parse_conf
 from scheduling.placement.order import fair_share_factors, queue_order, snapshot_order
 from scheduling.placement.planner import Pass
 from scheduling.placement.reasons import format_mb
+from scheduling.placement.state import ColumnCache
 from scheduling.placement.types import (
     GpuState,
     NodeState,
@@ -162,6 +163,7 @@ def schedule_timed(snapshot: Snapshot) -> tuple[Plan, list[float]]:
 
 
 __all__ = [
+    "ColumnCache",
     "ConfigError",
     "GpuState",
     "NodeState",

@@ -73,8 +73,12 @@ class Search(WorkingState):
         sigs = self.sig_cache.get(ckey)
         if sigs is None:
             total = self.g_total
+            n_gpus, n_sig, changed = self.n_gpus, self.n_sig, self.n_changed
             sigs = set()
-            for gl in elig.values():
+            for n, gl in elig.items():
+                if gl is n_gpus[n] and n not in changed:  # all its GPUs, as the pass began
+                    sigs.add(n_sig[n])
+                    continue
                 base = self._idle_baseline(gl)
                 sigs.add(tuple(sorted((total[g] - base for g in gl), reverse=True)))
             self.sig_cache[ckey] = sigs

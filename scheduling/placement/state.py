@@ -22,11 +22,160 @@ throw-away copy of one server's GPU columns on which backfill and preemption rep
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from functools import partial
+from operator import is_
 
 from scheduling.placement.fit import SHARED, Gpus, empty_gpus, is_empty
-from scheduling.placement.scoring import base_score, gpu_score, pick, static_score
-from scheduling.placement.types import GpuState, PendingTask, RunningTask, Snapshot
+from scheduling.placement.scoring import IDLE_SATURATION_S, base_score, gpu_score, pick, static_score
+from scheduling.placement.types import NodeState, PendingTask, RunningTask, Snapshot
+
+_SATURATION = timedelta(seconds=IDLE_SATURATION_S)
+
+
+# ``_NodeColumns.valid_from`` of columns that hold for this ``now`` only (not kept).
+_NEVER = object()
+
+
+class _NodeColumns:
+    """One server's part of the working state's columns, with GPU positions local to the server
+    (``ok``, ``sorted``): what ``WorkingState`` builds from a server's GPUs before any decision.
+
+    A function of the server's GpuStates, its ``schedulable`` flag, the strategy, and ``now``
+    through the idle part of each GPU's static score, which stops changing once the GPU has
+    been idle for ``IDLE_SATURATION_S`` (or is busy). ``valid_from``: None when no GPU's score
+    depends on ``now``, else the first ``now`` from which none does, or ``_NEVER`` while some
+    still does (then these columns serve this pass only)."""
+
+    __slots__ = ("base", "binpack", "claimed", "excl", "free", "gpus", "ids", "live", "model_free", "model_lower",
+                 "model_nodes", "models", "ok", "room", "schedulable", "shared", "shared_k", "sig", "sorted",
+                 "static", "total", "valid_from")
+
+    def __init__(self, node: NodeState, now: datetime, binpack: bool) -> None:
+        gpus = self.gpus = tuple(node.gpus)
+        self.schedulable = bool(node.schedulable)
+        self.binpack = binpack
+        self.ids = [gpu.id for gpu in gpus]
+        total = self.total = [gpu.memory_total_mb for gpu in gpus]
+        claimed = self.claimed = [gpu.memory_claimed_mb for gpu in gpus]
+        live = self.live = [gpu.memory_used_live_mb for gpu in gpus]
+        excl = self.excl = [bool(gpu.exclusive_taken) for gpu in gpus]
+        shared = self.shared = [gpu.shared_count for gpu in gpus]
+        models = self.models = [gpu.loaded_models or () for gpu in gpus]
+        self.model_lower = [(gpu.model_name or "").lower() for gpu in gpus]
+        static = self.static = [static_score(gpu, now) for gpu in gpus]
+        base = self.base = [base_score(total[i], claimed[i], live[i], static[i], binpack) for i in range(len(gpus))]
+        ok = self.ok = (tuple(i for i, gpu in enumerate(gpus) if gpu.schedulable) if self.schedulable else ())
+        empties = empty_gpus(ok, excl, shared, claimed)
+        self.free = len(empties)
+        self.room = max([total[i] - live[i] for i in empties], default=-1)
+        self.sorted = sorted(empties, key=lambda i: (-base[i], i))
+        # The memory each schedulable GPU offers when idle, largest first (search._static_reason).
+        baseline = min([live[i] for i in empties], default=0)
+        self.sig = tuple(sorted((total[i] - baseline for i in ok), reverse=True))
+        self.shared_k = sum(1 for i in ok if shared[i] and not excl[i])
+        model_nodes: dict[str, None] = {}
+        model_free: dict[str, int] = {}
+        empty_set = set(empties)
+        for i in ok:
+            for model in models[i]:
+                model_nodes[model] = None
+                if i in empty_set:
+                    model_free[model] = model_free.get(model, 0) + 1
+        self.model_nodes = model_nodes
+        self.model_free = model_free
+        valid_from: object = None
+        for gpu in gpus:
+            if gpu.idle_since is None:
+                continue
+            saturated = gpu.idle_since + _SATURATION
+            if now < saturated:
+                valid_from = _NEVER
+                break
+            if valid_from is None or saturated > valid_from:  # type: ignore[operator]
+                valid_from = saturated
+        self.valid_from = valid_from
+
+    def fits(self, node: NodeState, now: datetime, binpack: bool) -> bool:
+        """Whether these columns are what ``_NodeColumns(node, now, binpack)`` would build."""
+        valid_from = self.valid_from
+        if valid_from is _NEVER or (valid_from is not None and now < valid_from):  # type: ignore[operator]
+            return False
+        if binpack != self.binpack or bool(node.schedulable) != self.schedulable:
+            return False
+        gpus = node.gpus
+        mine = self.gpus
+        if len(gpus) != len(mine):
+            return False
+        return all(map(is_, gpus, mine))
+
+
+# The per-GPU columns of ``_NodeColumns`` that the working state lays end to end.
+_FLAT = ("ids", "total", "claimed", "live", "excl", "shared", "models", "model_lower", "static", "base")
+
+
+class _Flat:
+    """The whole cluster's GPU columns (``_FLAT``, in order), laid end to end from its servers'
+    columns ``entries``, and each server's schedulable and sorted empty GPUs at their places in
+    them; never changed once built (the working state copies the lists it changes)."""
+
+    __slots__ = ("columns", "entries", "g_node", "gpu_index", "n_gpus", "n_sorted", "offsets")
+
+    def __init__(self, entries: list[_NodeColumns], prev: _Flat | None) -> None:
+        self.entries = entries
+        if prev is not None and self._patch(prev):
+            return
+        self.columns = tuple([x for e in entries for x in getattr(e, name)] for name in _FLAT)
+        self.offsets = []
+        g = 0
+        for e in entries:
+            self.offsets.append(g)
+            g += len(e.ids)
+        self.g_node = [n for n, e in enumerate(entries) for _ in e.ids]
+        self.gpu_index = {gpu_id: g for g, gpu_id in enumerate(self.columns[0])}
+        self.n_gpus = [tuple(g + i for i in e.ok) if g else e.ok for g, e in zip(self.offsets, entries)]  # noqa: B905
+        self.n_sorted = [[g + i for i in e.sorted] for g, e in zip(self.offsets, entries)]  # noqa: B905
+
+    def _patch(self, prev: _Flat) -> bool:
+        """The previous columns with only the servers whose columns changed written over,
+        when every such server has as many GPUs as the one it replaces (same layout)."""
+        entries, before = self.entries, prev.entries
+        if len(entries) != len(before):
+            return False
+        changed = [n for n, (a, b) in enumerate(zip(entries, before)) if a is not b]  # noqa: B905 - same length
+        if any(len(entries[n].ids) != len(before[n].ids) for n in changed):
+            return False
+        if len(changed) * 2 > len(entries):
+            return False  # mostly new: building afresh is as quick
+        self.offsets, self.g_node = prev.offsets, prev.g_node
+        if not changed:
+            self.columns, self.gpu_index = prev.columns, prev.gpu_index
+            self.n_gpus, self.n_sorted = prev.n_gpus, prev.n_sorted
+            return True
+        self.columns = tuple(list(column) for column in prev.columns)
+        self.n_gpus, self.n_sorted = list(prev.n_gpus), list(prev.n_sorted)
+        same_ids = True
+        for n in changed:
+            e = entries[n]
+            start = self.offsets[n]
+            self.n_gpus[n] = tuple(start + i for i in e.ok) if start else e.ok
+            self.n_sorted[n] = [start + i for i in e.sorted]
+            end = start + len(e.ids)
+            for column, name in zip(self.columns, _FLAT):  # noqa: B905 - same length
+                column[start:end] = getattr(e, name)
+            same_ids = same_ids and e.ids == before[n].ids
+        self.gpu_index = prev.gpu_index if same_ids else {gpu_id: g for g, gpu_id in enumerate(self.columns[0])}
+        return True
+
+
+class ColumnCache:
+    """Each server's columns as the last pass built them (``Snapshot.columns``), reused by the
+    next pass for a server whose GpuStates are the same objects (see ``Snapshot.columns``), and
+    the cluster's columns laid end to end, patched where servers changed."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, _NodeColumns] = {}
+        self.flat: _Flat | None = None
 
 
 class WorkingState:
@@ -39,43 +188,79 @@ class WorkingState:
         self.binpack = cfg.strategy != "spread"
         self.now = snapshot.now
 
-        # The GPU columns, each built in one comprehension over all GPUs (a pass's fixed cost
-        # grows with the cluster, and a lone task's pass is mostly this).
+        # The GPU and server columns, from each server's own columns (``_NodeColumns``): built
+        # afresh, or, with a ``ColumnCache`` in the snapshot, kept from an earlier pass for a
+        # server whose GPUs are the same objects (a lone task's pass was mostly this set-up).
         now = snapshot.now
         nodes = snapshot.nodes
-        all_gpus: list[GpuState] = [gpu for node in nodes for gpu in node.gpus]
-        self.g_id: list[int] = [gpu.id for gpu in all_gpus]
-        self.g_node: list[int] = [n for n, node in enumerate(nodes) for _ in node.gpus]
-        self.g_total: list[int] = [gpu.memory_total_mb for gpu in all_gpus]
-        self.g_claimed: list[int] = [gpu.memory_claimed_mb for gpu in all_gpus]
-        self.g_live: list[int] = [gpu.memory_used_live_mb for gpu in all_gpus]
-        self.g_excl: list[bool] = [bool(gpu.exclusive_taken) for gpu in all_gpus]
-        self.g_shared: list[int] = [gpu.shared_count for gpu in all_gpus]
+        cache = snapshot.columns if isinstance(snapshot.columns, ColumnCache) else None
+        cached = cache.nodes if cache is not None else {}
+        kept: dict[int, _NodeColumns] = {}
+        entries: list[_NodeColumns] = []
+        for node in nodes:
+            entry = cached.get(node.id)
+            if entry is None or not entry.fits(node, now, self.binpack):
+                entry = _NodeColumns(node, now, self.binpack)
+            if entry.valid_from is not _NEVER:
+                kept[node.id] = entry
+            entries.append(entry)
+        flat = _Flat(entries, cache.flat if cache is not None else None)
+        if cache is not None:
+            cache.nodes = kept
+            cache.flat = flat
+
+        # Copies: the pass changes these lists in place. (g_node and gpu_index it only reads.)
+        (ids, total, claimed, live, excl, shared, models, model_lower, static, base) = flat.columns
+        self.g_id: list[int] = list(ids)
+        self.g_node: list[int] = flat.g_node
+        self.g_total: list[int] = list(total)
+        self.g_claimed: list[int] = list(claimed)
+        self.g_live: list[int] = list(live)
+        self.g_excl: list[bool] = list(excl)
+        self.g_shared: list[int] = list(shared)
         # Kept as the snapshot's dict until a placement adds a model (copy on write).
-        self.g_models: list[Iterable[str]] = [gpu.loaded_models or () for gpu in all_gpus]
-        self.g_model_lower: list[str] = [(gpu.model_name or "").lower() for gpu in all_gpus]
+        self.g_models: list[Iterable[str]] = list(models)
+        self.g_model_lower: list[str] = list(model_lower)
         # utilisation + temperature + idle part of the score
-        self.g_static: list[float] = [static_score(gpu, now) for gpu in all_gpus]
-        self.gpu_index: dict[int, int] = {gpu_id: g for g, gpu_id in enumerate(self.g_id)}
+        self.g_static: list[float] = list(static)
+        self.g_base: list[float] = list(base)
+        self.gpu_index: dict[int, int] = flat.gpu_index
 
         self.n_id: list[int] = [node.id for node in nodes]
         self.n_name: list[str] = [node.name for node in nodes]
         self.n_labels: list[dict[str, str]] = [node.labels or {} for node in nodes]
         self.n_ok: list[bool] = [bool(node.schedulable) for node in nodes]
-        self.n_gpus: list[tuple[int, ...]] = []  # schedulable GPUs of an active server
-        self.n_free: list[int] = []  # empty schedulable GPUs
-
+        self.n_gpus: list[tuple[int, ...]] = list(flat.n_gpus)  # schedulable GPUs of an active server
+        self.n_free: list[int] = [e.free for e in entries]  # empty schedulable GPUs
+        # Per server, the most memory an exclusive request can get on one of its empty GPUs:
+        # lets the scan skip servers whose GPUs are too small without looking at each GPU.
+        self.n_room: list[int] = [e.room for e in entries]
+        # Per server, its empty schedulable GPUs best score first (exclusive requests without a model).
+        # (Its lists are replaced, never changed in place: the copy of the outer list is enough.)
+        self.n_sorted: list[list[int]] = list(flat.n_sorted)
+        # Per server, its GPUs' idle memory as the pass began (``_NodeColumns.sig``), and the
+        # servers a placement or preemption has changed since (their signatures are recomputed).
+        self.n_sig: list[tuple[int, ...]] = [e.sig for e in entries]
+        self.n_changed: set[int] = set()
+        # Active servers with at least one GPU hosting shared allocations: n -> count of such GPUs.
+        self.shared_nodes: dict[int, int] = {}
+        # Affinity indexes: model -> servers with a schedulable GPU holding it (shared requests),
+        # and model -> {server: empty GPUs holding it} (exclusive requests need an empty GPU).
+        self.model_nodes: dict[str, dict[int, None]] = {}
+        self.model_free: dict[str, dict[int, int]] = {}
         max_gpus = 0
         schedulable_total = 0
-        g = 0
-        for node in nodes:
-            ok_gpus = (tuple(g + i for i, gpu in enumerate(node.gpus) if gpu.schedulable) if node.schedulable
-                       else ())
-            g += len(node.gpus)
-            self.n_gpus.append(ok_gpus)
-            self.n_free.append(len(self._empty_of(ok_gpus)))
-            schedulable_total += len(ok_gpus)
-            max_gpus = max(max_gpus, len(ok_gpus))
+        for n, e in enumerate(entries):
+            ok = e.ok
+            schedulable_total += len(ok)
+            if len(ok) > max_gpus:
+                max_gpus = len(ok)
+            if e.shared_k:
+                self.shared_nodes[n] = e.shared_k
+            for model in e.model_nodes:
+                self.model_nodes.setdefault(model, {})[n] = None
+            for model, k in e.model_free.items():
+                self.model_free.setdefault(model, {})[n] = k
 
         # The fit rule over the live columns (the lists are only ever changed in place).
         self.gpus = Gpus(self.margin, self.g_total, self.g_claimed, self.g_live, self.g_excl, self.g_shared)
@@ -83,41 +268,14 @@ class WorkingState:
         self._first_empty_fitting = self.gpus.first_empty_fitting
 
         self.schedulable_total = schedulable_total
-        # Active servers with at least one GPU hosting shared allocations: n -> count of such GPUs.
-        self.shared_nodes: dict[int, int] = {}
-        for n, gl in enumerate(self.n_gpus):
-            k = sum(1 for g in gl if self.g_shared[g] and not self.g_excl[g])
-            if k and self.n_ok[n]:
-                self.shared_nodes[n] = k
-        self.g_base: list[float] = [self._base_score(g) for g in range(len(self.g_id))]
         # The best GPUs of a server for a task (the score columns are only ever changed in place).
         self._pick = partial(pick, self.g_base, self.g_models, self.max_models)
-        # Per server, the most memory an exclusive request can get on one of its empty GPUs:
-        # lets the scan skip servers whose GPUs are too small without looking at each GPU.
-        self.n_room: list[int] = [self._room(n) for n in range(len(self.n_id))]
-        # Per server, its empty schedulable GPUs best score first (exclusive requests without a model).
-        self.n_sorted: list[list[int]] = [self._sorted_empty(n) for n in range(len(self.n_id))]
         # buckets[k]: active servers with exactly k empty GPUs (dicts keep a stable order).
         self.max_k = max_gpus
         self.buckets: list[dict[int, None]] = [{} for _ in range(max_gpus + 1)]
         for n, ok in enumerate(self.n_ok):
             if ok and self.n_gpus[n]:
                 self.buckets[self.n_free[n]][n] = None
-
-        # Affinity indexes: model -> servers with a schedulable GPU holding it (shared requests),
-        # and model -> {server: empty GPUs holding it} (exclusive requests need an empty GPU).
-        self.model_nodes: dict[str, dict[int, None]] = {}
-        self.model_free: dict[str, dict[int, int]] = {}
-        for n, gl in enumerate(self.n_gpus):
-            if not self.n_ok[n]:
-                continue
-            empties = set(self._empty_of(gl))
-            for g in gl:
-                empty = g in empties
-                for model in self.g_models[g]:
-                    self.model_nodes.setdefault(model, {})[n] = None
-                    if empty:
-                        self._count_free_holder(model, n, 1)
 
         # Tenant usage, updated as the plan places and preempts.
         self.t_usage: dict[int, list[int]] = {
@@ -193,6 +351,7 @@ class WorkingState:
         binpack = self.binpack
         max_models = self.max_models
         score = sum(gpu_score(g_base[g], g_models[g], model, max_models) for g in gpus)
+        self.n_changed.add(n)
         became_busy = 0
         for g in gpus:
             if is_empty(g_excl[g], g_shared[g], g_claimed[g]):
@@ -246,6 +405,7 @@ class WorkingState:
             g = self.gpu_index.get(gid)
             if g is None:
                 continue
+            self.n_changed.add(self.g_node[g])
             was_empty = self._empty(g)
             self.g_claimed[g] = max(0, self.g_claimed[g] - victim.memory_mb)
             # Its process goes away too: the live reading will drop by about its claim.

@@ -116,6 +116,10 @@ class Snapshot:
     running: list[RunningTask]
     pending: list[PendingTask]  # any order: the core sorts by priority then FIFO
     reservations: list[ReservationWindow] = field(default_factory=list)  # not yet over at ``now``
+    # A ``state.ColumnCache`` to keep each server's working columns in between passes, or None.
+    # Only for a caller that never changes a GpuState after handing it in (scheduling.passes
+    # builds a new one for every changed row): the cache recognises a server's GPUs by identity.
+    columns: object | None = None
 
 
 @dataclass(slots=True)
