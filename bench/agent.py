@@ -56,6 +56,7 @@ from django.db import transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from bench import ceilings  # noqa: E402
+from bench.api import cpu_seconds  # noqa: E402
 from kernel import live  # noqa: E402
 from nodes.enrolment import issue_join_token  # noqa: E402
 from nodes.models import GPU, JoinToken, Node  # noqa: E402
@@ -279,16 +280,20 @@ def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: in
     import threading
 
     thread = threading.Thread(target=load)
+    cpu0 = cpu_seconds(procs.procs)
     t0 = time.monotonic()
     thread.start()
     busy = pass_times(seconds - 1)
     thread.join()
     elapsed = time.monotonic() - t0
+    web_cpu = cpu_seconds(procs.procs) - cpu0
     ok, failed = loop_result["counts"]
     return {
         "heartbeat_gpu_rows_per_s": round(ok * 8 / elapsed),
         "heartbeats_per_s": round(ok / elapsed, 1),
         "heartbeat_failures": failed,
+        # CPU of the web processes per heartbeat: steadier than the rate on a shared machine.
+        "heartbeat_web_cpu_ms": round(web_cpu * 1000 / max(ok, 1), 2),
         "heartbeat_servers": servers_n,
         "heartbeat_web_processes": web_n,
         "pass_ms_p50_idle": round(statistics.median(idle), 1),

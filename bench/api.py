@@ -1,6 +1,6 @@
 """Submit throughput and latency of the users' API, through real web processes.
 
-    .venv/bin/python bench/api.py [--quick] [--web N] [--connections C] [--seconds S] [--server daphne]
+    .venv/bin/python bench/api.py [--quick] [--web N] [--connections C] [--seconds S] [--server daphne|wsgi]
 
 Starts the web node as ``make run`` does (``portal.webserver``: granian with N
 worker processes on one port; ``--server daphne``: N daphne processes sharing one
@@ -138,6 +138,13 @@ def start_web(n: int, redis_url: str | None = None, server: str = "granian",
         port = _free_port()
         proc = subprocess.Popen(webserver.argv("127.0.0.1", port, n), cwd=ROOT, env=env, start_new_session=True)
         return port, [proc], None
+    if server == "wsgi":  # HTTP only: granian's WSGI interface, no websockets
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(n), "--blocking-threads", env["DB_POOL_MAX_SIZE"], "--log-level", "warning",
+             "portal.wsgi:application"], cwd=ROOT, env=env, start_new_session=True)
+        return port, [proc], None
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -259,8 +266,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="length of each phase")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--batch-connections", type=int, default=2)
-    parser.add_argument("--server", choices=("granian", "daphne"), default="granian",
-                        help="granian: the web node of make run (default); daphne: the ASGI server it replaced")
+    parser.add_argument("--server", choices=("granian", "daphne", "wsgi"), default="granian",
+                        help="granian: the web node of make run (default); daphne: the ASGI server it replaced;"
+                             " wsgi: granian's WSGI interface (portal.wsgi, HTTP only), for comparison")
     parser.add_argument("--redis", action="store_true",
                         help="run the Channels layer on a local redis-server instead of PostgreSQL")
     args = parser.parse_args()

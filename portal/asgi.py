@@ -1,4 +1,4 @@
-"""ASGI entry point (daphne): HTTP through Django, websockets through Channels."""
+"""ASGI entry point (granian, daphne): HTTP through Django, websockets through Channels."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from django.conf import settings  # noqa: E402
 
 from kernel import registry  # noqa: E402
 from portal.routing import websocket_urlpatterns  # noqa: E402
+from portal.threaded_http import ThreadedHTTP  # noqa: E402
 
 
 class RegisterOnFirstRequest:
@@ -37,7 +38,9 @@ class RegisterOnFirstRequest:
 
 application = ProtocolTypeRouter(
     {
-        "http": RegisterOnFirstRequest(django_asgi_app),
+        # Django's sync handler on a thread pool (portal/threaded_http.py), not its
+        # ASGI adaptation; coroutine views still go through django_asgi_app.
+        "http": RegisterOnFirstRequest(ThreadedHTTP(async_app=django_asgi_app)),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -3,11 +3,12 @@
 The web node is granian (a Rust HTTP server) running the ASGI application
 (``portal.asgi``): HTTP and websockets on one port, served by ``workers``
 processes. Measured against daphne on the same machine (``bench/api.py
---server``), it spends less CPU per request in the server itself; each worker
-keeps a small pool of database connections (``DB_POOL_MAX_SIZE``), because under
-ASGI every request runs in a thread of its own and would otherwise connect
-afresh. ``asginl``: the ASGI interface without lifespan events, which Django and
-Channels do not use.
+--server``), it spends less CPU per request in the server itself. HTTP requests
+do not go through Django's ASGI adaptation: ``portal.threaded_http`` runs
+Django's synchronous handler on a pool of threads per worker, as many as the
+worker's database connections (``DB_POOL_MAX_SIZE``, a pool: without it each
+request would connect afresh). ``asginl``: the ASGI interface without lifespan
+events, which Django and Channels do not use.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Connections per worker process: requests run in threads, a few at a time per worker.
+# Connections per worker process, and threads running requests (portal.threaded_http).
 POOL_PER_WORKER = 8
 
 

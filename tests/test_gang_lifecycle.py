@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from scheduling import lifecycle
-from scheduling.assignments import desired_state
+from scheduling.assignments import current_etag, desired_state
 from scheduling.models import Allocation, Task
 from scheduling.passes import run_pass
 from scheduling.sweep import sweep
@@ -58,6 +58,26 @@ def test_the_barrier_opens_with_rank_0s_address_and_port_once_every_rank_is_read
     lifecycle.report_started(task.pk, node_id=r[1].node_id, actor="agent", attempt=0)
     task.refresh_from_db()
     assert task.status == "running"
+
+
+def test_the_heartbeats_etag_is_the_desired_states_on_every_rank_through_the_barrier(placed_gang, servers):
+    task = placed_gang
+    r = ranks(task)
+
+    def same_everywhere() -> set[str]:
+        etags = set()
+        for node in servers:
+            state = desired_state(node.pk)
+            assert current_etag(node.pk) == state["etag"], node.name
+            etags.add(state["etag"])
+        return etags
+
+    before = same_everywhere()
+    lifecycle.report_ready(task.pk, node_id=r[0].node_id, actor="agent", attempt=0, address="10.0.0.1", port=29511)
+    lifecycle.report_ready(task.pk, node_id=r[1].node_id, actor="agent", attempt=0, address="10.0.0.2")
+    assert same_everywhere() != before  # the barrier opening changes what the agents must do
+    lifecycle.cancel(task.pk, actor="test")
+    assert same_everywhere() == {desired_state(servers[0].pk)["etag"]}  # nothing left anywhere
 
 
 def test_a_rank_that_never_reaches_the_barrier_requeues_the_whole_gang(placed_gang, settings):
