@@ -28,7 +28,7 @@ from scheduling import access, lifecycle, logs, reservations, submission, task_f
 from scheduling.calendar import events
 from scheduling.choices import FINAL_STATUSES, OPEN_STATUSES, STATUS_GROUPS, ShareMode, TaskStatus
 from scheduling.filters import TaskFilter
-from scheduling.grants import GrantRequestForm, grants_for, requestable_tenants
+from scheduling.grants import GrantRequestForm, grants_for
 from scheduling.models import TaskLogChunk
 from scheduling.preview import would_fit
 from scheduling.quotas import quota_report
@@ -324,7 +324,7 @@ def quota_grants(request: HttpRequest) -> HttpResponse:
     grants = grants_for(request.user).select_related("tenant", "requested_by", "decided_by")[:200]
     rows = [(g, g.status_at(now)) for g in grants]
     return render(request, "portal/grants.html", {
-        "form": form, "rows": rows, "can_request": requestable_tenants(request.user).exists(),
+        "form": form, "rows": rows, "can_request": access.administered_tenants(request.user).exists(),
     }, status=400 if form.errors else 200)
 
 
@@ -354,7 +354,7 @@ def reservation_list(request: HttpRequest) -> HttpResponse:
                                                                                "decided_by")[:200]]
     return render(request, "portal/reservations.html", {
         "form": form, "rows": rows, "refused": refused,
-        "can_request": reservations.requestable_tenants(request.user).exists(),
+        "can_request": access.administered_tenants(request.user).exists(),
     }, status=400 if form.errors else 200)
 
 
@@ -383,7 +383,7 @@ def calendar(request: HttpRequest) -> HttpResponse:
 
     return render(request, "portal/calendar.html", {
         "servers": list(Node.objects.order_by("name").values_list("name", flat=True)),
-        "can_request": reservations.requestable_tenants(request.user).exists(),
+        "can_request": access.administered_tenants(request.user).exists(),
         "form": reservations.ReservationRequestForm(user=request.user),
     })
 

@@ -51,6 +51,14 @@ def admin_tenant_ids(user) -> set[int]:
     )
 
 
+def administered_tenants(user) -> QuerySet[Tenant]:
+    """Tenants ``user`` administers (all of them for staff): who may request reservations
+    and quota grants for a tenant, and manage them."""
+    if user.is_staff:
+        return Tenant.objects.all()
+    return Tenant.objects.filter(pk__in=admin_tenant_ids(user))
+
+
 def can_cancel(user, task: Task) -> bool:
     """Assumes ``task`` came from ``tasks_for(user)`` (i.e. the user already sees it)."""
     if user.is_staff or task.submitter_id == user.pk:

@@ -36,7 +36,7 @@ class GrantRequestForm(forms.ModelForm):
         self.user = user
         # Implied when the user may ask for exactly one tenant (like a task submit).
         self.fields["tenant"].required = False
-        self.fields["tenant"].queryset = requestable_tenants(user)
+        self.fields["tenant"].queryset = access.administered_tenants(user)
         self.fields["tenant"].error_messages["invalid_choice"] = (
             _("Pick a tenant you are an admin of (only tenant admins may ask for extra quota)."))
 
@@ -70,13 +70,6 @@ class GrantRequestForm(forms.ModelForm):
         if commit:
             grant.save()
         return grant
-
-
-def requestable_tenants(user):
-    """Tenants ``user`` may ask extra quota for: those they administer (all, for staff)."""
-    if user.is_staff:
-        return Tenant.objects.all()
-    return Tenant.objects.filter(pk__in=access.admin_tenant_ids(user))
 
 
 def grants_for(user):

@@ -70,7 +70,7 @@ class ReservationRequestForm(forms.ModelForm):
         self.user = user
         # Implied when the user may ask for exactly one tenant (like a task submit).
         self.fields["tenant"].required = False
-        self.fields["tenant"].queryset = requestable_tenants(user)
+        self.fields["tenant"].queryset = access.administered_tenants(user)
         self.fields["tenant"].error_messages["invalid_choice"] = (
             gettext("Pick a tenant you are an admin of (only tenant admins may reserve GPUs)."))
         self.fields["node_selector"].required = False
@@ -109,12 +109,6 @@ class ReservationRequestForm(forms.ModelForm):
         if repeat > MAX_REPEAT_WEEKS:
             self.add_error("repeat_weeks", gettext("At most %(n)s weekly repeats.") % {"n": MAX_REPEAT_WEEKS})
         return data
-
-
-def requestable_tenants(user):
-    if user.is_staff:
-        return Tenant.objects.all()
-    return Tenant.objects.filter(pk__in=access.admin_tenant_ids(user))
 
 
 def reservations_for(user):
