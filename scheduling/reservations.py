@@ -32,7 +32,7 @@ from scheduling import access, triggers
 from scheduling.lock import lock_scheduler
 from scheduling.models import Allocation, Reservation, ReservationPolicy, ReservationSlot
 from scheduling.placement import ReservationWindow
-from tenants.models import Membership, Tenant
+from tenants.models import Tenant
 
 MAX_REPEAT_WEEKS = 52
 MAX_WINDOW_DAYS = 31
@@ -117,10 +117,7 @@ def reservations_for(user):
 
 
 def can_manage(user, reservation: Reservation) -> bool:
-    if user.is_staff:
-        return True
-    return Membership.objects.filter(user=user, tenant_id=reservation.tenant_id,
-                                     role=Membership.Role.ADMIN).exists()
+    return user.is_staff or reservation.tenant_id in access.admin_tenant_ids(user)
 
 
 # --- booking ------------------------------------------------------------------------------
