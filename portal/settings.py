@@ -62,7 +62,6 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
-    "django_q",
     "django_prometheus",
     "channels",
     "channels_postgres",
@@ -73,6 +72,8 @@ INSTALLED_APPS = [
     "nodes",
     "scheduling",
     "portal",
+    # After portal: its qcluster command (a stop that is never lost) replaces django-q2's.
+    "django_q",
 ]
 
 MIDDLEWARE = [
