@@ -82,3 +82,80 @@ def test_a_sigterm_during_start_up_stops_the_whole_cluster(point):
     assert proc.returncode == 0, output[-3000:]
     assert "qcluster returned" in output
     assert left == [], f"the cluster's processes outlived it: {left}"
+
+
+class _DatabaseLink:
+    """A TCP relay to PostgreSQL that the test can cut: the database is gone for whoever used it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.cut_off = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self.cut_off.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(2)
+
+    def cut(self) -> None:
+        self.cut_off.set()
+        self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(2)
+                s.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_cluster_stops_on_sigterm_after_its_database_is_gone(tmp_path):
+    """``make run`` stops the embedded PostgreSQL with everything else: the q cluster must still stop."""
+    from django.db import connection
+
+    from tests.conftest import wait_for
+
+    settings = connection.settings_dict
+    link = _DatabaseLink(settings.get("HOST") or "127.0.0.1", int(settings.get("PORT") or 5432))
+    user = settings.get("USER") or ""
+    url = f"postgresql://{user}@127.0.0.1:{link.port}/{settings['NAME']}"
+    log = tmp_path / "qcluster.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=ROOT,
+                                env=subprocess_env(Q_WORKERS="2", DATABASE_URL=url),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "running." in log.read_text(), 60, "the q cluster to run")
+        link.cut()
+        # The database is gone and the cluster has noticed: its pusher failed to poll it.
+        wait_for(lambda: "Failed to pull task from broker" in log.read_text(), 30, "the pusher to lose the database")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    except (subprocess.TimeoutExpired, AssertionError) as error:
+        _kill_all(_session_members(proc.pid))
+        proc.wait()
+        pytest.fail(f"{error}\n{log.read_text()[-3000:]}")
+    left = _session_members(proc.pid)
+    _kill_all(left)
+    assert left == [], f"the cluster's processes outlived it: {left}"
