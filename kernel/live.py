@@ -15,7 +15,11 @@ outbox is handed to this process's publisher thread instead of being sent from
 the request thread: the request answers without waiting for the channel layer,
 and outboxes committed while the publisher is busy are merged into one batch
 (id lists united per group and type), sent in one long-lived event loop (so the
-layer's connections are reused). An outbox reaches the publisher only from its
+layer's connections are reused). After a send the publisher waits until
+``LIVE_PUBLISH_MIN_INTERVAL_MS`` has passed since that send began before it sends
+again: a push after a quiet spell leaves at once, and under a stream of commits
+(hundreds of submits a second) each group gets at most one merged message per
+interval instead of one per commit. An outbox reaches the publisher only from its
 commit hook, so a rolled-back change is never published. Pending pushes are
 flushed when the process exits.
 
@@ -30,6 +34,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -181,10 +186,15 @@ class _Publisher:
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()  # lives as long as the thread: the layer's connections stay open
+        last_send = -float("inf")
         while True:
             with self._lock:
                 self._wake.wait_for(lambda: self._pending is not None)
+                # Commits arriving meanwhile merge into the pending batch.
+                while (delay := last_send + settings.LIVE_PUBLISH_MIN_INTERVAL_MS / 1000 - time.monotonic()) > 0:
+                    self._wake.wait(delay)
                 box, self._pending, self._busy = self._pending, None, True
+            last_send = time.monotonic()
             try:
                 layer = get_channel_layer()
                 if layer is None:

@@ -194,6 +194,9 @@ LIVE_MIN_INTERVAL_MS = envint("LIVE_MIN_INTERVAL_MS", 250, minimum=0)
 # After-commit pushes leave from a background publisher thread, not the request
 # thread (kernel.live); off only in the test process's in-memory channel layer.
 LIVE_PUBLISH_IN_BACKGROUND = envbool("LIVE_PUBLISH_IN_BACKGROUND", True)
+# The publisher sends at most one batch per this many ms (the first after a quiet spell at
+# once): under a stream of commits each group gets one merged message per interval.
+LIVE_PUBLISH_MIN_INTERVAL_MS = envint("LIVE_PUBLISH_MIN_INTERVAL_MS", 50, minimum=0)
 
 # Alerts (server lost, GPU error, task OOM) are also POSTed here as JSON, after commit.
 ALERT_WEBHOOK_URL = envstr("ALERT_WEBHOOK_URL")

@@ -75,3 +75,29 @@ def test_changes_committed_while_the_publisher_is_busy_leave_as_one_merged_batch
     assert batches[1] == [("cluster", {"type": "gpus.changed", "node_ids": [2, 3, 4]}),
                           ("cluster", {"type": "alert.raised", "alert": {"id": 1}}),
                           ("cluster", {"type": "alert.raised", "alert": {"id": 2}})]
+
+
+def test_a_push_after_a_quiet_spell_leaves_at_once_and_a_stream_is_merged_per_interval(
+        transactional_db, published, settings):
+    batches, _, _ = published
+    assert live.publisher.flush(10)
+    settings.LIVE_PUBLISH_MIN_INTERVAL_MS = 0
+    with transaction.atomic():
+        live.gpus_changed([1])  # the interval has passed: at once
+    wait_for(lambda: batches, 10, "the first push")
+    with live.publisher._lock:  # that send is over
+        assert live.publisher._wake.wait_for(lambda: not live.publisher._busy, 10)
+
+    settings.LIVE_PUBLISH_MIN_INTERVAL_MS = 3_600_000  # the next batch may leave an hour after that one
+    for node_ids in ([2], [3, 4]):
+        with transaction.atomic():
+            live.gpus_changed(node_ids)
+    with live.publisher._lock:  # both are merged, waiting for the interval
+        assert live.publisher._pending is not None and not live.publisher._busy
+    assert len(batches) == 1
+
+    settings.LIVE_PUBLISH_MIN_INTERVAL_MS = 0  # the interval is over: the publisher is woken by the next commit
+    with transaction.atomic():
+        live.gpus_changed([5])
+    assert live.publisher.flush(10)
+    assert batches[1:] == [[("cluster", {"type": "gpus.changed", "node_ids": [2, 3, 4, 5]})]]
