@@ -19,7 +19,8 @@ layer's connections are reused). After a send the publisher waits until
 ``LIVE_PUBLISH_MIN_INTERVAL_MS`` has passed since that send began before it sends
 again: a push after a quiet spell leaves at once, and under a stream of commits
 (hundreds of submits a second) each group gets at most one merged message per
-interval instead of one per commit. An outbox reaches the publisher only from its
+interval instead of one per commit. A batch telling an agent its assignments
+changed never waits (it is on the path from submit to a running process). An outbox reaches the publisher only from its
 commit hook, so a rolled-back change is never published. Pending pushes are
 flushed when the process exits.
 
@@ -49,9 +50,12 @@ log = logging.getLogger(__name__)
 STAFF_GROUP = "cluster"
 
 
+_AGENT_GROUP_PREFIX = "node-"
+
+
 def node_group(node_id: int) -> str:
     """The agent of one GPU server listens here."""
-    return f"node-{node_id}"
+    return f"{_AGENT_GROUP_PREFIX}{node_id}"
 
 
 def tenant_group(tenant_id: int) -> str:
@@ -120,6 +124,7 @@ class _Outbox:
         # (group, type) -> ("ids", key, set of ids) | ("plain", payload); dicts keep insertion order
         self.entries: dict[tuple[str, str], tuple[str, Any, Any]] = {}
         self.sent = False
+        self.urgent = False  # holds a message for an agent: the publisher sends it without waiting
 
     def add_ids(self, group: str, event_type: str, key: str, ids: Iterable[int]) -> None:
         entry = self.entries.get((group, event_type))
@@ -129,11 +134,13 @@ class _Outbox:
 
     def add_plain(self, group: str, event_type: str, payload: dict[str, Any]) -> None:
         self.entries[(group, event_type)] = ("plain", payload, None)
+        self.urgent = self.urgent or group.startswith(_AGENT_GROUP_PREFIX)
 
     def merge(self, other: _Outbox) -> None:
         """Take in another (committed) outbox: id lists are united; a plain payload
         (e.g. an alert) is kept as its own message, never overwritten by another
         transaction's."""
+        self.urgent = self.urgent or other.urgent
         for (group, event_type), (kind, a, b) in other.entries.items():
             if kind == "ids":
                 self.add_ids(group, event_type, a, b)
@@ -191,7 +198,8 @@ class _Publisher:
             with self._lock:
                 self._wake.wait_for(lambda: self._pending is not None)
                 # Commits arriving meanwhile merge into the pending batch.
-                while (delay := last_send + settings.LIVE_PUBLISH_MIN_INTERVAL_MS / 1000 - time.monotonic()) > 0:
+                while not self._pending.urgent and (
+                        delay := last_send + settings.LIVE_PUBLISH_MIN_INTERVAL_MS / 1000 - time.monotonic()) > 0:
                     self._wake.wait(delay)
                 box, self._pending, self._busy = self._pending, None, True
             last_send = time.monotonic()

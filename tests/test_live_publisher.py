@@ -101,3 +101,18 @@ def test_a_push_after_a_quiet_spell_leaves_at_once_and_a_stream_is_merged_per_in
         live.gpus_changed([5])
     assert live.publisher.flush(10)
     assert batches[1:] == [[("cluster", {"type": "gpus.changed", "node_ids": [2, 3, 4, 5]})]]
+
+
+def test_an_agents_assignments_never_wait_for_the_interval(transactional_db, published, settings):
+    batches, _, _ = published
+    settings.LIVE_PUBLISH_MIN_INTERVAL_MS = 0
+    with transaction.atomic():
+        live.gpus_changed([1])
+    wait_for(lambda: batches, 10, "the first push")
+    settings.LIVE_PUBLISH_MIN_INTERVAL_MS = 3_600_000
+    with transaction.atomic():
+        live.gpus_changed([2])
+        live.assignments_changed([9])  # on the way from a submit to a running process
+
+    wait_for(lambda: len(batches) == 2, 10, "the agent's push, without waiting an hour")
+    assert [g for g, _ in batches[1]] == ["cluster", "node-9"]
