@@ -16,12 +16,14 @@ UPDATE for changed pending reasons. Agents and websockets are told after commit.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -546,7 +548,8 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
     result = PassResult()
     committed: list[float] = []
     try:
-        _run_pass_transaction(decide, actor, result, committed)
+        with _collector_paused():
+            _run_pass_transaction(decide, actor, result, committed)
     except Exception:
         _record_pass(time.perf_counter() - started, ok=False)
         raise
@@ -557,6 +560,28 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
     result.notify_s = ended - done
     _record_pass(result.duration_s, ok=True)
     return result
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the pass holds the scheduler lock.
+
+    A pass from empty makes tens of thousands of objects (the snapshot, the plan) that live
+    until it ends: counted as survivors, they set off collections of the whole process heap in
+    the middle of the pass (a full one of ~100 ms about one pass in three at 1,600 GPUs, and
+    ~10 ms of younger ones in every pass), all while every other pass, sweep and reservation
+    change waits for the lock. With the collector off they are freed by reference counting
+    when the pass returns, so they never reach the older generations at all; whatever garbage
+    has cycles is collected after the pass. Left alone when something else turned it off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _record_pass(duration_s: float, *, ok: bool) -> None:
