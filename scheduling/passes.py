@@ -526,7 +526,8 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
                     fan.task_changed(loaded.tenant_of[task_id], task_id)
         if u_id:
             cursor.execute(_UPDATE_PENDING_SQL,
-                           [pgarrays.ints(u_id), u_reason, pgarrays.ints(u_pos), TaskStatus.PENDING])
+                           [pgarrays.ints(u_id), pgarrays.texts(u_reason), pgarrays.ints(u_pos),
+                            TaskStatus.PENDING])
         result.pending = len(plan.pending)
 
 
