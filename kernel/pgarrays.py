@@ -13,3 +13,9 @@ def ints(values: list[int | None]) -> str:
 
 def bools(values: list[bool]) -> str:
     return "{" + ",".join("t" if v else "f" for v in values) + "}"
+
+
+def texts(values: list[str]) -> str:
+    """A ``text[]`` literal: every element double-quoted, with its backslashes and double
+    quotes escaped, so commas, braces, blanks and the word NULL stay text."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"

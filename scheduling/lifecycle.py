@@ -560,7 +560,8 @@ def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut
         cursor.execute(_PLACE_SQL, {
             "now": now, "actor": actor, "from": P, "to": A,
             "task": pgarrays.ints([p.task_id for p in placing]),
-            "task_node": pgarrays.ints([p.node_id for p in placing]), "reason": [p.reason for p in placing],
+            "task_node": pgarrays.ints([p.node_id for p in placing]),
+            "reason": pgarrays.texts([p.reason for p in placing]),
             "a_task": pgarrays.ints(a_task), "a_gpu": pgarrays.ints(a_gpu), "a_node": pgarrays.ints(a_node),
             "a_mem": pgarrays.ints(a_mem), "a_excl": pgarrays.bools(a_excl),
         })

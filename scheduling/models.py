@@ -47,7 +47,9 @@ def _default_max_retries() -> int:
 
 
 class Task(models.Model):
-    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="tasks")
+    # No index of its own: task_tenant_status_idx (tenant, status) leads with it. Every placement
+    # and every state change rewrites a task row into each of the table's indexes.
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="tasks", db_index=False)
     submitter = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
     )
@@ -77,9 +79,12 @@ class Task(models.Model):
     master_addr = models.CharField(max_length=255, blank=True)
     master_port = models.PositiveIntegerField(null=True, blank=True)
     # An element of an array (scheduling.arrays): its index in the array.
-    array = models.ForeignKey("TaskArray", null=True, blank=True, on_delete=models.CASCADE, related_name="tasks")
+    # Indexed where set (task_array_idx, task_reservation_idx): most tasks have neither, and
+    # those rows then cost no index entry when a placement or state change rewrites them.
+    array = models.ForeignKey("TaskArray", null=True, blank=True, on_delete=models.CASCADE, related_name="tasks",
+                              db_index=False)
     array_index = models.PositiveIntegerField(null=True, blank=True)
-    reservation = models.ForeignKey("Reservation", null=True, blank=True, on_delete=models.SET_NULL,
+    reservation = models.ForeignKey("Reservation", null=True, blank=True, on_delete=models.SET_NULL, db_index=False,
                                     related_name="tasks", help_text="Run only on this reservation's GPUs.")
 
     status = models.CharField(_("status"), max_length=10, choices=TaskStatus.choices, default=TaskStatus.PENDING)
@@ -112,6 +117,8 @@ class Task(models.Model):
             models.Index(fields=["tenant", "status"], name="task_tenant_status_idx"),
             models.Index(fields=["status", "node"], name="task_status_node_idx"),
             models.Index(fields=["-created_at"], name="task_created_idx"),
+            models.Index(fields=["array"], name="task_array_idx", condition=Q(array__isnull=False)),
+            models.Index(fields=["reservation"], name="task_reservation_idx", condition=Q(reservation__isnull=False)),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="task_gpu_count_positive"),
@@ -300,10 +307,12 @@ class TaskRank(models.Model):
     then the task's ``master_addr``/``master_port`` are set and every agent starts its process.
     """
 
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="ranks")
+    # Neither key has an index of its own: taskrank_one_per_rank (task, attempt, rank) and
+    # taskrank_node_idx (node, attempt) lead with them.
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="ranks", db_index=False)
     attempt = models.PositiveIntegerField()
     rank = models.PositiveSmallIntegerField()
-    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="task_ranks")
+    node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="task_ranks", db_index=False)
     address = models.CharField(max_length=255, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
@@ -359,7 +368,6 @@ class Allocation(models.Model):
         indexes = [
             models.Index(fields=["gpu"], name="allocation_active_gpu_idx", condition=Q(released_at__isnull=True)),
             models.Index(fields=["node"], name="allocation_active_node_idx", condition=Q(released_at__isnull=True)),
-            models.Index(fields=["task"], name="allocation_task_idx"),
             # The usage ledger reads intervals released after its roll-up watermark raw.
             models.Index(fields=["released_at"], name="allocation_released_idx",
                          condition=Q(released_at__isnull=False)),
@@ -404,7 +412,8 @@ class Allocation(models.Model):
 class TaskEvent(models.Model):
     """One state change of a task: from, to, who or what did it, why, when."""
 
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    # No index of its own: taskevent_task_time_idx (task, created_at) leads with it.
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events", db_index=False)
     from_status = models.CharField(max_length=10, choices=TaskStatus.choices, blank=True)
     to_status = models.CharField(max_length=10, choices=TaskStatus.choices)
     actor = models.CharField(max_length=100, help_text='"scheduler", "user:alice", "agent:gpu-01", "sweep"...')
