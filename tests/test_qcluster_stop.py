@@ -91,7 +91,9 @@ class _DatabaseLink:
         import socket
         import threading
 
-        self.target = (host, port)
+        # PostgreSQL over TCP, or on its unix socket (the embedded server: HOST is a directory).
+        self.target = (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/") else (
+            socket.AF_INET, (host, port))
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
@@ -107,7 +109,9 @@ class _DatabaseLink:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.target)
+            family, address = self.target
+            server = socket.socket(family, socket.SOCK_STREAM)
+            server.connect(address)
             self.sockets += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
