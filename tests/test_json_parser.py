@@ -1,67 +1,96 @@
-"""The strict JSON parser's fast check agrees with its full one on any JSON value.
+"""The strict JSON parser refuses exactly what its rules refuse, naming the same field and place.
 
-``_plainly_clean`` lets a body through without the path-building walk of ``_check``; it may
-only ever say "clean" where ``_check`` finds nothing (the API's 400s for NUL, lone surrogates,
-duplicate keys and depth keep coming from ``_check``, with the offending field named).
+``_check`` walks only into containers and builds the offending value's path only on the way out.
+The reference below is the rule as it was first written (every value visited, its path built on
+the way in): on any body, the parser must give the same verdict and the same 400 message.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rest_framework.exceptions import ValidationError
 
-from portal.api.parsers import _UNSTORABLE, MAX_DEPTH, _check, _pairs, _plainly_clean, _Refused
+from portal.api.parsers import _UNSTORABLE, MAX_DEPTH, StrictJSONParser, _pairs, _shown
 
-texts = st.text(alphabet=st.sampled_from(["a", "é", "\x00", "\ud800", "\udfff", " ", "\\", '"']), max_size=4)
-scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts
+
+class _Reference(Exception):
+    pass
+
+
+def _reference(value, path: str = "", depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise _Reference(path, f"Nested more than {MAX_DEPTH} levels deep.")
+    if isinstance(value, str):
+        found = _UNSTORABLE.search(value)
+        if found:
+            what = "a NUL character" if found.group() == "\x00" else "a lone UTF-16 surrogate (not Unicode)"
+            raise _Reference(path, f"{path or 'The body'} contains {what}.")
+    elif isinstance(value, dict):
+        if getattr(value, "duplicate", None) is not None and type(value) is not dict:
+            key = value.duplicate
+            raise _Reference(f"{path}.{key}" if path else key, f"Key {key!r} appears twice in one object.")
+        for key, item in value.items():
+            _reference(key, f"{path}.{key}" if path else key, depth + 1)
+            _reference(item, f"{path}.{key}" if path else key, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reference(item, f"{path}[{index}]", depth + 1)
+
+
+def _expected(text: str) -> dict | None:
+    try:
+        _reference(json.loads(text, object_pairs_hook=_pairs))
+    except _Reference as exc:
+        path, message = exc.args
+        return {re.split(r"[.\[]", _shown(path), maxsplit=1)[0] or "non_field_errors": [_shown(message)]}
+    return None
+
+
+def _parsed(text: str) -> dict | None:
+    try:
+        StrictJSONParser().parse(io.BytesIO(text.encode()))
+    except ValidationError as exc:
+        return {field: [str(m) for m in messages] for field, messages in exc.detail.items()}
+    return None
+
+
+# JSON text written by hand, so objects can repeat a key.
+texts = st.text(alphabet=st.sampled_from(["a", "é", "\x00", "\ud800", "\udfff", " ", ".", "[", "\\", '"']),
+                max_size=4)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | texts
 
 
 def _nested(children):
-    pairs = st.lists(st.tuples(st.sampled_from(["a", "b", "\x00", "\udc00"]) | texts, children), max_size=4)
-    return st.lists(children, max_size=4) | pairs.map(_pairs)
+    keys = st.sampled_from(["a", "b", "\x00", "\udc00", "x.y"]) | texts
+    return st.lists(children, max_size=4).map(lambda items: "[" + ",".join(items) + "]") | st.lists(
+        st.tuples(keys, children), max_size=4).map(
+        lambda pairs: "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}")
 
 
-values = st.recursive(scalars, _nested, max_leaves=40)
+bodies = st.recursive(scalars.map(json.dumps), _nested, max_leaves=40)
 
 
-def _deep(value, levels: int):
+def _deep(text: str, levels: int) -> str:
     for i in range(levels):
-        value = [value] if i % 2 else {"k": value}
-    return value
-
-
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
-def _check_passes(value) -> bool:
-    try:
-        _check(value, "", 0)
-    except _Refused:
-        return False
-    return True
+        text = f"[{text}]" if i % 2 else f'{{"k":{text}}}'
+    return text
 
 
 @settings(max_examples=400, deadline=None)
-@given(values, st.integers(min_value=0, max_value=MAX_DEPTH + 3))
-def test_the_fast_check_never_passes_what_the_full_check_refuses(value, levels):
-    value = _deep(value, levels)
-    assert _plainly_clean(value, 0, True) == _check_passes(value)
-    # Without string checks (the body holds no NUL and no surrogate), only structure decides.
-    if not any(_UNSTORABLE.search(text) for text in _strings(value)):
-        assert _plainly_clean(value, 0, False) == _check_passes(value)
+@given(bodies, st.integers(min_value=0, max_value=MAX_DEPTH + 3))
+def test_the_parser_refuses_what_the_rules_refuse_with_the_same_message(body, levels):
+    text = _deep(body, levels)
+    assert _parsed(text) == _expected(text)
+
 
 def test_depth_is_counted_for_scalars_in_lists_as_in_objects():
-    assert _check_passes(_deep(1, MAX_DEPTH)) and _plainly_clean(_deep(1, MAX_DEPTH), 0, False)
-    for shape in ([1], {"k": 1}):
-        too_deep = _deep(shape, MAX_DEPTH)
-        assert not _check_passes(too_deep)
-        assert not _plainly_clean(too_deep, 0, False)
+    assert _parsed(_deep("1", MAX_DEPTH)) is None
+    for shape in ("[1]", '{"k":1}'):
+        refused = _parsed(_deep(shape, MAX_DEPTH))
+        assert refused == _expected(_deep(shape, MAX_DEPTH))
+        assert list(refused.values()) == [[f"Nested more than {MAX_DEPTH} levels deep."]]

@@ -27,13 +27,25 @@ def _shown(text: str) -> str:
 
 
 class _Refused(Exception):
-    def __init__(self, path: str, message: str):
+    """What is refused, and where: the keys and indexes it was found under are added as the walk
+    unwinds (``within``), so a body that passes never has a path built for any of its values."""
+
+    def __init__(self, message: str, *segments: str | int, names_where: bool = False):
         super().__init__(message)
-        self.path, self.message = _shown(path), _shown(message)
+        self.message, self.segments, self.names_where = message, list(segments), names_where
+
+    def within(self, segment: str | int) -> None:
+        self.segments.insert(0, segment)
+
+    def path(self) -> str:
+        path = ""
+        for segment in self.segments:
+            path = f"{path}[{segment}]" if isinstance(segment, int) else f"{path}.{segment}" if path else segment
+        return path
 
 
 class _Duplicated(dict):
-    """An object in which ``duplicate`` appeared twice; refused by ``_check``, which knows where it is."""
+    """An object in which ``duplicate`` appeared twice; refused by ``_check``, which finds where it is."""
 
     duplicate = ""
 
@@ -49,52 +61,45 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _constant(name: str) -> Any:
-    raise _Refused("", f"{name} is not a JSON number.")
+    raise _Refused(f"{name} is not a JSON number.")
 
 
-def _plainly_clean(value: Any, depth: int, strings: bool) -> bool:
-    """True when ``_check`` would find nothing, decided without building a path per value (the
-    path walk was a tenth of a heartbeat's CPU); False sends the body to ``_check`` for the
-    error. ``strings``: whether any string could hold what PostgreSQL cannot store."""
+def _check_text(text: str) -> None:
+    found = _UNSTORABLE.search(text)
+    if found:
+        what = "a NUL character" if found.group() == "\x00" else "a lone UTF-16 surrogate (not Unicode)"
+        raise _Refused(f"contains {what}.", names_where=True)
+
+
+def _check(value: Any, depth: int, strings: bool) -> None:
+    """Refuse the first thing in ``value`` the database must not get. Only containers are walked
+    into, and strings looked at only when ``strings`` (the body's text holds a NUL, a surrogate or
+    an escape that could be one): walking every value and building its path was a tenth of a
+    heartbeat's CPU."""
     if depth > MAX_DEPTH:
-        return False
+        raise _Refused(f"Nested more than {MAX_DEPTH} levels deep.")
     if isinstance(value, dict):
-        if isinstance(value, _Duplicated) or (value and depth >= MAX_DEPTH):
-            return False
-        for key, item in value.items():
-            if strings and _UNSTORABLE.search(key):
-                return False
-            if (isinstance(item, (dict, list)) or strings) and not _plainly_clean(item, depth + 1, strings):
-                return False
-        return True
-    if isinstance(value, list):
-        if value and depth >= MAX_DEPTH:
-            return False
-        for item in value:
-            if (isinstance(item, (dict, list)) or strings) and not _plainly_clean(item, depth + 1, strings):
-                return False
-        return True
-    return not (strings and isinstance(value, str) and _UNSTORABLE.search(value))
-
-
-def _check(value: Any, path: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise _Refused(path, f"Nested more than {MAX_DEPTH} levels deep.")
-    if isinstance(value, str):
-        found = _UNSTORABLE.search(value)
-        if found:
-            what = "a NUL character" if found.group() == "\x00" else "a lone UTF-16 surrogate (not Unicode)"
-            raise _Refused(path, f"{path or 'The body'} contains {what}.")
-    elif isinstance(value, dict):
         if isinstance(value, _Duplicated):
-            key = value.duplicate
-            raise _Refused(f"{path}.{key}" if path else key, f"Key {key!r} appears twice in one object.")
-        for key, item in value.items():
-            _check(key, f"{path}.{key}" if path else key, depth + 1)
-            _check(item, f"{path}.{key}" if path else key, depth + 1)
+            raise _Refused(f"Key {value.duplicate!r} appears twice in one object.", value.duplicate)
+        items: Any = value.items()
     elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check(item, f"{path}[{index}]", depth + 1)
+        items = enumerate(value)
+    else:
+        if strings and isinstance(value, str):
+            _check_text(value)
+        return
+    deeper = depth + 1
+    for key, item in items:
+        try:
+            if deeper > MAX_DEPTH:
+                raise _Refused(f"Nested more than {MAX_DEPTH} levels deep.")
+            if strings and isinstance(key, str):
+                _check_text(key)
+            if strings or isinstance(item, (dict, list)):
+                _check(item, deeper, strings)
+        except _Refused as exc:
+            exc.within(key)
+            raise
 
 
 class StrictJSONParser(JSONParser):
@@ -104,11 +109,12 @@ class StrictJSONParser(JSONParser):
             text = stream.read().decode(encoding) if stream is not None else ""
             data = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
             # A NUL or a lone surrogate reaches a decoded string only as itself or as an escape.
-            if not _plainly_clean(data, 0, "\\u" in text or _UNSTORABLE.search(text) is not None):
-                _check(data, "", 0)
+            _check(data, 0, "\\u" in text or _UNSTORABLE.search(text) is not None)
         except _Refused as exc:
-            field = re.split(r"[.\[]", exc.path, maxsplit=1)[0] or "non_field_errors"
-            raise ValidationError({field: [exc.message]}) from None
+            path = exc.path()
+            message = f"{path or 'The body'} {exc.message}" if exc.names_where else exc.message
+            field = re.split(r"[.\[]", _shown(path), maxsplit=1)[0] or "non_field_errors"
+            raise ValidationError({field: [_shown(message)]}) from None
         except RecursionError:
             raise ParseError(f"JSON parse error - nested more than {MAX_DEPTH} levels deep") from None
         except ValueError as exc:  # bad JSON, bad encoding, an integer of more than 4300 digits
