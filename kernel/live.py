@@ -19,10 +19,10 @@ layer's connections are reused). After a send the publisher waits until
 ``LIVE_PUBLISH_MIN_INTERVAL_MS`` has passed since that send began before it sends
 again: a push after a quiet spell leaves at once, and under a stream of commits
 (hundreds of submits a second) each group gets at most one merged message per
-interval instead of one per commit. A batch telling an agent its assignments
-changed never waits (it is on the path from submit to a running process). An outbox reaches the publisher only from its
-commit hook, so a rolled-back change is never published. Pending pushes are
-flushed when the process exits.
+interval instead of one per commit. An urgent message (an agent's assignments:
+it is on the path from submit to a running process) takes its batch out at once.
+An outbox reaches the publisher only from its commit hook, so a rolled-back
+change is never published. Pending pushes are flushed when the process exits.
 
 Consumers join the groups named by the helpers below and receive high-level
 events (ids of what changed) that they format themselves from the database.
@@ -50,12 +50,9 @@ log = logging.getLogger(__name__)
 STAFF_GROUP = "cluster"
 
 
-_AGENT_GROUP_PREFIX = "node-"
-
-
 def node_group(node_id: int) -> str:
     """The agent of one GPU server listens here."""
-    return f"{_AGENT_GROUP_PREFIX}{node_id}"
+    return f"node-{node_id}"
 
 
 def tenant_group(tenant_id: int) -> str:
@@ -124,7 +121,7 @@ class _Outbox:
         # (group, type) -> ("ids", key, set of ids) | ("plain", payload); dicts keep insertion order
         self.entries: dict[tuple[str, str], tuple[str, Any, Any]] = {}
         self.sent = False
-        self.urgent = False  # holds a message for an agent: the publisher sends it without waiting
+        self.urgent = False  # holds an urgent message: the publisher sends it without waiting
 
     def add_ids(self, group: str, event_type: str, key: str, ids: Iterable[int]) -> None:
         entry = self.entries.get((group, event_type))
@@ -132,9 +129,9 @@ class _Outbox:
             entry = self.entries[(group, event_type)] = ("ids", key, set())
         entry[2].update(ids)
 
-    def add_plain(self, group: str, event_type: str, payload: dict[str, Any]) -> None:
+    def add_plain(self, group: str, event_type: str, payload: dict[str, Any], urgent: bool = False) -> None:
         self.entries[(group, event_type)] = ("plain", payload, None)
-        self.urgent = self.urgent or group.startswith(_AGENT_GROUP_PREFIX)
+        self.urgent = self.urgent or urgent
 
     def merge(self, other: _Outbox) -> None:
         """Take in another (committed) outbox: id lists are united; a plain payload
@@ -250,25 +247,26 @@ def _push_ids(group: str, event_type: str, key: str, ids: Iterable[int]) -> None
         box.add_ids(group, event_type, key, ids)
 
 
-def send_on_commit(group: str, event_type: str, payload: dict[str, Any]) -> None:
+def send_on_commit(group: str, event_type: str, payload: dict[str, Any], *, urgent: bool = False) -> None:
     """Queue ``{"type": event_type, **payload}`` for ``group`` after commit.
 
     Within one transaction a later payload for the same group and type replaces
     an earlier one; use the helpers below for id lists, which are merged.
+    ``urgent``: sent without waiting out the publisher's interval.
     """
     box = _outbox()
     if box is None:
         box = _Outbox()
-        box.add_plain(group, event_type, payload)
+        box.add_plain(group, event_type, payload, urgent)
         box()
     else:
-        box.add_plain(group, event_type, payload)
+        box.add_plain(group, event_type, payload, urgent)
 
 
 def assignments_changed(node_ids: Iterable[int]) -> None:
     """Tell agents their set of tasks changed (new placement, cancel, timeout)."""
     for node_id in sorted(set(node_ids)):
-        send_on_commit(node_group(node_id), "assignments.changed", {"node_id": node_id})
+        send_on_commit(node_group(node_id), "assignments.changed", {"node_id": node_id}, urgent=True)
 
 
 def tasks_changed(tasks: Iterable[tuple[int, int]]) -> None:
