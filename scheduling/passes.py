@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -196,15 +195,17 @@ class _Loaded:
     dependency_rows: list[tuple]
     throttle_rows: list[tuple]
 
-    @cached_property
-    def _gpu_index(self) -> dict[tuple[int, int], int]:
-        # (server, GPU id) -> the GPU's index, built once per load: a dict per placement
-        # rebuilt from its server's GPUs cost a tenth of a pass placing hundreds of tasks.
-        return {(node_id, g.id): g.index for node_id, node in self.nodes.items() for g in node.gpus}
+    # server id -> {GPU id: its index}, made for a server at its first placement in this load
+    # (rebuilt per placement it cost a tenth of a pass placing hundreds of tasks; made for every
+    # server up front it would cost a lone task's pass the whole cluster).
+    _gpu_index: dict[int, dict[int, int]] = field(default_factory=dict, init=False, repr=False)
 
     def _gpu_indexes(self, node_id: int, gpu_ids: tuple[int, ...]) -> str:
-        index = self._gpu_index
-        return ",".join(str(index.get((node_id, g), "?")) for g in gpu_ids)
+        index = self._gpu_index.get(node_id)
+        if index is None:
+            node = self.nodes.get(node_id)
+            index = self._gpu_index[node_id] = {g.id: g.index for g in node.gpus} if node is not None else {}
+        return ",".join(str(index.get(g, "?")) for g in gpu_ids)
 
     def placement_reason(self, placement: Placement) -> str:
         mode = "exclusive" if placement.exclusive else "shared"
