@@ -212,6 +212,11 @@ def heartbeat_payload(node: Node, tick: int) -> dict:
         for i in range(8)]}
 
 
+async def post_heartbeat(client: httpx.AsyncClient, base: str, node: Node, token: str, tick: int) -> httpx.Response:
+    return await client.post(f"{base}/api/agent/v1/heartbeat", json=heartbeat_payload(node, tick),
+                             headers={"Authorization": f"Node {token}"})
+
+
 async def hammer(urls: list[str], servers: list[tuple[Node, str]], seconds: float, concurrency: int) -> tuple[int, int]:
     ok = failed = 0
     statuses: dict[int, int] = {}
@@ -229,8 +234,7 @@ async def hammer(urls: list[str], servers: list[tuple[Node, str]], seconds: floa
                 node, token = servers[i]
                 tick += 1
                 base = urls[(w + i) % len(urls)]
-                response = await client.post(f"{base}/api/agent/v1/heartbeat", json=heartbeat_payload(node, tick),
-                                             headers={"Authorization": f"Node {token}"})
+                response = await post_heartbeat(client, base, node, token, tick)
                 if response.status_code == 200:
                     ok += 1
                 else:
@@ -255,9 +259,7 @@ async def first_reports(urls: list[str], servers: list[tuple[Node, str]], concur
         async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
             while not queue.empty():
                 base, node, token = queue.get_nowait()
-                response = await client.post(f"{base}/api/agent/v1/heartbeat", json=heartbeat_payload(node, 0),
-                                             headers={"Authorization": f"Node {token}"})
-                response.raise_for_status()
+                (await post_heartbeat(client, base, node, token, 0)).raise_for_status()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
