@@ -139,6 +139,27 @@ class Pass(Preempting, Backfill, Admission):
 
     # ------------------------------------------------------------------ one task
 
+    def _constraints(self, task: PendingTask) -> tuple[tuple, object]:
+        """The task's constraint key (its labels and GPU model) and the servers meeting it, per key once a pass."""
+        sel = task.node_selector
+        ckey = (tuple(sorted((str(k), str(v)) for k, v in sel.items())) if sel else (), task.gpu_model or "")
+        elig = self.elig_cache.get(ckey)
+        if elig is None:
+            elig = self.elig_cache[ckey] = self._eligible(ckey)
+        return ckey, elig
+
+    def _turn_and_keep_off(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
+                           waiting_total: int) -> tuple[str, str] | tuple[frozenset[int] | None, frozenset[int] | None]:
+        """Whether an admitted task may search now, as ``_decide`` answers: ("wait", text) behind a
+        capacity-blocked head when backfill is off, ("reason", text) when its reservation is not open;
+        else ``(booked, excluded)``, the GPUs its search keeps off (``_excluded_for``)."""
+        if head is not None and not self.cfg.backfill:
+            return ("wait", reasons.waiting_behind(waiting_total, waiting_higher))
+        keep_off = self._excluded_for(task)
+        if isinstance(keep_off, str):
+            return ("reason", keep_off)
+        return keep_off
+
     def _decide(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
                 waiting_total: int) -> tuple[str, object] | None:
         """None when placed, else why not: ("reason", text); ("never", text): no server could ever
@@ -153,12 +174,7 @@ class Pass(Preempting, Backfill, Admission):
         mode = WHOLE if mem is None else EXCLUSIVE if task.exclusive else SHARED  # fit.mode_of, inlined
 
         # Constraints: eligible servers, and whether any could ever hold the request.
-        sel = task.node_selector
-        ckey = (tuple(sorted((str(k), str(v)) for k, v in sel.items())) if sel else (),
-                task.gpu_model or "")
-        elig = self.elig_cache.get(ckey)
-        if elig is None:
-            elig = self.elig_cache[ckey] = self._eligible(ckey)
+        ckey, elig = self._constraints(task)
         shape = (c, mem if mem is not None else 0, mode, ckey)
         r = self.static_cache.get(shape)
         if r is None:
@@ -180,11 +196,9 @@ class Pass(Preempting, Backfill, Admission):
         r = self._share_reason(task, c)
         if r is not None:
             return ("reason", r)
-        if head is not None and not self.cfg.backfill:
-            return ("wait", reasons.waiting_behind(waiting_total, waiting_higher))
-        keep_off = self._excluded_for(task)
-        if isinstance(keep_off, str):
-            return ("reason", keep_off)
+        keep_off = self._turn_and_keep_off(task, head, waiting_higher, waiting_total)
+        if isinstance(keep_off[0], str):
+            return keep_off  # type: ignore[return-value]
         booked, excluded = keep_off
 
         # Search, then reclaim or preempt (both keep off the same GPUs).
@@ -230,11 +244,7 @@ class Pass(Preempting, Backfill, Admission):
         k = c // nn
         mode = mode_of(mem, True)  # whole GPUs, or exclusive
 
-        sel = task.node_selector
-        ckey = (tuple(sorted((str(key), str(v)) for key, v in sel.items())) if sel else (), task.gpu_model or "")
-        elig = self.elig_cache.get(ckey)
-        if elig is None:
-            elig = self.elig_cache[ckey] = self._eligible(ckey)
+        ckey, elig = self._constraints(task)
         shape = (GANG, nn, k, mem if mem is not None else 0, mode, ckey, task.topology_key)
         r = self.static_cache.get(shape)
         if r is None:
@@ -245,11 +255,9 @@ class Pass(Preempting, Backfill, Admission):
         r = self._quota_reason(task, c, mem, ckey, elig) or self._share_reason(task, c)
         if r is not None:
             return ("reason", r)
-        if head is not None and not self.cfg.backfill:
-            return ("wait", reasons.waiting_behind(waiting_total, waiting_higher))
-        keep_off = self._excluded_for(task)
-        if isinstance(keep_off, str):
-            return ("reason", keep_off)
+        keep_off = self._turn_and_keep_off(task, head, waiting_higher, waiting_total)
+        if isinstance(keep_off[0], str):
+            return keep_off  # type: ignore[return-value]
         booked, excluded = keep_off
 
         found = self._search_gang(task, shape, elig, excluded)
