@@ -395,6 +395,7 @@ class Viewer:
         self.cookie = f"sessionid={cluster.secrets['session']}"
         self.frames: list[tuple[float, str]] = []
         self.connects: list[float] = []
+        self.connected = False  # a socket is open now (and its groups joined: consumers join, then accept)
         self.stopping = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -414,12 +415,16 @@ class Viewer:
                 async with connect(self.url, origin=self.origin, additional_headers={"Cookie": self.cookie},
                                    open_timeout=3, proxy=None) as ws:
                     self.connects.append(time.monotonic())
-                    while not self.stopping:
-                        try:
-                            raw = await asyncio.wait_for(ws.recv(), 0.5)
-                        except TimeoutError:
-                            continue
-                        self.frames.append((time.monotonic(), json.loads(raw).get("type", "")))
+                    self.connected = True
+                    try:
+                        while not self.stopping:
+                            try:
+                                raw = await asyncio.wait_for(ws.recv(), 0.5)
+                            except TimeoutError:
+                                continue
+                            self.frames.append((time.monotonic(), json.loads(raw).get("type", "")))
+                    finally:
+                        self.connected = False
             except Exception:  # a viewer reconnects, whatever cut it
                 await asyncio.sleep(0.2)
 

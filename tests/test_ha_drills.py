@@ -124,6 +124,9 @@ def test_killing_a_web_node_moves_agents_and_viewers_and_disturbs_no_task(fresh)
             wait_for(lambda: cluster.scalar("SELECT count(*) FROM nodes_node WHERE status = 'active' AND "
                                             "last_heartbeat_at > now() - interval '2 seconds'") == 3, 20,
                      f"the agents to heartbeat through {other}")
+            # A page that was on the victim has seen its socket cut by now (the agents took
+            # longer): submit once it is back, or every push can go out before it rejoins.
+            wait_for(lambda: viewer.connected, 20, f"the operator's page to be connected through {other}")
             pushed = cluster.submit("true", name=f"pushed while {victim} is down", attempts=5)
             wait_for(lambda since=killed_at: viewer.pushes_after(since), 20,
                      f"a push to the operator's page through {other}")
