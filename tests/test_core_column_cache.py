@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from datetime import timedelta
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from scheduling.placement import ColumnCache, schedule
 from scheduling.placement.state import WorkingState
 from tests.core_factory import NOW, gpu, node, occupy, snapshot, task
@@ -57,18 +60,29 @@ def test_reused_columns_equal_fresh_ones_through_changes():
     assert schedule(snap) == schedule(dataclasses.replace(snap, columns=None))
 
 
-def test_columns_whose_idle_score_still_moves_are_not_kept():
+def test_columns_are_kept_while_no_idle_step_passes():
     cache = ColumnCache()
-    nodes = [node(1, idle_s=600), node(2, idle_s=7200)]
+    nodes = [node(1, idle_s=630), node(2, idle_s=7200)]
     snap = dataclasses.replace(snapshot(nodes, [task()]), columns=cache)
     assert_same_as_fresh(snap)
-    assert set(cache.nodes) == {2}  # server 1's idle part of the score grows with the clock
+    # Server 1's GPUs have been idle 10 min 30 s: their idle score holds until 11 min.
+    assert set(cache.nodes) == {1, 2}
+    kept = dict(cache.nodes)
 
-    # An earlier clock (what-if, tests) than the one the columns were kept at is never served them.
+    within = dataclasses.replace(snap, now=NOW + timedelta(seconds=29))
+    assert_same_as_fresh(within)
+    assert cache.nodes[1] is kept[1] and cache.nodes[2] is kept[2]
+
+    # A minute boundary passed: server 1 is rebuilt; server 2, idle past the saturation, is not.
+    after = dataclasses.replace(snap, now=NOW + timedelta(seconds=30))
+    assert_same_as_fresh(after)
+    assert cache.nodes[1] is not kept[1] and cache.nodes[2] is kept[2]
+
+    # An earlier clock (what-if, tests) than the one the columns hold from is never served them.
+    kept = dict(cache.nodes)
     earlier = dataclasses.replace(snap, now=NOW - timedelta(hours=1, minutes=30))
-    kept = cache.nodes[2]
     assert_same_as_fresh(earlier)
-    assert cache.nodes.get(2) is not kept
+    assert cache.nodes[1] is not kept[1] and cache.nodes[2] is not kept[2]
 
     # Nor a different strategy.
     assert_same_as_fresh(snap)
@@ -76,3 +90,18 @@ def test_columns_whose_idle_score_still_moves_are_not_kept():
     spread = dataclasses.replace(snap, config=dataclasses.replace(snap.config, strategy="spread"))
     assert_same_as_fresh(spread)
     assert cache.nodes[2] is not kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(idle=st.lists(st.one_of(st.none(), st.floats(-120, 4000)), min_size=1, max_size=8),
+       clocks=st.lists(st.floats(-4000, 4000), min_size=1, max_size=6))
+def test_kept_columns_equal_fresh_ones_at_any_clock(idle, clocks):
+    """Whatever the GPUs' idle times and however the clock moves (backwards too), a pass
+    served kept columns sees exactly the state it would have built."""
+    cache = ColumnCache()
+    nodes = [node(1, gpus=len(idle)), node(2, idle_s=7200)]
+    for i, seconds in enumerate(idle):
+        nodes[0].gpus[i] = gpu(1, i, idle_s=seconds)
+    base = dataclasses.replace(snapshot(nodes, [task()]), columns=cache)
+    for offset in clocks:
+        assert_same_as_fresh(dataclasses.replace(base, now=NOW + timedelta(seconds=offset)))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+import pytest
+
 from scheduling.placement import schedule
+from scheduling.placement.scoring import idle_steady, static_score
 from tests.core_factory import NOW, gpu, node, occupy, snapshot, task, tenant
 
 CRITICAL, HIGH, NORMAL, LOW = 3, 2, 1, 0
@@ -218,6 +223,33 @@ def test_the_load_balance_score_prefers_cool_idle_gpus_within_a_server():
     n.gpus[1] = gpu(1, 1, util=0, temp=35, idle_s=3600)
     plan = schedule(snapshot([n], [task(1)]))
     assert placed(plan)[1] == (1, (101,))
+
+
+def test_idle_time_counts_in_whole_minutes_up_to_an_hour():
+    def idle_part(seconds):
+        g = gpu(1, 0, util=100, temp=100, idle_s=seconds)
+        return static_score(g, NOW)
+
+    assert idle_part(None) == idle_part(-30) == idle_part(0) == idle_part(59.9) == 0.0
+    assert idle_part(60) == idle_part(119) == pytest.approx(10.0 / 60)
+    assert idle_part(3599) == pytest.approx(10.0 * 59 / 60)
+    assert idle_part(3600) == idle_part(86_400) == 10.0
+    # Between two GPUs idle within the same minute, the lower index wins (a tie), not the older.
+    n = node(1, 2)
+    n.gpus[0] = gpu(1, 0, idle_s=610)
+    n.gpus[1] = gpu(1, 1, idle_s=650)
+    assert placed(schedule(snapshot([n], [task(1)])))[1] == (1, (100,))
+
+
+def test_an_idle_score_holds_between_minute_boundaries():
+    g = gpu(1, 0, idle_s=630)
+    lo, hi = idle_steady(g, NOW)
+    assert (lo - g.idle_since, hi - g.idle_since) == (timedelta(minutes=10), timedelta(minutes=11))
+    assert static_score(g, lo) == static_score(g, NOW) == static_score(g, hi - timedelta(microseconds=1))
+    assert static_score(g, lo - timedelta(microseconds=1)) < static_score(g, NOW) < static_score(g, hi)
+    assert idle_steady(gpu(1, 0, idle_s=30), NOW) == (None, NOW + timedelta(seconds=30))
+    assert idle_steady(gpu(1, 0, idle_s=3600), NOW) == (NOW, None)
+    assert idle_steady(gpu(1, 0, idle_s=None), NOW) == (None, None)
 
 
 def test_the_input_snapshot_is_not_modified():

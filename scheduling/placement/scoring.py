@@ -3,7 +3,7 @@
 GPU score = model affinity (+100 when the task's model is loaded on it, +50 when its LRU
 cache has room: fewer than ``max_models_per_gpu`` models) + the load-balance score (free
 memory 40, utilisation 30, temperature 20, idle time 10, each normalised to 0..1; idle time
-saturates at one hour). ``binpack`` inverts the free-memory term so that busy GPUs score
+counts in whole minutes and saturates at one hour). ``binpack`` inverts the free-memory term so that busy GPUs score
 higher. The static part (utilisation, temperature, idle time) is computed once per pass; the
 base part is recomputed by the working state whenever a GPU's memory changes.
 """
@@ -11,12 +11,19 @@ base part is recomputed by the working state whenever a GPU's memory changes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from scheduling.placement.types import GpuState
 
 # Idle time beyond this counts as fully idle in the load-balance score.
 IDLE_SATURATION_S = 3600.0
+# Idle time counts in whole steps of this length. A score that moved with every tick of the
+# clock could not be kept between passes: a server with a GPU idle for less than the saturation
+# would have its columns rebuilt by every pass, which in a cluster with any churn is nearly all
+# of them (``idle_steady``; a lone task's pass at 1,000 servers spent most of its time there).
+IDLE_STEP_S = 60.0
+_STEPS = int(IDLE_SATURATION_S // IDLE_STEP_S)
+_STEP = timedelta(seconds=IDLE_STEP_S)
 AFFINITY_LOADED = 100.0
 AFFINITY_ROOM = 50.0
 
@@ -27,8 +34,28 @@ def static_score(gpu: GpuState, now: datetime) -> float:
     temp = min(max(gpu.temperature_c, 0), 100) / 100.0
     idle = 0.0
     if gpu.idle_since is not None:
-        idle = min(max((now - gpu.idle_since).total_seconds(), 0.0), IDLE_SATURATION_S) / IDLE_SATURATION_S
+        idle = _idle_steps(now - gpu.idle_since) / _STEPS
     return 30.0 * (1.0 - util) + 20.0 * (1.0 - temp) + 10.0 * idle
+
+
+def _idle_steps(idle: timedelta) -> int:
+    """Whole idle steps in ``idle``, 0 (a clock behind ``idle_since``) to the saturation."""
+    if idle <= timedelta(0):
+        return 0
+    return min(idle // _STEP, _STEPS)
+
+
+def idle_steady(gpu: GpuState, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """The clock times between which ``static_score(gpu, ·)`` is what it is at ``now``: ``(lo, hi)``,
+    ``lo <= t < hi``, None for an open end. A GPU that is busy, or idle past the saturation, has
+    a score the clock no longer moves."""
+    since = gpu.idle_since
+    if since is None:
+        return None, None
+    k = _idle_steps(now - since)
+    lo = None if k == 0 else since + k * _STEP
+    hi = None if k == _STEPS else since + (k + 1) * _STEP
+    return lo, hi
 
 
 def base_score(total: int, claimed: int, live: int, static: float, binpack: bool) -> float:

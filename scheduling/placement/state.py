@@ -22,19 +22,13 @@ throw-away copy of one server's GPU columns on which backfill and preemption rep
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from operator import is_
 
 from scheduling.placement.fit import SHARED, Gpus, empty_gpus, is_empty
-from scheduling.placement.scoring import IDLE_SATURATION_S, base_score, gpu_score, pick, static_score
+from scheduling.placement.scoring import base_score, gpu_score, idle_steady, pick, static_score
 from scheduling.placement.types import NodeState, PendingTask, RunningTask, Snapshot
-
-_SATURATION = timedelta(seconds=IDLE_SATURATION_S)
-
-
-# ``_NodeColumns.valid_from`` of columns that hold for this ``now`` only (not kept).
-_NEVER = object()
 
 
 class _NodeColumns:
@@ -42,14 +36,14 @@ class _NodeColumns:
     (``ok``, ``sorted``): what ``WorkingState`` builds from a server's GPUs before any decision.
 
     A function of the server's GpuStates, its ``schedulable`` flag, the strategy, and ``now``
-    through the idle part of each GPU's static score, which stops changing once the GPU has
-    been idle for ``IDLE_SATURATION_S`` (or is busy). ``valid_from``: None when no GPU's score
-    depends on ``now``, else the first ``now`` from which none does, or ``_NEVER`` while some
-    still does (then these columns serve this pass only)."""
+    through the idle part of each GPU's static score, which moves in whole steps and stops
+    once the GPU has been idle long enough (or is busy). ``valid_from`` and ``valid_until``:
+    the clock times between which every GPU's score stays what it is now (``scoring.idle_steady``;
+    None for an open end), so the columns serve any pass in between."""
 
     __slots__ = ("base", "binpack", "claimed", "excl", "free", "gpus", "ids", "live", "model_free", "model_lower",
                  "model_nodes", "models", "ok", "room", "schedulable", "shared", "shared_k", "sig", "sorted",
-                 "static", "total", "valid_from")
+                 "static", "total", "valid_from", "valid_until")
 
     def __init__(self, node: NodeState, now: datetime, binpack: bool) -> None:
         gpus = self.gpus = tuple(node.gpus)
@@ -84,22 +78,23 @@ class _NodeColumns:
                     model_free[model] = model_free.get(model, 0) + 1
         self.model_nodes = model_nodes
         self.model_free = model_free
-        valid_from: object = None
+        valid_from: datetime | None = None
+        valid_until: datetime | None = None
         for gpu in gpus:
             if gpu.idle_since is None:
                 continue
-            saturated = gpu.idle_since + _SATURATION
-            if now < saturated:
-                valid_from = _NEVER
-                break
-            if valid_from is None or saturated > valid_from:  # type: ignore[operator]
-                valid_from = saturated
+            lo, hi = idle_steady(gpu, now)
+            if lo is not None and (valid_from is None or lo > valid_from):
+                valid_from = lo
+            if hi is not None and (valid_until is None or hi < valid_until):
+                valid_until = hi
         self.valid_from = valid_from
+        self.valid_until = valid_until
 
     def fits(self, node: NodeState, now: datetime, binpack: bool) -> bool:
         """Whether these columns are what ``_NodeColumns(node, now, binpack)`` would build."""
-        valid_from = self.valid_from
-        if valid_from is _NEVER or (valid_from is not None and now < valid_from):  # type: ignore[operator]
+        if (self.valid_from is not None and now < self.valid_from) or (
+                self.valid_until is not None and now >= self.valid_until):
             return False
         if binpack != self.binpack or bool(node.schedulable) != self.schedulable:
             return False
@@ -201,8 +196,7 @@ class WorkingState:
             entry = cached.get(node.id)
             if entry is None or not entry.fits(node, now, self.binpack):
                 entry = _NodeColumns(node, now, self.binpack)
-            if entry.valid_from is not _NEVER:
-                kept[node.id] = entry
+            kept[node.id] = entry
             entries.append(entry)
         flat = _Flat(entries, cache.flat if cache is not None else None)
         if cache is not None:
