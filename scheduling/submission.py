@@ -570,6 +570,13 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
             cursor.execute("SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = ANY(%s::bigint[]) "
                            "ORDER BY tenant_id FOR UPDATE", [sorted(wanted)])
             limits = dict(cursor.fetchall())
+        gone = sorted({s.tenant.slug for s in specs if s.tenant.pk not in limits})
+        if gone:
+            # The quota (or the whole tenant) was removed after the request was checked: refuse it
+            # as validation would have, rather than insert tasks with no pending limit, or ones the
+            # commit's foreign-key check turns into a server error.
+            raise SubmitError({"tenant": [
+                _("Tenant %(slug)s has no quota yet; ask an operator to set one.") % {"slug": slug} for slug in gone]})
         rows: list[tuple[Task, TaskSpec]] = []
         for spec in specs:
             if spec.array is None:

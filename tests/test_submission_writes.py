@@ -52,6 +52,24 @@ def test_a_batch_over_the_pending_limit_leaves_neither_tasks_nor_events(alice, a
     assert TaskEvent.objects.filter(task__tenant=acme).count() == 3
 
 
+@pytest.mark.parametrize("removed", ["quota", "tenant"])
+def test_a_tenant_or_quota_removed_after_the_check_is_refused_with_nothing_written(alice, acme, servers, removed):
+    ctx = submission.SubmitContext.load(alice)
+    checked = specs(ctx, 2)
+    # An operator removes the quota (or the tenant, and with it the quota) between the
+    # request's check and its write.
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM tenants_quota WHERE tenant_id = %s", [acme.pk])
+        if removed == "tenant":
+            cursor.execute("DELETE FROM tenants_membership WHERE tenant_id = %s", [acme.pk])
+            cursor.execute("DELETE FROM tenants_tenant WHERE id = %s", [acme.pk])
+    with pytest.raises(submission.SubmitError) as refused:
+        submission.create_tasks(ctx, checked)
+
+    assert refused.value.errors == {"tenant": ["Tenant acme has no quota yet; ask an operator to set one."]}
+    assert not Task.objects.filter(tenant_id=acme.pk).exists()
+
+
 def test_the_submit_context_is_one_query_with_tenants_quotas_and_cluster_limits(alice, carol, globex, staff, servers):
     from tenants.models import Membership
 
