@@ -87,9 +87,9 @@ def holder_name(actor: str) -> str:
 _NODES_SQL = "SELECT id, name, labels, status FROM nodes_node ORDER BY id"
 
 # The GPUs with their active allocations aggregated, in two steps: every server's GPU rows as
-# one text (its key: each GPU's id and row, in index order), then the full columns of only the
-# servers whose key the previous load did not see (or with GPUs holding models, whose cache ages
-# with the clock). Parsing 17 columns of every GPU cost a lone task's pass more than the rest
+# one text (its key: each GPU's id, row version and allocations, in index order), then the full
+# columns of only the servers whose key the previous load did not see (or with GPUs holding
+# models, whose cache ages with the clock). Parsing 17 columns of every GPU cost a lone task's pass more than the rest
 # of its reads together, and a row per GPU then still cost more than the pass's decision.
 _GPU_JOIN = """
 FROM nodes_gpu g
@@ -222,16 +222,18 @@ class _Loaded:
         return f"placed on {node}, GPU {indexes} ({placement.memory_mb} MB each, {mode})"[:500]
 
 
-# The previous load's GPU objects by their server's key (its GPU rows as text): unchanged rows
+# The previous load's GPU objects by their server's key (its GPU rows' versions): unchanged rows
 # give the same GpuStates, so a pass builds objects only for the servers whose GPUs heartbeats
 # or allocations changed since (a lone task's pass on a quiet cluster was otherwise mostly
 # this). Sound because a GpuState is a function of its row alone (and of the configured
 # reserved GPUs and its server's name, then all read afresh), except for its model cache, which
-# ages with the clock: servers with GPUs holding models are always read afresh. The key is the
-# rows' own content, never a version number, so a transaction that reads its own uncommitted
-# changes (what-if, tests) cannot leave a stale object behind. The placement core copies what
-# it changes and never writes to a GpuState. Values: (the server's GpuStates in index order,
-# its GPUs without allocations whose idle_since column is NULL).
+# ages with the clock: servers with GPUs holding models are always read afresh. No two versions
+# of a row share (xmin, cmin), within a transaction or across: the command id keeps counting
+# through rolled-back savepoints, a savepoint's writes get their own xid, and an aborted xid is
+# never reused. So a transaction that reads its own uncommitted changes (what-if, tests) cannot
+# leave a stale object behind either. The placement core copies what it changes and never writes
+# to a GpuState. Values: (the server's GpuStates in index order, its GPUs without allocations
+# whose idle_since column is NULL).
 _gpu_states: dict[str, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
 
 # Each server's working columns as the placement core built them from these GpuStates

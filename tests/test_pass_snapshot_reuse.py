@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from django.utils import timezone
 
 from nodes.models import GPU
@@ -52,3 +53,25 @@ def test_a_pass_after_a_pass_places_on_what_changed_between_them(acme):
     Task.objects.filter(pk=first.pk).update(status="succeeded")
     assert run_pass().placed_task_ids == [second.pk]
     assert Allocation.objects.get(task=second).gpu.node_id == node.pk
+
+
+def test_changes_undone_by_a_rolled_back_savepoint_are_read_back(acme):
+    """What-if and tests read their own uncommitted writes: a GPU changed inside a savepoint and
+    rolled back is its old self again in the next load, never the changed object kept."""
+    from django.db import transaction
+
+    node = make_server("reuse-2", gpus=2)
+    g0 = node.gpus.order_by("index").first()
+    load_snapshot(timezone.now())
+    with pytest.raises(RuntimeError), transaction.atomic():
+        GPU.objects.filter(pk=g0.pk).update(cordoned=True)
+        assert gpus_of(load_snapshot(timezone.now()))[g0.pk].schedulable is False
+        raise RuntimeError("roll back")
+    assert gpus_of(load_snapshot(timezone.now()))[g0.pk].schedulable is True
+    # And the same change made again, in a new savepoint, is read again; so is its undoing by
+    # the same transaction (one xid for both row versions: the command id tells them apart).
+    with transaction.atomic():
+        GPU.objects.filter(pk=g0.pk).update(cordoned=True)
+        assert gpus_of(load_snapshot(timezone.now()))[g0.pk].schedulable is False
+        GPU.objects.filter(pk=g0.pk).update(cordoned=False)
+        assert gpus_of(load_snapshot(timezone.now()))[g0.pk].schedulable is True
