@@ -89,8 +89,9 @@ _NODES_SQL = "SELECT id, name, labels, status FROM nodes_node ORDER BY id"
 # The GPUs with their active allocations aggregated, in two steps: every server's GPU rows as
 # one text (its key: each GPU's id, row version and allocations, in index order), then the full
 # columns of only the servers whose key the previous load did not see (or with GPUs holding
-# models, whose cache ages with the clock). Parsing 17 columns of every GPU cost a lone task's pass more than the rest
-# of its reads together, and a row per GPU then still cost more than the pass's decision.
+# models, whose cache ages with the clock). Parsing 17 columns of every GPU cost a lone task's
+# pass more than the rest of its reads together, and a row per GPU then still cost more than
+# the pass's decision.
 _GPU_JOIN = """
 FROM nodes_gpu g
 LEFT JOIN (

@@ -81,8 +81,6 @@ class _NodeColumns:
         valid_from: datetime | None = None
         valid_until: datetime | None = None
         for gpu in gpus:
-            if gpu.idle_since is None:
-                continue
             lo, hi = idle_steady(gpu, now)
             if lo is not None and (valid_from is None or lo > valid_from):
                 valid_from = lo
