@@ -75,9 +75,7 @@ def _check(value: Any, depth: int, strings: bool) -> None:
     """Refuse the first thing in ``value`` the database must not get. Only containers are walked
     into, and strings looked at only when ``strings`` (the body's text holds a NUL, a surrogate or
     an escape that could be one): walking every value and building its path was a tenth of a
-    heartbeat's CPU."""
-    if depth > MAX_DEPTH:
-        raise _Refused(f"Nested more than {MAX_DEPTH} levels deep.")
+    heartbeat's CPU. Depth is checked for each item, before it is entered (the root is depth 0)."""
     if isinstance(value, dict):
         if isinstance(value, _Duplicated):
             raise _Refused(f"Key {value.duplicate!r} appears twice in one object.", value.duplicate)
