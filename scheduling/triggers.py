@@ -18,6 +18,7 @@ Many ``request_pass`` calls in one transaction send one wake-up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from django.db import connection, transaction
@@ -70,10 +71,17 @@ def wake(reason: str) -> bool:
         (_, flipped) = cursor.fetchone()
     if not flipped:
         return False
+    from django_q.conf import Conf
     from django_q.tasks import async_task
 
     try:
-        async_task(Q_TASK_FUNC, reason[:200], task_name="scheduler pass")
+        # In a transaction of its own: outside one, django-q's ORM broker first closes every
+        # connection older than CONN_MAX_AGE, which at 0 (processes without a pool) is this
+        # one, so each wake-up that enqueued reconnected (a new PostgreSQL backend, 5-10 ms of
+        # the submitter's time and of the CPU the pass it asks for needs). Not under Q_SYNC:
+        # there the pass runs inline and must not run inside a transaction of ours.
+        with transaction.atomic() if not Conf.SYNC else contextlib.nullcontext():
+            async_task(Q_TASK_FUNC, reason[:200], task_name="scheduler pass")
     except Exception:
         # The NOTIFY above still wakes runscheduler; leave the flag clear so the next
         # request retries the enqueue instead of trusting a pass that was never queued.

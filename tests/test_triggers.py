@@ -97,3 +97,22 @@ def test_a_failed_wake_up_after_commit_is_logged_not_raised(db, monkeypatch, cap
         triggers.request_pass("task submitted")
     assert "Error calling scheduling.triggers.request_pass in on_commit()" in caplog.text
     assert "database went away" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_wake_up_that_enqueues_a_pass_keeps_the_callers_connection(queued_mode):
+    """django-q's ORM broker closes connections older than CONN_MAX_AGE before it enqueues,
+    unless it runs in a transaction; at 0 that was every caller's connection, so each
+    enqueuing wake-up reconnected (a new PostgreSQL backend) on the submit's path."""
+    from django.db import connection
+
+    assert connection.settings_dict["CONN_MAX_AGE"] == 0  # the case that closed it
+    triggers.clear_request()
+    connection.ensure_connection()
+    before = connection.connection
+
+    assert triggers.wake("task 1 submitted")
+
+    assert connection.connection is before
+    assert OrmQ.objects.count() == 1
+    assert wake_flag()
