@@ -140,6 +140,12 @@ _TCP_CUT_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval
                     "tcp_user_timeout": 20_000}
 for _key, _value in _TCP_CUT_OPTIONS.items():
     _db["OPTIONS"].setdefault(_key, _value)
+# Server-side prepared statements for the hot hand-written statements (kernel.prepared).
+# Django's own queries stay client-side bound (it leaves psycopg's preparing off, and so
+# does this for every cursor but kernel.prepared's). Off for PgBouncer in transaction mode
+# before 1.21, which cannot carry a prepared statement from one transaction to the next.
+if envbool("DB_PREPARED_STATEMENTS", True):
+    _db["OPTIONS"].setdefault("prepare_threshold", 5)
 # Web servers set DB_POOL_MAX_SIZE: a per-process pool of connections (Django's,
 # psycopg_pool). Under ASGI each request runs in a thread of its own, so without a
 # pool every request connects afresh (and PostgreSQL forks a backend for it).

@@ -33,6 +33,7 @@ from django.utils import timezone
 from kernel import live, pgarrays
 from kernel.alerts import raise_alert
 from kernel.models import Alert
+from kernel.prepared import prepared_cursor
 from nodes.models import GPU, remember_models
 from scheduling import triggers
 from scheduling.choices import TaskStatus
@@ -475,7 +476,8 @@ def submit_many(tasks: list[Task], *, actor: str, limits: dict[int, int], fan: F
     query.insert_values(fields, tasks)
     (insert, params), = query.get_compiler(connection=connection).as_sql()
     tenant_ids = sorted(limits)
-    with connection.cursor() as cursor:
+    # Prepared: its text is the same for every submit of as many tasks (one, mostly).
+    with prepared_cursor() as cursor:
         cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
             *params, P, actor, timezone.now(),
             P, tenant_ids, [limits[t] for t in tenant_ids],

@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils.translation import gettext as _
 
+from kernel.prepared import prepared_cursor
 from scheduling import access, arrays, dependencies, lifecycle, task_fields
 from scheduling.choices import ShareMode, TaskStatus
 from scheduling.models import Reservation, Task, TaskArray, TaskDependency
@@ -154,7 +155,7 @@ _QUOTA = _Columns(Quota, "q")
 def _load_memberships(user_id: int) -> tuple[ClusterLimits, list[Tenant]]:
     """The cluster limits and the user's tenants (each with its quota, or none), in one
     query; the limits' row comes back even for a user of no tenant."""
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(
             f"SELECT ({ClusterLimits.SQL}), {_TENANT.sql}, {_QUOTA.sql} "  # noqa: S608 - column names only
             "FROM (SELECT 1) AS one LEFT JOIN (tenants_membership m JOIN tenants_tenant t ON t.id = m.tenant_id "

@@ -87,3 +87,53 @@ def test_the_submit_context_is_one_query_with_tenants_quotas_and_cluster_limits(
 
     nobody = submission.SubmitContext.load(staff)  # staff, member of no tenant: the limits all the same
     assert nobody.memberships == {} and nobody.limits == ctx.limits
+
+
+def prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements ORDER BY name")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def test_a_submits_two_statements_are_prepared_once_and_then_reused(alice, servers):
+    before = set(prepared_statements())
+
+    def submit() -> list[str]:
+        ctx = submission.SubmitContext.load(alice)
+        submission.create_tasks(ctx, specs(ctx, 1))
+        return [s for s in prepared_statements() if s not in before]
+
+    first = submit()
+    assert submit() == first and submit() == first
+    assert [("tenants_membership" in s, 'INSERT INTO "scheduling_task"' in s) for s in first] == \
+        [(True, False), (False, True)]
+    assert Task.objects.filter(submitter=alice).count() == 3
+
+
+def test_a_refused_submit_leaves_the_next_one_on_the_same_connection_working(alice, acme, servers):
+    """A rollback makes psycopg forget (and deallocate) the connection's prepared statements:
+    the next submit prepares them again rather than naming one that is gone."""
+    Quota.objects.filter(tenant=acme).update(max_pending_tasks=1)
+    ctx = submission.SubmitContext.load(alice)
+    submission.create_tasks(ctx, specs(ctx, 1))
+    with pytest.raises(submission.SubmitError):
+        submission.create_tasks(ctx, specs(ctx, 1))
+    Quota.objects.filter(tenant=acme).update(max_pending_tasks=10)
+
+    ctx = submission.SubmitContext.load(alice)
+    submission.create_tasks(ctx, specs(ctx, 1))
+    assert Task.objects.filter(tenant=acme).count() == 2
+
+
+def test_with_prepared_statements_off_nothing_is_prepared(alice, servers, monkeypatch):
+    """DB_PREPARED_STATEMENTS=false (PgBouncer in transaction mode before 1.21) leaves psycopg's
+    preparing off, as Django does: the same statements run bound on the client."""
+    before = prepared_statements()
+    monkeypatch.setattr(connection.connection, "prepare_threshold", None)
+    with CaptureQueriesContext(connection) as queries:
+        ctx = submission.SubmitContext.load(alice)
+        submission.create_tasks(ctx, specs(ctx, 1))
+
+    assert prepared_statements() == before
+    assert any('INSERT INTO "scheduling_task"' in q["sql"] for q in queries.captured_queries)
+    assert Task.objects.filter(submitter=alice).count() == 1
