@@ -1,10 +1,11 @@
-"""Prepared statements for the few hand-written statements that every request runs.
+"""Prepared statements for the hand-written statements that every submit and heartbeat runs.
 
 Django's PostgreSQL backend binds parameters on the client: each statement reaches the
 server as new text, which PostgreSQL parses and plans afresh. For a submit that was most
 of the database's work: its membership query and its insert (a task, its event and the
 tenant's pending count in one statement) spent about 0.6 ms of the server's CPU in
-planning alone, more than in running them. ``prepared_cursor()`` runs statements on the
+planning alone, more than in running them; a heartbeat's four statements cost the server
+1.2 ms, and 0.5 ms prepared. ``prepared_cursor()`` runs statements on the
 same connection and in the same transaction, but binds on the server and prepares each
 statement once per connection (psycopg keeps the names; a statement whose tables change
 is re-planned by PostgreSQL itself).

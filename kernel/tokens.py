@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+
+from kernel.prepared import prepared_cursor
 
 PREFIX_LEN = 10
 
@@ -54,7 +55,7 @@ def credentials_generation() -> int | None:
 
     Read in the caller's transaction, so a revocation it made itself counts at once.
     """
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:  # every agent request
         cursor.execute("SELECT value FROM portal_credentials_generation WHERE id = 1")
         row = cursor.fetchone()
     return row[0] if row else None

@@ -25,6 +25,7 @@ from django.db import IntegrityError, connection, transaction
 from kernel import events, hearing, live
 from kernel.alerts import raise_alert
 from kernel.models import Alert
+from kernel.prepared import prepared_cursor
 from nodes.models import GPU, GPUHealth, Node, NodeStatus, remember_models
 
 # One UPDATE for all of a server's GPUs. (``bulk_update`` builds a CASE expression per
@@ -181,7 +182,7 @@ def _touch_params(node: Node, data: dict[str, Any]) -> list[Any]:
 
 def _touch_and_update_metrics(node: Node, data: dict[str, Any], gpus: list[GPU]) -> str:
     """``_TOUCH_NODE`` and ``_UPDATE_METRICS`` as one statement (one round trip); the old status."""
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(_TOUCH_AND_UPDATE_METRICS,
                        [*_touch_params(node, data), _metric_rows(gpus)])
         (old_status,) = cursor.fetchone()
@@ -200,7 +201,7 @@ def _known_gpus(node_id: int) -> dict[int, GPU]:
     """The server's GPUs by index, with the fields a report is checked against (the rest
     deferred, as ``.only()`` would): written by hand, because building this queryset
     was a quarter of a heartbeat's CPU in a py-spy profile of the web node."""
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(_KNOWN_GPUS, [node_id])
         return {row[_INDEX_AT]: GPU.from_db(connection.alias, _KNOWN_COLUMNS, row) for row in cursor.fetchall()}
 

@@ -15,6 +15,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import Prefetch
 
+from kernel.prepared import prepared_cursor
 from scheduling.choices import ACTIVE_STATUSES
 from scheduling.models import Allocation, Task
 
@@ -89,7 +90,7 @@ def desired_state(node_id: int) -> dict[str, Any]:
 
 
 def current_etag(node_id: int) -> str:
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:  # every heartbeat and long poll
         cursor.execute(_ETAG_ROWS_SQL, {"node": node_id, "active": [str(s) for s in ACTIVE_STATUSES]})
         rows = cursor.fetchall()
     key = ",".join(_key(i, a, port if nodes > 1 else None) for i, a, nodes, port in rows)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hmac
 from datetime import timedelta
 
-from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
 from kernel import tokens
+from kernel.prepared import prepared_cursor
 from portal import audit
 from tenants.models import ApiToken
 
@@ -31,7 +31,7 @@ verified = tokens.VerifiedTokens()
 
 def _current_state(token_pk: int) -> tuple[int | None, object]:
     """The credentials generation and the token's stored last_used_at, in one statement."""
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:  # every API request
         cursor.execute("SELECT g.value, t.last_used_at FROM portal_credentials_generation g "
                        "LEFT JOIN tenants_apitoken t ON t.id = %s WHERE g.id = 1", [token_pk])
         found = cursor.fetchone()
