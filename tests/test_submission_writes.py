@@ -75,6 +75,7 @@ def test_the_submit_context_is_one_query_with_tenants_quotas_and_cluster_limits(
 
     Membership.objects.create(user=alice, tenant=globex)
     Quota.objects.filter(tenant=globex).delete()
+    submission.SubmitContext.load(alice)  # the limits as of this GPU inventory, kept by this process
     with CaptureQueriesContext(connection) as queries:
         ctx = submission.SubmitContext.load(alice)
     assert len(queries.captured_queries) == 1
@@ -137,3 +138,34 @@ def test_with_prepared_statements_off_nothing_is_prepared(alice, servers, monkey
     assert prepared_statements() == before
     assert any('INSERT INTO "scheduling_task"' in q["sql"] for q in queries.captured_queries)
     assert Task.objects.filter(submitter=alice).count() == 1
+
+
+def test_the_cluster_limits_are_read_again_exactly_when_the_gpu_inventory_changed(alice, servers):
+    from nodes.models import GPU
+
+    from .conftest import make_server
+
+    def load() -> tuple[tuple[int, int, int], int]:
+        """(most GPUs on a server, largest GPU, servers with GPUs), and the queries it took."""
+        with CaptureQueriesContext(connection) as queries:
+            limits = submission.SubmitContext.load(alice).limits
+        return (limits.max_gpus_per_server, limits.largest_gpu_mb, limits.servers), len(queries.captured_queries)
+
+    load()
+    assert load() == ((8, 81_559, 2), 1)
+
+    # What every heartbeat writes (the same memory size, new metrics) changes nothing.
+    GPU.objects.filter(node=servers[0]).update(memory_used_mb=500, memory_total_mb=81_559)
+    assert load()[1] == 1
+
+    # A bigger server joins; a GPU reports another size (a raw statement counts as the ORM);
+    # a server's GPUs are removed: each is seen by the very next submit.
+    make_server("gpu-big", gpus=16, memory_mb=141_000)
+    assert load() == ((16, 141_000, 3), 2)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE nodes_gpu SET memory_total_mb = 183000 WHERE node_id = %s AND index = 0",
+                       [servers[1].pk])
+    assert load() == ((16, 183_000, 3), 2)
+    GPU.objects.filter(node__name="gpu-big").delete()
+    assert load() == ((8, 183_000, 2), 2)
+    assert load()[1] == 1
