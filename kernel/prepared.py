@@ -12,6 +12,9 @@ is re-planned by PostgreSQL itself).
 
 Only for single statements whose text does not vary with the values: a multi-statement
 batch cannot be prepared, and text that embeds values would fill the connection's cache.
+While an execute wrapper is installed the statements run as Django's own do: a wrapper may
+rewrite them, and the audit's (pghistory's context, ``portal.audit``) prefixes each write with
+a second statement, which the server-side protocol refuses.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ def prepared_cursor() -> Iterator:
     """A cursor of this thread's connection (as ``connection.cursor()``: Django's error
     translation, its query log and capture in tests) whose statements are prepared."""
     with connection.cursor() as cursor:
-        if connection.connection.prepare_threshold is None:  # DB_PREPARED_STATEMENTS=false
-            yield cursor
+        if connection.connection.prepare_threshold is None or connection.execute_wrappers:
+            yield cursor  # DB_PREPARED_STATEMENTS=false, or a wrapper may rewrite the statement
             return
         client_side = cursor.cursor
         cursor.cursor = _PreparingCursor(client_side.connection)

@@ -169,3 +169,17 @@ def test_the_cluster_limits_are_read_again_exactly_when_the_gpu_inventory_change
     GPU.objects.filter(node__name="gpu-big").delete()
     assert load() == ((8, 183_000, 2), 2)
     assert load()[1] == 1
+
+
+def test_a_submit_inside_an_audit_context_runs_its_statements_unprepared(alice, servers):
+    """The audit (pghistory's context: the portal's form, the admin) prefixes each write with a
+    second statement, which a prepared statement cannot hold: the submit still goes through."""
+    import pghistory
+
+    before = prepared_statements()
+    with pghistory.context(source="portal"):
+        ctx = submission.SubmitContext.load(alice)
+        tasks = submission.create_tasks(ctx, specs(ctx, 2))
+
+    assert Task.objects.filter(pk__in=[t.pk for t in tasks]).count() == 2
+    assert prepared_statements() == before
