@@ -586,7 +586,7 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
     with transaction.atomic(), lifecycle.batch() as fan:
         # The quota rows serialise concurrent submitters of one tenant, so the
         # pending limit holds exactly; other tenants are not held up.
-        with connection.cursor() as cursor:
+        with prepared_cursor() as cursor:
             cursor.execute("SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = ANY(%s::bigint[]) "
                            "ORDER BY tenant_id FOR UPDATE", [sorted(wanted)])
             limits = dict(cursor.fetchall())

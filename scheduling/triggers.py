@@ -23,6 +23,8 @@ import logging
 
 from django.db import connection, transaction
 
+from kernel.prepared import prepared_cursor
+
 log = logging.getLogger(__name__)
 
 WAKE_CHANNEL = "scheduler_wake"
@@ -66,7 +68,7 @@ class _PendingWake:
 
 def wake(reason: str) -> bool:
     """Send the wake-up now (autocommit). True when this call enqueued a q pass."""
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:  # after every submit
         cursor.execute(_WAKE_SQL, [WAKE_ROW, WAKE_CHANNEL, reason[:200]])
         (_, flipped) = cursor.fetchone()
     if not flipped:
