@@ -5,10 +5,12 @@ server as new text, which PostgreSQL parses and plans afresh. For a submit that 
 of the database's work: its membership query and its insert (a task, its event and the
 tenant's pending count in one statement) spent about 0.6 ms of the server's CPU in
 planning alone, more than in running them; a heartbeat's four statements cost the server
-1.2 ms, and 0.5 ms prepared. ``prepared_cursor()`` runs statements on the
-same connection and in the same transaction, but binds on the server and prepares each
-statement once per connection (psycopg keeps the names; a statement whose tables change
-is re-planned by PostgreSQL itself).
+1.2 ms, and 0.5 ms prepared.
+
+``prepared_cursor()`` runs statements on the same connection and in the same transaction,
+but binds on the server and prepares each statement once per connection. psycopg keeps
+the names; a rollback makes it deallocate them all (the next use prepares again), and a
+statement whose tables change is re-planned by PostgreSQL itself.
 
 Only for single statements whose text does not vary with the values: a multi-statement
 batch cannot be prepared, and text that embeds values would fill the connection's cache.
