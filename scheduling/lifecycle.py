@@ -476,8 +476,9 @@ def submit_many(tasks: list[Task], *, actor: str, limits: dict[int, int], fan: F
     query.insert_values(fields, tasks)
     (insert, params), = query.get_compiler(connection=connection).as_sql()
     tenant_ids = sorted(limits)
-    # Prepared: its text is the same for every submit of as many tasks (one, mostly).
-    with prepared_cursor() as cursor:
+    # One task's statement is the same text every time: prepared. A batch's grows with its size,
+    # and each size kept prepared would hold another large plan on the server: bound as Django binds.
+    with prepared_cursor() if len(tasks) == 1 else connection.cursor() as cursor:
         cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
             *params, P, actor, timezone.now(),
             P, tenant_ids, [limits[t] for t in tenant_ids],

@@ -185,3 +185,13 @@ def test_a_submit_inside_an_audit_context_runs_its_statements_unprepared(alice, 
 
     assert Task.objects.filter(pk__in=[t.pk for t in tasks]).count() == 2
     assert prepared_statements() == before
+
+
+def test_a_batchs_insert_is_not_kept_prepared(alice, servers):
+    """Its text grows with the batch's size: each size kept prepared would be another plan on the server."""
+    before = prepared_statements()
+    ctx = submission.SubmitContext.load(alice)
+    submission.create_tasks(ctx, specs(ctx, 3))
+
+    assert not any('INSERT INTO "scheduling_task"' in s for s in prepared_statements() if s not in before)
+    assert Task.objects.filter(submitter=alice).count() == 3
