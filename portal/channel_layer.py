@@ -17,7 +17,15 @@ This subclass changes only that:
 - the LISTEN task reconnects with capped exponential backoff, logged once per
   outage, and on reconnecting delivers the messages queued meanwhile (the parent
   reads unexpired messages first; ``kernel.live`` stamps ids, so consumers drop a
-  copy delivered twice).
+  copy delivered twice);
+- each event loop gets its own pool. A psycopg async pool belongs to the loop that
+  opened it (its maintenance tasks, its locks), and a web process runs the layer on
+  two: the server's (consumers, the LISTEN task) and the live publisher's thread
+  (``kernel.live``). With one pool per process, whichever loop opened it first owned
+  it, and a wait for a connection from the other loop failed ("Lock is not acquired"):
+  seen killing the LISTEN task of a web node at start-up, after which the node
+  delivered nothing and its agents fell back to long polls. Pools of loops that have
+  closed (``async_to_sync`` runs each call on a fresh one) are hung up at the next use.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import typing
 
 import psycopg
@@ -44,12 +53,14 @@ RELISTEN_CAP_S = 2.0
 _DB_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)
 
 
-def forget_pool() -> None:
-    """Drop the process's pool: the next use opens a new one. Its connections are hung
-    up at the libpq level (the loop that owns the pool may be closed already)."""
-    pool, channels_db.connection_pool = channels_db.connection_pool, None
-    if pool is None:
-        return
+# id(loop) -> (the loop, its pool); the loop is held so that its id is not reused meanwhile.
+_pools: dict[int, tuple[asyncio.AbstractEventLoop, psycopg_pool.AsyncConnectionPool]] = {}
+_opening: dict[int, asyncio.Lock] = {}  # one pool opened at a time per loop
+_pools_lock = threading.Lock()  # the loops' threads share the two dicts
+
+
+def _hang_up(pool: psycopg_pool.AsyncConnectionPool) -> None:
+    """Close a pool's connections at the libpq level (its loop may be closed already)."""
     for conn in list(getattr(pool, "_pool", [])):
         with contextlib.suppress(Exception):
             conn.pgconn.finish()
@@ -57,20 +68,56 @@ def forget_pool() -> None:
         pool._closed = True  # never hand out its connections again
 
 
+def forget_pool() -> None:
+    """Drop every loop's pool (after a database error: their connections are dead, or tests
+    moving to another database): the next use opens a new one."""
+    with _pools_lock:
+        pools = [pool for _loop, pool in _pools.values()]
+        _pools.clear()
+        _opening.clear()
+    channels_db.connection_pool = None
+    for pool in pools:
+        _hang_up(pool)
+
+
+def _forget_closed_loops() -> None:
+    with _pools_lock:
+        closed = [key for key, (loop, _pool) in _pools.items() if loop.is_closed()]
+        pools = [_pools.pop(key)[1] for key in closed]
+        for key in closed:
+            _opening.pop(key, None)
+    for pool in pools:
+        _hang_up(pool)
+
+
 class _Database(channels_db.DatabaseLayer):
     async def get_db_pool(self, db_params: dict[str, typing.Any]) -> psycopg_pool.AsyncConnectionPool:
-        pool = channels_db.connection_pool
-        if pool is not None:
+        loop = asyncio.get_running_loop()
+        entry = _pools.get(id(loop))
+        if entry is not None and entry[0] is loop:
+            return entry[1]
+        _forget_closed_loops()
+        with _pools_lock:
+            opening = _opening.setdefault(id(loop), asyncio.Lock())
+        async with opening:
+            entry = _pools.get(id(loop))
+            if entry is not None and entry[0] is loop:
+                return entry[1]
+            pool = await self._open_pool(db_params)
+            with _pools_lock:
+                _pools[id(loop)] = (loop, pool)
             return pool
 
+    async def _open_pool(self, db_params: dict[str, typing.Any]) -> psycopg_pool.AsyncConnectionPool:
         async def configure(conn: psycopg.AsyncConnection) -> None:
             await conn.set_autocommit(True)
             conn.prepare_threshold = 0
             conn.prepared_max = None
 
+        # One connection kept per loop (a process has two long-lived ones), up to four in use.
         pool = psycopg_pool.AsyncConnectionPool(
             conninfo=psycopg.conninfo.make_conninfo(conninfo="", **db_params), open=False, configure=configure,
-            **{"timeout": GETCONN_TIMEOUT_S, **self.psycopg_options},
+            **{"timeout": GETCONN_TIMEOUT_S, "min_size": 1, "max_size": 4, **self.psycopg_options},
         )
         try:
             await pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
@@ -78,12 +125,7 @@ class _Database(channels_db.DatabaseLayer):
             with contextlib.suppress(Exception):
                 await pool.close(timeout=0)
             raise
-        if channels_db.connection_pool is None:
-            channels_db.connection_pool = pool
-        else:  # another coroutine won the race: keep one pool per process
-            with contextlib.suppress(Exception):
-                await pool.close(timeout=0)
-        return channels_db.connection_pool
+        return pool
 
 
 class PostgresChannelLayer(_BaseLayer):

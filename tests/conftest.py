@@ -166,20 +166,11 @@ def channel_layer_on_test_db(settings, django_db_setup):
 
 
 def _drop_channels_postgres_pool() -> None:
-    import asyncio
-    import contextlib
+    # The pools belong to event loops async_to_sync has closed: their idle connections are
+    # hung up at the libpq level, or they keep the test database busy.
+    from portal.channel_layer import forget_pool
 
-    from channels_postgres import db as channels_db
-
-    pool, channels_db.connection_pool = channels_db.connection_pool, None
-    if pool is not None:
-        # The pool belongs to an event loop async_to_sync has closed: hang up its idle
-        # connections at the libpq level, or they keep the test database busy.
-        for conn in list(getattr(pool, "_pool", [])):
-            with contextlib.suppress(Exception):
-                conn.pgconn.finish()
-        with contextlib.suppress(Exception):
-            asyncio.run(pool.close(timeout=1))
+    forget_pool()
 
 
 # --- users' API (issue 5) --------------------------------------------------------
