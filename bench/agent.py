@@ -10,10 +10,10 @@ the web node (``portal.webserver``), ``manage.py runscheduler`` and simulated-GP
    pushed to its agent over the websocket and started; the task's command writes
    the time it started. Also measured: allocation commit -> process start, with
    the allocation written directly (the agent's share of the path).
-2. Heartbeat ingestion: 1,000 servers x 8 GPUs with real node tokens; a load
-   generator posts heartbeats over HTTP as fast as the web processes take them
-   while scheduling passes run beside them (pass time compared with and without
-   the load).
+2. Heartbeat ingestion: 1,000 servers x 8 GPUs with real node tokens; two
+   load-generator processes post heartbeats over HTTP as fast as the web
+   processes take them while this process runs scheduling passes beside them
+   (pass time compared with and without the load).
 
 Beside the figures, the raw ceilings measured in the same run (``bench.ceilings``)
 and the ratios to them (keys ending ``_ratio``): for the start latency, a commit +
