@@ -10,7 +10,10 @@ planning alone, more than in running them; a heartbeat's four statements cost th
 ``prepared_cursor()`` runs statements on the same connection and in the same transaction,
 but binds on the server and prepares each statement once per connection. psycopg keeps
 the names; a rollback makes it deallocate them all (the next use prepares again), and a
-statement whose tables change is re-planned by PostgreSQL itself.
+statement whose tables change is re-planned by PostgreSQL itself, unless a migration
+changes the type of a column the statement returns: PostgreSQL then refuses it ("cached
+plan must not change result type") until the connection is replaced, so restart the web
+processes after such a migration, as a deployment does anyway.
 
 Only for single statements whose text does not vary with the values: a multi-statement
 batch cannot be prepared, and text that embeds values would fill the connection's cache.
