@@ -81,8 +81,8 @@ Rules, in the order a task meets them
    load-balance score (free memory 40, utilisation 30, temperature 20, idle time 10,
    each normalised to 0..1; idle time counts whole minutes up to one hour). Servers
    where the task's model is loaded on a GPU it could use are tried first and win when
-   they fit (the most such GPUs, then packing order, then score). Otherwise servers are visited by
-   their count of empty GPUs: ``binpack`` starts from the fullest server that can
+   they fit (the most such GPUs, then packing order, then score). Otherwise servers are
+   visited by their count of empty GPUs: ``binpack`` starts from the fullest server that can
    still hold the task (whole servers stay free for big gangs; the free-memory term is
    inverted and shared tasks try servers already hosting shared work first, so they
    pack), ``spread`` from the emptiest. Among the first few fitting servers of that

@@ -4,8 +4,9 @@ GPU score = model affinity (+100 when the task's model is loaded on it, +50 when
 cache has room: fewer than ``max_models_per_gpu`` models) + the load-balance score (free
 memory 40, utilisation 30, temperature 20, idle time 10, each normalised to 0..1; idle time
 counts in whole minutes and saturates at one hour). ``binpack`` inverts the free-memory term
-so that busy GPUs score higher. The static part (utilisation, temperature, idle time) is computed once per pass; the
-base part is recomputed by the working state whenever a GPU's memory changes.
+so that busy GPUs score higher. The static part (utilisation, temperature, idle time) is
+computed once per pass; the base part is recomputed by the working state whenever a GPU's
+memory changes.
 """
 
 from __future__ import annotations
