@@ -75,7 +75,6 @@ def forget_pool() -> None:
         pools = [pool for _loop, pool in _pools.values()]
         _pools.clear()
         _opening.clear()
-    channels_db.connection_pool = None
     for pool in pools:
         _hang_up(pool)
 

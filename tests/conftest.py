@@ -159,18 +159,16 @@ def channel_layer_on_test_db(settings, django_db_setup):
             conf["CONFIG"]["NAME"] = connection.settings_dict["NAME"]
     settings.CHANNEL_LAYERS = layers
     reset_channel_layer()
-    _drop_channels_postgres_pool()  # its one pool per process may point at another database
+    from portal.channel_layer import forget_pool
+
+    # Pools opened before may point at another database; those of loops async_to_sync has
+    # closed keep idle connections that would hold the test database busy.
+    forget_pool()
     yield layers
-    _drop_channels_postgres_pool()
+    forget_pool()
     reset_channel_layer()
 
 
-def _drop_channels_postgres_pool() -> None:
-    # The pools belong to event loops async_to_sync has closed: their idle connections are
-    # hung up at the libpq level, or they keep the test database busy.
-    from portal.channel_layer import forget_pool
-
-    forget_pool()
 
 
 # --- users' API (issue 5) --------------------------------------------------------
