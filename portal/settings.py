@@ -141,8 +141,8 @@ _TCP_CUT_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval
 for _key, _value in _TCP_CUT_OPTIONS.items():
     _db["OPTIONS"].setdefault(_key, _value)
 # Server-side prepared statements for the hot hand-written statements (kernel.prepared).
-# Django's own queries stay client-side bound (it leaves psycopg's preparing off, and so
-# does this for every cursor but kernel.prepared's). Off for PgBouncer in transaction mode
+# Only kernel.prepared's cursors bind on the server; Django's own stay client-side bound,
+# and those never prepare whatever this is set to. Off for PgBouncer in transaction mode
 # before 1.21, which cannot carry a prepared statement from one transaction to the next.
 if envbool("DB_PREPARED_STATEMENTS", True):
     _db["OPTIONS"].setdefault("prepare_threshold", 5)
