@@ -130,6 +130,11 @@ def drive(args: argparse.Namespace) -> dict:
             uuid = args.nvidia_smi.split(",")[0].strip()
             if gpus[0]["uuid"] != uuid:
                 raise Failed(f"the agent registered GPU {gpus[0]['uuid']}, but nvidia-smi shows {uuid}")
+        if gpus[0]["state"] != "free":
+            # Not worth waiting for: the job would stay pending. (A first report with a non-zero
+            # lifetime ECC count cordons the GPU, and marks it error, at registration.)
+            raise Failed(f"the registered GPU is {gpus[0]['state']} (health {gpus[0]['health']}, "
+                         f"{gpus[0]['cordon_reason'] or 'no cordon reason'}): no task can start on it")
         baseline = gpus[0]["memory_used_mb"]
 
         command = [args.task_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", args.job]
@@ -170,8 +175,7 @@ def drive(args: argparse.Namespace) -> dict:
         summary["job_reports"] = reports
         if status != "succeeded":
             raise Failed(f"task {task_id} ended {status} (exit code {task.get('exit_code')}, "
-                         f"{task.get('failure_reason') or 'no reason'}); last log line: "
-                         f"{(log.strip().splitlines() or ['(empty)'])[-1][:200]}")
+                         f"{task.get('failure_reason') or 'no reason'}); {telling_line(log, reports)}")
         check_reports(reports, args.simulate)
         if peak is None or baseline is None or peak < baseline + 4000:
             # NVML readings come with heartbeats: a miss is worth a note, not a failed check.
@@ -204,6 +208,19 @@ def job_reports(log: str) -> list[dict]:
             reports.append(report)
         at = end
     return reports
+
+
+def telling_line(log: str, reports: list[dict]) -> str:
+    """The line of a failed job's log that most likely says why."""
+    bad = [r for r in reports if not r.get("ok")]
+    if bad:
+        return "rank {rank} reported a failed check: {r}".format(rank=bad[0].get("rank"), r=json.dumps(bad[0]))
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for marker in ("DEVCHECK-ERROR", "Error", "error"):
+        found = [line for line in lines if marker in line]
+        if found:
+            return "log: " + found[-1][:300]
+    return "last log line: " + (lines[-1][:300] if lines else "(empty)")
 
 
 def check_reports(reports: list[dict], simulate: bool) -> None:
