@@ -138,6 +138,7 @@ def drive(args: argparse.Namespace) -> dict:
         baseline = gpus[0]["memory_used_mb"]
 
         command = [args.task_python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", args.job]
+        # online: of a one-GPU cluster the default 70/30 split leaves batch work round(0.3) = 0 GPUs.
         submit = ["submit", "--json", "--gpus", "1", "--class", "online", "--timeout", "300",
                   "--name", "device-check-ddp", *[f"--env={e}" for e in args.env], "--", *command]
         task = json.loads(portal.gpuctl(*submit))
