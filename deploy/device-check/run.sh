@@ -63,7 +63,10 @@ cleanup() {
         PORTAL_PGDATA=$WORK/pg "$PY" -m portal.embedded_db stop >>"$SETUP_LOG" 2>&1
     fi
     [ -f "$WORK/pg/log" ] && tail -c 100000 "$WORK/pg/log" >"$OUT/postgres.log"
-    [ "$MADE_ACCOUNT" = 1 ] && userdel "$ACCOUNT" >>"$SETUP_LOG" 2>&1
+    if [ "$MADE_ACCOUNT" = 1 ]; then  # with what torchrun left in /tmp under that account
+        find /tmp -maxdepth 1 -name 'torchelastic_*' -user "$ACCOUNT" -exec rm -rf {} + 2>>"$SETUP_LOG"
+        userdel "$ACCOUNT" >>"$SETUP_LOG" 2>&1
+    fi
     # The summary says how far it got, also when the driver never ran or was stopped.
     FAIL_MSG=$FAIL_MSG "$PY" - "$OUT/summary.json" "$SETUP_LOG" "$((SECONDS - START))" <<'EOF'
 import json, os, sys
