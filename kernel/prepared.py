@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.postgresql.base import ServerBindingCursor
 
 
@@ -46,8 +46,9 @@ class _PreparingCursor(ServerBindingCursor):
 def prepared_cursor() -> Iterator:
     """A cursor of this thread's connection (as ``connection.cursor()``: Django's error
     translation, its query log and capture in tests) whose statements are prepared."""
-    with connection.cursor() as cursor:
-        if connection.connection.prepare_threshold is None or connection.execute_wrappers:
+    db = connections[DEFAULT_DB_ALIAS]  # the wrapper, once: each read of the proxy is a thread-local lookup
+    with db.cursor() as cursor:
+        if db.connection.prepare_threshold is None or db.execute_wrappers:
             yield cursor  # DB_PREPARED_STATEMENTS=false, or a wrapper may rewrite the statement
             return
         client_side = cursor.cursor

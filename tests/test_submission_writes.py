@@ -9,6 +9,7 @@ from django.test.utils import CaptureQueriesContext
 
 from scheduling import submission
 from scheduling.models import Task, TaskEvent
+from tenants.choices import Priority
 from tenants.models import Quota
 
 
@@ -195,3 +196,35 @@ def test_a_batchs_insert_is_not_kept_prepared(alice, servers):
 
     assert not any('INSERT INTO "scheduling_task"' in s for s in prepared_statements() if s not in before)
     assert Task.objects.filter(submitter=alice).count() == 3
+
+
+def test_single_submits_reuse_one_insert_text_and_store_each_tasks_own_values(alice, servers):
+    """The INSERT of one task is compiled once; later submits only bind their values."""
+    ctx = submission.SubmitContext.load(alice)
+    first, = submission.create_tasks(ctx, specs(ctx, 1))
+    spec, errors = submission.validate({"tenant": "acme", "name": "second", "command": "python eval.py",
+                                        "gpu_count": 2, "priority": "HIGH", "env": {"A": "1"}}, ctx)
+    assert not errors
+    second, = submission.create_tasks(ctx, [spec])
+
+    stored = Task.objects.get(pk=second.pk)
+    assert (stored.name, stored.command, stored.gpu_count, stored.priority, stored.env) == \
+        ("second", "python eval.py", 2, Priority.HIGH, {"A": "1"})
+    assert stored.created_at == second.created_at and stored.updated_at == second.updated_at
+    assert stored.updated_at > Task.objects.get(pk=first.pk).updated_at  # auto_now ran for this one
+
+
+def test_a_task_with_an_sql_expression_in_a_field_is_compiled_afresh(alice, acme, servers):
+    from django.db import transaction
+    from django.db.models import Value
+    from django.db.models.functions import Concat
+
+    from scheduling import lifecycle
+
+    ctx = submission.SubmitContext.load(alice)
+    submission.create_tasks(ctx, specs(ctx, 1))  # the plain text is kept now
+    task = Task(tenant=acme, submitter=alice, status="pending", attempt=0, name=Concat(Value("ex"), Value("pr")),
+                command="python x.py")
+    with transaction.atomic(), lifecycle.batch() as fan:
+        lifecycle.submit_many([task], actor="user:alice", limits={acme.pk: 100}, fan=fan)
+    assert Task.objects.get(pk=task.pk).name == "expr"
