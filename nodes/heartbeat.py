@@ -35,17 +35,21 @@ from nodes.models import GPU, GPUHealth, Node, NodeStatus, remember_models
 # tenth of a heartbeat's CPU, and ``json.dumps`` is C.
 _METRIC_COLUMNS = ("pk", "uuid", "model_name", "memory_total_mb", "memory_used_mb", "utilization_pct",
                    "temperature_c", "power_w", "ecc_errors", "retired_pages", "health")
-_UPDATE_METRICS = """
+_UPDATE_METRICS = f"""
 UPDATE nodes_gpu AS g SET
     uuid = v.uuid, model_name = v.model_name, memory_total_mb = v.memory_total_mb,
     memory_used_mb = v.memory_used_mb, utilization_pct = v.utilization_pct, temperature_c = v.temperature_c,
-    power_w = v.power_w, ecc_errors = v.ecc_errors, retired_pages = v.retired_pages, health = v.health,
+    power_w = v.power_w, ecc_errors = v.ecc_errors, retired_pages = v.retired_pages,
+    -- An error stays until an operator uncordons the GPU (GPU.uncordon), read from the row as
+    -- it is now: a report that found no new error never brings it back, and one that read the
+    -- row before an uncordon does not undo it.
+    health = CASE WHEN g.health = '{GPUHealth.ERROR}' THEN g.health ELSE v.health END,
     updated_at = now()
 FROM jsonb_to_recordset(%s::jsonb)
     AS v(pk bigint, uuid varchar, model_name varchar, memory_total_mb int, memory_used_mb int, utilization_pct int,
          temperature_c int, power_w int, ecc_errors bigint, retired_pages int, health varchar)
 WHERE g.id = v.pk
-"""
+"""  # noqa: S608 - constants
 
 
 def _metric_rows(gpus: list[GPU]) -> str:
@@ -154,8 +158,9 @@ def _apply_reports(node: Node, existing: dict[int, GPU], reports: list[dict[str,
         gpu = existing.get(report["index"])
         new = gpu is None
         if new:
-            gpu = GPU(node_id=node.pk, index=report["index"])
-            gpu.ecc_errors = 0
+            # The count is the card's lifetime one (NVML's aggregate): what it brings along is
+            # history, and only a rise from here on is an error.
+            gpu = GPU(node_id=node.pk, index=report["index"], ecc_errors=report["ecc_errors"])
         reason = _error_reason(gpu, report)
         gpu.uuid = report["uuid"]
         gpu.model_name = report["name"][:100]
@@ -166,9 +171,10 @@ def _apply_reports(node: Node, existing: dict[int, GPU], reports: list[dict[str,
         gpu.power_w = report["power_w"]
         gpu.ecc_errors = report["ecc_errors"]
         gpu.retired_pages = report["retired_pages"]
+        # What this report says; an earlier error is kept by the UPDATE itself (_UPDATE_METRICS).
         if reason:
             gpu.health = GPUHealth.ERROR
-        elif gpu.health != GPUHealth.ERROR:
+        else:
             gpu.health = GPUHealth.WARNING if report.get("retired_pages_pending") else GPUHealth.OK
         (to_create if new else to_update).append(gpu)
         if reason:

@@ -193,8 +193,12 @@ class GPU(models.Model):
         self.save(update_fields=["cordoned", "cordon_reason", "updated_at"])
 
     def uncordon(self) -> None:
+        """The operator's word that the GPU is fit again: an error its agent reported is cleared
+        with the cordon (heartbeats keep an error until then), so it is scheduled again."""
         self.cordoned, self.cordon_reason = False, ""
-        self.save(update_fields=["cordoned", "cordon_reason", "updated_at"])
+        if self.health == GPUHealth.ERROR:
+            self.health = GPUHealth.OK  # the next heartbeat says whether it is ok or warning
+        self.save(update_fields=["cordoned", "cordon_reason", "health", "updated_at"])
 
 
 class JoinToken(models.Model):

@@ -128,6 +128,59 @@ def test_a_gpu_reporting_ecc_or_xid_errors_is_cordoned_with_an_alert(enrolled):
     assert Alert.objects.filter(kind=Alert.Kind.GPU_ERROR, node=node).count() == 2
 
 
+def test_a_gpu_that_joins_with_lifetime_ecc_errors_is_not_cordoned_until_the_count_rises(enrolled):
+    """NVML's count is the card's lifetime one: errors it had before it joined are history."""
+    node, token = enrolled
+    client = agent_client(token)
+    response = client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0", ecc_errors=2)]}, format="json")
+    assert response.status_code == 200 and response.json()["cordoned"] == []
+    gpu = node.gpus.get()
+    assert (gpu.cordoned, gpu.health, gpu.ecc_errors) == (False, "ok", 2)
+    assert not Alert.objects.filter(kind=Alert.Kind.GPU_ERROR, node=node).exists()
+
+    response = client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0", ecc_errors=3)]}, format="json")
+    assert response.json()["cordoned"] == ["0"]
+    gpu.refresh_from_db()
+    assert gpu.cordoned and "3 uncorrected ECC error(s) (was 2)" in gpu.cordon_reason and gpu.health == "error"
+
+
+def test_an_error_stays_through_heartbeats_until_uncordon_puts_the_gpu_back_in_service(enrolled):
+    from nodes.gpu_state import GPUState, gpu_state
+
+    node, token = enrolled
+    client = agent_client(token)
+    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0")]}, format="json")
+    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0", ecc_errors=1)]}, format="json")
+    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0", ecc_errors=1)]}, format="json")
+    gpu = node.gpus.get()
+    assert (gpu.cordoned, gpu.health) == (True, "error")  # no new error, but the old one is not forgotten
+
+    gpu.uncordon()
+    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0", ecc_errors=1)]}, format="json")
+    gpu.refresh_from_db()
+    node.refresh_from_db()
+    assert (gpu.cordoned, gpu.cordon_reason, gpu.health) == (False, "", "ok")
+    assert gpu_state(gpu, node, allocated=False) == GPUState.FREE
+
+
+def test_a_heartbeat_that_read_the_gpu_before_an_uncordon_does_not_bring_its_error_back(enrolled):
+    """The report's write reads the row's health as it is when it writes, not as it was read."""
+    from nodes import heartbeat
+
+    node, token = enrolled
+    client = agent_client(token)
+    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0")]}, format="json")
+    client.post(f"{API}/heartbeat", {"gpus": [gpu_report(0, "GPU-s-0", ecc_errors=1)]}, format="json")
+    stale = heartbeat._known_gpus(node.pk)  # the heartbeat's read: health "error"
+    assert stale[0].health == "error"
+    node.gpus.get().uncordon()  # the operator, between that read and the write
+
+    to_update, _, errored = heartbeat._apply_reports(node, stale, [gpu_report(0, "GPU-s-0", ecc_errors=1)])
+    assert not errored
+    heartbeat._touch_and_update_metrics(node, {}, to_update)
+    assert node.gpus.get().health == "ok"
+
+
 def test_heartbeat_time_is_the_portal_clock(enrolled):
     node, token = enrolled
     agent_client(token).post(f"{API}/heartbeat", {"gpus": []}, format="json")
