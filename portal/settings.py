@@ -153,6 +153,9 @@ _pool_max = envint("DB_POOL_MAX_SIZE", 0, minimum=0)
 if _pool_max:
     _db["OPTIONS"]["pool"] = {"min_size": min(2, _pool_max), "max_size": _pool_max, "timeout": 30}
     _db["CONN_MAX_AGE"] = 0  # Django's pool refuses any other value
+    # Pooled connections are checked by the socket, not by a query per request (kernel/postgres).
+    _db["ENGINE"] = "kernel.postgres"
+    _db["CONN_HEALTH_CHECKS"] = False
 DATABASES = {"default": _db}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
-from django.db import connection
+from django.db import connection, connections
 
 from tests.conftest import free_port, make_api_token, subprocess_env, wait_for
 
@@ -72,3 +73,46 @@ def test_requests_after_the_server_ended_every_pooled_connection_are_answered(po
         statuses = [client.get("/api/v1/tasks").status_code for _ in range(8)]
     assert statuses == [200] * 8
     assert set(pool_backends()).isdisjoint(ended)
+
+
+@pytest.fixture
+def pooled_wrapper():
+    from kernel.postgres.base import DatabaseWrapper
+
+    settings = {**connection.settings_dict, "CONN_MAX_AGE": 0, "CONN_HEALTH_CHECKS": False,
+                "OPTIONS": {**connection.settings_dict["OPTIONS"], "application_name": NAME,
+                            "pool": {"min_size": 1, "max_size": 1}}}
+    wrapper = DatabaseWrapper(settings, alias="pool-test")
+    connections.settings["pool-test"] = settings  # looked up by django.contrib.postgres on connect
+    connections["pool-test"] = wrapper
+    yield wrapper
+    wrapper.close()
+    wrapper.close_pool()
+    del connections["pool-test"]
+    del connections.settings["pool-test"]
+
+
+def test_a_healthy_pooled_connection_is_handed_out_without_a_query(pooled_wrapper, monkeypatch):
+    pooled_wrapper.connect()
+    first = pooled_wrapper.connection
+    pooled_wrapper.close()  # back to the pool
+    sent = []
+    monkeypatch.setattr(psycopg.Connection, "execute", lambda self, query, *a, **k: sent.append(query))
+    pooled_wrapper.connect()
+    assert pooled_wrapper.connection is first and sent == []
+
+
+def test_a_pooled_connection_the_server_ended_is_replaced_before_it_is_handed_out(pooled_wrapper):
+    pooled_wrapper.connect()
+    first = pooled_wrapper.connection
+    pid = first.info.backend_pid
+    pooled_wrapper.close()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    wait_for(lambda: pid not in pool_backends(), what="the backend to end")
+
+    pooled_wrapper.connect()
+    with pooled_wrapper.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
+    assert first.closed
