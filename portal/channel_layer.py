@@ -35,11 +35,14 @@ import contextlib
 import logging
 import threading
 import typing
+from datetime import timedelta
 
 import psycopg
 import psycopg_pool
 from channels_postgres import db as channels_db
 from channels_postgres.core import PostgresChannelLayer as _BaseLayer
+from channels_postgres.db import utc_now
+from psycopg import sql
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,20 @@ class _Database(channels_db.DatabaseLayer):
             raise
         return pool
 
+    async def send_to_group(self, group_key: str, message: bytes, expire: int) -> None:
+        """Queue ``message`` for every channel in the group: found and written by one statement.
+        (The parent's ``group_send`` read the group twice, then inserted: three round trips, or two
+        and a logged warning when nobody is in the group, which is most of the live pushes.)"""
+        async with (await self.get_db_pool(db_params=self.db_params)).connection() as conn:
+            await conn.execute(_SEND_TO_GROUP, (message, utc_now() + timedelta(seconds=expire), group_key))
+
+
+# Each inserted row's trigger (channels_postgres's migrations) NOTIFYs its channel's listener.
+_SEND_TO_GROUP = sql.SQL(
+    "INSERT INTO {messages} (channel, message, expire) "
+    "SELECT DISTINCT channel, %s::bytea, %s::timestamptz FROM {groups} WHERE group_key = %s"
+).format(messages=sql.Identifier(channels_db.MESSAGE_TABLE), groups=sql.Identifier(channels_db.GROUP_CHANNEL_TABLE))
+
 
 class PostgresChannelLayer(_BaseLayer):
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
@@ -144,7 +161,9 @@ class PostgresChannelLayer(_BaseLayer):
         await self._retrying(super().send, channel, message)
 
     async def group_send(self, group: str, message: dict[str, typing.Any]) -> None:
-        await self._retrying(super().group_send, group, message)
+        self.require_valid_group_name(group)  # raises TypeError, as the parent's check
+        await self._retrying(self.django_db.send_to_group, self._group_key(group), self.serialize(message),
+                             self.expiry)
 
     async def group_add(self, group: str, channel: str) -> None:
         await self._retrying(super().group_add, group, channel)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import psycopg
 import pytest
 from django.db import connection
 
@@ -67,3 +68,53 @@ def test_a_closed_loops_pool_is_hung_up_at_the_next_use():
     finally:
         forget_pool()
     assert channel_layer._pools == {}
+
+
+def test_a_group_send_reaches_every_member_and_an_empty_group_quietly_adds_nothing(caplog):
+    from channels_postgres.models import Message
+
+    layer = postgres_layer()
+    members: list[str] = []
+
+    async def send() -> None:
+        members.extend([await layer.new_channel(), await layer.new_channel()])
+        for channel in members:
+            await layer.group_add("viewers", channel)
+        await layer.group_send("viewers", {"type": "tasks.changed", "task_ids": [7]})
+        await layer.group_send("nobody-here", {"type": "tasks.changed", "task_ids": [8]})
+
+    async def receive() -> list[dict]:
+        return [await asyncio.wait_for(layer.receive(channel), 10) for channel in members]
+
+    try:
+        asyncio.run(send())
+        queued = sorted(Message.objects.values_list("channel", flat=True))
+        received = asyncio.run(receive())
+    finally:
+        forget_pool()
+    assert queued == sorted(members)  # one row per member, none for the empty group
+    assert [m["task_ids"] for m in received] == [[7], [7]]
+    assert "does not exist" not in caplog.text
+
+
+def test_a_group_send_to_an_empty_group_is_one_round_trip(monkeypatch):
+    from portal.channel_layer import _Database
+
+    layer = postgres_layer()
+    statements: list[str] = []
+    original = psycopg.AsyncCursor.execute
+
+    async def counting(self, query, *args, **kwargs):
+        statements.append(str(query))
+        return await original(self, query, *args, **kwargs)
+
+    async def scenario() -> None:
+        await layer.django_db.get_db_pool(db_params=layer.db_params)  # the pool's own set-up is not counted
+        monkeypatch.setattr(psycopg.AsyncCursor, "execute", counting)
+        await layer.group_send("nobody-here", {"type": "x"})
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        forget_pool()
+    assert isinstance(layer.django_db, _Database) and len(statements) == 1
