@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -193,17 +197,9 @@ def api_client_for(db):
     return make
 
 
-@pytest.fixture(scope="module")
-def live_daphne(django_db_setup, django_db_blocker):
-    """A real daphne on a free port against the test database, for the module's tests
-    (which use ``django_db(transaction=True)`` so what they write is visible to it)."""
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    with django_db_blocker.unblock():
-        env = subprocess_env(API_RATE_LIMIT="0")
+@contextmanager
+def daphne(env: dict[str, str]) -> Iterator[str]:
+    """A real daphne on a free port with ``env`` (``subprocess_env(...)``): its base URL while the block runs."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "portal.asgi:application"],
@@ -228,6 +224,16 @@ def live_daphne(django_db_setup, django_db_blocker):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def live_daphne(django_db_setup, django_db_blocker):
+    """A real daphne on a free port against the test database, for the module's tests
+    (which use ``django_db(transaction=True)`` so what they write is visible to it)."""
+    with django_db_blocker.unblock():
+        env = subprocess_env(API_RATE_LIMIT="0")
+    with daphne(env) as url:
+        yield url
 
 
 @pytest.fixture(scope="session", autouse=True)

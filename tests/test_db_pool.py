@@ -7,49 +7,22 @@ pool, the next requests must still be answered from a working connection, not wi
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import httpx
 import psycopg
 import pytest
 from django.db import connection, connections
 
-from tests.conftest import free_port, make_api_token, subprocess_env, wait_for
+from tests.conftest import daphne, make_api_token, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "gpu-portal-pool-test"
 
 
 @pytest.fixture
 def pooled_web():
-    port = free_port()
-    env = subprocess_env(DB_POOL_MAX_SIZE="3", PORTAL_PROCESS_NAME=NAME, API_RATE_LIMIT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-                             "portal.asgi:application"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-
-    def answers() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"daphne exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(answers, timeout=30, what="daphne")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with daphne(subprocess_env(DB_POOL_MAX_SIZE="3", PORTAL_PROCESS_NAME=NAME, API_RATE_LIMIT="0")) as url:
+        yield url
 
 
 def pool_backends() -> list[int]:
