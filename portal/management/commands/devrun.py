@@ -103,6 +103,10 @@ class Command(BaseCommand):
                 raise CommandError("the web server did not start within 30 s; see its output above")
             self.stdout.write(self.style.SUCCESS(f"portal ready: http://{host}:{port}/admin/  (Ctrl-C stops)"))
             self._supervise()
+        except KeyboardInterrupt:
+            # Here, not in _supervise: a stop may come while the children are still starting,
+            # or between "portal ready" and the supervision loop, and it is still an orderly one.
+            self.stdout.write("stopping...")
         finally:
             self._stop_all()
 
@@ -186,15 +190,12 @@ class Command(BaseCommand):
         raise KeyboardInterrupt
 
     def _supervise(self) -> None:
-        try:
-            while True:
-                for name, proc in self.children:
-                    code = proc.poll()
-                    if code is not None:
-                        raise CommandError(f"{name} exited with code {code}; stopping everything")
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            self.stdout.write("stopping...")
+        while True:
+            for name, proc in self.children:
+                code = proc.poll()
+                if code is not None:
+                    raise CommandError(f"{name} exited with code {code}; stopping everything")
+            time.sleep(0.5)
 
     def _stop_all(self) -> None:
         import psutil
