@@ -311,8 +311,6 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
-        # It warns on every push to a group nobody is watching: normal here.
-        "channels_postgres": {"level": "ERROR"},
     },
 }
 
