@@ -82,6 +82,11 @@ def forget_pool() -> None:
         _hang_up(pool)
 
 
+def _pool_of(loop: asyncio.AbstractEventLoop) -> psycopg_pool.AsyncConnectionPool | None:
+    entry = _pools.get(id(loop))
+    return entry[1] if entry is not None and entry[0] is loop else None
+
+
 def _forget_closed_loops() -> None:
     with _pools_lock:
         closed = [key for key, (loop, _pool) in _pools.items() if loop.is_closed()]
@@ -95,16 +100,14 @@ def _forget_closed_loops() -> None:
 class _Database(channels_db.DatabaseLayer):
     async def get_db_pool(self, db_params: dict[str, typing.Any]) -> psycopg_pool.AsyncConnectionPool:
         loop = asyncio.get_running_loop()
-        entry = _pools.get(id(loop))
-        if entry is not None and entry[0] is loop:
-            return entry[1]
+        if (pool := _pool_of(loop)) is not None:
+            return pool
         _forget_closed_loops()
         with _pools_lock:
             opening = _opening.setdefault(id(loop), asyncio.Lock())
         async with opening:
-            entry = _pools.get(id(loop))
-            if entry is not None and entry[0] is loop:
-                return entry[1]
+            if (pool := _pool_of(loop)) is not None:  # opened while this one waited
+                return pool
             pool = await self._open_pool(db_params)
             with _pools_lock:
                 _pools[id(loop)] = (loop, pool)
