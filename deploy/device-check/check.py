@@ -131,8 +131,7 @@ def drive(args: argparse.Namespace) -> dict:
             if gpus[0]["uuid"] != uuid:
                 raise Failed(f"the agent registered GPU {gpus[0]['uuid']}, but nvidia-smi shows {uuid}")
         if gpus[0]["state"] != "free":
-            # Not worth waiting for: the job would stay pending. (A first report with a non-zero
-            # lifetime ECC count cordons the GPU, and marks it error, at registration.)
+            # Not worth waiting for: the job would stay pending (a cordon, an error, a reservation).
             raise Failed(f"the registered GPU is {gpus[0]['state']} (health {gpus[0]['health']}, "
                          f"{gpus[0]['cordon_reason'] or 'no cordon reason'}): no task can start on it")
         baseline = gpus[0]["memory_used_mb"]
