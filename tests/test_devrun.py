@@ -132,3 +132,41 @@ def test_nothing_devrun_started_outlives_it_even_when_it_is_killed_outright():
             p.kill()
     assert left == [], f"still running 60 s after devrun was killed: {left}"
 
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stop_while_devrun_is_still_starting_its_processes_is_an_orderly_one():
+    """SIGTERM (or Ctrl-C) as soon as the first child started, while the others are being forked.
+
+    A stop that raised from the signal handler could land inside logging's after-fork callback,
+    where Python prints the exception and drops it: devrun then started everything and ran on.
+    """
+    import os
+
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "devrun", "--port", str(free_port())], cwd=ROOT, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines: list[str] = []
+    children: list[psutil.Process] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("started web"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        children = psutil.Process(proc.pid).children(recursive=True)
+        code = proc.wait(60)
+        left = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its session
+        proc.wait()
+    lines.extend(proc.stdout.read().splitlines())  # the session is gone: nothing holds the pipe open
+    assert code == 0, "\n".join(lines)
+    assert "stopping..." in lines, "\n".join(lines)
+    assert not any("Traceback" in line or "Exception ignored" in line for line in lines), "\n".join(lines)
+    assert "portal ready" not in "\n".join(lines)
+    assert left == []

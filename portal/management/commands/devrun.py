@@ -49,17 +49,6 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _wait_for_port(host: str, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
-                return True
-        time.sleep(0.2)
-    return False
-
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -93,19 +82,17 @@ class Command(BaseCommand):
         call_command("collectstatic", interactive=False, verbosity=0)
 
         self.children: list[tuple[str, subprocess.Popen]] = []
-        self.stopping = False
+        self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             for name, argv in self._processes(host, port):
+                if self.stop_requested:
+                    break
                 self._start(name, argv)
-            if not _wait_for_port(host, port, 30):
-                raise CommandError("the web server did not start within 30 s; see its output above")
-            self.stdout.write(self.style.SUCCESS(f"portal ready: http://{host}:{port}/admin/  (Ctrl-C stops)"))
-            self._supervise()
-        except KeyboardInterrupt:
-            # Here, not in _supervise: a stop may come while the children are still starting,
-            # or between "portal ready" and the supervision loop, and it is still an orderly one.
+            if self._wait_for_web(host, port, 30):
+                self.stdout.write(self.style.SUCCESS(f"portal ready: http://{host}:{port}/admin/  (Ctrl-C stops)"))
+                self._supervise()
             self.stdout.write("stopping...")
         finally:
             self._stop_all()
@@ -181,21 +168,34 @@ class Command(BaseCommand):
         self.stdout.write(f"started {name} (pid {proc.pid})")
 
     def _on_signal(self, signum, frame) -> None:
-        # The first SIGTERM/SIGINT stops the supervision loop; one arriving while the
-        # children are being stopped must not break off that stop (an uncaught
-        # KeyboardInterrupt there would leave children running and exit by SIGINT).
-        if self.stopping:
-            return
-        self.stopping = True
-        raise KeyboardInterrupt
+        # Only recorded; the start loop, the wait for the web server and the supervision loop
+        # look at it. An exception raised here would surface wherever the main thread happened
+        # to be: inside Popen between fork and its return (that child would then run
+        # untracked), or inside a callback whose exceptions Python prints and drops (logging's
+        # after-fork lock release), and then the stop was lost and devrun went on starting.
+        self.stop_requested = True
+
+    def _wait_for_web(self, host: str, port: int, timeout: float) -> bool:
+        """True once the web server accepts connections; False if a stop came first."""
+        deadline = time.monotonic() + timeout
+        while not self.stop_requested:
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex((host, port)) == 0:
+                    return True
+            if time.monotonic() > deadline:
+                raise CommandError(f"the web server did not start within {timeout:.0f} s; see its output above")
+            time.sleep(0.2)
+        return False
 
     def _supervise(self) -> None:
-        while True:
+        """Until a stop is asked for; a child that exits meanwhile stops everything."""
+        while not self.stop_requested:
             for name, proc in self.children:
                 code = proc.poll()
                 if code is not None:
                     raise CommandError(f"{name} exited with code {code}; stopping everything")
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     def _stop_all(self) -> None:
         import psutil
