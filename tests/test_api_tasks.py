@@ -55,6 +55,8 @@ def test_an_argv_list_command_is_joined_with_shell_quoting(as_alice):
     ({"priority": "CRITICAL"}, "priority", "at most HIGH"),
     ({"priority": "urgent"}, "priority", "LOW, NORMAL, HIGH, CRITICAL"),
     ({"workload_class": "interactive"}, "workload_class", "online, batch"),
+    ({"workload_class": ["batch"]}, "workload_class", "online, batch"),
+    ({"share_mode": {"shared": True}}, "share_mode", "exclusive, shared"),
     ({"command": "x" * 8193}, "command", "At most 8192"),
     ({"command": ""}, "command", "Required"),
     ({"env": {"A": "x" * 20_000}}, "env", "16384 bytes"),
