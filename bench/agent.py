@@ -321,9 +321,7 @@ def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: in
     for g in generators:
         g.start()
     busy = pass_times(seconds - 1)
-    counts = [out.get() for _ in generators]
-    for g in generators:
-        g.join()
+    counts = ceilings.results_of(generators, out, seconds + 60)
     elapsed = time.monotonic() - t0
     web_cpu = cpu_seconds(procs.procs) - cpu0
     ok, failed = sum(c[0] for c in counts), sum(c[1] for c in counts)

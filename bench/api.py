@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
+from bench import ceilings  # noqa: E402 - after the path above
+
 TENANTS = 4
 PREFIX = "bench-api"
 
@@ -263,9 +265,7 @@ def drive(port: int, tokens: list[tuple[str, str]], make_body, path: str,
              for tok, slug in tokens]
     for p in procs:
         p.start()
-    results = [out.get() for _ in procs]
-    for p in procs:
-        p.join()
+    results = ceilings.results_of(procs, out, seconds + 60)
     latencies = [x for lat, _, _, _ in results for x in lat]
     first = next((f for _, _, f, _ in results if f), "")
     if first:
@@ -314,8 +314,6 @@ def main() -> None:
     seconds = args.seconds or (8.0 if args.quick else 30.0)
 
     setup_django()
-    from bench import ceilings
-
     tokens, _ = make_fixtures(max(args.connections, args.batch_connections))
     from django.db import connection
 
