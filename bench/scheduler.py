@@ -172,16 +172,22 @@ def throughput(runs: int) -> dict:
     decisions: list[float] = []
     gang_decisions: list[float] = []
     for _ in range(runs):
+        # The pass as runscheduler runs it: timing each decision (and finding the gangs among
+        # them) adds its own cost, about 4% of the pass at 1,600 GPUs (alternating, 8 of each:
+        # median 106.9 ms plain against 111.3 ms timed).
         reset_to_pending()
-        result = run_pass(actor="bench", schedule=timed_schedule(decisions, gang_decisions))
+        result = run_pass(actor="bench")
         rates.append(result.placements / result.duration_s)
         durations.append(result.duration_s)
         cores.append(result.core_s)
         placed.append(result.placements)
         notifies.append(result.notify_s)
         # The same queue again on the now full cluster: the cost of a pass that places nothing.
-        again = run_pass(actor="bench", schedule=timed_schedule([]))
+        again = run_pass(actor="bench")
         full_durations.append(again.duration_s)
+        # The decision times, from the same pass run again with each decision timed.
+        reset_to_pending()
+        run_pass(actor="bench", schedule=timed_schedule(decisions, gang_decisions))
     return {
         "placements": int(statistics.median(placed)),
         "placements_per_s": statistics.median(rates),
