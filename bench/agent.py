@@ -27,7 +27,7 @@ The last line printed is one JSON object of the figures.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import collections
 import json
 import multiprocessing
 import os
@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,14 +50,11 @@ import django  # noqa: E402
 
 django.setup()
 
-import logging  # noqa: E402
-
-import httpx  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import transaction  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
-from bench import ceilings  # noqa: E402
+from bench import ceilings, loadgen  # noqa: E402
 from bench.api import cpu_seconds  # noqa: E402
 from kernel import live  # noqa: E402
 from nodes.enrolment import issue_join_token  # noqa: E402
@@ -68,7 +66,6 @@ from scheduling.passes import run_pass  # noqa: E402
 from tenants.models import Quota, Tenant  # noqa: E402
 
 PY = sys.executable
-logging.getLogger("httpx").setLevel(logging.WARNING)
 LABELS = {"bench": "yes"}
 
 
@@ -213,56 +210,92 @@ def heartbeat_payload(node: Node, tick: int) -> dict:
         for i in range(8)]}
 
 
-async def post_heartbeat(client: httpx.AsyncClient, base: str, node: Node, token: str, tick: int) -> httpx.Response:
-    return await client.post(f"{base}/api/agent/v1/heartbeat", json=heartbeat_payload(node, tick),
-                             headers={"Authorization": f"Node {token}"})
+class _Poster:
+    """One load thread's keep-alive connections, one per web process (``bench.loadgen``)."""
+
+    def __init__(self) -> None:
+        self.conns: dict[int, tuple[socket.socket, bytes]] = {}
+
+    def heartbeat(self, port: int, node: Node, token: str, tick: int) -> int:
+        """Post one heartbeat of ``node``; its HTTP status, or 0 when the connection failed."""
+        conn, pending = self.conns.get(port) or (loadgen.connect(port), b"")
+        try:
+            conn.sendall(loadgen.request("POST", port, "/api/agent/v1/heartbeat", f"Node {token}",
+                                         json.dumps(heartbeat_payload(node, tick)).encode()))
+            status, _body, pending = loadgen.read_response(conn, pending)
+        except OSError:
+            conn.close()
+            self.conns.pop(port, None)
+            return 0
+        self.conns[port] = (conn, pending)
+        return status
+
+    def close(self) -> None:
+        for conn, _pending in self.conns.values():
+            conn.close()
 
 
-async def hammer(urls: list[str], servers: list[tuple[Node, str]], seconds: float, concurrency: int) -> tuple[int, int]:
-    ok = failed = 0
+def _in_threads(concurrency: int, work) -> None:
+    threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def hammer(ports: list[int], servers: list[tuple[Node, str]], seconds: float, concurrency: int) -> tuple[int, int]:
+    """``concurrency`` threads post heartbeats for ``seconds``, each server's one at a time and in
+    order (a server is taken from the queue, posted, and put back), as its agent would."""
+    counts = {"ok": 0, "failed": 0}
     statuses: dict[int, int] = {}
     deadline = time.monotonic() + seconds
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(servers)):
-        queue.put_nowait(i)
+    queue = collections.deque(range(len(servers)))  # append and popleft are atomic
 
-    async def worker(w: int) -> None:
-        nonlocal ok, failed
-        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-            tick = 0
-            while time.monotonic() < deadline:
-                i = await queue.get()
-                node, token = servers[i]
-                tick += 1
-                base = urls[(w + i) % len(urls)]
-                response = await post_heartbeat(client, base, node, token, tick)
-                if response.status_code == 200:
-                    ok += 1
-                else:
-                    failed += 1
-                    statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                queue.put_nowait(i)
+    def worker(w: int) -> None:
+        poster, tick, ok, failed = _Poster(), 0, 0, 0
+        while time.monotonic() < deadline:
+            i = queue.popleft()
+            node, token = servers[i]
+            tick += 1
+            status = poster.heartbeat(ports[(w + i) % len(ports)], node, token, tick)
+            if status == 200:
+                ok += 1
+            else:
+                failed += 1
+                statuses[status] = statuses.get(status, 0) + 1
+            queue.append(i)
+        poster.close()
+        with lock:
+            counts["ok"] += ok
+            counts["failed"] += failed
 
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    lock = threading.Lock()
+    _in_threads(concurrency, worker)
     if statuses:
-        print(f"heartbeat failures by HTTP status: {statuses}", file=sys.stderr)
-    return ok, failed
+        print(f"heartbeat failures by HTTP status (0: no answer): {statuses}", file=sys.stderr)
+    return counts["ok"], counts["failed"]
 
 
-async def first_reports(urls: list[str], servers: list[tuple[Node, str]], concurrency: int) -> None:
+def first_reports(ports: list[int], servers: list[tuple[Node, str]], concurrency: int) -> None:
     """One heartbeat from every server to every web process."""
-    queue: asyncio.Queue[tuple[str, Node, str]] = asyncio.Queue()
-    for base in urls:
-        for node, token in servers:
-            queue.put_nowait((base, node, token))
+    queue = collections.deque((port, node, token) for port in ports for node, token in servers)
+    refused: list[str] = []
 
-    async def worker() -> None:
-        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-            while not queue.empty():
-                base, node, token = queue.get_nowait()
-                (await post_heartbeat(client, base, node, token, 0)).raise_for_status()
+    def worker(_w: int) -> None:
+        poster = _Poster()
+        while True:
+            try:
+                port, node, token = queue.popleft()
+            except IndexError:
+                break
+            status = poster.heartbeat(port, node, token, 0)
+            if status != 200:
+                refused.append(f"{node.name} -> :{port}: HTTP {status}")
+        poster.close()
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    _in_threads(concurrency, worker)
+    if refused:
+        raise SystemExit(f"first heartbeats refused ({len(refused)}), e.g. {refused[0]}")
 
 
 # Processes posting heartbeats, each for its own share of the servers (a server's
@@ -270,8 +303,10 @@ async def first_reports(urls: list[str], servers: list[tuple[Node, str]], concur
 LOAD_PROCESSES = 2
 
 
-def _load(urls: list[str], servers: list[tuple[Node, str]], seconds: float, concurrency: int, out) -> None:
-    out.put(asyncio.run(hammer(urls, servers, seconds, concurrency)))
+def _load(ports: list[int], servers: list[tuple[Node, str]], seconds: float, concurrency: int, out) -> None:
+    cpu0 = time.process_time()
+    ok, failed = hammer(ports, servers, seconds, concurrency)
+    out.put((ok, failed, time.process_time() - cpu0))
 
 
 def pass_times(seconds: float) -> list[float]:
@@ -298,13 +333,12 @@ def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: in
     ports = [free_port() for _ in range(web_n)]
     for port in ports:
         procs.web(port, config)
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
     idle = pass_times(min(seconds, 5))
     # Warm up as a running cluster is warm: every server has reported to every web process
     # (each process keeps the node tokens it verified; a first report from each of 1,000
     # servers is not steady-state ingestion), then connections and GPU rows, then measure.
-    asyncio.run(first_reports(urls, servers, 12))
-    asyncio.run(hammer(urls, servers, 2, 12))
+    first_reports(ports, servers, 12)
+    hammer(ports, servers, 2, 12)
     # The load comes from processes of its own: from a thread of this one it would share the
     # interpreter lock with the passes below, and the figure would be how fast this process
     # can post while it schedules, not how fast the web processes ingest.
@@ -314,7 +348,7 @@ def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: in
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     shares = [servers[g::LOAD_PROCESSES] for g in range(LOAD_PROCESSES)]
-    generators = [ctx.Process(target=_load, args=(urls, share, seconds, 12 // LOAD_PROCESSES, out))
+    generators = [ctx.Process(target=_load, args=(ports, share, seconds, 12 // LOAD_PROCESSES, out))
                   for share in shares]
     cpu0 = cpu_seconds(procs.procs)
     t0 = time.monotonic()
@@ -331,6 +365,8 @@ def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: in
         "heartbeat_failures": failed,
         # CPU of the web processes per heartbeat: steadier than the rate on a shared machine.
         "heartbeat_web_cpu_ms": round(web_cpu * 1000 / max(ok, 1), 2),
+        # And of the load generators: they share the machine's cores with what they measure.
+        "heartbeat_client_cpu_ms": round(sum(c[2] for c in counts) * 1000 / max(ok, 1), 2),
         "heartbeat_servers": servers_n,
         "heartbeat_web_processes": web_n,
         "pass_ms_p50_idle": round(statistics.median(idle), 1),

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
-from bench import ceilings  # noqa: E402 - after the path above
+from bench import ceilings, loadgen  # noqa: E402 - after the path above
 
 TENANTS = 4
 PREFIX = "bench-api"
@@ -190,16 +190,10 @@ def wait_ready(port: int, token: str, timeout: float = 60) -> None:
 
 
 def _client(port: int, token: str, body: bytes, path: str, seconds: float, start_at: float, out) -> None:
-    """One keep-alive connection posting ``body`` in a loop; puts (latencies, errors, first error,
-    this process's CPU seconds while measuring) on ``out``.
-
-    A plain socket with the request's bytes made once and the response framed by its
-    Content-Length: the load generators share the machine's cores with the web processes and
-    PostgreSQL, and ``http.client`` (its header parsing goes through the email package) cost
-    them 3.5 times the CPU per request (0.34-0.35 against 0.09-0.10 ms per submit, measured)."""
-    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Token {token}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    conn, pending = _connect(port), b""
+    """One keep-alive connection posting ``body`` in a loop (``bench.loadgen``); puts (latencies,
+    errors, first error, this process's CPU seconds while measuring) on ``out``."""
+    request = loadgen.request("POST", port, path, f"Token {token}", body)
+    conn, pending = loadgen.connect(port), b""
     while time.time() < start_at:
         time.sleep(0.001)
     cpu0 = time.process_time()
@@ -209,7 +203,7 @@ def _client(port: int, token: str, body: bytes, path: str, seconds: float, start
         t0 = time.perf_counter()
         try:
             conn.sendall(request)
-            status, answer, pending = _response(conn, pending)
+            status, answer, pending = loadgen.read_response(conn, pending)
             ok = status == 201
             if not ok and not first_error:
                 first_error = f"HTTP {status} {answer[:160]!r}"
@@ -217,41 +211,12 @@ def _client(port: int, token: str, body: bytes, path: str, seconds: float, start
             ok = False
             first_error = first_error or repr(exc)
             conn.close()
-            conn, pending = _connect(port), b""
+            conn, pending = loadgen.connect(port), b""
         if ok:
             latencies.append(time.perf_counter() - t0)
         else:
             errors += 1
     out.put((latencies, errors, first_error, time.process_time() - cpu0))
-
-
-def _connect(port: int) -> socket.socket:
-    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn
-
-
-def _response(conn: socket.socket, data: bytes) -> tuple[int, bytes, bytes]:
-    """Read one HTTP/1.1 response: (status, body, bytes read past it). Raises OSError on a
-    closed connection or a response without a Content-Length (which this bench never gets)."""
-    while (end := data.find(b"\r\n\r\n")) < 0:
-        data += _recv(conn)
-    head, data = data[:end].lower(), data[end + 4:]
-    at = head.find(b"\r\ncontent-length:")
-    if at < 0:
-        raise OSError(f"a response without a Content-Length: {head[:200]!r}")
-    line_end = head.find(b"\r\n", at + 2)
-    length = int(head[at + 17:line_end if line_end > 0 else len(head)])
-    while len(data) < length:
-        data += _recv(conn)
-    return int(head[9:12]), data[:length], data[length:]
-
-
-def _recv(conn: socket.socket) -> bytes:
-    chunk = conn.recv(65536)
-    if not chunk:
-        raise ConnectionResetError("the server closed the connection")
-    return chunk
 
 
 def drive(port: int, tokens: list[tuple[str, str]], make_body, path: str,
