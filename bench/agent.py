@@ -246,34 +246,28 @@ def _in_threads(concurrency: int, work) -> None:
 def hammer(ports: list[int], servers: list[tuple[Node, str]], seconds: float, concurrency: int) -> tuple[int, int]:
     """``concurrency`` threads post heartbeats for ``seconds``, each server's one at a time and in
     order (a server is taken from the queue, posted, and put back), as its agent would."""
-    counts = {"ok": 0, "failed": 0}
-    statuses: dict[int, int] = {}
+    answers = collections.Counter()  # per HTTP status (0: no answer), merged from the threads
+    lock = threading.Lock()
     deadline = time.monotonic() + seconds
     queue = collections.deque(range(len(servers)))  # append and popleft are atomic
 
     def worker(w: int) -> None:
-        poster, tick, ok, failed = _Poster(), 0, 0, 0
+        poster, tick, mine = _Poster(), 0, collections.Counter()
         while time.monotonic() < deadline:
             i = queue.popleft()
             node, token = servers[i]
             tick += 1
-            status = poster.heartbeat(ports[(w + i) % len(ports)], node, token, tick)
-            if status == 200:
-                ok += 1
-            else:
-                failed += 1
-                statuses[status] = statuses.get(status, 0) + 1
+            mine[poster.heartbeat(ports[(w + i) % len(ports)], node, token, tick)] += 1
             queue.append(i)
         poster.close()
         with lock:
-            counts["ok"] += ok
-            counts["failed"] += failed
+            answers.update(mine)
 
-    lock = threading.Lock()
     _in_threads(concurrency, worker)
-    if statuses:
-        print(f"heartbeat failures by HTTP status (0: no answer): {statuses}", file=sys.stderr)
-    return counts["ok"], counts["failed"]
+    failed = {status: n for status, n in answers.items() if status != 200}
+    if failed:
+        print(f"heartbeat failures by HTTP status (0: no answer): {failed}", file=sys.stderr)
+    return answers[200], sum(failed.values())
 
 
 def first_reports(ports: list[int], servers: list[tuple[Node, str]], concurrency: int) -> None:
