@@ -213,25 +213,20 @@ def heartbeat_payload(node: Node, tick: int) -> dict:
 class _Poster:
     """One load thread's keep-alive connections, one per web process (``bench.loadgen``)."""
 
-    def __init__(self) -> None:
-        self.conns: dict[int, tuple[socket.socket, bytes]] = {}
+    def __init__(self, ports: list[int]) -> None:
+        self.conns = {port: loadgen.KeepAlive(port) for port in ports}
 
     def heartbeat(self, port: int, node: Node, token: str, tick: int) -> int:
         """Post one heartbeat of ``node``; its HTTP status, or 0 when the connection failed."""
-        conn, pending = self.conns.get(port) or (loadgen.connect(port), b"")
         try:
-            conn.sendall(loadgen.request("POST", port, "/api/agent/v1/heartbeat", f"Node {token}",
-                                         json.dumps(heartbeat_payload(node, tick)).encode()))
-            status, _body, pending = loadgen.read_response(conn, pending)
+            return self.conns[port].exchange(loadgen.request(
+                "POST", port, "/api/agent/v1/heartbeat", f"Node {token}",
+                json.dumps(heartbeat_payload(node, tick)).encode()))[0]
         except OSError:
-            conn.close()
-            self.conns.pop(port, None)
             return 0
-        self.conns[port] = (conn, pending)
-        return status
 
     def close(self) -> None:
-        for conn, _pending in self.conns.values():
+        for conn in self.conns.values():
             conn.close()
 
 
@@ -252,7 +247,7 @@ def hammer(ports: list[int], servers: list[tuple[Node, str]], seconds: float, co
     queue = collections.deque(range(len(servers)))  # append and popleft are atomic
 
     def worker(w: int) -> None:
-        poster, tick, mine = _Poster(), 0, collections.Counter()
+        poster, tick, mine = _Poster(ports), 0, collections.Counter()
         while time.monotonic() < deadline:
             i = queue.popleft()
             node, token = servers[i]
@@ -349,7 +344,7 @@ def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: in
     for g in generators:
         g.start()
     busy = pass_times(seconds - 1)
-    counts = ceilings.results_of(generators, out, seconds + 60)
+    counts = loadgen.results_of(generators, out, seconds + 60)
     elapsed = time.monotonic() - t0
     web_cpu = cpu_seconds(procs.procs) - cpu0
     ok, failed = sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -22,7 +22,6 @@ connections as the clients) and the ratios to it (keys ending ``_ratio``).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import multiprocessing as mp
 import os
@@ -173,16 +172,19 @@ def stop_web(procs: list[subprocess.Popen]) -> None:
 
 
 def wait_ready(port: int, token: str, timeout: float = 60) -> None:
+    ready = loadgen.request("GET", port, "/api/v1/quota", f"Token {token}")
+    conn = loadgen.KeepAlive(port, timeout=5)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/api/v1/quota", headers={"Authorization": f"Token {token}"})
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if conn.exchange(ready)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+    finally:
+        conn.close()
     raise SystemExit("the web processes did not answer within 60 s")
 
 
@@ -193,7 +195,7 @@ def _client(port: int, token: str, body: bytes, path: str, seconds: float, start
     """One keep-alive connection posting ``body`` in a loop (``bench.loadgen``); puts (latencies,
     errors, first error, this process's CPU seconds while measuring) on ``out``."""
     request = loadgen.request("POST", port, path, f"Token {token}", body)
-    conn, pending = loadgen.connect(port), b""
+    conn = loadgen.KeepAlive(port)
     while time.time() < start_at:
         time.sleep(0.001)
     cpu0 = time.process_time()
@@ -202,20 +204,18 @@ def _client(port: int, token: str, body: bytes, path: str, seconds: float, start
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         try:
-            conn.sendall(request)
-            status, answer, pending = loadgen.read_response(conn, pending)
+            status, answer = conn.exchange(request)
             ok = status == 201
             if not ok and not first_error:
                 first_error = f"HTTP {status} {answer[:160]!r}"
         except OSError as exc:
             ok = False
             first_error = first_error or repr(exc)
-            conn.close()
-            conn, pending = loadgen.connect(port), b""
         if ok:
             latencies.append(time.perf_counter() - t0)
         else:
             errors += 1
+    conn.close()
     out.put((latencies, errors, first_error, time.process_time() - cpu0))
 
 
@@ -230,7 +230,7 @@ def drive(port: int, tokens: list[tuple[str, str]], make_body, path: str,
              for tok, slug in tokens]
     for p in procs:
         p.start()
-    results = ceilings.results_of(procs, out, seconds + 60)
+    results = loadgen.results_of(procs, out, seconds + 60)
     latencies = [x for lat, _, _, _ in results for x in lat]
     first = next((f for _, _, f, _ in results if f), "")
     if first:

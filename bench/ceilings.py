@@ -38,6 +38,8 @@ from pathlib import Path
 
 import psycopg
 
+from bench import loadgen
+
 
 def database_url() -> str:
     """The URL the benches use: DATABASE_URL, else the embedded PostgreSQL (started if needed)."""
@@ -129,26 +131,7 @@ def _run_processes(target, url: str, table: str, n: int, seconds: float) -> int:
     procs = [ctx.Process(target=target, args=(url, table, seconds, start_at, out)) for _ in range(n)]
     for p in procs:
         p.start()
-    return sum(results_of(procs, out, seconds + 60))
-
-
-def results_of(procs: list, out, timeout: float) -> list:
-    """One result per process from ``out``, then the processes joined. A process that died without
-    its result (its traceback is above) ends the bench with one line instead of a wait forever."""
-    import queue
-
-    results = []
-    for _ in procs:
-        try:
-            results.append(out.get(timeout=timeout))
-        except queue.Empty:
-            codes = [p.exitcode for p in procs]
-            for p in procs:
-                p.kill()
-            raise SystemExit(f"a load process gave no result within {timeout:.0f} s (exit codes {codes})") from None
-    for p in procs:
-        p.join()
-    return results
+    return sum(loadgen.results_of(procs, out, seconds + 60))
 
 
 def notify_round_trip_ms(url: str, samples: int = 50, *, spawn: bool = False) -> dict[str, float]:
