@@ -41,7 +41,6 @@ import psycopg
 import psycopg_pool
 from channels_postgres import db as channels_db
 from channels_postgres.core import PostgresChannelLayer as _BaseLayer
-from channels_postgres.db import utc_now
 from psycopg import sql
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,7 @@ class _Database(channels_db.DatabaseLayer):
         (The parent's ``group_send`` read the group twice, then inserted: three round trips, or two
         and a logged warning when nobody is in the group, which is most of the live pushes.)"""
         async with (await self.get_db_pool(db_params=self.db_params)).connection() as conn:
-            await conn.execute(_SEND_TO_GROUP, (message, utc_now() + timedelta(seconds=expire), group_key))
+            await conn.execute(_SEND_TO_GROUP, (message, channels_db.utc_now() + timedelta(seconds=expire), group_key))
 
 
 # Each inserted row's trigger (channels_postgres's migrations) NOTIFYs its channel's listener.
