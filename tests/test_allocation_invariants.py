@@ -21,7 +21,7 @@ def _allocate(task, gpu, *, exclusive=True, memory_mb=1000) -> Allocation:
 def test_it_never_gives_one_gpu_to_two_exclusive_tasks(acme, servers):
     gpu = servers[0].gpus.get(index=0)
     _allocate(_task(acme, "first"), gpu)
-    with pytest.raises(IntegrityError, match="allocation_one_active_exclusive_per_gpu"), transaction.atomic():
+    with pytest.raises(IntegrityError, match="allocation_exclusive_overlaps_nothing"), transaction.atomic():
         _allocate(_task(acme, "second"), gpu)
     assert Allocation.objects.filter(gpu=gpu, released_at__isnull=True).count() == 1
 
@@ -50,7 +50,7 @@ def test_shared_tasks_may_share_a_gpu_but_never_beside_an_exclusive_one(acme, se
     gpu = servers[0].gpus.get(index=2)
     _allocate(_task(acme, "s1", share_mode=ShareMode.SHARED), gpu, exclusive=False)
     _allocate(_task(acme, "s2", share_mode=ShareMode.SHARED), gpu, exclusive=False)
-    with pytest.raises(IntegrityError, match="allocation_no_exclusive_beside_shared"), transaction.atomic():
+    with pytest.raises(IntegrityError, match="allocation_exclusive_overlaps_nothing"), transaction.atomic():
         _allocate(_task(acme, "x"), gpu, exclusive=True)
 
 
