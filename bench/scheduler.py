@@ -142,7 +142,11 @@ def reset_to_pending() -> None:
         cursor.execute("UPDATE scheduling_task SET status = 'pending', node_id = NULL, assigned_at = NULL, "
                        "pending_reason = '', queue_position = NULL WHERE status <> 'pending'")
         cursor.execute("UPDATE nodes_gpu SET idle_since = now() - interval '1 hour'")
-        cursor.execute("VACUUM ANALYZE scheduling_task")
+        # Every table the pass writes, as the first run found them: without it each run's pass
+        # also steps over the dead rows of the runs before (the exclusion constraint's check
+        # visits each deleted [t, inf) interval of its GPU), ~9% of the pass by the third run.
+        cursor.execute("VACUUM ANALYZE scheduling_task, scheduling_allocation, scheduling_taskevent, "
+                       "scheduling_taskrank")
 
 
 def timed_schedule(sink: list[float], gang_sink: list[float] | None = None):
