@@ -25,38 +25,39 @@ IDLE_SATURATION_S = 3600.0
 IDLE_STEP_S = 60.0
 _STEPS = int(IDLE_SATURATION_S // IDLE_STEP_S)
 _STEP = timedelta(seconds=IDLE_STEP_S)
+_ZERO = timedelta(0)
 AFFINITY_LOADED = 100.0
 AFFINITY_ROOM = 50.0
 
 
 def static_score(gpu: GpuState, now: datetime) -> float:
     """Utilisation, temperature and idle-time part of the load-balance score (0..60)."""
-    util = min(max(gpu.utilization_pct, 0), 100) / 100.0
-    temp = min(max(gpu.temperature_c, 0), 100) / 100.0
-    idle = 0.0
-    if gpu.idle_since is not None:
-        idle = _idle_steps(now - gpu.idle_since) / _STEPS
-    return 30.0 * (1.0 - util) + 20.0 * (1.0 - temp) + 10.0 * idle
-
-
-def _idle_steps(idle: timedelta) -> int:
-    """Whole idle steps in ``idle``, 0 (a clock behind ``idle_since``) to the saturation."""
-    if idle <= timedelta(0):
-        return 0
-    return min(idle // _STEP, _STEPS)
+    return static_score_steady(gpu, now)[0]
 
 
 def idle_steady(gpu: GpuState, now: datetime) -> tuple[datetime | None, datetime | None]:
     """The clock times between which ``static_score(gpu, ·)`` is what it is at ``now``: ``(lo, hi)``,
     ``lo <= t < hi``, None for an open end. A GPU that is busy, or idle past the saturation, has
     a score the clock no longer moves."""
+    _score, lo, hi = static_score_steady(gpu, now)
+    return lo, hi
+
+
+def static_score_steady(gpu: GpuState, now: datetime) -> tuple[float, datetime | None, datetime | None]:
+    """``static_score`` and ``idle_steady`` at once, the idle steps counted once: the working
+    state needs both for every GPU of every server it builds columns for."""
+    util = min(max(gpu.utilization_pct, 0), 100) / 100.0
+    temp = min(max(gpu.temperature_c, 0), 100) / 100.0
+    score = 30.0 * (1.0 - util) + 20.0 * (1.0 - temp)
     since = gpu.idle_since
     if since is None:
-        return None, None
-    k = _idle_steps(now - since)
-    lo = None if k == 0 else since + k * _STEP
-    hi = None if k == _STEPS else since + (k + 1) * _STEP
-    return lo, hi
+        return score, None, None
+    idle = now - since
+    # Whole idle steps, 0 (a clock behind idle_since) to the saturation.
+    k = 0 if idle <= _ZERO else min(idle // _STEP, _STEPS)
+    return (score + 10.0 * k / _STEPS,
+            None if k == 0 else since + k * _STEP,
+            None if k == _STEPS else since + (k + 1) * _STEP)
 
 
 def base_score(total: int, claimed: int, live: int, static: float, binpack: bool) -> float:

@@ -27,7 +27,7 @@ from functools import partial
 from operator import is_
 
 from scheduling.placement.fit import SHARED, Gpus, empty_gpus, is_empty
-from scheduling.placement.scoring import base_score, gpu_score, idle_steady, pick, static_score
+from scheduling.placement.scoring import base_score, gpu_score, pick, static_score_steady
 from scheduling.placement.types import NodeState, PendingTask, RunningTask, Snapshot
 
 
@@ -57,7 +57,8 @@ class _NodeColumns:
         shared = self.shared = [gpu.shared_count for gpu in gpus]
         models = self.models = [gpu.loaded_models or () for gpu in gpus]
         self.model_lower = [(gpu.model_name or "").lower() for gpu in gpus]
-        static = self.static = [static_score(gpu, now) for gpu in gpus]
+        steady = [static_score_steady(gpu, now) for gpu in gpus]
+        static = self.static = [score for score, _lo, _hi in steady]
         base = self.base = [base_score(total[i], claimed[i], live[i], static[i], binpack) for i in range(len(gpus))]
         ok = self.ok = (tuple(i for i, gpu in enumerate(gpus) if gpu.schedulable) if self.schedulable else ())
         empties = empty_gpus(ok, excl, shared, claimed)
@@ -80,8 +81,7 @@ class _NodeColumns:
         self.model_free = model_free
         valid_from: datetime | None = None
         valid_until: datetime | None = None
-        for gpu in gpus:
-            lo, hi = idle_steady(gpu, now)
+        for _score, lo, hi in steady:
             if lo is not None and (valid_from is None or lo > valid_from):
                 valid_from = lo
             if hi is not None and (valid_until is None or hi < valid_until):
