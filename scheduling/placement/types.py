@@ -15,6 +15,7 @@ from scheduling.placement.config import SchedulerConfig
 
 @dataclass(slots=True)
 class GpuState:
+    # The snapshot builds these by position (scheduling.passes._load_gpus), in this order.
     id: int
     node_id: int
     index: int
@@ -73,10 +74,12 @@ class RunningTask:
 
 @dataclass(slots=True)
 class PendingTask:
+    # The snapshot builds these by position (scheduling.task_fields.pending_task): id and
+    # created_at, then the fields in this order.
     id: int
+    created_at: datetime
     tenant_id: int
     priority: int
-    created_at: datetime
     gpu_count: int
     # Per GPU, resolved by the DB layer: the task's own value, else the model's remembered
     # estimate, else None = needs a whole, empty GPU.
