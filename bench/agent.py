@@ -231,11 +231,23 @@ class _Poster:
 
 
 def _in_threads(concurrency: int, work) -> None:
-    threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(concurrency)]
+    """``work(w)`` in ``concurrency`` threads; a thread that fails ends the bench with one line
+    (a thread's exception is otherwise only printed, and the bench would measure without it)."""
+    failures: list[BaseException] = []
+
+    def run(w: int) -> None:
+        try:
+            work(w)
+        except BaseException as exc:  # handed to the main thread below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if failures:
+        raise SystemExit(f"{len(failures)} of {concurrency} load threads failed, e.g. {failures[0]!r}")
 
 
 def hammer(ports: list[int], servers: list[tuple[Node, str]], seconds: float, concurrency: int) -> tuple[int, int]:
@@ -271,7 +283,7 @@ def first_reports(ports: list[int], servers: list[tuple[Node, str]], concurrency
     refused: list[str] = []
 
     def worker(_w: int) -> None:
-        poster = _Poster()
+        poster = _Poster(ports)
         while True:
             try:
                 port, node, token = queue.popleft()
