@@ -200,3 +200,16 @@ def test_preemption_does_not_take_gpus_promised_to_the_backfill_head():
     assert "next in line" in plan.pending[13].reason
     assert [(p.task_id, p.by_task_id) for p in plan.preemptions] == [(92, 14)]
     assert placed(plan)[14][0] == 2
+
+
+def test_placements_are_reported_as_decided_until_the_first_preemption():
+    nodes, running = full_of_low_batch()
+    nodes.append(node(3, 2))
+    reported = []
+    plan = schedule(snapshot(nodes, [task(2, priority=CRITICAL, age_s=30), task(1, gpus=2, priority=CRITICAL, age_s=20),
+                                     task(4, priority=CRITICAL, age_s=10)], running=running,
+                             preemption=("CRITICAL",)), on_place=reported.append)
+    assert [(p.task_id, p.by_task_id) for p in plan.preemptions] == [(90, 1)]
+    assert set(placed(plan)) == {1, 2, 4}
+    # Task 1 needs the GPUs the preemption frees, and whatever comes after it is written with the plan.
+    assert [p.task_id for p in reported] == [2]

@@ -130,6 +130,8 @@ kind at the end of the pass. ``bench/core.py`` measures the decision time per ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from scheduling.placement.config import ConfigError, SchedulerConfig, parse_config
 from scheduling.placement.order import fair_share_factors, queue_order, snapshot_order
 from scheduling.placement.planner import Pass
@@ -150,9 +152,14 @@ from scheduling.placement.types import (
 )
 
 
-def schedule(snapshot: Snapshot) -> Plan:
-    """Decide placements, preemptions and pending reasons for one pass."""
-    return Pass(snapshot).run()
+def schedule(snapshot: Snapshot, on_place: Callable[[Placement], None] | None = None) -> Plan:
+    """Decide placements, preemptions and pending reasons for one pass.
+
+    ``on_place``, when given, is called with each placement as soon as it is decided, up to
+    the pass's first preemption: those placements are final and none of them needs a GPU
+    that a preemption frees, so a caller may write them while the pass goes on deciding.
+    Every placement is in the returned plan either way."""
+    return Pass(snapshot, on_place=on_place).run()
 
 
 def schedule_timed(snapshot: Snapshot) -> tuple[Plan, list[float]]:

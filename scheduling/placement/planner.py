@@ -12,6 +12,7 @@ and queue positions.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from scheduling.placement import reasons
 from scheduling.placement.admission import Admission, QuotaHold
@@ -28,10 +29,12 @@ MAX_RESERVE_ATTEMPTS = 8
 class Pass(Preempting, Backfill, Admission):
     """The decisions of one pass over ``snapshot`` (never mutated); ``run()`` returns the plan."""
 
-    def __init__(self, snapshot: Snapshot, timings: list[float] | None = None) -> None:
+    def __init__(self, snapshot: Snapshot, timings: list[float] | None = None,
+                 on_place: Callable[[Placement], None] | None = None) -> None:
         super().__init__(snapshot)
         self.snap = snapshot
         self.timings = timings
+        self.on_place = on_place  # see scheduling.placement.schedule
         self.cfg = snapshot.config
         self.plan = Plan()
         self.preempt_allowed = {p for p, name in PRIORITY_NAMES.items() if name in set(self.cfg.preemption)}
@@ -228,11 +231,18 @@ class Pass(Preempting, Backfill, Admission):
         score = self.take(task, n, gpus, per_gpu, mode)
         self.count_usage(task, c, per_gpu)
         g_id = self.g_id
-        self.plan.placements.append(Placement(
+        self._placed(Placement(
             task_id=task.id, node_id=self.n_id[n], gpu_ids=tuple([g_id[g] for g in gpus]),
             memory_mb=per_gpu, exclusive=mode != SHARED, score=round(score, 3),
         ))
         return None
+
+    def _placed(self, placement: Placement) -> None:
+        self.plan.placements.append(placement)
+        # A placement after a preemption may use the GPUs it frees: the caller writes those
+        # after the preemptions, with the plan.
+        if self.on_place is not None and not self.plan.preemptions:
+            self.on_place(placement)
 
     def _decide_gang(self, task: PendingTask, head: PendingTask | None, waiting_higher: int,
                      waiting_total: int) -> tuple[str, object] | None:
@@ -281,7 +291,7 @@ class Pass(Preempting, Backfill, Admission):
         self.count_usage(task, c, per_gpu)
         g_id, n_id = self.g_id, self.n_id
         ranks = tuple((n_id[n], tuple(g_id[g] for g in gpus)) for n, gpus in found)
-        self.plan.placements.append(Placement(
+        self._placed(Placement(
             task_id=task.id, node_id=ranks[0][0], gpu_ids=tuple(g for _n, gids in ranks for g in gids),
             memory_mb=per_gpu, exclusive=True, score=round(score, 3), ranks=ranks,
         ))
