@@ -18,7 +18,7 @@ transitions (``batch()``): a pass that places thousands of tasks pushes once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -573,6 +573,13 @@ def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut
     no longer pending is left out). Their servers' agents are told once, for all of them."""
     if not placing:
         return []
+    with connection.cursor() as cursor:
+        cursor.execute(_PLACE_SQL, _place_params(placing, actor=actor, now=now))
+        taken = {row[0] for row in cursor.fetchall()}
+    return _placed(placing, taken, fan)
+
+
+def _place_params(placing: list[Placing], *, actor: str, now: datetime) -> dict[str, Any]:
     a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
     for p in placing:
         for gpu_id, node_id in p.gpus:
@@ -581,22 +588,84 @@ def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut
             a_node.append(node_id)
             a_mem.append(p.memory_mb)
             a_excl.append(p.exclusive)
-    with connection.cursor() as cursor:
-        cursor.execute(_PLACE_SQL, {
-            "now": now, "actor": actor, "from": P, "to": A,
-            "task": pgarrays.ints([p.task_id for p in placing]),
-            "task_node": pgarrays.ints([p.node_id for p in placing]),
-            "reason": pgarrays.texts([p.reason for p in placing]),
-            "a_task": pgarrays.ints(a_task), "a_gpu": pgarrays.ints(a_gpu), "a_node": pgarrays.ints(a_node),
-            "a_mem": pgarrays.ints(a_mem), "a_excl": pgarrays.bools(a_excl),
-        })
-        taken = {row[0] for row in cursor.fetchall()}
-        placed = [p for p in placing if p.task_id in taken]
-        gangs = [p for p in placed if p.ranks]
-        if gangs:
+    return {
+        "now": now, "actor": actor, "from": P, "to": A,
+        "task": pgarrays.ints([p.task_id for p in placing]),
+        "task_node": pgarrays.ints([p.node_id for p in placing]),
+        "reason": pgarrays.texts([p.reason for p in placing]),
+        "a_task": pgarrays.ints(a_task), "a_gpu": pgarrays.ints(a_gpu), "a_node": pgarrays.ints(a_node),
+        "a_mem": pgarrays.ints(a_mem), "a_excl": pgarrays.bools(a_excl),
+    }
+
+
+def _placed(placing: list[Placing], taken: set[int], fan: FanOut) -> list[Placing]:
+    """The placings whose tasks the place statement took: their gangs' ranks written, their
+    servers and pages told."""
+    placed = [p for p in placing if p.task_id in taken]
+    gangs = [p for p in placed if p.ranks]
+    if gangs:
+        with connection.cursor() as cursor:
             cursor.execute(_RANKS_SQL, [[p.task_id for p in gangs for _ in p.ranks],
                                         [i for p in gangs for i in range(len(p.ranks))],
                                         [n for p in gangs for n in p.ranks], [p.task_id for p in gangs]])
     servers = {p.node_id for p in placed} | {n for p in gangs for n in p.ranks}
     _bulk_fan_out(Move.PLACE, ((p.tenant_id, p.task_id) for p in placed), servers, fan, "placed")
     return placed
+
+
+class PlacementStream:
+    """``place_many`` in batches sent while the caller goes on working: a pass writes the
+    placements its core has decided while the core decides the next ones.
+
+    Each batch is ``place_many``'s statement, sent through psycopg's pipeline mode without
+    waiting for its answer, and the transaction's foreign-key checks are immediate while the
+    stream is open: PostgreSQL writes and checks one batch while Python decides the next.
+    ``close`` waits for every batch, makes the checks deferred again (Django declares them
+    initially deferred) and returns the placings taken, as ``place_many`` does; a database
+    error in any batch is raised there. Measured on a pass from empty (807 placements on
+    1,600 GPUs, batches of 150 and 300, 12 passes each, alternating): median 86-89 -> 78-79 ms.
+
+    Only for placings with nothing else to write: not a gang (its ranks follow its
+    placement), nor one on GPUs that a preemption frees (the victims are released first).
+    """
+
+    def __init__(self, *, actor: str, now: datetime, fan: FanOut) -> None:
+        self.actor, self.now, self.fan = actor, now, fan
+        self.sent: list[Placing] = []
+        self._pipeline: ExitStack | None = None
+        self._immediate: Any = None  # the cursor of SET CONSTRAINTS ... IMMEDIATE
+        self._batches: list[Any] = []  # each batch's cursor
+
+    def send(self, placing: list[Placing]) -> None:
+        if not placing:
+            return
+        if any(p.ranks for p in placing):
+            raise ValueError("a gang's ranks are written after its placement: use place_many")
+        if self._pipeline is None:
+            connection.ensure_connection()
+            self._pipeline = ExitStack()
+            self._pipeline.enter_context(connection.connection.pipeline())
+            self._immediate = self._send("SET CONSTRAINTS ALL IMMEDIATE")
+        self._batches.append(self._send(_PLACE_SQL, _place_params(placing, actor=self.actor, now=self.now)))
+        self.sent.extend(placing)
+
+    @staticmethod
+    def _send(sql: str, params: dict[str, Any] | None = None) -> Any:
+        cursor = connection.cursor()
+        cursor.execute(sql, params)  # in pipeline mode: sent, not waited for
+        return cursor
+
+    def close(self) -> list[Placing]:
+        if self._pipeline is None:
+            return []
+        pipeline, self._pipeline = self._pipeline, None
+        with connection.wrap_database_errors:
+            pipeline.close()  # waits for every batch; raises the first error among them
+        taken: set[int] = set()
+        for cursor in self._batches:
+            taken.update(row[0] for row in cursor.fetchall())
+        for cursor in (self._immediate, *self._batches):
+            cursor.close()
+        with connection.cursor() as cursor:
+            cursor.execute("SET CONSTRAINTS ALL DEFERRED")
+        return _placed(self.sent, taken, self.fan)

@@ -490,8 +490,47 @@ def _placing(loaded: _Loaded, p: Placement) -> lifecycle.Placing:
         ranks=tuple(node_id for node_id, _gpus in p.ranks))
 
 
+@dataclass
+class _Streamed:
+    """The placements a pass wrote while its core decided: those sent, and those taken."""
+
+    sent: set[int] = field(default_factory=set)
+    taken: list[lifecycle.Placing] = field(default_factory=list)
+
+
+# Placements per batch written while the core decides: 150 and 300 measured alike (a pass
+# from empty at 1,600 GPUs, 807 placements: median 78.4 and 79.0 ms against 86-89 ms).
+STREAM_BATCH = 200
+
+
+class _Streamer:
+    """The core's ``on_place``: collects the placements it reports into batches for a
+    ``lifecycle.PlacementStream``. A gang (its ranks are written after it) and a task the
+    pass will skip (not in the snapshot's queue as stored) are left to ``_apply``."""
+
+    def __init__(self, loaded: _Loaded, stream: lifecycle.PlacementStream) -> None:
+        self.loaded = loaded
+        self.stream = stream
+        self.batch: list[Placement] = []
+
+    def __call__(self, placement: Placement) -> None:
+        if placement.ranks or placement.task_id not in self.loaded.stored_pending:
+            return
+        self.batch.append(placement)
+        if len(self.batch) >= STREAM_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, []
+        self.stream.send([_placing(self.loaded, p) for p in batch])
+
+    def close(self) -> _Streamed:
+        taken = self.stream.close()
+        return _Streamed(sent={p.task_id for p in self.stream.sent}, taken=taken)
+
+
 def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: PassResult,
-           fan: lifecycle.FanOut) -> None:
+           fan: lifecycle.FanOut, streamed: _Streamed) -> None:
     result.preemptions = _apply_preemptions(plan, actor, fan)
     if result.preemptions:
         # Victims are pending again and may fit elsewhere now.
@@ -500,7 +539,8 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
     placements = [p for p in plan.placements if p.task_id in loaded.stored_pending]
     result.skipped = len(plan.placements) - len(placements)
     by_id = {p.task_id: p for p in placements}
-    taken = lifecycle.place_many([_placing(loaded, p) for p in placements], actor=actor, now=now, fan=fan)
+    taken = streamed.taken + lifecycle.place_many(
+        [_placing(loaded, p) for p in placements if p.task_id not in streamed.sent], actor=actor, now=now, fan=fan)
     result.skipped += len(placements) - len(taken)
     placements = [by_id[p.task_id] for p in taken]
     result.placed_task_ids = [p.task_id for p in placements]
@@ -548,6 +588,9 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
     """
     started = time.perf_counter()
     decide = schedule or _default_schedule()
+    # The placement core reports its placements as it decides them, and the pass writes them
+    # meanwhile (_Streamer); any other schedule (tests hand some in) gets the snapshot alone.
+    stream = decide is core_schedule
     if clear_request:
         # Before the lock, in its own statement: a request made after this point flips
         # the flag again and gets its own pass; one made before it is in our snapshot.
@@ -556,7 +599,7 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
     committed: list[float] = []
     try:
         with _collector_paused():
-            _run_pass_transaction(decide, actor, result, committed)
+            _run_pass_transaction(decide, actor, result, committed, stream=stream)
     except Exception:
         _record_pass(time.perf_counter() - started, ok=False)
         raise
@@ -599,7 +642,7 @@ def _record_pass(duration_s: float, *, ok: bool) -> None:
         log.exception("could not record pass metrics")
 
 
-def _run_pass_transaction(decide, actor: str, result: PassResult, committed: list[float]) -> None:
+def _run_pass_transaction(decide, actor: str, result: PassResult, committed: list[float], *, stream: bool) -> None:
     with transaction.atomic():
         # First of the after-commit hooks: marks the commit, before the pushes to agents
         # and websockets run (they are not part of the pass's duration; see notify_s).
@@ -611,13 +654,23 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
         with lifecycle.batch() as fan:
             held = _hold_dependents(loaded, actor, fan)
             core_started = time.perf_counter()
-            plan = decide(loaded.snapshot)
-            result.core_s = time.perf_counter() - core_started
+            if stream:
+                streamer = _Streamer(loaded, lifecycle.PlacementStream(actor=actor, now=now, fan=fan))
+                try:
+                    plan = decide(loaded.snapshot, on_place=streamer)
+                    result.core_s = time.perf_counter() - core_started
+                    streamer.flush()
+                finally:
+                    streamed = streamer.close()
+            else:
+                plan = decide(loaded.snapshot)
+                result.core_s = time.perf_counter() - core_started
+                streamed = _Streamed()
             position = len(plan.pending)
             for task_id, reason in held.items():
                 position += 1
                 plan.pending[task_id] = PendingInfo(reason=reason, position=position)
-            _apply(loaded, plan, actor=actor, now=now, result=result, fan=fan)
+            _apply(loaded, plan, actor=actor, now=now, result=result, fan=fan, streamed=streamed)
 
 
 def _hold_dependents(loaded: _Loaded, actor: str, fan: lifecycle.FanOut) -> dict[int, str]:

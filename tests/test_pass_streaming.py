@@ -1,0 +1,108 @@
+"""A pass writes the placements its core has decided while the core decides the next ones
+(scheduling.lifecycle.PlacementStream): what it writes, what it leaves to the plan, and
+that the transaction's foreign-key checks are deferred again afterwards."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from scheduling import lifecycle, passes
+from scheduling.choices import TaskStatus
+from scheduling.models import Allocation, Task, TaskEvent
+from scheduling.passes import run_pass
+from tenants.models import Quota
+
+
+def _submit(tenant, name: str, **fields) -> Task:
+    return Task.objects.create(tenant=tenant, name=name, command="python train.py", **fields)
+
+
+def _place_statements(queries) -> int:
+    return sum(1 for q in queries if q["sql"].lstrip().startswith("WITH placed AS"))
+
+
+def test_a_pass_writes_its_placements_in_batches_while_the_core_decides(acme, servers, monkeypatch):
+    monkeypatch.setattr(passes, "STREAM_BATCH", 2)
+    tasks = [_submit(acme, f"job-{i}", gpu_count=1) for i in range(5)]
+
+    with CaptureQueriesContext(connection) as queries:
+        result = run_pass()
+
+    assert result.placements == 5 and result.skipped == 0
+    assert _place_statements(queries.captured_queries) == 3  # 2 + 2 while deciding, then the last one
+    for task in tasks:
+        task.refresh_from_db()
+        assert task.status == TaskStatus.ASSIGNED
+        assert Allocation.objects.filter(task=task, released_at__isnull=True).count() == 1
+        assert TaskEvent.objects.filter(task=task, to_status=TaskStatus.ASSIGNED).count() == 1
+    assert Allocation.objects.values("gpu").distinct().count() == 5
+
+
+def test_after_the_stream_the_transactions_foreign_key_checks_are_deferred_again(acme, servers):
+    _submit(acme, "job")
+    assert run_pass().placements == 1
+
+    # A dangling event is accepted until the checks run (Django declares them initially deferred)...
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, "
+                           "created_at) VALUES (-1, '', 'pending', 'test', '', now())")
+        # ...and refused when they do.
+        with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        transaction.set_rollback(True)
+
+
+def test_a_gang_is_left_to_the_plan_and_placed_with_its_ranks(acme, servers, settings):
+    settings.SCHEDULER = dataclasses.replace(settings.SCHEDULER, online_share=0.0, batch_share=1.0)
+    gang = _submit(acme, "gang", gpu_count=16, nodes=2)
+    single = _submit(acme, "single", gpu_count=1)
+    Quota.objects.filter(tenant=acme).update(max_gpus=32, max_gpu_memory_mb=10**7)
+
+    result = run_pass()
+
+    gang.refresh_from_db()
+    single.refresh_from_db()
+    assert result.placements == 1 and gang.status == TaskStatus.ASSIGNED, gang.pending_reason
+    assert gang.ranks.count() == 2
+    assert single.status == TaskStatus.PENDING  # both servers are the gang's
+
+
+def _placing(task: Task, gpu) -> lifecycle.Placing:
+    return lifecycle.Placing(task_id=task.pk, tenant_id=task.tenant_id, node_id=gpu.node_id, reason="test",
+                             memory_mb=1_000, exclusive=True, gpus=((gpu.pk, gpu.node_id),))
+
+
+def test_a_streamed_task_that_is_no_longer_pending_is_left_out(acme, servers):
+    gpus = list(servers[0].gpus.order_by("index"))
+    kept, cancelled = _submit(acme, "kept"), _submit(acme, "cancelled")
+    Task.objects.filter(pk=cancelled.pk).update(status=TaskStatus.CANCELLED)
+
+    with lifecycle.batch() as fan:
+        stream = lifecycle.PlacementStream(actor="test", now=timezone.now(), fan=fan)
+        stream.send([_placing(kept, gpus[0]), _placing(cancelled, gpus[1])])
+        taken = stream.close()
+
+    assert [p.task_id for p in taken] == [kept.pk]
+    assert list(Allocation.objects.values_list("task", flat=True)) == [kept.pk]
+
+
+def test_a_batch_the_database_refuses_fails_the_stream_with_djangos_error(acme, servers):
+    gpu = servers[0].gpus.get(index=0)
+    holder, other = _submit(acme, "holder"), _submit(acme, "other")
+    Allocation.objects.create(task=holder, gpu=gpu, node=gpu.node, memory_mb=1_000)
+
+    with (pytest.raises(IntegrityError, match="allocation_exclusive_overlaps_nothing"), transaction.atomic(),
+          lifecycle.batch() as fan):
+        stream = lifecycle.PlacementStream(actor="test", now=timezone.now(), fan=fan)
+        stream.send([_placing(other, gpu)])
+        stream.close()
+
+    other.refresh_from_db()
+    assert other.status == TaskStatus.PENDING
+    assert not Allocation.objects.filter(task=other).exists()
