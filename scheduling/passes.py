@@ -598,7 +598,7 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
     result = PassResult()
     committed: list[float] = []
     try:
-        with _collector_paused():
+        with _collector_paused(), _own_statements():
             _run_pass_transaction(decide, actor, result, committed, stream=stream)
     except Exception:
         _record_pass(time.perf_counter() - started, ok=False)
@@ -610,6 +610,24 @@ def run_pass(actor: str = "scheduler", *, schedule: Schedule | None = None, clea
     result.notify_s = ended - done
     _record_pass(result.duration_s, ok=True)
     return result
+
+
+@contextmanager
+def _own_statements() -> Iterator[None]:
+    """The pass's statements as it wrote them, without the connection's execute wrappers.
+
+    The audit's wrapper (pghistory's context: an audited request with a synchronous django-q
+    cluster, ``manage.py shell``) prefixes each write with a statement of its own and leaves
+    the cursor at the last result, so the snapshot's batch of reads came back out of step
+    ("the snapshot reads need a client-side cursor"). The pass's changes are the scheduler's,
+    recorded under its own actor in their events, not under its caller's context.
+    """
+    wrappers = connection.execute_wrappers
+    connection.execute_wrappers = []
+    try:
+        yield
+    finally:
+        connection.execute_wrappers = wrappers
 
 
 @contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import timedelta
 
+import pghistory
 import pytest
 from django.db import IntegrityError, connection
 from django.test.utils import CaptureQueriesContext
@@ -298,3 +299,17 @@ def test_a_task_no_idle_gpu_can_hold_is_told_so_instead_of_waiting(acme, servers
     assert run_pass().placements == 0
     task.refresh_from_db()
     assert task.pending_reason.startswith("can never fit on the active servers: no active server has 1 GPU with")
+
+
+def test_a_pass_run_under_the_audits_context_places_and_leaves_the_context_in_place(acme, servers):
+    # pghistory's context (an audited request with a synchronous django-q cluster, manage.py
+    # shell) prefixes writes with a statement of its own and skips to the last result.
+    task = submit(acme)
+    with pghistory.context(source="shell"):
+        wrappers = list(connection.execute_wrappers)
+        assert wrappers
+        result = run_pass()
+        assert connection.execute_wrappers == wrappers
+
+    task.refresh_from_db()
+    assert result.placements == 1 and task.status == TaskStatus.ASSIGNED
