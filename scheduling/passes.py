@@ -31,6 +31,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from kernel import counters, pgarrays
+from kernel.pipelined import Pipelined
 from nodes.models import GPUHealth, NodeStatus, model_cache
 from scheduling import arrays, dependencies, lifecycle, task_fields, triggers
 from scheduling.choices import ACTIVE_STATUSES, TaskStatus
@@ -107,7 +108,7 @@ LEFT JOIN (
 # it is spelled out (all three NULL or none, so concat_ws's skipping of NULLs is unambiguous).
 _GPU_KEY = "concat_ws(',', g.xmin, g.cmin, a.claimed, a.exclusive, a.shared)"
 
-# A GPU's part of its server's key; _load_gpus joins them the same way to key what it reads.
+# A GPU's part of its server's key; _GpuRead joins them the same way to key what it reads.
 _GPU_KEY_PART = f"g.id::text || '/' || {_GPU_KEY}"
 _KEY_SEPARATOR = ";"
 
@@ -293,92 +294,114 @@ def load_snapshot(now: datetime | None, *, lock_holder: str | None = None) -> _L
             node_names[node_id] = name
 
         _next_result(cursor)
-        gpu_keys = cursor.fetchall()
+        # The GPU rows the previous load's objects do not cover: sent now, read by PostgreSQL
+        # while this parses the rest of the batch (kernel.pipelined).
+        gpu_read = _GpuRead(cursor.fetchall(), reserved)
 
-        _next_result(cursor)
-        tenants: dict[int, TenantState] = {}
-        for tenant_id, slug, max_gpus, max_mem, max_running, fair_share in cursor.fetchall():
-            tenants[tenant_id] = TenantState(
-                id=tenant_id, slug=slug,
-                max_gpus=_DEFAULT_QUOTA["max_gpus"] if max_gpus is None else max_gpus,
-                max_gpu_memory_mb=_DEFAULT_QUOTA["max_gpu_memory_mb"] if max_mem is None else max_mem,
-                max_running_tasks=_DEFAULT_QUOTA["max_running_tasks"] if max_running is None else max_running,
-                used_gpus=0, used_gpu_memory_mb=0, running_tasks=0, fair_share=fair_share,
-            )
+        try:
+            _next_result(cursor)
+            tenants: dict[int, TenantState] = {}
+            for tenant_id, slug, max_gpus, max_mem, max_running, fair_share in cursor.fetchall():
+                tenants[tenant_id] = TenantState(
+                    id=tenant_id, slug=slug,
+                    max_gpus=_DEFAULT_QUOTA["max_gpus"] if max_gpus is None else max_gpus,
+                    max_gpu_memory_mb=_DEFAULT_QUOTA["max_gpu_memory_mb"] if max_mem is None else max_mem,
+                    max_running_tasks=_DEFAULT_QUOTA["max_running_tasks"] if max_running is None else max_running,
+                    used_gpus=0, used_gpu_memory_mb=0, running_tasks=0, fair_share=fair_share,
+                )
 
-        _next_result(cursor)
-        running: list[RunningTask] = []
-        # Tenant usage counts distinct GPUs, like scheduling.quotas.usage_of.
-        tenant_gpus: dict[int, set[int]] = {}
-        for (task_id, tenant_id, priority, wclass, since, timeout_s, node_id, gpu_ids, mem, exclusive,
-             mem_total) in cursor.fetchall():
-            tenant = tenants.get(tenant_id)
-            if tenant is not None:
-                tenant.running_tasks += 1
-                tenant.used_gpu_memory_mb += int(mem_total)
-                tenant_gpus.setdefault(tenant_id, set()).update(gpu_ids)
-            if node_id is None:
-                continue
-            running.append(RunningTask(
-                id=task_id, tenant_id=tenant_id, priority=priority, workload_class=wclass, node_id=node_id,
-                gpu_ids=tuple(gpu_ids), memory_mb=mem, exclusive=exclusive,
-                expected_end=datetime.fromtimestamp(since, UTC) + timedelta(seconds=timeout_s),
-            ))
-        for tenant_id, gpus in tenant_gpus.items():
-            tenants[tenant_id].used_gpus = len(gpus)
+            _next_result(cursor)
+            running: list[RunningTask] = []
+            # Tenant usage counts distinct GPUs, like scheduling.quotas.usage_of.
+            tenant_gpus: dict[int, set[int]] = {}
+            for (task_id, tenant_id, priority, wclass, since, timeout_s, node_id, gpu_ids, mem, exclusive,
+                 mem_total) in cursor.fetchall():
+                tenant = tenants.get(tenant_id)
+                if tenant is not None:
+                    tenant.running_tasks += 1
+                    tenant.used_gpu_memory_mb += int(mem_total)
+                    tenant_gpus.setdefault(tenant_id, set()).update(gpu_ids)
+                if node_id is None:
+                    continue
+                running.append(RunningTask(
+                    id=task_id, tenant_id=tenant_id, priority=priority, workload_class=wclass, node_id=node_id,
+                    gpu_ids=tuple(gpu_ids), memory_mb=mem, exclusive=exclusive,
+                    expected_end=datetime.fromtimestamp(since, UTC) + timedelta(seconds=timeout_s),
+                ))
+            for tenant_id, gpus in tenant_gpus.items():
+                tenants[tenant_id].used_gpus = len(gpus)
 
-        _next_result(cursor)
-        pending: list[PendingTask] = []
-        stored: dict[int, tuple[str, int | None]] = {}
-        tenant_of: dict[int, int] = {}
-        for task_id, created_at, reason, position, *columns in cursor.fetchall():
-            task = task_fields.pending_task(task_id, datetime.fromtimestamp(created_at, UTC), columns)
-            pending.append(task)
-            stored[task_id] = (reason, position)
-            tenant_of[task_id] = task.tenant_id
+            _next_result(cursor)
+            pending: list[PendingTask] = []
+            stored: dict[int, tuple[str, int | None]] = {}
+            tenant_of: dict[int, int] = {}
+            for task_id, created_at, reason, position, *columns in cursor.fetchall():
+                task = task_fields.pending_task(task_id, datetime.fromtimestamp(created_at, UTC), columns)
+                pending.append(task)
+                stored[task_id] = (reason, position)
+                tenant_of[task_id] = task.tenant_id
 
-        _next_result(cursor)
-        _add_quota_grants(cursor.fetchall(), tenants, now)
-        _next_result(cursor)  # nested loops back on: the GPUs' second read may join differently
-        _next_result(cursor)
-        windows = windows_from_rows(cursor.fetchall())
-        _next_result(cursor)
-        dependency_rows = cursor.fetchall()
-        _next_result(cursor)
-        throttle_rows = cursor.fetchall()
-
-        never_idle = _load_gpus(cursor, gpu_keys, nodes, node_names, now, reserved,
-                                config.model_cache_ttl_seconds)
+            _next_result(cursor)
+            _add_quota_grants(cursor.fetchall(), tenants, now)
+            _next_result(cursor)  # nested loops back on (the GPUs' read sets them off for itself)
+            _next_result(cursor)
+            windows = windows_from_rows(cursor.fetchall())
+            _next_result(cursor)
+            dependency_rows = cursor.fetchall()
+            _next_result(cursor)
+            throttle_rows = cursor.fetchall()
+        finally:
+            gpu_rows = gpu_read.rows()  # always: it ends the pipeline
+        never_idle = gpu_read.build(gpu_rows, nodes, node_names, now, reserved, config.model_cache_ttl_seconds)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
                         pending=pending, reservations=windows, columns=_columns)
     return _Loaded(snapshot, stored, tenant_of, never_idle, node_names, nodes, dependency_rows, throttle_rows)
 
 
-def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str],
-               now: datetime, reserved: tuple[str, ...], ttl_s: int) -> list[int]:
-    """Put every GPU on its node (in index order), reusing the previous load's objects for
-    servers whose rows did not change and reading the rest; returns the GPUs without
-    allocations whose idle clock is unset. With reserved GPUs in the configuration (matched by
-    server name) every GPU is read afresh."""
-    global _gpu_states
-    cache = {} if reserved else _gpu_states
-    kept: dict[str, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
-    found: dict[int, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
-    missing: list[int] = []
-    for node_id, node_key, has_models in gpu_keys:
-        hit = None if has_models else cache.get(node_key)
-        if hit is None:
-            missing.append(node_id)
-        else:
-            found[node_id] = kept[node_key] = hit
-    if missing:
-        # Nested loops off here too (see load_snapshot): right after a burst of placements the
-        # planner still thinks the allocation table is nearly empty.
-        cursor.execute(";\n".join((_NESTLOOP_OFF, _GPUS_SQL, _NESTLOOP_ON)), [pgarrays.ints(missing)])
-        _next_result(cursor)
-        rows = cursor.fetchall()
-        _next_result(cursor)
+class _GpuRead:
+    """Every GPU on its node (in index order), reusing the previous load's objects for servers
+    whose rows did not change and reading the rest. With reserved GPUs in the configuration
+    (matched by server name) every GPU is read afresh.
+
+    The read is sent as soon as the keys are known (``kernel.pipelined``) and PostgreSQL runs
+    it while the snapshot's other rows are parsed: ``rows()`` then waits for it."""
+
+    def __init__(self, gpu_keys: list[tuple], reserved: tuple[str, ...]) -> None:
+        cache = {} if reserved else _gpu_states
+        self.kept: dict[str, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
+        self.found: dict[int, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
+        missing: list[int] = []
+        for node_id, node_key, has_models in gpu_keys:
+            hit = None if has_models else cache.get(node_key)
+            if hit is None:
+                missing.append(node_id)
+            else:
+                self.found[node_id] = self.kept[node_key] = hit
+        self._pipelined: Pipelined | None = None
+        if missing:
+            # Nested loops off here too (see load_snapshot): right after a burst of placements
+            # the planner still thinks the allocation table is nearly empty.
+            self._pipelined = Pipelined()
+            self._pipelined.send(_NESTLOOP_OFF)
+            self._cursor = self._pipelined.send(_GPUS_SQL, [pgarrays.ints(missing)])
+            self._pipelined.send(_NESTLOOP_ON)
+
+    def rows(self) -> list[tuple]:
+        pipelined, self._pipelined = self._pipelined, None
+        if pipelined is None:
+            return []
+        try:
+            pipelined.wait()
+            return self._cursor.fetchall()
+        finally:
+            pipelined.close()
+
+    def build(self, rows: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str], now: datetime,
+              reserved: tuple[str, ...], ttl_s: int) -> list[int]:
+        """Put the GPUs on their nodes; returns those without allocations whose idle clock is unset."""
+        global _gpu_states
+        found, kept = self.found, self.kept
         by_node: dict[int, list[tuple]] = {}
         for row in rows:
             by_node.setdefault(row[1], []).append(row)
@@ -406,15 +429,15 @@ def _load_gpus(cursor, gpu_keys: list[tuple], nodes: dict[int, NodeState], node_
             if not reserved and not models:
                 # Keyed by the rows as this read saw them, joined as _GPU_KEYS_SQL joins them.
                 kept[_KEY_SEPARATOR.join(row[-1] for row in node_rows)] = entry
-    never_idle: list[int] = []
-    for node_id, entry in found.items():
-        node = nodes.get(node_id)
-        if node is None:  # pragma: no cover - a server changed between the reads
-            continue
-        node.gpus = list(entry[0])
-        never_idle.extend(entry[1])
-    _gpu_states = kept
-    return never_idle
+        never_idle: list[int] = []
+        for node_id, entry in found.items():
+            node = nodes.get(node_id)
+            if node is None:  # pragma: no cover - a server changed between the reads
+                continue
+            node.gpus = list(entry[0])
+            never_idle.extend(entry[1])
+        _gpu_states = kept
+        return never_idle
 
 
 # The pass's clock in its reads: the ``now`` given, else (the lock leads the batch) the lock's

@@ -15,7 +15,7 @@ from scheduling.placement.config import SchedulerConfig
 
 @dataclass(slots=True)
 class GpuState:
-    # The snapshot builds these by position (scheduling.passes._load_gpus), in this order.
+    # The snapshot builds these by position (scheduling.passes._GpuRead.build), in this order.
     id: int
     node_id: int
     index: int
