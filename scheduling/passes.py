@@ -10,8 +10,12 @@ The snapshot is read in a fixed handful of queries whatever the cluster size
 (nodes, GPUs with their active allocations aggregated, holding tasks with their
 GPU ids, tenants with quotas, the pending queue with model memory estimates),
 and the plan is written with set-based statements (``unnest`` of arrays): one
-INSERT for allocations, one UPDATE for placed tasks, one INSERT for events, one
-UPDATE for changed pending reasons. Agents and websockets are told after commit.
+statement placing tasks (their UPDATE, events and allocations), one UPDATE for
+changed pending reasons. The placements are written in batches while the core
+is still deciding (``_Streamer``, ``lifecycle.PlacementStream``), and the GPU
+rows are read while the rest of the snapshot is parsed (``_GpuRead``); both send
+through psycopg's pipeline mode (``kernel.pipelined``) and wait later, inside the
+same transaction. Agents and websockets are told after commit.
 """
 
 from __future__ import annotations
