@@ -1,7 +1,7 @@
 """Statements sent now and waited for later, on this thread's connection and transaction.
 
 psycopg's pipeline mode sends a statement without waiting for its answer: PostgreSQL runs
-it while the caller goes on in Python (on the other core), and ``wait()`` collects every
+it while the caller goes on in Python (on the other core), and ``fetchall()`` collects every
 answer at once. The scheduler's pass uses it to read the GPU rows while it parses the rest
 of its snapshot, and to write placements while its core decides the next ones.
 
@@ -20,9 +20,9 @@ from django.db import DEFAULT_DB_ALIAS, connections
 
 
 class Pipelined:
-    """``send`` statements, then ``wait`` (always: it ends pipeline mode) and read each one's
-    results from the cursor ``send`` returned. A database error in any of them is raised by
-    ``wait``, translated as Django translates it."""
+    """``send`` statements, then ``fetchall`` the rows of those whose answers are wanted (or
+    ``close``): either ends pipeline mode, always. A database error in any of them is raised
+    there, translated as Django translates it."""
 
     def __init__(self) -> None:
         self.db = connections[DEFAULT_DB_ALIAS]
@@ -39,15 +39,26 @@ class Pipelined:
         self._cursors.append(cursor)
         return cursor
 
-    def wait(self) -> None:
+    def _wait(self) -> None:
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
             with self.db.wrap_database_errors:
                 pipeline.close()
 
+    def fetchall(self, *cursors: Any) -> list[list[tuple]]:
+        """Wait for every statement; the rows of each of ``cursors`` (as ``send`` returned
+        them), in order. Closes every cursor, whatever happens."""
+        try:
+            self._wait()
+            return [cursor.fetchall() for cursor in cursors]
+        finally:
+            self.close()
+
     def close(self) -> None:
-        """``wait``, then close the cursors (after their results were read)."""
-        self.wait()
-        cursors, self._cursors = self._cursors, []
-        for cursor in cursors:
-            cursor.close()
+        """Wait for every statement, then close the cursors."""
+        try:
+            self._wait()
+        finally:
+            cursors, self._cursors = self._cursors, []
+            for cursor in cursors:
+                cursor.close()

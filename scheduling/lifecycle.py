@@ -652,11 +652,7 @@ class PlacementStream:
         pipelined, self._pipelined = self._pipelined, None
         if pipelined is None:
             return []
-        try:
-            pipelined.wait()
-            taken = {row[0] for cursor in self._batches for row in cursor.fetchall()}
-        finally:
-            pipelined.close()
+        taken = {row[0] for rows in pipelined.fetchall(*self._batches) for row in rows}
         with connection.cursor() as cursor:
             cursor.execute("SET CONSTRAINTS ALL DEFERRED")
         return _placed(self.sent, taken, self.fan)

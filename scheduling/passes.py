@@ -395,11 +395,8 @@ class _GpuRead:
         pipelined, self._pipelined = self._pipelined, None
         if pipelined is None:
             return []
-        try:
-            pipelined.wait()
-            return self._cursor.fetchall()
-        finally:
-            pipelined.close()
+        rows, = pipelined.fetchall(self._cursor)
+        return rows
 
     def build(self, rows: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str], now: datetime,
               reserved: tuple[str, ...], ttl_s: int) -> list[int]:

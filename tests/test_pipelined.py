@@ -19,10 +19,9 @@ def test_statements_sent_through_the_pipeline_answer_after_the_wait(db):
     first = pipelined.send("SELECT %s::int + 1", [41])
     second = pipelined.send("SELECT txid_current_if_assigned() IS NOT DISTINCT FROM %s", [None])
     assert _in_pipeline_mode()  # sent, not waited for
-    pipelined.wait()
+    assert pipelined.fetchall(first, second) == [[(42,)], [(True,)]]
     assert not _in_pipeline_mode()
-    assert first.fetchall() == [(42,)] and second.fetchall() == [(True,)]
-    pipelined.close()
+    assert first.closed and second.closed
 
 
 def test_an_error_in_any_statement_is_raised_by_the_wait_as_djangos(db):
