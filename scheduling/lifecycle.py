@@ -622,8 +622,8 @@ class PlacementStream:
     (``kernel.pipelined``) without waiting for its answer, and the transaction's foreign-key
     checks are immediate while the stream is open: PostgreSQL writes and checks one batch
     while Python decides the next. ``close`` waits for every batch, makes the checks deferred
-    again (Django declares them initially deferred) and returns the placings taken, as
-    ``place_many`` does; a database error in any batch is raised there. Measured on a pass
+    again (Django declares them initially deferred) and keeps the placings taken in ``taken``,
+    as ``place_many`` returns them; a database error in any batch is raised there. Measured on a pass
     from empty (807 placements on 1,600 GPUs, batches of 150 and 300, 12 passes each,
     alternating): median 86-89 -> 78-79 ms.
 
@@ -634,6 +634,7 @@ class PlacementStream:
     def __init__(self, *, actor: str, now: datetime, fan: FanOut) -> None:
         self.actor, self.now, self.fan = actor, now, fan
         self.sent: list[Placing] = []
+        self.taken: list[Placing] = []  # by close()
         self._pipelined: Pipelined | None = None
         self._batches: list[Any] = []  # each batch's cursor
 
@@ -648,11 +649,11 @@ class PlacementStream:
         self._batches.append(self._pipelined.send(_PLACE_SQL, _place_params(placing, actor=self.actor, now=self.now)))
         self.sent.extend(placing)
 
-    def close(self) -> list[Placing]:
+    def close(self) -> None:
         pipelined, self._pipelined = self._pipelined, None
         if pipelined is None:
-            return []
+            return
         taken = {row[0] for rows in pipelined.fetchall(*self._batches) for row in rows}
         with connection.cursor() as cursor:
             cursor.execute("SET CONSTRAINTS ALL DEFERRED")
-        return _placed(self.sent, taken, self.fan)
+        self.taken = _placed(self.sent, taken, self.fan)

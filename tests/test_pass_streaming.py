@@ -86,9 +86,9 @@ def test_a_streamed_task_that_is_no_longer_pending_is_left_out(acme, servers):
     with lifecycle.batch() as fan:
         stream = lifecycle.PlacementStream(actor="test", now=timezone.now(), fan=fan)
         stream.send([_placing(kept, gpus[0]), _placing(cancelled, gpus[1])])
-        taken = stream.close()
+        stream.close()
 
-    assert [p.task_id for p in taken] == [kept.pk]
+    assert [p.task_id for p in stream.taken] == [kept.pk]
     assert list(Allocation.objects.values_list("task", flat=True)) == [kept.pk]
 
 
