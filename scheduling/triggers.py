@@ -6,7 +6,7 @@ after commit (nobody schedules from a rolled-back state), in one statement:
 
 - ``NOTIFY scheduler_wake`` wakes ``runscheduler`` at once;
 - the ``pass_requested`` flag on the ``SchedulerLock`` row named "wake" is set
-  with a conditional upsert, and only the request that flips it from false to
+  with a conditional update, and only the request that flips it from false to
   true enqueues a django-q2 task running a pass. (A separate row from the
   "scheduler" lock row, so that flipping it never waits for a running pass.) Every pass clears the flag as
   it starts, before it takes the lock and reads the queue, so a request that
@@ -31,17 +31,30 @@ WAKE_CHANNEL = "scheduler_wake"
 WAKE_ROW = "wake"
 Q_TASK_FUNC = "scheduling.passes.run_requested_pass"
 
-# One statement: NOTIFY always; set the flag if it was clear (or create the row if it
-# is missing) and report whether this request flipped it.
+# One statement: NOTIFY always; set the flag if it was clear, and report whether this
+# request flipped it and whether the row is there. An UPDATE whose condition fails on the
+# row it finds neither locks nor writes it, so while the flag is set (a burst of submits)
+# a wake-up only notifies: the upsert this replaced locked the row every time, which made
+# each wake-up a write, at twice the server's CPU (130 against 65 µs). Concurrent wake-ups
+# that both find the flag clear still flip it once: the second one's UPDATE waits for the
+# first's and then finds the flag set.
 _WAKE_SQL = """
 WITH flipped AS (
-    INSERT INTO scheduling_schedulerlock (name, holder, pass_requested, requested_at)
-    VALUES (%s, '', true, now())
-    ON CONFLICT (name) DO UPDATE SET pass_requested = true, requested_at = now()
-    WHERE NOT scheduling_schedulerlock.pass_requested
+    UPDATE scheduling_schedulerlock SET pass_requested = true, requested_at = now()
+    WHERE name = %s AND NOT pass_requested
     RETURNING 1
 )
-SELECT pg_notify(%s, %s), (SELECT count(*) FROM flipped)
+SELECT pg_notify(%s, %s), (SELECT count(*) FROM flipped),
+       EXISTS (SELECT 1 FROM scheduling_schedulerlock WHERE name = %s)
+"""
+
+# The row comes with migration 0002; should it have been deleted, the wake-up makes it
+# (flag set) and counts as the flip.
+_CREATE_SQL = """
+INSERT INTO scheduling_schedulerlock (name, holder, pass_requested, requested_at)
+VALUES (%s, '', true, now())
+ON CONFLICT (name) DO UPDATE SET pass_requested = true, requested_at = now()
+WHERE NOT scheduling_schedulerlock.pass_requested
 """
 
 _CLEAR_SQL = """
@@ -69,8 +82,11 @@ class _PendingWake:
 def wake(reason: str) -> bool:
     """Send the wake-up now (autocommit). True when this call enqueued a q pass."""
     with prepared_cursor() as cursor:  # after every submit
-        cursor.execute(_WAKE_SQL, [WAKE_ROW, WAKE_CHANNEL, reason[:200]])
-        (_, flipped) = cursor.fetchone()
+        cursor.execute(_WAKE_SQL, [WAKE_ROW, WAKE_CHANNEL, reason[:200], WAKE_ROW])
+        (_, flipped, row_exists) = cursor.fetchone()
+        if not row_exists:
+            cursor.execute(_CREATE_SQL, [WAKE_ROW])
+            flipped = cursor.rowcount
     if not flipped:
         return False
     from django_q.conf import Conf

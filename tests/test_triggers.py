@@ -116,3 +116,37 @@ def test_a_wake_up_that_enqueues_a_pass_keeps_the_callers_connection(queued_mode
     assert connection.connection is before
     assert OrmQ.objects.count() == 1
     assert wake_flag()
+
+
+def _wake_row_xmax() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT xmax::text::bigint FROM scheduling_schedulerlock WHERE name = %s", [triggers.WAKE_ROW])
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_wake_up_while_a_pass_is_requested_neither_locks_nor_writes_the_row(queued_mode):
+    """Under a burst of submits the flag is set: each wake-up only notifies. (The upsert this
+    replaced locked the row every time, which made every wake-up a write.)"""
+    assert triggers.wake("first")  # flips the flag and enqueues
+    before = _wake_row_xmax()
+
+    assert not triggers.wake("second")
+    assert not triggers.wake("third")
+
+    assert _wake_row_xmax() == before
+    assert OrmQ.objects.count() == 1
+    assert wake_flag()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_wake_up_makes_the_row_should_it_be_missing(queued_mode):
+    SchedulerLock.objects.filter(name=triggers.WAKE_ROW).delete()
+
+    assert triggers.wake("submitted")  # made with the flag set: counts as the flip, enqueues
+
+    assert wake_flag()
+    assert OrmQ.objects.count() == 1
+    assert not triggers.wake("again")
