@@ -216,3 +216,15 @@ def test_the_form_submits_an_array_after_a_dependency(alice_in, alice, acme):
     assert {t.dependencies.get().depends_on_id for t in elements} == {first.pk}
     r = alice_in.post("/submit/", {"tenant": "acme", "command": "x", "array": "9-1", "action": "submit"})
     assert r.status_code == 400 and "Bad range" in r.content.decode()
+
+
+def test_pages_keep_their_messages_and_api_requests_make_no_message_storage(alice_in, acme, alice):
+    """portal.middleware.PageMessages: the cancel's message reaches the next page; an API
+    request (which never shows one) gets no message storage."""
+    task = Task.objects.create(tenant=acme, submitter=alice, name="t", command="x")
+    r = alice_in.post(f"/tasks/{task.pk}/cancel/", follow=True)
+    assert f"Task {task.pk} cancelled." in r.content.decode()
+
+    api = alice_in.get("/api/v1/tasks")
+    assert api.status_code == 200
+    assert not hasattr(api.wsgi_request, "_messages")
