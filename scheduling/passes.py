@@ -355,8 +355,8 @@ def load_snapshot(now: datetime | None, *, lock_holder: str | None = None) -> _L
             _next_result(cursor)
             throttle_rows = cursor.fetchall()
         finally:
-            gpu_rows = gpu_read.rows()  # always: it ends the pipeline
-        never_idle = gpu_read.build(gpu_rows, nodes, node_names, now, reserved, config.model_cache_ttl_seconds)
+            gpu_read.wait()  # always: it ends the pipeline
+        never_idle = gpu_read.build(nodes, node_names, now, config.model_cache_ttl_seconds)
 
     snapshot = Snapshot(now=now, config=config, nodes=list(nodes.values()), tenants=tenants, running=running,
                         pending=pending, reservations=windows, columns=_columns)
@@ -369,9 +369,11 @@ class _GpuRead:
     (matched by server name) every GPU is read afresh.
 
     The read is sent as soon as the keys are known (``kernel.pipelined``) and PostgreSQL runs
-    it while the snapshot's other rows are parsed: ``rows()`` then waits for it."""
+    it while the snapshot's other rows are parsed: ``wait()`` then collects its rows."""
 
     def __init__(self, gpu_keys: list[tuple], reserved: tuple[str, ...]) -> None:
+        self.reserved = reserved
+        self.rows: list[tuple] = []
         cache = {} if reserved else _gpu_states
         self.kept: dict[str, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
         self.found: dict[int, tuple[tuple[GpuState, ...], tuple[int, ...]]] = {}
@@ -391,20 +393,17 @@ class _GpuRead:
             self._cursor = self._pipelined.send(_GPUS_SQL, [pgarrays.ints(missing)])
             self._pipelined.send(_NESTLOOP_ON)
 
-    def rows(self) -> list[tuple]:
+    def wait(self) -> None:
         pipelined, self._pipelined = self._pipelined, None
-        if pipelined is None:
-            return []
-        rows, = pipelined.fetchall(self._cursor)
-        return rows
+        if pipelined is not None:
+            self.rows, = pipelined.fetchall(self._cursor)
 
-    def build(self, rows: list[tuple], nodes: dict[int, NodeState], node_names: dict[int, str], now: datetime,
-              reserved: tuple[str, ...], ttl_s: int) -> list[int]:
+    def build(self, nodes: dict[int, NodeState], node_names: dict[int, str], now: datetime, ttl_s: int) -> list[int]:
         """Put the GPUs on their nodes; returns those without allocations whose idle clock is unset."""
         global _gpu_states
-        found, kept = self.found, self.kept
+        found, kept, reserved = self.found, self.kept, self.reserved
         by_node: dict[int, list[tuple]] = {}
-        for row in rows:
+        for row in self.rows:
             by_node.setdefault(row[1], []).append(row)
         for node_id, node_rows in by_node.items():
             gpus: list[GpuState] = []
@@ -419,7 +418,7 @@ class _GpuRead:
                     # idle_since: a GPU holding allocations is busy whatever the column still says.
                     (datetime.fromtimestamp(idle_since, UTC)
                      if idle_since is not None and not (exclusive or shared) else None),
-                    {} if loaded is None or loaded == "{}" else _loaded_models(loaded, now, ttl_s),
+                    _loaded_models(loaded, now, ttl_s),
                     not (cordoned or flagged_reserved or health == GPUHealth.ERROR
                          or (reserved and _reserved(reserved, node_names, node_id, index, uuid))),
                 ))
