@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from scheduling.placement import schedule
-from scheduling.placement.scoring import idle_steady, static_score
+from scheduling.placement.scoring import static_score_steady
 from tests.core_factory import NOW, gpu, node, occupy, snapshot, task, tenant
 
 CRITICAL, HIGH, NORMAL, LOW = 3, 2, 1, 0
@@ -223,6 +223,14 @@ def test_the_load_balance_score_prefers_cool_idle_gpus_within_a_server():
     n.gpus[1] = gpu(1, 1, util=0, temp=35, idle_s=3600)
     plan = schedule(snapshot([n], [task(1)]))
     assert placed(plan)[1] == (1, (101,))
+
+
+def static_score(g, now):
+    return static_score_steady(g, now)[0]
+
+
+def idle_steady(g, now):
+    return static_score_steady(g, now)[1:]
 
 
 def test_idle_time_counts_in_whole_minutes_up_to_an_hour():

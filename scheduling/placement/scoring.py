@@ -21,7 +21,7 @@ IDLE_SATURATION_S = 3600.0
 # Idle time counts in whole steps of this length. A score that moved with every tick of the
 # clock could not be kept between passes: a server with a GPU idle for less than the saturation
 # would have its columns rebuilt by every pass, which in a cluster with any churn is nearly all
-# of them (``idle_steady``; a lone task's pass at 1,000 servers spent most of its time there).
+# of them (``static_score_steady``; a lone task's pass at 1,000 servers spent most of its time there).
 IDLE_STEP_S = 60.0
 _STEPS = int(IDLE_SATURATION_S // IDLE_STEP_S)
 _STEP = timedelta(seconds=IDLE_STEP_S)
@@ -30,22 +30,12 @@ AFFINITY_LOADED = 100.0
 AFFINITY_ROOM = 50.0
 
 
-def static_score(gpu: GpuState, now: datetime) -> float:
-    """Utilisation, temperature and idle-time part of the load-balance score (0..60)."""
-    return static_score_steady(gpu, now)[0]
-
-
-def idle_steady(gpu: GpuState, now: datetime) -> tuple[datetime | None, datetime | None]:
-    """The clock times between which ``static_score(gpu, ·)`` is what it is at ``now``: ``(lo, hi)``,
-    ``lo <= t < hi``, None for an open end. A GPU that is busy, or idle past the saturation, has
-    a score the clock no longer moves."""
-    _score, lo, hi = static_score_steady(gpu, now)
-    return lo, hi
-
-
 def static_score_steady(gpu: GpuState, now: datetime) -> tuple[float, datetime | None, datetime | None]:
-    """``static_score`` and ``idle_steady`` at once, the idle steps counted once: the working
-    state needs both for every GPU of every server it builds columns for."""
+    """``(score, lo, hi)``: the utilisation, temperature and idle-time part of the load-balance
+    score (0..60), and the clock times between which it is what it is at ``now``
+    (``lo <= t < hi``, None for an open end). A GPU that is busy, or idle past the saturation,
+    has a score the clock no longer moves. One function, so that the idle steps are counted
+    once: the working state needs both for every GPU of every server it builds columns for."""
     util = min(max(gpu.utilization_pct, 0), 100) / 100.0
     temp = min(max(gpu.temperature_c, 0), 100) / 100.0
     score = 30.0 * (1.0 - util) + 20.0 * (1.0 - temp)

@@ -38,7 +38,7 @@ class _NodeColumns:
     A function of the server's GpuStates, its ``schedulable`` flag, the strategy, and ``now``
     through the idle part of each GPU's static score, which moves in whole steps and stops
     once the GPU has been idle long enough (or is busy). ``valid_from`` and ``valid_until``:
-    the clock times between which every GPU's score stays what it is now (``scoring.idle_steady``;
+    the clock times between which every GPU's score stays what it is now (``scoring.static_score_steady``;
     None for an open end), so the columns serve any pass in between."""
 
     __slots__ = ("base", "binpack", "claimed", "excl", "free", "gpus", "ids", "live", "model_free", "model_lower",
