@@ -342,9 +342,7 @@ class GpuClaim(models.Func):
     ``(,)``; a shared one only its own ``[id, id]``. Two claims overlap unless both are shared."""
 
     output_field = BigIntegerRangeField()
-
-    def __init__(self, exclusive, pk, **extra) -> None:
-        super().__init__(exclusive, pk, **extra)
+    arity = 2  # (exclusive, pk)
 
     def as_sql(self, compiler, connection, **extra):
         (exclusive, exclusive_params), (pk, pk_params) = (compiler.compile(e) for e in self.get_source_expressions())
