@@ -26,30 +26,29 @@ def _task(tenant, name="t", **kw) -> Task:
 def test_the_database_refuses_an_exclusive_interval_overlapping_history(acme, servers):
     gpu = servers[0].gpus.get(index=0)
     t0 = timezone.now() - timedelta(minutes=10)
-    Allocation.objects.create(task=_task(acme, "first"), gpu=gpu, node=gpu.node, memory_mb=1, allocated_at=t0,
-                              released_at=t0 + timedelta(seconds=10))
+    _exclusive(acme, gpu, "first", t0, t0 + timedelta(seconds=10))
     with pytest.raises(IntegrityError, match="allocation_exclusive_overlaps_nothing"), transaction.atomic():
-        Allocation.objects.create(task=_task(acme, "second"), gpu=gpu, node=gpu.node, memory_mb=1,
-                                  allocated_at=t0 + timedelta(seconds=9, milliseconds=990),
-                                  released_at=t0 + timedelta(seconds=20))
+        _exclusive(acme, gpu, "second", t0 + timedelta(seconds=9, milliseconds=990), t0 + timedelta(seconds=20))
     # Back to back is fine: intervals are half-open.
-    Allocation.objects.create(task=_task(acme, "third"), gpu=gpu, node=gpu.node, memory_mb=1,
-                              allocated_at=t0 + timedelta(seconds=10), released_at=t0 + timedelta(seconds=20))
+    _exclusive(acme, gpu, "third", t0 + timedelta(seconds=10), t0 + timedelta(seconds=20))
 
 
 def test_no_shared_interval_overlaps_an_exclusive_one_in_history_either(acme, servers):
     gpu = servers[0].gpus.get(index=1)
     t0 = timezone.now() - timedelta(minutes=10)
-    Allocation.objects.create(task=_task(acme, "exclusive"), gpu=gpu, node=gpu.node, memory_mb=1, allocated_at=t0,
-                              released_at=t0 + timedelta(seconds=10))
+    _exclusive(acme, gpu, "exclusive", t0, t0 + timedelta(seconds=10))
     with pytest.raises(IntegrityError, match="allocation_exclusive_overlaps_nothing"), transaction.atomic():
         _shared(acme, gpu, t0 + timedelta(seconds=5), t0 + timedelta(seconds=15))
     # Shared intervals may overlap one another; none may reach back into the exclusive one.
     _shared(acme, gpu, t0 + timedelta(seconds=10), t0 + timedelta(seconds=20))
     _shared(acme, gpu, t0 + timedelta(seconds=12), None)
     with pytest.raises(IntegrityError, match="allocation_exclusive_overlaps_nothing"), transaction.atomic():
-        Allocation.objects.create(task=_task(acme, "late"), gpu=gpu, node=gpu.node, memory_mb=1,
-                                  allocated_at=t0 + timedelta(seconds=30))
+        _exclusive(acme, gpu, "late", t0 + timedelta(seconds=30))
+
+
+def _exclusive(tenant, gpu, name, start, end=None) -> Allocation:
+    return Allocation.objects.create(task=_task(tenant, name), gpu=gpu, node=gpu.node, memory_mb=1, allocated_at=start,
+                                     released_at=end)
 
 
 def _shared(tenant, gpu, start, end) -> Allocation:
@@ -69,18 +68,15 @@ def test_the_migration_to_one_constraint_mends_history_stamped_by_process_clocks
     ms = timedelta(milliseconds=1)
     # A shared interval released 5 ms into the exclusive one placed after it (it ends where that begins),
     ran_over = _shared(acme, gpu, t0, t0 + 10_005 * ms)
-    after = Allocation.objects.create(task=_task(acme, "after"), gpu=gpu, node=gpu.node, memory_mb=1,
-                                      allocated_at=t0 + 10_000 * ms, released_at=t0 + 20_000 * ms)
+    after = _exclusive(acme, gpu, "after", t0 + 10_000 * ms, t0 + 20_000 * ms)
     # an active shared one stamped 5 ms before the release of the exclusive one it followed (that ends
     # where it begins),
-    before = Allocation.objects.create(task=_task(acme, "before"), gpu=other, node=other.node, memory_mb=1,
-                                       allocated_at=t0, released_at=t0 + 10_000 * ms)
+    before = _exclusive(acme, other, "before", t0, t0 + 10_000 * ms)
     skewed = _shared(acme, other, t0 + 9_995 * ms, None)
     # one stamped before the whole of a 2 ms exclusive task that it really followed (it begins where that
     # ended),
     fourth = servers[1].gpus.get(index=0)
-    brief = Allocation.objects.create(task=_task(acme, "brief"), gpu=fourth, node=fourth.node, memory_mb=1,
-                                      allocated_at=t0 + 1 * ms, released_at=t0 + 3 * ms)
+    brief = _exclusive(acme, fourth, "brief", t0 + 1 * ms, t0 + 3 * ms)
     early = _shared(acme, fourth, t0, None)
     # and two shared ones overlapping, as they may.
     both = [_shared(acme, third, t0, t0 + 10_000 * ms), _shared(acme, third, t0 + 5_000 * ms, None)]
