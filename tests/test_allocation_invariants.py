@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from scheduling.choices import ShareMode
@@ -60,6 +61,54 @@ def test_a_task_holds_a_gpu_at_most_once(acme, servers):
     _allocate(task, gpu, exclusive=False)
     with pytest.raises(IntegrityError, match="allocation_one_active_per_task_gpu"), transaction.atomic():
         _allocate(task, gpu, exclusive=False)
+
+
+def _checked_now() -> None:
+    # The key is deferred to commit, like Django's; a test's transaction never commits.
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+def test_an_allocation_is_recorded_on_its_gpus_own_server(acme, servers):
+    gpu = servers[0].gpus.get(index=0)
+    with pytest.raises(IntegrityError, match="allocation_gpu_on_its_server"), transaction.atomic():
+        Allocation.objects.create(task=_task(acme), gpu=gpu, node=servers[1], memory_mb=1)
+        _checked_now()
+    assert not Allocation.objects.exists()
+
+
+@pytest.mark.parametrize("missing", ["gpu", "node"])
+def test_an_allocation_names_a_gpu_and_server_that_exist(acme, servers, missing):
+    gpu = servers[0].gpus.get(index=0)
+    ids = {"gpu_id": gpu.pk, "node_id": gpu.node_id, f"{missing}_id": 10**9}
+    with pytest.raises(IntegrityError, match="allocation_gpu_on_its_server"), transaction.atomic():
+        Allocation.objects.create(task=_task(acme), memory_mb=1, **ids)
+        _checked_now()
+
+
+def test_a_gpu_that_held_an_allocation_cannot_move_or_go(acme, servers):
+    # The history says where each allocation ran; the ORM's PROTECT is not the only guard.
+    gpu = servers[0].gpus.get(index=0)
+    _allocate(_task(acme), gpu)
+    for statement in ("UPDATE nodes_gpu SET node_id = %s WHERE id = %s", "DELETE FROM nodes_gpu WHERE id = %s"):
+        params = [servers[1].pk, gpu.pk] if statement.startswith("UPDATE") else [gpu.pk]
+        with pytest.raises(IntegrityError, match="allocation_gpu_on_its_server"), transaction.atomic():
+            with connection.cursor() as cursor:
+                # The GPU's (node, index) must stay unique on the other server.
+                cursor.execute("UPDATE nodes_gpu SET index = 99 WHERE id = %s", [gpu.pk])
+                cursor.execute(statement, params)
+            _checked_now()
+    gpu.refresh_from_db()
+    assert gpu.node_id == servers[0].pk
+
+
+def test_model_validation_reports_a_gpu_on_another_server(acme, servers):
+    gpu = servers[0].gpus.get(index=0)
+    allocation = Allocation(task=_task(acme), gpu=gpu, node=servers[1], memory_mb=1)
+    with pytest.raises(ValidationError, match="allocation_gpu_on_its_server"):
+        allocation.full_clean()
+    allocation.node = servers[0]
+    allocation.full_clean()
 
 
 @pytest.mark.parametrize(
