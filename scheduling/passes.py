@@ -516,6 +516,9 @@ def _placing(loaded: _Loaded, p: Placement) -> lifecycle.Placing:
 # Placements per batch written while the core decides: 150 and 300 measured alike (a pass
 # from empty at 1,600 GPUs, 807 placements: median 78.4 and 79.0 ms against 86-89 ms).
 STREAM_BATCH = 200
+# The first batch is sent sooner: PostgreSQL has nothing to do until it comes (the same pass,
+# first batch of 50 against 200: median 69.9 against 72.5 ms, 20 passes each, alternating).
+STREAM_FIRST_BATCH = 50
 
 
 class _Streamer:
@@ -527,16 +530,18 @@ class _Streamer:
         self.loaded = loaded
         self.stream = stream
         self.batch: list[Placement] = []
+        self.size = STREAM_FIRST_BATCH
 
     def __call__(self, placement: Placement) -> None:
         if placement.ranks or placement.task_id not in self.loaded.stored_pending:
             return
         self.batch.append(placement)
-        if len(self.batch) >= STREAM_BATCH:
+        if len(self.batch) >= self.size:
             self.flush()
 
     def flush(self) -> None:
         batch, self.batch = self.batch, []
+        self.size = STREAM_BATCH
         self.stream.send([_placing(self.loaded, p) for p in batch])
 
 

@@ -27,14 +27,22 @@ def _place_statements(queries) -> int:
 
 
 def test_a_pass_writes_its_placements_in_batches_while_the_core_decides(acme, servers, monkeypatch):
-    monkeypatch.setattr(passes, "STREAM_BATCH", 2)
+    monkeypatch.setattr(passes, "STREAM_FIRST_BATCH", 1)
+    monkeypatch.setattr(passes, "STREAM_BATCH", 3)
+    sizes: list[int] = []
+    send = lifecycle.PlacementStream.send
+    monkeypatch.setattr(lifecycle.PlacementStream, "send",
+                        lambda self, placing: (sizes.append(len(placing)), send(self, placing)))
     tasks = [_submit(acme, f"job-{i}", gpu_count=1) for i in range(5)]
 
     with CaptureQueriesContext(connection) as queries:
         result = run_pass()
 
     assert result.placements == 5 and result.skipped == 0
-    assert _place_statements(queries.captured_queries) == 3  # 2 + 2 while deciding, then the last one
+    # The first batch early (PostgreSQL has nothing to do until it comes), then full ones,
+    # then what is left when the core is done.
+    assert sizes == [1, 3, 1]
+    assert _place_statements(queries.captured_queries) == 3
     for task in tasks:
         task.refresh_from_db()
         assert task.status == TaskStatus.ASSIGNED
