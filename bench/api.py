@@ -9,7 +9,8 @@ embedded PostgreSQL), creates bench tenants/users/tokens and one 8-GPU server,
 then drives them from separate load-generator processes over keep-alive HTTP:
 
 1. single submits: C connections each POST /api/v1/tasks in a loop for S seconds;
-   reports submits/s and client-side latency percentiles (p50/p95/p99);
+   reports submits/s and client-side latency percentiles (p50/p95/p99), with the CPU the
+   web processes and (when it runs on this machine) PostgreSQL spent per submit;
 2. batches: POST /api/v1/tasks/batch with B tasks per request on a few connections.
 
 The per-token throttle stays in the path with a high limit. Everything the bench
@@ -255,6 +256,23 @@ def cpu_seconds(procs: list[subprocess.Popen]) -> float:
     return total
 
 
+def database_cpu_seconds() -> float | None:
+    """CPU time (user + system) of this machine's PostgreSQL processes so far, backends and
+    background workers alike; None when none is visible (DATABASE_URL on another machine)."""
+    import psutil
+
+    total, seen = 0.0, False
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info["name"] or "").startswith("postgres"):
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:  # ended meanwhile (a backend), or not ours to read
+                continue
+            total += t.user + t.system
+            seen = True
+    return total if seen else None
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -293,16 +311,24 @@ def main() -> None:
 
         single = lambda slug: json.dumps({"tenant": slug, "name": "bench", "command": "python train.py --epochs 1",  # noqa: E731
                                           "gpu_count": 1, "gpu_memory_mb": 20_000, "priority": "NORMAL"}).encode()
-        cpu0 = cpu_seconds(web)
+        cpu0, db_cpu0 = cpu_seconds(web), database_cpu_seconds()
         lat, errors, secs, client_cpu = drive(port, tokens[: args.connections], single, "/api/v1/tasks", seconds)
         submit_cpu_ms = (cpu_seconds(web) - cpu0) * 1000 / max(len(lat), 1)
+        db_cpu1 = database_cpu_seconds()
+        db_cpu_ms = (None if db_cpu0 is None or db_cpu1 is None
+                     else (db_cpu1 - db_cpu0) * 1000 / max(len(lat), 1))
         client_cpu_ms = client_cpu * 1000 / max(len(lat), 1)
+        from scheduling.models import Task
+
+        # Each submit counts its tenant's pending tasks against the limit: that grows with the queue.
+        queued = Task.objects.filter(tenant__slug__startswith=PREFIX, status="pending").count() // TENANTS
         submits_per_s = len(lat) / secs
         print(f"single submits: {len(lat)} in {secs:.0f} s = {submits_per_s:.0f}/s over {args.connections} "
               f"connections, {args.web} web processes; latency p50 {pct(lat, 50) * 1000:.1f} ms, "
               f"p95 {pct(lat, 95) * 1000:.1f} ms, p99 {pct(lat, 99) * 1000:.1f} ms; errors {errors}; "
               f"web CPU {submit_cpu_ms:.1f} ms per submit (load generators {client_cpu_ms:.2f} ms); "
-              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+              + ("" if db_cpu_ms is None else f"PostgreSQL CPU {db_cpu_ms:.2f} ms per submit, ")
+              + f"{queued} pending tasks per tenant at the end; load average {os.getloadavg()[0]:.1f}", flush=True)
         delete_tasks()
         connection.close()
 
@@ -338,6 +364,8 @@ def main() -> None:
         "submit_errors": errors,
         "submit_web_cpu_ms": round(submit_cpu_ms, 2),
         "submit_client_cpu_ms": round(client_cpu_ms, 3),
+        "submit_db_cpu_ms": None if db_cpu_ms is None else round(db_cpu_ms, 2),
+        "pending_per_tenant_at_end": queued,
         "load_average": round(os.getloadavg()[0], 2),
         "batch_tasks_per_s": round(batch_tasks_per_s, 1),
         "batch_size": args.batch_size,
