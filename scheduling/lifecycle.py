@@ -447,23 +447,40 @@ def _bulk_fan_out(move: Move, tasks: Iterable[tuple[int, int]], servers: Iterabl
 
 
 # The tasks' INSERT (compiled by Django from the model, so every field and default
-# is the ORM's), their "submitted" events and each tenant's bounded pending count,
+# is the ORM's), their "submitted" events and each tenant's pending count for its limit,
 # in one statement: one round trip for any number of tasks.
+#
+# The count (models.PendingBound): the tenant's bound, with the raises this statement sees
+# folded into it; when that leaves no room for the new tasks, the pending tasks counted up to
+# the limit + 1 instead, which becomes the bound. The insert's own trigger then raises it by
+# the new tasks. Raises committed after this statement began are not deleted by it, and their
+# tasks are not in its count: they stay, for the next submit to fold.
 _INSERT_WITH_EVENTS = """
 WITH new_task AS ({insert} RETURNING id),
 event AS (
     INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
     SELECT id, '', %s, %s, 'submitted', %s FROM new_task
 ),
+folded AS (
+    DELETE FROM scheduling_pendingboundraise r WHERE r.tenant_id = ANY(%s::bigint[]) RETURNING r.tenant_id, r.n
+),
 pending AS (
-    SELECT q.tenant_id, (SELECT count(*) FROM (
-        SELECT 1 FROM scheduling_task t WHERE t.tenant_id = q.tenant_id AND t.status = %s LIMIT q.lim + 1
-    ) AS bounded) AS n
-    FROM unnest(%s::bigint[], %s::bigint[]) AS q(tenant_id, lim)
+    SELECT q.tenant_id, s.bound, CASE WHEN s.bound + q.wanted <= q.lim THEN NULL ELSE (SELECT count(*) FROM (
+               SELECT 1 FROM scheduling_task t WHERE t.tenant_id = q.tenant_id AND t.status = %s LIMIT q.lim + 1
+           ) AS bounded) END AS counted
+    FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS q(tenant_id, lim, wanted)
+    LEFT JOIN LATERAL (
+        SELECT b.bound + coalesce((SELECT sum(f.n) FROM folded f WHERE f.tenant_id = q.tenant_id), 0) AS bound
+        FROM scheduling_pendingbound b WHERE b.tenant_id = q.tenant_id
+    ) AS s ON true
+),
+settled AS (
+    UPDATE scheduling_pendingbound b SET bound = coalesce(p.counted, p.bound)
+    FROM pending p WHERE b.tenant_id = p.tenant_id
 )
 SELECT id, NULL, NULL FROM new_task
 UNION ALL
-SELECT NULL, tenant_id, n FROM pending
+SELECT NULL, tenant_id, coalesce(counted, bound) FROM pending
 """
 
 
@@ -494,17 +511,23 @@ def _task_insert(tasks: list[Task]) -> tuple[str, list[Any]]:
 
 def submit_many(tasks: list[Task], *, actor: str, limits: dict[int, int], fan: FanOut) -> dict[int, int]:
     """Insert pending ``tasks`` (setting their ids) with their "submitted" events; returns
-    the tenants' pending-task counts from before the insert, each counted up to its limit + 1."""
+    the tenants' pending-task counts from before the insert, each counted up to its limit + 1,
+    or, where it leaves room for these tasks within the limit, a bound on it
+    (``models.PendingBound``). The caller holds the tenants' quota rows, so concurrent
+    submitters of a tenant take turns (the limit holds exactly, and they alone write the bound)."""
     if any(t.status != P for t in tasks):
         raise IllegalTransition(f"{Move.SUBMIT} makes pending tasks only")
     insert, params = _task_insert(tasks)
     tenant_ids = sorted(limits)
+    wanted: dict[int, int] = {}
+    for task in tasks:
+        wanted[task.tenant_id] = wanted.get(task.tenant_id, 0) + 1
     # One task's statement is the same text every time: prepared. A batch's grows with its size,
     # and each size kept prepared would hold another large plan on the server: bound as Django binds.
     with prepared_cursor() if len(tasks) == 1 else connection.cursor() as cursor:
         cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
             *params, P, actor, timezone.now(),
-            P, tenant_ids, [limits[t] for t in tenant_ids],
+            tenant_ids, P, tenant_ids, [limits[t] for t in tenant_ids], [wanted.get(t, 0) for t in tenant_ids],
         ])
         rows = cursor.fetchall()
     ids = [task_id for task_id, _, _ in rows if task_id is not None]

@@ -422,6 +422,41 @@ class Allocation(models.Model):
         return self.released_at is None
 
 
+class PendingBound(models.Model):
+    """An upper bound on a tenant's pending tasks, so that a submit checks the pending limit
+    without counting the queue while the bound leaves room (``lifecycle.submit_many``).
+
+    The bound is ``bound`` plus the tenant's ``PendingBoundRaise`` rows. Both are kept by the
+    database (scheduling migration 0015): a row at 0 is made with each tenant, and every task
+    inserted pending or moved (back) to pending adds a raise in the same transaction, whoever
+    writes it (the API, a pass's preemptions, the sweep, an agent's report, the admin, raw
+    SQL). Nothing lowers the bound when a task leaves the queue. Only submits, which hold the
+    tenant's quota row, write ``bound``: each folds the raises it sees into it, and one whose
+    bound would pass the limit counts the pending tasks and sets the bound to that count.
+    So a move into the queue only ever inserts a row and never waits for (or deadlocks with)
+    a submit or another move. A tenant without a row is always counted.
+    """
+
+    # The database's own key deletes the row with its tenant, however the tenant is deleted
+    # (scheduling migration 0015: ON DELETE CASCADE, which Django cannot declare).
+    tenant = models.OneToOneField("tenants.Tenant", on_delete=models.CASCADE, primary_key=True, related_name="+",
+                                  db_constraint=False)
+    bound = models.PositiveIntegerField()
+
+    def __str__(self) -> str:
+        return f"tenant {self.tenant_id}: at most {self.bound} pending, with its raises"
+
+
+class PendingBoundRaise(models.Model):
+    """``n`` more tasks entered a tenant's queue: part of its ``PendingBound`` until a submit folds it in."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+", db_constraint=False)
+    n = models.PositiveIntegerField()
+
+    def __str__(self) -> str:
+        return f"tenant {self.tenant_id}: +{self.n} pending"
+
+
 class TaskEvent(models.Model):
     """One state change of a task: from, to, who or what did it, why, when."""
 
