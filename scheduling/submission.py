@@ -9,8 +9,9 @@ command and texts, env and labels, gang, memory and sharing, timeout, the quota'
 rules, reservation, dependency, array); the fields, their limits and defaults are
 declared once in ``scheduling.task_fields``. ``create_tasks`` writes a batch atomically: the
 tenants' quota rows are locked (stable order), then one statement inserts the
-tasks and their "submitted" events and counts the pending tasks the limit is
-checked against; the scheduler is woken after commit.
+tasks and their "submitted" events and reads the tenant's pending count for the
+limit (a bound the database keeps while it leaves room, else a count:
+``models.PendingBound``); the scheduler is woken after commit.
 """
 
 from __future__ import annotations
@@ -618,8 +619,8 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
                                   pending_reason="waiting for the scheduler", array=array, array_index=i, env=env,
                                   **values), spec))
         tasks = [task for task, _spec in rows]
-        # Counted by the same statement that inserts, which starts after the lock above
-        # is held: it sees every task committed by an earlier holder, and not its own.
+        # Read (bound or count) by the same statement that inserts, which starts after the lock
+        # above is held: it sees every task committed by an earlier holder, and not its own.
         pending = lifecycle.submit_many(tasks, actor=actor, limits=limits, fan=fan)
         for tenant_id, limit in sorted(limits.items()):
             if pending[tenant_id] + wanted[tenant_id] > limit:
