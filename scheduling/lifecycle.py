@@ -17,6 +17,7 @@ transitions (``batch()``): a pass that places thousands of tasks pushes once.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -519,15 +520,13 @@ def submit_many(tasks: list[Task], *, actor: str, limits: dict[int, int], fan: F
         raise IllegalTransition(f"{Move.SUBMIT} makes pending tasks only")
     insert, params = _task_insert(tasks)
     tenant_ids = sorted(limits)
-    wanted: dict[int, int] = {}
-    for task in tasks:
-        wanted[task.tenant_id] = wanted.get(task.tenant_id, 0) + 1
+    wanted = Counter(task.tenant_id for task in tasks)
     # One task's statement is the same text every time: prepared. A batch's grows with its size,
     # and each size kept prepared would hold another large plan on the server: bound as Django binds.
     with prepared_cursor() if len(tasks) == 1 else connection.cursor() as cursor:
         cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
             *params, P, actor, timezone.now(),
-            tenant_ids, P, tenant_ids, [limits[t] for t in tenant_ids], [wanted.get(t, 0) for t in tenant_ids],
+            tenant_ids, P, tenant_ids, [limits[t] for t in tenant_ids], [wanted[t] for t in tenant_ids],
         ])
         rows = cursor.fetchall()
     ids = [task_id for task_id, _, _ in rows if task_id is not None]
