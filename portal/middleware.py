@@ -23,8 +23,12 @@ RETRY_AFTER_S = 5
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
+def _is_api(request: HttpRequest) -> bool:
+    return request.path.startswith("/api/")
+
+
 def _wants_json(request: HttpRequest) -> bool:
-    return request.path.startswith("/api/") or "application/json" in request.headers.get("Accept", "")
+    return _is_api(request) or "application/json" in request.headers.get("Accept", "")
 
 
 def bad_request(request: HttpRequest, field: str, message: str) -> HttpResponse:
@@ -69,7 +73,7 @@ class PageMessages(MessageMiddleware):
     submit's instructions (callgrind). The response side already skips a request without it."""
 
     def process_request(self, request: HttpRequest) -> None:
-        if not request.path.startswith("/api/"):
+        if not _is_api(request):
             super().process_request(request)
 
 
