@@ -239,21 +239,34 @@ def drive(port: int, tokens: list[tuple[str, str]], make_body, path: str,
     return latencies, sum(e for _, e, _, _ in results), seconds, sum(c for _, _, _, c in results)
 
 
+def _cpu_of(processes) -> float:
+    """CPU time (user + system) the given processes have used so far; one that ended
+    meanwhile, or is not ours to read, counts nothing."""
+    import psutil
+
+    total = 0.0
+    for proc in processes:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def cpu_seconds(procs: list[subprocess.Popen]) -> float:
     """CPU time (user + system) the web processes have used so far: a figure that
     does not depend on how busy the rest of the machine is."""
     import psutil
 
-    total = 0.0
+    tree = []
     for p in procs:
         try:
             parent = psutil.Process(p.pid)
-            for proc in (parent, *parent.children(recursive=True)):  # a server's worker processes too
-                t = proc.cpu_times()
-                total += t.user + t.system
+            tree += [parent, *parent.children(recursive=True)]  # a server's worker processes too
         except psutil.NoSuchProcess:
             pass
-    return total
+    return _cpu_of(tree)
 
 
 def database_cpu_seconds() -> float | None:
@@ -261,16 +274,8 @@ def database_cpu_seconds() -> float | None:
     background workers alike; None when none is visible (DATABASE_URL on another machine)."""
     import psutil
 
-    total, seen = 0.0, False
-    for proc in psutil.process_iter(["name"]):
-        if (proc.info["name"] or "").startswith("postgres"):
-            try:
-                t = proc.cpu_times()
-            except psutil.Error:  # ended meanwhile (a backend), or not ours to read
-                continue
-            total += t.user + t.system
-            seen = True
-    return total if seen else None
+    postgres = [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("postgres")]
+    return _cpu_of(postgres) if postgres else None
 
 
 def pct(values: list[float], q: float) -> float:
@@ -320,7 +325,8 @@ def main() -> None:
         client_cpu_ms = client_cpu * 1000 / max(len(lat), 1)
         from scheduling.models import Task
 
-        # Each submit counts its tenant's pending tasks against the limit: that grows with the queue.
+        # The queue's depth: a submit counts its tenant's pending tasks only near its limit
+        # (scheduling.models.PendingBound), but whatever reads the queue reads this many.
         queued = Task.objects.filter(tenant__slug__startswith=PREFIX, status="pending").count() // TENANTS
         submits_per_s = len(lat) / secs
         print(f"single submits: {len(lat)} in {secs:.0f} s = {submits_per_s:.0f}/s over {args.connections} "
