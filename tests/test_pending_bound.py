@@ -48,12 +48,9 @@ def test_a_new_tenant_starts_at_zero_and_every_task_entering_the_queue_raises_it
     tasks = _submit(alice, 2)
     assert _bound(acme) == 2
     # Written by anyone, not only the API: a row inserted by hand counts the same.
-    _raw("INSERT INTO scheduling_task (tenant_id, name, command, env, working_dir, gpu_count, share_mode, model_name,"
-         " priority, workload_class, timeout_s, node_selector, gpu_model, status, pending_reason, failure_reason, oom,"
-         " attempt, max_retries, created_at, updated_at, master_addr, nodes, topology_key) SELECT tenant_id, name,"
-         " command, env, working_dir, gpu_count, share_mode, model_name, priority, workload_class, timeout_s,"
-         " node_selector, gpu_model, status, pending_reason, failure_reason, oom, attempt, max_retries, created_at,"
-         " updated_at, master_addr, nodes, topology_key FROM scheduling_task WHERE id = %s", [tasks[0].pk])
+    columns = ", ".join(f.column for f in Task._meta.concrete_fields if not f.primary_key)
+    _raw(f"INSERT INTO scheduling_task ({columns}) SELECT {columns} FROM scheduling_task WHERE id = %s",  # noqa: S608
+         [tasks[0].pk])
     Task.objects.create(tenant=acme, name="done", command="true", status=TaskStatus.SUCCEEDED)
     assert _bound(acme) == 3 == _pending(acme)
 
