@@ -111,8 +111,10 @@ SPECS: tuple[TaskField, ...] = (
               "whole servers (a gang).", min_value=1, default=1, pending=Pending("gpu_count")),
     TaskField("gpu_memory_mb", INTEGER, "Per GPU; at most the largest GPU minus the safety margin.", min_value=1,
               nullable=True,
-              # No memory given: the model's remembered estimate (scheduling.passes joins it as ``e``).
-              pending=Pending("memory_mb", sql="coalesce(t.gpu_memory_mb, e.memory_mb)")),
+              # No memory given: the model's remembered estimate (scheduling.passes._PENDING_SQL).
+              pending=Pending("memory_mb", sql="coalesce(t.gpu_memory_mb, (SELECT e.memory_mb FROM "
+                                              "scheduling_modelmemoryestimate e WHERE t.model_name <> '' "
+                                              "AND e.model_name = t.model_name))")),
     TaskField("share_mode", CHOICE, choices=ShareMode.choices, default=ShareMode.EXCLUSIVE,
               pending=Pending("exclusive", sql=f"t.share_mode <> '{ShareMode.SHARED}'",
                               from_value=lambda mode: mode != ShareMode.SHARED)),

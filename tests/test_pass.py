@@ -283,15 +283,47 @@ def test_a_busy_gpu_is_never_shown_as_idle(acme, servers):
 
 def test_the_snapshot_reads_leave_the_planner_settings_as_they_found_them(acme, servers):
     """The reads turn nested loops off for themselves only (stale statistics after a burst
-    made the planner pick quadratic nested loops); the pass's writes plan normally."""
+    made the planner pick quadratic nested loops), and sorting off for the queue's read only
+    (it reads the queue's index); the pass's writes plan normally."""
     from django.db import connection, transaction
 
     from scheduling.passes import load_snapshot
 
     with transaction.atomic(), connection.cursor() as cursor:
         load_snapshot(timezone.now())
-        cursor.execute("SELECT current_setting('enable_nestloop')")
-        assert cursor.fetchone() == ("on",)
+        cursor.execute("SELECT current_setting('enable_nestloop'), current_setting('enable_sort')")
+        assert cursor.fetchone() == ("on", "on")
+
+
+def test_the_queue_is_read_in_its_index_order_without_a_sort(acme, servers):
+    """Even where every task is pending, when a scan and a sort look cheaper to the planner:
+    the plans of the snapshot's reads, as PostgreSQL ran them (auto_explain, sent back as notices)."""
+    from django.db import connection, transaction
+
+    from scheduling.passes import load_snapshot
+
+    tasks = [submit(acme, f"q{i}", priority=i % 4) for i in range(30)]
+    plans: list[str] = []
+
+    def keep(notice) -> None:
+        plans.append(notice.message_primary)
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("ANALYZE scheduling_task")
+        cursor.execute("LOAD 'auto_explain'")
+        cursor.execute("SET LOCAL auto_explain.log_min_duration = 0")
+        cursor.execute("SET LOCAL auto_explain.log_level = 'notice'")
+        cursor.execute("SET LOCAL client_min_messages = 'notice'")
+        connection.connection.add_notice_handler(keep)
+        try:
+            snapshot = load_snapshot(timezone.now()).snapshot
+        finally:
+            connection.connection.remove_notice_handler(keep)
+    queue_reads = [plan for plan in plans if "task_pending_queue_idx" in plan]
+    assert len(queue_reads) == 1, plans
+    assert "Sort" not in queue_reads[0]
+    # Highest priority first, then oldest first.
+    assert [t.id for t in snapshot.pending] == [t.pk for p in (3, 2, 1, 0) for t in tasks if t.priority == p]
 
 
 def test_a_task_no_idle_gpu_can_hold_is_told_so_instead_of_waiting(acme, servers):
