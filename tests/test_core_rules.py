@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scheduling.placement import schedule
 from scheduling.placement.scoring import static_score_steady
@@ -258,6 +260,23 @@ def test_an_idle_score_holds_between_minute_boundaries():
     assert idle_steady(gpu(1, 0, idle_s=30), NOW) == (None, NOW + timedelta(seconds=30))
     assert idle_steady(gpu(1, 0, idle_s=3600), NOW) == (NOW, None)
     assert idle_steady(gpu(1, 0, idle_s=None), NOW) == (None, None)
+
+
+@given(util=st.integers(-50, 150), temp=st.integers(-50, 150),
+       idle_us=st.none() | st.integers(-10**10, 10**10) | st.integers(3_599_999_990, 3_600_000_010))
+def test_the_static_score_is_the_documented_formula_and_holds_between_its_bounds(util, temp, idle_us):
+    g = gpu(1, 0, util=util, temp=temp, idle_s=None)
+    g.idle_since = None if idle_us is None else NOW - timedelta(microseconds=idle_us)
+    minutes = 0 if idle_us is None or idle_us <= 0 else min(idle_us // 60_000_000, 60)
+    clamp = lambda value: min(max(value, 0), 100) / 100.0  # noqa: E731
+    score, lo, hi = static_score_steady(g, NOW)
+    assert score == 30.0 * (1.0 - clamp(util)) + 20.0 * (1.0 - clamp(temp)) + 10.0 * minutes / 60
+    if idle_us is None:
+        assert (lo, hi) == (None, None)
+        return
+    assert lo is None or (lo <= NOW and static_score(g, lo) == score > static_score(g, lo - timedelta(microseconds=1)))
+    assert hi is None or (hi > NOW and static_score(g, hi - timedelta(microseconds=1)) == score < static_score(g, hi))
+    assert (lo is None) == (minutes == 0) and (hi is None) == (minutes == 60)
 
 
 def test_the_input_snapshot_is_not_modified():
