@@ -18,6 +18,8 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from kernel.prepared import preparing_cursor
+
 
 class Pipelined:
     """``send`` statements, then ``fetchall`` the rows of those whose answers are wanted (or
@@ -29,12 +31,18 @@ class Pipelined:
         self._pipeline: ExitStack | None = None
         self._cursors: list[Any] = []
 
-    def send(self, sql: str, params: Any = None) -> Any:
+    def send(self, sql: str, params: Any = None, *, prepare: bool = False) -> Any:
+        """Send ``sql``; with ``prepare``, as a statement prepared once per connection
+        (``kernel.prepared``: the same rules, and the same fallback to Django's cursor)."""
         if self._pipeline is None and not self.db.execute_wrappers:
             self.db.ensure_connection()
             self._pipeline = ExitStack()
             self._pipeline.enter_context(self.db.connection.pipeline())
-        cursor = self.db.cursor()
+        if prepare:
+            self.db.ensure_connection()
+            cursor = preparing_cursor(self.db)
+        else:
+            cursor = self.db.cursor()
         cursor.execute(sql, params)
         self._cursors.append(cursor)
         return cursor

@@ -1,4 +1,5 @@
-"""Prepared statements for the hand-written statements that every submit and heartbeat runs.
+"""Prepared statements for the hand-written statements that every submit and heartbeat runs,
+and for the batches in which a pass writes its placements (``kernel.pipelined``).
 
 Django's PostgreSQL backend binds parameters on the client: each statement reaches the
 server as new text, which PostgreSQL parses and plans afresh. For a submit that was most
@@ -49,11 +50,16 @@ def prepared_cursor() -> Iterator:
     db = connections[DEFAULT_DB_ALIAS]  # the wrapper, once: each read of the proxy is a thread-local lookup
     db.close_if_health_check_failed()
     db.ensure_connection()
+    with preparing_cursor(db) as cursor:
+        yield cursor
+
+
+def preparing_cursor(db):
+    """``db``'s cursor (connected already) whose statements are prepared, wrapped as
+    ``db.cursor()`` wraps its own; ``db.cursor()`` itself where statements are not prepared."""
     if db.connection.prepare_threshold is None or db.execute_wrappers:
         # DB_PREPARED_STATEMENTS=false, or a wrapper may rewrite the statement.
-        with db.cursor() as cursor:
-            yield cursor
-        return
+        return db.cursor()
     # The preparing cursor wrapped as ``connection.cursor()`` wraps its own (``_cursor()``:
     # ``_prepare_cursor`` picks the debug wrapper when queries are logged), instead of making
     # Django's cursor and swapping its psycopg cursor out: a second psycopg cursor made and
@@ -61,5 +67,4 @@ def prepared_cursor() -> Iterator:
     # 91 µs), and a submit runs five of them.
     with db.wrap_database_errors:
         raw = _PreparingCursor(db.connection)
-    with db._prepare_cursor(raw) as cursor:
-        yield cursor
+    return db._prepare_cursor(raw)

@@ -1,6 +1,6 @@
 """A pass writes the placements its core has decided while the core decides the next ones
-(scheduling.lifecycle.PlacementStream): what it writes, what it leaves to the plan, and
-that the transaction's foreign-key checks are deferred again afterwards."""
+(scheduling.lifecycle.PlacementStream): what it writes, what it leaves to the plan, how its
+batches are planned, and that the transaction's settings are put back afterwards."""
 
 from __future__ import annotations
 
@@ -64,6 +64,40 @@ def test_after_the_stream_the_transactions_foreign_key_checks_are_deferred_again
         with pytest.raises(IntegrityError), transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
         transaction.set_rollback(True)
+
+
+def test_the_batches_are_one_prepared_statement_planned_generically_and_the_mode_is_put_back(
+        acme, servers, monkeypatch):
+    monkeypatch.setattr(passes, "STREAM_FIRST_BATCH", 1)
+    monkeypatch.setattr(passes, "STREAM_BATCH", 2)
+    for i in range(5):
+        _submit(acme, f"job-{i}", gpu_count=1)
+    with connection.cursor() as cursor:
+        # Transaction-local, as the stream's own setting: it would outlive the pass's savepoint.
+        cursor.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+
+    assert run_pass().placements == 5
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('plan_cache_mode')")
+        assert cursor.fetchone() == ("force_custom_plan",)
+        cursor.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                       "WHERE statement LIKE %s", ["%WITH placed AS%"])
+        assert cursor.fetchall() == [(3, 0)]  # batches of 1, 2 and 2
+
+
+def test_without_prepared_statements_the_batches_are_bound_on_the_client(acme, servers, monkeypatch):
+    """DB_PREPARED_STATEMENTS=false (PgBouncer in transaction mode before 1.21)."""
+    for i in range(3):
+        _submit(acme, f"job-{i}", gpu_count=1)
+    connection.ensure_connection()
+    monkeypatch.setattr(connection.connection, "prepare_threshold", None)
+
+    assert run_pass().placements == 3
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", ["%WITH placed AS%"])
+        assert cursor.fetchone() == (0,)
 
 
 def test_a_gang_is_left_to_the_plan_and_placed_with_its_ranks(acme, servers, settings):

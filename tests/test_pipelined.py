@@ -49,3 +49,33 @@ def test_under_an_execute_wrapper_the_statements_run_one_by_one(db):
         assert cursor.fetchall() == [(7,)]  # answered already
         pipelined.close()
     assert seen == ["SELECT %s::int"]
+
+
+def test_a_statement_sent_to_be_prepared_is_prepared_once_for_the_connection(db):
+    for value in (1, 2):
+        pipelined = Pipelined()
+        cursor = pipelined.send("SELECT %s::int * 10 AS pipelined_prepared", [value], prepare=True)
+        assert pipelined.fetchall(cursor) == [[(value * 10,)]]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+                       ["%pipelined_prepared%"])
+        assert cursor.fetchone() == (1,)
+
+
+def test_under_an_execute_wrapper_a_statement_to_prepare_runs_as_djangos_own(db):
+    seen: list[str] = []
+
+    def wrapper(execute, sql, params, many, context):
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(wrapper):
+        pipelined = Pipelined()
+        cursor = pipelined.send("SELECT %s::int AS wrapped_not_prepared", [7], prepare=True)
+        assert cursor.fetchall() == [(7,)]
+        pipelined.close()
+    assert seen == ["SELECT %s::int AS wrapped_not_prepared"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+                       ["%wrapped_not_prepared%"])
+        assert cursor.fetchone() == (0,)
