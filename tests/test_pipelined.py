@@ -35,7 +35,8 @@ def test_an_error_in_any_statement_is_raised_by_the_wait_as_djangos(db):
         assert cursor.fetchone() == (2,)
 
 
-def test_under_an_execute_wrapper_the_statements_run_one_by_one(db):
+@pytest.mark.parametrize("prepare", [False, True])
+def test_under_an_execute_wrapper_the_statements_run_one_by_one_unprepared(db, prepare):
     seen: list[str] = []
 
     def wrapper(execute, sql, params, many, context):
@@ -44,11 +45,14 @@ def test_under_an_execute_wrapper_the_statements_run_one_by_one(db):
 
     with connection.execute_wrapper(wrapper):
         pipelined = Pipelined()
-        cursor = pipelined.send("SELECT %s::int", [7])
+        cursor = pipelined.send("SELECT %s::int AS under_a_wrapper", [7], prepare=prepare)
         assert not _in_pipeline_mode()
         assert cursor.fetchall() == [(7,)]  # answered already
         pipelined.close()
-    assert seen == ["SELECT %s::int"]
+    assert seen == ["SELECT %s::int AS under_a_wrapper"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", ["%under_a_wrapper%"])
+        assert cursor.fetchone() == (0,)
 
 
 def test_a_statement_sent_to_be_prepared_is_prepared_once_for_the_connection(db):
@@ -61,21 +65,3 @@ def test_a_statement_sent_to_be_prepared_is_prepared_once_for_the_connection(db)
                        ["%pipelined_prepared%"])
         assert cursor.fetchone() == (1,)
 
-
-def test_under_an_execute_wrapper_a_statement_to_prepare_runs_as_djangos_own(db):
-    seen: list[str] = []
-
-    def wrapper(execute, sql, params, many, context):
-        seen.append(sql)
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(wrapper):
-        pipelined = Pipelined()
-        cursor = pipelined.send("SELECT %s::int AS wrapped_not_prepared", [7], prepare=True)
-        assert cursor.fetchall() == [(7,)]
-        pipelined.close()
-    assert seen == ["SELECT %s::int AS wrapped_not_prepared"]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
-                       ["%wrapped_not_prepared%"])
-        assert cursor.fetchone() == (0,)
