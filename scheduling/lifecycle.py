@@ -691,9 +691,9 @@ class PlacementStream:
         pipelined, self._pipelined = self._pipelined, None
         if pipelined is None:
             return
-        (mode,), *batches = pipelined.fetchall(self._plan_mode, *self._batches)
+        [(mode,)], *batches = pipelined.fetchall(self._plan_mode, *self._batches)
         taken = {row[0] for rows in batches for row in rows}
         with connection.cursor() as cursor:
             cursor.execute("SET CONSTRAINTS ALL DEFERRED")
-            cursor.execute(_PLAN_MODE, mode)
+            cursor.execute(_PLAN_MODE, [mode])
         self.taken = _placed(self.sent, taken, self.fan)
