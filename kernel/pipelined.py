@@ -34,15 +34,11 @@ class Pipelined:
     def send(self, sql: str, params: Any = None, *, prepare: bool = False) -> Any:
         """Send ``sql``; with ``prepare``, as a statement prepared once per connection
         (``kernel.prepared``: the same rules, and the same fallback to Django's cursor)."""
+        self.db.ensure_connection()
         if self._pipeline is None and not self.db.execute_wrappers:
-            self.db.ensure_connection()
             self._pipeline = ExitStack()
             self._pipeline.enter_context(self.db.connection.pipeline())
-        if prepare:
-            self.db.ensure_connection()
-            cursor = preparing_cursor(self.db)
-        else:
-            cursor = self.db.cursor()
+        cursor = preparing_cursor(self.db) if prepare else self.db.cursor()
         cursor.execute(sql, params)
         self._cursors.append(cursor)
         return cursor
