@@ -643,15 +643,25 @@ def _placed(placing: list[Placing], taken: set[int], fan: FanOut) -> list[Placin
 # a pass from empty (807 placements), written inside a rolled-back transaction, 16 times each,
 # alternating: 111.1 ms bound on the client, 104.7 ms prepared, 234.6 ms planned for the values
 # (measured on a slow day: the pass took about three times its usual time).
-_GENERIC_PLANS = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true)"
-_PLAN_MODE = "SELECT set_config('plan_cache_mode', %s, true)"
+#
+# The stream's settings, transaction-local, sent through the pipeline with its batches: the
+# mode it found is kept in a setting of our own, so that putting it back needs no answer first.
+_STREAM_OPENS = (
+    "SET CONSTRAINTS ALL IMMEDIATE",
+    "SELECT set_config('gpu_portal.plan_cache_mode', current_setting('plan_cache_mode'), true)",
+    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true)",
+)
+_STREAM_CLOSES = (
+    "SET CONSTRAINTS ALL DEFERRED",
+    "SELECT set_config('plan_cache_mode', current_setting('gpu_portal.plan_cache_mode'), true)",
+)
 
 
 class PlacementStream:
     """``place_many`` in batches sent while the caller goes on working: a pass writes the
     placements its core has decided while the core decides the next ones.
 
-    Each batch is ``place_many``'s statement, prepared (``_GENERIC_PLANS``) and sent through
+    Each batch is ``place_many``'s statement, prepared (``_STREAM_OPENS``) and sent through
     psycopg's pipeline mode (``kernel.pipelined``) without waiting for its answer, and the
     transaction's foreign-key checks are immediate while the stream is open: PostgreSQL writes
     and checks one batch while Python decides the next. ``close`` waits for every batch, makes
@@ -670,7 +680,6 @@ class PlacementStream:
         self.sent: list[Placing] = []
         self.taken: list[Placing] = []  # by close()
         self._pipelined: Pipelined | None = None
-        self._plan_mode: Any = None  # the cursor answering the plan cache mode as it was
         self._batches: list[Any] = []  # each batch's cursor
 
     def send(self, placing: list[Placing]) -> None:
@@ -680,9 +689,8 @@ class PlacementStream:
             raise ValueError("a gang's ranks are written after its placement: use place_many")
         if self._pipelined is None:
             self._pipelined = Pipelined()
-            self._pipelined.send("SET CONSTRAINTS ALL IMMEDIATE")
-            self._plan_mode = self._pipelined.send("SELECT current_setting('plan_cache_mode')")
-            self._pipelined.send(_GENERIC_PLANS)
+            for statement in _STREAM_OPENS:
+                self._pipelined.send(statement)
         self._batches.append(self._pipelined.send(
             _PLACE_SQL, _place_params(placing, actor=self.actor, now=self.now), prepare=True))
         self.sent.extend(placing)
@@ -691,9 +699,7 @@ class PlacementStream:
         pipelined, self._pipelined = self._pipelined, None
         if pipelined is None:
             return
-        [(mode,)], *batches = pipelined.fetchall(self._plan_mode, *self._batches)
-        taken = {row[0] for rows in batches for row in rows}
-        with connection.cursor() as cursor:
-            cursor.execute("SET CONSTRAINTS ALL DEFERRED")
-            cursor.execute(_PLAN_MODE, [mode])
+        for statement in _STREAM_CLOSES:  # they run after every batch: one wait for all
+            pipelined.send(statement)
+        taken = {row[0] for rows in pipelined.fetchall(*self._batches) for row in rows}
         self.taken = _placed(self.sent, taken, self.fan)
