@@ -26,6 +26,14 @@ def _place_statements(queries) -> int:
     return sum(1 for q in queries if q["sql"].lstrip().startswith("WITH placed AS"))
 
 
+def _prepared_place_statements() -> list[tuple[int, int]]:
+    """(generic plans, custom plans) of each placement statement this connection prepared."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+                       ["%WITH placed AS%"])
+        return cursor.fetchall()
+
+
 def test_a_pass_writes_its_placements_in_batches_while_the_core_decides(acme, servers, monkeypatch):
     monkeypatch.setattr(passes, "STREAM_FIRST_BATCH", 1)
     monkeypatch.setattr(passes, "STREAM_BATCH", 3)
@@ -81,9 +89,7 @@ def test_the_batches_are_one_prepared_statement_planned_generically_and_the_mode
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_setting('plan_cache_mode')")
         assert cursor.fetchone() == ("force_custom_plan",)
-        cursor.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-                       "WHERE statement LIKE %s", ["%WITH placed AS%"])
-        assert cursor.fetchall() == [(3, 0)]  # batches of 1, 2 and 2
+    assert _prepared_place_statements() == [(3, 0)]  # batches of 1, 2 and 2
 
 
 def test_without_prepared_statements_the_batches_are_bound_on_the_client(acme, servers, monkeypatch):
@@ -94,10 +100,7 @@ def test_without_prepared_statements_the_batches_are_bound_on_the_client(acme, s
     monkeypatch.setattr(connection.connection, "prepare_threshold", None)
 
     assert run_pass().placements == 3
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", ["%WITH placed AS%"])
-        assert cursor.fetchone() == (0,)
+    assert _prepared_place_statements() == []
 
 
 def test_a_gang_is_left_to_the_plan_and_placed_with_its_ranks(acme, servers, settings):

@@ -14,6 +14,13 @@ def _in_pipeline_mode() -> bool:
     return connection.connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
 
 
+def _prepared(marker: str) -> int:
+    """How many statements containing ``marker`` this connection has prepared."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", [f"%{marker}%"])
+        return cursor.fetchone()[0]
+
+
 def test_statements_sent_through_the_pipeline_answer_after_the_wait(db):
     pipelined = Pipelined()
     first = pipelined.send("SELECT %s::int + 1", [41])
@@ -50,9 +57,7 @@ def test_under_an_execute_wrapper_the_statements_run_one_by_one_unprepared(db, p
         assert cursor.fetchall() == [(7,)]  # answered already
         pipelined.close()
     assert seen == ["SELECT %s::int AS under_a_wrapper"]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s", ["%under_a_wrapper%"])
-        assert cursor.fetchone() == (0,)
+    assert _prepared("under_a_wrapper") == 0
 
 
 def test_a_statement_sent_to_be_prepared_is_prepared_once_for_the_connection(db):
@@ -60,8 +65,5 @@ def test_a_statement_sent_to_be_prepared_is_prepared_once_for_the_connection(db)
         pipelined = Pipelined()
         cursor = pipelined.send("SELECT %s::int * 10 AS pipelined_prepared", [value], prepare=True)
         assert pipelined.fetchall(cursor) == [[(value * 10,)]]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
-                       ["%pipelined_prepared%"])
-        assert cursor.fetchone() == (1,)
+    assert _prepared("pipelined_prepared") == 1
 
