@@ -695,6 +695,16 @@ class PlacementStream:
             _PLACE_SQL, _place_params(placing, actor=self.actor, now=self.now), prepare=True))
         self.sent.extend(placing)
 
+    def run_after(self, sql: str, params: Any) -> None:
+        """Run one more statement after the batches sent so far: in their pipeline, so that
+        ``close`` waits for it with them (its error is raised there), or at once where no
+        batch was sent. Its transaction-local settings are the stream's."""
+        if self._pipelined is None:
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+            return
+        self._pipelined.send(sql, params)
+
     def close(self) -> None:
         pipelined, self._pipelined = self._pipelined, None
         if pipelined is None:

@@ -574,35 +574,37 @@ def _apply(loaded: _Loaded, plan: Plan, *, actor: str, now: datetime, result: Pa
     result.placed_task_ids = [p.task_id for p in placements]
     result.placements = len(placements)
 
-    with connection.cursor() as cursor:
-        # A GPU never seen idle starts its idle clock here, once; afterwards releasing a GPU's
-        # last allocation restarts it (Task.release_allocations), and the snapshot shows busy
-        # GPUs as not idle, so placing never has to write GPU rows.
-        placed_gpus = {g for p in placements for g in p.gpu_ids}
-        never_idle = [g for g in loaded.never_idle if g not in placed_gpus]
-        if never_idle:
+    # A GPU never seen idle starts its idle clock here, once; afterwards releasing a GPU's
+    # last allocation restarts it (Task.release_allocations), and the snapshot shows busy
+    # GPUs as not idle, so placing never has to write GPU rows.
+    placed_gpus = {g for p in placements for g in p.gpu_ids}
+    never_idle = [g for g in loaded.never_idle if g not in placed_gpus]
+    if never_idle:
+        with connection.cursor() as cursor:
             cursor.execute(_SET_IDLE_SINCE_SQL, [now, pgarrays.ints(never_idle)])
+    result.pending = len(plan.pending)
 
-        # Reasons and positions, written only where they changed.
-        placed_ids = set(result.placed_task_ids)
-        u_id, u_reason, u_pos = [], [], []
-        for task_id, info in plan.pending.items():
-            stored = loaded.stored_pending.get(task_id)
-            if stored is None or task_id in placed_ids:
-                continue
-            # Waiting will not help such a task: say so first, or users read it as "in the queue".
-            reason = (f"can never fit on the active servers: {info.reason}" if info.never_fits else info.reason)[:500]
-            if stored != (reason, info.position):
-                u_id.append(task_id)
-                u_reason.append(reason)
-                u_pos.append(info.position)
-                if stored[0] != reason:
-                    fan.task_changed(loaded.tenant_of[task_id], task_id)
-        if u_id:
-            cursor.execute(_UPDATE_PENDING_SQL,
-                           [pgarrays.ints(u_id), pgarrays.texts(u_reason), pgarrays.ints(u_pos),
-                            TaskStatus.PENDING])
-        result.pending = len(plan.pending)
+
+def _pending_changes(loaded: _Loaded, plan: Plan, fan: lifecycle.FanOut) -> list | None:
+    """``_UPDATE_PENDING_SQL``'s parameters for the waiting tasks whose reason or position
+    changed (None where none did); their pages are told of a new reason."""
+    placed = {p.task_id for p in plan.placements}
+    u_id, u_reason, u_pos = [], [], []
+    for task_id, info in plan.pending.items():
+        stored = loaded.stored_pending.get(task_id)
+        if stored is None or task_id in placed:
+            continue
+        # Waiting will not help such a task: say so first, or users read it as "in the queue".
+        reason = (f"can never fit on the active servers: {info.reason}" if info.never_fits else info.reason)[:500]
+        if stored != (reason, info.position):
+            u_id.append(task_id)
+            u_reason.append(reason)
+            u_pos.append(info.position)
+            if stored[0] != reason:
+                fan.task_changed(loaded.tenant_of[task_id], task_id)
+    if not u_id:
+        return None
+    return [pgarrays.ints(u_id), pgarrays.texts(u_reason), pgarrays.ints(u_pos), TaskStatus.PENDING]
 
 
 def _default_schedule() -> Schedule:
@@ -707,12 +709,17 @@ def _run_pass_transaction(decide, actor: str, result: PassResult, committed: lis
                 result.core_s = time.perf_counter() - core_started
                 if streamer:
                     streamer.flush()
+                position = len(plan.pending)
+                for task_id, reason in held.items():
+                    position += 1
+                    plan.pending[task_id] = PendingInfo(reason=reason, position=position)
+                # The waiting tasks' reasons and positions follow the last batch: worked out
+                # while PostgreSQL still writes the placements, and waited for with them.
+                changes = _pending_changes(loaded, plan, fan)
+                if changes:
+                    written.run_after(_UPDATE_PENDING_SQL, changes)
             finally:
                 written.close()  # waits for what was sent (nothing, unless streaming)
-            position = len(plan.pending)
-            for task_id, reason in held.items():
-                position += 1
-                plan.pending[task_id] = PendingInfo(reason=reason, position=position)
             _apply(loaded, plan, actor=actor, now=now, result=result, fan=fan, written=written)
 
 

@@ -11,6 +11,7 @@ from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from kernel.pipelined import Pipelined
 from scheduling import lifecycle, passes
 from scheduling.choices import TaskStatus
 from scheduling.models import Allocation, Task, TaskEvent
@@ -151,3 +152,70 @@ def test_a_batch_the_database_refuses_fails_the_stream_with_djangos_error(acme, 
     other.refresh_from_db()
     assert other.status == TaskStatus.PENDING
     assert not Allocation.objects.filter(task=other).exists()
+
+
+def test_a_statement_run_after_the_batches_sees_them_and_is_waited_for_with_them(acme, servers):
+    gpu = servers[0].gpus.get(index=0)
+    task = _submit(acme, "job")
+
+    with lifecycle.batch() as fan:
+        stream = lifecycle.PlacementStream(actor="test", now=timezone.now(), fan=fan)
+        stream.send([_placing(task, gpu)])
+        stream.run_after("UPDATE scheduling_task SET pending_reason = 'after' WHERE id = %s AND status = %s",
+                         [task.pk, TaskStatus.ASSIGNED])
+        stream.close()
+
+    task.refresh_from_db()
+    assert task.pending_reason == "after"  # it ran after the batch had assigned the task
+
+
+def test_a_statement_run_after_no_batch_runs_at_once(acme, servers):
+    task = _submit(acme, "job")
+
+    with lifecycle.batch() as fan:
+        stream = lifecycle.PlacementStream(actor="test", now=timezone.now(), fan=fan)
+        stream.run_after("UPDATE scheduling_task SET pending_reason = 'now' WHERE id = %s", [task.pk])
+        task.refresh_from_db()
+        assert task.pending_reason == "now"
+        stream.close()
+
+
+def test_a_statement_run_after_the_batches_that_fails_fails_the_stream_at_close(acme, servers):
+    gpu = servers[0].gpus.get(index=0)
+    task = _submit(acme, "job")
+
+    with (pytest.raises(IntegrityError, match="queue_position"), transaction.atomic(), lifecycle.batch() as fan):
+        stream = lifecycle.PlacementStream(actor="test", now=timezone.now(), fan=fan)
+        stream.send([_placing(task, gpu)])
+        stream.run_after("UPDATE scheduling_task SET queue_position = -1 WHERE id = %s", [task.pk])
+        stream.close()
+
+    task.refresh_from_db()
+    assert task.status == TaskStatus.PENDING and task.queue_position is None
+
+
+def test_the_waiting_tasks_reasons_go_through_the_streams_pipeline_after_the_last_batch(
+        acme, servers, monkeypatch):
+    monkeypatch.setattr(passes, "STREAM_FIRST_BATCH", 1)
+    sent: list[str] = []
+    send = Pipelined.send
+    monkeypatch.setattr(Pipelined, "send",
+                        lambda self, sql, params=None, **kw: (sent.append(sql), send(self, sql, params, **kw))[1])
+    placed = [_submit(acme, f"job-{i}", gpu_count=1) for i in range(2)]
+    waiting = _submit(acme, "beyond-the-quota", gpu_count=8)
+
+    result = run_pass()
+
+    assert result.placements == 2
+    waiting.refresh_from_db()
+    assert waiting.status == TaskStatus.PENDING and waiting.queue_position == 1
+    assert "quota" in waiting.pending_reason, waiting.pending_reason
+    for task in placed:
+        task.refresh_from_db()
+        assert task.status == TaskStatus.ASSIGNED and task.pending_reason == "" and task.queue_position is None
+    kinds = ["place" if sql.lstrip().startswith("WITH placed AS") else
+             "reasons" if sql is passes._UPDATE_PENDING_SQL else "setting" for sql in sent]
+    # The stream's settings, its batches, the reasons, then its closing settings: one wait for all.
+    last_batch = max(i for i, kind in enumerate(kinds) if kind == "place")
+    assert kinds[last_batch + 1:] == ["reasons"] + ["setting"] * len(lifecycle._STREAM_CLOSES)
+    assert kinds.count("reasons") == 1
