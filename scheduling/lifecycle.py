@@ -553,9 +553,9 @@ class Placing:
 
 # All of a plan's placements in one statement. The UPDATE is the check: it only takes
 # tasks still pending (a user may have cancelled one since the snapshot; lifecycle locks
-# task rows, not the scheduler lock), and allocations and events are written for the
-# tasks it took. Passes serialise on the scheduler lock, so locking these task rows in
-# any order cannot deadlock with another pass.
+# task rows, not the scheduler lock), and allocations, events and a gang's ranks (for the
+# attempt it is in) are written for the tasks it took. Passes serialise on the scheduler
+# lock, so locking these task rows in any order cannot deadlock with another pass.
 _PLACE_SQL = """
 WITH placed AS (
     UPDATE scheduling_task t
@@ -563,7 +563,12 @@ WITH placed AS (
         pending_reason = '', queue_position = NULL
     FROM unnest(%(task)s::bigint[], %(task_node)s::bigint[]) AS v(id, node_id)
     WHERE t.id = v.id AND t.status = %(from)s
-    RETURNING t.id
+    RETURNING t.id, t.attempt
+), ranks AS (
+    INSERT INTO scheduling_taskrank (task_id, attempt, rank, node_id, address)
+    SELECT r.task_id, p.attempt, r.rank, r.node_id, ''
+    FROM unnest(%(r_task)s::bigint[], %(r_rank)s::integer[], %(r_node)s::bigint[]) AS r(task_id, rank, node_id)
+    JOIN placed p ON p.id = r.task_id
 ), events AS (
     INSERT INTO scheduling_taskevent (task_id, from_status, to_status, actor, reason, created_at)
     SELECT e.task_id, %(from)s, %(to)s, %(actor)s, e.reason, %(now)s
@@ -581,16 +586,6 @@ WITH placed AS (
 SELECT id FROM placed
 """
 
-# A gang's ranks, for the tasks the placement took (its attempt as it stands).
-_RANKS_SQL = """
-INSERT INTO scheduling_taskrank (task_id, attempt, rank, node_id, address)
-SELECT r.task_id, t.attempt, r.rank, r.node_id, ''
-FROM unnest(%s::bigint[], %s::integer[], %s::bigint[]) AS r(task_id, rank, node_id)
-JOIN scheduling_task t ON t.id = r.task_id
-WHERE r.task_id = ANY(%s::bigint[])
-"""
-
-
 def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut) -> list[Placing]:
     """Assign pending tasks to their GPUs, in one statement; returns those it took (a task
     no longer pending is left out). Their servers' agents are told once, for all of them."""
@@ -604,6 +599,7 @@ def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut
 
 def _place_params(placing: list[Placing], *, actor: str, now: datetime) -> dict[str, Any]:
     a_task, a_gpu, a_node, a_mem, a_excl = [], [], [], [], []
+    r_task, r_rank, r_node = [], [], []
     for p in placing:
         for gpu_id, node_id in p.gpus:
             a_task.append(p.task_id)
@@ -611,6 +607,10 @@ def _place_params(placing: list[Placing], *, actor: str, now: datetime) -> dict[
             a_node.append(node_id)
             a_mem.append(p.memory_mb)
             a_excl.append(p.exclusive)
+        for rank, node_id in enumerate(p.ranks):
+            r_task.append(p.task_id)
+            r_rank.append(rank)
+            r_node.append(node_id)
     return {
         "now": now, "actor": actor, "from": P, "to": A,
         "task": pgarrays.ints([p.task_id for p in placing]),
@@ -618,20 +618,15 @@ def _place_params(placing: list[Placing], *, actor: str, now: datetime) -> dict[
         "reason": pgarrays.texts([p.reason for p in placing]),
         "a_task": pgarrays.ints(a_task), "a_gpu": pgarrays.ints(a_gpu), "a_node": pgarrays.ints(a_node),
         "a_mem": pgarrays.ints(a_mem), "a_excl": pgarrays.bools(a_excl),
+        "r_task": pgarrays.ints(r_task), "r_rank": pgarrays.ints(r_rank), "r_node": pgarrays.ints(r_node),
     }
 
 
 def _placed(placing: list[Placing], taken: set[int], fan: FanOut) -> list[Placing]:
-    """The placings whose tasks the place statement took: their gangs' ranks written, their
-    servers and pages told."""
+    """The placings whose tasks the place statement took, their servers (every rank's, for a
+    gang) and pages told."""
     placed = [p for p in placing if p.task_id in taken]
-    gangs = [p for p in placed if p.ranks]
-    if gangs:
-        with connection.cursor() as cursor:
-            cursor.execute(_RANKS_SQL, [[p.task_id for p in gangs for _ in p.ranks],
-                                        [i for p in gangs for i in range(len(p.ranks))],
-                                        [n for p in gangs for n in p.ranks], [p.task_id for p in gangs]])
-    servers = {p.node_id for p in placed} | {n for p in gangs for n in p.ranks}
+    servers = {p.node_id for p in placed} | {n for p in placed for n in p.ranks}
     _bulk_fan_out(Move.PLACE, ((p.tenant_id, p.task_id) for p in placed), servers, fan, "placed")
     return placed
 
@@ -671,8 +666,7 @@ class PlacementStream:
     from empty (807 placements on 1,600 GPUs, batches of 150 and 300, 12 passes each,
     alternating): median 86-89 -> 78-79 ms.
 
-    Only for placings with nothing else to write: not a gang (its ranks follow its
-    placement), nor one on GPUs that a preemption frees (the victims are released first).
+    Not for a placing on GPUs that a preemption frees: the victims are released first.
     """
 
     def __init__(self, *, actor: str, now: datetime, fan: FanOut) -> None:
@@ -685,8 +679,6 @@ class PlacementStream:
     def send(self, placing: list[Placing]) -> None:
         if not placing:
             return
-        if any(p.ranks for p in placing):
-            raise ValueError("a gang's ranks are written after its placement: use place_many")
         if self._pipelined is None:
             self._pipelined = Pipelined()
             for statement in _STREAM_OPENS:

@@ -533,8 +533,8 @@ STREAM_FIRST_BATCH = 50
 
 class _Streamer:
     """The core's ``on_place``: collects the placements it reports into batches for a
-    ``lifecycle.PlacementStream``. A gang (its ranks are written after it) and a task the
-    pass will skip (not in the snapshot's queue as stored) are left to ``_apply``."""
+    ``lifecycle.PlacementStream``. A task the pass will skip (not in the snapshot's queue as
+    stored) is left to ``_apply``."""
 
     def __init__(self, loaded: _Loaded, stream: lifecycle.PlacementStream) -> None:
         self.loaded = loaded
@@ -543,7 +543,7 @@ class _Streamer:
         self.size = STREAM_FIRST_BATCH
 
     def __call__(self, placement: Placement) -> None:
-        if placement.ranks or placement.task_id not in self.loaded.stored_pending:
+        if placement.task_id not in self.loaded.stored_pending:
             return
         self.batch.append(placement)
         if len(self.batch) >= self.size:

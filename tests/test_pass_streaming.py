@@ -104,19 +104,48 @@ def test_without_prepared_statements_the_batches_are_bound_on_the_client(acme, s
     assert _prepared_place_statements() == []
 
 
-def test_a_gang_is_left_to_the_plan_and_placed_with_its_ranks(acme, servers, settings):
+def test_a_gang_is_streamed_with_its_ranks_for_the_attempt_it_is_in(acme, servers, settings, monkeypatch):
     settings.SCHEDULER = dataclasses.replace(settings.SCHEDULER, online_share=0.0, batch_share=1.0)
+    sent: list[lifecycle.Placing] = []
+    send = lifecycle.PlacementStream.send
+    monkeypatch.setattr(lifecycle.PlacementStream, "send",
+                        lambda self, placing: (sent.extend(placing), send(self, placing))[1])
     gang = _submit(acme, "gang", gpu_count=16, nodes=2)
+    Task.objects.filter(pk=gang.pk).update(attempt=2)  # requeued twice before
     single = _submit(acme, "single", gpu_count=1)
     Quota.objects.filter(tenant=acme).update(max_gpus=32, max_gpu_memory_mb=10**7)
 
-    result = run_pass()
+    with CaptureQueriesContext(connection) as queries:
+        result = run_pass()
 
     gang.refresh_from_db()
     single.refresh_from_db()
     assert result.placements == 1 and gang.status == TaskStatus.ASSIGNED, gang.pending_reason
-    assert gang.ranks.count() == 2
+    assert [p.task_id for p in sent] == [gang.pk]
+    assert _place_statements(queries.captured_queries) == 1
+    ranks = list(gang.ranks.order_by("rank").values_list("attempt", "rank", "node_id"))
+    assert ranks == [(2, rank, node_id) for rank, node_id in enumerate(sent[0].ranks)]
+    assert {node_id for _, _, node_id in ranks} == {s.pk for s in servers}
+    assert gang.node_id == ranks[0][2]
+    assert Allocation.objects.filter(task=gang, released_at__isnull=True).count() == 16
     assert single.status == TaskStatus.PENDING  # both servers are the gang's
+
+
+def test_a_gang_that_is_no_longer_pending_gets_no_ranks(acme, servers):
+    gpus = [(g.pk, g.node_id) for s in servers for g in s.gpus.order_by("index")]
+    gang = _submit(acme, "gang", gpu_count=16, nodes=2)
+    Task.objects.filter(pk=gang.pk).update(status=TaskStatus.CANCELLED)
+    placing = lifecycle.Placing(task_id=gang.pk, tenant_id=acme.pk, node_id=servers[0].pk, reason="test",
+                                memory_mb=1_000, exclusive=True, gpus=tuple(gpus),
+                                ranks=tuple(s.pk for s in servers))
+
+    with lifecycle.batch() as fan:
+        stream = lifecycle.PlacementStream(actor="test", now=timezone.now(), fan=fan)
+        stream.send([placing])
+        stream.close()
+
+    assert stream.taken == []
+    assert not gang.ranks.exists() and not Allocation.objects.filter(task=gang).exists()
 
 
 def _placing(task: Task, gpu) -> lifecycle.Placing:
