@@ -10,8 +10,8 @@ four priorities, online and batch, a fifth of them shared), then measures:
 
 - placements/s end to end: one pass from an empty cluster (lock, load, core,
   write, commit) divided into the placements it made; median of several runs
-  (5 with --quick), after one pass that is not counted (a process's first pass
-  costs PostgreSQL a third more; see ``throughput``);
+  (5 with --quick), after one pass that is not counted (it also writes the
+  waiting tasks' first reasons; see ``throughput``);
 - core decision time per task (median, p99 µs) from ``core.schedule_timed``;
 - pass duration, from empty and when the cluster is full (nothing placeable);
 - submit-to-allocated latency for one task on an idle cluster, through a real
@@ -177,11 +177,11 @@ def throughput(runs: int) -> dict:
     rates, durations, cores, placed, full_durations, notifies = [], [], [], [], [], []
     decisions: list[float] = []
     gang_decisions: list[float] = []
-    # One pass first, not counted: the first pass of a process costs PostgreSQL about a third
-    # more than the next ones (1,600 GPUs: 76-80 ms of its CPU against 55-63 ms, the same with
-    # the task table already grown or the allocations holding a history), a cost that
-    # runscheduler pays once when it starts and that the raw ceiling, measured after the
-    # passes, never pays. Its duration is reported as first_pass_ms.
+    # One pass first, not counted: build() stores the queue without reasons, so the first pass
+    # also writes the reason and position of each of the ~1,200 tasks it leaves waiting (about
+    # 20 ms of PostgreSQL's CPU: 76-80 ms against 55-63 ms at 1,600 GPUs), which every later
+    # pass finds unchanged. The counted passes then write placements alone, as the raw ceiling
+    # does. Its duration is reported as first_pass_ms.
     reset_to_pending()
     first = run_pass(actor="bench")
     for _ in range(runs):
@@ -339,7 +339,8 @@ def main() -> None:
         print(f"== {gpus} GPUs on {servers} servers, {tasks} pending tasks", flush=True)
         t = throughput(runs)
         print(f"pass from empty: {t['placements']} placements in {t['pass_ms']:.1f} ms "
-              f"(core {t['core_ms']:.1f} ms; the process's first pass, not counted, {t['first_pass_ms']:.1f} ms)"
+              f"(core {t['core_ms']:.1f} ms; the first pass, which also wrote the waiting tasks' reasons, not counted: "
+              f"{t['first_pass_ms']:.1f} ms)"
               f" = {t['placements_per_s']:,.0f} placements/s; "
               f"then {t['notify_ms']:.1f} ms of after-commit pushes to agents/websockets", flush=True)
         print(f"pass on a full cluster ({tasks - t['placements']} left pending): {t['full_pass_ms']:.1f} ms",
