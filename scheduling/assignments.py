@@ -21,12 +21,18 @@ from scheduling.models import Allocation, Task
 
 # ``Task.active_on(node)`` (its own tasks, and gangs with a rank of the current attempt
 # here) in one statement: every heartbeat asks for it, and the ORM built two queries.
+# Two branches, not one filter with an OR: `node_id = X OR id IN (ranks here)` cannot use the
+# (status, node) index for the server, so every heartbeat and long poll read every active task
+# of the cluster (1,000 servers, 4,098 active tasks: 1.8 ms of PostgreSQL's CPU per read,
+# against 0.05 ms as two index lookups). UNION drops the row a gang's own server finds twice.
 _ETAG_ROWS_SQL = """
 SELECT t.id, t.attempt, t.nodes, t.master_port FROM scheduling_task t
-WHERE t.status = ANY(%(active)s) AND (t.node_id = %(node)s OR t.id IN (
-    SELECT r.task_id FROM scheduling_taskrank r JOIN scheduling_task g ON g.id = r.task_id
-    WHERE r.node_id = %(node)s AND r.attempt = g.attempt AND g.status = ANY(%(active)s)))
-ORDER BY t.id
+WHERE t.status = ANY(%(active)s) AND t.node_id = %(node)s
+UNION
+SELECT g.id, g.attempt, g.nodes, g.master_port
+FROM scheduling_taskrank r JOIN scheduling_task g ON g.id = r.task_id AND g.attempt = r.attempt
+WHERE r.node_id = %(node)s AND g.status = ANY(%(active)s)
+ORDER BY 1
 """
 
 
