@@ -10,7 +10,8 @@ the web node (``portal.webserver``), ``manage.py runscheduler`` and simulated-GP
    pushed to its agent over the websocket and started; the task's command writes
    the time it started. Also measured: allocation commit -> process start, with
    the allocation written directly (the agent's share of the path).
-2. Heartbeat ingestion: 1,000 servers x 8 GPUs with real node tokens; two
+2. Heartbeat ingestion: 1,000 servers x 8 GPUs with real node tokens, each running four
+   2-GPU tasks (what a heartbeat reads grows with its own server's tasks, not the cluster's); two
    load-generator processes post heartbeats over HTTP as fast as the web
    processes take them while this process runs scheduling passes beside them
    (pass time compared with and without the load).
@@ -61,6 +62,7 @@ from nodes.enrolment import issue_join_token  # noqa: E402
 from nodes.models import GPU, JoinToken, Node  # noqa: E402
 from portal import webserver  # noqa: E402
 from scheduling import triggers  # noqa: E402
+from scheduling.choices import TaskStatus  # noqa: E402
 from scheduling.models import Allocation, Task  # noqa: E402
 from scheduling.passes import run_pass  # noqa: E402
 from tenants.models import Quota, Tenant  # noqa: E402
@@ -328,6 +330,16 @@ def heartbeat_rate(procs: Processes, config: Path, tenant: Tenant, servers_n: in
     servers = [(node, node.issue_token()) for node in nodes]
     GPU.objects.bulk_create(GPU(node=node, index=i, uuid=f"GPU-{node.name}-{i}", model_name="NVIDIA H100 80GB HBM3",
                                 memory_total_mb=81_559) for node in nodes for i in range(8))
+    # A busy cluster: every server runs four 2-GPU tasks (4,000 active tasks at 1,000 servers).
+    # Each heartbeat reads its own server's (the assignments ETag); a read that scanned every
+    # active task went unseen here while the servers ran nothing.
+    running = Task.objects.bulk_create(
+        Task(tenant=tenant, name=f"busy-{node.name}-{j}", command="true", gpu_count=2, gpu_memory_mb=40_000,
+             status=TaskStatus.RUNNING, node=node, started_at=timezone.now()) for node in nodes for j in range(4))
+    gpus = {(g.node_id, g.index): g.pk for g in GPU.objects.filter(node__in=nodes)}
+    Allocation.objects.bulk_create(
+        Allocation(task=task, gpu_id=gpus[(task.node_id, 2 * (i % 4) + k)], node_id=task.node_id, memory_mb=40_000)
+        for i, task in enumerate(running) for k in range(2))
     # Work for the passes: tasks no server can take (a GPU model nobody has), so each pass scans them all.
     Task.objects.bulk_create(Task(tenant=tenant, name="unplaceable", command="true", gpu_model="B999",
                                   node_selector=LABELS) for _ in range(200))
