@@ -232,10 +232,10 @@ def queue_shift_passes(cycles: int = 3) -> list[float]:
     durations = []
     for _ in range(cycles):
         # Highest priority: it goes ahead of every task of priority 0-2 (about three quarters of
-        # the queue); 8 exclusive GPUs on a full cluster keep it waiting, and equal priority
-        # preempts nobody.
+        # the queue). A GPU model no server has keeps it waiting whatever the cluster's state,
+        # and no preemption could make room for it.
         head = Task.objects.create(tenant_id=last.tenant_id, name="queue-shift", command="true", gpu_count=8,
-                                   gpu_memory_mb=70_000, priority=3, timeout_s=600)
+                                   gpu_memory_mb=70_000, gpu_model="B999", priority=3, timeout_s=600)
         entered = run_pass(actor="bench")
         Task.objects.filter(pk=head.pk).delete()
         left = run_pass(actor="bench")
