@@ -227,14 +227,15 @@ def queue_shift_passes(cycles: int = 3) -> list[float]:
     ones the pages as a busy queue leaves them between autovacuums."""
     from scheduling.models import Task
     from scheduling.passes import run_pass
+    from tenants.models import Tenant
 
-    last = Task.objects.order_by("-id").first()
+    tenant = Tenant.objects.order_by("pk").first()
     durations = []
     for _ in range(cycles):
         # Highest priority: it goes ahead of every task of priority 0-2 (about three quarters of
         # the queue). A GPU model no server has keeps it waiting whatever the cluster's state,
         # and no preemption could make room for it.
-        head = Task.objects.create(tenant_id=last.tenant_id, name="queue-shift", command="true", gpu_count=8,
+        head = Task.objects.create(tenant=tenant, name="queue-shift", command="true", gpu_count=8,
                                    gpu_memory_mb=70_000, gpu_model="B999", priority=3, timeout_s=600)
         entered = run_pass(actor="bench")
         Task.objects.filter(pk=head.pk).delete()
