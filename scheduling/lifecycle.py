@@ -453,7 +453,8 @@ def _bulk_fan_out(move: Move, tasks: Iterable[tuple[int, int]], servers: Iterabl
 #
 # The count (models.PendingBound): the tenant's bound, with the raises this statement sees
 # folded into it; when that leaves no room for the new tasks, the pending tasks counted up to
-# the limit + 1 instead, which becomes the bound. The insert's own trigger then raises it by
+# the limit + 1 instead (by a function, so that the statement's generic plan is kept: migration
+# scheduling/0017), which becomes the bound. The insert's own trigger then raises it by
 # the new tasks. Raises committed after this statement began are not deleted by it, and their
 # tasks are not in its count: they stay, for the next submit to fold.
 _INSERT_WITH_EVENTS = """
@@ -463,13 +464,12 @@ event AS (
     SELECT id, '', %s, %s, 'submitted', %s FROM new_task
 ),
 folded AS (
-    DELETE FROM scheduling_pendingboundraise r WHERE r.tenant_id = ANY(%s::bigint[]) RETURNING r.tenant_id, r.n
+    DELETE FROM scheduling_pendingboundraise r WHERE r.tenant_id {in_tenants} RETURNING r.tenant_id, r.n
 ),
 pending AS (
-    SELECT q.tenant_id, s.bound, CASE WHEN s.bound + q.wanted <= q.lim THEN NULL ELSE (SELECT count(*) FROM (
-               SELECT 1 FROM scheduling_task t WHERE t.tenant_id = q.tenant_id AND t.status = %s LIMIT q.lim + 1
-           ) AS bounded) END AS counted
-    FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS q(tenant_id, lim, wanted)
+    SELECT q.tenant_id, s.bound, CASE WHEN s.bound + q.wanted <= q.lim THEN NULL
+                                      ELSE scheduling_count_tasks_up_to(q.tenant_id, %s, q.lim + 1) END AS counted
+    FROM {tenants} AS q(tenant_id, lim, wanted)
     LEFT JOIN LATERAL (
         SELECT b.bound + coalesce((SELECT sum(f.n) FROM folded f WHERE f.tenant_id = q.tenant_id), 0) AS bound
         FROM scheduling_pendingbound b WHERE b.tenant_id = q.tenant_id
@@ -523,11 +523,20 @@ def submit_many(tasks: list[Task], *, actor: str, limits: dict[int, int], fan: F
     wanted = Counter(task.tenant_id for task in tasks)
     # One task's statement is the same text every time: prepared. A batch's grows with its size,
     # and each size kept prepared would hold another large plan on the server: bound as Django binds.
+    if len(tenant_ids) == 1:
+        # Scalars, not arrays of one: planned for an array it does not know, PostgreSQL
+        # estimates ten tenants, so the prepared statement's generic plan never looked
+        # cheaper and every submit was planned afresh.
+        sql = _INSERT_WITH_EVENTS.format(insert=insert, in_tenants="= %s",
+                                         tenants="(VALUES (%s::bigint, %s::bigint, %s::bigint))")
+        (tenant_id,) = tenant_ids
+        tenants = [tenant_id, P, tenant_id, limits[tenant_id], wanted[tenant_id]]
+    else:
+        sql = _INSERT_WITH_EVENTS.format(insert=insert, in_tenants="= ANY(%s::bigint[])",
+                                         tenants="unnest(%s::bigint[], %s::bigint[], %s::bigint[])")
+        tenants = [tenant_ids, P, tenant_ids, [limits[t] for t in tenant_ids], [wanted[t] for t in tenant_ids]]
     with prepared_cursor() if len(tasks) == 1 else connection.cursor() as cursor:
-        cursor.execute(_INSERT_WITH_EVENTS.format(insert=insert), [
-            *params, P, actor, timezone.now(),
-            tenant_ids, P, tenant_ids, [limits[t] for t in tenant_ids], [wanted[t] for t in tenant_ids],
-        ])
+        cursor.execute(sql, [*params, P, actor, timezone.now(), *tenants])
         rows = cursor.fetchall()
     ids = [task_id for task_id, _, _ in rows if task_id is not None]
     for task, task_id in zip(tasks, ids, strict=True):

@@ -580,6 +580,15 @@ def validate(data: Any, ctx: SubmitContext) -> tuple[TaskSpec | None, Errors]:
                     array=check.array), {}
 
 
+# One tenant's quota row (nearly every submit) by equality, not as an array of one: PostgreSQL
+# estimates "= ANY($1)" of an unknown array at ten rows and a sort, so the prepared statement's
+# generic plan never looked cheaper than planning for the array at hand, and every execution
+# was planned afresh (0.1 ms of the server's CPU per submit, pg_stat_statements' "plans").
+_LOCK_QUOTA = "SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = %s FOR UPDATE"
+_LOCK_QUOTAS = ("SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = ANY(%s::bigint[]) "
+                "ORDER BY tenant_id FOR UPDATE")
+
+
 def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
     """Insert the tasks (all or none) and their "submitted" events; wake the scheduler after commit.
 
@@ -593,8 +602,10 @@ def create_tasks(ctx: SubmitContext, specs: list[TaskSpec]) -> list[Task]:
         # The quota rows serialise concurrent submitters of one tenant, so the
         # pending limit holds exactly; other tenants are not held up.
         with prepared_cursor() as cursor:
-            cursor.execute("SELECT tenant_id, max_pending_tasks FROM tenants_quota WHERE tenant_id = ANY(%s::bigint[]) "
-                           "ORDER BY tenant_id FOR UPDATE", [sorted(wanted)])
+            if len(wanted) == 1:
+                cursor.execute(_LOCK_QUOTA, list(wanted))
+            else:
+                cursor.execute(_LOCK_QUOTAS, [sorted(wanted)])
             limits = dict(cursor.fetchall())
         gone = sorted({s.tenant.slug for s in specs if s.tenant.pk not in limits})
         if gone:

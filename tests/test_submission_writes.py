@@ -114,6 +114,56 @@ def test_a_submits_statements_are_prepared_once_and_then_reused(alice, servers, 
     assert Task.objects.filter(submitter=alice).count() == 3
 
 
+def test_a_submits_prepared_statements_settle_on_a_generic_plan(alice, globex, servers,
+                                                                django_capture_on_commit_callbacks):
+    """PostgreSQL plans a prepared statement for its values five times, then keeps one generic
+    plan unless that looks dearer. Each of these looked dearer and was planned afresh on every
+    submit: the quota lock as "= ANY(array of one)" (ten rows and a sort, estimated), and the
+    insert, while its pending count was a subquery and the statistics showed a queue of other
+    tenants' tasks (the count looked nearly free for this tenant, dear for any)."""
+    with connection.cursor() as cursor:
+        cursor.execute("""INSERT INTO scheduling_task (tenant_id, name, command, env, working_dir, gpu_count,
+                              share_mode, model_name, priority, workload_class, timeout_s, node_selector, gpu_model,
+                              nodes, topology_key, master_addr, status, pending_reason, failure_reason, oom,
+                              attempt, max_retries, created_at, updated_at)
+                          SELECT %s, 'queued', 'true', '{}', '', 1, 'exclusive', '', 1, 'batch', 3600, '{}', '',
+                              1, '', '', 'pending', '', '', false, 0, 0, now(), now()
+                          FROM generate_series(1, 20000)""", [globex.pk])
+        cursor.execute("ANALYZE scheduling_task")
+    before = set(prepared_statements())
+    for _ in range(12):
+        with django_capture_on_commit_callbacks(execute=True):
+            ctx = submission.SubmitContext.load(alice)
+            submission.create_tasks(ctx, specs(ctx, 1))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+        plans = {statement: (generic, custom) for statement, generic, custom in cursor.fetchall()
+                 if statement not in before}
+
+    assert any("FOR UPDATE" in statement for statement in plans)
+    replanned = {statement[:80]: counts for statement, counts in plans.items() if counts[0] == 0}
+    assert replanned == {}
+
+
+def test_a_batch_across_tenants_locks_each_tenants_quota_and_writes_all(alice, acme, globex, servers):
+    from tenants.models import Membership
+
+    Membership.objects.create(user=alice, tenant=globex)
+    Quota.objects.filter(tenant=globex).update(max_pending_tasks=1)
+    ctx = submission.SubmitContext.load(alice)
+    both = [*specs(ctx, 1), submission.validate({"tenant": "globex", "name": "g", "command": "true"}, ctx)[0]]
+    with CaptureQueriesContext(connection) as queries:
+        submission.create_tasks(ctx, both)
+
+    locks = [q["sql"] for q in queries.captured_queries if "FOR UPDATE" in q["sql"]]
+    assert len(locks) == 1 and "ANY" in locks[0]
+    assert sorted(Task.objects.values_list("tenant__slug", flat=True)) == ["acme", "globex"]
+    with pytest.raises(submission.SubmitError) as refused:  # globex's limit of 1 is held, acme's is not
+        submission.create_tasks(ctx, both)
+    assert "Tenant globex would have more than 1 pending tasks" in refused.value.errors["tenant"][0]
+    assert Task.objects.count() == 2
+
+
 def test_a_refused_submit_leaves_the_next_one_on_the_same_connection_working(alice, acme, servers):
     """A rollback makes psycopg forget (and deallocate) the connection's prepared statements:
     the next submit prepares them again rather than naming one that is gone."""
