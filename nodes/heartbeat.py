@@ -57,6 +57,10 @@ def _metric_rows(gpus: list[GPU]) -> str:
 
 
 # Heartbeat time is the database's clock; the old status tells whether the server came back.
+# FOR NO KEY UPDATE, as the UPDATE itself locks: it conflicts with the sweep's FOR UPDATE and
+# with other writers of the row, but not with the FOR KEY SHARE that a transaction referencing
+# the server holds to its commit (a pass placing a task there, an agent's report), which each
+# heartbeat waited for under FOR UPDATE, and which waited for each heartbeat.
 _TOUCH_NODE = f"""
 UPDATE nodes_node AS n SET
     last_heartbeat_at = statement_timestamp(), updated_at = statement_timestamp(),
@@ -64,7 +68,7 @@ UPDATE nodes_node AS n SET
     hostname = COALESCE(NULLIF(%s, ''), n.hostname),
     status = CASE WHEN o.status = '{NodeStatus.OFFLINE}' THEN n.intent ELSE n.status END,
     status_reason = CASE WHEN o.status = '{NodeStatus.OFFLINE}' THEN 'heartbeat received' ELSE n.status_reason END
-FROM (SELECT id, status FROM nodes_node WHERE id = %s FOR UPDATE) AS o
+FROM (SELECT id, status FROM nodes_node WHERE id = %s FOR NO KEY UPDATE) AS o
 WHERE n.id = o.id
 RETURNING o.status
 """  # noqa: S608
