@@ -23,8 +23,9 @@ class Migration(migrations.Migration):
             """
             CREATE FUNCTION scheduling_count_tasks_up_to(tenant bigint, in_status text, n bigint)
             RETURNS bigint LANGUAGE sql STABLE PARALLEL SAFE AS $$
+                -- $1, $2, $3 rather than the names: a column of the same name would take precedence.
                 SELECT count(*) FROM (
-                    SELECT 1 FROM scheduling_task t WHERE t.tenant_id = tenant AND t.status = in_status LIMIT n
+                    SELECT 1 FROM scheduling_task t WHERE t.tenant_id = $1 AND t.status = $2 LIMIT $3
                 ) AS bounded
             $$;
             """,
