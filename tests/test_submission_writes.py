@@ -121,14 +121,11 @@ def test_a_submits_prepared_statements_settle_on_a_generic_plan(alice, globex, s
     submit: the quota lock as "= ANY(array of one)" (ten rows and a sort, estimated), and the
     insert, while its pending count was a subquery and the statistics showed a queue of other
     tenants' tasks (the count looked nearly free for this tenant, dear for any)."""
-    with connection.cursor() as cursor:
-        cursor.execute("""INSERT INTO scheduling_task (tenant_id, name, command, env, working_dir, gpu_count,
-                              share_mode, model_name, priority, workload_class, timeout_s, node_selector, gpu_model,
-                              nodes, topology_key, master_addr, status, pending_reason, failure_reason, oom,
-                              attempt, max_retries, created_at, updated_at)
-                          SELECT %s, 'queued', 'true', '{}', '', 1, 'exclusive', '', 1, 'batch', 3600, '{}', '',
-                              1, '', '', 'pending', '', '', false, 0, 0, now(), now()
-                          FROM generate_series(1, 20000)""", [globex.pk])
+    queued = Task.objects.create(tenant=globex, name="queued", command="true", status="pending")
+    columns = ", ".join(f.column for f in Task._meta.concrete_fields if not f.primary_key and not f.generated)
+    with connection.cursor() as cursor:  # 20,000 copies of it, then the statistics that see them
+        cursor.execute(f"INSERT INTO scheduling_task ({columns}) SELECT {columns} FROM scheduling_task, "  # noqa: S608
+                       "generate_series(1, 20000) WHERE id = %s", [queued.pk])
         cursor.execute("ANALYZE scheduling_task")
     before = set(prepared_statements())
     for _ in range(12):
