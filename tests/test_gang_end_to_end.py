@@ -115,7 +115,7 @@ def test_a_2x8_gang_starts_one_process_per_server_with_its_rank_environment(two_
 
 def test_killing_one_rank_stops_the_other_and_requeues_the_gang(two_servers, roomy):
     task = gang(roomy, 600)
-    run_pass()
+    assert run_pass().placements == 1
     wait_for(lambda: len(processes(task, 0)) >= 2 and Task.objects.get(pk=task.pk).status == "running", 30,
              "both ranks to run")
     rank1 = next(r for r in Task.objects.get(pk=task.pk).current_ranks() if r.rank == 1)
