@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import connection, transaction
 
 from kernel import live
 from scheduling.models import Allocation, Task
@@ -29,8 +29,6 @@ LONG_REASON = ("no server has 4 free GPUs with 70 GB (labels zone=a; gpu_model '
 
 
 def _tasks(acme, globex, alice) -> list[Task]:
-    from django.db import connection
-
     # Ids as a cluster that has run for a while has them (seven digits), not as the test
     # database's sequence happens to stand after the tests before this one.
     with connection.cursor() as cursor:
@@ -51,8 +49,6 @@ def _tasks(acme, globex, alice) -> list[Task]:
 
 
 def _change_reason(task: Task) -> None:
-    from django.db import connection
-
     with transaction.atomic():
         Task.objects.filter(pk=task.pk).update(pending_reason="tenant acme at its GPU quota (8/8)")
         live.tasks_changed([(task.tenant_id, task.pk)])

@@ -3,6 +3,9 @@ reported values, as the transaction path does."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import psycopg
 import pytest
 from django.db import OperationalError, connection
@@ -10,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 
 from nodes import heartbeat
 from nodes.models import GPU, GPUHealth, Node, NodeStatus
-from tests.conftest import make_server
+from tests.conftest import database_url, make_server
 
 FIELDS = ("uuid", "model_name", "memory_total_mb", "memory_used_mb", "utilization_pct", "temperature_c", "power_w",
           "ecc_errors", "retired_pages")
@@ -60,36 +63,34 @@ def test_a_report_that_adds_a_gpu_takes_the_transaction_path_and_stores_the_same
     assert (result.updated_gpus, result.created_gpus) == (2, 1)
 
 
+@contextmanager
+def lock_timeout(value: str) -> Iterator[None]:
+    """A wait for a row lock ends in an error after ``value`` on the test's connection, not in a hung suite."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET lock_timeout = '{value}'")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+
+
 def test_a_heartbeat_does_not_wait_for_a_transaction_that_references_its_server(transactional_db):
     """A pass that places a task on a server, or an agent's report, checks its foreign keys to
     the server's row (FOR KEY SHARE, held to its commit). The heartbeat rewrites only the row's
     other columns, so it takes the lock that does not conflict with those (FOR NO KEY UPDATE):
     with FOR UPDATE each heartbeat waited for such a transaction to end, and it for the heartbeat."""
     node = make_server("hb-03", gpus=2)
-    settings = connection.settings_dict
-    other = psycopg.connect(host=settings["HOST"], port=settings["PORT"] or None, dbname=settings["NAME"],
-                            user=settings["USER"], password=settings["PASSWORD"] or None)
-    try:
+    with psycopg.connect(database_url()) as other:
         other.execute("SELECT 1 FROM nodes_node WHERE id = %s FOR KEY SHARE", [node.pk])  # its transaction stays open
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '5s'")  # a wait would end in an error here, not hang the suite
-        try:
+        with lock_timeout("5s"):
             heartbeat.ingest(node, report(node, 2))
-        finally:
-            with connection.cursor() as cursor:
-                cursor.execute("RESET lock_timeout")
         assert GPU.objects.get(node=node, index=1).memory_used_mb == 2_000
+
         # Whoever needs the row whole still waits for the heartbeat, and the heartbeat for it:
         # the sweep that marks a silent server offline takes FOR UPDATE.
         other.rollback()
         other.execute("SELECT 1 FROM nodes_node WHERE id = %s FOR UPDATE", [node.pk])
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '100ms'")
-        try:
-            with pytest.raises(OperationalError, match="lock timeout"):
-                heartbeat.ingest(node, report(node, 2))
-        finally:
-            with connection.cursor() as cursor:
-                cursor.execute("RESET lock_timeout")
-    finally:
-        other.close()
+        with lock_timeout("100ms"), pytest.raises(OperationalError, match="lock timeout"):
+            heartbeat.ingest(node, report(node, 2))
+        other.rollback()
