@@ -4,8 +4,9 @@ scrape time.
 Every web process registers ``PortalCollector``; whichever process Prometheus
 scrapes reads the same rows, so several web nodes behind a load balancer report
 the same truth (no per-process counters that reset or disagree). Counters come
-from durable rows: placements from task events, GPU task counts from
-allocations, pass figures from ``MetricCounter`` rows that ``kernel.counters.record_pass`` adds to.
+from durable rows: placements from task events, GPU task counts from allocations
+(rolled up per GPU with the usage ledger: ``scheduling.usage.allocations_per_gpu``), pass
+figures from ``MetricCounter`` rows that ``kernel.counters.record_pass`` adds to.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kernel.counters import PASS_BUCKETS
 from kernel.models import Alert
 from nodes.models import MONITORED, GPUHealth
 from scheduling.choices import ACTIVE_STATUSES, OPEN_STATUSES, TaskStatus
+from scheduling.usage import allocations_per_gpu
 from tenants.choices import Priority
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,9 @@ def _families() -> dict[str, Metric]:
         "mem_total": GaugeMetricFamily("gpu_memory_total_bytes", "GPU memory in total.", labels=gpu_labels),
         "util": GaugeMetricFamily("gpu_utilization_percent", "GPU utilisation.", labels=gpu_labels),
         "temp": GaugeMetricFamily("gpu_temperature_celsius", "GPU temperature.", labels=gpu_labels),
-        "gpu_tasks": CounterMetricFamily("gpu_tasks", "Tasks ever allocated to the GPU.", labels=gpu_labels),
+        "gpu_tasks": CounterMetricFamily(
+            "gpu_tasks", "Tasks ever allocated to the GPU (a task placed on it again counts again).",
+            labels=gpu_labels),
         "gpu_busy": GaugeMetricFamily("gpu_allocated_tasks", "Tasks holding the GPU now.", labels=gpu_labels),
         "gpu_error": GaugeMetricFamily("gpu_health_error", "1 when the GPU reports an error.", labels=gpu_labels),
         "gpu_cordoned": GaugeMetricFamily("gpu_cordoned", "1 when the GPU takes no new tasks.", labels=gpu_labels),
@@ -117,23 +121,24 @@ def collect_families() -> list[Metric]:
                                 counters.get(("scheduler_pass_duration_seconds_sum", ""), 0), passes)
     f["pass_duration"].add_metric([], buckets, total)
 
-    # One aggregate pass over allocations (not a subquery per GPU): 8,000 GPUs stay cheap.
+    # The open allocations in one aggregate (not a subquery per GPU): 8,000 GPUs stay cheap.
+    # Those ever come from the usage roll-up's counts and the rows after its watermark.
     gpus = _query(
-        "SELECT n.name, g.index, g.uuid, g.model_name, g.memory_used_mb, g.memory_total_mb, g.utilization_pct,"
-        " g.temperature_c, g.health, g.cordoned, coalesce(a.ever, 0), coalesce(a.now_n, 0)"
+        "SELECT g.id, n.name, g.index, g.uuid, g.model_name, g.memory_used_mb, g.memory_total_mb,"
+        " g.utilization_pct, g.temperature_c, g.health, g.cordoned, coalesce(a.now_n, 0)"
         " FROM nodes_gpu g JOIN nodes_node n ON n.id = g.node_id"
-        " LEFT JOIN (SELECT gpu_id, count(DISTINCT task_id) AS ever,"
-        "            count(*) FILTER (WHERE released_at IS NULL) AS now_n"
-        "            FROM scheduling_allocation GROUP BY gpu_id) a ON a.gpu_id = g.id"
+        " LEFT JOIN (SELECT gpu_id, count(*) AS now_n FROM scheduling_allocation"
+        "            WHERE released_at IS NULL GROUP BY gpu_id) a ON a.gpu_id = g.id"
         " ORDER BY n.name, g.index"
     )
-    for node, index, uuid, model, used, total_mb, util, temp, health, cordoned, ever, now_n in gpus:
+    ever = allocations_per_gpu()
+    for gpu_id, node, index, uuid, model, used, total_mb, util, temp, health, cordoned, now_n in gpus:
         labels = [node, str(index), uuid, model]
         f["mem_used"].add_metric(labels, used * MB)
         f["mem_total"].add_metric(labels, total_mb * MB)
         f["util"].add_metric(labels, util)
         f["temp"].add_metric(labels, temp)
-        f["gpu_tasks"].add_metric(labels, ever)
+        f["gpu_tasks"].add_metric(labels, ever.get(gpu_id, 0))
         f["gpu_busy"].add_metric(labels, now_n)
         f["gpu_error"].add_metric(labels, 1 if health == GPUHealth.ERROR else 0)
         f["gpu_cordoned"].add_metric(labels, 1 if cordoned else 0)

@@ -597,6 +597,23 @@ class GpuUtilisationDay(models.Model):
         return f"GPU {self.gpu_id} on {self.day}"
 
 
+class GpuAllocationCount(models.Model):
+    """How many allocations of one GPU were released at or before the usage watermark.
+
+    Added to by ``scheduling.usage.roll_up`` in the transaction that moves the watermark, so
+    a GPU's allocations ever are this plus its raw rows after the watermark (open, or released
+    later: both found through partial indexes), never a count over the whole history
+    (``scheduling.usage.allocations_per_gpu``; ``/metrics`` reads it on every scrape).
+    """
+
+    gpu = models.OneToOneField("nodes.GPU", on_delete=models.DO_NOTHING, db_constraint=False, primary_key=True,
+                               related_name="+")
+    allocations = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"GPU {self.gpu_id}: {self.allocations} allocations rolled up"
+
+
 class Reservation(models.Model):
     """N GPUs booked for one tenant over [starts_at, ends_at), optionally repeated weekly.
 

@@ -35,6 +35,9 @@ interval) summing:
 3. raw rolled-up intervals clipped to the partial first and last day of the period
    (none when the period starts and ends at midnight UTC, as monthly reports do).
 
+The same roll-up counts the released intervals per GPU (``GpuAllocationCount``), so a GPU's
+allocations ever (``/metrics``'s ``gpu_tasks_total``) are those counts plus its raw rows.
+
 Grouping by server or task is not in the roll-up: those reports read the raw intervals
 of the period (fine for a tenant's month, slower for a cluster's year).
 
@@ -150,8 +153,61 @@ ON CONFLICT ON CONSTRAINT usageday_unique_key DO UPDATE SET
 """  # noqa: S608 (constants only)
 
 
+# The same released intervals counted per GPU (GpuAllocationCount): /metrics's allocations
+# per GPU read these and the rows after the watermark, never the whole history (a year of
+# 200 servers, 10 million intervals: 14 s for count(DISTINCT task_id) GROUP BY gpu_id).
+_COUNT_ROLLUP_SQL = """
+INSERT INTO scheduling_gpuallocationcount AS c (gpu_id, allocations)
+SELECT gpu_id, count(*) FROM scheduling_allocation
+WHERE released_at > %(old)s AND released_at <= %(new)s
+GROUP BY gpu_id
+ON CONFLICT (gpu_id) DO UPDATE SET allocations = c.allocations + EXCLUDED.allocations
+"""
+
+# The roll-up's watermark, or minus infinity before the first roll-up (everything is raw).
+_WATERMARK_SQL = ("coalesce((SELECT watermark FROM scheduling_usagerollup "  # noqa: S608 (constants only)
+                  f"WHERE name = '{ROLLUP_NAME}'), '-infinity'::timestamptz)")
+
+# The rolled-up counts and the raw rows after the watermark must come from one snapshot, or a
+# roll-up committing in between would count its intervals twice or not at all: the statement
+# returns the watermark it saw beside the counts, and is run again if that is not the one it
+# was given. Given as a value, not read by a subquery: the planner then expects the few rows
+# after it (as a subquery, a third of the table: a parallel scan and its JIT compilation,
+# 60 ms instead of 3 over 10 million intervals).
+_ROLLUP_WATERMARK_SQL = f"SELECT watermark FROM scheduling_usagerollup WHERE name = '{ROLLUP_NAME}'"  # noqa: S608
+_PER_GPU_SQL = f"""
+SELECT x.gpu_id, sum(x.n)::bigint, ({_ROLLUP_WATERMARK_SQL}) FROM (
+    SELECT gpu_id, allocations AS n FROM scheduling_gpuallocationcount
+    UNION ALL
+    SELECT gpu_id, count(*) FROM scheduling_allocation WHERE released_at IS NULL GROUP BY gpu_id
+    UNION ALL
+    SELECT gpu_id, count(*) FROM scheduling_allocation
+    WHERE released_at > coalesce(%(watermark)s::timestamptz, '-infinity'::timestamptz)
+    GROUP BY gpu_id
+) x
+GROUP BY x.gpu_id
+"""  # noqa: S608 (constants only)
+
+
+def allocations_per_gpu() -> dict[int, int]:
+    """GPU id -> its allocations ever, open ones included. Each placement is one (a task placed
+    on the same GPU again after a requeue counts again); GPUs never allocated are left out."""
+    with connection.cursor() as cursor:
+        cursor.execute(_ROLLUP_WATERMARK_SQL)
+        row = cursor.fetchone()
+        watermark = row[0] if row else None  # None: never rolled up, every interval is raw
+        while True:
+            cursor.execute(_PER_GPU_SQL, {"watermark": watermark})
+            rows = cursor.fetchall()
+            seen = rows[0][2] if rows else watermark
+            if seen == watermark:
+                return {gpu_id: n for gpu_id, n, _ in rows}
+            watermark = seen  # a roll-up committed between the two reads
+
+
 def roll_up(now: datetime | None = None) -> datetime:
-    """Add intervals released up to ``now - ROLLUP_LAG`` to the day rows; return the new watermark.
+    """Add intervals released up to ``now - ROLLUP_LAG`` to the day rows and the per-GPU
+    counts; return the new watermark.
 
     Serialised by a row lock on the watermark row, so concurrent roll-ups (several
     schedulers, a django-q worker) never add an interval twice.
@@ -169,6 +225,7 @@ def roll_up(now: datetime | None = None) -> datetime:
         if target <= old:
             return old
         cursor.execute(_ROLLUP_SQL, {"old": old, "new": target})
+        cursor.execute(_COUNT_ROLLUP_SQL, {"old": old, "new": target})
         cursor.execute("UPDATE scheduling_usagerollup SET watermark = %s, rolled_at = %s WHERE name = %s",
                        [target, now, ROLLUP_NAME])
     return target
@@ -286,8 +343,7 @@ def report(start: datetime, end: datetime, group_by: Sequence[str], *, tenant_id
     sql = f"""
     WITH params AS (
         SELECT %(now)s::timestamptz AS now,
-               coalesce((SELECT watermark FROM scheduling_usagerollup WHERE name = '{ROLLUP_NAME}'),
-                        '-infinity'::timestamptz) AS watermark
+               {_WATERMARK_SQL} AS watermark
     ), x AS ({union})
     SELECT {select_keys + ',' if keys else ''}
            sum(x.gs), sum(x.ms), sum(x.measured), sum(x.busy)
@@ -368,8 +424,7 @@ FAIR_SHARE_HORIZON_HALF_LIVES = 10
 _DECAYED_SQL = f"""
 WITH params AS (
     SELECT %(now)s::timestamptz AS now, %(half_life_s)s::float8 AS h, %(since)s::timestamptz AS since,
-           coalesce((SELECT watermark FROM scheduling_usagerollup WHERE name = '{ROLLUP_NAME}'),
-                    '-infinity'::timestamptz) AS watermark
+           {_WATERMARK_SQL} AS watermark
 ), raw AS (
     SELECT a.id FROM params p CROSS JOIN scheduling_allocation a WHERE a.released_at IS NULL
     UNION ALL

@@ -13,7 +13,8 @@ from kernel import counters
 from kernel.models import Alert
 from nodes.models import GPU
 from portal import metrics
-from scheduling.models import Allocation, Task, TaskEvent
+from scheduling import usage
+from scheduling.models import Allocation, GpuAllocationCount, Task, TaskEvent
 
 
 def _scrape(client) -> dict[str, list]:
@@ -81,6 +82,14 @@ def test_queue_metrics_count_pending_tasks_by_priority_and_their_waits(client, b
     assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_bucket", le="30.0") == 2
     assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_sum") == pytest.approx(33, abs=1)
     assert _value(f, "scheduler_schedule", "scheduler_schedule_total") == 2
+
+
+def test_gpu_task_counts_hold_across_the_usage_roll_up(client, busy_cluster, servers):
+    labels = {"node": "gpu-01", "gpu": "0"}
+    before = _value(_scrape(client), "gpu_tasks", "gpu_tasks_total", **labels)
+    usage.roll_up(timezone.now() + usage.ROLLUP_LAG + timedelta(minutes=1))  # "old" is rolled up now
+    assert GpuAllocationCount.objects.get(gpu=servers[0].gpus.get(index=0)).allocations == 1
+    assert _value(_scrape(client), "gpu_tasks", "gpu_tasks_total", **labels) == before == 2
 
 
 def test_gpu_metrics_report_each_gpu_as_last_reported(client, busy_cluster, servers):

@@ -15,13 +15,22 @@ October: acme 4 + 1 + 2.5 = 7.5, globex 2 + 2 = 4; alice 6.5, bob 1, carol 4.
 
 from __future__ import annotations
 
-from datetime import date
+import importlib
+from datetime import date, timedelta
 
 import pytest
 
 from nodes.models import GPU
-from scheduling.models import Task
-from scheduling.usage import ReportError, month_bounds, report, roll_up, sample_utilisation
+from scheduling.models import Allocation, GpuAllocationCount, Task
+from scheduling.usage import (
+    ROLLUP_LAG,
+    ReportError,
+    allocations_per_gpu,
+    month_bounds,
+    report,
+    roll_up,
+    sample_utilisation,
+)
 from tests.usage_history import NOW, at, make_history
 
 
@@ -117,3 +126,46 @@ def test_bad_arguments_are_refused():
         report(at(10, 2, 0), at(10, 1, 0), ["tenant"])
     with pytest.raises(ReportError):
         report(at(10, 1, 0), at(10, 2, 0), ["colour"])
+
+
+def allocations_by_index(node) -> dict[int, int]:
+    counts = allocations_per_gpu()
+    return {g.index: counts.get(g.pk, 0) for g in GPU.objects.filter(node=node)}
+
+
+@pytest.mark.django_db
+def test_allocations_per_gpu_are_the_same_before_between_and_after_roll_ups(history):
+    # GPU 0: A and D's second attempt; 1: A and E; 2: B, C and the open F; 3: D's first attempt.
+    expected = {0: 2, 1: 2, 2: 3, 3: 1}
+    assert allocations_by_index(history) == expected
+    roll_up(at(10, 20, 0))  # A-D rolled up; E (released Nov 1) and F (open) still raw
+    assert GpuAllocationCount.objects.count() == 4
+    assert allocations_by_index(history) == expected
+    roll_up(NOW)
+    roll_up(NOW)  # nothing twice
+    assert allocations_by_index(history) == expected
+    assert sorted(GpuAllocationCount.objects.values_list("allocations", flat=True)) == [1, 2, 2, 2]
+
+
+@pytest.mark.django_db
+def test_an_allocation_released_after_the_roll_up_is_counted_once_raw_then_once_rolled(history):
+    roll_up(NOW)
+    f = Allocation.objects.get(released_at__isnull=True)
+    Allocation.objects.filter(pk=f.pk).update(released_at=NOW)
+    assert allocations_by_index(history)[2] == 3
+    roll_up(NOW + ROLLUP_LAG + timedelta(seconds=1))
+    assert allocations_by_index(history)[2] == 3
+    assert GpuAllocationCount.objects.get(gpu=f.gpu_id).allocations == 3
+
+
+@pytest.mark.django_db
+def test_the_migration_seeds_the_counts_with_what_the_watermark_already_covers(history):
+    from django.db import connection
+
+    seed = importlib.import_module("scheduling.migrations.0018_gpu_allocation_counts").SEED_SQL
+    roll_up(at(10, 20, 0))
+    GpuAllocationCount.objects.all().delete()  # as before the migration: rolled up, not counted
+    with connection.cursor() as cursor:
+        cursor.execute(seed)
+    assert allocations_by_index(history) == {0: 2, 1: 2, 2: 3, 3: 1}
+    assert sorted(GpuAllocationCount.objects.values_list("allocations", flat=True)) == [1, 1, 2, 2]
