@@ -4,7 +4,8 @@ scrape time.
 Every web process registers ``PortalCollector``; whichever process Prometheus
 scrapes reads the same rows, so several web nodes behind a load balancer report
 the same truth (no per-process counters that reset or disagree). Counters come
-from durable rows: placements from task events, GPU task counts from allocations
+from durable rows: placements and their queue waits from ``MetricCounter`` rows that the
+placing statement adds to (``kernel.counters``), GPU task counts from allocations
 (rolled up per GPU with the usage ledger: ``scheduling.usage.allocations_per_gpu``), pass
 figures from ``MetricCounter`` rows that ``kernel.counters.record_pass`` adds to.
 """
@@ -27,7 +28,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import REGISTRY, Collector
 from prometheus_client.utils import floatToGoString
 
-from kernel.counters import PASS_BUCKETS
+from kernel.counters import (
+    PASS_BUCKETS,
+    PLACEMENTS,
+    QUEUE_WAIT_BUCKET,
+    QUEUE_WAIT_BUCKETS,
+    QUEUE_WAIT_SUM,
+    bucket_label,
+)
 from kernel.models import Alert
 from nodes.models import MONITORED, GPUHealth
 from scheduling.choices import ACTIVE_STATUSES, OPEN_STATUSES, TaskStatus
@@ -37,7 +45,6 @@ from tenants.choices import Priority
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
-QUEUE_WAIT_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
 def _families() -> dict[str, Metric]:
@@ -98,25 +105,19 @@ def collect_families() -> list[Metric]:
     (oldest,) = _query("SELECT min(created_at) FROM scheduling_task WHERE status = %s", pending)[0]
     f["queue_oldest"].add_metric([], max((now - oldest).total_seconds(), 0) if oldest else 0)
 
-    filters = ", ".join(f"count(*) FILTER (WHERE w <= {float(b)})" for b in QUEUE_WAIT_BUCKETS)
-    row = _query(
-        f"SELECT {filters}, count(*), coalesce(sum(w), 0) FROM ("  # noqa: S608 (constants only)
-        " SELECT greatest(extract(epoch FROM assigned_at - created_at), 0)::float8 AS w"
-        " FROM scheduling_task WHERE assigned_at IS NOT NULL) q"
-    )[0]
-    n = len(QUEUE_WAIT_BUCKETS)
-    buckets, total = _histogram(QUEUE_WAIT_BUCKETS, list(row[:n]), row[n + 1], row[n])
-    f["queue_wait"].add_metric([], buckets, total)
-
-    (placed,) = _query("SELECT count(*) FROM scheduling_taskevent WHERE to_status = %s", [TaskStatus.ASSIGNED])[0]
-    f["schedule"].add_metric([], placed)
-
+    # Placements and their waits: counted by the statement that placed them (kernel.counters).
     counters = {(name, labels): value for name, labels, value in _query(
         "SELECT name, labels, value FROM portal_metriccounter")}
+    placed = counters.get((PLACEMENTS, ""), 0)
+    wait_counts = [counters.get((QUEUE_WAIT_BUCKET, bucket_label(b)), 0) for b in QUEUE_WAIT_BUCKETS]
+    buckets, total = _histogram(QUEUE_WAIT_BUCKETS, wait_counts, counters.get((QUEUE_WAIT_SUM, ""), 0), placed)
+    f["queue_wait"].add_metric([], buckets, total)
+    f["schedule"].add_metric([], placed)
+
     f["failures"].add_metric([], counters.get(("scheduler_schedule_failures", ""), 0))
     passes = counters.get(("scheduler_passes", ""), 0)
     f["passes"].add_metric([], passes)
-    pass_counts = [counters.get(("scheduler_pass_duration_seconds_bucket", f'le="{b}"'), 0) for b in PASS_BUCKETS]
+    pass_counts = [counters.get(("scheduler_pass_duration_seconds_bucket", bucket_label(b)), 0) for b in PASS_BUCKETS]
     buckets, total = _histogram(PASS_BUCKETS, pass_counts,
                                 counters.get(("scheduler_pass_duration_seconds_sum", ""), 0), passes)
     f["pass_duration"].add_metric([], buckets, total)

@@ -31,7 +31,7 @@ from django.db.models import F, Max
 from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
-from kernel import live, pgarrays
+from kernel import counters, live, pgarrays
 from kernel.alerts import raise_alert
 from kernel.models import Alert
 from kernel.pipelined import Pipelined
@@ -572,7 +572,7 @@ WITH placed AS (
         pending_reason = '', queue_position = NULL
     FROM unnest(%(task)s::bigint[], %(task_node)s::bigint[]) AS v(id, node_id)
     WHERE t.id = v.id AND t.status = %(from)s
-    RETURNING t.id, t.attempt
+    RETURNING t.id, t.attempt, t.created_at
 ), ranks AS (
     INSERT INTO scheduling_taskrank (task_id, attempt, rank, node_id, address)
     SELECT r.task_id, p.attempt, r.rank, r.node_id, ''
@@ -591,9 +591,34 @@ WITH placed AS (
     FROM unnest(%(a_task)s::bigint[], %(a_gpu)s::bigint[], %(a_node)s::bigint[], %(a_mem)s::integer[],
                 %(a_excl)s::boolean[]) AS a(task_id, gpu_id, node_id, memory_mb, exclusive)
     WHERE a.task_id IN (SELECT id FROM placed)
+), waits AS (
+    SELECT greatest(extract(epoch FROM %(now)s::timestamptz - created_at), 0)::float8 AS s FROM placed
+), counted AS (
+    -- /metrics's placements and queue waits, counted where they happen (kernel.counters).
+    INSERT INTO portal_metriccounter AS c (name, labels, value, updated_at)
+    SELECT k.name, k.labels, k.value, %(now)s
+    FROM (
+        SELECT %(c_placed)s AS name, '' AS labels, count(*)::float8 AS value FROM waits
+        UNION ALL
+        SELECT %(c_wait_sum)s, '', sum(s) FROM waits
+        UNION ALL
+        SELECT %(c_wait_bucket)s, b.label, count(w.s)::float8
+        FROM unnest(%(wait_bounds)s::float8[], %(wait_labels)s::text[]) AS b(bound, label)
+        LEFT JOIN waits w ON w.s <= b.bound
+        GROUP BY b.label
+    ) k
+    WHERE EXISTS (SELECT FROM placed)
+    ON CONFLICT (name, labels) DO UPDATE SET value = c.value + EXCLUDED.value, updated_at = EXCLUDED.updated_at
 )
 SELECT id FROM placed
 """
+
+# The counters' names and the queue-wait buckets, the same for every batch.
+_COUNTER_PARAMS = {
+    "c_placed": counters.PLACEMENTS, "c_wait_sum": counters.QUEUE_WAIT_SUM, "c_wait_bucket": counters.QUEUE_WAIT_BUCKET,
+    "wait_bounds": pgarrays.ints(counters.QUEUE_WAIT_BUCKETS),  # whole seconds, cast to float8
+    "wait_labels": pgarrays.texts([counters.bucket_label(b) for b in counters.QUEUE_WAIT_BUCKETS]),
+}
 
 def place_many(placing: list[Placing], *, actor: str, now: datetime, fan: FanOut) -> list[Placing]:
     """Assign pending tasks to their GPUs, in one statement; returns those it took (a task
@@ -628,6 +653,7 @@ def _place_params(placing: list[Placing], *, actor: str, now: datetime) -> dict[
         "a_task": pgarrays.ints(a_task), "a_gpu": pgarrays.ints(a_gpu), "a_node": pgarrays.ints(a_node),
         "a_mem": pgarrays.ints(a_mem), "a_excl": pgarrays.bools(a_excl),
         "r_task": pgarrays.ints(r_task), "r_rank": pgarrays.ints(r_rank), "r_node": pgarrays.ints(r_node),
+        **_COUNTER_PARAMS,
     }
 
 

@@ -3,18 +3,20 @@ metrics, computed from the database so every web process reports the same."""
 
 from __future__ import annotations
 
+import importlib
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from kernel import counters
-from kernel.models import Alert
+from kernel.models import Alert, MetricCounter
 from nodes.models import GPU
 from portal import metrics
-from scheduling import usage
-from scheduling.models import Allocation, GpuAllocationCount, Task, TaskEvent
+from scheduling import lifecycle, usage
+from scheduling.models import Allocation, GpuAllocationCount, Task
 
 
 def _scrape(client) -> dict[str, list]:
@@ -32,22 +34,28 @@ def _value(families, name: str, sample: str | None = None, **labels) -> float:
     return matches[0]
 
 
+def _place(task, gpu, at, memory_mb: int) -> None:
+    placing = lifecycle.Placing(task_id=task.pk, tenant_id=task.tenant_id, node_id=gpu.node_id, reason="test",
+                                memory_mb=memory_mb, exclusive=True, gpus=((gpu.pk, gpu.node_id),))
+    with transaction.atomic(), lifecycle.batch() as fan:
+        assert lifecycle.place_many([placing], actor="scheduler", now=at, fan=fan) == [placing]
+
+
 @pytest.fixture
 def busy_cluster(acme, globex, alice, servers):
     now = timezone.now()
     gpu = servers[0].gpus.get(index=0)
     GPU.objects.filter(pk=gpu.pk).update(memory_used_mb=1000, utilization_pct=77, temperature_c=65)
     GPU.objects.filter(pk=servers[1].gpus.get(index=2).pk).update(health="error", cordoned=True)
-    running = Task.objects.create(tenant=acme, name="run", command="x", status="running", node=servers[0],
-                                  created_at=now - timedelta(seconds=40), assigned_at=now - timedelta(seconds=10))
-    Allocation.objects.create(task=running, gpu=gpu, node=servers[0], memory_mb=30_000)
-    TaskEvent.objects.create(task=running, from_status="pending", to_status="assigned", actor="scheduler")
-    old = Task.objects.create(tenant=acme, name="old", command="x", status="succeeded", node=servers[0],
-                              created_at=now - timedelta(hours=1),
-                              assigned_at=now - timedelta(hours=1) + timedelta(seconds=3))
-    Allocation.objects.create(task=old, gpu=gpu, node=servers[0], memory_mb=1000,
-                              allocated_at=now - timedelta(hours=1), released_at=now)
-    TaskEvent.objects.create(task=old, from_status="pending", to_status="assigned", actor="scheduler")
+    # Two tasks placed the way passes place them (the placing statement counts them): "old"
+    # waited 3 s an hour ago and has finished, "run" waited 30 s and is running on GPU 0.
+    old = Task.objects.create(tenant=acme, name="old", command="x", created_at=now - timedelta(hours=1))
+    _place(old, gpu, at=now - timedelta(hours=1) + timedelta(seconds=3), memory_mb=1000)
+    Task.objects.filter(pk=old.pk).update(status="succeeded")
+    Allocation.objects.filter(task=old).update(allocated_at=now - timedelta(hours=1), released_at=now)
+    running = Task.objects.create(tenant=acme, name="run", command="x", created_at=now - timedelta(seconds=40))
+    _place(running, gpu, at=now - timedelta(seconds=10), memory_mb=30_000)
+    Task.objects.filter(pk=running.pk).update(status="running")
     Task.objects.create(tenant=acme, name="p1", command="x", priority=2, created_at=now - timedelta(seconds=90))
     Task.objects.create(tenant=globex, name="p2", command="x", priority=2)
     Task.objects.create(tenant=globex, name="p3", command="x", priority=0)
@@ -167,3 +175,47 @@ def test_a_failing_pass_counts_as_a_schedule_failure(client, servers):
         run_pass(schedule=broken)
     f = _scrape(client)
     assert _value(f, "scheduler_schedule_failures", "scheduler_schedule_failures_total") == 1
+
+
+def test_a_pass_counts_its_placements_and_their_waits_as_it_places_them(client, acme, servers):
+    from scheduling.passes import run_pass
+
+    now = timezone.now()
+    for i, waited in enumerate((2, 20, 2000)):
+        Task.objects.create(tenant=acme, name=f"t{i}", command="x", gpu_memory_mb=10_000,
+                            created_at=now - timedelta(seconds=waited))
+    Task.objects.create(tenant=acme, name="too big", command="x", gpu_count=64)  # never placed
+    assert run_pass().placements == 3
+    f = _scrape(client)
+    assert _value(f, "scheduler_schedule", "scheduler_schedule_total") == 3
+    assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_count") == 3
+    assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_bucket", le="5.0") == 1
+    assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_bucket", le="60.0") == 2
+    assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_bucket", le="3600.0") == 3
+    assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_sum") == pytest.approx(2022, abs=5)
+    assert run_pass().placements == 0
+    assert _value(_scrape(client), "scheduler_schedule", "scheduler_schedule_total") == 3
+
+
+def test_a_placing_whose_task_left_the_queue_counts_nothing(client, acme, servers):
+    task = Task.objects.create(tenant=acme, name="gone", command="x", status="cancelled")
+    placing = lifecycle.Placing(task_id=task.pk, tenant_id=acme.pk, node_id=servers[0].pk, reason="test",
+                                memory_mb=1000, exclusive=True, gpus=((servers[0].gpus.first().pk, servers[0].pk),))
+    with transaction.atomic(), lifecycle.batch() as fan:
+        assert lifecycle.place_many([placing], actor="scheduler", now=timezone.now(), fan=fan) == []
+    f = _scrape(client)
+    assert _value(f, "scheduler_schedule", "scheduler_schedule_total") == 0
+    assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_count") == 0
+    assert _value(f, "scheduler_queue_wait_seconds", "scheduler_queue_wait_seconds_bucket", le="86400.0") == 0
+
+
+def test_the_migration_seeds_the_placement_counters_from_the_history(client, busy_cluster):
+    from django.db import connection
+
+    seed = importlib.import_module("scheduling.migrations.0019_placement_counters").SEED_SQL
+    counted = {(c.name, c.labels): c.value for c in MetricCounter.objects.all()}
+    MetricCounter.objects.all().delete()  # as before the migration: placements in events only
+    with connection.cursor() as cursor:
+        cursor.execute(seed)
+    assert {(c.name, c.labels): c.value for c in MetricCounter.objects.all()} == pytest.approx(counted)
+    assert (counters.QUEUE_WAIT_BUCKET, counters.bucket_label(86400)) in counted
