@@ -25,11 +25,18 @@ def as_alice(api_client_for, alice):
 
 @pytest.fixture
 def busy(acme, alice, servers):
-    """One task holding GPU gpu-01:0, one GPU cordoned, a server draining."""
+    """One task holding GPU gpu-01:0, one GPU cordoned, a server draining, and some history."""
     task = Task.objects.create(tenant=acme, submitter=alice, name="run", command="x", status=TaskStatus.RUNNING,
                                node=servers[0])
     gpu0 = servers[0].gpus.get(index=0)
     Allocation.objects.create(task=task, gpu=gpu0, node=servers[0], memory_mb=40_000)
+    # History: a finished task's released allocations hold nothing (gpu-01:2 stays free).
+    done = Task.objects.create(tenant=acme, submitter=alice, name="done", command="x", status=TaskStatus.SUCCEEDED,
+                               node=servers[0])
+    for index in (0, 2):
+        Allocation.objects.create(task=done, gpu=servers[0].gpus.get(index=index), node=servers[0], memory_mb=40_000,
+                                  allocated_at=timezone.now() - timedelta(hours=2),
+                                  released_at=timezone.now() - timedelta(hours=1))
     servers[0].gpus.get(index=1).cordon("ECC errors")
     make_server("gpu-03", gpus=2, status=NodeStatus.DRAINING)
     return task
