@@ -24,6 +24,17 @@ def gpus_with_usage() -> QuerySet[GPU]:
     )
 
 
+def with_gpu_counts(nodes: QuerySet[Node]) -> QuerySet[Node]:
+    """``nodes`` with ``gpu_n`` (their GPUs) and ``busy_n`` (those holding an open allocation).
+    The open allocations are joined as such, as in ``gpus_with_usage``: joining every allocation
+    a server ever had, times its GPUs, took 21-23 s over a year of 200 servers."""
+    return nodes.annotate(
+        open_allocations=FilteredRelation("allocations", condition=Q(allocations__released_at__isnull=True)),
+        gpu_n=Count("gpus", distinct=True),
+        busy_n=Count("open_allocations__gpu", distinct=True),
+    )
+
+
 def nodes_with_gpus() -> QuerySet[Node]:
     return Node.objects.prefetch_related(Prefetch("gpus", queryset=gpus_with_usage().order_by("index")))
 

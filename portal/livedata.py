@@ -11,9 +11,9 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-from django.db.models import Count, Q
 from django.utils import timezone
 
+from nodes import inventory
 from nodes.gpu_state import GPUState, gpu_state
 from nodes.models import GPU, Node
 from scheduling.models import Allocation, Task
@@ -39,10 +39,7 @@ def node_rows(node_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
     nodes = Node.objects.all().order_by("name")
     if node_ids is not None:
         nodes = nodes.filter(pk__in=list(node_ids))
-    nodes = nodes.annotate(
-        gpu_n=Count("gpus", distinct=True),
-        busy_n=Count("allocations__gpu", filter=Q(allocations__released_at__isnull=True), distinct=True),
-    )
+    nodes = inventory.with_gpu_counts(nodes)
     now = timezone.now()
     rows = []
     for node in nodes:

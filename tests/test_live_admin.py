@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.contrib.admin.models import LogEntry
 from django.urls import reverse
+from django.utils import timezone
 
 from kernel import live
 from kernel.models import Alert
@@ -169,3 +172,16 @@ def test_tenant_colours_on_the_cluster_grid_never_look_like_a_state():
         # At least 45 degrees of hue from free (green), cordoned (amber) and error (red).
         assert all(min(abs(hue - s), 360 - abs(hue - s)) >= 45 for s in STATE_HUES.values()), hue
     assert len({tenant_hue(t) for t in range(1, 11)}) == 10  # ten tenants, ten colours
+
+
+def test_server_rows_count_the_gpus_holding_open_allocations_not_their_history(running, acme, servers):
+    from portal import livedata
+
+    now = timezone.now()
+    done = Task.objects.create(tenant=acme, name="done", command="x", status="succeeded", node=servers[0])
+    for index in (1, 2):  # the running task's GPU and a free one, each held an hour ago
+        Allocation.objects.create(task=done, gpu=servers[0].gpus.get(index=index), node=servers[0], memory_mb=1000,
+                                  allocated_at=now - timedelta(hours=2), released_at=now - timedelta(hours=1))
+    rows = {row["name"]: row for row in livedata.node_rows()}
+    assert (rows["gpu-01"]["gpus"], rows["gpu-01"]["gpus_busy"]) == (8, 1)
+    assert (rows["gpu-02"]["gpus"], rows["gpu-02"]["gpus_busy"]) == (8, 0)

@@ -4,13 +4,14 @@ from datetime import timedelta
 
 from django.contrib import admin, messages
 from django.db import transaction
-from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models import OuterRef, Subquery
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import gettext_noop
 
 from kernel import live
 from kernel.alerts import raise_alert
+from nodes import inventory
 from nodes.enrolment import allow_reenrolment, issue_join_token
 from nodes.gpu_state import gpu_state
 from nodes.models import GPU, JoinToken, Node, NodeStatus
@@ -50,10 +51,7 @@ class NodeAdmin(admin.ModelAdmin):
         triggers.request_pass(f"{obj} edited by {request.user.username}")
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(
-            gpu_n=Count("gpus", distinct=True),
-            busy_n=Count("allocations__gpu", filter=Q(allocations__released_at__isnull=True), distinct=True),
-        )
+        return inventory.with_gpu_counts(super().get_queryset(request))
 
     @admin.display(description=_("status"), ordering="status")
     def live_status(self, obj: Node):
