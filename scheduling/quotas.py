@@ -10,7 +10,7 @@ from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from scheduling import access
-from scheduling.choices import ACTIVE_STATUSES, TaskStatus
+from scheduling.choices import ACTIVE_STATUSES, OPEN_STATUSES, TaskStatus
 from scheduling.models import Allocation, Task
 from tenants.choices import Priority
 from tenants.models import FairShare, Limits, Membership, Quota, QuotaGrant, Usage, effective_limits
@@ -30,7 +30,10 @@ def usage_of(tenant_ids: Iterable[int]) -> dict[int, Usage]:
     }
     tasks = {
         r["tenant_id"]: r
-        for r in Task.objects.filter(tenant_id__in=ids).values("tenant_id").annotate(
+        # Open tasks only in the WHERE (task_tenant_status_idx), not just in the counts' filters:
+        # a tenant's finished history is most of its rows (a year of one tenant's tasks, 125,000:
+        # 360-420 ms against a few).
+        for r in Task.objects.filter(tenant_id__in=ids, status__in=OPEN_STATUSES).values("tenant_id").annotate(
             running=Count("id", filter=Q(status__in=ACTIVE_STATUSES)),
             pending=Count("id", filter=Q(status=TaskStatus.PENDING)),
         )

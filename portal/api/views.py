@@ -16,7 +16,7 @@ from kernel import control_plane, registry
 from kernel.models import ControlPlaneServer
 from nodes import inventory
 from nodes.models import NodeStatus
-from scheduling.choices import TaskStatus
+from scheduling.choices import OPEN_STATUSES, TaskStatus
 from scheduling.models import SchedulerLock, Task
 from tenants.choices import Priority
 
@@ -30,7 +30,8 @@ def cluster_summary() -> dict:
         for s in ControlPlaneServer.objects.order_by("role", "name")
     ]
     gpus = inventory.gpu_totals()
-    tasks = Task.objects.aggregate(
+    # Open tasks only in the WHERE: the finished history is most of the table.
+    tasks = Task.objects.filter(status__in=OPEN_STATUSES).aggregate(
         pending=Count("id", filter=Q(status=TaskStatus.PENDING)),
         assigned=Count("id", filter=Q(status=TaskStatus.ASSIGNED)),
         running=Count("id", filter=Q(status=TaskStatus.RUNNING)),
