@@ -185,3 +185,20 @@ def test_server_rows_count_the_gpus_holding_open_allocations_not_their_history(r
     rows = {row["name"]: row for row in livedata.node_rows()}
     assert (rows["gpu-01"]["gpus"], rows["gpu-01"]["gpus_busy"]) == (8, 1)
     assert (rows["gpu-02"]["gpus"], rows["gpu-02"]["gpus_busy"]) == (8, 0)
+
+
+def test_task_events_list_newest_first_and_filter_by_kind_of_actor(client, staff, acme):
+    task = Task.objects.create(tenant=acme, name="evented", command="x")
+    for actor in ("user:alice", "scheduler", "agent:gpu-01", "scheduler:q", "admin:root", "username-lookalike"):
+        TaskEvent.objects.create(task=task, from_status="pending", to_status="assigned", actor=actor,
+                                 reason=f"by {actor}")
+    client.force_login(staff)
+    url = reverse("admin:scheduling_taskevent_changelist")
+    page = client.get(url).content.decode()
+    order = [page.index(f"by {a}") for a in ("username-lookalike", "admin:root", "scheduler:q", "user:alice")]
+    assert order == sorted(order)  # the newest first
+    scheduler = client.get(url, {"actor_kind": "scheduler"}).content.decode()
+    assert "by scheduler<" in scheduler and "by scheduler:q" in scheduler and "by user:alice" not in scheduler
+    users = client.get(url, {"actor_kind": "user"}).content.decode()
+    assert "by user:alice" in users and "username-lookalike" not in users and "by scheduler" not in users
+    assert client.get(url, {"actor_kind": "nonsense"}).status_code == 200

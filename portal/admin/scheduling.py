@@ -3,6 +3,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.db.models import Q
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 from django.utils.translation import gettext_lazy as _
@@ -193,12 +194,34 @@ class TaskAdmin(admin.ModelAdmin):
         return format_html('<pre style="max-height:30em;overflow:auto">{}</pre>', "\n".join(lines) or "(no output)")
 
 
+class ActorKindFilter(admin.SimpleListFilter):
+    """Who made the change, by kind (the part of the actor before its colon). A filter on the
+    actor itself listed every distinct actor, read from all events on every page view (0.8 s
+    over 7.5 million events); a name is found with the search box."""
+
+    title = _("actor")
+    parameter_name = "actor_kind"
+
+    def lookups(self, request, model_admin):
+        return [("scheduler", _("the scheduler")), ("sweep", _("the sweep")), ("user", _("users")),
+                ("admin", _("operators")), ("agent", _("agents"))]
+
+    def queryset(self, request, queryset):
+        kind = self.value()
+        if kind not in dict(self.lookup_choices):
+            return queryset
+        return queryset.filter(Q(actor=kind) | Q(actor__startswith=f"{kind}:"))
+
+
 @admin.register(TaskEvent)
 class TaskEventAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = ["created_at", "task", "from_status", "to_status", "actor", "reason"]
-    list_filter = ["to_status", "actor"]
+    list_filter = ["to_status", ActorKindFilter]
     search_fields = ["task__name", "reason", "actor"]
     list_select_related = ["task"]
+    # Newest first, along the key's index: the model's (created_at, id) order sorted every event
+    # ever for each page (7.6 s over 7.5 million). Ids follow the events' creation.
+    ordering = ["-id"]
 
     def has_view_permission(self, request, obj=None) -> bool:
         return request.user.is_active and request.user.is_staff
