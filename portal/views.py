@@ -12,7 +12,6 @@ from typing import Any
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.paginator import Paginator
 from django.db.models import Count, Max, Min, Q
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -24,6 +23,7 @@ from django.views.decorators.http import require_POST
 from nodes import inventory
 from nodes.models import Node
 from portal.api.authentication import create_token
+from portal.pagination import BoundedCountPaginator
 from scheduling import access, lifecycle, logs, reservations, submission, task_fields, usage
 from scheduling.calendar import events
 from scheduling.choices import FINAL_STATUSES, OPEN_STATUSES, STATUS_GROUPS, ShareMode, TaskStatus
@@ -105,6 +105,10 @@ def submit(request: HttpRequest) -> HttpResponse:
 # The state menu of the task page: not ended, the tasks holding GPUs (``active``), then each state.
 
 
+# Tasks the list counts before it says "more than" (portal.pagination).
+TASK_LIST_COUNT_CAP = 10_000
+
+
 @login_required
 def task_list(request: HttpRequest) -> HttpResponse:
     """The tasks I may see, filtered like ``GET /api/v1/tasks`` (``scheduling.filters.TaskFilter``),
@@ -115,7 +119,8 @@ def task_list(request: HttpRequest) -> HttpResponse:
     valid = filters.is_valid()
     qs = filters.qs if valid else filters.queryset.none()
     array = request.GET.get("array", "") if valid else ""
-    page = Paginator(qs if array else _folded(qs), 50).get_page(request.GET.get("page"))
+    page = BoundedCountPaginator(qs if array else _folded(qs), 50, cap=TASK_LIST_COUNT_CAP).get_page(
+        request.GET.get("page"))
     if not array:
         _summarise_arrays(qs, page.object_list)
     query = request.GET.copy()

@@ -228,3 +228,24 @@ def test_pages_keep_their_messages_and_api_requests_make_no_message_storage(alic
     api = alice_in.get("/api/v1/tasks")
     assert api.status_code == 200
     assert not hasattr(api.wsgi_request, "_messages")
+
+
+def test_the_task_list_counts_no_further_than_the_page_it_shows(alice_in, acme, alice, monkeypatch):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from portal import views
+
+    monkeypatch.setattr(views, "TASK_LIST_COUNT_CAP", 60)
+    Task.objects.bulk_create(Task(tenant=acme, submitter=alice, name=f"t{i}", command="x") for i in range(130))
+    with CaptureQueriesContext(connection) as queries:
+        first = alice_in.get("/tasks/").content.decode()
+    assert "page 1 (more than 60 tasks)" in first and "page=2" in first
+    counts = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"]]
+    assert counts and all("LIMIT 61" in sql for sql in counts)
+    second = alice_in.get("/tasks/?page=2").content.decode()
+    assert "page 2 (more than 100 tasks)" in second and "page=3" in second
+    last = alice_in.get("/tasks/?page=3").content.decode()
+    assert "page 3 of 3 (130 tasks)" in last and "page=4" not in last
+    for page in ("99999999999999999999999999999999", "-5", "x"):
+        assert alice_in.get(f"/tasks/?page={page}").status_code == 200

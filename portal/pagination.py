@@ -1,0 +1,48 @@
+"""A paginator for lists that grow with the history (a year of one lab's tasks).
+
+Django's ``Paginator`` counts the whole list to number its pages: for a tenant with a year of
+tasks (125,000) that count took a second for every page of 50 shown. ``BoundedCountPaginator``
+counts no further than it needs: up to ``cap`` rows, or to one row past the page asked for,
+whichever is further. Beyond that it knows only that more rows exist (``count_is_bounded``):
+the page says "more than N", the next page is always reachable, and a deep page costs a count
+as deep as itself.
+"""
+
+from __future__ import annotations
+
+from django.core.paginator import Paginator
+from django.utils.functional import cached_property
+
+# No page past this is counted for (a page number of 30 digits would not fit PostgreSQL's LIMIT).
+MAX_PAGE = 10**9
+
+
+class BoundedCountPaginator(Paginator):
+    def __init__(self, object_list, per_page, *, cap: int = 10_000, **kwargs) -> None:
+        super().__init__(object_list, per_page, **kwargs)
+        self.cap = cap
+        self._known = cap  # rows counted for, before the page asked for is known (get_page)
+
+    def get_page(self, number):
+        try:
+            asked = min(max(int(number), 1), MAX_PAGE)
+        except (TypeError, ValueError, OverflowError):
+            asked = 1
+        self._known = max(self.cap, asked * self.per_page)
+        return super().get_page(number)
+
+    @cached_property
+    def count(self) -> int:
+        """The rows up to ``_known``; one more than that when there are more (so the page after
+        the one asked for exists)."""
+        return self.object_list[: self._known + 1].count()
+
+    @property
+    def count_is_bounded(self) -> bool:
+        """More rows exist than were counted."""
+        return self.count > self._known
+
+    @property
+    def known(self) -> int:
+        """The rows known to exist: ``count``, less the one that only says there are more."""
+        return self.count - 1 if self.count_is_bounded else self.count
