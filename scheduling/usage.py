@@ -164,9 +164,10 @@ GROUP BY gpu_id
 ON CONFLICT (gpu_id) DO UPDATE SET allocations = c.allocations + EXCLUDED.allocations
 """
 
-# The roll-up's watermark, or minus infinity before the first roll-up (everything is raw).
-_WATERMARK_SQL = ("coalesce((SELECT watermark FROM scheduling_usagerollup "  # noqa: S608 (constants only)
-                  f"WHERE name = '{ROLLUP_NAME}'), '-infinity'::timestamptz)")
+# The roll-up's watermark (no row before the first roll-up), and as an expression that reads
+# minus infinity then (everything is raw).
+_ROLLUP_WATERMARK_SQL = f"SELECT watermark FROM scheduling_usagerollup WHERE name = '{ROLLUP_NAME}'"  # noqa: S608
+_WATERMARK_SQL = f"coalesce(({_ROLLUP_WATERMARK_SQL}), '-infinity'::timestamptz)"
 
 # The rolled-up counts and the raw rows after the watermark must come from one snapshot, or a
 # roll-up committing in between would count its intervals twice or not at all: the statement
@@ -174,7 +175,6 @@ _WATERMARK_SQL = ("coalesce((SELECT watermark FROM scheduling_usagerollup "  # n
 # was given. Given as a value, not read by a subquery: the planner then expects the few rows
 # after it (as a subquery, a third of the table: a parallel scan and its JIT compilation,
 # 60 ms instead of 3 over 10 million intervals).
-_ROLLUP_WATERMARK_SQL = f"SELECT watermark FROM scheduling_usagerollup WHERE name = '{ROLLUP_NAME}'"  # noqa: S608
 _PER_GPU_SQL = f"""
 SELECT x.gpu_id, sum(x.n)::bigint, ({_ROLLUP_WATERMARK_SQL}) FROM (
     SELECT gpu_id, allocations AS n FROM scheduling_gpuallocationcount
