@@ -18,18 +18,21 @@ MAX_PAGE = 10**9
 
 
 class BoundedCountPaginator(Paginator):
-    def __init__(self, object_list, per_page, *, cap: int = 10_000, **kwargs) -> None:
+    def __init__(self, object_list, per_page, *, cap: int, **kwargs) -> None:
         super().__init__(object_list, per_page, **kwargs)
         self.cap = cap
-        self._known = cap  # rows counted for, before the page asked for is known (get_page)
+        self._known = cap  # rows counted for; set from the page asked for (validate_number)
 
-    def get_page(self, number):
+    def validate_number(self, number):
+        # get_page() and page() both validate the number first, and validating counts:
+        # the count must know how deep the page asked for lies before it runs.
         try:
             asked = min(max(int(number), 1), MAX_PAGE)
         except (TypeError, ValueError, OverflowError):
             asked = 1
-        self._known = max(self.cap, asked * self.per_page)
-        return super().get_page(number)
+        if "count" not in self.__dict__:  # not counted yet
+            self._known = max(self.cap, asked * self.per_page)
+        return super().validate_number(number)
 
     @cached_property
     def count(self) -> int:
