@@ -132,8 +132,14 @@ for _key in ("host", "port"):
     if _key in _db.get("OPTIONS", {}):
         _db[_key.upper()] = str(_db["OPTIONS"].pop(_key))
 _db.setdefault("OPTIONS", {})["application_name"] = envstr("PORTAL_PROCESS_NAME", "gpu-portal")
-# Keep the scheduler lock and the hot paths from waiting forever on a stuck peer.
-_db["OPTIONS"].setdefault("options", "-c lock_timeout=30000")
+# lock_timeout: keep the scheduler lock and the hot paths from waiting forever on a stuck peer.
+# jit=off: PostgreSQL compiles a statement whose estimated cost passes jit_above_cost, and the
+# estimates of this project's report and admin statements (correlated subqueries, a year of
+# allocation intervals) pass it while they run in milliseconds. Over a year's history the
+# compilation was nearly all of their time: the usage report by tenant 511 -> 10 ms (month) and
+# 763 -> 72 ms (year), the tenant admin list 1.9 -> 0.2 s; a bare scan of all 10 million
+# intervals 687 against 708 ms (bench/HISTORY.md, Dec 2, fourth session).
+_db["OPTIONS"].setdefault("options", "-c lock_timeout=30000 -c jit=off")
 # A network cut to PostgreSQL must surface as an error within seconds (then every process
 # reconnects by itself), not as a query hung for the kernel's 15-minute TCP timeout.
 _TCP_CUT_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,

@@ -119,3 +119,13 @@ def test_production_refuses_to_start_without_a_secret_key(db):
                           timeout=60, env=env)
     assert proc.returncode == 2
     assert "SECRET_KEY (or SECRET_KEY_FILE) must be set" in proc.stderr
+
+
+def test_portal_connections_bound_lock_waits_and_skip_jit_compilation(db):
+    """The connection options of portal/settings.py reach the server: a 30 s lock wait at most,
+    and no JIT compilation (it was most of the time of the usage reports over a year's history)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('lock_timeout'), current_setting('jit')")
+        assert cursor.fetchone() == ("30s", "off")
