@@ -23,22 +23,31 @@ class BoundedCountPaginator(Paginator):
         self.cap = cap
         self._known = cap  # rows counted for; set from the page asked for (validate_number)
 
-    def validate_number(self, number):
-        # get_page() and page() both validate the number first, and validating counts:
-        # the count must know how deep the page asked for lies before it runs.
+    def count_to_page(self, number) -> None:
+        """Count deep enough to hold page ``number`` (any value; a bad one means page 1), when
+        the count has not run yet. Whoever reads ``count`` before asking for the page (Django's
+        admin changelist does) calls this first."""
         try:
             asked = min(max(int(number), 1), MAX_PAGE)
         except (TypeError, ValueError, OverflowError):
             asked = 1
         if "count" not in self.__dict__:  # not counted yet
             self._known = max(self.cap, asked * self.per_page)
+
+    def validate_number(self, number):
+        # get_page() and page() both validate the number first, and validating counts:
+        # the count must know how deep the page asked for lies before it runs.
+        self.count_to_page(number)
         return super().validate_number(number)
 
     @cached_property
     def count(self) -> int:
         """The rows up to ``_known``; one more than that when there are more (so the page after
         the one asked for exists)."""
-        return self.object_list[: self._known + 1].count()
+        # Unordered: how many of the first N rows exist does not depend on their order, and an
+        # ORDER BY made PostgreSQL join and sort every match of a search first (task events
+        # searched over a year: 2.9 s against 0.96 s).
+        return self.object_list.order_by()[: self._known + 1].count()
 
     @property
     def count_is_bounded(self) -> bool:
