@@ -202,3 +202,45 @@ def test_task_events_list_newest_first_and_filter_by_kind_of_actor(client, staff
     users = client.get(url, {"actor_kind": "user"}).content.decode()
     assert "by user:alice" in users and "username-lookalike" not in users and "by scheduler" not in users
     assert client.get(url, {"actor_kind": "nonsense"}).status_code == 200
+
+
+def test_history_lists_count_no_further_than_the_page_asked_for(client, staff, acme, monkeypatch):
+    """The task events and allocations lists (portal.admin.scheduling.BoundedCountMixin): the
+    count stops at the cap or one row past the page asked for, the page says "more than N", and
+    every page stays reachable; the whole table is not counted a second time."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from portal.admin.scheduling import TaskEventAdmin
+
+    monkeypatch.setattr(TaskEventAdmin, "list_per_page", 10)
+    monkeypatch.setattr(TaskEventAdmin, "list_count_cap", 20)
+    task = Task.objects.create(tenant=acme, name="evented", command="x")
+    TaskEvent.objects.bulk_create(TaskEvent(task=task, from_status="pending", to_status="assigned",
+                                            actor="scheduler", reason=f"event {i:02d};") for i in range(45))
+    client.force_login(staff)
+    url = reverse("admin:scheduling_taskevent_changelist")
+
+    with CaptureQueriesContext(connection) as queries:
+        first = client.get(url).content.decode()
+    counts = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"] and "taskevent" in q["sql"]]
+    assert len(counts) == 1 and "LIMIT 21" in counts[0]
+    assert "more than 20 task events" in first
+    assert "event 44;" in first and "event 34;" not in first  # newest first, ten a page
+    assert "?p=3" in first  # the page past the counted ones is linked
+
+    third = client.get(url, {"p": 3}).content.decode()
+    assert "more than 30 task events" in third and "event 24;" in third and "event 15;" in third
+    assert "event 25;" not in third and "event 14;" not in third
+    last = client.get(url, {"p": 5}).content.decode()
+    assert "45 task events" in last and "more than" not in last and "event 00;" in last
+    assert client.get(url, {"p": 99}).status_code in (200, 302)  # the admin's own "no such page"
+    assert client.get(url, {"p": "x" * 40}).status_code in (200, 302)
+
+    searched = client.get(url, {"q": "event"}).content.decode()
+    assert "more than 20 results" in searched
+    chinese = client.get(url, HTTP_ACCEPT_LANGUAGE="zh-CN,zh;q=0.9").content.decode()
+    assert "超过 20 个" in chinese
+
+    # A list short of the cap is counted exactly, as Django's admin counts it.
+    assert "0 allocations" in client.get(reverse("admin:scheduling_allocation_changelist")).content.decode()

@@ -3,12 +3,14 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.contrib.admin.views.main import PAGE_VAR
 from django.db.models import Q
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 from django.utils.translation import gettext_lazy as _
 
 from portal.livedata import tenant_hue
+from portal.pagination import BoundedCountPaginator
 from scheduling import lifecycle, reservations
 from scheduling.choices import OPEN_STATUSES, TaskStatus
 from scheduling.models import (
@@ -42,6 +44,24 @@ class ReadOnlyMixin:
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+class BoundedCountMixin:
+    """For the lists of tables that only grow (every event, every allocation interval): count
+    no further than the page asked for needs, or ``list_count_cap`` rows (``BoundedCountPaginator``;
+    templates/admin/pagination.html and search_form.html then say "more than N"). The changelist
+    counted every row twice per page, once for the filtered list and once for the whole table:
+    0.33 s a page over a year's 10 million intervals."""
+
+    list_count_cap = 10_000
+    show_full_result_count = False  # the second count, of the whole table
+
+    def get_paginator(self, request, queryset, per_page, orphans=0, allow_empty_first_page=True):
+        paginator = BoundedCountPaginator(queryset, per_page, cap=self.list_count_cap, orphans=orphans,
+                                          allow_empty_first_page=allow_empty_first_page)
+        # The changelist reads the count before it asks for its page: count as deep as that page.
+        paginator.count_to_page(request.GET.get(PAGE_VAR, 1))
+        return paginator
 
 
 class TaskEventInline(ReadOnlyMixin, admin.TabularInline):
@@ -214,7 +234,7 @@ class ActorKindFilter(admin.SimpleListFilter):
 
 
 @admin.register(TaskEvent)
-class TaskEventAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class TaskEventAdmin(BoundedCountMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = ["created_at", "task", "from_status", "to_status", "actor", "reason"]
     list_filter = ["to_status", ActorKindFilter]
     search_fields = ["task__name", "reason", "actor"]
@@ -228,7 +248,7 @@ class TaskEventAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
 
 @admin.register(Allocation)
-class AllocationAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class AllocationAdmin(BoundedCountMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = ["task", "gpu", "node", "memory_mb", "exclusive", "allocated_at", "released_at"]
     list_filter = ["exclusive", "node"]
     list_select_related = ["task", "gpu__node", "node"]
