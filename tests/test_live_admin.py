@@ -244,3 +244,56 @@ def test_history_lists_count_no_further_than_the_page_asked_for(client, staff, a
 
     # A list short of the cap is counted exactly, as Django's admin counts it.
     assert "0 allocations" in client.get(reverse("admin:scheduling_allocation_changelist")).content.decode()
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York"])
+def test_the_task_lists_date_links_are_djangos_found_without_reading_every_task(client, staff, acme, settings,
+                                                                                 zone):
+    """portal/templatetags/admin_dates.py: the same year, month and day links as Django's own
+    DISTINCT over every task, in the site's time zone, including a year and a month with no task
+    between others and a task on the last second of a month; no statement truncates every task's
+    date."""
+    import re
+    from datetime import UTC, datetime
+    from html import unescape
+    from urllib.parse import parse_qsl
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    settings.TIME_ZONE = zone
+    moments = [datetime(2023, 5, 10, 12, tzinfo=UTC), datetime(2023, 5, 20, 3, tzinfo=UTC),
+               datetime(2023, 11, 2, 4, 30, tzinfo=UTC), datetime(2025, 1, 31, 23, 59, 59, tzinfo=UTC),
+               datetime(2025, 2, 1, 0, 0, tzinfo=UTC), datetime(2025, 3, 1, 4, 59, 59, tzinfo=UTC)]
+    for i, moment in enumerate(moments):
+        task = Task.objects.create(tenant=acme, name=f"dated {i}", command="x")
+        Task.objects.filter(pk=task.pk).update(created_at=moment)
+    client.force_login(staff)
+    url = reverse("admin:scheduling_task_changelist")
+
+    def links(params: dict) -> set[str]:
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get(url, params).content.decode()
+        assert not [q for q in queries.captured_queries if "DATE_TRUNC" in q["sql"].upper()]
+        start = page.index('<nav class="toplinks">')
+        hierarchy = page[start:page.index("</nav>", start)]
+        # Each period's link, not the one back up a level.
+        return {frozenset(parse_qsl(unescape(query))) for query in re.findall(r'<a href="\?([^"]*)">', hierarchy)}
+
+    def period(**lookup) -> frozenset:
+        return frozenset((f"created_at__{k}", str(v)) for k, v in lookup.items())
+
+    def django(kind: str, **lookup) -> list:
+        return list(Task.objects.filter(**{f"created_at__{k}": v for k, v in lookup.items()})
+                    .datetimes("created_at", kind))
+
+    years = django("year")
+    assert 2024 not in [y.year for y in years]
+    assert links({}) == {period(year=y.year) for y in years}
+    for year in years:
+        months = django("month", year=year.year)
+        assert links({"created_at__year": year.year}) == {period(year=year.year, month=m.month) for m in months}
+        for month in months:
+            days = django("day", year=year.year, month=month.month)
+            assert links({"created_at__year": year.year, "created_at__month": month.month}) == {
+                period(year=year.year, month=month.month, day=d.day) for d in days}

@@ -98,7 +98,10 @@ class TaskAdmin(admin.ModelAdmin):
     list_filter = ["status", "tenant", "priority", "workload_class", "node", "share_mode"]
     search_fields = ["name", "command", "model_name", "tenant__slug", "submitter__username"]
     list_select_related = ["tenant", "node"]
-    date_hierarchy = "created_at"
+    date_hierarchy = "created_at"  # its links: templates/admin/scheduling/task/change_list.html
+    # The filtered list is counted exactly ("select all N tasks" acts on that many); the whole
+    # table's second count per page is skipped (46 ms over 2.5 million tasks).
+    show_full_result_count = False
     readonly_fields = ["status", "pending_reason", "queue_position", "node", "exit_code", "failure_reason", "oom",
                        "attempt", "created_at", "assigned_at", "started_at", "finished_at", "updated_at", "log_tail"]
     fieldsets = [
