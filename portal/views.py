@@ -102,9 +102,6 @@ def submit(request: HttpRequest) -> HttpResponse:
     }, status=400 if errors else 200)
 
 
-# The state menu of the task page: not ended, the tasks holding GPUs (``active``), then each state.
-
-
 # Tasks the list counts before it says "more than" (portal.pagination).
 TASK_LIST_COUNT_CAP = 10_000
 
