@@ -1,4 +1,5 @@
-"""A paginator for lists that grow with the history (a year of one lab's tasks).
+"""A paginator for lists that grow with the history (a year of one lab's tasks; the admin's
+task events and allocations, ``portal.admin.scheduling.BoundedCountMixin``).
 
 Django's ``Paginator`` counts the whole list to number its pages: for a tenant with a year of
 tasks (125,000) that count took a second for every page of 50 shown. ``BoundedCountPaginator``
@@ -15,6 +16,10 @@ from django.utils.functional import cached_property
 
 # No page past this is counted for (a page number of 30 digits would not fit PostgreSQL's LIMIT).
 MAX_PAGE = 10**9
+
+# The rows a list counts, unless its page lies deeper, before it says "more than N" (the README
+# gives this figure for the task list and the admin's history lists).
+COUNT_CAP = 10_000
 
 
 class BoundedCountPaginator(Paginator):

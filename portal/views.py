@@ -23,7 +23,7 @@ from django.views.decorators.http import require_POST
 from nodes import inventory
 from nodes.models import Node
 from portal.api.authentication import create_token
-from portal.pagination import BoundedCountPaginator
+from portal.pagination import COUNT_CAP, BoundedCountPaginator
 from scheduling import access, lifecycle, logs, reservations, submission, task_fields, usage
 from scheduling.calendar import events
 from scheduling.choices import FINAL_STATUSES, OPEN_STATUSES, STATUS_GROUPS, ShareMode, TaskStatus
@@ -103,7 +103,7 @@ def submit(request: HttpRequest) -> HttpResponse:
 
 
 # Tasks the list counts before it says "more than" (portal.pagination).
-TASK_LIST_COUNT_CAP = 10_000
+TASK_LIST_COUNT_CAP = COUNT_CAP
 
 
 @login_required
